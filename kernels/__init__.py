@@ -1,0 +1,100 @@
+"""Row kernels of the gated loss, behind one dispatch point (installed as ``cggr_hook.kernels``).
+
+Every caller goes through the three functions here; which backend runs is decided per call:
+
+- ``CGGR_HOOK_BACKEND=torch`` or ``=triton`` forces one (Triton on a CPU tensor needs
+  ``TRITON_INTERPRET=1``, Triton's interpreter, which is how CI tests the kernels);
+- otherwise CUDA tensors take Triton and every other device the PyTorch reference.
+
+A kernel failure raises: there is no silent fallback to another backend.
+"""
+
+from __future__ import annotations
+
+import os
+
+import torch
+from torch import Tensor
+
+from . import reference
+from .types import RowStats
+
+__all__ = ["RowStats", "as_rows", "backend_for", "row_stats", "ce_grad_rows", "ce_grad_dense_"]
+
+BACKENDS = ("torch", "triton")
+
+
+def backend_for(t: Tensor) -> str:
+    """The backend that handles tensor ``t`` now."""
+    forced = os.environ.get("CGGR_HOOK_BACKEND", "").strip().lower()
+    if forced:
+        if forced not in BACKENDS:
+            raise ValueError(
+                f"cggr_hook: CGGR_HOOK_BACKEND={forced!r} is not a backend; set it to 'torch' or 'triton', or unset it"
+            )
+        if forced == "triton" and not t.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+            raise ValueError(
+                "cggr_hook: CGGR_HOOK_BACKEND=triton on a CPU tensor needs Triton's interpreter: "
+                "also set TRITON_INTERPRET=1, or move the tensors to a CUDA device"
+            )
+        return forced
+    return "triton" if t.is_cuda else "torch"
+
+
+def _scoring():
+    # Triton modules are imported on first use: importing cggr_hook never imports triton
+    from . import scoring
+
+    return scoring
+
+
+def _gated_ce():
+    from . import gated_ce
+
+    return gated_ce
+
+
+def as_rows(logits: Tensor) -> Tensor:
+    """A (B, T, V) view of logits of shape (..., V) without copying where strides allow.
+
+    (N, V) becomes (1, N, V); (B, T, V) stays, contiguous or not (a shifted ``logits[:, :-1]``);
+    more leading dims are merged when they can be viewed, else copied.
+    """
+    if logits.dim() == 1:
+        return logits.view(1, 1, -1)
+    if logits.dim() == 2:
+        return logits.unsqueeze(0)
+    if logits.dim() == 3:
+        return logits
+    V = logits.shape[-1]
+    try:
+        return logits.view(1, -1, V)
+    except RuntimeError:
+        return logits.reshape(1, -1, V)
+
+
+def row_stats(logits: Tensor, targets: Tensor, ignore_index: int, weight: Tensor | None = None,
+              with_wsum: bool = False) -> RowStats:
+    """Per-row lse, entropy, top-1/top-2 probabilities, target NLL (and sum_v w_v x_v).
+
+    logits: (B, T, V) any float dtype, any strides; targets: (B*T,) int64. Outputs fp32 (B*T,).
+    """
+    if backend_for(logits) == "triton":
+        return _scoring().row_stats(logits, targets, ignore_index, weight, with_wsum)
+    return reference.row_stats(logits, targets, ignore_index, weight, with_wsum)
+
+
+def ce_grad_rows(logits: Tensor, targets: Tensor, lse: Tensor, rows: Tensor, scale: Tensor,
+                 weight: Tensor | None, label_smoothing: float, out_dtype: torch.dtype) -> Tensor:
+    """(K, V) gradient of the selected rows ``rows`` (int64, K), row k scaled by ``scale[k]``."""
+    if backend_for(logits) == "triton":
+        return _gated_ce().ce_grad_rows(logits, targets, lse, rows, scale, weight, label_smoothing, out_dtype)
+    return reference.ce_grad_rows(logits, targets, lse, rows, scale, weight, label_smoothing, out_dtype)
+
+
+def ce_grad_dense_(logits: Tensor, targets: Tensor, lse: Tensor, row_scale: Tensor,
+                   weight: Tensor | None, label_smoothing: float, out: Tensor) -> Tensor:
+    """Dense (B, T, V) gradient into ``out`` (may be ``logits``): zeros where ``row_scale`` is 0."""
+    if backend_for(logits) == "triton":
+        return _gated_ce().ce_grad_dense_(logits, targets, lse, row_scale, weight, label_smoothing, out)
+    return reference.ce_grad_dense_(logits, targets, lse, row_scale, weight, label_smoothing, out)

@@ -1,0 +1,23 @@
+"""Test session set-up.
+
+Without a CUDA device, Triton's kernels run under its interpreter on the CPU. Triton reads
+TRITON_INTERPRET when a kernel is defined, and cggr_hook imports its Triton modules lazily, so
+setting it here, before any test runs, is early enough.
+"""
+
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+
+HAS_CUDA = torch.cuda.is_available()
+
+
+def pytest_collection_modifyitems(config, items):
+    skip_gpu = pytest.mark.skip(reason="needs a CUDA device")
+    for item in items:
+        if "gpu" in item.keywords and not HAS_CUDA:
+            item.add_marker(skip_gpu)
