@@ -1,0 +1,165 @@
+"""Triton row statistics: one streaming pass over each logits row (see ``reference.row_stats``).
+
+One program per row walks the row's V logits in blocks of ``BLOCK_V`` with an online softmax:
+running max ``m``, ``s = sum exp(x - m)`` and ``a = sum exp(x - m) (x - m)``, so that
+``lse = m + log s`` and the entropy ``H = log s - a / s`` need no second pass. The two largest
+logits are kept per lane (``t1 >= t2``, an equal value pushes ``t1`` down into ``t2``, so a tied
+maximum gives ``top2 == top1``) and merged across lanes once at the end of the row. Everything
+accumulates in fp32 whatever the logits' dtype.
+
+-inf logits: a real -inf is clamped to -FLT_MAX, which contributes exp(-FLT_MAX - m) = 0 to the
+sums and 0 to ``a`` (no 0 * inf); lanes past the end of the row are masked out of the sums. A row
+whose logits are all -inf therefore comes out as if uniform (no NaN); its values mean nothing.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from .types import RowStats
+
+__all__ = ["row_stats", "MAX_BLOCK_V", "NUM_WARPS"]
+
+# Tunables. The largest block of a row read per loop iteration, and the warps of one program
+# (one row). Every program holds five fp32 lane vectors of BLOCK_V (t1, t2, and the loaded block
+# with its exp), so BLOCK_V / (32 * num_warps) elements per thread stays small.
+MAX_BLOCK_V = 4096
+NUM_WARPS = 8
+MIN_BLOCK_V = 16
+
+
+def _block_v(V: int) -> int:
+    return max(MIN_BLOCK_V, min(triton.next_power_of_2(max(V, 1)), MAX_BLOCK_V))
+
+
+def _num_warps(block_v: int) -> int:
+    # at least 4 elements a thread, at most NUM_WARPS warps
+    return max(1, min(NUM_WARPS, block_v // 128))
+
+
+@triton.jit
+def _row_stats_kernel(
+    x_ptr, tgt_ptr, w_ptr, out_ptr,
+    N, T, V,
+    stride_b, stride_t, stride_v, stride_tgt, ignore_index,
+    HAS_WEIGHT: tl.constexpr, WITH_WSUM: tl.constexpr, HAS_TOP2: tl.constexpr,
+    UNIT_STRIDE_V: tl.constexpr, BLOCK_V: tl.constexpr,
+):
+    row = tl.program_id(0).to(tl.int64)
+    b = row // T
+    t = row - b * T
+    x_row = x_ptr + (b * stride_b + t * stride_t)
+
+    offs = tl.arange(0, BLOCK_V)
+    # running softmax state (scalars) and per-lane top-1 / top-2 (vectors)
+    m = tl.max(tl.full([BLOCK_V], -3.4028234663852886e38, tl.float32), axis=0)
+    s = tl.sum(tl.zeros([BLOCK_V], tl.float32), axis=0)
+    a = tl.sum(tl.zeros([BLOCK_V], tl.float32), axis=0)
+    t1 = tl.full([BLOCK_V], -3.4028234663852886e38, tl.float32)
+    t2 = tl.full([BLOCK_V], -3.4028234663852886e38, tl.float32)
+    ws = tl.zeros([BLOCK_V], tl.float32)
+
+    for start in range(0, V, BLOCK_V):
+        cols = start + offs
+        mask = cols < V
+        if UNIT_STRIDE_V:
+            ptrs = x_row + cols
+        else:
+            ptrs = x_row + cols.to(tl.int64) * stride_v
+        x = tl.load(ptrs, mask=mask, other=float("-inf")).to(tl.float32)
+        if WITH_WSUM:
+            if HAS_WEIGHT:
+                w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
+                ws += tl.where(mask, x * w, 0.0)
+            else:
+                ws += tl.where(mask, x, 0.0)
+        xc = tl.maximum(x, -3.4028234663852886e38)
+        # top-2 per lane: an equal value moves the old top-1 into top-2
+        t2 = tl.maximum(t2, tl.minimum(t1, xc))
+        t1 = tl.maximum(t1, xc)
+        # online softmax, block at a time
+        m_new = tl.maximum(m, tl.max(xc, axis=0))
+        d = m - m_new
+        alpha = tl.exp(d)
+        xm = xc - m_new
+        e = tl.where(mask, tl.exp(xm), 0.0)
+        a = alpha * (a + d * s) + tl.sum(e * xm, axis=0)
+        s = alpha * s + tl.sum(e, axis=0)
+        m = m_new
+
+    log_s = tl.log(s)
+    lse = m + log_s
+    ent = log_s - a / s
+
+    top1 = tl.max(t1, axis=0)
+    at_top = t1 == top1
+    n_top = tl.sum(at_top.to(tl.int32), axis=0)
+    other = tl.maximum(tl.max(t2, axis=0), tl.max(tl.where(at_top, -3.4028234663852886e38, t1), axis=0))
+    top2 = tl.where(n_top >= 2, top1, other)
+    p1 = tl.exp(top1 - lse)
+    if HAS_TOP2:
+        p2 = tl.exp(top2 - lse)
+    else:
+        p2 = 0.0 * p1
+
+    tgt = tl.load(tgt_ptr + row * stride_tgt).to(tl.int64)
+    valid = (tgt != ignore_index) & (tgt >= 0) & (tgt < V)
+    safe = tl.where(valid, tgt, 0)
+    if UNIT_STRIDE_V:
+        xt_ptr = x_row + safe
+    else:
+        xt_ptr = x_row + safe * stride_v
+    xt = tl.load(xt_ptr, mask=valid, other=0.0).to(tl.float32)
+    nll = tl.where(valid, lse - xt, 0.0)
+
+    # out is (5 or 6, N): one step of N between the statistics
+    o = out_ptr + row
+    tl.store(o, lse)
+    o += N
+    tl.store(o, ent)
+    o += N
+    tl.store(o, p1)
+    o += N
+    tl.store(o, p2)
+    o += N
+    tl.store(o, nll)
+    if WITH_WSUM:
+        o += N
+        tl.store(o, tl.sum(ws, axis=0))
+
+
+def row_stats(logits: Tensor, targets: Tensor, ignore_index: int, weight: Tensor | None = None,
+              with_wsum: bool = False) -> RowStats:
+    """Per-row lse, entropy, top-1/top-2 probabilities, target NLL (and sum_v w_v x_v).
+
+    logits: (B, T, V) fp32/bf16/fp16, any strides; targets: (B*T,) integer. Outputs fp32 (B*T,).
+    Same semantics as ``reference.row_stats``.
+    """
+    if logits.dim() != 3:
+        raise ValueError(f"cggr_hook: row_stats needs (B, T, V) logits, got shape {tuple(logits.shape)}")
+    B, T, V = logits.shape
+    N = B * T
+    if targets.dim() != 1 or targets.numel() != N:
+        raise ValueError(f"cggr_hook: row_stats needs {N} targets, got shape {tuple(targets.shape)}")
+    n_out = 6 if with_wsum else 5
+    out = torch.empty(n_out, N, dtype=torch.float32, device=logits.device)
+    if N > 0:
+        if V == 0:
+            raise ValueError("cggr_hook: row_stats needs at least one logit a row")
+        has_weight = weight is not None
+        if has_weight:
+            if weight.numel() != V:
+                raise ValueError(f"cggr_hook: weight has {weight.numel()} entries for {V} classes")
+            weight = weight.contiguous()
+        block_v = _block_v(V)
+        sb, st, sv = logits.stride()
+        _row_stats_kernel[(N,)](
+            logits, targets, weight if has_weight else logits, out,
+            N, T, V, sb, st, sv, targets.stride(0), int(ignore_index),
+            HAS_WEIGHT=has_weight, WITH_WSUM=with_wsum, HAS_TOP2=(V > 1), UNIT_STRIDE_V=(sv == 1),
+            BLOCK_V=block_v, num_warps=_num_warps(block_v),
+        )
+    return RowStats(out[0], out[1], out[2], out[3], out[4], out[5] if with_wsum else None)
