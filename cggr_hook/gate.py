@@ -1,0 +1,296 @@
+"""Gates: per-model state, the registry, and the cross-entropy handler that decides what is gated.
+
+A call of ``F.cross_entropy`` is gated only when all of these hold; otherwise it is the original
+function's call, untouched:
+
+- some gate is enabled, this thread is not inside ``paused()``, and grad mode is on;
+- its input traces back (``head.trace``) to a tapped training-mode forward of a gated model's LM
+  head that no earlier cross entropy has consumed, through exact (widening) casts only;
+- its targets are class indices (probability targets keep the plain loss, with a warning).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import threading
+import warnings
+import weakref
+from typing import Any, Iterator
+
+import torch
+from torch import Tensor, nn
+
+from . import head as head_mod
+from . import patch
+from .config import GateConfig, make_config
+from .loss import GatedHeadCrossEntropy, LossSpec, Request
+from .schedule import Scheduler, optimizer_holds
+
+scheduler = Scheduler()
+
+_lock = threading.RLock()
+_gates: "weakref.WeakKeyDictionary[nn.Module, Gate]" = weakref.WeakKeyDictionary()
+_keys = itertools.count()
+_local = threading.local()  # .paused: bool, .in_handler: bool
+_last_metrics: dict = {}
+_warned: set[str] = set()
+
+
+def _paused() -> bool:
+    return getattr(_local, "paused", False)
+
+
+def _warn_once(key: str, message: str) -> None:
+    if key not in _warned:
+        _warned.add(key)
+        warnings.warn(message, RuntimeWarning, stacklevel=4)
+
+
+class Gate:
+    """The handle ``enable`` returns: one model's gate. ``remove()`` disables it."""
+
+    def __init__(self, model: nn.Module, root: nn.Module, head: nn.Linear, config: GateConfig) -> None:
+        self._model = weakref.ref(model)
+        self._root = weakref.ref(root)
+        self.head = head
+        self.config = config
+        self.key = f"gate{next(_keys)}"
+        self._param_ids = frozenset(id(p) for p in root.parameters())
+        self._handle = head.register_forward_hook(self._on_head_forward)
+        self.enabled = True
+
+    # the forward hook on the LM head
+    def _on_head_forward(self, module: nn.Module, args: tuple, output: Any) -> Any:
+        if not (self.enabled and module.training and torch.is_grad_enabled() and not _paused()):
+            return None
+        if not isinstance(output, Tensor) or not output.requires_grad or not args or not isinstance(args[0], Tensor):
+            return None
+        call = head_mod.HeadCall(gate=self, head=module, hidden=args[0], output=output)
+        return head_mod.tap_output(call)
+
+    @property
+    def model(self) -> nn.Module | None:
+        return self._model()
+
+    def holds(self, optimizer: torch.optim.Optimizer) -> bool:
+        return optimizer_holds(optimizer, self._param_ids)
+
+    def remove(self) -> None:
+        """Disable this gate (``cggr_hook.disable(model)``)."""
+        root = self._root()
+        if root is not None:
+            disable(root)
+        else:
+            self._detach()
+
+    def _detach(self) -> None:
+        self.enabled = False
+        self._handle.remove()
+
+    def __enter__(self) -> "Gate":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        self.remove()
+
+    def __repr__(self) -> str:
+        state = "enabled" if self.enabled else "removed"
+        return f"Gate({type(self.head).__name__}({self.head.in_features} -> {self.head.out_features}), {state}, {self.config})"
+
+
+# --------------------------------------------------------------------------------------------------
+# enable / disable
+# --------------------------------------------------------------------------------------------------
+def _holds_gated_params(optimizer: torch.optim.Optimizer) -> bool:
+    with _lock:
+        gates = list(_gates.values())
+    return any(g.holds(optimizer) for g in gates)
+
+
+def enable(model: nn.Module, config: GateConfig | None = None, *, head: nn.Module | str | None = None,
+           **options: Any) -> Gate:
+    """Gate ``model``'s loss from now on; returns its ``Gate`` (``.remove()`` undoes it).
+
+    Finds the LM head (``head=`` overrides), registers a forward hook on it, wraps
+    ``torch.nn.functional.cross_entropy`` and starts counting optimizer steps. Calling it again on
+    the same model updates the options and returns the same gate. Options are GateConfig's.
+    """
+    if not isinstance(model, nn.Module):
+        raise ValueError(f"cggr_hook.enable: model must be a torch.nn.Module, got {type(model).__name__}")
+    root = head_mod.unwrap(model)
+    with _lock:
+        existing = _gates.get(root)
+        cfg = make_config(config if config is not None else (existing.config if existing else None), options)
+        if existing is not None:
+            if head is not None and head_mod.find_head(root, head) is not existing.head:
+                raise ValueError(
+                    "cggr_hook.enable: this model is already gated on another head; "
+                    "call cggr_hook.disable(model) first to change head="
+                )
+            existing.config = cfg
+            return existing
+        lm_head = head_mod.find_head(root, head)  # raises before anything is installed
+        gate = Gate(model, root, lm_head, cfg)
+        try:
+            patch.install(_handle_cross_entropy)
+            scheduler.attach(_holds_gated_params)
+        except BaseException:
+            gate._detach()
+            if not _gates:
+                patch.uninstall()
+                scheduler.detach()
+            raise
+        _gates[root] = gate
+        return gate
+
+
+def disable(model: nn.Module | None = None) -> None:
+    """Remove ``model``'s gate (every gate when None). With no gate left,
+    ``torch.nn.functional.cross_entropy`` is the original object again."""
+    with _lock:
+        if model is None:
+            targets = list(_gates.keys())
+        else:
+            root = head_mod.unwrap(model)
+            targets = [root] if root in _gates else []
+        for root in targets:
+            _gates.pop(root)._detach()
+        if not _gates:
+            patch.uninstall()
+            scheduler.detach()
+
+
+def enabled_gates() -> list[Gate]:
+    with _lock:
+        return list(_gates.values())
+
+
+def gate_of(model: nn.Module) -> Gate | None:
+    with _lock:
+        return _gates.get(head_mod.unwrap(model))
+
+
+@contextlib.contextmanager
+def paused() -> Iterator[None]:
+    """Plain loss inside the block (this thread), whatever is enabled."""
+    prev = _paused()
+    _local.paused = True
+    try:
+        yield
+    finally:
+        _local.paused = prev
+
+
+@contextlib.contextmanager
+def gated(model: nn.Module | None = None, **options: Any) -> Iterator[Gate | None]:
+    """Gating inside the block.
+
+    With a model: enabled (with ``options``) inside, and its previous state (disabled, or enabled
+    with its previous options) restored on exit, exceptions included. Without: every enabled gate
+    is active inside the block, even within an outer ``paused()``.
+    """
+    prev_paused = _paused()
+    prev_config = None
+    if model is not None:
+        existing = gate_of(model)
+        prev_config = existing.config if existing is not None else None
+        gate = enable(model, **options)
+    else:
+        if options:
+            raise ValueError("cggr_hook.gated: options need a model: gated(model, **options)")
+        gate = None
+    _local.paused = False
+    try:
+        yield gate
+    finally:
+        _local.paused = prev_paused
+        if model is not None:
+            if prev_config is None:
+                disable(model)
+            else:
+                enable(model, config=prev_config)
+
+
+def metrics() -> dict:
+    """The last gated call's figures (empty before the first): step, token_ratio, tokens_selected,
+    tokens_total, avg_confidence, avg_entropy, avg_difficulty, selection, scoring."""
+    with _lock:
+        return dict(_last_metrics)
+
+
+def _record_metrics(m: dict) -> None:
+    with _lock:
+        _last_metrics.clear()
+        _last_metrics.update(m)
+
+
+# --------------------------------------------------------------------------------------------------
+# the cross-entropy handler
+# --------------------------------------------------------------------------------------------------
+def _bind(input: Tensor, target: Tensor, weight: Tensor | None = None, size_average: Any = None,
+          ignore_index: int = -100, reduce: Any = None, reduction: str = "mean",
+          label_smoothing: float = 0.0) -> tuple:
+    return input, target, weight, size_average, ignore_index, reduce, reduction, label_smoothing
+
+
+def _handle_cross_entropy(wrapped: Any, instance: Any, args: tuple, kwargs: dict) -> Any:
+    if (getattr(_local, "in_handler", False) or not _gates or _paused() or not torch.is_grad_enabled()):
+        return wrapped(*args, **kwargs)
+    _local.in_handler = True
+    try:
+        gated_loss = _gated_call(args, kwargs)
+        return gated_loss if gated_loss is not None else wrapped(*args, **kwargs)
+    finally:
+        _local.in_handler = False
+
+
+def _gated_call(args: tuple, kwargs: dict) -> Tensor | None:
+    """The gated loss of this cross-entropy call, or None for the plain one."""
+    try:
+        x, target, weight, size_average, ignore_index, reduce, reduction, label_smoothing = _bind(*args, **kwargs)
+    except TypeError:
+        return None  # let the original report the bad call
+    if not isinstance(x, Tensor) or not isinstance(target, Tensor) or x.grad_fn is None or x.dim() < 1:
+        return None
+    class_dim = 0 if x.dim() == 1 else 1
+    tr = head_mod.trace(x, class_dim)
+    if tr is None:
+        return None
+    call = tr.call
+    gate: Gate = call.gate
+    if call.consumed or not gate.enabled or x.device != call.output.device:
+        return None
+    if target.is_floating_point():
+        _warn_once("soft", "cggr_hook: cross_entropy with probability targets is not gated; the plain loss is used")
+        return None
+    if not tr.exact:
+        _warn_once("cast", "cggr_hook: the loss input is a lossy cast of the LM head's logits; the plain loss is used")
+        return None
+    if size_average is not None or reduce is not None:
+        reduction = torch.nn._reduction.legacy_get_string(size_average, reduce, emit_warning=False)
+
+    # validate before any work
+    V = x.shape[class_dim]
+    expected = tuple(x.shape[:class_dim]) + tuple(x.shape[class_dim + 1:])
+    if tuple(target.shape) != expected:
+        raise ValueError(
+            f"cggr_hook: target of shape {tuple(target.shape)} does not match input of shape {tuple(x.shape)}; "
+            f"cross_entropy needs target of shape {expected} (one class index per row of logits)"
+        )
+    spec = LossSpec(ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing, weight=weight)
+    spec.check(V)
+
+    call.consumed = True
+    out = call.output
+    n_head_rows = out.numel() // max(V, 1)
+    t_head = torch.full((n_head_rows,), ignore_index, dtype=torch.long, device=out.device)
+    t_head[tr.rows] = target.reshape(-1).to(device=out.device, dtype=torch.long)
+    seq_len = out.shape[-2] if out.dim() >= 3 else None
+    req = Request(gate.config, scheduler, gate.key, spec, seq_len=seq_len, on_metrics=_record_metrics)
+    lin = call.head
+    loss = GatedHeadCrossEntropy.apply(call.hidden, lin.weight, lin.bias, out.detach(), t_head, tr.rows,
+                                       target.shape, req)
+    # drop the references the tap no longer needs
+    call.hidden = call.output = None
+    return loss

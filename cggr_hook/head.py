@@ -1,0 +1,274 @@
+"""The LM head: finding it, tapping its output, and tracing a loss input back to it.
+
+A forward hook on the head routes each training-mode output through ``HeadTap``, an identity
+autograd node that remembers the call (hidden states, output, batch shape). When
+``F.cross_entropy`` is later called, ``trace`` walks the input's autograd graph back through
+row-preserving shape and dtype operations (the fp32 upcast, the shift ``logits[:, :-1]``, reshapes,
+transposes) to that node, and replays those operations on a tensor of row indices: the result maps
+every cross-entropy row to the head-output row it came from. Anything else on the way (a scale, a
+soft-cap, a gather) means the input is not the head's logits, and the loss stays the plain one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+# how many graph nodes may stand between the head's output and the loss input
+MAX_TRACE_DEPTH = 24
+
+
+# --------------------------------------------------------------------------------------------------
+# finding the head
+# --------------------------------------------------------------------------------------------------
+def unwrap(model: nn.Module) -> nn.Module:
+    """The user's module inside DistributedDataParallel / DataParallel / torch.compile wrappers."""
+    m = model
+    for _ in range(8):
+        if isinstance(m, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
+            m = m.module
+        elif hasattr(m, "_orig_mod") and isinstance(getattr(m, "_orig_mod"), nn.Module):
+            m = m._orig_mod  # torch.compile's OptimizedModule
+        else:
+            break
+    return m
+
+
+def _vocab_size(root: nn.Module) -> int | None:
+    cfg = getattr(root, "config", None)
+    for name in ("vocab_size", "n_vocab", "padded_vocab_size"):
+        v = getattr(cfg, name, None) if cfg is not None else None
+        if isinstance(v, int) and v > 0:
+            return v
+    get_in = getattr(root, "get_input_embeddings", None)
+    if callable(get_in):
+        try:
+            emb = get_in()
+        except (NotImplementedError, AttributeError):
+            emb = None
+        if isinstance(emb, nn.Embedding):
+            return emb.num_embeddings
+    for m in root.modules():
+        if isinstance(m, nn.Embedding):
+            return m.num_embeddings
+    return None
+
+
+_HOW_TO_NAME = (
+    "pass head= the nn.Linear that maps hidden states to vocabulary logits, "
+    "e.g. cggr_hook.enable(model, head=model.lm_head) or head='decoder.out_proj'"
+)
+
+
+def find_head(model: nn.Module, head: nn.Module | str | None = None) -> nn.Linear:
+    """The LM head of ``model`` (already unwrapped).
+
+    In order: ``head=`` (a module or a dotted submodule name), ``get_output_embeddings()``,
+    ``.lm_head``, the last layer of an ``nn.Sequential``, the (last) ``nn.Linear`` whose width is
+    the vocabulary size (from ``config.vocab_size`` or the input embedding).
+    """
+    if head is not None:
+        if isinstance(head, str):
+            try:
+                found = model.get_submodule(head)
+            except AttributeError as e:
+                raise ValueError(f"cggr_hook.enable: head={head!r} names no submodule of {type(model).__name__}; {_HOW_TO_NAME}") from e
+        else:
+            found = head
+        if not isinstance(found, nn.Linear):
+            raise ValueError(
+                f"cggr_hook.enable: head= must be an nn.Linear (got {type(found).__name__}); {_HOW_TO_NAME}"
+            )
+        return found
+    get_out = getattr(model, "get_output_embeddings", None)
+    if callable(get_out):
+        try:
+            out = get_out()
+        except (NotImplementedError, AttributeError):
+            out = None
+        if isinstance(out, nn.Linear):
+            return out
+    lm_head = getattr(model, "lm_head", None)
+    if isinstance(lm_head, nn.Linear):
+        return lm_head
+    if isinstance(model, nn.Sequential) and len(model) and isinstance(model[-1], nn.Linear):
+        return model[-1]
+    vocab = _vocab_size(model)
+    if vocab is not None:
+        linears = [m for m in model.modules() if isinstance(m, nn.Linear) and m.out_features == vocab]
+        if linears:
+            return linears[-1]
+    raise ValueError(
+        f"cggr_hook.enable: found no LM head in {type(model).__name__} (no get_output_embeddings(), "
+        f"no .lm_head, no nn.Linear of vocabulary width); {_HOW_TO_NAME}"
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# tapping the head's output
+# --------------------------------------------------------------------------------------------------
+@dataclass(eq=False)
+class HeadCall:
+    """One training-mode forward of the head, as the tap remembers it."""
+
+    gate: Any  # the Gate that armed the tap
+    head: nn.Linear
+    hidden: Tensor  # the head's input (..., D)
+    output: Tensor  # the head's output (..., V), before the tap
+    consumed: bool = False  # a cross entropy already gated this call: later ones get the plain loss
+
+
+class HeadTap(torch.autograd.Function):
+    """Identity on the head's output; its graph node marks the logits of one head call."""
+
+    @staticmethod
+    def forward(ctx, output: Tensor, call: HeadCall) -> Tensor:
+        ctx.call = call
+        return output.view_as(output)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        # other consumers of the logits (an auxiliary loss) take the ordinary path through the head
+        return grad, None
+
+
+def tap_output(call: HeadCall) -> Tensor:
+    return HeadTap.apply(call.output, call)
+
+
+# --------------------------------------------------------------------------------------------------
+# tracing a loss input back to a tap
+# --------------------------------------------------------------------------------------------------
+_SAME_ROWS = {"ToCopyBackward0", "CloneBackward0", "AliasBackward0"}
+_RESHAPES = {"ViewBackward0", "UnsafeViewBackward0", "ReshapeAliasBackward0", "_ReshapeAliasBackward0"}
+
+
+def _signed(v: int) -> int:
+    # saved int64 arguments come back as unsigned 64-bit numbers
+    return v - (1 << 64) if v >= (1 << 63) else v
+
+
+@dataclass
+class Trace:
+    call: HeadCall
+    rows: Tensor | None  # (N_ce,) int64 (None once the call is consumed): the head-output row of every cross-entropy row, in the loss's order
+    exact: bool  # every dtype change on the way is exact (an upcast), so head rows hold the same values
+
+
+# a dtype change is exact when it widens: half/bfloat16 -> float32 -> float64
+_FLOAT_RANK = {torch.float16: 1, torch.bfloat16: 1, torch.float32: 2, torch.float64: 3}
+
+
+def _exact_cast(src: torch.dtype, dst: torch.dtype) -> bool:
+    return src == dst or _FLOAT_RANK.get(dst, 0) > _FLOAT_RANK.get(src, 9)
+
+
+def trace(x: Tensor, class_dim: int) -> Trace | None:
+    """Map the cross-entropy input ``x`` (class dim ``class_dim``) back to a tapped head call."""
+    node = x.grad_fn
+    ops = []
+    for _ in range(MAX_TRACE_DEPTH):
+        if node is None:
+            return None
+        if isinstance(node, HeadTap._backward_cls):
+            break
+        name = type(node).__name__
+        if not (name in _SAME_ROWS or name in _RESHAPES or name in (
+                "SliceBackward0", "SelectBackward0", "TransposeBackward0", "TBackward0",
+                "PermuteBackward0", "UnsqueezeBackward0")):
+            return None
+        nxt = node.next_functions
+        if len(nxt) != 1 and name != "SliceBackward0":
+            return None
+        ops.append(node)
+        node = nxt[0][0]
+    else:
+        return None
+    call: HeadCall = node.call
+    if call.consumed:
+        return Trace(call, None, False)
+    head_out = call.output
+    V = head_out.shape[-1]
+
+    # shapes after each op, from the loss input backwards
+    shapes = [tuple(x.shape)]
+    for op in ops:
+        out = shapes[-1]
+        name = type(op).__name__
+        if name in _SAME_ROWS:
+            inp = out
+        elif name in ("TransposeBackward0", "TBackward0"):
+            d0, d1 = (0, 1) if name == "TBackward0" else (op._saved_dim0, op._saved_dim1)
+            inp = list(out)
+            d0, d1 = d0 % len(out), d1 % len(out)
+            inp[d0], inp[d1] = inp[d1], inp[d0]
+            inp = tuple(inp)
+        elif name == "PermuteBackward0":
+            dims = [d % len(out) for d in op._saved_dims]
+            inp = [0] * len(out)
+            for i, d in enumerate(dims):
+                inp[d] = out[i]
+            inp = tuple(inp)
+        elif name == "UnsqueezeBackward0":
+            d = op._saved_dim % len(out)
+            inp = out[:d] + out[d + 1:]
+        else:
+            inp = tuple(op._saved_self_sym_sizes)
+        shapes.append(tuple(int(s) for s in inp))
+    if shapes[-1] != tuple(head_out.shape):
+        return None
+
+    # replay on row indices, keeping the vocabulary dim as a size-1 dim
+    lead = head_out.shape[:-1]
+    R = torch.arange(head_out.numel() // max(V, 1), device=head_out.device).view(*lead, 1)
+    vdim = R.dim() - 1
+    for i in range(len(ops) - 1, -1, -1):
+        op, out_shape = ops[i], shapes[i]
+        name = type(op).__name__
+        if name in _SAME_ROWS:
+            continue
+        if name in _RESHAPES:
+            if vdim != R.dim() - 1 or out_shape[-1] != V:
+                return None  # a reshape that mixes the vocabulary with other dims
+            R = R.reshape(*out_shape[:-1], 1)
+            vdim = R.dim() - 1
+        elif name == "SliceBackward0":
+            d = op._saved_dim % R.dim()
+            start, end, step = _signed(op._saved_start), _signed(op._saved_end), _signed(op._saved_step)
+            if d == vdim:
+                if range(V)[start:end:step] != range(V):
+                    return None  # part of the vocabulary only
+                continue
+            index = [slice(None)] * R.dim()
+            index[d] = slice(start, end, step)
+            R = R[tuple(index)]
+        elif name == "SelectBackward0":
+            d = op._saved_dim % R.dim()
+            if d == vdim:
+                return None
+            R = R.select(d, _signed(op._saved_index))
+            vdim -= 1 if d < vdim else 0
+        elif name in ("TransposeBackward0", "TBackward0"):
+            d0, d1 = (0, 1) if name == "TBackward0" else (op._saved_dim0 % R.dim(), op._saved_dim1 % R.dim())
+            R = R.transpose(d0, d1)
+            vdim = d1 if vdim == d0 else d0 if vdim == d1 else vdim
+        elif name == "PermuteBackward0":
+            dims = [d % R.dim() for d in op._saved_dims]
+            R = R.permute(dims)
+            vdim = dims.index(vdim)
+        elif name == "UnsqueezeBackward0":
+            d = op._saved_dim % (R.dim() + 1)
+            R = R.unsqueeze(d)
+            vdim += 1 if d <= vdim else 0
+        if tuple(s for j, s in enumerate(R.shape) if j != vdim) != tuple(
+                s for j, s in enumerate(out_shape) if j != vdim):
+            return None
+    if vdim != class_dim:
+        return None
+    rows = R.movedim(vdim, -1).reshape(-1)
+    n_casts = sum(1 for op in ops if type(op).__name__ == "ToCopyBackward0")
+    exact = n_casts == 0 or (n_casts == 1 and _exact_cast(head_out.dtype, x.dtype))
+    return Trace(call, rows, exact)

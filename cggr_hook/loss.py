@@ -1,0 +1,332 @@
+"""The gated loss: cross entropy over the selected rows, gradient only on those rows.
+
+For a selected row r with target t (class weights w, 1 without ``weight``; smoothing eps):
+
+    ce_r = (1 - eps) * w_t * (lse_r - x_rt) + (eps / V) * (sum_v w_v * lse_r - sum_v w_v x_rv)
+
+Reductions over the K selected rows S of the n valid ones:
+
+    mean:  sum_S ce_r / sum_S w_t          (K = 0: NaN, as torch gives for an all-ignored batch)
+    sum:   sum_S ce_r * n / K               (so Hugging Face's sum / num_items_in_batch weighs as mean)
+    none:  ce_r on selected rows, exact 0 elsewhere
+
+The gradient is exactly the gradient of that loss: unselected rows get exact zeros. Two autograd
+nodes carry it:
+
+- ``GatedCrossEntropy``: input logits -> loss, dense gradient on the logits (``CGGRLoss``);
+- ``GatedHeadCrossEntropy``: (hidden, W, b) of a tapped LM head -> loss; its backward multiplies
+  the K selected rows only: dW = G^T h_S (V x K by K x D), dh_S = G W (K x V by V x D).
+
+Both call ``plan`` once in forward: one pass of the scoring kernel, the scheduler's ratio, the
+selection, the per-row losses, and a single host synchronisation.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from . import kernels, score, select
+from .config import GateConfig
+from .schedule import Scheduler, tokens_to_keep
+
+REDUCTIONS = ("mean", "sum", "none")
+
+
+@dataclass(frozen=True)
+class LossSpec:
+    """The ``F.cross_entropy`` arguments that shape the loss."""
+
+    ignore_index: int = -100
+    reduction: str = "mean"
+    label_smoothing: float = 0.0
+    weight: Tensor | None = None
+
+    def check(self, vocab: int) -> None:
+        if self.reduction not in REDUCTIONS:
+            raise ValueError(f"cggr_hook: reduction={self.reduction!r} is not valid; use 'mean', 'sum' or 'none'")
+        ls = self.label_smoothing
+        if not isinstance(ls, (int, float)) or isinstance(ls, bool) or not 0.0 <= ls <= 1.0:
+            raise ValueError(f"cggr_hook: label_smoothing={ls!r} must be a number in [0, 1]")
+        if isinstance(self.ignore_index, bool) or not isinstance(self.ignore_index, int):
+            raise ValueError(f"cggr_hook: ignore_index={self.ignore_index!r} must be an int")
+        w = self.weight
+        if w is not None and (not isinstance(w, Tensor) or w.dim() != 1 or w.numel() != vocab or not w.is_floating_point()):
+            shape = tuple(w.shape) if isinstance(w, Tensor) else type(w).__name__
+            raise ValueError(f"cggr_hook: weight of shape {shape} must be a float tensor of shape ({vocab},), one weight per class")
+
+
+@dataclass
+class Plan:
+    """What the forward decided; the backward replays the gradient from it."""
+
+    lse: Tensor  # (N,) fp32
+    rows: Tensor  # (K,) int64 ascending, selected rows
+    row_loss: Tensor  # (K,) fp32, ce of each selected row
+    grad_scale: Tensor  # (K,) fp32, d loss / d ce_r (mean / sum; 'none' scales by grad_output)
+    loss: Tensor  # reduced loss (scalar) or (N,) with zeros at unselected rows
+    metrics: dict = field(default_factory=dict)
+
+
+def _generator(device: torch.device, seed: int, step: int, call: int) -> torch.Generator:
+    g = torch.Generator(device=device)
+    # a fixed mix of (seed, step, call): a resumed run draws what the uninterrupted one drew
+    g.manual_seed((seed * 1_000_003 + step * 7919 + call) % (1 << 63))
+    return g
+
+
+def plan(logits: Tensor, targets: Tensor, seq_len: int | None, config: GateConfig, scheduler: Scheduler,
+         key: str, spec: LossSpec) -> Plan:
+    """Score, select and compute the loss of rows of ``logits`` (B, T, V) with ``targets`` (B*T,).
+
+    ``seq_len``: rows per sequence for ``sequence_aware`` (None: all rows one sequence).
+    One host synchronisation: the valid-token count, bad-target count, metric sums (and the
+    sequence_aware kept ranks) travel to the host together.
+    """
+    V = logits.shape[-1]
+    N = targets.numel()
+    dev = logits.device
+    ii = spec.ignore_index
+    not_ignored = targets != ii
+    in_range = (targets >= 0) & (targets < V)
+    valid = not_ignored & in_range
+    stats = kernels.row_stats(logits, targets, ii, spec.weight, with_wsum=spec.label_smoothing > 0)
+    step, call = scheduler.step_count, scheduler.calls_in_step
+    needs_draws = config.scoring == "random" or config.selection == "stratified"
+    gen = _generator(dev, config.seed, step, call) if needs_draws else None
+    diff = score.difficulty(stats, config.scoring, V, valid, gen)
+    prep = select.prepare(diff, valid, config, seq_len)
+
+    sums = torch.stack([
+        valid.sum().double(),
+        (not_ignored & ~in_range).sum().double(),
+        torch.where(valid, stats.p_top1, 0.0).sum().double(),
+        torch.where(valid, stats.entropy, 0.0).sum().double(),
+        torch.where(valid, diff, 0.0).sum().double(),
+    ])
+    if prep.keep_ranks is not None:
+        sums = torch.cat([sums, prep.keep_ranks.double()])
+    host = sums.tolist()  # the one host synchronisation of the call
+    n_valid, n_bad = int(host[0]), int(host[1])
+    if n_bad:
+        raise ValueError(
+            f"cggr_hook: target has {n_bad} value(s) outside [0, {V}) that are not ignore_index={ii}; "
+            f"targets must be class indices below the vocabulary size {V} or ignore_index"
+        )
+    confidence = host[2] / n_valid if n_valid else math.nan
+
+    ratio, step, call = scheduler.begin_call(config, key, confidence)
+    k = tokens_to_keep(ratio, n_valid)
+    keep_ranks = [int(r) for r in host[5:]] if prep.keep_ranks is not None else None
+    n_sel = select.count_selected(config, k, N, keep_ranks)
+    rows = select.finish(prep, n_valid, k, n_sel, config, gen)
+
+    # per-row losses of the selected rows, from the kernel's statistics
+    t_sel = targets[rows]
+    ls = float(spec.label_smoothing)
+    if spec.weight is None:
+        w_t = torch.ones(n_sel, dtype=torch.float32, device=dev)
+        w_sum = float(V)
+    else:
+        wf = spec.weight.float()
+        w_t = wf[t_sel]
+        w_sum = wf.sum()
+    lse_sel = stats.lse[rows]
+    row_loss = (1.0 - ls) * w_t * stats.nll[rows]
+    if ls:
+        row_loss = row_loss + (ls / V) * (w_sum * lse_sel - stats.wsum[rows])
+
+    if spec.reduction == "mean":
+        denom = w_t.sum()
+        loss = row_loss.sum() / denom
+        grad_scale = (1.0 / denom).expand(n_sel)
+    elif spec.reduction == "sum":
+        factor = n_valid / n_sel if n_sel else 0.0
+        loss = row_loss.sum() * factor
+        grad_scale = torch.full((n_sel,), factor, dtype=torch.float32, device=dev)
+    else:
+        loss = torch.zeros(N, dtype=torch.float32, device=dev).index_put_((rows,), row_loss)
+        grad_scale = torch.ones(n_sel, dtype=torch.float32, device=dev)
+
+    metrics = {
+        "step": step,
+        "token_ratio": n_sel / n_valid if n_valid else 0.0,
+        "tokens_selected": n_sel,
+        "tokens_total": n_valid,
+        "avg_confidence": confidence,
+        "avg_entropy": host[3] / n_valid if n_valid else math.nan,
+        "avg_difficulty": host[4] / n_valid if n_valid else math.nan,
+        "selection": config.selection,
+        "scoring": config.scoring,
+    }
+    return Plan(stats.lse, rows, row_loss, grad_scale, loss, metrics)
+
+
+def _row_scale(p: Plan, grad_output: Tensor, reduction: str) -> Tensor:
+    """d total / d ce_r for the selected rows, fp32 (K,)."""
+    if reduction == "none":
+        return grad_output.reshape(-1).float()[p.rows] * p.grad_scale
+    return p.grad_scale * grad_output.float()
+
+
+@dataclass
+class Request:
+    """A gated call's inputs that are not autograd inputs."""
+
+    config: GateConfig
+    scheduler: Scheduler
+    key: str
+    spec: LossSpec
+    seq_len: int | None = None
+    on_metrics: object = None  # callable(dict) receiving the call's metrics
+    plan: Plan | None = None
+
+
+class GatedCrossEntropy(torch.autograd.Function):
+    """logits (..., V) -> gated loss; dense gradient on the logits (in place if asked)."""
+
+    @staticmethod
+    def forward(ctx, logits: Tensor, targets: Tensor, req: Request, inplace: bool) -> Tensor:
+        rows3d = kernels.as_rows(logits)
+        p = plan(rows3d, targets.reshape(-1), req.seq_len, req.config, req.scheduler, req.key, req.spec)
+        req.plan = p
+        if req.on_metrics is not None:
+            req.on_metrics(p.metrics)
+        ctx.req, ctx.inplace = req, inplace
+        ctx.save_for_backward(logits, targets)
+        return p.loss if req.spec.reduction != "none" else p.loss.view(targets.shape)
+
+    @staticmethod
+    def backward(ctx, grad_output: Tensor):
+        logits, targets = ctx.saved_tensors
+        req: Request = ctx.req
+        p = req.plan
+        N = targets.numel()
+        scale = torch.zeros(N, dtype=torch.float32, device=logits.device)
+        scale[p.rows] = _row_scale(p, grad_output, req.spec.reduction)
+        out = logits if ctx.inplace else torch.empty_like(logits)
+        kernels.ce_grad_dense_(kernels.as_rows(logits), targets.reshape(-1), p.lse, scale, req.spec.weight,
+                               float(req.spec.label_smoothing), kernels.as_rows(out))
+        return out, None, None, None
+
+
+class GatedHeadCrossEntropy(torch.autograd.Function):
+    """(hidden, W, b) of a tapped LM head -> gated loss; backward over the selected rows only.
+
+    ``head_out`` (..., V) holds the head's logits (the tap's output); ``targets`` are in head-row
+    order with unmapped rows ignored; ``ce_rows`` maps the loss's rows to head rows (for 'none').
+    """
+
+    @staticmethod
+    def forward(ctx, hidden: Tensor, weight: Tensor, bias: Tensor | None, head_out: Tensor, targets: Tensor,
+                ce_rows: Tensor, ce_shape: torch.Size, req: Request) -> Tensor:
+        p = plan(kernels.as_rows(head_out), targets, req.seq_len, req.config, req.scheduler, req.key, req.spec)
+        req.plan = p
+        if req.on_metrics is not None:
+            req.on_metrics(p.metrics)
+        ctx.req, ctx.has_bias = req, bias is not None
+        ctx.save_for_backward(hidden, weight, bias, head_out, targets, ce_rows)
+        if req.spec.reduction == "none":
+            return p.loss[ce_rows].view(ce_shape)
+        return p.loss
+
+    @staticmethod
+    def backward(ctx, grad_output: Tensor):
+        hidden, weight, bias, head_out, targets, ce_rows = ctx.saved_tensors
+        req: Request = ctx.req
+        p = req.plan
+        if req.spec.reduction == "none":
+            # the loss's rows back to head rows
+            g = torch.zeros(targets.numel(), dtype=torch.float32, device=grad_output.device)
+            g[ce_rows] = grad_output.reshape(-1).float()
+            scale = g[p.rows] * p.grad_scale
+        else:
+            scale = _row_scale(p, grad_output, req.spec.reduction)
+        cd = head_out.dtype  # the dtype the head's matmul ran in (autocast included)
+        G = kernels.ce_grad_rows(kernels.as_rows(head_out), targets, p.lse, p.rows, scale, req.spec.weight,
+                                 float(req.spec.label_smoothing), cd)  # (K, V)
+        D = hidden.shape[-1]
+        h2 = hidden.reshape(-1, D)
+        grad_h = grad_w = grad_b = None
+        if ctx.needs_input_grad[0]:
+            grad_h = torch.zeros_like(h2)
+            if p.rows.numel():
+                grad_h[p.rows] = (G @ weight.to(cd)).to(h2.dtype)
+            grad_h = grad_h.view(hidden.shape)
+        if ctx.needs_input_grad[1]:
+            grad_w = (G.t() @ h2[p.rows].to(cd)).to(weight.dtype)
+        if ctx.has_bias and ctx.needs_input_grad[2]:
+            grad_b = G.float().sum(0).to(bias.dtype)
+        return grad_h, grad_w, grad_b, None, None, None, None, None
+
+
+class CGGRLoss(torch.nn.Module):
+    """The standalone gated cross entropy (the original package's API).
+
+    ``criterion(logits, targets)`` with logits (B, T, V) and targets (B, T) (rows of a sequence
+    for ``sequence_aware``), or (N, V) and (N,) (one sequence); contiguous or not, any float dtype.
+    Options are GateConfig's plus the cross-entropy arguments; ``.step()`` advances its own
+    curriculum once per optimizer step.
+
+    inplace_backward: write the gradient into the logits' buffer during backward (no second
+        logits-sized buffer); the logits must not be read after ``backward()``.
+    """
+
+    def __init__(self, scoring: str = "combined", selection: str = "topk", min_tokens_ratio: float = 0.25,
+                 warmup_steps: int = 1000, dynamic_threshold: bool = True, threshold_sensitivity: float = 0.5,
+                 num_strata: int = 4, min_tokens_per_sequence: int = 1, seed: int = 0, *,
+                 ignore_index: int = -100, reduction: str = "mean", label_smoothing: float = 0.0,
+                 weight: Tensor | None = None, inplace_backward: bool = False) -> None:
+        super().__init__()
+        self.config = GateConfig(scoring=scoring, selection=selection, min_tokens_ratio=min_tokens_ratio,
+                                 warmup_steps=warmup_steps, dynamic_threshold=dynamic_threshold,
+                                 threshold_sensitivity=threshold_sensitivity, num_strata=num_strata,
+                                 min_tokens_per_sequence=min_tokens_per_sequence, seed=seed)
+        self.spec = LossSpec(ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing,
+                             weight=None)
+        if reduction not in REDUCTIONS:
+            raise ValueError(f"cggr_hook: reduction={reduction!r} is not valid; use 'mean', 'sum' or 'none'")
+        self.register_buffer("weight", weight, persistent=False)
+        self.inplace_backward = bool(inplace_backward)
+        self.scheduler = Scheduler()
+        self._metrics: dict = {}
+
+    @property
+    def step_count(self) -> int:
+        return self.scheduler.step_count
+
+    def step(self) -> None:
+        """Advance the curriculum by one optimizer step."""
+        self.scheduler.step()
+
+    def get_metrics(self) -> dict:
+        """The last call's figures (same keys as ``cggr_hook.metrics()``)."""
+        return dict(self._metrics)
+
+    def _set_metrics(self, m: dict) -> None:
+        self._metrics = m
+
+    def forward(self, logits: Tensor, targets: Tensor) -> Tensor:
+        if not isinstance(logits, Tensor) or logits.dim() not in (2, 3) or not logits.is_floating_point():
+            shape = tuple(logits.shape) if isinstance(logits, Tensor) else type(logits).__name__
+            raise ValueError(f"cggr_hook.CGGRLoss: logits of shape {shape} must be a float tensor (B, T, V) or (N, V)")
+        if not isinstance(targets, Tensor) or tuple(targets.shape) != tuple(logits.shape[:-1]):
+            shape = tuple(targets.shape) if isinstance(targets, Tensor) else type(targets).__name__
+            raise ValueError(
+                f"cggr_hook.CGGRLoss: targets of shape {shape} must match logits of shape {tuple(logits.shape)} "
+                f"without the vocabulary dim: {tuple(logits.shape[:-1])}"
+            )
+        if targets.is_floating_point():
+            raise ValueError("cggr_hook.CGGRLoss: targets must be integer class indices (use .long())")
+        spec = LossSpec(self.spec.ignore_index, self.spec.reduction, self.spec.label_smoothing, self.weight)
+        spec.check(logits.shape[-1])
+        seq_len = logits.shape[1] if logits.dim() == 3 else None
+        req = Request(self.config, self.scheduler, "loss", spec, seq_len=seq_len, on_metrics=self._set_metrics)
+        targets = targets.to(device=logits.device, dtype=torch.long)
+        return GatedCrossEntropy.apply(logits, targets, req, self.inplace_backward)
+
+    def extra_repr(self) -> str:
+        return f"{self.config}, reduction={self.spec.reduction!r}"

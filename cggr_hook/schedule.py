@@ -1,0 +1,169 @@
+"""The scheduler: which fraction of tokens a gated call keeps.
+
+Curriculum over optimizer steps (``step`` counted by the scheduler itself):
+
+    r(step) = 1 - min(1, step / warmup_steps) * (1 - min_tokens_ratio)      (warmup_steps = 0: r = min_tokens_ratio)
+
+Dynamic ratio (``dynamic_threshold``): with c the batch's mean top-1 probability over valid tokens
+and c_avg the running average of earlier batches (exponential, momentum 0.9),
+
+    r' = r * (1 + s * clamp((c_avg - c) / c_avg, -1, 1)),   clamped to [r * (1 - s), min(1, r * (1 + s))]
+
+so a batch less confident than usual keeps more tokens. The number of tokens kept out of n valid ones
+is k = max(1, floor(r' * n + 0.5)) (k = 0 when n = 0), computed in float64 so noise in r never moves k.
+
+The global scheduler counts steps through PyTorch's global optimizer post-step hook: a step of any
+optimizer that holds a gated model's parameters counts once, if a gated loss was computed since the
+last counted step. So gradient accumulation counts optimizer steps, not micro-batches; a second
+optimizer stepping in the same iteration does not count twice; a step that GradScaler skips never
+calls the hook and is not counted.
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from typing import Any, Callable, Iterable
+
+import torch
+from torch.optim.optimizer import register_optimizer_step_post_hook
+
+from .config import GateConfig
+
+EMA_MOMENTUM = 0.9
+
+
+def curriculum_ratio(step: int, config: GateConfig) -> float:
+    """r(step) of the curriculum, before any dynamic adjustment."""
+    if config.warmup_steps == 0:
+        progress = 1.0
+    else:
+        progress = min(1.0, step / config.warmup_steps)
+    return 1.0 - progress * (1.0 - config.min_tokens_ratio)
+
+
+def dynamic_ratio(r: float, confidence: float, average: float | None, sensitivity: float) -> float:
+    """r adjusted by how the batch's confidence compares with the running average."""
+    if average is None or not math.isfinite(confidence) or average <= 0.0:
+        return r
+    deviation = max(-1.0, min(1.0, (average - confidence) / average))
+    adjusted = r * (1.0 + sensitivity * deviation)
+    return max(r * (1.0 - sensitivity), min(adjusted, min(1.0, r * (1.0 + sensitivity))))
+
+
+def tokens_to_keep(ratio: float, n_valid: int) -> int:
+    """k = max(1, floor(ratio * n + 0.5)) for n > 0, else 0; never more than n."""
+    if n_valid <= 0:
+        return 0
+    return min(n_valid, max(1, int(math.floor(ratio * n_valid + 0.5))))
+
+
+class Scheduler:
+    """Step count, running confidence averages and the per-call draw counter of one gate family.
+
+    ``cggr_hook.scheduler`` is the global one (shared by every gated model); each ``CGGRLoss`` owns a
+    private one advanced by its ``.step()``.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.RLock()
+        self.step_count = 0
+        self.calls_in_step = 0  # gated calls since the last counted step: seeds random draws
+        self.confidence_avg: dict[str, float] = {}
+        self._pending = False  # a gated call happened since the last counted step
+        self._hook_handle = None
+        self._holds_gated_params: Callable[[torch.optim.Optimizer], bool] | None = None
+
+    # --- the ratio ---------------------------------------------------------------------------------
+    def ratio(self, config: GateConfig | None = None) -> float:
+        """The curriculum ratio at the current step for ``config`` (default options when None)."""
+        return curriculum_ratio(self.step_count, config or _default_config())
+
+    def begin_call(self, config: GateConfig, key: str, confidence: float) -> tuple[float, int, int]:
+        """Ratio for one gated call (curriculum, then dynamic), updating the running confidence.
+
+        Returns (ratio, step, call index within the step); the last two seed the call's draws.
+        """
+        with self._lock:
+            r = curriculum_ratio(self.step_count, config)
+            if config.dynamic_threshold:
+                average = self.confidence_avg.get(key)
+                r = dynamic_ratio(r, confidence, average, config.threshold_sensitivity)
+                if math.isfinite(confidence):
+                    self.confidence_avg[key] = (
+                        confidence if average is None else EMA_MOMENTUM * average + (1 - EMA_MOMENTUM) * confidence
+                    )
+            step, call = self.step_count, self.calls_in_step
+            self.calls_in_step += 1
+            self._pending = True
+            return r, step, call
+
+    # --- stepping ---------------------------------------------------------------------------------
+    def step(self) -> None:
+        """Count one optimizer step (the global scheduler does this by itself)."""
+        with self._lock:
+            self.step_count += 1
+            self.calls_in_step = 0
+            self._pending = False
+
+    def attach(self, holds_gated_params: Callable[[torch.optim.Optimizer], bool]) -> None:
+        """Count steps from PyTorch's global optimizer post-step hook (idempotent)."""
+        self._holds_gated_params = holds_gated_params
+        if self._hook_handle is None:
+            self._hook_handle = register_optimizer_step_post_hook(self._on_optimizer_step)
+
+    def detach(self) -> None:
+        if self._hook_handle is not None:
+            self._hook_handle.remove()
+            self._hook_handle = None
+        self._holds_gated_params = None
+
+    @property
+    def attached(self) -> bool:
+        return self._hook_handle is not None
+
+    def _on_optimizer_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
+        if not self._pending or self._holds_gated_params is None:
+            return
+        if self._holds_gated_params(optimizer):
+            self.step()
+
+    # --- checkpoints -----------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        with self._lock:
+            return {
+                "step_count": self.step_count,
+                "calls_in_step": self.calls_in_step,
+                "confidence_avg": dict(self.confidence_avg),
+                "pending": self._pending,
+            }
+
+    def load_state_dict(self, state: dict) -> None:
+        missing = {"step_count", "calls_in_step", "confidence_avg"} - set(state)
+        if missing:
+            raise ValueError(f"cggr_hook: scheduler state lacks {sorted(missing)}; pass a dict from scheduler.state_dict()")
+        with self._lock:
+            self.step_count = int(state["step_count"])
+            self.calls_in_step = int(state["calls_in_step"])
+            self.confidence_avg = {str(k): float(v) for k, v in state["confidence_avg"].items()}
+            self._pending = bool(state.get("pending", False))
+
+    def reset(self) -> None:
+        """Back to step 0 with no history (a fresh run)."""
+        with self._lock:
+            self.step_count = 0
+            self.calls_in_step = 0
+            self.confidence_avg = {}
+            self._pending = False
+
+    def __repr__(self) -> str:
+        return f"Scheduler(step_count={self.step_count}, attached={self.attached})"
+
+
+def _default_config() -> GateConfig:
+    return GateConfig()
+
+
+def optimizer_holds(optimizer: torch.optim.Optimizer, param_ids: Iterable[int]) -> bool:
+    ids = param_ids if isinstance(param_ids, (set, frozenset)) else set(param_ids)
+    return any(id(p) in ids for group in optimizer.param_groups for p in group["params"])

@@ -1,0 +1,142 @@
+"""Selection: which rows contribute to the loss, given their difficulty.
+
+Every strategy works on whole tensors on the logits' device (no per-token Python) and is split in
+two around the gated call's single host synchronisation:
+
+1. ``prepare`` (before the sync): the stable descending order of difficulty, plus what
+   ``sequence_aware`` must know to count its selection;
+2. ``finish`` (after it, with k and the number of valid rows on the host): the selected row indices,
+   sorted ascending, as an int64 tensor whose length the host knows (no second sync).
+
+Ties are broken by row index (lower first) through stable sorts, so ``topk`` takes exactly k rows
+and the same ones on every device. Ignored rows carry difficulty -inf and sort after every valid row.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from .config import GateConfig
+
+
+@dataclass
+class Prepared:
+    order: Tensor  # (N,) rows by difficulty, hardest first, ties by row index
+    rank: Tensor | None = None  # (N,) position of each row in ``order`` (sequence_aware)
+    keep: Tensor | None = None  # (N,) bool, rows every sequence keeps (sequence_aware)
+    keep_ranks: Tensor | None = None  # (S*m,) ``rank`` of the kept rows, padded with N: synced with the stats
+
+
+def prepare(diff: Tensor, valid: Tensor, config: GateConfig, seq_len: int | None) -> Prepared:
+    N = diff.numel()
+    order = torch.sort(diff, descending=True, stable=True).indices
+    if config.selection != "sequence_aware":
+        return Prepared(order)
+    rank = torch.empty_like(order)
+    rank[order] = torch.arange(N, device=diff.device)
+    m = config.min_tokens_per_sequence
+    L = seq_len if seq_len else N
+    seq = torch.arange(N, device=diff.device) // L
+    # within each sequence, rows by difficulty: a stable sort by sequence of the difficulty order
+    by_seq = order[torch.sort(seq[order], stable=True).indices]
+    n_seq = (N + L - 1) // L
+    starts = torch.arange(n_seq, device=diff.device) * L
+    pos_in_seq = torch.empty_like(order)
+    pos_in_seq[by_seq] = torch.arange(N, device=diff.device) - starts[seq[by_seq]]
+    keep = valid & (pos_in_seq < m)
+    # a fixed-size vector (n_seq * m) of the kept rows' global ranks, padded with N
+    slot = seq * m + pos_in_seq.clamp(max=max(m - 1, 0))
+    keep_ranks = torch.full((n_seq * m,), N, dtype=torch.long, device=diff.device)
+    if m > 0:
+        keep_ranks[slot[keep]] = rank[keep]
+    return Prepared(order, rank, keep, keep_ranks)
+
+
+def count_selected(config: GateConfig, k: int, n_rows: int, keep_ranks: list[int] | None) -> int:
+    """How many rows ``finish`` returns, known on the host: k, plus for sequence_aware the kept
+    rows that the top k misses (``keep_ranks`` is padded with ``n_rows``)."""
+    if config.selection != "sequence_aware" or keep_ranks is None:
+        return k
+    return k + sum(1 for r in keep_ranks if k <= r < n_rows)
+
+
+def strata_sizes(n_valid: int, num_strata: int) -> list[int]:
+    """Sizes of the equal-count buckets: n_valid // S or one more, the larger ones first."""
+    S = max(1, min(num_strata, n_valid))
+    return [n_valid // S + (1 if b < n_valid % S else 0) for b in range(S)]
+
+
+def strata_quotas(n_valid: int, k: int, num_strata: int) -> list[int]:
+    """How many rows each of ``num_strata`` equal-count difficulty buckets gives (hardest first).
+
+    Buckets hold n_valid // S or one more rows. Bucket b (0 = hardest) weighs (S - b) per row, so
+    harder buckets give more; quotas are proportional to weight * size, capped at the bucket size,
+    distributed by largest remainder, and sum to exactly k.
+    """
+    sizes = strata_sizes(n_valid, num_strata)
+    S = len(sizes)
+    quotas = [0] * S
+    remaining = k
+    open_b = [b for b in range(S) if sizes[b] > 0]
+    while remaining > 0 and open_b:
+        total = sum((S - b) * sizes[b] for b in open_b)
+        shares = {b: remaining * (S - b) * sizes[b] / total for b in open_b}
+        given = 0
+        for b in open_b:
+            add = min(int(shares[b]), sizes[b] - quotas[b])
+            quotas[b] += add
+            given += add
+        remaining -= given
+        open_b = [b for b in open_b if quotas[b] < sizes[b]]
+        if given == 0:
+            # hand out the rest one by one, largest fractional share first (ties: harder bucket)
+            for b in sorted(open_b, key=lambda b: (-(shares[b] - int(shares[b])), b)):
+                if remaining == 0:
+                    break
+                quotas[b] += 1
+                remaining -= 1
+            open_b = [b for b in open_b if quotas[b] < sizes[b]]
+    return quotas
+
+
+def finish(prep: Prepared, n_valid: int, k: int, n_selected: int, config: GateConfig,
+           generator: torch.Generator | None) -> Tensor:
+    """Selected rows, ascending, int64 of length ``n_selected`` (= count_selected(...))."""
+    order = prep.order
+    N = order.numel()
+    dev = order.device
+    if k <= 0:
+        return order[:0]
+    if config.selection == "topk" or k >= n_valid:
+        rows = order[:k]
+    elif config.selection == "stratified":
+        sizes = strata_sizes(n_valid, config.num_strata)
+        quotas = strata_quotas(n_valid, k, config.num_strata)
+        S = len(sizes)
+        sizes_t = torch.tensor(sizes, device=dev)
+        # bucket of each valid row by its position in the difficulty order (output_size: no sync)
+        bucket = torch.repeat_interleave(torch.arange(S, device=dev), sizes_t, output_size=n_valid)
+        starts = torch.cumsum(sizes_t, 0) - sizes_t
+        # sample inside each bucket: order by a uniform key, then stably by bucket
+        u = torch.rand(n_valid, generator=generator, device=dev)
+        by_u = torch.sort(u).indices
+        grouped = by_u[torch.sort(bucket[by_u], stable=True).indices]
+        rank_in_bucket = torch.arange(n_valid, device=dev) - starts[bucket[grouped]]
+        take = rank_in_bucket < torch.tensor(quotas, device=dev)[bucket[grouped]]
+        rows = _first_marked(order[:n_valid][grouped], take, k)
+    elif config.selection == "sequence_aware":
+        mark = (prep.rank < k) | prep.keep
+        rows = _first_marked(torch.arange(N, device=dev), mark, n_selected)
+    else:
+        raise ValueError(f"cggr_hook: unknown selection {config.selection!r}")
+    return torch.sort(rows).values
+
+
+def _first_marked(candidates: Tensor, mark: Tensor, count: int) -> Tensor:
+    """The ``count`` candidates where ``mark`` is True, without a data-dependent size (no sync)."""
+    key = torch.where(mark, torch.zeros_like(candidates), torch.ones_like(candidates))
+    idx = torch.sort(key, stable=True).indices[:count]
+    return candidates[idx]
