@@ -58,8 +58,7 @@ RATIOS = (0.25, 0.5, 1.0)
 DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}
 MiB = float(2**20)
 L2_FLUSH_BYTES = 256 * 2**20  # as triton.testing.do_bench: larger than any GPU's L2
-LOSS_BASELINES = ("loss/torch_fp32", "loss/torch_lowp")
-HEAD_BASELINE = "head/torch"
+FP32_BASELINE, HEAD_BASELINE = "loss/torch_fp32", "head/torch"
 
 # tolerances of the correctness guard
 LOSS_RTOL_FP32 = 1e-3  # gated 100% loss vs torch on fp32-upcast logits
@@ -362,7 +361,13 @@ def _fwd_bwd(forward):
 
 
 def lowp_key(dtype_name: str) -> str:
+    """Key of the torch row on the logits as they are (no upcast)."""
     return "loss/torch_fp32_nocast" if dtype_name == "fp32" else f"loss/torch_{dtype_name}"
+
+
+def baselines(group: str, dtype_name: str) -> tuple[str, ...]:
+    """Keys of the rows a group's times are divided by."""
+    return (FP32_BASELINE, lowp_key(dtype_name)) if group == "loss" else (HEAD_BASELINE,)
 
 
 def build_rows(I: Inputs, peers: dict, dtype_name: str) -> list[Row]:
@@ -517,17 +522,14 @@ def _gated(module: nn.Module, ratio: float):
         cggr_hook.disable(module)
 
 
-def select_rows(rows: list[Row], only: Optional[list[str]]) -> list[Row]:
+def select_rows(rows: list[Row], only: Optional[list[str]], dtype_name: str) -> list[Row]:
     """Rows matching any --only pattern (substring of key or label), plus the baselines they need."""
     if not only:
         return rows
     pats = [p.lower() for p in only]
     chosen = {r.key for r in rows if any(p in r.key.lower() or p in r.label.lower() for p in pats)}
-    groups = {r.group for r in rows if r.key in chosen}
-    if "loss" in groups:
-        chosen.update(LOSS_BASELINES)
-    if "head" in groups:
-        chosen.add(HEAD_BASELINE)
+    for group in {r.group for r in rows if r.key in chosen}:
+        chosen.update(baselines(group, dtype_name))
     return [r for r in rows if r.key in chosen]
 
 
@@ -537,6 +539,8 @@ def run_row(row: Row, I: Inputs, device, warmup_ms, rep_ms, force: bool) -> Resu
         res.status, res.error = "not installed", row.unavailable
         return res
     try:
+        # the references the checks compare with, computed before any gate is enabled
+        I.loss_ref() if row.group == "loss" else I.head_ref()
         with row.context():
             _clear_grads(row.grads)
             if row.setup is not None:
@@ -627,11 +631,10 @@ def load_peers() -> dict[str, Peer]:
 # --------------------------------------------------------------------------------------------
 
 
-def add_ratios(results: list[Result]) -> None:
+def add_ratios(results: list[Result], dtype_name: str) -> None:
     by = {(r.vocab, r.key): r for r in results}
     for r in results:
-        bases = LOSS_BASELINES if r.group == "loss" else (HEAD_BASELINE,)
-        for b in bases:
+        for b in baselines(r.group, dtype_name):
             base = by.get((r.vocab, b))
             if r.ms is not None and base is not None and base.ms:
                 r.ratio[b] = r.ms / base.ms
@@ -675,8 +678,8 @@ def render(meta: dict, results: list[Result]) -> str:
                 status = f"{r.status.upper()}: {(r.check if r.status == 'wrong result' else r.error) or ''}"
             status = status.replace("|", "/")
             out.append(
-                f"| {r.label} | {_fmt(r.ms, '.3f')} | {_fmt(r.ratio.get(LOSS_BASELINES[0]), '.2f')} | "
-                f"{_fmt(r.ratio.get(LOSS_BASELINES[1]), '.2f')} | {_fmt(r.ratio.get(HEAD_BASELINE), '.2f')} | "
+                f"| {r.label} | {_fmt(r.ms, '.3f')} | {_fmt(r.ratio.get(FP32_BASELINE), '.2f')} | "
+                f"{_fmt(r.ratio.get(lowp_key(lowp)), '.2f')} | {_fmt(r.ratio.get(HEAD_BASELINE), '.2f')} | "
                 f"{_fmt(r.extra_peak_mib, '.1f')} | {status} |"
             )
         out.append("")
@@ -782,11 +785,13 @@ def main(argv=None) -> int:
     timer_check = []
     failed = []
     for vocab in args.vocab:
-        I = Inputs(args.tokens, vocab, args.hidden, dtype, device, args.seed)
-        rows = select_rows(build_rows(I, peers, args.dtype), args.only)
-        if args.list:
+        if args.list:  # tiny inputs: only the row names are wanted
+            rows = select_rows(build_rows(Inputs(4, 8, 4, dtype, device, 0), peers, args.dtype), args.only, args.dtype)
             print("\n".join(f"{r.key:24s} {r.label}" for r in rows))
             return 0
+        torch.manual_seed(args.seed)
+        I = Inputs(args.tokens, vocab, args.hidden, dtype, device, args.seed)
+        rows = select_rows(build_rows(I, peers, args.dtype), args.only, args.dtype)
         print(f"[bench] V={vocab}: {len(rows)} rows on {meta['device_name']}", file=sys.stderr)
         for row in rows:
             res = run_row(row, I, device, args.warmup_ms, args.rep_ms, args.force)
@@ -795,7 +800,7 @@ def main(argv=None) -> int:
                   f"{_fmt(res.extra_peak_mib, '.1f')} MiB {res.check or res.error or ''}", file=sys.stderr)
             if row.ours and res.status != "ok":
                 failed.append(f"V={vocab} {row.key}: {res.status}: {res.check or res.error}")
-            if row.key == "loss/torch_lowp" and res.status == "ok" and device.type == "cuda":
+            if row.key == lowp_key(args.dtype) and res.status == "ok" and device.type == "cuda":
                 # the event loop that times the in-place rows, against do_bench on the same row
                 loop = _event_loop_median(row.fn, None, args.warmup_ms, args.rep_ms, row.grads, device)
                 _clear_grads(row.grads)
@@ -806,7 +811,7 @@ def main(argv=None) -> int:
         if device.type == "cuda":
             torch.cuda.empty_cache()
 
-    add_ratios(results)
+    add_ratios(results, args.dtype)
     meta["timer_check"] = timer_check
     meta["failed"] = failed
     print(render(meta, results))
