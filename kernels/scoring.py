@@ -73,7 +73,7 @@ def _row_stats_kernel(
         if WITH_WSUM:
             if HAS_WEIGHT:
                 w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-                ws += tl.where(mask, x * w, 0.0)
+                ws += tl.where(mask, x, 0.0) * w
             else:
                 ws += tl.where(mask, x, 0.0)
         xc = tl.maximum(x, -3.4028234663852886e38)
@@ -86,7 +86,8 @@ def _row_stats_kernel(
         alpha = tl.exp(d)
         xm = xc - m_new
         e = tl.where(mask, tl.exp(xm), 0.0)
-        a = alpha * (a + d * s) + tl.sum(e * xm, axis=0)
+        # (alpha * d) * s, not alpha * (d * s): d can be -FLT_MAX after blocks of only -inf
+        a = alpha * a + (alpha * d) * s + tl.sum(e * xm, axis=0)
         s = alpha * s + tl.sum(e, axis=0)
         m = m_new
 

@@ -1,0 +1,293 @@
+"""Triton row statistics (kernels/scoring.py) against the PyTorch reference.
+
+Without CUDA the kernels run under Triton's interpreter (conftest sets TRITON_INTERPRET=1), so the
+CPU cases stay small; the ``gpu`` cases run at full size on a CUDA device.
+"""
+
+import contextlib
+import math
+
+import pytest
+import torch
+
+import cggr_hook.kernels as K
+from cggr_hook.kernels import reference, scoring
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+LAYOUTS = ["contiguous", "shifted", "vocab_strided"]
+FIELDS = ("lse", "entropy", "p_top1", "p_top2", "nll")
+
+
+@pytest.fixture(autouse=True)
+def triton_backend(monkeypatch):
+    monkeypatch.setenv("CGGR_HOOK_BACKEND", "triton")
+    calls = []
+    real = scoring.row_stats
+
+    def spy(*args, **kwargs):
+        calls.append(1)
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(scoring, "row_stats", spy)
+    return calls
+
+
+@contextlib.contextmanager
+def nan_empty():
+    """torch.empty returns NaN-filled float tensors inside the block, so an unwritten output shows."""
+    real = torch.empty
+
+    def empty(*args, **kwargs):
+        t = real(*args, **kwargs)
+        if t.is_floating_point():
+            t.fill_(float("nan"))
+        return t
+
+    torch.empty = empty
+    try:
+        yield
+    finally:
+        torch.empty = real
+
+
+def make_logits(B, T, V, dtype, layout, scale=3.0, gen=None):
+    """(B, T, V) random logits of ``dtype`` on DEVICE in the given layout (a view, not a copy)."""
+
+    def rand(*shape):
+        return (torch.randn(*shape, generator=gen) * scale).to(dtype=dtype, device=DEVICE)
+
+    if layout == "contiguous":
+        x = rand(B, T, V)
+    elif layout == "shifted":
+        # the usual next-token view: logits[:, :-1] of a (B, T + 1, V) tensor
+        x = rand(B, T + 1, V)[:, :-1]
+    elif layout == "vocab_strided":
+        # vocabulary is the slowest dimension: the stride of V is B * T, not 1
+        x = rand(V, B, T).permute(1, 2, 0)
+    else:
+        raise AssertionError(layout)
+    assert x.is_contiguous() == (layout == "contiguous") or V == 1
+    return x
+
+
+def make_targets(N, V, gen=None, ignore_index=-100):
+    t = torch.randint(0, V, (N,), generator=gen)
+    if N >= 3:
+        t[1] = ignore_index
+        t[N - 1] = V  # out of range: never an address, nll 0
+    return t.to(DEVICE)
+
+
+def run(logits, targets, ignore_index=-100, weight=None, with_wsum=False):
+    with nan_empty():
+        got = K.row_stats(logits, targets, ignore_index, weight, with_wsum)
+    want = reference.row_stats(logits, targets, ignore_index, weight, with_wsum)
+    return got, want
+
+
+def assert_stats_close(got, want, rtol=1e-5, atol=2e-6, rows=None):
+    # the outputs are fp32 computed from the same (upcast) logits whatever their dtype, so one
+    # tolerance fits every dtype: only the summation order differs
+    names = FIELDS + (("wsum",) if want.wsum is not None else ())
+    for name in names:
+        g, w = getattr(got, name), getattr(want, name)
+        assert g.dtype == torch.float32 and g.shape == w.shape, name
+        if rows is not None:
+            g, w = g[rows], w[rows]
+        torch.testing.assert_close(g, w, rtol=rtol, atol=atol, msg=lambda m: f"{name}: {m}")
+
+
+@pytest.fixture(params=["default_block", "small_block"])
+def block(request, monkeypatch):
+    """The default block, and a 16-wide one so a row of 127 spans 8 blocks (the merges run)."""
+    if request.param == "small_block":
+        monkeypatch.setattr(scoring, "MAX_BLOCK_V", 16)
+    return request.param
+
+
+@pytest.mark.parametrize("V", [1, 2, 3, 127])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_row_stats_matches_reference(V, dtype, layout, block, triton_backend):
+    gen = torch.Generator().manual_seed(V * 7 + len(layout))
+    x = make_logits(2, 3, V, dtype, layout, gen=gen)
+    tg = make_targets(6, V, gen=gen)
+    got, want = run(x, tg, with_wsum=True)
+    assert triton_backend, "the Triton backend did not run"
+    assert_stats_close(got, want)
+    if V == 1:
+        assert torch.equal(got.p_top2, torch.zeros_like(got.p_top2))
+        torch.testing.assert_close(got.p_top1, torch.ones_like(got.p_top1))
+        torch.testing.assert_close(got.entropy, torch.zeros_like(got.entropy), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("layout", ["contiguous", "shifted"])
+def test_row_stats_vocab_32001(dtype, layout):
+    gen = torch.Generator().manual_seed(1)
+    x = make_logits(3, 1, 32001, dtype, layout, gen=gen)
+    tg = torch.tensor([5, 32000, -100], device=DEVICE)
+    got, want = run(x, tg)
+    assert_stats_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_row_stats_vocab_strided_32001():
+    gen = torch.Generator().manual_seed(2)
+    x = make_logits(1, 2, 32001, torch.float16, "vocab_strided", gen=gen)
+    assert x.stride(-1) == 2
+    got, want = run(x, torch.tensor([0, 31999], device=DEVICE))
+    assert_stats_close(got, want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_tied_maxima_count_twice(dtype, block):
+    """A maximum that occurs twice is also the second largest: p_top1 == p_top2."""
+    V = 127
+    gen = torch.Generator().manual_seed(3)
+    x = make_logits(1, 8, V, torch.float32, "contiguous", gen=gen).clone()
+    cases = [
+        (0, [3, 4]),      # neighbours in one block
+        (1, [0, 126]),    # first and last column (the last is in the ragged tail block)
+        (2, [5, 21]),     # same lane, blocks 0 and 1 of a 16-wide block
+        (3, [7, 64]),     # different lanes, different blocks
+        (4, [2, 50, 90]),  # three times
+    ]
+    for r, cols in cases:
+        x[0, r, cols] = 20.0
+    # unique maximum whose runner-up sits in the same lane, one block later (16-wide blocks)
+    x[0, 5, 9] = 20.0
+    x[0, 5, 25] = 19.0
+    # unique maximum whose runner-up is in another lane of the same block
+    x[0, 6, 40] = 20.0
+    x[0, 6, 41] = 19.5
+    # row 7: no tie
+    x = x.to(dtype)
+    tg = torch.zeros(8, dtype=torch.long, device=DEVICE)
+    got, want = run(x, tg)
+    assert_stats_close(got, want)
+    for r, _ in cases:
+        assert got.p_top2[r] == got.p_top1[r], r
+    for r in (5, 6, 7):
+        assert got.p_top2[r] < got.p_top1[r], r
+    ratio = got.p_top1[5] / got.p_top2[5]
+    assert math.isclose(ratio.item(), math.e, rel_tol=1e-4)
+    ratio = got.p_top1[6] / got.p_top2[6]
+    assert math.isclose(ratio.item(), math.exp(0.5), rel_tol=1e-4)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_negative_infinity_logits(dtype, block):
+    V = 127
+    gen = torch.Generator().manual_seed(4)
+    x = make_logits(1, 6, V, torch.float32, "contiguous", gen=gen).clone()
+    ninf = float("-inf")
+    x[0, 0, ::3] = ninf            # scattered -inf
+    x[0, 1, :40] = ninf            # the first blocks entirely -inf
+    x[0, 2, 1:] = ninf             # a single finite logit: p_top1 = 1, entropy 0
+    x[0, 3, 10] = ninf             # the target logit is -inf: nll = inf
+    x[0, 4, :] = ninf              # every logit -inf: its values are not checked
+    x[0, 5, 100:] = ninf           # the ragged tail -inf
+    x = x.to(dtype)
+    tg = torch.tensor([3, 60, 0, 10, 0, 1], device=DEVICE)
+    with nan_empty():
+        got = K.row_stats(x, tg, -100)
+    want = reference.row_stats(x, tg, -100)
+    rows = torch.tensor([0, 1, 2, 3, 5], device=DEVICE)
+    assert_stats_close(got, want, rows=rows)
+    for name in FIELDS:
+        assert not torch.isnan(getattr(got, name)[rows]).any(), name
+    assert got.nll[3] == float("inf")
+    assert got.p_top1[2] == 1.0 and got.p_top2[2] == 0.0 and got.entropy[2] == 0.0
+
+
+@pytest.mark.parametrize("ignore_index", [-100, 5])
+def test_ignored_and_out_of_range_targets(ignore_index):
+    V = 37
+    gen = torch.Generator().manual_seed(5)
+    x = make_logits(2, 4, V, torch.float32, "shifted", gen=gen)
+    tg = torch.tensor([ignore_index, 5, 0, V, -1, 1 << 40, -(1 << 40), V - 1], device=DEVICE)
+    got, want = run(x, tg, ignore_index=ignore_index)
+    assert_stats_close(got, want)
+    invalid = [0, 3, 4, 5, 6] + ([1] if ignore_index == 5 else [])
+    for r in range(8):
+        if r in invalid:
+            assert got.nll[r] == 0.0, r
+        else:
+            assert got.nll[r] > 0.0, r
+
+
+def test_all_targets_ignored():
+    gen = torch.Generator().manual_seed(6)
+    x = make_logits(2, 3, 11, torch.bfloat16, "contiguous", gen=gen)
+    tg = torch.full((6,), -100, device=DEVICE)
+    got, want = run(x, tg, with_wsum=True)
+    assert torch.equal(got.nll, torch.zeros(6, device=DEVICE))
+    assert_stats_close(got, want)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("with_weight", [False, True])
+def test_wsum(dtype, with_weight, block):
+    V = 127
+    gen = torch.Generator().manual_seed(7)
+    x = make_logits(2, 2, V, dtype, "vocab_strided", gen=gen)
+    w = (torch.rand(V, generator=gen) + 0.5).to(DEVICE) if with_weight else None
+    tg = make_targets(4, V, gen=gen)
+    got, want = run(x, tg, weight=w, with_wsum=True)
+    assert_stats_close(got, want, rtol=1e-5, atol=1e-4)
+    no_sum = K.row_stats(x, tg, -100, w, False)
+    assert no_sum.wsum is None
+    assert_stats_close(no_sum, reference.row_stats(x, tg, -100, w, False))
+
+
+def test_empty_batch_launches_nothing(monkeypatch):
+    class NoLaunch:
+        def __getitem__(self, grid):
+            raise AssertionError("launched a kernel for zero rows")
+
+    monkeypatch.setattr(scoring, "_row_stats_kernel", NoLaunch())
+    x = torch.randn(0, 4, 9, device=DEVICE)
+    got = K.row_stats(x, torch.zeros(0, dtype=torch.long, device=DEVICE), -100, None, True)
+    for t in got:
+        assert t.shape == (0,) and t.dtype == torch.float32
+
+
+# --------------------------------------------------------------------------- full size, GPU
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("layout", ["contiguous", "shifted"])
+def test_row_stats_full_size_gpu(layout):
+    torch.manual_seed(0)
+    B, T, V = 4, 2048, 128256
+    if layout == "contiguous":
+        x = (torch.randn(B, T, V, device="cuda") * 2).to(torch.bfloat16)
+    else:
+        x = (torch.randn(B, T + 1, V, device="cuda") * 2).to(torch.bfloat16)[:, :-1]
+    tg = torch.randint(0, V, (B * T,), device="cuda")
+    tg[::7] = -100
+    got = K.row_stats(x, tg, -100, None, True)
+    want = reference.row_stats(x, tg, -100, None, True)
+    assert_stats_close(got, want, rtol=2e-5, atol=2e-5)
+
+
+@pytest.mark.gpu
+def test_row_stats_int64_offsets_gpu():
+    """8192 rows of 262144: row * stride passes 2^31 elements; vocab-strided rows pass it too."""
+    torch.manual_seed(0)
+    N, V = 8192, 262144
+    x = torch.randn(1, N, V, device="cuda", dtype=torch.bfloat16)
+    tg = torch.randint(0, V, (N,), device="cuda")
+    got = K.row_stats(x, tg, -100)
+    rows = torch.arange(N - 64, N, device="cuda")
+    want = reference.row_stats(x[:, N - 64:], tg[rows], -100)
+    for name in FIELDS:
+        torch.testing.assert_close(getattr(got, name)[rows], getattr(want, name), rtol=2e-5, atol=2e-5)
+    del x
+    # vocabulary the slow dimension: column j of row r sits at j * N + r
+    xt = torch.randn(V, 1, N, device="cuda", dtype=torch.bfloat16).permute(1, 2, 0)
+    got = K.row_stats(xt, tg, -100)
+    want = reference.row_stats(xt[:, N - 64:], tg[rows], -100)
+    for name in FIELDS:
+        torch.testing.assert_close(getattr(got, name)[rows], getattr(want, name), rtol=2e-5, atol=2e-5)
