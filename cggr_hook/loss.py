@@ -195,19 +195,26 @@ class GatedCrossEntropy(torch.autograd.Function):
         req.plan = p
         if req.on_metrics is not None:
             req.on_metrics(p.metrics)
-        ctx.req, ctx.inplace = req, inplace
-        ctx.save_for_backward(logits, targets)
+        ctx.req = req
+        if inplace:
+            # a detached alias: returned as the gradient with no other reference, so autograd
+            # takes it as is instead of copying it (the gradient lives in the logits' buffer)
+            ctx.alias = logits.detach()
+            ctx.save_for_backward(targets)
+        else:
+            ctx.alias = None
+            ctx.save_for_backward(targets, logits)
         return p.loss if req.spec.reduction != "none" else p.loss.view(targets.shape)
 
     @staticmethod
     def backward(ctx, grad_output: Tensor):
-        logits, targets = ctx.saved_tensors
+        targets, *saved = ctx.saved_tensors
+        logits, ctx.alias = (ctx.alias if ctx.alias is not None else saved[0]), None
         req: Request = ctx.req
         p = req.plan
-        N = targets.numel()
-        scale = torch.zeros(N, dtype=torch.float32, device=logits.device)
+        scale = torch.zeros(targets.numel(), dtype=torch.float32, device=logits.device)
         scale[p.rows] = _row_scale(p, grad_output, req.spec.reduction)
-        out = logits if ctx.inplace else torch.empty_like(logits)
+        out = logits if not saved else torch.empty_like(logits)
         kernels.ce_grad_dense_(kernels.as_rows(logits), targets.reshape(-1), p.lse, scale, req.spec.weight,
                                float(req.spec.label_smoothing), kernels.as_rows(out))
         return out, None, None, None

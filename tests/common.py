@@ -1,0 +1,78 @@
+"""Shared pieces of the tests: tiny models and an independently written gated reference loss."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+class TinyLM(nn.Module):
+    """nanoGPT-shaped: embedding, a nonlinearity, an ``lm_head``; forward returns (B, T, V) logits."""
+
+    def __init__(self, vocab: int = 37, dim: int = 16, bias: bool = False) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(vocab, dim)
+        self.mix = nn.Linear(dim, dim)
+        self.lm_head = nn.Linear(dim, vocab, bias=bias)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        return self.lm_head(torch.tanh(self.mix(self.emb(idx))))
+
+
+def shifted_loss(model: nn.Module, idx: torch.Tensor, **kw) -> torch.Tensor:
+    """The user-side shift: logits[:, :-1] against idx[:, 1:]."""
+    logits = model(idx)
+    V = logits.shape[-1]
+    return F.cross_entropy(logits[:, :-1].reshape(-1, V), idx[:, 1:].reshape(-1), **kw)
+
+
+def reference_difficulty(logits: torch.Tensor, targets: torch.Tensor, scoring: str,
+                         ignore_index: int = -100) -> torch.Tensor:
+    """Difficulty of rows (N, V), float64, -inf where ignored: written from the definitions."""
+    x = logits.detach().double()
+    V = x.shape[-1]
+    lp = torch.log_softmax(x, -1)
+    p = lp.exp()
+    ent = -(torch.where(p > 0, p * lp, torch.zeros_like(p))).sum(-1)
+    top = torch.topk(p, min(2, V), -1).values
+    p2 = top[:, 1] if V > 1 else torch.zeros_like(top[:, 0])
+    margin = 1 - (top[:, 0] - p2)
+    valid = targets != ignore_index
+    nll = torch.where(valid, -lp.gather(1, targets.clamp(0, V - 1)[:, None])[:, 0], torch.zeros_like(ent))
+    lnv = math.log(V) if V > 1 else 1.0
+    d = {"entropy": ent, "margin": margin, "loss": nll, "combined": ent / lnv + margin + nll / lnv}[scoring]
+    return torch.where(valid, d, torch.full_like(d, -math.inf))
+
+
+def reference_topk_rows(logits: torch.Tensor, targets: torch.Tensor, ratio: float, scoring: str = "combined",
+                        ignore_index: int = -100) -> torch.Tensor:
+    """The k hardest valid rows, k = max(1, floor(ratio * n + 0.5)); ties by lower index."""
+    d = reference_difficulty(logits, targets, scoring, ignore_index)
+    n = int((targets != ignore_index).sum())
+    if n == 0:
+        return torch.zeros(0, dtype=torch.long)
+    k = max(1, math.floor(ratio * n + 0.5))
+    order = sorted(range(len(d)), key=lambda i: (-float(d[i]), i))
+    return torch.tensor(sorted(order[:k]), dtype=torch.long)
+
+
+def masked_reference_loss(logits: torch.Tensor, targets: torch.Tensor, rows: torch.Tensor, reduction: str = "mean",
+                          ignore_index: int = -100, **kw) -> torch.Tensor:
+    """The gated loss's definition, built from torch's own per-token cross entropy (autograd-able):
+    mean over selected rows (weighted as torch weighs), sum times valid / selected, or per-row with
+    zeros elsewhere."""
+    per_row = F.cross_entropy(logits.float(), targets, reduction="none", ignore_index=ignore_index, **kw)
+    mask = torch.zeros_like(per_row, dtype=torch.bool)
+    mask[rows] = True
+    if reduction == "none":
+        return torch.where(mask, per_row, torch.zeros_like(per_row))
+    total = torch.where(mask, per_row, torch.zeros_like(per_row)).sum()
+    if reduction == "sum":
+        n_valid = int((targets != ignore_index).sum())
+        return total * (n_valid / len(rows)) if len(rows) else total * 0
+    w = kw.get("weight")
+    denom = w[targets[rows]].sum() if w is not None else torch.tensor(float(len(rows)))
+    return total / denom
