@@ -1,0 +1,168 @@
+"""GateConfig: the seed's defaults, immutability, and a ValueError naming the option for every bad value."""
+
+import dataclasses
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import cggr_hook
+from cggr_hook import GateConfig
+
+ORIGINAL_CE = F.cross_entropy
+
+
+@pytest.fixture(autouse=True)
+def clean_state():
+    cggr_hook.disable()
+    cggr_hook.scheduler.reset()
+    yield
+    cggr_hook.disable()
+    cggr_hook.scheduler.reset()
+
+
+class TinyLM(nn.Module):
+    def __init__(self, vocab=11, dim=5):
+        super().__init__()
+        self.embed = nn.Embedding(vocab, dim)
+        self.lm_head = nn.Linear(dim, vocab)
+
+    def forward(self, ids):
+        return self.lm_head(self.embed(ids))
+
+
+def test_defaults_are_the_seed_options():
+    c = GateConfig()
+    assert c.scoring == "combined"
+    assert c.selection == "topk"
+    assert c.min_tokens_ratio == 0.25
+    assert c.warmup_steps == 1000
+    assert c.dynamic_threshold is True
+    assert c.threshold_sensitivity == 0.5
+    assert c.num_strata == 4
+    assert c.min_tokens_per_sequence == 1
+
+
+def test_defaults_equal_a_config_spelled_out():
+    spelled = GateConfig(scoring="combined", selection="topk", min_tokens_ratio=0.25, warmup_steps=1000,
+                         dynamic_threshold=True, threshold_sensitivity=0.5, num_strata=4,
+                         min_tokens_per_sequence=1)
+    assert GateConfig() == spelled
+
+
+@pytest.mark.parametrize("field", ["scoring", "selection", "min_tokens_ratio", "warmup_steps",
+                                   "dynamic_threshold", "threshold_sensitivity", "num_strata",
+                                   "min_tokens_per_sequence"])
+def test_config_is_frozen(field):
+    c = GateConfig()
+    before = getattr(c, field)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        setattr(c, field, before)
+    assert getattr(c, field) == before
+
+
+def test_replace_returns_a_changed_copy_and_leaves_the_original():
+    c = GateConfig()
+    d = c.replace(selection="stratified", num_strata=3, min_tokens_ratio=0.5)
+    assert (d.selection, d.num_strata, d.min_tokens_ratio) == ("stratified", 3, 0.5)
+    assert (c.selection, c.num_strata, c.min_tokens_ratio) == ("topk", 4, 0.25)
+
+
+@pytest.mark.parametrize("scoring", ["combined", "entropy", "margin", "loss", "random"])
+def test_every_documented_scoring_is_accepted(scoring):
+    assert GateConfig(scoring=scoring).scoring == scoring
+
+
+@pytest.mark.parametrize("selection", ["topk", "stratified", "sequence_aware"])
+def test_every_documented_selection_is_accepted(selection):
+    assert GateConfig(selection=selection).selection == selection
+
+
+@pytest.mark.parametrize("ratio", [1, 1.0, 0.001, 0.5])
+def test_min_tokens_ratio_accepts_the_interval_and_stores_a_float(ratio):
+    c = GateConfig(min_tokens_ratio=ratio)
+    assert type(c.min_tokens_ratio) is float
+    assert c.min_tokens_ratio == float(ratio)
+
+
+@pytest.mark.parametrize("option, value", [
+    ("scoring", "confidence"),
+    ("scoring", "Entropy"),
+    ("selection", "top_k"),
+    ("selection", "random"),
+    ("min_tokens_ratio", 0),
+    ("min_tokens_ratio", 0.0),
+    ("min_tokens_ratio", -0.1),
+    ("min_tokens_ratio", 1.5),
+    ("min_tokens_ratio", math.nan),
+    ("min_tokens_ratio", math.inf),
+    ("min_tokens_ratio", True),
+    ("min_tokens_ratio", "0.25"),
+    ("warmup_steps", -1),
+    ("warmup_steps", 1.5),
+    ("warmup_steps", True),
+    ("threshold_sensitivity", 2),
+    ("threshold_sensitivity", -0.5),
+    ("num_strata", 0),
+    ("num_strata", 2.0),
+    ("min_tokens_per_sequence", -1),
+    ("dynamic_threshold", "yes"),
+])
+def test_bad_value_is_a_value_error_naming_the_option(option, value):
+    with pytest.raises(ValueError) as err:
+        GateConfig(**{option: value})
+    assert option in str(err.value)
+
+
+@pytest.mark.parametrize("option, value", [("min_tokens_ratio", 0), ("num_strata", 0), ("scoring", "nope")])
+def test_bad_value_through_replace_is_a_value_error_naming_the_option(option, value):
+    with pytest.raises(ValueError) as err:
+        GateConfig().replace(**{option: value})
+    assert option in str(err.value)
+
+
+def test_replace_with_an_unknown_option_names_it():
+    with pytest.raises(ValueError) as err:
+        GateConfig().replace(foo=1)
+    assert "foo" in str(err.value)
+
+
+def test_enable_with_an_unknown_option_names_it_and_installs_nothing():
+    torch.manual_seed(0)
+    model = TinyLM()
+    assert F.cross_entropy is ORIGINAL_CE
+    with pytest.raises(ValueError) as err:
+        cggr_hook.enable(model, foo=1)
+    assert "foo" in str(err.value)
+    assert F.cross_entropy is ORIGINAL_CE
+    assert torch.nn.functional.cross_entropy is ORIGINAL_CE
+    for m in model.modules():
+        assert len(m._forward_hooks) == 0, type(m).__name__
+        assert len(m._forward_pre_hooks) == 0, type(m).__name__
+    # and the model's loss is the plain one
+    ids = torch.randint(0, 11, (2, 7))
+    logits = model(ids)
+    loss = F.cross_entropy(logits.reshape(-1, 11), ids.reshape(-1))
+    ref = -torch.log_softmax(logits.detach().double(), -1).gather(-1, ids[..., None]).mean()
+    torch.testing.assert_close(loss.detach().double(), ref, rtol=1e-6, atol=1e-6)
+
+
+def test_enable_with_a_bad_value_names_it_and_installs_nothing():
+    model = TinyLM()
+    with pytest.raises(ValueError) as err:
+        cggr_hook.enable(model, min_tokens_ratio=1.5)
+    assert "min_tokens_ratio" in str(err.value)
+    assert F.cross_entropy is ORIGINAL_CE
+    assert all(len(m._forward_hooks) == 0 for m in model.modules())
+
+
+def test_bad_option_on_an_enabled_model_keeps_its_previous_options():
+    model = TinyLM()
+    gate = cggr_hook.enable(model, min_tokens_ratio=0.5)
+    with pytest.raises(ValueError) as err:
+        cggr_hook.enable(model, foo=1)
+    assert "foo" in str(err.value)
+    assert gate.config.min_tokens_ratio == 0.5
+    assert gate.config == GateConfig(min_tokens_ratio=0.5)
