@@ -1,0 +1,312 @@
+"""Triton cross-entropy gradient rows (kernels/gated_ce.py) against the PyTorch reference.
+
+Without CUDA the kernels run under Triton's interpreter (conftest sets TRITON_INTERPRET=1), so the
+CPU cases stay small; the ``gpu`` cases run at full size on a CUDA device.
+"""
+
+import contextlib
+
+import pytest
+import torch
+
+import cggr_hook.kernels as K
+from cggr_hook.kernels import gated_ce, reference
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+LAYOUTS = ["contiguous", "shifted", "vocab_strided"]
+# (label_smoothing, with class weights)
+LOSS_OPTIONS = [(0.0, False), (0.1, False), (0.0, True), (0.2, True)]
+
+
+@pytest.fixture(autouse=True)
+def triton_backend(monkeypatch):
+    monkeypatch.setenv("CGGR_HOOK_BACKEND", "triton")
+    calls = []
+    for name in ("ce_grad_rows", "ce_grad_dense_"):
+        real = getattr(gated_ce, name)
+
+        def spy(*args, _real=real, **kwargs):
+            calls.append(1)
+            return _real(*args, **kwargs)
+
+        monkeypatch.setattr(gated_ce, name, spy)
+    return calls
+
+
+@pytest.fixture(params=["default_block", "small_block"])
+def block(request, monkeypatch):
+    """The default block, and a 16-wide one so a row of 127 spans 8 blocks."""
+    if request.param == "small_block":
+        monkeypatch.setattr(gated_ce, "MAX_BLOCK_V", 16)
+    return request.param
+
+
+@contextlib.contextmanager
+def nan_empty():
+    """torch.empty returns NaN-filled float tensors inside the block, so an unwritten output shows."""
+    real = torch.empty
+
+    def empty(*args, **kwargs):
+        t = real(*args, **kwargs)
+        if t.is_floating_point():
+            t.fill_(float("nan"))
+        return t
+
+    torch.empty = empty
+    try:
+        yield
+    finally:
+        torch.empty = real
+
+
+def make_logits(B, T, V, dtype, layout, scale=3.0, gen=None):
+    """(B, T, V) random logits of ``dtype`` on DEVICE in the given layout (a view, not a copy)."""
+
+    def rand(*shape):
+        return (torch.randn(*shape, generator=gen) * scale).to(dtype=dtype, device=DEVICE)
+
+    if layout == "contiguous":
+        x = rand(B, T, V)
+    elif layout == "shifted":
+        x = rand(B, T + 1, V)[:, :-1]
+    elif layout == "vocab_strided":
+        x = rand(V, B, T).permute(1, 2, 0)
+    else:
+        raise AssertionError(layout)
+    assert x.is_contiguous() == (layout == "contiguous") or V == 1
+    return x
+
+
+def lse_of(x):
+    return torch.logsumexp(x.float(), dim=-1).reshape(-1)
+
+
+def loss_args(V, options, gen):
+    eps, with_weight = options
+    w = (torch.rand(V, generator=gen) + 0.5).to(DEVICE) if with_weight else None
+    return w, eps
+
+
+def tol(dtype):
+    """Tolerances of a gradient stored in ``dtype``. The interpreter truncates fp32 -> bf16 where the
+    GPU and torch round to nearest, so bf16 may differ by one unit in the last place."""
+    if dtype == torch.float32:
+        return dict(rtol=1e-5, atol=1e-6)
+    if dtype == torch.bfloat16:
+        return dict(rtol=2 ** -7, atol=1e-6)
+    return dict(rtol=2e-3, atol=1e-6)
+
+
+def assert_grad_close(got, want, dtype):
+    assert got.dtype == want.dtype == dtype and got.shape == want.shape
+    torch.testing.assert_close(got.float(), want.float(), **tol(dtype))
+
+
+# --------------------------------------------------------------------------- compact rows
+
+
+# every vocabulary size, dtype and layout with the plain loss; every loss option on a few of them
+CASES = [(V, dtype, layout, LOSS_OPTIONS[0]) for V in (1, 2, 3, 127) for dtype in DTYPES for layout in LAYOUTS]
+CASES += [(V, dtype, layout, options) for options in LOSS_OPTIONS[1:] for V, dtype, layout in
+          [(1, torch.float32, "contiguous"), (3, torch.bfloat16, "vocab_strided"), (127, torch.float16, "shifted"),
+           (127, torch.bfloat16, "vocab_strided")]]
+
+
+def case_id(case):
+    V, dtype, layout, (eps, with_weight) = case
+    return f"V{V}-{str(dtype)[6:]}-{layout}-eps{eps}-w{int(with_weight)}"
+
+
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_ce_grad_rows_matches_reference(case, block, triton_backend):
+    V, dtype, layout, options = case
+    gen = torch.Generator().manual_seed(V + len(layout))
+    x = make_logits(2, 3, V, dtype, layout, gen=gen)
+    tg = torch.randint(0, V, (6,), generator=gen).to(DEVICE)
+    lse = lse_of(x)
+    w, eps = loss_args(V, options, gen)
+    rows = torch.tensor([4, 0, 5], device=DEVICE)
+    scale = torch.tensor([0.5, 2.0, -1.0], device=DEVICE)
+    for out_dtype in {dtype, torch.float32}:
+        with nan_empty():
+            got = K.ce_grad_rows(x, tg, lse, rows, scale, w, eps, out_dtype)
+        want = reference.ce_grad_rows(x, tg, lse, rows, scale, w, eps, out_dtype)
+        assert_grad_close(got, want, out_dtype)
+    assert triton_backend, "the Triton backend did not run"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
+@pytest.mark.parametrize("options", [(0.0, False), (0.1, True)], ids=["plain", "smooth_weighted"])
+def test_ce_grad_rows_vocab_32001(dtype, options):
+    V = 32001
+    gen = torch.Generator().manual_seed(11)
+    x = make_logits(3, 1, V, dtype, "shifted", gen=gen)
+    tg = torch.tensor([0, V - 1, 17], device=DEVICE)
+    lse = lse_of(x)
+    w, eps = loss_args(V, options, gen)
+    rows = torch.tensor([2, 0], device=DEVICE)
+    scale = torch.tensor([0.25, 1.0], device=DEVICE)
+    with nan_empty():
+        got = K.ce_grad_rows(x, tg, lse, rows, scale, w, eps, dtype)
+    want = reference.ce_grad_rows(x, tg, lse, rows, scale, w, eps, dtype)
+    assert_grad_close(got, want, dtype)
+
+
+def test_ce_grad_rows_empty_launches_nothing(monkeypatch):
+    class NoLaunch:
+        def __getitem__(self, grid):
+            raise AssertionError("launched a kernel for zero rows")
+
+    monkeypatch.setattr(gated_ce, "_ce_grad_rows_kernel", NoLaunch())
+    x = torch.randn(2, 3, 9, device=DEVICE)
+    empty = torch.zeros(0, dtype=torch.long, device=DEVICE)
+    got = K.ce_grad_rows(x, torch.zeros(6, dtype=torch.long, device=DEVICE), lse_of(x), empty,
+                         torch.zeros(0, device=DEVICE), None, 0.0, torch.bfloat16)
+    assert got.shape == (0, 9) and got.dtype == torch.bfloat16
+
+
+def test_ce_grad_rows_negative_infinity_logits():
+    V = 40
+    gen = torch.Generator().manual_seed(12)
+    x = make_logits(1, 3, V, torch.float32, "contiguous", gen=gen).clone()
+    x[0, 0, ::2] = float("-inf")
+    x[0, 1, 1:] = float("-inf")  # a single finite logit, the target: gradient 0
+    tg = torch.tensor([1, 0, 5], device=DEVICE)
+    lse = lse_of(x)
+    rows = torch.tensor([0, 1, 2], device=DEVICE)
+    scale = torch.ones(3, device=DEVICE)
+    got = K.ce_grad_rows(x, tg, lse, rows, scale, None, 0.0, torch.float32)
+    want = reference.ce_grad_rows(x, tg, lse, rows, scale, None, 0.0, torch.float32)
+    assert_grad_close(got, want, torch.float32)
+    assert torch.equal(got[0, ::2], torch.zeros(V // 2, device=DEVICE))
+    assert torch.equal(got[1], torch.zeros(V, device=DEVICE))
+
+
+def test_gradient_is_the_cross_entropy_gradient():
+    """Independent of the reference: autograd of torch's own cross entropy (smoothing + weights)."""
+    V = 50
+    gen = torch.Generator().manual_seed(13)
+    x = make_logits(1, 4, V, torch.float32, "contiguous", gen=gen)
+    tg = torch.randint(0, V, (4,), generator=gen).to(DEVICE)
+    w = (torch.rand(V, generator=gen) + 0.5).to(DEVICE)
+    xr = x.reshape(4, V).clone().requires_grad_(True)
+    loss = torch.nn.functional.cross_entropy(xr, tg, weight=w, label_smoothing=0.1, reduction="sum")
+    loss.backward()
+    got = K.ce_grad_rows(x, tg, lse_of(x), torch.arange(4, device=DEVICE), torch.ones(4, device=DEVICE),
+                         w, 0.1, torch.float32)
+    torch.testing.assert_close(got, xr.grad, rtol=1e-5, atol=1e-6)
+
+
+# --------------------------------------------------------------------------- dense
+
+
+def dense_case(V, dtype, layout, options, seed):
+    gen = torch.Generator().manual_seed(seed)
+    x = make_logits(2, 4, V, dtype, layout, gen=gen)
+    tg = torch.randint(0, V, (8,), generator=gen).to(DEVICE)
+    tg[6] = -100  # an unselected, ignored row: never selected, never read
+    lse = lse_of(x)
+    w, eps = loss_args(V, options, gen)
+    row_scale = torch.zeros(8, device=DEVICE)
+    row_scale[[0, 3, 5, 7]] = torch.tensor([1.0, 0.5, -2.0, 3.0], device=DEVICE)
+    return x, tg, lse, w, eps, row_scale
+
+
+@pytest.mark.parametrize("case", CASES, ids=case_id)
+def test_ce_grad_dense_matches_reference(case, block, triton_backend):
+    V, dtype, layout, options = case
+    x, tg, lse, w, eps, row_scale = dense_case(V, dtype, layout, options, seed=V + 3)
+    want = reference.ce_grad_dense_(x, tg, lse, row_scale, w, eps, torch.empty_like(x))
+    # into a fresh NaN-filled output of another layout: every element is written
+    out = torch.full((2, 4, V), float("nan"), dtype=dtype, device=DEVICE)
+    got = K.ce_grad_dense_(x, tg, lse, row_scale, w, eps, out)
+    assert got is out
+    assert_grad_close(out, want, dtype)
+    unselected = torch.nonzero(row_scale == 0).flatten()
+    rows_out = out.reshape(8, V)[unselected]
+    assert torch.equal(rows_out, torch.zeros_like(rows_out))
+    assert not torch.signbit(rows_out).any()
+    assert triton_backend, "the Triton backend did not run"
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("layout", LAYOUTS)
+@pytest.mark.parametrize("options", [(0.0, False), (0.1, True)], ids=["plain", "smooth_weighted"])
+def test_ce_grad_dense_in_place(dtype, layout, options, block):
+    V = 127
+    x, tg, lse, w, eps, row_scale = dense_case(V, dtype, layout, options, seed=21)
+    want = reference.ce_grad_dense_(x, tg, lse, row_scale, w, eps, torch.empty_like(x))
+    base = x._base if x._base is not None else x
+    snapshot = base.clone()
+    got = K.ce_grad_dense_(x, tg, lse, row_scale, w, eps, x)
+    assert got is x
+    assert_grad_close(x, want, dtype)
+    if layout == "shifted":
+        # the column of the underlying tensor outside the view is untouched
+        assert torch.equal(base[:, -1], snapshot[:, -1])
+
+
+@pytest.mark.parametrize("in_place", [False, True])
+def test_unselected_rows_are_zero_and_unread(in_place, block):
+    """NaN logits in unselected rows: their gradient is exactly 0 and selected rows are unaffected."""
+    V = 127
+    x, tg, lse, w, eps, row_scale = dense_case(V, torch.bfloat16, "shifted", (0.1, True), seed=31)
+    want = reference.ce_grad_dense_(x, tg, lse, row_scale, w, eps, torch.empty_like(x))
+    flat = torch.arange(8, device=DEVICE)
+    dropped = flat[row_scale == 0]
+    x[dropped // 4, dropped % 4] = float("nan")
+    lse = lse.clone()
+    lse[dropped] = float("nan")
+    out = x if in_place else torch.full_like(x, float("nan"))
+    K.ce_grad_dense_(x, tg, lse, row_scale, w, eps, out)
+    assert not torch.isnan(out).any()
+    assert torch.equal(out[dropped // 4, dropped % 4], torch.zeros(len(dropped), V, dtype=x.dtype, device=DEVICE))
+    assert_grad_close(out, want, torch.bfloat16)
+
+
+def test_ce_grad_dense_vocab_32001():
+    V = 32001
+    gen = torch.Generator().manual_seed(41)
+    x = make_logits(1, 3, V, torch.bfloat16, "contiguous", gen=gen)
+    tg = torch.tensor([3, -100, V - 1], device=DEVICE)
+    lse = lse_of(x)
+    row_scale = torch.tensor([0.5, 0.0, 1.0], device=DEVICE)
+    want = reference.ce_grad_dense_(x, tg, lse, row_scale, None, 0.0, torch.empty_like(x))
+    K.ce_grad_dense_(x, tg, lse, row_scale, None, 0.0, x)
+    assert_grad_close(x, want, torch.bfloat16)
+
+
+def test_ce_grad_dense_empty_batch():
+    x = torch.randn(0, 3, 7, device=DEVICE)
+    out = K.ce_grad_dense_(x, torch.zeros(0, dtype=torch.long, device=DEVICE), torch.zeros(0, device=DEVICE),
+                           torch.zeros(0, device=DEVICE), None, 0.0, x)
+    assert out is x
+
+
+# --------------------------------------------------------------------------- full size, GPU
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("options", [(0.0, False), (0.1, True)], ids=["plain", "smooth_weighted"])
+def test_gated_ce_full_size_gpu(options):
+    torch.manual_seed(0)
+    B, T, V = 4, 2048, 128256
+    N = B * T
+    x = (torch.randn(B, T + 1, V, device="cuda") * 2).to(torch.bfloat16)[:, :-1]
+    tg = torch.randint(0, V, (N,), device="cuda")
+    lse = lse_of(x)
+    eps, with_weight = options
+    w = torch.rand(V, device="cuda") + 0.5 if with_weight else None
+    rows = torch.randperm(N, device="cuda")[: N // 4]
+    scale = torch.rand(N // 4, device="cuda")
+    got = K.ce_grad_rows(x, tg, lse, rows, scale, w, eps, torch.bfloat16)
+    want = reference.ce_grad_rows(x, tg, lse, rows, scale, w, eps, torch.bfloat16)
+    # on the GPU both round fp32 -> bf16 to nearest; exp differs by a few fp32 ulps
+    torch.testing.assert_close(got.float(), want.float(), rtol=2 ** -7, atol=1e-6)
+    del got
+    row_scale = torch.zeros(N, device="cuda")
+    row_scale[rows] = scale
+    want = reference.ce_grad_dense_(x, tg, lse, row_scale, w, eps, torch.empty_like(x))
+    K.ce_grad_dense_(x, tg, lse, row_scale, w, eps, x)
+    torch.testing.assert_close(x.float(), want.float(), rtol=2 ** -7, atol=1e-6)
