@@ -231,7 +231,7 @@ class Inputs:
             loss32.backward()
             with torch.no_grad():
                 lossl = F.cross_entropy(self.logits, self.targets, ignore_index=IGNORE_INDEX)
-            self._refs["loss"] = (float(loss32), x.grad, float(lossl))
+            self._refs["loss"] = (float(loss32.detach()), x.grad, float(lossl))
         return self._refs["loss"]
 
     def head_ref(self):
@@ -241,7 +241,7 @@ class Inputs:
             W = self.W.detach().requires_grad_(True)
             loss = F.cross_entropy(F.linear(h, W).float(), self.targets, ignore_index=IGNORE_INDEX)
             loss.backward()
-            self._refs["head"] = (float(loss), h.grad, W.grad)
+            self._refs["head"] = (float(loss.detach()), h.grad, W.grad)
         return self._refs["head"]
 
     def k(self, ratio: float) -> int:

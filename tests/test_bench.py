@@ -1,0 +1,131 @@
+"""Smoke tests of the benchmarks: ``python -m cggr_hook.bench --quick`` and the throughput example's
+smoke preset run, exit 0 and write JSON with the expected rows and finite figures; the bench's
+correctness guard refuses to time a wrong result."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+from cggr_hook import bench
+
+ROOT = Path(__file__).resolve().parents[1]
+OURS = [f"loss/cggr_hook_{p}{s}" for p in (25, 50, 100) for s in ("", "_inplace")] + [
+    f"head/cggr_hook_{p}" for p in (25, 50, 100)
+]
+PEERS = ["loss/cggr050_25", "loss/liger_ce", "head/cggr050_25", "head/liger_flce", "head/cce"]
+
+
+def _run(args, timeout=240):
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", "1")  # tiny tensors: threads only contend on a shared CPU
+    env["PYTHONUNBUFFERED"] = "1"
+    proc = subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True,
+                          timeout=timeout)
+    assert proc.returncode == 0, f"exit {proc.returncode}\nstdout:\n{proc.stdout[-4000:]}\nstderr:\n{proc.stderr[-4000:]}"
+    return proc
+
+
+def _finite_pos(x):
+    return isinstance(x, (int, float)) and math.isfinite(x) and x > 0
+
+
+def test_bench_quick_writes_every_row(tmp_path):
+    out = tmp_path / "bench.json"
+    proc = _run(["-m", "cggr_hook.bench", "--quick", "--json", str(out)])
+    data = json.loads(out.read_text())
+    meta, results = data["meta"], data["results"]
+    for k in ("device_name", "torch", "triton", "date", "peers"):
+        assert meta[k], k
+    assert meta["failed"] == []
+    vocabs = meta["vocabs"]
+    assert len(vocabs) == 2
+    for vocab in vocabs:
+        rows = {r["key"]: r for r in results if r["vocab"] == vocab}
+        timed = ["loss/torch_fp32", "loss/torch_bf16", "head/torch", "head/matmul", *OURS]
+        assert set(timed + PEERS) <= set(rows), sorted(rows)
+        for key in timed:
+            r = rows[key]
+            assert r["status"] == "ok", r
+            assert _finite_pos(r["ms"]), r
+            assert r["ratio"], r  # against the baselines of the same run
+            assert all(_finite_pos(v) for v in r["ratio"].values()), r
+        for key in OURS:  # each gated row passed its check before it was timed
+            assert rows[key]["check"] and math.isfinite(rows[key]["loss"]), rows[key]
+        for key in ("loss/torch_fp32", "loss/torch_bf16"):
+            assert rows["loss/cggr_hook_25"]["ratio"][key] > 0
+        assert set(rows["head/cggr_hook_25"]["ratio"]) == {"head/torch"}
+        for key in PEERS:  # listed either way; run where installed
+            assert rows[key]["status"] in ("ok", "not installed", "error"), rows[key]
+    # the table names the rows and the card
+    assert "cggr_hook CGGRLoss 25% (gradient in place)" in proc.stdout
+    assert meta["device_name"] in proc.stdout
+
+
+def test_bench_only_keeps_the_baselines():
+    I = bench.Inputs(16, 32, 8, torch.bfloat16, torch.device("cpu"), 0)
+    rows = bench.build_rows(I, bench.load_peers(), "bf16")
+    keys = [r.key for r in bench.select_rows(rows, ["in place"], "bf16")]
+    assert keys == ["loss/torch_fp32", "loss/torch_bf16", "loss/cggr_hook_25_inplace",
+                    "loss/cggr_hook_50_inplace", "loss/cggr_hook_100_inplace", "loss/liger_ce"]
+    keys = [r.key for r in bench.select_rows(rows, ["head/cggr_hook_25"], "bf16")]
+    assert keys == ["head/torch", "head/cggr_hook_25"]
+
+
+def test_bench_guard_refuses_a_wrong_result():
+    """A 'gated' 25% row that is really the full loss, and a 100% row off by 10%, are not timed."""
+    cpu = torch.device("cpu")
+    I = bench.Inputs(64, 50, 8, torch.bfloat16, cpu, 0)
+    x, t = I.logits, I.targets
+
+    def full():
+        return F.cross_entropy(x, t, ignore_index=bench.IGNORE_INDEX)
+
+    not_gated = bench.Row(
+        "loss/fake_25", "full loss posing as 25%", "loss", ours=True, fn=bench._fwd_bwd(full), grads=(x,),
+        check=lambda loss: bench._check_gated(I, loss, x.grad, 0.25, "fake 25%"),
+    )
+    res = bench.run_row(not_gated, I, cpu, 1.0, 1.0, force=False)
+    assert res.status == "wrong result" and res.ms is None, res
+    assert "expected k" in res.check
+
+    off = bench.Row(
+        "loss/fake_100", "loss off by 10%", "loss", ours=True, fn=bench._fwd_bwd(lambda: 1.1 * full()), grads=(x,),
+        check=lambda loss: bench._check_full_loss(I, loss, x.grad, "fake 100%", strict=True),
+    )
+    res = bench.run_row(off, I, cpu, 1.0, 1.0, force=False)
+    assert res.status == "wrong result" and res.ms is None, res
+
+    right = bench.Row(
+        "loss/plain", "the plain loss, fp32", "loss",
+        fn=bench._fwd_bwd(lambda: F.cross_entropy(x.float(), t, ignore_index=bench.IGNORE_INDEX)), grads=(x,),
+        check=lambda loss: bench._check_full_loss(I, loss, x.grad, "plain", strict=True),
+    )
+    res = bench.run_row(right, I, cpu, 1.0, 1.0, force=False)
+    assert res.status == "ok" and _finite_pos(res.ms), res
+
+
+def test_throughput_smoke(tmp_path):
+    out = tmp_path / "tp"
+    proc = _run(["examples/throughput_benchmark.py", "--preset", "smoke", "--out", str(out)])
+    data = json.loads((out / "throughput.json").read_text())
+    recs = data["results"]
+    shapes = data["meta"]["shapes"]
+    assert len(shapes) == 2
+    for shape in shapes:
+        by = {r["variant"]: r for r in recs if r["shape"] == shape}
+        assert set(by) == {"hf", "cggr25", "cggr50", "cggr100", "no_head"}
+        for r in by.values():
+            assert r["status"] == "ok", r
+            assert _finite_pos(r["step_ms"]) and _finite_pos(r["tokens_per_s"]), r
+            assert math.isfinite(r["first_loss"]) and math.isfinite(r["last_loss"]), r
+        # same seed, same weights and data: the 100% gate's first loss is hf's
+        assert abs(by["cggr100"]["first_loss"] - by["hf"]["first_loss"]) < 1e-3
+    assert "| cggr25 |" in proc.stdout and "vs hf" in proc.stdout
