@@ -256,6 +256,12 @@ def _gated_call(args: tuple, kwargs: dict) -> Tensor | None:
     class_dim = 0 if x.dim() == 1 else 1
     tr = head_mod.trace(x, class_dim)
     if tr is None:
+        ops = head_mod.tap_behind(x)
+        if ops is not None:
+            _warn_once("ops:" + ops, (
+                f"cggr_hook: this cross_entropy input is computed from the LM head's logits through {ops}, "
+                "which is not a reshape, slice or widening cast; it gets the plain loss. Gating covers the "
+                "head's own logits (a soft-capped or rescaled loss input is not gated)"))
         return None
     call = tr.call
     gate: Gate = call.gate

@@ -272,3 +272,25 @@ def trace(x: Tensor, class_dim: int) -> Trace | None:
     n_casts = sum(1 for op in ops if type(op).__name__ == "ToCopyBackward0")
     exact = n_casts == 0 or (n_casts == 1 and _exact_cast(head_out.dtype, x.dtype))
     return Trace(call, rows, exact)
+
+
+def tap_behind(x: Tensor, max_nodes: int = 64) -> str | None:
+    """If an unconsumed tap lies a few graph nodes behind ``x`` through other operations (a
+    soft-cap, a scale), the names of those operations; else None. Used to warn that such a loss
+    is not gated."""
+    start = x.grad_fn
+    if start is None:
+        return None
+    seen = {id(start)}
+    frontier = [(start, ())]
+    visited = 0
+    while frontier and visited < max_nodes:
+        node, path = frontier.pop(0)
+        visited += 1
+        if isinstance(node, HeadTap._backward_cls):
+            return None if node.call.consumed else " <- ".join(path) or "(none)"
+        for nxt, _ in node.next_functions:
+            if nxt is not None and id(nxt) not in seen:
+                seen.add(id(nxt))
+                frontier.append((nxt, path + (type(node).__name__,)))
+    return None

@@ -1,0 +1,330 @@
+"""enable / disable / gated / paused / metrics, and which cross-entropy calls are gated (gate.py, patch.py)."""
+
+from __future__ import annotations
+
+import copy
+import math
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.optim.optimizer import _global_optimizer_post_hooks
+
+import cggr_hook
+from cggr_hook import gate as gate_mod
+
+from common import TinyLM, masked_reference_loss, reference_topk_rows, shifted_loss
+
+ORIGINAL_CE = F.cross_entropy
+FIXED = dict(warmup_steps=0, dynamic_threshold=False)
+
+
+@pytest.fixture(autouse=True)
+def _clean():
+    cggr_hook.disable()
+    cggr_hook.scheduler.reset()
+    yield
+    cggr_hook.disable()
+    cggr_hook.scheduler.reset()
+
+
+def _pair(seed=0, **kw):
+    torch.manual_seed(seed)
+    a = TinyLM(**kw)
+    return a, copy.deepcopy(a)
+
+
+def _idx(B=3, T=10, V=37, seed=1):
+    return torch.randint(0, V, (B, T), generator=torch.Generator().manual_seed(seed))
+
+
+def _grads(model):
+    return {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+# --------------------------------------------------------------------------------------------------
+# the handle, enabling twice, disabling
+# --------------------------------------------------------------------------------------------------
+def test_enable_returns_handle_and_disable_restores_everything():
+    model = TinyLM()
+    hooks_before = dict(model.lm_head._forward_hooks)
+    g = cggr_hook.enable(model)
+    assert isinstance(g, cggr_hook.Gate)
+    assert F.cross_entropy is not ORIGINAL_CE
+    assert len(model.lm_head._forward_hooks) == 1
+    assert len(_global_optimizer_post_hooks) == 1
+    cggr_hook.disable(model)
+    assert F.cross_entropy is ORIGINAL_CE
+    assert dict(model.lm_head._forward_hooks) == hooks_before
+    assert len(_global_optimizer_post_hooks) == 0
+
+
+def test_enable_twice_updates_options_and_keeps_one_hook():
+    model = TinyLM()
+    g1 = cggr_hook.enable(model, min_tokens_ratio=0.5)
+    g2 = cggr_hook.enable(model, scoring="entropy")
+    assert g1 is g2
+    assert g2.config.scoring == "entropy" and g2.config.min_tokens_ratio == 0.5
+    assert len(model.lm_head._forward_hooks) == 1
+    g2.remove()
+    assert F.cross_entropy is ORIGINAL_CE and len(model.lm_head._forward_hooks) == 0
+
+
+def test_disable_without_enable_is_a_no_op():
+    model = TinyLM()
+    cggr_hook.disable(model)
+    cggr_hook.disable()
+    assert F.cross_entropy is ORIGINAL_CE
+
+
+def test_two_models_gated_at_once():
+    a, b = TinyLM(), TinyLM(vocab=23)
+    ga = cggr_hook.enable(a, **FIXED)
+    cggr_hook.enable(b, **FIXED, min_tokens_ratio=0.5)
+    shifted_loss(a, _idx()).backward()
+    assert cggr_hook.metrics()["tokens_selected"] == round(0.25 * 27)
+    shifted_loss(b, _idx(V=23)).backward()
+    assert cggr_hook.metrics()["tokens_selected"] == round(0.5 * 27 + 1e-9)
+    cggr_hook.disable(a)
+    assert F.cross_entropy is not ORIGINAL_CE  # b is still gated
+    assert not ga.enabled
+    cggr_hook.disable(b)
+    assert F.cross_entropy is ORIGINAL_CE
+
+
+# --------------------------------------------------------------------------------------------------
+# gated calls: values and gradients against the masked reference
+# --------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("via", ["functional", "module"])
+def test_user_shift_is_gated_with_exact_gradients(via):
+    model, ref = _pair()
+    idx = _idx()
+    cggr_hook.enable(model, **FIXED)
+    logits = model(idx)
+    X, t = logits[:, :-1].reshape(-1, 37), idx[:, 1:].reshape(-1)
+    loss = F.cross_entropy(X, t) if via == "functional" else nn.CrossEntropyLoss()(X, t)
+    assert "GatedHead" in type(loss.grad_fn).__name__
+    loss.backward()
+
+    rl = ref(idx)[:, :-1].reshape(-1, 37)
+    rows = reference_topk_rows(rl.detach(), t, 0.25)
+    expected = masked_reference_loss(rl, t, rows)
+    expected.backward()
+    torch.testing.assert_close(loss, expected)
+    for name, g in _grads(ref).items():
+        torch.testing.assert_close(_grads(model)[name], g, msg=name)
+
+
+def test_transposed_class_dim_input_is_gated():
+    model, ref = _pair()
+    idx = _idx()
+    cggr_hook.enable(model, **FIXED)
+    loss = F.cross_entropy(model(idx).transpose(1, 2), idx)  # (B, V, T), targets (B, T)
+    loss.backward()
+    X = ref(idx).reshape(-1, 37)
+    rows = reference_topk_rows(X.detach(), idx.reshape(-1), 0.25)
+    expected = masked_reference_loss(X, idx.reshape(-1), rows)
+    expected.backward()
+    torch.testing.assert_close(loss, expected)
+    torch.testing.assert_close(model.lm_head.weight.grad, ref.lm_head.weight.grad)
+
+
+@pytest.mark.parametrize("reduction", ["sum", "none"])
+def test_reductions_through_the_hook(reduction):
+    model, ref = _pair(bias=True)
+    idx = _idx()
+    cggr_hook.enable(model, **FIXED, min_tokens_ratio=0.4)
+    out = shifted_loss(model, idx, reduction=reduction, label_smoothing=0.1)
+    up = torch.randn(out.shape)
+    (out * up).sum().backward()
+    X, t = ref(idx)[:, :-1].reshape(-1, 37), idx[:, 1:].reshape(-1)
+    rows = reference_topk_rows(X.detach(), t, 0.4)
+    expected = masked_reference_loss(X, t, rows, reduction, label_smoothing=0.1)
+    (expected * up).sum().backward()
+    torch.testing.assert_close(out, expected)
+    for name, g in _grads(ref).items():
+        torch.testing.assert_close(_grads(model)[name], g, msg=name)
+
+
+# --------------------------------------------------------------------------------------------------
+# plain loss, bit for bit
+# --------------------------------------------------------------------------------------------------
+def _plain(model, idx):
+    loss = shifted_loss(model, idx)
+    return loss
+
+
+@pytest.mark.parametrize("mode", ["eval", "no_grad", "paused", "disabled"])
+def test_plain_loss_bit_for_bit(mode):
+    model, ref = _pair()
+    idx = _idx()
+    cggr_hook.enable(model, **FIXED)
+    if mode == "eval":
+        model.eval(), ref.eval()
+        got = _plain(model, idx)
+    elif mode == "no_grad":
+        with torch.no_grad():
+            got = _plain(model, idx)
+    elif mode == "paused":
+        with cggr_hook.paused():
+            got = _plain(model, idx)
+    else:
+        cggr_hook.disable(model)
+        got = _plain(model, idx)
+    with torch.no_grad() if mode == "no_grad" else torch.enable_grad():
+        expected = _plain(ref, idx)
+    assert torch.equal(got, expected)
+    if got.requires_grad:
+        got.backward(), expected.backward()
+        for name, g in _grads(ref).items():
+            assert torch.equal(_grads(model)[name], g), name
+
+
+def test_other_cross_entropy_calls_are_untouched():
+    """A classifier head, an auxiliary loss and a second call on the same logits keep the plain loss."""
+    model = TinyLM()
+    classifier = nn.Linear(16, 5)
+    cggr_hook.enable(model, **FIXED)
+    idx = _idx()
+    h = torch.tanh(model.mix(model.emb(idx)))
+    labels = torch.randint(0, 5, (3,))
+    cls = F.cross_entropy(classifier(h[:, 0]), labels)
+    assert torch.equal(cls, ORIGINAL_CE(classifier(h[:, 0]), labels))
+    logits = model(idx)
+    X, t = logits[:, :-1].reshape(-1, 37), idx[:, 1:].reshape(-1)
+    first = F.cross_entropy(X, t)
+    second = F.cross_entropy(X, t)
+    assert "GatedHead" in type(first.grad_fn).__name__
+    assert torch.equal(second, ORIGINAL_CE(X, t))
+    (first + second).backward()  # both gradients flow: gated rows + the full second loss
+
+
+def test_rescaled_logits_are_not_gated_and_warn():
+    model = TinyLM()
+    cggr_hook.enable(model, **FIXED)
+    gate_mod._warned.clear()
+    idx = _idx()
+    logits = model(idx)
+    with pytest.warns(RuntimeWarning, match="not gated"):
+        loss = F.cross_entropy((logits * 0.5).reshape(-1, 37), idx.reshape(-1))
+    assert torch.equal(loss, ORIGINAL_CE((logits * 0.5).reshape(-1, 37), idx.reshape(-1)))
+
+
+def test_gated_context_manager_restores_previous_state_on_exception():
+    model = TinyLM()
+    with pytest.raises(RuntimeError, match="boom"):
+        with cggr_hook.gated(model, min_tokens_ratio=0.5) as g:
+            assert g.enabled and g.config.min_tokens_ratio == 0.5
+            raise RuntimeError("boom")
+    assert F.cross_entropy is ORIGINAL_CE and not model.lm_head._forward_hooks
+
+    cggr_hook.enable(model, min_tokens_ratio=0.3)
+    with cggr_hook.gated(model, min_tokens_ratio=0.9):
+        assert gate_mod.gate_of(model).config.min_tokens_ratio == 0.9
+    assert gate_mod.gate_of(model).config.min_tokens_ratio == 0.3
+
+
+def test_gated_without_model_overrides_an_outer_pause():
+    model = TinyLM()
+    cggr_hook.enable(model, **FIXED)
+    idx = _idx()
+    with cggr_hook.paused():
+        assert type(shifted_loss(model, idx).grad_fn).__name__.startswith("Nll")
+        with cggr_hook.gated():
+            assert "GatedHead" in type(shifted_loss(model, idx).grad_fn).__name__
+        assert type(shifted_loss(model, idx).grad_fn).__name__.startswith("Nll")
+
+
+# --------------------------------------------------------------------------------------------------
+# bad input
+# --------------------------------------------------------------------------------------------------
+def test_bad_targets_are_clear_errors_before_any_work():
+    model = TinyLM()
+    cggr_hook.enable(model, **FIXED)
+    idx = _idx()
+    logits = model(idx)
+    with pytest.raises(ValueError, match="target of shape"):
+        F.cross_entropy(logits[:, :-1].reshape(-1, 37), idx[:, 1:].reshape(-1)[:-1])
+    bad = idx[:, 1:].reshape(-1).clone()
+    bad[3] = 37
+    logits = model(idx)
+    with pytest.raises(ValueError, match=r"outside \[0, 37\)"):
+        F.cross_entropy(logits[:, :-1].reshape(-1, 37), bad)
+    assert cggr_hook.scheduler.calls_in_step == 0  # nothing was counted
+    with pytest.raises(ValueError, match="weight"):
+        F.cross_entropy(model(idx).reshape(-1, 37), idx.reshape(-1), weight=torch.ones(3))
+
+
+def test_bad_options_leave_nothing_installed():
+    model = TinyLM()
+    for bad in (dict(min_tokens_ratio=1.5), dict(min_tokens_ratio=0), dict(scoring="nope"), dict(foo=1)):
+        with pytest.raises(ValueError):
+            cggr_hook.enable(model, **bad)
+        assert F.cross_entropy is ORIGINAL_CE and not model.lm_head._forward_hooks
+        assert len(_global_optimizer_post_hooks) == 0
+
+
+# --------------------------------------------------------------------------------------------------
+# metrics and host synchronisation
+# --------------------------------------------------------------------------------------------------
+def test_metrics_have_the_seed_keys():
+    model = TinyLM()
+    cggr_hook.enable(model, **FIXED)
+    shifted_loss(model, _idx())
+    m = cggr_hook.metrics()
+    assert set(m) == {"step", "token_ratio", "tokens_selected", "tokens_total", "avg_confidence", "avg_entropy",
+                      "avg_difficulty", "selection", "scoring"}
+    assert m["tokens_total"] == 27 and m["tokens_selected"] == 7
+    assert 0 < m["avg_confidence"] <= 1 and m["avg_entropy"] > 0
+
+
+def test_one_host_read_per_gated_step(monkeypatch):
+    """Forward + backward of a gated step reads device values once (one .tolist()), nothing else."""
+    model = TinyLM()
+    cggr_hook.enable(model, warmup_steps=0, dynamic_threshold=True, selection="sequence_aware")
+    idx = _idx()
+    counts = {"tolist": 0, "item": 0, "nonzero": 0, "__bool__": 0, "__int__": 0, "__float__": 0}
+    for name in counts:
+        original = getattr(torch.Tensor, name)
+
+        def counting(self, *a, _name=name, _orig=original, **k):
+            counts[_name] += 1
+            return _orig(self, *a, **k)
+
+        monkeypatch.setattr(torch.Tensor, name, counting)
+    shifted_loss(model, idx).backward()
+    cggr_hook.metrics()
+    assert counts == {"tolist": 1, "item": 0, "nonzero": 0, "__bool__": 0, "__int__": 0, "__float__": 0}
+
+
+# --------------------------------------------------------------------------------------------------
+# the gated-head backward multiplies the selected rows only
+# --------------------------------------------------------------------------------------------------
+def test_head_backward_multiplies_selected_rows_only():
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    class RecordMatmuls(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.shapes = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func in (torch.ops.aten.mm.default, torch.ops.aten.addmm.default, torch.ops.aten.bmm.default):
+                self.shapes.append([tuple(a.shape) for a in args if isinstance(a, torch.Tensor)])
+            return func(*args, **(kwargs or {}))
+
+    model = TinyLM(vocab=41)
+    cggr_hook.enable(model, **FIXED)
+    idx = _idx(B=4, T=25, V=41)
+    loss = shifted_loss(model, idx)
+    k = cggr_hook.metrics()["tokens_selected"]
+    rec = RecordMatmuls()
+    with rec:
+        loss.backward()
+    vocab_mms = [s for s in rec.shapes if any(41 in dims for dims in s)]
+    assert vocab_mms, rec.shapes
+    for shapes in vocab_mms:  # every product that touches the vocabulary runs over K rows, not N
+        assert any(k in dims for dims in shapes), (k, shapes)
+        assert not any(4 * 25 in dims for dims in shapes), shapes

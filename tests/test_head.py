@@ -1,0 +1,254 @@
+"""Finding the LM head and tracing a loss input back to it (head.py), on real model families."""
+
+from __future__ import annotations
+
+import copy
+import os
+import socket
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+import cggr_hook
+from cggr_hook import head as head_mod
+
+from common import TinyLM, masked_reference_loss, reference_topk_rows
+
+transformers = pytest.importorskip("transformers")
+FIXED = dict(warmup_steps=0, dynamic_threshold=False)
+ORIGINAL_CE = F.cross_entropy
+
+
+@pytest.fixture(autouse=True)
+def _clean():
+    cggr_hook.disable()
+    cggr_hook.scheduler.reset()
+    yield
+    cggr_hook.disable()
+    cggr_hook.scheduler.reset()
+
+
+def _hf(family: str, vocab: int = 61):
+    T = transformers
+    torch.manual_seed(0)
+    small = dict(vocab_size=vocab, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+                 num_attention_heads=4, num_key_value_heads=2)
+    if family == "gpt2":
+        cfg = T.GPT2Config(vocab_size=vocab, n_embd=32, n_layer=2, n_head=4, n_positions=64,
+                           resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+        model = T.GPT2LMHeadModel(cfg)
+    elif family == "llama":
+        model = T.LlamaForCausalLM(T.LlamaConfig(**small, tie_word_embeddings=False))
+    elif family == "qwen2":
+        model = T.Qwen2ForCausalLM(T.Qwen2Config(**small))
+    elif family == "gemma":  # tied embeddings
+        model = T.GemmaForCausalLM(T.GemmaConfig(**small, head_dim=8))
+    elif family == "gemma3":
+        model = T.Gemma3ForCausalLM(T.Gemma3TextConfig(**small, head_dim=8))
+    else:
+        raise AssertionError(family)
+    return model.train()
+
+
+FAMILIES = ["gpt2", "llama", "qwen2", "gemma", "gemma3"]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_hf_head_is_found(family):
+    model = _hf(family)
+    gate = cggr_hook.enable(model)
+    assert gate.head is model.get_output_embeddings()
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+@pytest.mark.parametrize("num_items", [False, True])
+def test_hf_labels_loss_is_gated_with_exact_gradients(family, num_items):
+    """Hugging Face's own loss (fp32 upcast, label shift, flatten; reduction='sum' with
+    num_items_in_batch) gives the masked reference's loss and every parameter's gradient."""
+    model = _hf(family)
+    ref = copy.deepcopy(model)
+    g = torch.Generator().manual_seed(3)
+    ids = torch.randint(0, 61, (2, 13), generator=g)
+    labels = ids.clone()
+    labels[0, :4] = -100
+    cggr_hook.enable(model, **FIXED, min_tokens_ratio=0.3)
+    kw = {}
+    shifted = torch.nn.functional.pad(labels, (0, 1), value=-100)[:, 1:].reshape(-1)
+    n_valid = int((shifted != -100).sum())
+    if num_items:
+        kw["num_items_in_batch"] = torch.tensor(n_valid + 5)
+    out = model(input_ids=ids, labels=labels, **kw)
+    assert "GatedHead" in type(out.loss.grad_fn.next_functions[0][0]).__name__ or "GatedHead" in type(out.loss.grad_fn).__name__
+    out.loss.backward()
+
+    X = ref(input_ids=ids).logits.float().reshape(-1, 61)
+    rows = reference_topk_rows(X.detach(), shifted, 0.3)
+    if num_items:
+        expected = masked_reference_loss(X, shifted, rows, "sum") / (n_valid + 5)
+    else:
+        expected = masked_reference_loss(X, shifted, rows, "mean")
+    expected.backward()
+    torch.testing.assert_close(out.loss, expected, rtol=1e-5, atol=1e-6)
+    got = dict(model.named_parameters())
+    for name, p in ref.named_parameters():
+        if p.grad is not None:
+            torch.testing.assert_close(got[name].grad, p.grad, rtol=1e-4, atol=1e-6, msg=name)
+    assert cggr_hook.metrics()["tokens_total"] == n_valid
+
+
+@pytest.mark.parametrize("family", ["llama", "gemma"])
+def test_hf_eval_loss_is_plain(family):
+    model = _hf(family)
+    ref = copy.deepcopy(model)
+    ids = torch.randint(0, 61, (2, 9))
+    cggr_hook.enable(model, **FIXED)
+    model.eval(), ref.eval()
+    with torch.no_grad():
+        assert torch.equal(model(input_ids=ids, labels=ids).loss, ref(input_ids=ids, labels=ids).loss)
+
+
+def test_nanogpt_sequential_and_vocab_width_heads():
+    tiny = TinyLM()
+    assert cggr_hook.enable(tiny).head is tiny.lm_head
+    seq = nn.Sequential(nn.Embedding(30, 8), nn.Linear(8, 8), nn.Linear(8, 30))
+    assert cggr_hook.enable(seq).head is seq[2]
+
+    class Custom(nn.Module):  # no lm_head name: found as the Linear of vocabulary width
+        def __init__(self):
+            super().__init__()
+            self.tok = nn.Embedding(40, 8)
+            self.proj = nn.Linear(8, 8)
+            self.out = nn.Linear(8, 40)
+
+        def forward(self, x):
+            return self.out(self.proj(self.tok(x)))
+
+    c = Custom()
+    assert cggr_hook.enable(c).head is c.out
+
+
+def test_head_override_by_module_and_name():
+    class TwoHeads(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.emb = nn.Embedding(20, 8)
+            self.lm_head = nn.Linear(8, 20)
+            self.decoder = nn.ModuleDict({"vocab": nn.Linear(8, 20)})
+
+    m = TwoHeads()
+    assert cggr_hook.enable(m).head is m.lm_head
+    cggr_hook.disable(m)
+    assert cggr_hook.enable(m, head="decoder.vocab").head is m.decoder["vocab"]
+    cggr_hook.disable(m)
+    assert cggr_hook.enable(m, head=m.decoder["vocab"]).head is m.decoder["vocab"]
+    with pytest.raises(ValueError, match="already gated on another head"):
+        cggr_hook.enable(m, head=m.lm_head)
+    cggr_hook.disable(m)
+    with pytest.raises(ValueError, match="head="):
+        cggr_hook.enable(m, head="decoder.nothing")
+    with pytest.raises(ValueError, match="nn.Linear"):
+        cggr_hook.enable(m, head=m.emb)
+
+
+def test_model_without_head_is_a_clear_error_and_installs_nothing():
+    body = nn.Sequential(nn.Linear(4, 4), nn.ReLU())
+    with pytest.raises(ValueError, match="head="):
+        cggr_hook.enable(body)
+    assert F.cross_entropy is ORIGINAL_CE
+    assert not body[0]._forward_hooks
+
+
+def test_compiled_model_shares_the_gate():
+    model = TinyLM()
+    compiled = torch.compile(model)  # not run: finding the head needs no compilation
+    gate = cggr_hook.enable(compiled)
+    assert gate.head is model.lm_head
+    assert cggr_hook.enable(model) is gate
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_ddp_wrapped_model_is_gated():
+    import torch.distributed as dist
+
+    os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+    os.environ["MASTER_PORT"] = str(_free_port())
+    dist.init_process_group("gloo", rank=0, world_size=1)
+    try:
+        model = TinyLM()
+        ref = copy.deepcopy(model)
+        ddp = nn.parallel.DistributedDataParallel(model)
+        gate = cggr_hook.enable(ddp, **FIXED)
+        assert gate.head is model.lm_head
+        idx = torch.randint(0, 37, (2, 9))
+        logits = ddp(idx)
+        loss = F.cross_entropy(logits[:, :-1].reshape(-1, 37), idx[:, 1:].reshape(-1))
+        loss.backward()
+        X = ref(idx)[:, :-1].reshape(-1, 37)
+        t = idx[:, 1:].reshape(-1)
+        expected = masked_reference_loss(X, t, reference_topk_rows(X.detach(), t, 0.25))
+        expected.backward()
+        torch.testing.assert_close(loss, expected)
+        torch.testing.assert_close(model.lm_head.weight.grad, ref.lm_head.weight.grad)
+    finally:
+        cggr_hook.disable()
+        dist.destroy_process_group()
+
+
+# --------------------------------------------------------------------------------------------------
+# trace: which loss inputs map back to the head, and how rows map
+# --------------------------------------------------------------------------------------------------
+def _tapped(B=2, T=6, V=11, dtype=torch.float32):
+    h = torch.randn(B, T, 4, requires_grad=True)
+    lin = nn.Linear(4, V).to(dtype)
+    out = lin(h.to(dtype))
+    call = head_mod.HeadCall(gate=None, head=lin, hidden=h, output=out)
+    return head_mod.tap_output(call), call
+
+
+def test_trace_maps_rows_through_shifts_casts_and_transposes():
+    logits, call = _tapped()
+    rows = torch.arange(12).view(2, 6)
+    cases = [
+        (logits.float().view(-1, 11), 1, rows.reshape(-1)),
+        (logits[:, :-1].reshape(-1, 11), 1, rows[:, :-1].reshape(-1)),
+        (logits[:, 1:].contiguous().view(-1, 11), 1, rows[:, 1:].reshape(-1)),
+        (logits.transpose(1, 2), 1, rows.reshape(-1)),
+        (logits[1], 1, rows[1]),
+        (logits[:, ::2].flatten(0, 1), 1, rows[:, ::2].reshape(-1)),
+        (logits[0, 3], 0, rows[0, 3].reshape(-1)),
+    ]
+    for x, class_dim, expected in cases:
+        tr = head_mod.trace(x, class_dim)
+        assert tr is not None and tr.call is call
+        assert torch.equal(tr.rows, expected), (x.shape, tr.rows, expected)
+        assert tr.exact
+
+
+def test_trace_rejects_what_is_not_the_heads_logits():
+    logits, _ = _tapped()
+    assert head_mod.trace((logits * 2).view(-1, 11), 1) is None  # rescaled
+    assert head_mod.trace(logits[..., :5].reshape(-1, 5), 1) is None  # part of the vocabulary
+    assert head_mod.trace(logits.reshape(2, -1), 1) is None  # vocabulary mixed with time
+    assert head_mod.trace(logits.transpose(1, 2), 2) is None  # class dim is not the vocabulary
+    assert head_mod.trace(torch.randn(3, 11, requires_grad=True) * 1, 1) is None
+    lossy, _ = _tapped(dtype=torch.float32)
+    assert not head_mod.trace(lossy.to(torch.bfloat16).view(-1, 11), 1).exact
+
+
+def test_lossy_cast_keeps_the_plain_loss_with_a_warning():
+    model = TinyLM()
+    cggr_hook.enable(model, **FIXED)
+    from cggr_hook import gate as gate_mod
+    gate_mod._warned.clear()
+    idx = torch.randint(0, 37, (2, 7))
+    x = model(idx).to(torch.bfloat16).reshape(-1, 37)
+    with pytest.warns(RuntimeWarning, match="lossy cast"):
+        loss = F.cross_entropy(x, idx.reshape(-1))
+    assert torch.equal(loss, ORIGINAL_CE(x, idx.reshape(-1)))
