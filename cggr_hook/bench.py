@@ -671,7 +671,7 @@ def render(meta: dict, results: list[Result]) -> str:
         ]
         for r in rows:
             if r.status == "ok":
-                status = "ok"
+                status = r.check if (r.check or "").startswith("MISMATCH") else "ok"
             elif r.status == "not installed":
                 status = "not installed"
             else:

@@ -1,0 +1,98 @@
+#!/usr/bin/env bash
+# One run on the GPU machine: install, GPU tests, loss/head benchmark, end-to-end throughput.
+#
+#   OUT=/path/to/results bash scripts/gpu_run.sh            # from the repository root
+#
+# Environment:
+#   OUT               folder for the results (default runs/gpu)
+#   STEPS             which sections, in order (default "tests bench throughput")
+#   BENCH_ARGS        extra flags of python -m cggr_hook.bench          (e.g. "--vocab 128256")
+#   THROUGHPUT_ARGS   extra flags of examples/throughput_benchmark.py   (e.g. "--shapes gemma270m")
+#   TESTS_TIMEOUT, BENCH_TIMEOUT, THROUGHPUT_TIMEOUT   seconds per section (default 180, 300, 300; 0: none)
+#   INSTALL=0         skip the two pip installs (the project is installed already)
+#
+# Every section runs even when an earlier one failed; the exit codes are listed at the end.
+# Files written (6, one folder deep at most):
+#   run.log               everything printed (versions, installs, progress, tracebacks, exit codes)
+#   gpu_tests.log         python -m pytest tests -q -x -m gpu
+#   bench.json, bench.md  python -m cggr_hook.bench
+#   throughput.md, throughput/throughput.json   examples/throughput_benchmark.py
+
+set -u
+cd "$(dirname "$0")/.." || exit 2
+OUT=${OUT:-runs/gpu}
+STEPS=${STEPS:-"tests bench throughput"}
+export PYTHONUNBUFFERED=1
+mkdir -p "$OUT" || exit 2
+exec > >(tee -a "$OUT/run.log") 2>&1
+
+summary=()
+record() {  # record NAME RC SECONDS
+    summary+=("$1=$2 (${3}s)")
+    echo "=== $1: exit $2 after ${3}s"
+}
+
+# run NAME TIMEOUT 'COMMAND | tee FILE': the command's exit code (pipefail), not the tee's
+run() {
+    local name=$1 limit=$2 cmd=$3 t0=$SECONDS
+    echo
+    echo "=== $name ($(date -u '+%H:%M:%S UTC')): $cmd"
+    timeout -k 15 "$limit" bash -o pipefail -c "$cmd"
+    record "$name" $? $((SECONDS - t0))
+}
+
+echo "=== gpu_run.sh at $(git rev-parse --short HEAD 2>/dev/null || echo '?') ($(date -u '+%Y-%m-%d %H:%M UTC')), OUT=$OUT, STEPS=$STEPS"
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || echo "nvidia-smi failed"
+
+if [ "${INSTALL:-1}" = 1 ]; then
+    t0=$SECONDS
+    python -m pip install -q --no-deps --no-build-isolation -e .
+    record install $? $((SECONDS - t0))
+fi
+if [ "${INSTALL:-1}" = 1 ] && compgen -G ".peer-wheels/*.whl" >/dev/null; then
+    t0=$SECONDS
+    python -m pip install -q --no-deps --no-index .peer-wheels/*.whl
+    record peer_wheels $? $((SECONDS - t0))
+else
+    echo "=== no .peer-wheels/: the peer rows will say 'not installed'"
+fi
+
+python - <<'EOF'
+import importlib, importlib.metadata as md, platform
+import torch
+print(f"python {platform.python_version()}, torch {torch.__version__} (CUDA {torch.version.cuda}), "
+      f"cuda available: {torch.cuda.is_available()}"
+      + (f", {torch.cuda.get_device_name()}" if torch.cuda.is_available() else ""))
+for dist in ("triton", "transformers", "wrapt", "cggr_hook", "cggr", "liger-kernel", "cut-cross-entropy"):
+    try:
+        print(f"  {dist} {md.version(dist)}")
+    except md.PackageNotFoundError:
+        print(f"  {dist} not installed")
+EOF
+
+for step in $STEPS; do
+    case $step in
+    tests)
+        run tests "${TESTS_TIMEOUT:-180}" "python -m pytest tests -q -x -m gpu 2>&1 | tee '$OUT/gpu_tests.log'"
+        ;;
+    bench)
+        run bench "${BENCH_TIMEOUT:-300}" \
+            "python -m cggr_hook.bench --json '$OUT/bench.json' ${BENCH_ARGS:-} | tee '$OUT/bench.md'"
+        ;;
+    throughput)
+        run throughput "${THROUGHPUT_TIMEOUT:-300}" \
+            "python examples/throughput_benchmark.py --out '$OUT/throughput' ${THROUGHPUT_ARGS:-} | tee '$OUT/throughput.md'"
+        ;;
+    *)
+        echo "=== unknown step '$step' (tests, bench, throughput)"
+        summary+=("$step=unknown")
+        ;;
+    esac
+done
+
+echo
+echo "=== exit codes: ${summary[*]}"
+for s in "${summary[@]}"; do
+    case $s in *=0\ *) ;; *) exit 1 ;; esac
+done
+exit 0
