@@ -399,7 +399,7 @@ def build_rows(I: Inputs, peers: dict, dtype_name: str) -> list[Row]:
     rows.append(Row(
         lowp_key(dtype_name), f"torch cross_entropy, {dtype_name} logits", "loss",
         fn=_fwd_bwd(lambda: ce(logits)), grads=(logits,),
-        check=lambda loss: _check_full_loss(I, loss, None, "torch lowp", strict=False),
+        check=lambda loss: f"loss {loss:.6f} (on fp32-upcast logits {I.loss_ref()[0]:.6f})",
     ))
     for r in RATIOS:
         for inplace in (False, True):
