@@ -234,7 +234,10 @@ def run_variant(shape, variant, args, device, batches, hf_loss0):
         print(f"[throughput] {shape} {variant} failed:\n{traceback.format_exc()}", file=sys.stderr)
     finally:
         if model is not None and variant in GATED:
-            cggr_hook.disable(model)
+            try:
+                cggr_hook.disable(model)
+            except Exception as e:
+                print(f"[throughput] cggr_hook.disable raised {type(e).__name__}: {e}", file=sys.stderr)
         del model, opt
         gc.collect()
         if device.type == "cuda":
