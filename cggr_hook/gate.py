@@ -57,7 +57,9 @@ class Gate:
         self.config = config
         self.key = f"gate{next(_keys)}"
         self._param_ids = frozenset(id(p) for p in root.parameters())
-        self._handle = head.register_forward_hook(self._on_head_forward)
+        # opaque to torch.compile: a compiled model breaks its graph at the head's hook, so the tap
+        # is a real autograd node at run time rather than traced away
+        self._handle = head.register_forward_hook(torch.compiler.disable(self._on_head_forward))
         self.enabled = True
 
     # the forward hook on the LM head
