@@ -408,12 +408,12 @@ def markdown_table(summary: dict, arms: list[str], reference: str | None, header
             eq += " †"
             notes.append("†")
         reached = s["reached_reference_final"]
-        if reached == 0:
-            ttr = "not reached" if s["time_to_reference_final"] is None and reference else "n/a"
-            if not reference:
-                ttr = "n/a"
+        if not reference:
+            ttr = "n/a"
+        elif reached == 0:
+            ttr = "not reached"
         else:
-            ttr = f"{fmt(s['time_to_reference_final'], 1, spread=False)} s ({fmt(s['time_to_reference_final_ratio'], 2, spread=False)}×)"
+            ttr = f"{s['time_to_reference_final']['mean']:.3g} s ({s['time_to_reference_final_ratio']['mean']:.2f}×)"
             if reached < n:
                 ttr += f", {reached}/{n} seeds"
         delta = s["delta_final_vs_reference"]
@@ -421,7 +421,7 @@ def markdown_table(summary: dict, arms: list[str], reference: str | None, header
         lines.append(
             f"| {arm} | {fmt(s['mean_token_fraction'], 2, spread=False)} | {fmt(s['final_val'])} | {delta_txt} "
             f"| {fmt(s['val_at_half_steps'])} | {eq} | {ttr} | {fmt(s['easy_half_val'])} | {fmt(s['hard_half_val'])} "
-            f"| {fmt(s['train_seconds'], 1, spread=False)} | {fmt(s['tokens_per_second'], 0, spread=False)} |"
+            f"| {s['train_seconds']['mean']:.3g} | {fmt(s['tokens_per_second'], 0, spread=False)} |"
         )
     lines.append("")
     lines.append(
