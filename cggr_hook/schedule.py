@@ -52,10 +52,14 @@ def dynamic_ratio(r: float, confidence: float, average: float | None, sensitivit
 
 
 def tokens_to_keep(ratio: float, n_valid: int) -> int:
-    """k = max(1, floor(ratio * n + 0.5)) for n > 0, else 0; never more than n."""
+    """k = max(1, floor(ratio * n + 0.5)) for n > 0, else 0; never more than n.
+
+    ratio * n is rounded to 9 decimals first: r arrives through float arithmetic (0.45 may be
+    0.44999999999999996), and a product that is a half-integer up to that noise must round up.
+    """
     if n_valid <= 0:
         return 0
-    return min(n_valid, max(1, int(math.floor(ratio * n_valid + 0.5))))
+    return min(n_valid, max(1, int(math.floor(round(ratio * n_valid, 9) + 0.5))))
 
 
 class Scheduler:

@@ -72,33 +72,32 @@ def strata_sizes(n_valid: int, num_strata: int) -> list[int]:
 def strata_quotas(n_valid: int, k: int, num_strata: int) -> list[int]:
     """How many rows each of ``num_strata`` equal-count difficulty buckets gives (hardest first).
 
-    Buckets hold n_valid // S or one more rows. Bucket b (0 = hardest) weighs (S - b) per row, so
-    harder buckets give more; quotas are proportional to weight * size, capped at the bucket size,
-    distributed by largest remainder, and sum to exactly k.
+    Bucket b (0 = hardest) weighs (S - b) per row, so harder buckets give more: the shares are
+    k * w_b n_b / sum(w n). A bucket whose share reaches its size gives all its rows and the rest is
+    shared again among the others; then each bucket gives the floor of its share and the remaining
+    rows go one each to the largest fractional parts (ties: the harder bucket). Sums to exactly k.
     """
     sizes = strata_sizes(n_valid, num_strata)
     S = len(sizes)
     quotas = [0] * S
-    remaining = k
+    remaining = min(k, n_valid)
     open_b = [b for b in range(S) if sizes[b] > 0]
     while remaining > 0 and open_b:
         total = sum((S - b) * sizes[b] for b in open_b)
         shares = {b: remaining * (S - b) * sizes[b] / total for b in open_b}
-        given = 0
+        full = [b for b in open_b if shares[b] >= sizes[b]]
+        if full:
+            for b in full:
+                quotas[b] = sizes[b]
+                remaining -= sizes[b]
+            open_b = [b for b in open_b if b not in full]
+            continue
         for b in open_b:
-            add = min(int(shares[b]), sizes[b] - quotas[b])
-            quotas[b] += add
-            given += add
-        remaining -= given
-        open_b = [b for b in open_b if quotas[b] < sizes[b]]
-        if given == 0:
-            # hand out the rest one by one, largest fractional share first (ties: harder bucket)
-            for b in sorted(open_b, key=lambda b: (-(shares[b] - int(shares[b])), b)):
-                if remaining == 0:
-                    break
-                quotas[b] += 1
-                remaining -= 1
-            open_b = [b for b in open_b if quotas[b] < sizes[b]]
+            quotas[b] = int(shares[b])
+        left = remaining - sum(quotas[b] for b in open_b)
+        for b in sorted(open_b, key=lambda b: (-(shares[b] - int(shares[b])), b))[:left]:
+            quotas[b] += 1
+        break
     return quotas
 
 

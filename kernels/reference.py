@@ -58,8 +58,8 @@ def row_stats(logits: Tensor, targets: Tensor, ignore_index: int, weight: Tensor
         x = _rows(logits, a, b)
         lse = torch.logsumexp(x, dim=-1)
         p = torch.exp(x - lse[:, None])
-        # p * (lse - x) is 0 where p is 0 (x = -inf), not nan
-        ent = torch.where(p > 0, p * (lse[:, None] - x), torch.zeros_like(p)).sum(-1)
+        # p * (lse - x) is 0 where p is exactly 0 (x = -inf), not nan; a NaN logit stays NaN
+        ent = torch.where(p == 0, torch.zeros_like(p), p * (lse[:, None] - x)).sum(-1)
         top = torch.topk(x, min(2, V), dim=-1).values
         p1 = torch.exp(top[:, 0] - lse)
         p2 = torch.exp(top[:, 1] - lse) if V > 1 else torch.zeros_like(p1)

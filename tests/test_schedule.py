@@ -132,7 +132,7 @@ def test_float_noise_away_from_half_integers_does_not_move_k():
         for n in range(1, 120, 2):
             exact = Fraction(dec) * n
             if abs(exact - math.floor(exact) - Fraction(1, 2)) < Fraction(1, 10 ** 6):
-                continue  # the half-integer cases: see the xfail test below
+                continue  # the half-integer cases: see the test below
             want = expected_k(dec, n)
             for noisy in (r, math.nextafter(r, 2.0), math.nextafter(r, -1.0), r * (1 + 4e-16), r * (1 - 4e-16)):
                 assert tokens_to_keep(noisy, n) == want, (dec, noisy, n)
@@ -142,9 +142,6 @@ def _after_warmup(min_ratio: float) -> float:
     return curriculum_ratio(10, GateConfig(min_tokens_ratio=min_ratio, warmup_steps=10))
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "tokens_to_keep floors r*n + 0.5 in plain float64: when r*n is a half-integer and r carries "
-    "downward noise (or its binary value lies just below the decimal), k drops by one"))
 @pytest.mark.parametrize("ratio, r_decimal, n", [
     (_after_warmup(0.45), "0.45", 30),   # curriculum gives 0.44999999999999996: k 13, not 14
     (_after_warmup(0.1), "0.1", 15),     # curriculum gives 0.09999999999999998: k 1, not 2

@@ -137,15 +137,9 @@ def test_ignored_rows_are_minus_inf_in_every_mode(mode):
     assert bool(torch.isfinite(d[valid]).all())
 
 
-NAN_ENTROPY_BUG = (
-    "kernels/reference.py:62 masks p * (lse - x) with torch.where(p > 0, ...), and NaN > 0 is False: "
-    "a row with NaN logits gets entropy 0 instead of NaN, so 'entropy' scoring rates it the easiest "
-    "token (difficulty 0, not +inf) and the NaN never reaches the loss")
-
 
 @pytest.mark.parametrize("mode", [
-    pytest.param("entropy", marks=pytest.mark.xfail(strict=True, reason=NAN_ENTROPY_BUG)),
-    "margin", "loss", "combined"])
+    "entropy", "margin", "loss", "combined"])
 def test_nan_difficulty_becomes_plus_inf(mode):
     logits, targets = random_case(2, 4, 9, seed=2)
     logits[0, 1, 3] = math.nan
@@ -309,7 +303,6 @@ def test_minus_inf_logits_give_no_nan():
         assert bool(torch.isfinite(score.difficulty(st, mode, V, torch.ones(3, dtype=torch.bool))).all())
 
 
-@pytest.mark.xfail(strict=True, reason=NAN_ENTROPY_BUG)
 @pytest.mark.parametrize("where", ["one_logit", "whole_row"])
 def test_nan_logits_give_nan_entropy_like_torch(where):
     logits, targets = random_case(1, 3, 5, seed=12)
