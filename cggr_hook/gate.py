@@ -24,7 +24,7 @@ from torch import Tensor, nn
 from . import head as head_mod
 from . import patch
 from .config import GateConfig, make_config
-from .loss import GatedHeadCrossEntropy, LossSpec, Request
+from .loss import GatedCrossEntropy, GatedHeadCrossEntropy, LossSpec, Request
 from .schedule import Scheduler, optimizer_holds
 
 scheduler = Scheduler()
@@ -57,6 +57,9 @@ class Gate:
         self.config = config
         self.key = f"gate{next(_keys)}"
         self._param_ids = frozenset(id(p) for p in root.parameters())
+        # sharded parameters (FSDP2 / DTensor) are gathered by their wrapper's own autograd hooks:
+        # the gradient then takes the ordinary path through the logits and the head
+        self.through_logits = _is_sharded(root, head)
         # opaque to torch.compile: a compiled model breaks its graph at the head's hook, so the tap
         # is a real autograd node at run time rather than traced away
         self._handle = head.register_forward_hook(torch.compiler.disable(self._on_head_forward))
@@ -99,6 +102,20 @@ class Gate:
     def __repr__(self) -> str:
         state = "enabled" if self.enabled else "removed"
         return f"Gate({type(self.head).__name__}({self.head.in_features} -> {self.head.out_features}), {state}, {self.config})"
+
+
+def _is_sharded(root: nn.Module, head: nn.Linear) -> bool:
+    try:
+        from torch.distributed.tensor import DTensor
+    except ImportError:  # a torch without distributed support
+        return False
+    if isinstance(head.weight, DTensor):
+        return True
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:
+        return False
+    return any(isinstance(m, FSDPModule) for m in root.modules())
 
 
 # --------------------------------------------------------------------------------------------------
@@ -291,11 +308,19 @@ def _gated_call(args: tuple, kwargs: dict) -> Tensor | None:
 
     call.consumed = True
     out = call.output
+    if gate.through_logits:
+        # gated loss on the loss input itself; its gradient flows back through the logits' graph
+        xr = x.movedim(class_dim, -1) if class_dim != x.dim() - 1 else x
+        seq = (tr.rows // out.shape[-2], out.numel() // (out.shape[-2] * V)) if out.dim() >= 3 else None
+        req = Request(gate.config, scheduler, gate.key, spec, seq=seq, on_metrics=_record_metrics)
+        loss = GatedCrossEntropy.apply(xr, target.to(device=x.device, dtype=torch.long), req, False)
+        call.hidden = call.output = None
+        return loss
     n_head_rows = out.numel() // max(V, 1)
     t_head = torch.full((n_head_rows,), ignore_index, dtype=torch.long, device=out.device)
     t_head[tr.rows] = target.reshape(-1).to(device=out.device, dtype=torch.long)
-    seq_len = out.shape[-2] if out.dim() >= 3 else None
-    req = Request(gate.config, scheduler, gate.key, spec, seq_len=seq_len, on_metrics=_record_metrics)
+    seq = out.shape[-2] if out.dim() >= 3 else None
+    req = Request(gate.config, scheduler, gate.key, spec, seq=seq, on_metrics=_record_metrics)
     lin = call.head
     loss = GatedHeadCrossEntropy.apply(call.hidden, lin.weight, lin.bias, out.detach(), t_head, tr.rows,
                                        target.shape, req)

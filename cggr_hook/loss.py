@@ -78,11 +78,11 @@ def _generator(device: torch.device, seed: int, step: int, call: int) -> torch.G
     return g
 
 
-def plan(logits: Tensor, targets: Tensor, seq_len: int | None, config: GateConfig, scheduler: Scheduler,
+def plan(logits: Tensor, targets: Tensor, seq: int | tuple[Tensor, int] | None, config: GateConfig, scheduler: Scheduler,
          key: str, spec: LossSpec) -> Plan:
     """Score, select and compute the loss of rows of ``logits`` (B, T, V) with ``targets`` (B*T,).
 
-    ``seq_len``: rows per sequence for ``sequence_aware`` (None: all rows one sequence).
+    ``seq``: the sequences of the rows for ``sequence_aware`` (``select.prepare``).
     One host synchronisation: the valid-token count, bad-target count, metric sums (and the
     sequence_aware kept ranks) travel to the host together.
     """
@@ -98,7 +98,7 @@ def plan(logits: Tensor, targets: Tensor, seq_len: int | None, config: GateConfi
     needs_draws = config.scoring == "random" or config.selection == "stratified"
     gen = _generator(dev, config.seed, step, call) if needs_draws else None
     diff = score.difficulty(stats, config.scoring, V, valid, gen)
-    prep = select.prepare(diff, valid, config, seq_len)
+    prep = select.prepare(diff, valid, config, seq)
 
     sums = torch.stack([
         valid.sum().double(),
@@ -180,7 +180,7 @@ class Request:
     scheduler: Scheduler
     key: str
     spec: LossSpec
-    seq_len: int | None = None
+    seq: int | tuple[Tensor, int] | None = None  # sequences of the rows (select.prepare)
     on_metrics: object = None  # callable(dict) receiving the call's metrics
     plan: Plan | None = None
 
@@ -191,7 +191,7 @@ class GatedCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits: Tensor, targets: Tensor, req: Request, inplace: bool) -> Tensor:
         rows3d = kernels.as_rows(logits)
-        p = plan(rows3d, targets.reshape(-1), req.seq_len, req.config, req.scheduler, req.key, req.spec)
+        p = plan(rows3d, targets.reshape(-1), req.seq, req.config, req.scheduler, req.key, req.spec)
         req.plan = p
         if req.on_metrics is not None:
             req.on_metrics(p.metrics)
@@ -230,7 +230,7 @@ class GatedHeadCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden: Tensor, weight: Tensor, bias: Tensor | None, head_out: Tensor, targets: Tensor,
                 ce_rows: Tensor, ce_shape: torch.Size, req: Request) -> Tensor:
-        p = plan(kernels.as_rows(head_out), targets, req.seq_len, req.config, req.scheduler, req.key, req.spec)
+        p = plan(kernels.as_rows(head_out), targets, req.seq, req.config, req.scheduler, req.key, req.spec)
         req.plan = p
         if req.on_metrics is not None:
             req.on_metrics(p.metrics)
@@ -330,8 +330,8 @@ class CGGRLoss(torch.nn.Module):
             raise ValueError("cggr_hook.CGGRLoss: targets must be integer class indices (use .long())")
         spec = LossSpec(self.spec.ignore_index, self.spec.reduction, self.spec.label_smoothing, self.weight)
         spec.check(logits.shape[-1])
-        seq_len = logits.shape[1] if logits.dim() == 3 else None
-        req = Request(self.config, self.scheduler, "loss", spec, seq_len=seq_len, on_metrics=self._set_metrics)
+        seq = logits.shape[1] if logits.dim() == 3 else None
+        req = Request(self.config, self.scheduler, "loss", spec, seq=seq, on_metrics=self._set_metrics)
         targets = targets.to(device=logits.device, dtype=torch.long)
         return GatedCrossEntropy.apply(logits, targets, req, self.inplace_backward)
 

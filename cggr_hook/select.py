@@ -30,26 +30,34 @@ class Prepared:
     keep_ranks: Tensor | None = None  # (S*m,) ``rank`` of the kept rows, padded with N: synced with the stats
 
 
-def prepare(diff: Tensor, valid: Tensor, config: GateConfig, seq_len: int | None) -> Prepared:
+def prepare(diff: Tensor, valid: Tensor, config: GateConfig, seq: int | tuple[Tensor, int] | None) -> Prepared:
+    """``seq`` says which sequence each row belongs to, for ``sequence_aware``: an int (rows per
+    sequence, rows in order), a pair (int64 per-row sequence ids, number of sequences), or None
+    (one sequence)."""
     N = diff.numel()
+    dev = diff.device
     order = torch.sort(diff, descending=True, stable=True).indices
     if config.selection != "sequence_aware":
         return Prepared(order)
     rank = torch.empty_like(order)
-    rank[order] = torch.arange(N, device=diff.device)
+    rank[order] = torch.arange(N, device=dev)
     m = config.min_tokens_per_sequence
-    L = seq_len if seq_len else N
-    seq = torch.arange(N, device=diff.device) // L
+    if isinstance(seq, tuple):
+        seq_id, n_seq = seq[0].to(device=dev, dtype=torch.long), int(seq[1])
+    else:
+        L = seq if seq else max(N, 1)
+        seq_id = torch.arange(N, device=dev) // L
+        n_seq = (N + L - 1) // L
     # within each sequence, rows by difficulty: a stable sort by sequence of the difficulty order
-    by_seq = order[torch.sort(seq[order], stable=True).indices]
-    n_seq = (N + L - 1) // L
-    starts = torch.arange(n_seq, device=diff.device) * L
+    by_seq = order[torch.sort(seq_id[order], stable=True).indices]
+    counts = torch.bincount(seq_id, minlength=n_seq)
+    starts = torch.cumsum(counts, 0) - counts
     pos_in_seq = torch.empty_like(order)
-    pos_in_seq[by_seq] = torch.arange(N, device=diff.device) - starts[seq[by_seq]]
+    pos_in_seq[by_seq] = torch.arange(N, device=dev) - starts[seq_id[by_seq]]
     keep = valid & (pos_in_seq < m)
     # a fixed-size vector (n_seq * m) of the kept rows' global ranks, padded with N
-    slot = seq * m + pos_in_seq.clamp(max=max(m - 1, 0))
-    keep_ranks = torch.full((n_seq * m,), N, dtype=torch.long, device=diff.device)
+    slot = seq_id * m + pos_in_seq.clamp(max=max(m - 1, 0))
+    keep_ranks = torch.full((n_seq * m,), N, dtype=torch.long, device=dev)
     if m > 0:
         keep_ranks[slot[keep]] = rank[keep]
     return Prepared(order, rank, keep, keep_ranks)

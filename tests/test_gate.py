@@ -328,3 +328,25 @@ def test_head_backward_multiplies_selected_rows_only():
     for shapes in vocab_mms:  # every product that touches the vocabulary runs over K rows, not N
         assert any(k in dims for dims in shapes), (k, shapes)
         assert not any(4 * 25 in dims for dims in shapes), shapes
+
+
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize("selection", ["topk", "sequence_aware"])
+def test_through_logits_route_equals_the_head_route(reduction, selection):
+    """The route sharded models take (gradient through the logits' graph) gives the same loss,
+    selection and gradients as the selected-rows head backward."""
+    results = []
+    for through in (False, True):
+        torch.manual_seed(0)
+        model = TinyLM()
+        gate = cggr_hook.enable(model, **FIXED, selection=selection, min_tokens_ratio=0.2)
+        gate.through_logits = through
+        out = shifted_loss(model, _idx(B=4, T=9), reduction=reduction)
+        out.sum().backward()
+        results.append((out.detach(), _grads(model), cggr_hook.metrics()["tokens_selected"]))
+        cggr_hook.disable()
+    (l0, g0, k0), (l1, g1, k1) = results
+    assert k0 == k1
+    torch.testing.assert_close(l0, l1)
+    for name in g0:
+        torch.testing.assert_close(g0[name], g1[name], msg=name)
