@@ -1,0 +1,95 @@
+"""The Hugging Face Trainer integration (hf.py): gating, logs, evaluation, checkpoints and resume."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+import cggr_hook
+
+transformers = pytest.importorskip("transformers")
+from cggr_hook.hf import STATE_FILE, CGGRCallback  # noqa: E402
+
+
+@pytest.fixture(autouse=True)
+def _clean():
+    cggr_hook.disable()
+    cggr_hook.scheduler.reset()
+    yield
+    cggr_hook.disable()
+    cggr_hook.scheduler.reset()
+
+
+class Rows(torch.utils.data.Dataset):
+    def __init__(self, n, T=16, V=97, seed=0):
+        self.x = torch.randint(0, V, (n, T), generator=torch.Generator().manual_seed(seed))
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        return {"input_ids": self.x[i], "labels": self.x[i].clone()}
+
+
+def _model():
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+                                   num_attention_heads=4, num_key_value_heads=2)
+    return transformers.LlamaForCausalLM(cfg)
+
+
+def _trainer(model, out, max_steps, **kw):
+    args = transformers.TrainingArguments(
+        output_dir=str(out), max_steps=max_steps, per_device_train_batch_size=4, gradient_accumulation_steps=2,
+        learning_rate=1e-3, logging_steps=1, save_steps=3, save_strategy="steps", report_to=[], use_cpu=True,
+        eval_strategy="no", disable_tqdm=True, seed=0, data_seed=0, **kw)
+    return transformers.Trainer(model=model, args=args, train_dataset=Rows(64), eval_dataset=Rows(8, seed=1),
+                                callbacks=[CGGRCallback()])
+
+
+def test_trainer_gates_logs_and_checkpoints(tmp_path):
+    model = _model()
+    cggr_hook.enable(model, warmup_steps=4, dynamic_threshold=False)
+    trainer = _trainer(model, tmp_path, max_steps=6)
+    trainer.train()
+    # optimizer steps counted with gradient accumulation: 6 steps, not 12 micro-batches
+    assert cggr_hook.scheduler.step_count == 6
+    logged = [h for h in trainer.state.log_history if "loss" in h]
+    assert len(logged) == 6
+    assert all("cggr/token_ratio" in h for h in logged)
+    ratios = [h["cggr/token_ratio"] for h in logged]
+    assert ratios[0] > 0.9 and ratios[-1] < 0.4  # the curriculum ran down towards 25%
+    state = torch.load(os.path.join(tmp_path, "checkpoint-3", STATE_FILE), weights_only=True)
+    assert state["step_count"] == 3
+
+    # evaluation is the plain loss
+    ev = trainer.evaluate()["eval_loss"]
+    cggr_hook.disable(model)
+    assert ev == pytest.approx(trainer.evaluate()["eval_loss"], rel=0, abs=0)
+
+
+def test_resume_restores_the_scheduler(tmp_path):
+    model = _model()
+    cggr_hook.enable(model, warmup_steps=10)
+    _trainer(model, tmp_path, max_steps=6).train()
+    full = cggr_hook.scheduler.state_dict()
+
+    cggr_hook.disable()
+    cggr_hook.scheduler.reset()
+    model2 = _model()
+    cggr_hook.enable(model2, warmup_steps=10)
+    trainer = _trainer(model2, tmp_path, max_steps=6)
+    seen = {}
+
+    class Probe(transformers.TrainerCallback):
+        def on_step_begin(self, args, state, control, **kw):
+            seen.setdefault("first", cggr_hook.scheduler.state_dict())
+
+    trainer.add_callback(Probe())
+    trainer.train(resume_from_checkpoint=str(tmp_path / "checkpoint-3"))
+    saved = torch.load(tmp_path / "checkpoint-3" / STATE_FILE, weights_only=True)
+    assert seen["first"]["step_count"] == 3
+    assert seen["first"]["confidence_avg"] == saved["confidence_avg"]
+    assert cggr_hook.scheduler.step_count == full["step_count"] == 6
