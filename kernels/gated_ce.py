@@ -5,8 +5,11 @@ Row r's gradient, p_j = exp(x_j - lse_r), w = 1 without class weights:
     g_j = scale_r * ((1 - eps) w_t (p_j - [j == t]) + (eps / V) (sum(w) p_j - w_j))
 
 One program per row loops over the row in blocks of ``BLOCK_V``, reading each block before
-writing it, so the dense form can write into the logits themselves. A target outside [0, V)
-is never used as an address: it adds no one-hot term and its class weight counts as 0.
+writing it, so the dense form can write into the logits themselves.
+
+A row whose target is outside [0, V) (an ignored token; the reference never selects one and has
+no value for it) is treated as torch treats an ignored target: its gradient is exact zeros, and
+neither its target, as an address, nor its logits are read.
 """
 
 from __future__ import annotations
@@ -33,11 +36,11 @@ def _num_warps(block_v: int) -> int:
 
 
 @triton.jit
-def _grad_block(x, cols, hot, lse, scale, w_ptr, wt, wsum_ptr, mask, c_main, c_smooth, eps,
+def _grad_block(x, cols, tgt, lse, scale, w_ptr, wt, wsum_ptr, mask, c_main, c_smooth, eps,
                 HAS_WEIGHT: tl.constexpr, HAS_SMOOTH: tl.constexpr):
-    """scale * gradient of one block ``cols`` of a row (fp32); ``hot`` is the target column, -1 if none."""
+    """scale * gradient of one block ``cols`` of a row (fp32)."""
     p = tl.exp(x - lse)
-    onehot = (cols == hot).to(tl.float32)
+    onehot = (cols == tgt).to(tl.float32)
     if HAS_WEIGHT:
         g = (c_main * wt) * (p - onehot)
         if HAS_SMOOTH:
@@ -68,14 +71,14 @@ def _ce_grad_rows_kernel(
     o_row = out_ptr + k * stride_out
 
     tgt = tl.load(tgt_ptr + row * stride_tgt).to(tl.int64)
-    valid = (tgt >= 0) & (tgt < V)
-    hot = tl.where(valid, tgt, -1)
+    keep = (tgt >= 0) & (tgt < V)
     lse = tl.load(lse_ptr + row * stride_lse).to(tl.float32)
     scale = tl.load(scale_ptr + k * stride_scale).to(tl.float32)
     if HAS_WEIGHT:
-        wt = tl.load(w_ptr + tl.where(valid, tgt, 0), mask=valid, other=0.0).to(tl.float32)
+        wt = tl.load(w_ptr + tl.where(keep, tgt, 0), mask=keep, other=0.0).to(tl.float32)
     else:
         wt = 1.0
+    n_read = tl.where(keep, V, 0)  # columns of this row to read: all, or none
 
     offs = tl.arange(0, BLOCK_V)
     for start in range(0, V, BLOCK_V):
@@ -85,9 +88,11 @@ def _ce_grad_rows_kernel(
             ptrs = x_row + cols
         else:
             ptrs = x_row + cols.to(tl.int64) * stride_v
-        x = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
-        g = _grad_block(x, cols, hot, lse, scale, w_ptr, wt, wsum_ptr, mask, c_main, c_smooth, eps,
+        read = cols < n_read
+        x = tl.load(ptrs, mask=read, other=0.0).to(tl.float32)
+        g = _grad_block(x, cols, tgt, lse, scale, w_ptr, wt, wsum_ptr, read, c_main, c_smooth, eps,
                         HAS_WEIGHT, HAS_SMOOTH)
+        g = tl.where(keep, g, 0.0)
         tl.store(o_row + cols, g.to(out_ptr.dtype.element_ty), mask=mask)
 
 
@@ -108,13 +113,11 @@ def _ce_grad_dense_kernel(
     o_row = out_ptr + (b * stride_ob + t * stride_ot)
 
     scale = tl.load(scale_ptr + row * stride_scale).to(tl.float32)
-    keep = scale != 0
     tgt = tl.load(tgt_ptr + row * stride_tgt).to(tl.int64)
-    valid = (tgt >= 0) & (tgt < V)
-    hot = tl.where(valid, tgt, -1)
+    keep = (scale != 0) & (tgt >= 0) & (tgt < V)
     lse = tl.load(lse_ptr + row * stride_lse).to(tl.float32)
     if HAS_WEIGHT:
-        wt = tl.load(w_ptr + tl.where(valid, tgt, 0), mask=valid & keep, other=0.0).to(tl.float32)
+        wt = tl.load(w_ptr + tl.where(keep, tgt, 0), mask=keep, other=0.0).to(tl.float32)
     else:
         wt = 1.0
     n_read = tl.where(keep, V, 0)  # columns of this row to read: all, or none
@@ -130,7 +133,7 @@ def _ce_grad_dense_kernel(
         # a row whose scale is 0 is never read: its loads are masked off
         read = cols < n_read
         x = tl.load(ptrs, mask=read, other=0.0).to(tl.float32)
-        g = _grad_block(x, cols, hot, lse, scale, w_ptr, wt, wsum_ptr, read, c_main, c_smooth,
+        g = _grad_block(x, cols, tgt, lse, scale, w_ptr, wt, wsum_ptr, read, c_main, c_smooth,
                         eps, HAS_WEIGHT, HAS_SMOOTH)
         g = tl.where(keep, g, 0.0)
         if UNIT_STRIDE_OV:
@@ -159,7 +162,8 @@ def _consts(label_smoothing: float, V: int):
 def ce_grad_rows(logits: Tensor, targets: Tensor, lse: Tensor, rows: Tensor, scale: Tensor,
                  weight: Tensor | None, label_smoothing: float, out_dtype: torch.dtype) -> Tensor:
     """Compact gradient (K, V) in ``out_dtype``: row k is ``scale[k]`` times the gradient of row
-    ``rows[k]``'s cross entropy (logits (B, T, V), any strides; rows int64 (K,))."""
+    ``rows[k]``'s cross entropy (logits (B, T, V), any strides; rows int64 (K,)). A row whose
+    target is outside [0, V) gets zeros."""
     if logits.dim() != 3:
         raise ValueError(f"cggr_hook: ce_grad_rows needs (B, T, V) logits, got shape {tuple(logits.shape)}")
     B, T, V = logits.shape
@@ -185,7 +189,7 @@ def ce_grad_dense_(logits: Tensor, targets: Tensor, lse: Tensor, row_scale: Tens
                    weight: Tensor | None, label_smoothing: float, out: Tensor) -> Tensor:
     """Dense gradient written into ``out`` (B, T, V), which may be ``logits`` itself: row r gets
     ``row_scale[r]`` times its cross-entropy gradient where ``row_scale[r] != 0`` and exact zeros
-    elsewhere; a row whose scale is 0 is never read."""
+    elsewhere (also where the target is outside [0, V)); a row whose scale is 0 is never read."""
     if logits.dim() != 3:
         raise ValueError(f"cggr_hook: ce_grad_dense_ needs (B, T, V) logits, got shape {tuple(logits.shape)}")
     if out.shape != logits.shape:

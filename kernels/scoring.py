@@ -7,9 +7,11 @@ logits are kept per lane (``t1 >= t2``, an equal value pushes ``t1`` down into `
 maximum gives ``top2 == top1``) and merged across lanes once at the end of the row. Everything
 accumulates in fp32 whatever the logits' dtype.
 
--inf logits: a real -inf is clamped to -FLT_MAX, which contributes exp(-FLT_MAX - m) = 0 to the
-sums and 0 to ``a`` (no 0 * inf); lanes past the end of the row are masked out of the sums. A row
-whose logits are all -inf therefore comes out as if uniform (no NaN); its values mean nothing.
+-inf logits: a -inf (and a lane past the end of the row) is replaced by -FLT_MAX, which contributes
+exp(-FLT_MAX - m) = 0 to ``s`` and 0 to ``a`` (no 0 * inf) once the row has a finite logit. A row
+whose logits are all -inf gives what the reference gives: lse = -inf, NaN entropy and
+probabilities (p_top2 = 0 when V = 1), a NaN nll for a valid target. A NaN logit makes its row's
+statistics NaN (nll stays 0 for an ignored target, p_top2 0 when V = 1), as in the reference.
 """
 
 from __future__ import annotations
@@ -76,7 +78,8 @@ def _row_stats_kernel(
                 ws += tl.where(mask, x, 0.0) * w
             else:
                 ws += tl.where(mask, x, 0.0)
-        xc = tl.maximum(x, -3.4028234663852886e38)
+        # -inf -> -FLT_MAX (a where, not a max: a NaN logit must stay NaN)
+        xc = tl.where(x == float("-inf"), -3.4028234663852886e38, x)
         # top-2 per lane: an equal value moves the old top-1 into top-2
         t2 = tl.maximum(t2, tl.minimum(t1, xc))
         t1 = tl.maximum(t1, xc)
@@ -85,26 +88,28 @@ def _row_stats_kernel(
         d = m - m_new
         alpha = tl.exp(d)
         xm = xc - m_new
-        e = tl.where(mask, tl.exp(xm), 0.0)
+        e = tl.exp(xm)
         # (alpha * d) * s, not alpha * (d * s): d can be -FLT_MAX after blocks of only -inf
         a = alpha * a + (alpha * d) * s + tl.sum(e * xm, axis=0)
         s = alpha * s + tl.sum(e, axis=0)
         m = m_new
 
+    # every logit -inf: the max stayed at -FLT_MAX (and s is not NaN: a NaN logit wins)
+    no_mass = (m == -3.4028234663852886e38) & (s == s)
     log_s = tl.log(s)
-    lse = m + log_s
-    ent = log_s - a / s
+    lse = tl.where(no_mass, float("-inf"), m + log_s)
+    ent = tl.where(no_mass, float("nan"), log_s - a / s)
 
     top1 = tl.max(t1, axis=0)
     at_top = t1 == top1
     n_top = tl.sum(at_top.to(tl.int32), axis=0)
     other = tl.maximum(tl.max(t2, axis=0), tl.max(tl.where(at_top, -3.4028234663852886e38, t1), axis=0))
     top2 = tl.where(n_top >= 2, top1, other)
-    p1 = tl.exp(top1 - lse)
+    p1 = tl.where(no_mass, float("nan"), tl.exp(top1 - lse))
     if HAS_TOP2:
-        p2 = tl.exp(top2 - lse)
+        p2 = tl.where(no_mass, float("nan"), tl.exp(top2 - lse))
     else:
-        p2 = 0.0 * p1
+        p2 = tl.zeros_like(p1)
 
     tgt = tl.load(tgt_ptr + row * stride_tgt).to(tl.int64)
     valid = (tgt != ignore_index) & (tgt >= 0) & (tgt < V)

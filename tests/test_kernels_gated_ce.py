@@ -284,6 +284,33 @@ def test_ce_grad_dense_empty_batch():
     assert out is x
 
 
+@pytest.mark.parametrize("options", [(0.0, False), (0.1, True)], ids=["plain", "smooth_weighted"])
+def test_rows_with_invalid_targets_get_zeros(options, block):
+    """A selected row whose target is not a class (ignored, or out of range) gets exact zeros, as torch
+    gives an ignored token; its target is never an address and its (NaN) logits are never used."""
+    V = 29
+    gen = torch.Generator().manual_seed(51)
+    x = make_logits(2, 4, V, torch.float32, "shifted", gen=gen)
+    w, eps = loss_args(V, options, gen)
+    tg = torch.randint(0, V, (8,), generator=gen).to(DEVICE)
+    bad = torch.tensor([1, 2, 5, 6], device=DEVICE)
+    tg[bad] = torch.tensor([-100, V, 1 << 40, -(1 << 40)], device=DEVICE)
+    good = torch.tensor([0, 3, 4, 7], device=DEVICE)
+    lse = lse_of(x)
+    x[bad // 4, bad % 4] = float("nan")
+    rows = torch.arange(8, device=DEVICE)
+    scale = torch.full((8,), 0.5, device=DEVICE)
+    got = K.ce_grad_rows(x, tg, lse, rows, scale, w, eps, torch.float32)
+    assert torch.equal(got[bad], torch.zeros(4, V, device=DEVICE))
+    want = reference.ce_grad_rows(x, tg, lse, good, scale[good], w, eps, torch.float32)
+    assert_grad_close(got[good], want, torch.float32)
+
+    out = torch.full_like(x, float("nan"))
+    K.ce_grad_dense_(x, tg, lse, scale, w, eps, out)
+    assert torch.equal(out[bad // 4, bad % 4], torch.zeros(4, V, device=DEVICE))
+    assert_grad_close(out[good // 4, good % 4], want, torch.float32)
+
+
 # --------------------------------------------------------------------------- full size, GPU
 
 

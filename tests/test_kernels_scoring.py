@@ -86,7 +86,7 @@ def run(logits, targets, ignore_index=-100, weight=None, with_wsum=False):
     return got, want
 
 
-def assert_stats_close(got, want, rtol=1e-5, atol=2e-6, rows=None):
+def assert_stats_close(got, want, rtol=1e-5, atol=2e-6, rows=None, equal_nan=False):
     # the outputs are fp32 computed from the same (upcast) logits whatever their dtype, so one
     # tolerance fits every dtype: only the summation order differs
     names = FIELDS + (("wsum",) if want.wsum is not None else ())
@@ -95,7 +95,7 @@ def assert_stats_close(got, want, rtol=1e-5, atol=2e-6, rows=None):
         assert g.dtype == torch.float32 and g.shape == w.shape, name
         if rows is not None:
             g, w = g[rows], w[rows]
-        torch.testing.assert_close(g, w, rtol=rtol, atol=atol, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(g, w, rtol=rtol, atol=atol, equal_nan=equal_nan, msg=lambda m: f"{name}: {m}")
 
 
 @pytest.fixture(params=["default_block", "small_block"])
@@ -176,6 +176,7 @@ def test_tied_maxima_count_twice(dtype, block):
     assert math.isclose(ratio.item(), math.exp(0.5), rel_tol=1e-4)
 
 
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # the interpreter's NaNs
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_negative_infinity_logits(dtype, block):
     V = 127
@@ -186,19 +187,62 @@ def test_negative_infinity_logits(dtype, block):
     x[0, 1, :40] = ninf            # the first blocks entirely -inf
     x[0, 2, 1:] = ninf             # a single finite logit: p_top1 = 1, entropy 0
     x[0, 3, 10] = ninf             # the target logit is -inf: nll = inf
-    x[0, 4, :] = ninf              # every logit -inf: its values are not checked
+    x[0, 4, :] = ninf              # every logit -inf: NaN, as in the reference
     x[0, 5, 100:] = ninf           # the ragged tail -inf
     x = x.to(dtype)
     tg = torch.tensor([3, 60, 0, 10, 0, 1], device=DEVICE)
     with nan_empty():
         got = K.row_stats(x, tg, -100)
     want = reference.row_stats(x, tg, -100)
+    assert_stats_close(got, want, equal_nan=True)
     rows = torch.tensor([0, 1, 2, 3, 5], device=DEVICE)
-    assert_stats_close(got, want, rows=rows)
     for name in FIELDS:
         assert not torch.isnan(getattr(got, name)[rows]).any(), name
     assert got.nll[3] == float("inf")
     assert got.p_top1[2] == 1.0 and got.p_top2[2] == 0.0 and got.entropy[2] == 0.0
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # the interpreter's NaNs
+@pytest.mark.parametrize("V", [1, 2, 37])
+def test_row_of_only_negative_infinity(V, block):
+    """Such a row gives what the reference gives (lse -inf, NaN entropy and probabilities, p_top2 = 0
+    when V = 1, NaN nll for a valid target, 0 for an ignored one) and leaves the other rows alone."""
+    gen = torch.Generator().manual_seed(8)
+    x = make_logits(1, 4, V, torch.bfloat16, "contiguous", gen=gen).clone()
+    x[0, 1] = float("-inf")
+    x[0, 2] = float("-inf")
+    tg = torch.tensor([0, 0, -100, V - 1], device=DEVICE)
+    with nan_empty():
+        got = K.row_stats(x, tg, -100, None, True)
+    want = reference.row_stats(x, tg, -100, None, True)
+    for name in FIELDS + ("wsum",):
+        torch.testing.assert_close(getattr(got, name), getattr(want, name), rtol=1e-5, atol=2e-6,
+                                   equal_nan=True, msg=lambda m: f"{name}: {m}")
+    assert got.lse[1] == float("-inf") and got.nll[2] == 0.0
+    assert torch.isnan(got.entropy[1]) and torch.isnan(got.p_top1[1]) and torch.isnan(got.nll[1])
+    assert (got.p_top2[1] == 0.0) if V == 1 else torch.isnan(got.p_top2[1])
+    assert not torch.isnan(torch.stack(got[:5])[:, [0, 3]]).any()
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # the interpreter's NaNs
+@pytest.mark.parametrize("V", [1, 2, 37])
+def test_nan_logit_makes_its_row_nan(V, block):
+    """A NaN logit anywhere in a row (first, last, beside -inf) keeps the row's statistics NaN, as the
+    reference does (nll 0 for an ignored target, p_top2 0 when V = 1); other rows are unaffected."""
+    gen = torch.Generator().manual_seed(9)
+    x = make_logits(1, 5, V, torch.float32, "contiguous", gen=gen).clone()
+    x[0, 0, 0] = float("nan")
+    x[0, 1, V - 1] = float("nan")
+    x[0, 2, :] = float("-inf")
+    x[0, 2, V // 2] = float("nan")
+    tg = torch.tensor([0, -100, V - 1, 0, 0], device=DEVICE)
+    got, want = run(x, tg, with_wsum=True)
+    for name in FIELDS + ("wsum",):
+        torch.testing.assert_close(getattr(got, name), getattr(want, name), rtol=1e-5, atol=2e-6,
+                                   equal_nan=True, msg=lambda m: f"{name}: {m}")
+    for name in ("lse", "entropy", "p_top1"):
+        assert torch.isnan(getattr(got, name)[:3]).all(), name
+    assert not torch.isnan(torch.stack(got[:5])[:, 3:]).any()
 
 
 @pytest.mark.parametrize("ignore_index", [-100, 5])
