@@ -85,8 +85,8 @@ PRESETS = {
         lr=2e-3, arms=["plain", "topk25"], seeds=[0],
     ),
     "gpu": dict(
-        layers=8, d_model=512, heads=8, seq_len=512, vocab_size=16384, batch_size=32, steps=1500,
-        eval_points=15, max_bytes=None, max_heldout_bytes=None, include_tests=True,
+        layers=8, d_model=512, heads=8, seq_len=512, vocab_size=16384, batch_size=32, steps=1000,
+        eval_points=10, max_bytes=None, max_heldout_bytes=None, include_tests=True,
         lr=1e-3, arms=list(ALL_ARMS), seeds=[0, 1, 2],
     ),
 }
@@ -347,6 +347,10 @@ def per_seed_figures(runs: dict, finals: dict, reference: str | None, args) -> N
             run["easy_half_val"] = losses[mask].mean().item()
             run["hard_half_val"] = losses[~mask].mean().item()
             run["delta_final_vs_reference"] = run["final_val"] - ref["final_val"]
+        for (arm, s), run in runs.items():
+            if s == seed:
+                flat = finals[(arm, seed)].flatten()
+                run["worst_quarter_val"] = flat.topk(max(1, flat.numel() // 4)).values.mean().item()
 
 
 def stats(values: list) -> dict | None:
@@ -365,7 +369,7 @@ def stats(values: list) -> dict | None:
 SUMMARY_KEYS = [
     "final_val", "val_at_half_steps", "val_at_equal_time", "time_to_reference_final",
     "time_to_reference_final_ratio", "easy_half_val", "hard_half_val", "delta_final_vs_reference",
-    "train_seconds", "tokens_per_second", "mean_token_fraction",
+    "worst_quarter_val", "train_seconds", "tokens_per_second", "mean_token_fraction",
 ]
 
 
@@ -396,8 +400,8 @@ def markdown_table(summary: dict, arms: list[str], reference: str | None, header
         header,
         "",
         f"| arm | tokens in loss | final val (= equal steps) | Δ vs {ref} | val @ ½ steps | val @ {ref}'s time "
-        f"| time to {ref}'s final | easy-half val | hard-half val | train s | tokens/s |",
-        "|---|---|---|---|---|---|---|---|---|---|---|",
+        f"| time to {ref}'s final | easy-half val | hard-half val | worst-25% val | train s | tokens/s |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     notes = []
     for arm in arms:
@@ -421,14 +425,15 @@ def markdown_table(summary: dict, arms: list[str], reference: str | None, header
         lines.append(
             f"| {arm} | {fmt(s['mean_token_fraction'], 2, spread=False)} | {fmt(s['final_val'])} | {delta_txt} "
             f"| {fmt(s['val_at_half_steps'])} | {eq} | {ttr} | {fmt(s['easy_half_val'])} | {fmt(s['hard_half_val'])} "
-            f"| {s['train_seconds']['mean']:.3g} | {fmt(s['tokens_per_second'], 0, spread=False)} |"
+            f"| {fmt(s['worst_quarter_val'])} | {s['train_seconds']['mean']:.3g} | {fmt(s['tokens_per_second'], 0, spread=False)} |"
         )
     lines.append("")
     lines.append(
         "Validation losses: plain mean cross entropy over every held-out token (nats), mean ± std over seeds. "
         "*tokens in loss*: mean fraction of tokens the gate kept. "
         f"*easy half* / *hard half*: held-out tokens below / above the median per-token loss of the final {ref} "
-        "model of the same seed. Training time excludes evaluation."
+        "model of the same seed. *worst-25%*: mean of the quarter of held-out tokens with the highest loss under "
+        "the arm's own final model (the tail that hard-token training aims at). Training time excludes evaluation."
     )
     if notes:
         lines.append(
@@ -496,6 +501,8 @@ def parse_args(argv=None):
     p.add_argument("--steps", type=int, default=None, help="optimizer steps per arm")
     p.add_argument("--minutes-per-arm", type=float, default=None,
                    help="size --steps from a short timing of plain steps so one arm trains about this long")
+    p.add_argument("--budget-minutes", type=float, default=None,
+                   help="size --steps so the whole run (every arm and seed, evaluations included) takes about this long")
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--seq-len", type=int, default=None)
     p.add_argument("--layers", type=int, default=None)
@@ -588,6 +595,9 @@ def main(argv=None) -> int:
         include_tests=args.include_tests, cache_dir=args.cache_dir,
     )
     heldout = corpus.heldout_sequences(args.seq_len)
+    if args.budget_minutes and not args.minutes_per_arm:
+        # evaluations, start-up and the gate's overhead: keep about a quarter of the budget for them
+        args.minutes_per_arm = 0.75 * args.budget_minutes / (len(arms) * len(args.seeds))
     if args.minutes_per_arm:
         args.steps = calibrate_steps(args, corpus, device, amp)
     arm_opts = {a: arm_options(a, args.steps, args.warmup_frac) for a in arms}
@@ -598,10 +608,11 @@ def main(argv=None) -> int:
     n_params = sum(p.numel() for p in model_tmp.parameters())
     del model_tmp
     n_tokens_heldout = heldout.shape[0] * (heldout.shape[1] - 1)
+    epochs = args.steps * args.batch_size * args.seq_len / corpus.train_tokens.numel()
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
     print(
         f"preset {args.preset} on {device_name}: {args.layers} layers, d={args.d_model}, T={args.seq_len}, "
-        f"V={corpus.vocab_size}, batch {args.batch_size}, {args.steps} steps, seeds {args.seeds}; "
+        f"V={corpus.vocab_size}, batch {args.batch_size}, {args.steps} steps ({epochs:.2g} epochs), seeds {args.seeds}; "
         f"train {corpus.train_tokens.numel():,} tokens ({corpus.info['train_files']} files), "
         f"held-out {n_tokens_heldout:,} predicted tokens ({corpus.info['heldout_files']} files)",
         flush=True,
@@ -630,7 +641,8 @@ def main(argv=None) -> int:
         f"## cggr_hook quality benchmark ({args.preset} preset)\n\n"
         f"{device_name}; Llama {args.layers} layers, d={args.d_model}, {args.heads} heads, T={args.seq_len}, "
         f"vocab {corpus.vocab_size} (tied), {n_params / 1e6:.2f}M parameters; AdamW lr {args.lr:g} cosine, "
-        f"{args.steps} steps × {args.batch_size} × {args.seq_len} tokens; "
+        f"{args.steps} steps × {args.batch_size} × {args.seq_len} tokens ({epochs:.2g} epochs of "
+        f"{corpus.train_tokens.numel():,} training tokens); "
         f"{'bf16 autocast' if device.type == 'cuda' else 'fp32'}; seeds {', '.join(map(str, args.seeds))}; "
         f"held-out: {n_tokens_heldout:,} tokens of {corpus.info['heldout_files']} standard-library files."
     )
