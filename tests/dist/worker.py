@@ -1,0 +1,88 @@
+"""Run by tests/test_distributed.py under torchrun: gated DDP and FSDP2 training steps on gloo.
+
+Every rank gates its own batch; the wrapper's averaged gradient must equal the mean over ranks of
+the per-rank reference gated gradients, and every rank must count the same optimizer steps.
+Exits non-zero (an AssertionError) on any mismatch.
+"""
+
+from __future__ import annotations
+
+import copy
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import cggr_hook  # noqa: E402
+from common import TinyLM, masked_reference_loss, reference_topk_rows  # noqa: E402
+
+V = 37
+
+
+def local_batch(rank: int, step: int) -> torch.Tensor:
+    return torch.randint(0, V, (3, 11), generator=torch.Generator().manual_seed(100 * rank + step))
+
+
+def reference_grads(model: nn.Module, idx: torch.Tensor, ratio: float) -> dict:
+    model.zero_grad()
+    X = model(idx)[:, :-1].reshape(-1, V)
+    t = idx[:, 1:].reshape(-1)
+    masked_reference_loss(X, t, reference_topk_rows(X.detach(), t, ratio)).backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters()}
+    for g in grads.values():
+        dist.all_reduce(g)
+        g /= dist.get_world_size()
+    return grads
+
+
+def full(t: torch.Tensor) -> torch.Tensor:
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def run(wrapper: str) -> None:
+    rank = dist.get_rank()
+    torch.manual_seed(0)
+    model = TinyLM()
+    ref = copy.deepcopy(model)
+    if wrapper == "ddp":
+        wrapped = nn.parallel.DistributedDataParallel(model)
+    else:
+        from torch.distributed.fsdp import fully_shard
+
+        fully_shard(model.lm_head)
+        fully_shard(model)
+        wrapped = model
+    gate = cggr_hook.enable(wrapped, warmup_steps=0, dynamic_threshold=False, min_tokens_ratio=0.3)
+    assert gate.head is model.lm_head
+    opt = torch.optim.SGD(wrapped.parameters(), lr=0.0)  # lr 0: the weights stay the reference's
+    for step in range(2):
+        idx = local_batch(rank, step)
+        logits = wrapped(idx)
+        loss = F.cross_entropy(logits[:, :-1].reshape(-1, V), idx[:, 1:].reshape(-1))
+        loss.backward()
+        expected = reference_grads(ref, idx, 0.3)
+        for name, p in model.named_parameters():
+            got = full(p.grad)
+            torch.testing.assert_close(got, expected[name.replace("module.", "")], rtol=1e-5, atol=1e-6,
+                                       msg=f"{wrapper} rank {rank} step {step} {name}")
+        opt.step()
+        opt.zero_grad()
+    counts = [None] * dist.get_world_size()
+    dist.all_gather_object(counts, cggr_hook.scheduler.step_count)
+    assert counts == [2] * dist.get_world_size(), counts
+    cggr_hook.disable()
+    cggr_hook.scheduler.reset()
+    print(f"rank {rank}: {wrapper} ok", flush=True)
+
+
+if __name__ == "__main__":
+    dist.init_process_group("gloo")
+    try:
+        for w in sys.argv[1:] or ["ddp", "fsdp"]:
+            run(w)
+    finally:
+        dist.destroy_process_group()
