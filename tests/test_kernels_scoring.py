@@ -313,7 +313,10 @@ def test_row_stats_full_size_gpu(layout):
     tg[::7] = -100
     got = K.row_stats(x, tg, -100, None, True)
     want = reference.row_stats(x, tg, -100, None, True)
-    assert_stats_close(got, want, rtol=2e-5, atol=2e-5)
+    assert_stats_close(got._replace(wsum=None), want._replace(wsum=None), rtol=2e-5, atol=2e-5)
+    # a sum of 128256 terms of either sign: the order of the fp32 additions shows at ~1e-9 of sum |x|
+    bound = 1e-8 * x.float().abs().sum(-1).reshape(-1)
+    assert ((got.wsum - want.wsum).abs() <= bound).all()
 
 
 @pytest.mark.gpu
