@@ -152,7 +152,7 @@ def enable(model: nn.Module, config: GateConfig | None = None, *, head: nn.Modul
         lm_head = head_mod.find_head(root, head)  # raises before anything is installed
         gate = Gate(model, root, lm_head, cfg)
         try:
-            patch.install(_handle_cross_entropy)
+            patch.install(_handle_cross_entropy_eagerly)
             scheduler.attach(_holds_gated_params)
         except BaseException:
             gate._detach()
@@ -247,6 +247,12 @@ def _record_metrics(m: dict) -> None:
 # --------------------------------------------------------------------------------------------------
 # the cross-entropy handler
 # --------------------------------------------------------------------------------------------------
+def _is_fake(t: Any) -> bool:
+    from torch._subclasses.fake_tensor import is_fake
+
+    return isinstance(t, Tensor) and is_fake(t)
+
+
 def _bind(input: Tensor, target: Tensor, weight: Tensor | None = None, size_average: Any = None,
           ignore_index: int = -100, reduce: Any = None, reduction: str = "mean",
           label_smoothing: float = 0.0) -> tuple:
@@ -256,6 +262,10 @@ def _bind(input: Tensor, target: Tensor, weight: Tensor | None = None, size_aver
 def _handle_cross_entropy(wrapped: Any, instance: Any, args: tuple, kwargs: dict) -> Any:
     if (getattr(_local, "in_handler", False) or not _gates or _paused() or not torch.is_grad_enabled()):
         return wrapped(*args, **kwargs)
+    if args and _is_fake(args[0]):
+        # torch.compile is tracing with fake tensors: no autograd graph to trace back to the head.
+        # Breaking the graph here makes the call run eagerly, where it can be gated.
+        raise torch._dynamo.exc.Unsupported("cggr_hook: a cross entropy runs eagerly while a gate is enabled")
     _local.in_handler = True
     try:
         gated_loss = _gated_call(args, kwargs)
@@ -327,3 +337,8 @@ def _gated_call(args: tuple, kwargs: dict) -> Tensor | None:
     # drop the references the tap no longer needs
     call.hidden = call.output = None
     return loss
+
+
+# torch.compile never traces into the handler: where a compiled region calls cross entropy, the
+# graph breaks and the handler runs eagerly on real tensors
+_handle_cross_entropy_eagerly = torch.compiler.disable(_handle_cross_entropy)

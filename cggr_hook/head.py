@@ -169,6 +169,8 @@ def _exact_cast(src: torch.dtype, dst: torch.dtype) -> bool:
 def trace(x: Tensor, class_dim: int) -> Trace | None:
     """Map the cross-entropy input ``x`` (class dim ``class_dim``) back to a tapped head call."""
     node = x.grad_fn
+    if node is not None and type(node).__name__ == "CompiledFunctionBackward":
+        return _trace_compiled(x, class_dim, node)
     ops = []
     for _ in range(MAX_TRACE_DEPTH):
         if node is None:
@@ -272,6 +274,36 @@ def trace(x: Tensor, class_dim: int) -> Trace | None:
     n_casts = sum(1 for op in ops if type(op).__name__ == "ToCopyBackward0")
     exact = n_casts == 0 or (n_casts == 1 and _exact_cast(head_out.dtype, x.dtype))
     return Trace(call, rows, exact)
+
+
+def _trace_compiled(x: Tensor, class_dim: int, node: Any) -> Trace | None:
+    """The loss input is the output of a torch.compile'd region fed by a tap: the operations in
+    between are compiled away, so the row map is inferred. Candidates are the ways a causal-LM
+    loss takes the head's rows (all of them, or each sequence without its last / first position);
+    one is taken only if it matches the input's values exactly at three vocabulary columns and no
+    other candidate does. One host read, only on this path."""
+    taps = [n for n, _ in node.next_functions if isinstance(n, HeadTap._backward_cls)]
+    if len(taps) != 1 or taps[0].call.consumed:
+        return None
+    call: HeadCall = taps[0].call
+    out = call.output
+    V = out.shape[-1]
+    if x.dim() < 1 or x.shape[class_dim] != V or x.device != out.device or not _exact_cast(out.dtype, x.dtype):
+        return None
+    X = x.detach().movedim(class_dim, -1).reshape(-1, V)
+    B, T = (out.shape[0], out.shape[1]) if out.dim() == 3 else (1, out.numel() // max(V, 1))
+    grid = torch.arange(B * T, device=out.device).view(B, T)
+    candidates = [grid.reshape(-1), grid[:, :-1].reshape(-1), grid[:, 1:].reshape(-1)]
+    candidates = [c for c in candidates if c.numel() == X.shape[0]]
+    if not candidates:
+        return None
+    H = out.detach().reshape(-1, V)
+    cols = torch.tensor(sorted({0, V // 2, V - 1}), device=out.device)
+    probe = X[:, cols]
+    matches = torch.stack([(H[c][:, cols].to(X.dtype) == probe).all() for c in candidates]).tolist()
+    if sum(matches) != 1:
+        return None
+    return Trace(call, candidates[matches.index(True)], True)
 
 
 def tap_behind(x: Tensor, max_nodes: int = 64) -> str | None:
