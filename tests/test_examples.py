@@ -41,12 +41,16 @@ def run_example(script: str, args: list[str], cache: Path, timeout: float = 180)
     return proc.stdout
 
 
-def test_stdlib_text_split_cache_and_order(tmp_path):
+def _import_example(name: str):
     sys.path.insert(0, str(EXAMPLES))
     try:
-        import stdlib_text
+        return __import__(name)
     finally:
         sys.path.remove(str(EXAMPLES))
+
+
+def test_stdlib_text_split_cache_and_order(tmp_path):
+    stdlib_text = _import_example("stdlib_text")
 
     files = stdlib_text.list_stdlib_files()
     assert files and all(rel.endswith(".py") and "site-packages" not in rel for rel, _ in files)
@@ -69,6 +73,29 @@ def test_stdlib_text_split_cache_and_order(tmp_path):
     assert not all(torch.equal(x, y) for x, y in zip(a, c))
     held_rows = corpus.heldout_sequences(32)
     assert held_rows.shape[1] == 32 and held_rows.numel() > corpus.heldout_tokens.numel() - 32
+
+
+def test_quality_benchmark_arms_and_curves():
+    qb = _import_example("quality_benchmark")
+    assert qb.arm_options("plain", 100, 0.3) is None
+    assert qb.arm_options("topk25", 100, 0.3) == dict(
+        scoring="combined", selection="topk", min_tokens_ratio=0.25, warmup_steps=0, dynamic_threshold=False)
+    warm = qb.arm_options("seqaware25-warm", 200, 0.3)
+    assert warm["selection"] == "sequence_aware" and warm["warmup_steps"] == 60 and warm["dynamic_threshold"]
+    assert qb.arm_options("random50", 100, 0.3)["scoring"] == "random"
+    assert qb.arm_options("stratified25", 100, 0.3)["selection"] == "stratified"
+    with pytest.raises(SystemExit):
+        qb.arm_options("topk", 100, 0.3)
+    for names in (qb.ALL_ARMS, *(p["arms"] for p in qb.PRESETS.values())):
+        for name in names:
+            qb.arm_options(name, 100, 0.3)
+
+    xs, ys = [0.0, 10.0, 20.0], [8.0, 6.0, 5.0]
+    assert qb.interp(5.0, xs, ys) == pytest.approx(7.0)
+    assert qb.interp(20.0, xs, ys) == 5.0 and qb.interp(20.5, xs, ys) is None
+    assert qb.time_to_reach(5.5, xs, ys) == pytest.approx(15.0)
+    assert qb.time_to_reach(4.0, xs, ys) is None
+    assert qb.eval_schedule(12, 3) == [4, 8, 12] and qb.eval_schedule(5, 10) == [1, 2, 3, 4, 5]
 
 
 @pytest.mark.slow
