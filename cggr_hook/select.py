@@ -50,16 +50,19 @@ def prepare(diff: Tensor, valid: Tensor, config: GateConfig, seq: int | tuple[Te
         n_seq = (N + L - 1) // L
     # within each sequence, rows by difficulty: a stable sort by sequence of the difficulty order
     by_seq = order[torch.sort(seq_id[order], stable=True).indices]
-    counts = torch.bincount(seq_id, minlength=n_seq)
+    # rows per sequence without bincount, which would read its maximum back to the host
+    counts = torch.zeros(n_seq, dtype=torch.long, device=dev).index_add_(0, seq_id, torch.ones_like(seq_id))
     starts = torch.cumsum(counts, 0) - counts
     pos_in_seq = torch.empty_like(order)
     pos_in_seq[by_seq] = torch.arange(N, device=dev) - starts[seq_id[by_seq]]
     keep = valid & (pos_in_seq < m)
-    # a fixed-size vector (n_seq * m) of the kept rows' global ranks, padded with N
-    slot = seq_id * m + pos_in_seq.clamp(max=max(m - 1, 0))
-    keep_ranks = torch.full((n_seq * m,), N, dtype=torch.long, device=dev)
-    if m > 0:
-        keep_ranks[slot[keep]] = rank[keep]
+    # a fixed-size vector (n_seq * m) of the kept rows' global ranks, padded with N; rows not kept
+    # scatter into one spare slot past the end (no boolean indexing: that would sync)
+    spare = n_seq * m
+    slot = torch.where(keep, seq_id * m + pos_in_seq, torch.full_like(seq_id, spare))
+    keep_ranks = torch.full((spare + 1,), N, dtype=torch.long, device=dev)
+    keep_ranks.scatter_(0, slot, torch.where(keep, rank, torch.full_like(rank, N)))
+    keep_ranks = keep_ranks[:spare]
     return Prepared(order, rank, keep, keep_ranks)
 
 

@@ -67,8 +67,8 @@ def test_one_host_sync_per_gated_step():
             F_loss().backward()
         finally:
             torch.cuda.set_sync_debug_mode("default")
-    syncs = [w for w in caught if "synchroniz" in str(w.message)]
-    assert len(syncs) == 1, [str(w.message) for w in syncs]
+    syncs = [w for w in caught if "called a synchronizing" in str(w.message)]
+    assert len(syncs) == 1, [f"{w.filename}:{w.lineno}" for w in syncs]
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
