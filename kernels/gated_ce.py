@@ -22,8 +22,11 @@ from torch import Tensor
 __all__ = ["ce_grad_rows", "ce_grad_dense_", "MAX_BLOCK_V", "NUM_WARPS"]
 
 # Tunables: the largest block of a row per loop iteration and the warps of one program (one row).
+# Measured on an H100 (bf16, N = 8192, V = 32000..262144, a quarter of the rows selected): every
+# block of 1024..8192 with 8 or 16 warps ran within a few % of 2.7 TB/s (a copy: 3.0 TB/s);
+# 4096 x 16 was at the top for the dense form at every V.
 MAX_BLOCK_V = 4096
-NUM_WARPS = 8
+NUM_WARPS = 16
 MIN_BLOCK_V = 16
 
 
