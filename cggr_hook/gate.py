@@ -22,6 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from . import head as head_mod
+from . import hf_loss
 from . import patch
 from .config import GateConfig, make_config
 from .loss import GatedCrossEntropy, GatedHeadCrossEntropy, LossSpec, Request
@@ -63,6 +64,7 @@ class Gate:
         # opaque to torch.compile: a compiled model breaks its graph at the head's hook, so the tap
         # is a real autograd node at run time rather than traced away
         self._handle = head.register_forward_hook(torch.compiler.disable(self._on_head_forward))
+        self._undo_loss = hf_loss.install(root, torch.compiler.disable(self._would_gate))
         self.enabled = True
 
     # the forward hook on the LM head
@@ -73,6 +75,13 @@ class Gate:
             return None
         call = head_mod.HeadCall(gate=self, head=module, hidden=args[0], output=output)
         return head_mod.tap_output(call)
+
+    def _would_gate(self, logits: Tensor) -> bool:
+        """Whether a cross entropy on these logits would be gated now (Hugging Face loss fast path)."""
+        node = getattr(logits, "grad_fn", None)
+        return (self.enabled and torch.is_grad_enabled() and not _paused() and _gates.get(self._root()) is self
+                and isinstance(node, head_mod.HeadTap._backward_cls) and not node.call.consumed
+                and node.call.gate is self)
 
     @property
     def model(self) -> nn.Module | None:
@@ -92,6 +101,9 @@ class Gate:
     def _detach(self) -> None:
         self.enabled = False
         self._handle.remove()
+        if self._undo_loss is not None:
+            self._undo_loss()
+            self._undo_loss = None
 
     def __enter__(self) -> "Gate":
         return self

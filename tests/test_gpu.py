@@ -44,7 +44,8 @@ def test_triton_loss_matches_torch_backend_on_cuda(monkeypatch, V, reduction):
         out[backend] = (loss.detach(), x.grad, crit.get_metrics())
     (lt, gt, mt), (lr, gr, mr) = out["triton"], out["torch"]
     assert mt["tokens_selected"] == mr["tokens_selected"]
-    torch.testing.assert_close(lt, lr, rtol=1e-4, atol=1e-4)
+    # fp32 sums over a whole row (the smoothing term) round differently in each backend
+    torch.testing.assert_close(lt, lr, rtol=5e-4, atol=1e-3)
     sel_t = gt.reshape(-1, V).abs().sum(-1) > 0
     sel_r = gr.reshape(-1, V).abs().sum(-1) > 0
     # identical scores up to fp32 rounding: the selected sets may differ only at exact near-ties

@@ -252,3 +252,36 @@ def test_lossy_cast_keeps_the_plain_loss_with_a_warning():
     with pytest.warns(RuntimeWarning, match="lossy cast"):
         loss = F.cross_entropy(x, idx.reshape(-1))
     assert torch.equal(loss, ORIGINAL_CE(x, idx.reshape(-1)))
+
+
+def test_hf_loss_skips_the_fp32_copy_while_gated_and_is_restored(monkeypatch):
+    """While gated, Hugging Face's loss runs on the logits' own dtype (no fp32 copy of the whole
+    logits); eval keeps Hugging Face's own function; disable() restores the model's loss_function."""
+    from transformers.loss.loss_utils import ForCausalLMLoss
+
+    model = _hf("llama")
+    ref = copy.deepcopy(model)
+    assert model.loss_function is ForCausalLMLoss
+    cggr_hook.enable(model, **FIXED)
+    assert model.loss_function is not ForCausalLMLoss
+    seen = []
+    real_trace = head_mod.trace
+    monkeypatch.setattr(head_mod, "trace", lambda x, d: seen.append(x.dtype) or real_trace(x, d))
+    ids = torch.randint(0, 61, (2, 9))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(input_ids=ids, labels=ids)
+    assert seen == [torch.bfloat16]  # the loss input is the head's bf16 logits, not an fp32 copy
+    assert "GatedHead" in type(out.loss.grad_fn).__name__ and out.loss.dtype == torch.float32
+    # same value as gating Hugging Face's own fp32 path
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        X = ref(input_ids=ids).logits.float()[:, :-1].reshape(-1, 61)
+    t = ids[:, 1:].reshape(-1)
+    torch.testing.assert_close(out.loss, masked_reference_loss(X, t, reference_topk_rows(X.detach(), t, 0.25)))
+    model.eval()
+    with torch.no_grad():
+        seen.clear()
+        model(input_ids=ids, labels=ids)
+    assert seen == []  # eval: Hugging Face's own loss, not even offered to the gate
+    cggr_hook.disable(model)
+    assert model.loss_function is ForCausalLMLoss
+    assert "_loss_function" not in model.__dict__
