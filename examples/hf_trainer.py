@@ -68,8 +68,7 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0)
     args = p.parse_args(argv)
 
-    from transformers import (LlamaConfig, LlamaForCausalLM, Trainer, TrainerCallback,
-                              TrainingArguments)
+    from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments
 
     corpus = stdlib_text.load_corpus(vocab_size=args.vocab_size, max_bytes=args.max_bytes, cache_dir=args.cache_dir)
     train_ds = Sequences(corpus.train_sequences(args.seq_len))
@@ -111,18 +110,10 @@ def main(argv=None):
         disable_tqdm=True,
     )
 
-    class GateLog(TrainerCallback):
-        """Adds the gate's last figures to the Trainer's log lines."""
-
-        def on_log(self, targs, state, control, logs=None, **kw):
-            if logs is not None and "loss" in logs and not args.plain:
-                m = cggr_hook.metrics()
-                if m:
-                    logs["cggr_token_ratio"] = round(float(m["token_ratio"]), 4)
-                    logs["cggr_tokens"] = f"{m['tokens_selected']}/{m['tokens_total']}"
+    from cggr_hook.hf import CGGRCallback  # gate metrics in the logs, scheduler state in checkpoints
 
     trainer = Trainer(model=model, args=training_args, train_dataset=train_ds, eval_dataset=eval_ds,
-                      callbacks=[GateLog()])
+                      callbacks=[] if args.plain else [CGGRCallback()])
 
     if not args.plain:
         options = {}
