@@ -164,7 +164,7 @@ def enable(model: nn.Module, config: GateConfig | None = None, *, head: nn.Modul
         lm_head = head_mod.find_head(root, head)  # raises before anything is installed
         gate = Gate(model, root, lm_head, cfg)
         try:
-            patch.install(_handle_cross_entropy_eagerly)
+            patch.install(_handler_for_patch())
             scheduler.attach(_holds_gated_params)
         except BaseException:
             gate._detach()
@@ -351,6 +351,14 @@ def _gated_call(args: tuple, kwargs: dict) -> Tensor | None:
     return loss
 
 
-# torch.compile never traces into the handler: where a compiled region calls cross entropy, the
-# graph breaks and the handler runs eagerly on real tensors
-_handle_cross_entropy_eagerly = torch.compiler.disable(_handle_cross_entropy)
+_eager_handler: Any = None
+
+
+def _handler_for_patch() -> Any:
+    """The handler, opaque to torch.compile: where a compiled region calls cross entropy, the graph
+    breaks and the handler runs eagerly on real tensors. Made on first enable, because
+    ``torch.compiler.disable`` imports torch._dynamo (and triton), which importing cggr_hook must not."""
+    global _eager_handler
+    if _eager_handler is None:
+        _eager_handler = torch.compiler.disable(_handle_cross_entropy)
+    return _eager_handler

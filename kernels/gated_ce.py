@@ -19,6 +19,8 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from . import launch
+
 __all__ = ["ce_grad_rows", "ce_grad_dense_", "MAX_BLOCK_V", "NUM_WARPS"]
 
 # Tunables: the largest block of a row per loop iteration and the warps of one program (one row).
@@ -27,15 +29,14 @@ __all__ = ["ce_grad_rows", "ce_grad_dense_", "MAX_BLOCK_V", "NUM_WARPS"]
 # 4096 x 16 was at the top for the dense form at every V.
 MAX_BLOCK_V = 4096
 NUM_WARPS = 16
-MIN_BLOCK_V = 16
 
 
 def _block_v(V: int) -> int:
-    return max(MIN_BLOCK_V, min(triton.next_power_of_2(max(V, 1)), MAX_BLOCK_V))
+    return launch.block_v(V, MAX_BLOCK_V)
 
 
 def _num_warps(block_v: int) -> int:
-    return max(1, min(NUM_WARPS, block_v // 128))
+    return launch.num_warps(block_v, NUM_WARPS)
 
 
 @triton.jit

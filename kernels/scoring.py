@@ -21,6 +21,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
+from . import launch
 from .types import RowStats
 
 __all__ = ["row_stats", "MAX_BLOCK_V", "NUM_WARPS"]
@@ -31,16 +32,14 @@ __all__ = ["row_stats", "MAX_BLOCK_V", "NUM_WARPS"]
 # 2048 x 8 were 5-20% slower, 8192 (more registers a thread) and 16 warps slower still.
 MAX_BLOCK_V = 2048
 NUM_WARPS = 4
-MIN_BLOCK_V = 16
 
 
 def _block_v(V: int) -> int:
-    return max(MIN_BLOCK_V, min(triton.next_power_of_2(max(V, 1)), MAX_BLOCK_V))
+    return launch.block_v(V, MAX_BLOCK_V)
 
 
 def _num_warps(block_v: int) -> int:
-    # at least 4 elements a thread, at most NUM_WARPS warps
-    return max(1, min(NUM_WARPS, block_v // 128))
+    return launch.num_warps(block_v, NUM_WARPS)
 
 
 @triton.jit

@@ -16,6 +16,18 @@ if not torch.cuda.is_available():
 HAS_CUDA = torch.cuda.is_available()
 
 
+@pytest.fixture(autouse=True)
+def _no_gate_left_behind():
+    """Every test starts and ends with no gate enabled and a fresh global scheduler."""
+    import cggr_hook
+
+    cggr_hook.disable()
+    cggr_hook.scheduler.reset()
+    yield
+    cggr_hook.disable()
+    cggr_hook.scheduler.reset()
+
+
 def pytest_collection_modifyitems(config, items):
     skip_gpu = pytest.mark.skip(reason="needs a CUDA device")
     for item in items:

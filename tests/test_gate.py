@@ -21,15 +21,6 @@ ORIGINAL_CE = F.cross_entropy
 FIXED = dict(warmup_steps=0, dynamic_threshold=False)
 
 
-@pytest.fixture(autouse=True)
-def _clean():
-    cggr_hook.disable()
-    cggr_hook.scheduler.reset()
-    yield
-    cggr_hook.disable()
-    cggr_hook.scheduler.reset()
-
-
 def _pair(seed=0, **kw):
     torch.manual_seed(seed)
     a = TinyLM(**kw)

@@ -18,15 +18,6 @@ pytestmark = pytest.mark.gpu
 FIXED = dict(warmup_steps=0, dynamic_threshold=False)
 
 
-@pytest.fixture(autouse=True)
-def _clean():
-    cggr_hook.disable()
-    cggr_hook.scheduler.reset()
-    yield
-    cggr_hook.disable()
-    cggr_hook.scheduler.reset()
-
-
 @pytest.mark.parametrize("V", [32000, 128256])
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
 def test_triton_loss_matches_torch_backend_on_cuda(monkeypatch, V, reduction):

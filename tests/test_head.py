@@ -21,15 +21,6 @@ FIXED = dict(warmup_steps=0, dynamic_threshold=False)
 ORIGINAL_CE = F.cross_entropy
 
 
-@pytest.fixture(autouse=True)
-def _clean():
-    cggr_hook.disable()
-    cggr_hook.scheduler.reset()
-    yield
-    cggr_hook.disable()
-    cggr_hook.scheduler.reset()
-
-
 def _hf(family: str, vocab: int = 61):
     T = transformers
     torch.manual_seed(0)

@@ -13,15 +13,6 @@ transformers = pytest.importorskip("transformers")
 from cggr_hook.hf import STATE_FILE, CGGRCallback  # noqa: E402
 
 
-@pytest.fixture(autouse=True)
-def _clean():
-    cggr_hook.disable()
-    cggr_hook.scheduler.reset()
-    yield
-    cggr_hook.disable()
-    cggr_hook.scheduler.reset()
-
-
 class Rows(torch.utils.data.Dataset):
     def __init__(self, n, T=16, V=97, seed=0):
         self.x = torch.randint(0, V, (n, T), generator=torch.Generator().manual_seed(seed))

@@ -19,15 +19,6 @@ from common import TinyLM, masked_reference_loss, reference_topk_rows, shifted_l
 FIXED = dict(warmup_steps=0, dynamic_threshold=False)
 
 
-@pytest.fixture(autouse=True)
-def _clean():
-    cggr_hook.disable()
-    cggr_hook.scheduler.reset()
-    yield
-    cggr_hook.disable()
-    cggr_hook.scheduler.reset()
-
-
 def _idx(seed=0, B=3, T=12, V=37):
     return torch.randint(0, V, (B, T), generator=torch.Generator().manual_seed(seed))
 

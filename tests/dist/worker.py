@@ -8,6 +8,7 @@ Exits non-zero (an AssertionError) on any mismatch.
 from __future__ import annotations
 
 import copy
+import os
 import sys
 from pathlib import Path
 
@@ -84,5 +85,9 @@ if __name__ == "__main__":
     try:
         for w in sys.argv[1:] or ["ddp", "fsdp"]:
             run(w)
+        dist.barrier()
     finally:
         dist.destroy_process_group()
+    sys.stdout.flush()
+    # skip interpreter teardown: gloo's background threads can abort it after a clean run
+    os._exit(0)
