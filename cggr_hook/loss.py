@@ -65,7 +65,6 @@ class Plan:
 
     lse: Tensor  # (N,) fp32
     rows: Tensor  # (K,) int64 ascending, selected rows
-    row_loss: Tensor  # (K,) fp32, ce of each selected row
     grad_scale: Tensor  # (K,) fp32, d loss / d ce_r (mean / sum; 'none' scales by grad_output)
     loss: Tensor  # reduced loss (scalar) or (N,) with zeros at unselected rows
     metrics: dict = field(default_factory=dict)
@@ -73,8 +72,9 @@ class Plan:
 
 def _generator(device: torch.device, seed: int, step: int, call: int) -> torch.Generator:
     g = torch.Generator(device=device)
-    # a fixed mix of (seed, step, call): a resumed run draws what the uninterrupted one drew
-    g.manual_seed((seed * 1_000_003 + step * 7919 + call) % (1 << 63))
+    # a function of (seed, step, call) alone (the hash of a tuple of ints is not salted): a
+    # resumed run draws what the uninterrupted one drew
+    g.manual_seed(hash((seed, step, call)) & ((1 << 63) - 1))
     return g
 
 
@@ -162,7 +162,7 @@ def plan(logits: Tensor, targets: Tensor, seq: int | tuple[Tensor, int] | None, 
         "selection": config.selection,
         "scoring": config.scoring,
     }
-    return Plan(stats.lse, rows, row_loss, grad_scale, loss, metrics)
+    return Plan(stats.lse, rows, grad_scale, loss, metrics)
 
 
 def _row_scale(p: Plan, grad_output: Tensor, reduction: str) -> Tensor:
