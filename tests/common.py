@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
@@ -76,3 +77,44 @@ def masked_reference_loss(logits: torch.Tensor, targets: torch.Tensor, rows: tor
     w = kw.get("weight")
     denom = w[targets[rows]].sum() if w is not None else torch.tensor(float(len(rows)))
     return total / denom
+
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+@contextlib.contextmanager
+def nan_empty():
+    """torch.empty returns NaN-filled float tensors inside the block, so an unwritten output shows."""
+    real = torch.empty
+
+    def empty(*args, **kwargs):
+        t = real(*args, **kwargs)
+        if t.is_floating_point():
+            t.fill_(float("nan"))
+        return t
+
+    torch.empty = empty
+    try:
+        yield
+    finally:
+        torch.empty = real
+
+
+def make_logits(B, T, V, dtype, layout, scale=3.0, gen=None):
+    """(B, T, V) random logits of ``dtype`` on DEVICE in the given layout (a view, not a copy)."""
+
+    def rand(*shape):
+        return (torch.randn(*shape, generator=gen) * scale).to(dtype=dtype, device=DEVICE)
+
+    if layout == "contiguous":
+        x = rand(B, T, V)
+    elif layout == "shifted":
+        # the usual next-token view: logits[:, :-1] of a (B, T + 1, V) tensor
+        x = rand(B, T + 1, V)[:, :-1]
+    elif layout == "vocab_strided":
+        # vocabulary is the slowest dimension: the stride of V is B * T, not 1
+        x = rand(V, B, T).permute(1, 2, 0)
+    else:
+        raise AssertionError(layout)
+    assert x.is_contiguous() == (layout == "contiguous") or V == 1
+    return x

@@ -14,15 +14,6 @@ from cggr_hook import GateConfig
 ORIGINAL_CE = F.cross_entropy
 
 
-@pytest.fixture(autouse=True)
-def clean_state():
-    cggr_hook.disable()
-    cggr_hook.scheduler.reset()
-    yield
-    cggr_hook.disable()
-    cggr_hook.scheduler.reset()
-
-
 class TinyLM(nn.Module):
     def __init__(self, vocab=11, dim=5):
         super().__init__()

@@ -4,15 +4,14 @@ Without CUDA the kernels run under Triton's interpreter (conftest sets TRITON_IN
 CPU cases stay small; the ``gpu`` cases run at full size on a CUDA device.
 """
 
-import contextlib
 
 import pytest
 import torch
 
 import cggr_hook.kernels as K
+from common import DEVICE, make_logits, nan_empty
 from cggr_hook.kernels import gated_ce, reference
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 LAYOUTS = ["contiguous", "shifted", "vocab_strided"]
 # (label_smoothing, with class weights)
@@ -40,42 +39,6 @@ def block(request, monkeypatch):
     if request.param == "small_block":
         monkeypatch.setattr(gated_ce, "MAX_BLOCK_V", 16)
     return request.param
-
-
-@contextlib.contextmanager
-def nan_empty():
-    """torch.empty returns NaN-filled float tensors inside the block, so an unwritten output shows."""
-    real = torch.empty
-
-    def empty(*args, **kwargs):
-        t = real(*args, **kwargs)
-        if t.is_floating_point():
-            t.fill_(float("nan"))
-        return t
-
-    torch.empty = empty
-    try:
-        yield
-    finally:
-        torch.empty = real
-
-
-def make_logits(B, T, V, dtype, layout, scale=3.0, gen=None):
-    """(B, T, V) random logits of ``dtype`` on DEVICE in the given layout (a view, not a copy)."""
-
-    def rand(*shape):
-        return (torch.randn(*shape, generator=gen) * scale).to(dtype=dtype, device=DEVICE)
-
-    if layout == "contiguous":
-        x = rand(B, T, V)
-    elif layout == "shifted":
-        x = rand(B, T + 1, V)[:, :-1]
-    elif layout == "vocab_strided":
-        x = rand(V, B, T).permute(1, 2, 0)
-    else:
-        raise AssertionError(layout)
-    assert x.is_contiguous() == (layout == "contiguous") or V == 1
-    return x
 
 
 def lse_of(x):

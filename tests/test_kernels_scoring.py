@@ -4,16 +4,15 @@ Without CUDA the kernels run under Triton's interpreter (conftest sets TRITON_IN
 CPU cases stay small; the ``gpu`` cases run at full size on a CUDA device.
 """
 
-import contextlib
 import math
 
 import pytest
 import torch
 
 import cggr_hook.kernels as K
+from common import DEVICE, make_logits, nan_empty
 from cggr_hook.kernels import reference, scoring
 
-DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 LAYOUTS = ["contiguous", "shifted", "vocab_strided"]
 FIELDS = ("lse", "entropy", "p_top1", "p_top2", "nll")
@@ -31,44 +30,6 @@ def triton_backend(monkeypatch):
 
     monkeypatch.setattr(scoring, "row_stats", spy)
     return calls
-
-
-@contextlib.contextmanager
-def nan_empty():
-    """torch.empty returns NaN-filled float tensors inside the block, so an unwritten output shows."""
-    real = torch.empty
-
-    def empty(*args, **kwargs):
-        t = real(*args, **kwargs)
-        if t.is_floating_point():
-            t.fill_(float("nan"))
-        return t
-
-    torch.empty = empty
-    try:
-        yield
-    finally:
-        torch.empty = real
-
-
-def make_logits(B, T, V, dtype, layout, scale=3.0, gen=None):
-    """(B, T, V) random logits of ``dtype`` on DEVICE in the given layout (a view, not a copy)."""
-
-    def rand(*shape):
-        return (torch.randn(*shape, generator=gen) * scale).to(dtype=dtype, device=DEVICE)
-
-    if layout == "contiguous":
-        x = rand(B, T, V)
-    elif layout == "shifted":
-        # the usual next-token view: logits[:, :-1] of a (B, T + 1, V) tensor
-        x = rand(B, T + 1, V)[:, :-1]
-    elif layout == "vocab_strided":
-        # vocabulary is the slowest dimension: the stride of V is B * T, not 1
-        x = rand(V, B, T).permute(1, 2, 0)
-    else:
-        raise AssertionError(layout)
-    assert x.is_contiguous() == (layout == "contiguous") or V == 1
-    return x
 
 
 def make_targets(N, V, gen=None, ignore_index=-100):

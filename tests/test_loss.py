@@ -8,7 +8,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import cggr_hook
 from cggr_hook import CGGRLoss
 
 from common import masked_reference_loss, reference_topk_rows

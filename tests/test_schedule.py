@@ -16,15 +16,6 @@ from cggr_hook import GateConfig, Scheduler
 from cggr_hook.schedule import curriculum_ratio, dynamic_ratio, tokens_to_keep
 
 
-@pytest.fixture(autouse=True)
-def clean_state():
-    cggr_hook.disable()
-    cggr_hook.scheduler.reset()
-    yield
-    cggr_hook.disable()
-    cggr_hook.scheduler.reset()
-
-
 def expected_k(r_decimal: str, n: int) -> int:
     """k for the decimal ratio ``r_decimal`` in exact arithmetic: max(1, floor(r n + 1/2)), at most n."""
     if n == 0:
