@@ -100,16 +100,14 @@ def plan(logits: Tensor, targets: Tensor, seq: int | tuple[Tensor, int] | None, 
     diff = score.difficulty(stats, config.scoring, V, valid, gen)
     prep = select.prepare(diff, valid, config, seq)
 
-    sums = torch.stack([
-        valid.sum().double(),
-        (not_ignored & ~in_range).sum().double(),
-        torch.where(valid, stats.p_top1, 0.0).sum().double(),
-        torch.where(valid, stats.entropy, 0.0).sum().double(),
-        torch.where(valid, diff, 0.0).sum().double(),
-    ])
+    # what the host must know, in one read: valid and bad-target counts, the metric sums over
+    # valid rows (top-1 probability, entropy, difficulty) and sequence_aware's kept ranks
+    counts = torch.stack([valid, not_ignored & ~in_range]).sum(1, dtype=torch.float64)
+    per_row = torch.where(valid, torch.stack([stats.p_top1, stats.entropy, diff]), 0.0)
+    parts = [counts, per_row.sum(1, dtype=torch.float64)]
     if prep.keep_ranks is not None:
-        sums = torch.cat([sums, prep.keep_ranks.double()])
-    host = sums.tolist()  # the one host synchronisation of the call
+        parts.append(prep.keep_ranks.double())
+    host = torch.cat(parts).tolist()  # the one host synchronisation of the call
     n_valid, n_bad = int(host[0]), int(host[1])
     if n_bad:
         raise ValueError(
