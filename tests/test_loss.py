@@ -225,3 +225,14 @@ def test_triton_backend_matches_reference(monkeypatch):
         results[backend] = (loss.detach(), x.grad)
     torch.testing.assert_close(results["triton"][0], results["torch"][0], rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(results["triton"][1], results["torch"][1], rtol=1e-5, atol=1e-6)
+
+
+def test_full_ratio_with_smoothing_weights_and_ignored_targets_equals_torch():
+    """At 100% of tokens the gated loss is torch's, label smoothing, weights and ignored rows included."""
+    x = torch.randn(30, 11)
+    t = torch.randint(0, 11, (30,))
+    t[:7] = -100
+    w = torch.rand(11) + 0.5
+    for kw in (dict(label_smoothing=0.2), dict(label_smoothing=0.2, weight=w), dict(weight=w)):
+        got = CGGRLoss(min_tokens_ratio=1.0, **FIXED, **kw)(x, t)
+        torch.testing.assert_close(got, F.cross_entropy(x, t, **kw))
