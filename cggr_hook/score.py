@@ -41,6 +41,5 @@ def difficulty(stats: RowStats, scoring: str, vocab: int, valid: Tensor,
         d = torch.rand(valid.shape, generator=generator, device=valid.device, dtype=torch.float32)
     else:  # GateConfig validates; this guards internal misuse
         raise ValueError(f"cggr_hook: unknown scoring {scoring!r}")
-    d = d.float()
-    d = torch.where(torch.isnan(d), torch.full_like(d, math.inf), d)
-    return torch.where(valid, d, torch.full_like(d, -math.inf))
+    d = d.float().nan_to_num(nan=math.inf, posinf=math.inf, neginf=-math.inf)
+    return d.masked_fill(~valid, -math.inf)
