@@ -12,7 +12,6 @@ function's call, untouched:
 from __future__ import annotations
 
 import contextlib
-import itertools
 import threading
 import warnings
 import weakref
@@ -26,13 +25,12 @@ from . import hf_loss
 from . import patch
 from .config import GateConfig, make_config
 from .loss import GatedCrossEntropy, GatedHeadCrossEntropy, LossSpec, Request
-from .schedule import Scheduler, optimizer_holds
+from .schedule import Scheduler
 
 scheduler = Scheduler()
 
 _lock = threading.RLock()
 _gates: "weakref.WeakKeyDictionary[nn.Module, Gate]" = weakref.WeakKeyDictionary()
-_keys = itertools.count()
 _local = threading.local()  # .paused: bool, .in_handler: bool
 _last_metrics: dict = {}
 _warned: set[str] = set()
@@ -56,7 +54,9 @@ class Gate:
         self._root = weakref.ref(root)
         self.head = head
         self.config = config
-        self.key = f"gate{next(_keys)}"
+        # names the gate's running confidence average in the scheduler: stable across re-enabling
+        # and across processes, so gated() blocks and resumed runs keep the same average
+        self.key = f"{type(root).__name__}:{head.in_features}x{head.out_features}"
         self._param_ids = frozenset(id(p) for p in root.parameters())
         # sharded parameters (FSDP2 / DTensor) are gathered by their wrapper's own autograd hooks:
         # the gradient then takes the ordinary path through the logits and the head
@@ -69,7 +69,10 @@ class Gate:
 
     # the forward hook on the LM head
     def _on_head_forward(self, module: nn.Module, args: tuple, output: Any) -> Any:
-        if not (self.enabled and module.training and torch.is_grad_enabled() and not _paused()):
+        # module is not self.head in a deep copy of a gated model, which carries the hook along:
+        # a copy is not gated by a gate it was not enabled on
+        if not (self.enabled and module is self.head and module.training and torch.is_grad_enabled()
+                and not _paused()):
             return None
         if not isinstance(output, Tensor) or not output.requires_grad or not args or not isinstance(args[0], Tensor):
             return None
@@ -86,9 +89,6 @@ class Gate:
     @property
     def model(self) -> nn.Module | None:
         return self._model()
-
-    def holds(self, optimizer: torch.optim.Optimizer) -> bool:
-        return optimizer_holds(optimizer, self._param_ids)
 
     def remove(self) -> None:
         """Disable this gate (``cggr_hook.disable(model)``)."""
@@ -133,12 +133,6 @@ def _is_sharded(root: nn.Module, head: nn.Linear) -> bool:
 # --------------------------------------------------------------------------------------------------
 # enable / disable
 # --------------------------------------------------------------------------------------------------
-def _holds_gated_params(optimizer: torch.optim.Optimizer) -> bool:
-    with _lock:
-        gates = list(_gates.values())
-    return any(g.holds(optimizer) for g in gates)
-
-
 def enable(model: nn.Module, config: GateConfig | None = None, *, head: nn.Module | str | None = None,
            **options: Any) -> Gate:
     """Gate ``model``'s loss from now on; returns its ``Gate`` (``.remove()`` undoes it).
@@ -165,7 +159,7 @@ def enable(model: nn.Module, config: GateConfig | None = None, *, head: nn.Modul
         gate = Gate(model, root, lm_head, cfg)
         try:
             patch.install(_handler_for_patch())
-            scheduler.attach(_holds_gated_params)
+            scheduler.attach()
         except BaseException:
             gate._detach()
             if not _gates:
@@ -328,27 +322,33 @@ def _gated_call(args: tuple, kwargs: dict) -> Tensor | None:
     spec = LossSpec(ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing, weight=weight)
     spec.check(V)
 
-    call.consumed = True
     out = call.output
     if gate.through_logits:
         # gated loss on the loss input itself; its gradient flows back through the logits' graph
         xr = x.movedim(class_dim, -1) if class_dim != x.dim() - 1 else x
         seq = (tr.rows // out.shape[-2], out.numel() // (out.shape[-2] * V)) if out.dim() >= 3 else None
-        req = Request(gate.config, scheduler, gate.key, spec, seq=seq, on_metrics=_record_metrics)
+        req = Request(gate.config, scheduler, gate.key, spec, seq=seq, on_metrics=_record_metrics,
+                      param_ids=gate._param_ids)
         loss = GatedCrossEntropy.apply(xr, target.to(device=x.device, dtype=torch.long), req, False)
-        call.hidden = call.output = None
+        _consume(call)
         return loss
     n_head_rows = out.numel() // max(V, 1)
     t_head = torch.full((n_head_rows,), ignore_index, dtype=torch.long, device=out.device)
     t_head[tr.rows] = target.reshape(-1).to(device=out.device, dtype=torch.long)
     seq = out.shape[-2] if out.dim() >= 3 else None
-    req = Request(gate.config, scheduler, gate.key, spec, seq=seq, on_metrics=_record_metrics)
+    req = Request(gate.config, scheduler, gate.key, spec, seq=seq, on_metrics=_record_metrics,
+                  param_ids=gate._param_ids)
     lin = call.head
     loss = GatedHeadCrossEntropy.apply(call.hidden, lin.weight, lin.bias, out.detach(), t_head, tr.rows,
                                        target.shape, req)
-    # drop the references the tap no longer needs
-    call.hidden = call.output = None
+    _consume(call)
     return loss
+
+
+def _consume(call: head_mod.HeadCall) -> None:
+    """Later cross entropies on this head call get the plain loss; drop what the tap held."""
+    call.consumed = True
+    call.hidden = call.output = None
 
 
 _eager_handler: Any = None

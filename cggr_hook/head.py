@@ -180,7 +180,8 @@ def trace(x: Tensor, class_dim: int) -> Trace | None:
         name = type(node).__name__
         if not (name in _SAME_ROWS or name in _RESHAPES or name in (
                 "SliceBackward0", "SelectBackward0", "TransposeBackward0", "TBackward0",
-                "PermuteBackward0", "UnsqueezeBackward0")):
+                "PermuteBackward0", "UnsqueezeBackward0", "SqueezeBackward0", "SqueezeBackward1",
+                "SqueezeBackward2")):
             return None
         nxt = node.next_functions
         if len(nxt) != 1 and name != "SliceBackward0":
@@ -203,19 +204,19 @@ def trace(x: Tensor, class_dim: int) -> Trace | None:
         if name in _SAME_ROWS:
             inp = out
         elif name in ("TransposeBackward0", "TBackward0"):
-            d0, d1 = (0, 1) if name == "TBackward0" else (op._saved_dim0, op._saved_dim1)
+            d0, d1 = (0, 1) if name == "TBackward0" else (_signed(op._saved_dim0), _signed(op._saved_dim1))
             inp = list(out)
             d0, d1 = d0 % len(out), d1 % len(out)
             inp[d0], inp[d1] = inp[d1], inp[d0]
             inp = tuple(inp)
         elif name == "PermuteBackward0":
-            dims = [d % len(out) for d in op._saved_dims]
+            dims = [_signed(d) % len(out) for d in op._saved_dims]
             inp = [0] * len(out)
             for i, d in enumerate(dims):
                 inp[d] = out[i]
             inp = tuple(inp)
         elif name == "UnsqueezeBackward0":
-            d = op._saved_dim % len(out)
+            d = _signed(op._saved_dim) % len(out)
             inp = out[:d] + out[d + 1:]
         else:
             inp = tuple(op._saved_self_sym_sizes)
@@ -238,7 +239,7 @@ def trace(x: Tensor, class_dim: int) -> Trace | None:
             R = R.reshape(*out_shape[:-1], 1)
             vdim = R.dim() - 1
         elif name == "SliceBackward0":
-            d = op._saved_dim % R.dim()
+            d = _signed(op._saved_dim) % R.dim()
             start, end, step = _signed(op._saved_start), _signed(op._saved_end), _signed(op._saved_step)
             if d == vdim:
                 if range(V)[start:end:step] != range(V):
@@ -248,23 +249,36 @@ def trace(x: Tensor, class_dim: int) -> Trace | None:
             index[d] = slice(start, end, step)
             R = R[tuple(index)]
         elif name == "SelectBackward0":
-            d = op._saved_dim % R.dim()
+            d = _signed(op._saved_dim) % R.dim()
             if d == vdim:
                 return None
             R = R.select(d, _signed(op._saved_index))
             vdim -= 1 if d < vdim else 0
         elif name in ("TransposeBackward0", "TBackward0"):
-            d0, d1 = (0, 1) if name == "TBackward0" else (op._saved_dim0 % R.dim(), op._saved_dim1 % R.dim())
+            d0, d1 = (0, 1) if name == "TBackward0" else (_signed(op._saved_dim0) % R.dim(), _signed(op._saved_dim1) % R.dim())
             R = R.transpose(d0, d1)
             vdim = d1 if vdim == d0 else d0 if vdim == d1 else vdim
         elif name == "PermuteBackward0":
-            dims = [d % R.dim() for d in op._saved_dims]
+            dims = [_signed(d) % R.dim() for d in op._saved_dims]
             R = R.permute(dims)
             vdim = dims.index(vdim)
         elif name == "UnsqueezeBackward0":
-            d = op._saved_dim % (R.dim() + 1)
+            d = _signed(op._saved_dim) % (R.dim() + 1)
             R = R.unsqueeze(d)
             vdim += 1 if d <= vdim else 0
+        elif name.startswith("SqueezeBackward"):
+            in_shape = shapes[i + 1]
+            if name == "SqueezeBackward0":
+                asked = range(len(in_shape))
+            else:
+                saved = op._saved_dim
+                asked = [_signed(d) % len(in_shape) for d in (saved if isinstance(saved, tuple) else (saved,))]
+            removed = sorted(d for d in asked if in_shape[d] == 1)
+            if vdim in removed:
+                return None
+            if removed:
+                R = R.squeeze(tuple(removed))
+            vdim -= sum(1 for d in removed if d < vdim)
         if tuple(s for j, s in enumerate(R.shape) if j != vdim) != tuple(
                 s for j, s in enumerate(out_shape) if j != vdim):
             return None
@@ -279,9 +293,11 @@ def trace(x: Tensor, class_dim: int) -> Trace | None:
 def _trace_compiled(x: Tensor, class_dim: int, node: Any) -> Trace | None:
     """The loss input is the output of a torch.compile'd region fed by a tap: the operations in
     between are compiled away, so the row map is inferred. Candidates are the ways a causal-LM
-    loss takes the head's rows (all of them, or each sequence without its last / first position);
-    one is taken only if it matches the input's values exactly at three vocabulary columns and no
-    other candidate does. One host read, only on this path."""
+    loss takes the head's rows (all of them, or each sequence without its last / first position).
+    Three vocabulary columns pick the candidate; it is taken only if it is the only one that fits
+    there and the whole input then equals those head rows exactly (checked in chunks, so a
+    compiled region that changes any logit keeps the plain loss). Two host reads, on this path
+    only."""
     taps = [n for n, _ in node.next_functions if isinstance(n, HeadTap._backward_cls)]
     if len(taps) != 1 or taps[0].call.consumed:
         return None
@@ -303,7 +319,14 @@ def _trace_compiled(x: Tensor, class_dim: int, node: Any) -> Trace | None:
     matches = torch.stack([(H[c][:, cols].to(X.dtype) == probe).all() for c in candidates]).tolist()
     if sum(matches) != 1:
         return None
-    return Trace(call, candidates[matches.index(True)], True)
+    rows = candidates[matches.index(True)]
+    step = max(1, (1 << 24) // max(V, 1))  # rows per chunk: at most 16M elements of temporaries
+    same = torch.ones((), dtype=torch.bool, device=out.device)
+    for a in range(0, rows.numel(), step):
+        same &= (H[rows[a:a + step]].to(X.dtype) == X[a:a + step]).all()
+    if not bool(same):
+        return None
+    return Trace(call, rows, True)
 
 
 def tap_behind(x: Tensor, max_nodes: int = 64) -> str | None:

@@ -24,6 +24,7 @@ selection, the per-row losses, and a single host synchronisation.
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass, field
 
 import torch
@@ -45,13 +46,20 @@ class LossSpec:
     label_smoothing: float = 0.0
     weight: Tensor | None = None
 
+    def __post_init__(self) -> None:
+        # NumPy scalars and other number types mean what torch takes them to mean
+        if isinstance(self.ignore_index, numbers.Integral) and not isinstance(self.ignore_index, bool):
+            object.__setattr__(self, "ignore_index", int(self.ignore_index))
+        if isinstance(self.label_smoothing, numbers.Real) and not isinstance(self.label_smoothing, bool):
+            object.__setattr__(self, "label_smoothing", float(self.label_smoothing))
+
     def check(self, vocab: int) -> None:
         if self.reduction not in REDUCTIONS:
             raise ValueError(f"cggr_hook: reduction={self.reduction!r} is not valid; use 'mean', 'sum' or 'none'")
         ls = self.label_smoothing
-        if not isinstance(ls, (int, float)) or isinstance(ls, bool) or not 0.0 <= ls <= 1.0:
+        if not isinstance(ls, numbers.Real) or isinstance(ls, bool) or not 0.0 <= ls <= 1.0:
             raise ValueError(f"cggr_hook: label_smoothing={ls!r} must be a number in [0, 1]")
-        if isinstance(self.ignore_index, bool) or not isinstance(self.ignore_index, int):
+        if isinstance(self.ignore_index, bool) or not isinstance(self.ignore_index, numbers.Integral):
             raise ValueError(f"cggr_hook: ignore_index={self.ignore_index!r} must be an int")
         w = self.weight
         if w is not None and (not isinstance(w, Tensor) or w.dim() != 1 or w.numel() != vocab or not w.is_floating_point()):
@@ -79,7 +87,7 @@ def _generator(device: torch.device, seed: int, step: int, call: int) -> torch.G
 
 
 def plan(logits: Tensor, targets: Tensor, seq: int | tuple[Tensor, int] | None, config: GateConfig, scheduler: Scheduler,
-         key: str, spec: LossSpec) -> Plan:
+         key: str, spec: LossSpec, param_ids: frozenset[int] = frozenset()) -> Plan:
     """Score, select and compute the loss of rows of ``logits`` (B, T, V) with ``targets`` (B*T,).
 
     ``seq``: the sequences of the rows for ``sequence_aware`` (``select.prepare``).
@@ -116,7 +124,7 @@ def plan(logits: Tensor, targets: Tensor, seq: int | tuple[Tensor, int] | None, 
         )
     confidence = host[2] / n_valid if n_valid else math.nan
 
-    ratio, step, call = scheduler.begin_call(config, key, confidence)
+    ratio, step, call = scheduler.begin_call(config, key, confidence, param_ids)
     k = tokens_to_keep(ratio, n_valid)
     keep_ranks = [int(r) for r in host[5:]] if prep.keep_ranks is not None else None
     n_sel = select.count_selected(config, k, N, keep_ranks)
@@ -180,6 +188,7 @@ class Request:
     spec: LossSpec
     seq: int | tuple[Tensor, int] | None = None  # sequences of the rows (select.prepare)
     on_metrics: object = None  # callable(dict) receiving the call's metrics
+    param_ids: frozenset = frozenset()  # the gated model's parameters (their optimizer's step counts)
     plan: Plan | None = None
 
 
@@ -189,7 +198,8 @@ class GatedCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, logits: Tensor, targets: Tensor, req: Request, inplace: bool) -> Tensor:
         rows3d = kernels.as_rows(logits)
-        p = plan(rows3d, targets.reshape(-1), req.seq, req.config, req.scheduler, req.key, req.spec)
+        p = plan(rows3d, targets.reshape(-1), req.seq, req.config, req.scheduler, req.key, req.spec,
+                 req.param_ids)
         req.plan = p
         if req.on_metrics is not None:
             req.on_metrics(p.metrics)
@@ -228,7 +238,8 @@ class GatedHeadCrossEntropy(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden: Tensor, weight: Tensor, bias: Tensor | None, head_out: Tensor, targets: Tensor,
                 ce_rows: Tensor, ce_shape: torch.Size, req: Request) -> Tensor:
-        p = plan(kernels.as_rows(head_out), targets, req.seq, req.config, req.scheduler, req.key, req.spec)
+        p = plan(kernels.as_rows(head_out), targets, req.seq, req.config, req.scheduler, req.key, req.spec,
+                 req.param_ids)
         req.plan = p
         if req.on_metrics is not None:
             req.on_metrics(p.metrics)

@@ -13,17 +13,19 @@ so a batch less confident than usual keeps more tokens. The number of tokens kep
 is k = max(1, floor(r' * n + 0.5)) (k = 0 when n = 0), computed in float64 so noise in r never moves k.
 
 The global scheduler counts steps through PyTorch's global optimizer post-step hook: a step of any
-optimizer that holds a gated model's parameters counts once, if a gated loss was computed since the
-last counted step. So gradient accumulation counts optimizer steps, not micro-batches; a second
-optimizer stepping in the same iteration does not count twice; a step that GradScaler skips never
-calls the hook and is not counted.
+optimizer that holds the parameters of a model whose loss was gated since the last counted step
+counts once. So gradient accumulation counts optimizer steps, not micro-batches; a second optimizer
+stepping in the same iteration does not count twice; a step that GradScaler skips never calls the
+hook and is not counted. The hook is registered by the first ``enable`` and removed by the last
+``disable``, or, when a gated loss is still waiting for its optimizer step (``with gated(model):``
+around the forward only), right after that step is counted.
 """
 
 from __future__ import annotations
 
 import math
 import threading
-from typing import Any, Callable, Iterable
+from typing import Any, Iterable
 
 import torch
 from torch.optim.optimizer import register_optimizer_step_post_hook
@@ -75,16 +77,19 @@ class Scheduler:
         self.calls_in_step = 0  # gated calls since the last counted step: seeds random draws
         self.confidence_avg: dict[str, float] = {}
         self._pending = False  # a gated call happened since the last counted step
+        self._pending_ids: frozenset[int] = frozenset()  # ids of the parameters behind those calls
         self._hook_handle = None
-        self._holds_gated_params: Callable[[torch.optim.Optimizer], bool] | None = None
+        self._release_after_step = False
 
     # --- the ratio ---------------------------------------------------------------------------------
     def ratio(self, config: GateConfig | None = None) -> float:
         """The curriculum ratio at the current step for ``config`` (default options when None)."""
         return curriculum_ratio(self.step_count, config or _default_config())
 
-    def begin_call(self, config: GateConfig, key: str, confidence: float) -> tuple[float, int, int]:
-        """Ratio for one gated call (curriculum, then dynamic), updating the running confidence.
+    def begin_call(self, config: GateConfig, key: str, confidence: float,
+                   param_ids: frozenset[int] = frozenset()) -> tuple[float, int, int]:
+        """Ratio for one gated call (curriculum, then dynamic), updating the running confidence;
+        ``param_ids``: the gated model's parameters, whose optimizer's next step counts.
 
         Returns (ratio, step, call index within the step); the last two seed the call's draws.
         """
@@ -100,6 +105,8 @@ class Scheduler:
             step, call = self.step_count, self.calls_in_step
             self.calls_in_step += 1
             self._pending = True
+            if param_ids is not self._pending_ids:
+                self._pending_ids = self._pending_ids | param_ids
             return r, step, call
 
     # --- stepping ---------------------------------------------------------------------------------
@@ -109,28 +116,36 @@ class Scheduler:
             self.step_count += 1
             self.calls_in_step = 0
             self._pending = False
+            self._pending_ids = frozenset()
 
-    def attach(self, holds_gated_params: Callable[[torch.optim.Optimizer], bool]) -> None:
+    def attach(self) -> None:
         """Count steps from PyTorch's global optimizer post-step hook (idempotent)."""
-        self._holds_gated_params = holds_gated_params
+        self._release_after_step = False
         if self._hook_handle is None:
             self._hook_handle = register_optimizer_step_post_hook(self._on_optimizer_step)
 
     def detach(self) -> None:
+        """Stop counting: now, or after the step a pending gated loss is waiting for."""
+        if self._pending:
+            self._release_after_step = True
+        else:
+            self._remove_hook()
+
+    def _remove_hook(self) -> None:
         if self._hook_handle is not None:
             self._hook_handle.remove()
             self._hook_handle = None
-        self._holds_gated_params = None
+        self._release_after_step = False
 
     @property
     def attached(self) -> bool:
         return self._hook_handle is not None
 
     def _on_optimizer_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-        if not self._pending or self._holds_gated_params is None:
-            return
-        if self._holds_gated_params(optimizer):
+        if self._pending and optimizer_holds(optimizer, self._pending_ids):
             self.step()
+            if self._release_after_step:
+                self._remove_hook()
 
     # --- checkpoints -----------------------------------------------------------------------------
     def state_dict(self) -> dict:
@@ -159,6 +174,9 @@ class Scheduler:
             self.calls_in_step = 0
             self.confidence_avg = {}
             self._pending = False
+            self._pending_ids = frozenset()
+        if self._release_after_step:
+            self._remove_hook()
 
     def __repr__(self) -> str:
         return f"Scheduler(step_count={self.step_count}, attached={self.attached})"

@@ -126,16 +126,24 @@ def finish(prep: Prepared, n_valid: int, k: int, n_selected: int, config: GateCo
         sizes = strata_sizes(n_valid, config.num_strata)
         quotas = strata_quotas(n_valid, k, config.num_strata)
         S = len(sizes)
-        sizes_t = torch.tensor(sizes, device=dev)
-        # bucket of each valid row by its position in the difficulty order (output_size: no sync)
-        bucket = torch.repeat_interleave(torch.arange(S, device=dev), sizes_t, output_size=n_valid)
-        starts = torch.cumsum(sizes_t, 0) - sizes_t
+        # bucket of each valid row by its position in the difficulty order: the first n % S
+        # buckets hold one row more. Host numbers enter as scalars (a small host-to-device copy
+        # from pageable memory would wait for the stream: a hidden sync).
+        q, r = divmod(n_valid, S)
+        big = r * (q + 1)
+        pos = torch.arange(n_valid, device=dev)
+        bucket = torch.where(pos < big, pos // (q + 1), r + (pos - big) // max(q, 1))
         # sample inside each bucket: order by a uniform key, then stably by bucket
         u = torch.rand(n_valid, generator=generator, device=dev)
         by_u = torch.sort(u).indices
         grouped = by_u[torch.sort(bucket[by_u], stable=True).indices]
-        rank_in_bucket = torch.arange(n_valid, device=dev) - starts[bucket[grouped]]
-        take = rank_in_bucket < torch.tensor(quotas, device=dev)[bucket[grouped]]
+        b = bucket[grouped]
+        start = torch.where(b < r, b * (q + 1), big + (b - r) * q)
+        rank_in_bucket = pos - start
+        quota = torch.zeros_like(b)
+        for i, qi in enumerate(quotas):
+            quota.masked_fill_(b == i, qi)
+        take = rank_in_bucket < quota
         rows = _first_marked(order[:n_valid][grouped], take, k)
     elif config.selection == "sequence_aware":
         mark = (prep.rank < k) | prep.keep

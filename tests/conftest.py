@@ -20,9 +20,11 @@ HAS_CUDA = torch.cuda.is_available()
 def _no_gate_left_behind():
     """Every test starts and ends with no gate enabled and a fresh global scheduler."""
     import cggr_hook
+    from cggr_hook import gate
 
     cggr_hook.disable()
     cggr_hook.scheduler.reset()
+    gate._warned.clear()
     yield
     cggr_hook.disable()
     cggr_hook.scheduler.reset()

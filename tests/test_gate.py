@@ -339,3 +339,61 @@ def test_through_logits_route_equals_the_head_route(reduction, selection):
     torch.testing.assert_close(l0, l1)
     for name in g0:
         torch.testing.assert_close(g0[name], g1[name], msg=name)
+
+
+def test_step_after_a_gated_block_counts():
+    """``with gated(model):`` around the forward only: the optimizer step after the block belongs
+    to the gated loss and counts, so the curriculum advances."""
+    model = TinyLM()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    for s in range(3):
+        with cggr_hook.gated(model, min_tokens_ratio=0.25, warmup_steps=2, dynamic_threshold=False):
+            loss = shifted_loss(model, _idx(seed=s))
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    assert cggr_hook.scheduler.step_count == 3
+    assert cggr_hook.metrics()["token_ratio"] == pytest.approx(round(0.25 * 27) / 27)
+    assert len(_global_optimizer_post_hooks) == 0 and F.cross_entropy is ORIGINAL_CE
+
+
+def test_dynamic_average_survives_re_enabling():
+    """The running confidence average is keyed by the model, not by the gate object: a new gated()
+    block continues it, and so does a resumed scheduler."""
+    model = TinyLM()
+    for s in range(3):
+        with cggr_hook.gated(model, warmup_steps=0, dynamic_threshold=True):
+            shifted_loss(model, _idx(seed=s))
+    assert len(cggr_hook.scheduler.confidence_avg) == 1
+
+
+def test_bad_target_does_not_consume_the_logits():
+    model = TinyLM()
+    cggr_hook.enable(model, **FIXED)
+    idx = _idx()
+    logits = model(idx)
+    X, t = logits[:, :-1].reshape(-1, 37), idx[:, 1:].reshape(-1)
+    bad = t.clone()
+    bad[0] = 99
+    with pytest.raises(ValueError):
+        F.cross_entropy(X, bad)
+    assert "GatedHead" in type(F.cross_entropy(X, t).grad_fn).__name__  # the corrected retry is gated
+
+
+def test_numpy_scalar_arguments_are_accepted():
+    np = pytest.importorskip("numpy")
+    model, ref = _pair()
+    cggr_hook.enable(model, **FIXED, min_tokens_ratio=1.0)
+    idx = _idx()
+    got = shifted_loss(model, idx, ignore_index=np.int64(3), label_smoothing=np.float32(0.1))
+    want = shifted_loss(ref, idx, ignore_index=3, label_smoothing=float(np.float32(0.1)))
+    assert "GatedHead" in type(got.grad_fn).__name__
+    torch.testing.assert_close(got, want)
+
+
+def test_a_deep_copy_of_a_gated_model_is_not_gated():
+    model = TinyLM()
+    cggr_hook.enable(model, **FIXED)
+    twin = copy.deepcopy(model)
+    assert type(shifted_loss(twin, _idx()).grad_fn).__name__.startswith("Nll")
+    assert "GatedHead" in type(shifted_loss(model, _idx()).grad_fn).__name__

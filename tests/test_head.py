@@ -276,3 +276,23 @@ def test_hf_loss_skips_the_fp32_copy_while_gated_and_is_restored(monkeypatch):
     cggr_hook.disable(model)
     assert model.loss_function is ForCausalLMLoss
     assert "_loss_function" not in model.__dict__
+
+
+def test_trace_with_negative_dims_and_squeeze():
+    """Autograd saves negative dims as unsigned numbers: the replay must read them as negative."""
+    logits, call = _tapped(B=3, T=3, V=11)  # B == T: a wrong axis would still pass the shape check
+    rows = torch.arange(9).view(3, 3)
+    cases = [
+        (logits.select(-3, 0), 1, rows[0]),
+        (logits.select(-2, 1), 1, rows[:, 1]),
+        (logits.transpose(-1, -2), 1, rows.reshape(-1)),
+        (logits.narrow(-2, 1, 2).reshape(-1, 11), 1, rows[:, 1:].reshape(-1)),
+        (logits[:1].squeeze(0), 1, rows[0]),
+        (logits[:, :1].squeeze(), 1, rows[:, 0]),
+        (logits[:1, :, None].squeeze((0, 2)), 1, rows[0]),
+        (logits.unsqueeze(-2).squeeze(-2).reshape(-1, 11), 1, rows.reshape(-1)),
+    ]
+    for x, class_dim, expected in cases:
+        tr = head_mod.trace(x, class_dim)
+        assert tr is not None, x.grad_fn
+        assert torch.equal(tr.rows, expected), (x.grad_fn, tr.rows, expected)

@@ -453,17 +453,27 @@ def test_steps_after_disable_are_not_counted(gated_model):
     lm_loss(gated_model, batch()).backward()
     opt.step()
     assert cggr_hook.scheduler.step_count == 1
-    # a gated loss computed, then the gate removed before the step
+    # a gated loss computed, then the gate removed before its step: that step still belongs to
+    # the gated loss and counts (``with gated(model):`` around the forward), then the hook goes
     lm_loss(gated_model, batch()).backward()
     cggr_hook.disable()
+    assert len(optim_mod._global_optimizer_post_hooks) == 1
     opt.step()
-    assert cggr_hook.scheduler.step_count == 1
+    assert cggr_hook.scheduler.step_count == 2
+    assert len(optim_mod._global_optimizer_post_hooks) == 0  # the hook itself is gone
     for _ in range(3):
         opt.zero_grad()
         lm_loss(gated_model, batch()).backward()
         opt.step()
-    assert cggr_hook.scheduler.step_count == 1
-    assert len(optim_mod._global_optimizer_post_hooks) == 0  # the hook itself is gone
+    assert cggr_hook.scheduler.step_count == 2
+
+
+def test_disable_without_a_pending_loss_removes_the_hook_at_once(gated_model):
+    opt = torch.optim.SGD(gated_model.parameters(), lr=0.1)
+    lm_loss(gated_model, batch()).backward()
+    opt.step()
+    cggr_hook.disable()
+    assert len(optim_mod._global_optimizer_post_hooks) == 0
 
 
 def test_disable_of_one_model_keeps_counting_for_another():
