@@ -186,11 +186,6 @@ def disable(model: nn.Module | None = None) -> None:
             scheduler.detach()
 
 
-def enabled_gates() -> list[Gate]:
-    with _lock:
-        return list(_gates.values())
-
-
 def gate_of(model: nn.Module) -> Gate | None:
     with _lock:
         return _gates.get(head_mod.unwrap(model))

@@ -84,7 +84,7 @@ class Scheduler:
     # --- the ratio ---------------------------------------------------------------------------------
     def ratio(self, config: GateConfig | None = None) -> float:
         """The curriculum ratio at the current step for ``config`` (default options when None)."""
-        return curriculum_ratio(self.step_count, config or _default_config())
+        return curriculum_ratio(self.step_count, config or GateConfig())
 
     def begin_call(self, config: GateConfig, key: str, confidence: float,
                    param_ids: frozenset[int] = frozenset()) -> tuple[float, int, int]:
@@ -180,10 +180,6 @@ class Scheduler:
 
     def __repr__(self) -> str:
         return f"Scheduler(step_count={self.step_count}, attached={self.attached})"
-
-
-def _default_config() -> GateConfig:
-    return GateConfig()
 
 
 def optimizer_holds(optimizer: torch.optim.Optimizer, param_ids: Iterable[int]) -> bool:
