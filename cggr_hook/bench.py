@@ -761,6 +761,11 @@ def parse_args(argv=None):
     p.add_argument("--force", action="store_true", help="time rows whose correctness check failed too")
     p.add_argument("--list", action="store_true", help="list the row keys and exit")
     args = p.parse_args(argv)
+    if not args.quick and args.device is None and not torch.cuda.is_available():
+        # the full sizes are GPU figures (minutes a row on a CPU): without a GPU, a smoke run
+        print("[bench] no CUDA device: running the --quick smoke sizes (pass --device cpu for full sizes)",
+              file=sys.stderr)
+        args.quick = True
     big, small = dict(vocab=[32000, 128256], tokens=8192, hidden=2048), dict(vocab=[1000, 2048], tokens=256, hidden=64)
     for k, v in (small if args.quick else big).items():
         if getattr(args, k) is None:
