@@ -37,20 +37,27 @@ def unwrap(model: nn.Module) -> nn.Module:
     return m
 
 
+def _model_getter(model: nn.Module, name: str) -> Any:
+    """``model.<name>()`` (Hugging Face's get_input/output_embeddings), or None where the model has
+    no such method or its base class leaves it unimplemented."""
+    getter = getattr(model, name, None)
+    if not callable(getter):
+        return None
+    try:
+        return getter()
+    except (NotImplementedError, AttributeError):
+        return None
+
+
 def _vocab_size(root: nn.Module) -> int | None:
     cfg = getattr(root, "config", None)
     for name in ("vocab_size", "n_vocab", "padded_vocab_size"):
         v = getattr(cfg, name, None) if cfg is not None else None
         if isinstance(v, int) and v > 0:
             return v
-    get_in = getattr(root, "get_input_embeddings", None)
-    if callable(get_in):
-        try:
-            emb = get_in()
-        except (NotImplementedError, AttributeError):
-            emb = None
-        if isinstance(emb, nn.Embedding):
-            return emb.num_embeddings
+    emb = _model_getter(root, "get_input_embeddings")
+    if isinstance(emb, nn.Embedding):
+        return emb.num_embeddings
     for m in root.modules():
         if isinstance(m, nn.Embedding):
             return m.num_embeddings
@@ -83,14 +90,9 @@ def find_head(model: nn.Module, head: nn.Module | str | None = None) -> nn.Linea
                 f"cggr_hook.enable: head= must be an nn.Linear (got {type(found).__name__}); {_HOW_TO_NAME}"
             )
         return found
-    get_out = getattr(model, "get_output_embeddings", None)
-    if callable(get_out):
-        try:
-            out = get_out()
-        except (NotImplementedError, AttributeError):
-            out = None
-        if isinstance(out, nn.Linear):
-            return out
+    out = _model_getter(model, "get_output_embeddings")
+    if isinstance(out, nn.Linear):
+        return out
     lm_head = getattr(model, "lm_head", None)
     if isinstance(lm_head, nn.Linear):
         return lm_head
