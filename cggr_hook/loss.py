@@ -17,8 +17,8 @@ nodes carry it:
 - ``GatedHeadCrossEntropy``: (hidden, W, b) of a tapped LM head -> loss; its backward multiplies
   the K selected rows only: dW = G^T h_S (V x K by K x D), dh_S = G W (K x V by V x D).
 
-Both call ``plan`` once in forward: one pass of the scoring kernel, the scheduler's ratio, the
-selection, the per-row losses, and a single host synchronisation.
+Both call ``plan`` once in forward: one pass of the scoring kernel, the difficulty, the scheduler's
+ratio, the selection and the loss of the selected rows, around a single host synchronisation.
 """
 
 from __future__ import annotations
@@ -72,9 +72,10 @@ class Plan:
     """What the forward decided; the backward replays the gradient from it."""
 
     lse: Tensor  # (N,) fp32
-    rows: Tensor  # (K,) int64 ascending, selected rows
-    grad_scale: Tensor  # (K,) fp32, d loss / d ce_r (mean / sum; 'none' scales by grad_output)
+    row_scale: Tensor  # (N,) fp32, d loss / d ce_r: 0 off the selection ('none': 1 on it)
     loss: Tensor  # reduced loss (scalar) or (N,) with zeros at unselected rows
+    n_selected: int
+    rows: Tensor | None = None  # (K,) int64 ascending, the selected rows (when asked for)
     metrics: dict = field(default_factory=dict)
 
 
@@ -87,75 +88,56 @@ def _generator(device: torch.device, seed: int, step: int, call: int) -> torch.G
 
 
 def plan(logits: Tensor, targets: Tensor, seq: int | tuple[Tensor, int] | None, config: GateConfig, scheduler: Scheduler,
-         key: str, spec: LossSpec, param_ids: frozenset[int] = frozenset()) -> Plan:
+         key: str, spec: LossSpec, param_ids: frozenset[int] = frozenset(), need_rows: bool = False) -> Plan:
     """Score, select and compute the loss of rows of ``logits`` (B, T, V) with ``targets`` (B*T,).
 
-    ``seq``: the sequences of the rows for ``sequence_aware`` (``select.prepare``).
-    One host synchronisation: the valid-token count, bad-target count, metric sums (and the
-    sequence_aware kept ranks) travel to the host together.
+    ``seq``: the sequences of the rows for ``sequence_aware`` (``select.prepare``); ``need_rows``:
+    also list the selected rows (a gradient over K rows needs them).
+
+    Work on the device, in order: the scoring pass over the logits (``kernels.row_stats``), the
+    difficulty and the host's sums (``score.score_rows``), the difficulty order (``select.prepare``);
+    then the one host synchronisation of the call, which brings the valid-token count, the
+    bad-target count and the metric sums (and sequence_aware's kept ranks) to the host together;
+    then the scheduler's ratio and k on the host, and one launch for the loss of the selected rows
+    and every row's gradient scale (``kernels.selected_loss``).
     """
     V = logits.shape[-1]
     N = targets.numel()
     dev = logits.device
     ii = spec.ignore_index
-    not_ignored = targets != ii
-    in_range = (targets >= 0) & (targets < V)
-    valid = not_ignored & in_range
     stats = kernels.row_stats(logits, targets, ii, spec.weight, with_wsum=spec.label_smoothing > 0)
     step, call = scheduler.step_count, scheduler.calls_in_step
     needs_draws = config.scoring == "random" or config.selection == "stratified"
     gen = _generator(dev, config.seed, step, call) if needs_draws else None
-    diff = score.difficulty(stats, config.scoring, V, valid, gen)
+    diff, partial = score.score_rows(stats, targets, V, ii, config.scoring, gen)
+    valid = None
+    if config.selection == "sequence_aware":
+        valid = (targets != ii) & (targets >= 0) & (targets < V)
     prep = select.prepare(diff, valid, config, seq)
 
-    # what the host must know, in one read: valid and bad-target counts, the metric sums over
-    # valid rows (top-1 probability, entropy, difficulty) and sequence_aware's kept ranks
-    counts = torch.stack([valid, not_ignored & ~in_range]).sum(1, dtype=torch.float64)
-    per_row = torch.where(valid, torch.stack([stats.p_top1, stats.entropy, diff]), 0.0)
-    parts = [counts, per_row.sum(1, dtype=torch.float64)]
-    if prep.keep_ranks is not None:
-        parts.append(prep.keep_ranks.double())
-    host = torch.cat(parts).tolist()  # the one host synchronisation of the call
-    n_valid, n_bad = int(host[0]), int(host[1])
+    n_part = partial.numel()
+    to_host = partial.reshape(-1) if prep.keep_ranks is None else torch.cat([partial.reshape(-1), prep.keep_ranks.double()])
+    host = to_host.tolist()  # the one host synchronisation of the call
+    # the partial sums, added in a fixed order: valid rows, bad targets, sums of p_top1, H, difficulty
+    n_fields = len(kernels.reference.SUM_FIELDS)
+    sums = [sum(host[j:n_part:n_fields]) for j in range(n_fields)]
+    n_valid, n_bad = int(sums[0]), int(sums[1])
     if n_bad:
         raise ValueError(
             f"cggr_hook: target has {n_bad} value(s) outside [0, {V}) that are not ignore_index={ii}; "
             f"targets must be class indices below the vocabulary size {V} or ignore_index"
         )
-    confidence = host[2] / n_valid if n_valid else math.nan
+    confidence = sums[2] / n_valid if n_valid else math.nan
 
     ratio, step, call = scheduler.begin_call(config, key, confidence, param_ids)
     k = tokens_to_keep(ratio, n_valid)
-    keep_ranks = [int(r) for r in host[5:]] if prep.keep_ranks is not None else None
+    keep_ranks = [int(r) for r in host[n_part:]] if prep.keep_ranks is not None else None
     n_sel = select.count_selected(config, k, N, keep_ranks)
-    rows = select.finish(prep, n_valid, k, n_sel, config, gen)
-
-    # per-row losses of the selected rows, from the kernel's statistics
-    t_sel = targets[rows]
-    ls = float(spec.label_smoothing)
-    if spec.weight is None:
-        w_t = torch.ones(n_sel, dtype=torch.float32, device=dev)
-        w_sum = float(V)
-    else:
-        wf = spec.weight.float()
-        w_t = wf[t_sel]
-        w_sum = wf.sum()
-    lse_sel = stats.lse[rows]
-    row_loss = (1.0 - ls) * w_t * stats.nll[rows]
-    if ls:
-        row_loss = row_loss + (ls / V) * (w_sum * lse_sel - stats.wsum[rows])
-
-    if spec.reduction == "mean":
-        denom = w_t.sum()
-        loss = row_loss.sum() / denom
-        grad_scale = (1.0 / denom).expand(n_sel)
-    elif spec.reduction == "sum":
-        factor = n_valid / n_sel if n_sel else 0.0
-        loss = row_loss.sum() * factor
-        grad_scale = torch.full((n_sel,), factor, dtype=torch.float32, device=dev)
-    else:
-        loss = torch.zeros(N, dtype=torch.float32, device=dev).index_put_((rows,), row_loss)
-        grad_scale = torch.ones(n_sel, dtype=torch.float32, device=dev)
+    sel_key, threshold, rows = select.selection_key(prep, n_valid, k, n_sel, config, gen)
+    if need_rows and rows is None:
+        rows = select.finish(prep, n_valid, k, n_sel, config, gen)
+    loss, row_scale = kernels.selected_loss(stats, targets, V, sel_key, threshold, n_sel, n_valid, spec.reduction,
+                                            float(spec.label_smoothing), spec.weight)
 
     metrics = {
         "step": step,
@@ -163,19 +145,19 @@ def plan(logits: Tensor, targets: Tensor, seq: int | tuple[Tensor, int] | None, 
         "tokens_selected": n_sel,
         "tokens_total": n_valid,
         "avg_confidence": confidence,
-        "avg_entropy": host[3] / n_valid if n_valid else math.nan,
-        "avg_difficulty": host[4] / n_valid if n_valid else math.nan,
+        "avg_entropy": sums[3] / n_valid if n_valid else math.nan,
+        "avg_difficulty": sums[4] / n_valid if n_valid else math.nan,
         "selection": config.selection,
         "scoring": config.scoring,
     }
-    return Plan(stats.lse, rows, grad_scale, loss, metrics)
+    return Plan(stats.lse, row_scale, loss, n_sel, rows, metrics)
 
 
 def _row_scale(p: Plan, grad_output: Tensor, reduction: str) -> Tensor:
-    """d total / d ce_r for the selected rows, fp32 (K,)."""
+    """d total / d ce_r for the selected rows ``p.rows``, fp32 (K,)."""
     if reduction == "none":
-        return grad_output.reshape(-1).float()[p.rows] * p.grad_scale
-    return p.grad_scale * grad_output.float()
+        return grad_output.reshape(-1).float()[p.rows] * p.row_scale[p.rows]
+    return p.row_scale[p.rows] * grad_output.float()
 
 
 @dataclass
@@ -220,11 +202,10 @@ class GatedCrossEntropy(torch.autograd.Function):
         logits, ctx.alias = (ctx.alias if ctx.alias is not None else saved[0]), None
         req: Request = ctx.req
         p = req.plan
-        scale = torch.zeros(targets.numel(), dtype=torch.float32, device=logits.device)
-        scale[p.rows] = _row_scale(p, grad_output, req.spec.reduction)
         out = logits if not saved else torch.empty_like(logits)
-        kernels.ce_grad_dense_(kernels.as_rows(logits), targets.reshape(-1), p.lse, scale, req.spec.weight,
-                               float(req.spec.label_smoothing), kernels.as_rows(out))
+        # one launch: every row is written, selected rows scaled by row_scale * grad_output
+        kernels.ce_grad_dense_(kernels.as_rows(logits), targets.reshape(-1), p.lse, p.row_scale, req.spec.weight,
+                               float(req.spec.label_smoothing), kernels.as_rows(out), grad_output)
         return out, None, None, None
 
 
@@ -239,7 +220,7 @@ class GatedHeadCrossEntropy(torch.autograd.Function):
     def forward(ctx, hidden: Tensor, weight: Tensor, bias: Tensor | None, head_out: Tensor, targets: Tensor,
                 ce_rows: Tensor, ce_shape: torch.Size, req: Request) -> Tensor:
         p = plan(kernels.as_rows(head_out), targets, req.seq, req.config, req.scheduler, req.key, req.spec,
-                 req.param_ids)
+                 req.param_ids, need_rows=True)
         req.plan = p
         if req.on_metrics is not None:
             req.on_metrics(p.metrics)
@@ -258,7 +239,7 @@ class GatedHeadCrossEntropy(torch.autograd.Function):
             # the loss's rows back to head rows
             g = torch.zeros(targets.numel(), dtype=torch.float32, device=grad_output.device)
             g[ce_rows] = grad_output.reshape(-1).float()
-            scale = g[p.rows] * p.grad_scale
+            scale = g[p.rows] * p.row_scale[p.rows]
         else:
             scale = _row_scale(p, grad_output, req.spec.reduction)
         cd = head_out.dtype  # the dtype the head's matmul ran in (autocast included)

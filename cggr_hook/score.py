@@ -16,30 +16,31 @@ exactly as it would without gating.
 
 from __future__ import annotations
 
-import math
-
 import torch
 from torch import Tensor
 
-from .kernels import RowStats
+from . import kernels
+from .kernels import RowStats, reference
+
+
+def noise_for(scoring: str, n: int, device: torch.device, generator: torch.Generator | None) -> Tensor | None:
+    """The uniform draws of ``random`` scoring (None for every other mode)."""
+    if scoring != "random":
+        return None
+    return torch.rand(n, generator=generator, device=device, dtype=torch.float32)
 
 
 def difficulty(stats: RowStats, scoring: str, vocab: int, valid: Tensor,
                generator: torch.Generator | None = None) -> Tensor:
-    """fp32 (N,) difficulty of every row; -inf where ``valid`` is False."""
-    if scoring == "entropy":
-        d = stats.entropy
-    elif scoring == "margin":
-        d = 1.0 - (stats.p_top1 - stats.p_top2)
-    elif scoring == "loss":
-        d = stats.nll
-    elif scoring == "combined":
-        # ln V is 0 for V = 1, where H and NLL are 0 too: divide by 1 instead of 0
-        inv_log_v = 1.0 / math.log(vocab) if vocab > 1 else 1.0
-        d = (stats.entropy + stats.nll) * inv_log_v + (1.0 - (stats.p_top1 - stats.p_top2))
-    elif scoring == "random":
-        d = torch.rand(valid.shape, generator=generator, device=valid.device, dtype=torch.float32)
-    else:  # GateConfig validates; this guards internal misuse
-        raise ValueError(f"cggr_hook: unknown scoring {scoring!r}")
-    d = d.float().nan_to_num(nan=math.inf, posinf=math.inf, neginf=-math.inf)
-    return d.masked_fill(~valid, -math.inf)
+    """fp32 (N,) difficulty of every row; -inf where ``valid`` is False (the definition above)."""
+    return reference.difficulty(stats, scoring, vocab, valid, noise_for(scoring, valid.numel(), valid.device, generator))
+
+
+def score_rows(stats: RowStats, targets: Tensor, vocab: int, ignore_index: int, scoring: str,
+               generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+    """The difficulty of every row (valid = target in [0, V) and not ``ignore_index``) and the
+    float64 (P, 5) partial sums the host reads: valid rows, bad targets, and over valid rows the
+    top-1 probability, entropy and difficulty (``kernels.reference.SUM_FIELDS``). On CUDA one
+    kernel launch does both."""
+    noise = noise_for(scoring, targets.numel(), stats.lse.device, generator)
+    return kernels.row_difficulty(stats, targets, vocab, ignore_index, scoring, noise)

@@ -5,8 +5,10 @@ two around the gated call's single host synchronisation:
 
 1. ``prepare`` (before the sync): the stable descending order of difficulty, plus what
    ``sequence_aware`` must know to count its selection;
-2. ``finish`` (after it, with k and the number of valid rows on the host): the selected row indices,
-   sorted ascending, as an int64 tensor whose length the host knows (no second sync).
+2. after it, with k and the number of valid rows on the host: ``selection_key`` describes the
+   selected rows as ``key < threshold`` for the loss kernel (top-k: the rank, no new work), and
+   ``finish`` lists them, sorted ascending, as an int64 tensor whose length the host knows (no
+   second sync) where a gradient over K rows needs them.
 
 Ties are broken by row index (lower first) through stable sorts, so ``topk`` takes exactly k rows
 and the same ones on every device. Ignored rows carry difficulty -inf and sort after every valid row.
@@ -25,7 +27,7 @@ from .config import GateConfig
 @dataclass
 class Prepared:
     order: Tensor  # (N,) rows by difficulty, hardest first, ties by row index
-    rank: Tensor | None = None  # (N,) position of each row in ``order`` (sequence_aware)
+    rank: Tensor | None = None  # (N,) position of each row in ``order``
     keep: Tensor | None = None  # (N,) bool, rows every sequence keeps (sequence_aware)
     keep_ranks: Tensor | None = None  # (S*m,) ``rank`` of the kept rows, padded with N: synced with the stats
 
@@ -37,10 +39,10 @@ def prepare(diff: Tensor, valid: Tensor, config: GateConfig, seq: int | tuple[Te
     N = diff.numel()
     dev = diff.device
     order = torch.sort(diff, descending=True, stable=True).indices
+    # rank of each row in that order: top-k is then ``rank < k``, with k known only after the sync
+    rank = torch.empty_like(order).scatter_(0, order, torch.arange(N, device=dev))
     if config.selection != "sequence_aware":
-        return Prepared(order)
-    rank = torch.empty_like(order)
-    rank[order] = torch.arange(N, device=dev)
+        return Prepared(order, rank)
     m = config.min_tokens_per_sequence
     if isinstance(seq, tuple):
         seq_id, n_seq = seq[0].to(device=dev, dtype=torch.long), int(seq[1])
@@ -151,6 +153,18 @@ def finish(prep: Prepared, n_valid: int, k: int, n_selected: int, config: GateCo
     else:
         raise ValueError(f"cggr_hook: unknown selection {config.selection!r}")
     return torch.sort(rows).values
+
+
+def selection_key(prep: Prepared, n_valid: int, k: int, n_selected: int, config: GateConfig,
+                  generator: torch.Generator | None) -> tuple[Tensor, int, Tensor | None]:
+    """(key, threshold, rows): the selected rows are those with ``key < threshold``; ``rows`` is
+    ``finish``'s list where building the key needed it, else None (top-k needs no new work: its
+    key is the rank in the difficulty order)."""
+    if k <= 0 or config.selection == "topk" or k >= n_valid:
+        return prep.rank, max(k, 0), None
+    rows = finish(prep, n_valid, k, n_selected, config, generator)
+    key = torch.ones_like(prep.rank).index_fill_(0, rows, 0)
+    return key, 1, rows
 
 
 def _first_marked(candidates: Tensor, mark: Tensor, count: int) -> Tensor:

@@ -1,6 +1,7 @@
 """Row kernels of the gated loss, behind one dispatch point (installed as ``cggr_hook.kernels``).
 
-Every caller goes through the three functions here; which backend runs is decided per call:
+Every caller goes through the five functions here, in the order of the data flow (row_stats ->
+row_difficulty -> selection -> selected_loss -> a gradient kernel); which backend runs is decided per call:
 
 - ``CGGR_HOOK_BACKEND=torch`` or ``=triton`` forces one (Triton on a CPU tensor needs
   ``TRITON_INTERPRET=1``, Triton's interpreter, which is how CI tests the kernels);
@@ -19,7 +20,8 @@ from torch import Tensor
 from . import reference
 from .types import RowStats
 
-__all__ = ["RowStats", "as_rows", "backend_for", "row_stats", "ce_grad_rows", "ce_grad_dense_"]
+__all__ = ["RowStats", "as_rows", "backend_for", "row_stats", "row_difficulty", "selected_loss", "ce_grad_rows",
+           "ce_grad_dense_"]
 
 BACKENDS = ("torch", "triton")
 
@@ -84,6 +86,27 @@ def row_stats(logits: Tensor, targets: Tensor, ignore_index: int, weight: Tensor
     return reference.row_stats(logits, targets, ignore_index, weight, with_wsum)
 
 
+def row_difficulty(stats: RowStats, targets: Tensor, vocab: int, ignore_index: int, scoring: str,
+                   noise: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """fp32 (N,) difficulty of every row (-inf where the target is not valid) and float64 (P, 5)
+    partial sums of ``reference.SUM_FIELDS`` that the host adds up."""
+    if backend_for(stats.lse) == "triton":
+        return _scoring().row_difficulty(stats, targets, vocab, ignore_index, scoring, noise)
+    return reference.row_difficulty(stats, targets, vocab, ignore_index, scoring, noise)
+
+
+def selected_loss(stats: RowStats, targets: Tensor, vocab: int, sel_key: Tensor, sel_k: int, n_selected: int,
+                  n_valid: int, reduction: str, label_smoothing: float,
+                  weight: Tensor | None) -> tuple[Tensor, Tensor]:
+    """(loss, row_scale): the gated loss of the rows with ``sel_key < sel_k`` and d loss / d ce_r
+    of every row, fp32 (N,) (``reference.selected_loss``)."""
+    if backend_for(stats.lse) == "triton":
+        return _gated_ce().selected_loss(stats, targets, vocab, sel_key, sel_k, n_selected, n_valid, reduction,
+                                         label_smoothing, weight)
+    return reference.selected_loss(stats, targets, vocab, sel_key, sel_k, n_selected, n_valid, reduction,
+                                   label_smoothing, weight)
+
+
 def ce_grad_rows(logits: Tensor, targets: Tensor, lse: Tensor, rows: Tensor, scale: Tensor,
                  weight: Tensor | None, label_smoothing: float, out_dtype: torch.dtype) -> Tensor:
     """(K, V) gradient of the selected rows ``rows`` (int64, K), row k scaled by ``scale[k]``."""
@@ -93,8 +116,11 @@ def ce_grad_rows(logits: Tensor, targets: Tensor, lse: Tensor, rows: Tensor, sca
 
 
 def ce_grad_dense_(logits: Tensor, targets: Tensor, lse: Tensor, row_scale: Tensor,
-                   weight: Tensor | None, label_smoothing: float, out: Tensor) -> Tensor:
-    """Dense (B, T, V) gradient into ``out`` (may be ``logits``): zeros where ``row_scale`` is 0."""
+                   weight: Tensor | None, label_smoothing: float, out: Tensor,
+                   grad_output: Tensor | None = None) -> Tensor:
+    """Dense (B, T, V) gradient into ``out`` (may be ``logits``): row r scaled by
+    ``row_scale[r] * grad_output`` (one element or (N,)), zeros where ``row_scale`` is 0."""
     if backend_for(logits) == "triton":
-        return _gated_ce().ce_grad_dense_(logits, targets, lse, row_scale, weight, label_smoothing, out)
-    return reference.ce_grad_dense_(logits, targets, lse, row_scale, weight, label_smoothing, out)
+        return _gated_ce().ce_grad_dense_(logits, targets, lse, row_scale, weight, label_smoothing, out,
+                                          grad_output)
+    return reference.ce_grad_dense_(logits, targets, lse, row_scale, weight, label_smoothing, out, grad_output)

@@ -21,7 +21,7 @@ from torch import Tensor
 
 from . import launch
 
-__all__ = ["ce_grad_rows", "ce_grad_dense_", "MAX_BLOCK_V", "NUM_WARPS"]
+__all__ = ["selected_loss", "ce_grad_rows", "ce_grad_dense_", "MAX_BLOCK_V", "NUM_WARPS"]
 
 # Tunables: the largest block of a row per loop iteration and the warps of one program (one row).
 # Measured on an H100 (bf16, N = 8192, V = 32000..262144, a quarter of the rows selected): every
@@ -102,9 +102,9 @@ def _ce_grad_rows_kernel(
 
 @triton.jit
 def _ce_grad_dense_kernel(
-    x_ptr, tgt_ptr, lse_ptr, scale_ptr, w_ptr, wsum_ptr, out_ptr,
+    x_ptr, tgt_ptr, lse_ptr, scale_ptr, gout_ptr, w_ptr, wsum_ptr, out_ptr,
     T, V,
-    stride_b, stride_t, stride_v, stride_tgt, stride_lse, stride_scale,
+    stride_b, stride_t, stride_v, stride_tgt, stride_lse, stride_scale, stride_gout,
     stride_ob, stride_ot, stride_ov,
     c_main, c_smooth, eps,
     HAS_WEIGHT: tl.constexpr, HAS_SMOOTH: tl.constexpr, UNIT_STRIDE_V: tl.constexpr,
@@ -116,35 +116,43 @@ def _ce_grad_dense_kernel(
     x_row = x_ptr + (b * stride_b + t * stride_t)
     o_row = out_ptr + (b * stride_ob + t * stride_ot)
 
-    scale = tl.load(scale_ptr + row * stride_scale).to(tl.float32)
+    row_scale = tl.load(scale_ptr + row * stride_scale).to(tl.float32)
+    # the upstream gradient: one element (stride 0) or one per row
+    scale = row_scale * tl.load(gout_ptr + row * stride_gout).to(tl.float32)
     tgt = tl.load(tgt_ptr + row * stride_tgt).to(tl.int64)
-    keep = (scale != 0) & (tgt >= 0) & (tgt < V)
+    keep = (row_scale != 0) & (tgt >= 0) & (tgt < V)
     lse = tl.load(lse_ptr + row * stride_lse).to(tl.float32)
     if HAS_WEIGHT:
         wt = tl.load(w_ptr + tl.where(keep, tgt, 0), mask=keep, other=0.0).to(tl.float32)
     else:
         wt = 1.0
-    n_read = tl.where(keep, V, 0)  # columns of this row to read: all, or none
-
     offs = tl.arange(0, BLOCK_V)
-    for start in range(0, V, BLOCK_V):
-        cols = start + offs
-        mask = cols < V
-        if UNIT_STRIDE_V:
-            ptrs = x_row + cols
-        else:
-            ptrs = x_row + cols.to(tl.int64) * stride_v
-        # a row whose scale is 0 is never read: its loads are masked off
-        read = cols < n_read
-        x = tl.load(ptrs, mask=read, other=0.0).to(tl.float32)
-        g = _grad_block(x, cols, tgt, lse, scale, w_ptr, wt, wsum_ptr, read, c_main, c_smooth,
-                        eps, HAS_WEIGHT, HAS_SMOOTH)
-        g = tl.where(keep, g, 0.0)
-        if UNIT_STRIDE_OV:
-            optrs = o_row + cols
-        else:
-            optrs = o_row + cols.to(tl.int64) * stride_ov
-        tl.store(optrs, g.to(out_ptr.dtype.element_ty), mask=mask)
+    if keep:
+        for start in range(0, V, BLOCK_V):
+            cols = start + offs
+            mask = cols < V
+            if UNIT_STRIDE_V:
+                ptrs = x_row + cols
+            else:
+                ptrs = x_row + cols.to(tl.int64) * stride_v
+            x = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+            g = _grad_block(x, cols, tgt, lse, scale, w_ptr, wt, wsum_ptr, mask, c_main, c_smooth,
+                            eps, HAS_WEIGHT, HAS_SMOOTH)
+            if UNIT_STRIDE_OV:
+                optrs = o_row + cols
+            else:
+                optrs = o_row + cols.to(tl.int64) * stride_ov
+            tl.store(optrs, g.to(out_ptr.dtype.element_ty), mask=mask)
+    else:
+        # an unselected row is never read and costs no arithmetic: stores of zeros only
+        zeros = tl.zeros([BLOCK_V], tl.float32).to(out_ptr.dtype.element_ty)
+        for start in range(0, V, BLOCK_V):
+            cols = start + offs
+            if UNIT_STRIDE_OV:
+                optrs = o_row + cols
+            else:
+                optrs = o_row + cols.to(tl.int64) * stride_ov
+            tl.store(optrs, zeros, mask=cols < V)
 
 
 def _weight_args(weight: Tensor | None, V: int, label_smoothing: float, like: Tensor):
@@ -190,10 +198,12 @@ def ce_grad_rows(logits: Tensor, targets: Tensor, lse: Tensor, rows: Tensor, sca
 
 
 def ce_grad_dense_(logits: Tensor, targets: Tensor, lse: Tensor, row_scale: Tensor,
-                   weight: Tensor | None, label_smoothing: float, out: Tensor) -> Tensor:
+                   weight: Tensor | None, label_smoothing: float, out: Tensor,
+                   grad_output: Tensor | None = None) -> Tensor:
     """Dense gradient written into ``out`` (B, T, V), which may be ``logits`` itself: row r gets
-    ``row_scale[r]`` times its cross-entropy gradient where ``row_scale[r] != 0`` and exact zeros
-    elsewhere (also where the target is outside [0, V)); a row whose scale is 0 is never read."""
+    ``row_scale[r] * grad_output`` times its cross-entropy gradient where ``row_scale[r] != 0``
+    and exact zeros elsewhere (also where the target is outside [0, V)); a row whose scale is 0 is
+    never read. ``grad_output``: one element or one per row (N,); None = 1."""
     if logits.dim() != 3:
         raise ValueError(f"cggr_hook: ce_grad_dense_ needs (B, T, V) logits, got shape {tuple(logits.shape)}")
     if out.shape != logits.shape:
@@ -207,11 +217,105 @@ def ce_grad_dense_(logits: Tensor, targets: Tensor, lse: Tensor, row_scale: Tens
     block_v = _block_v(V)
     sb, st, sv = logits.stride()
     ob, ot, ov = out.stride()
+    if grad_output is None:
+        grad_output = torch.ones(1, dtype=torch.float32, device=logits.device)
+    g_out = grad_output.reshape(-1)
+    if g_out.numel() not in (1, N):
+        raise ValueError(f"cggr_hook: grad_output has {g_out.numel()} elements for {N} rows")
     _ce_grad_dense_kernel[(N,)](
-        logits, targets, lse, row_scale, w, wsum, out,
-        T, V, sb, st, sv, targets.stride(0), lse.stride(0), row_scale.stride(0), ob, ot, ov,
+        logits, targets, lse, row_scale, g_out, w, wsum, out,
+        T, V, sb, st, sv, targets.stride(0), lse.stride(0), row_scale.stride(0),
+        0 if g_out.numel() == 1 else g_out.stride(0), ob, ot, ov,
         c_main, c_smooth, eps,
         HAS_WEIGHT=weight is not None, HAS_SMOOTH=bool(label_smoothing), UNIT_STRIDE_V=(sv == 1),
         UNIT_STRIDE_OV=(ov == 1), BLOCK_V=block_v, num_warps=_num_warps(block_v),
     )
     return out
+
+
+# The loss of the selected rows: one program walks all N rows in blocks of LOSS_BLOCK, so the sums
+# are taken in one fixed order (deterministic) and no second launch is needed to finish them.
+LOSS_BLOCK = 1024
+REDUCTION_CODES = {"mean": 0, "sum": 1, "none": 2}
+
+
+@triton.jit
+def _selected_loss_kernel(
+    nll_ptr, lse_ptr, wsum_row_ptr, tgt_ptr, w_ptr, w_total_ptr, key_ptr, loss_ptr, scale_ptr,
+    N, V, stride_tgt, sel_k, c_main, c_smooth, w_total, factor,
+    REDUCTION: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_SMOOTH: tl.constexpr, BLOCK: tl.constexpr,
+):
+    offs = tl.arange(0, BLOCK)
+    total = tl.sum(tl.zeros([BLOCK], tl.float32), axis=0)
+    denom = tl.sum(tl.zeros([BLOCK], tl.float32), axis=0)
+    if HAS_WEIGHT:
+        if HAS_SMOOTH:
+            w_total = tl.load(w_total_ptr)
+    for start in range(0, N, BLOCK):
+        rows = start + offs
+        inside = rows < N
+        sel = inside & (tl.load(key_ptr + rows, mask=inside, other=0) < sel_k)
+        if HAS_WEIGHT:
+            tgt = tl.load(tgt_ptr + rows.to(tl.int64) * stride_tgt, mask=sel, other=0).to(tl.int64)
+            w_t = tl.load(w_ptr + tgt, mask=sel, other=0.0).to(tl.float32)
+        else:
+            w_t = tl.where(sel, 1.0, 0.0)
+        # same operations, same order as reference.selected_loss (launched without FMA contraction)
+        ce = c_main * w_t * tl.load(nll_ptr + rows, mask=sel, other=0.0)
+        if HAS_SMOOTH:
+            lse = tl.load(lse_ptr + rows, mask=sel, other=0.0)
+            ws = tl.load(wsum_row_ptr + rows, mask=sel, other=0.0)
+            ce = ce + c_smooth * (w_total * lse - ws)
+        ce = tl.where(sel, ce, 0.0)
+        if REDUCTION == 2:
+            tl.store(loss_ptr + rows, ce, mask=inside)
+            tl.store(scale_ptr + rows, tl.where(sel, 1.0, 0.0), mask=inside)
+        else:
+            total += tl.sum(ce, axis=0)
+            denom += tl.sum(w_t, axis=0)
+            if REDUCTION == 1:
+                tl.store(scale_ptr + rows, tl.where(sel, factor, 0.0), mask=inside)
+    if REDUCTION == 0:
+        tl.store(loss_ptr, total / denom)
+        inv = 1.0 / denom
+        # a second walk writes the scale now that the denominator is known
+        for start in range(0, N, BLOCK):
+            rows = start + offs
+            inside = rows < N
+            sel = inside & (tl.load(key_ptr + rows, mask=inside, other=0) < sel_k)
+            tl.store(scale_ptr + rows, tl.where(sel, inv, 0.0), mask=inside)
+    elif REDUCTION == 1:
+        tl.store(loss_ptr, total * factor)
+
+
+def selected_loss(stats, targets: Tensor, vocab: int, sel_key: Tensor, sel_k: int, n_selected: int,
+                  n_valid: int, reduction: str, label_smoothing: float,
+                  weight: Tensor | None) -> tuple[Tensor, Tensor]:
+    """The gated loss of the selected rows (``sel_key < sel_k``) and ``row_scale`` (N,): see
+    ``reference.selected_loss``. One program, one launch; sums in a fixed order."""
+    if reduction not in REDUCTION_CODES:
+        raise ValueError(f"cggr_hook: reduction={reduction!r} is not valid; use 'mean', 'sum' or 'none'")
+    N = targets.numel()
+    dev = stats.lse.device
+    loss = torch.empty(N if reduction == "none" else (), dtype=torch.float32, device=dev)
+    row_scale = torch.empty(N, dtype=torch.float32, device=dev)
+    ls = float(label_smoothing)
+    has_weight = weight is not None
+    if has_weight:
+        if weight.numel() != vocab:
+            raise ValueError(f"cggr_hook: weight has {weight.numel()} entries for {vocab} classes")
+        weight = weight.contiguous()
+        w_total_t = weight.float().sum().reshape(1) if ls else stats.lse
+    else:
+        w_total_t = stats.lse
+    if ls and stats.wsum is None:
+        raise ValueError("cggr_hook: label smoothing needs the statistics' wsum (row_stats(with_wsum=True))")
+    factor = n_valid / n_selected if n_selected else 0.0
+    _selected_loss_kernel[(1,)](
+        stats.nll, stats.lse, stats.wsum if ls else stats.lse, targets,
+        weight if has_weight else stats.lse, w_total_t, sel_key.contiguous(), loss, row_scale,
+        N, vocab, targets.stride(0), int(sel_k), 1.0 - ls, ls / vocab, float(vocab), factor,
+        REDUCTION=REDUCTION_CODES[reduction], HAS_WEIGHT=has_weight, HAS_SMOOTH=bool(ls),
+        BLOCK=LOSS_BLOCK, num_warps=4, enable_fp_fusion=False,
+    )
+    return loss, row_scale

@@ -7,6 +7,8 @@ chunks so the fp32 temporaries stay small.
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -72,6 +74,109 @@ def row_stats(logits: Tensor, targets: Tensor, ignore_index: int, weight: Tensor
     return RowStats(*out, wsum)
 
 
+SCORINGS = ("entropy", "margin", "loss", "combined", "random")
+# columns of the per-row sums that travel to the host: valid rows, bad targets (neither ignored nor
+# in [0, V)), and over valid rows the top-1 probability, the entropy and the difficulty
+SUM_FIELDS = ("n_valid", "n_bad", "p_top1", "entropy", "difficulty")
+
+
+def inv_log_vocab(vocab: int) -> float:
+    """1 / ln V for ``combined`` scoring; 1 for V = 1 (where H and NLL are 0 too)."""
+    return 1.0 / math.log(vocab) if vocab > 1 else 1.0
+
+
+def difficulty(stats: RowStats, scoring: str, vocab: int, valid: Tensor, noise: Tensor | None = None) -> Tensor:
+    """fp32 (N,) difficulty of every row, larger = harder; -inf where ``valid`` is False, +inf
+    where it is NaN. ``noise`` (fp32 (N,)) is the difficulty of ``random`` scoring."""
+    if scoring == "entropy":
+        d = stats.entropy
+    elif scoring == "margin":
+        d = 1.0 - (stats.p_top1 - stats.p_top2)
+    elif scoring == "loss":
+        d = stats.nll
+    elif scoring == "combined":
+        d = (stats.entropy + stats.nll) * inv_log_vocab(vocab) + (1.0 - (stats.p_top1 - stats.p_top2))
+    elif scoring == "random":
+        if noise is None:
+            raise ValueError("cggr_hook: random scoring needs its noise")
+        d = noise
+    else:  # GateConfig validates; this guards internal misuse
+        raise ValueError(f"cggr_hook: unknown scoring {scoring!r}")
+    d = d.float().nan_to_num(nan=math.inf, posinf=math.inf, neginf=-math.inf)
+    return d.masked_fill(~valid, -math.inf)
+
+
+def row_difficulty(stats: RowStats, targets: Tensor, vocab: int, ignore_index: int, scoring: str,
+                   noise: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Difficulty of every row (``difficulty``) and the sums the host needs, in one place.
+
+    Returns (fp32 (N,) difficulty, float64 (P, 5) partial sums): the columns are ``SUM_FIELDS``
+    and the host adds the P rows (here P = 1). A valid row has a target in [0, V) that is not
+    ``ignore_index``; a bad one has neither.
+    """
+    not_ignored = targets != ignore_index
+    in_range = (targets >= 0) & (targets < vocab)
+    valid = not_ignored & in_range
+    d = difficulty(stats, scoring, vocab, valid, noise)
+    counts = torch.stack([valid, not_ignored & ~in_range]).sum(1, dtype=torch.float64)
+    per_row = torch.where(valid, torch.stack([stats.p_top1, stats.entropy, d]), 0.0)
+    return d, torch.cat([counts, per_row.sum(1, dtype=torch.float64)]).view(1, len(SUM_FIELDS))
+
+
+REDUCTIONS = ("mean", "sum", "none")
+
+
+def selected_rows(sel_key: Tensor, sel_k: int, n_selected: int) -> Tensor:
+    """The rows with ``sel_key < sel_k``, ascending, int64 of the known length ``n_selected``
+    (a stable sort of a 0/1 key: no data-dependent size, so no host synchronisation)."""
+    outside = (sel_key >= sel_k).to(torch.int8)
+    return torch.sort(outside, stable=True).indices[:n_selected]
+
+
+def selected_loss(stats: RowStats, targets: Tensor, vocab: int, sel_key: Tensor, sel_k: int, n_selected: int,
+                  n_valid: int, reduction: str, label_smoothing: float,
+                  weight: Tensor | None) -> tuple[Tensor, Tensor]:
+    """The gated loss over the selected rows (``sel_key < sel_k``, ``n_selected`` of them) and
+    ``row_scale``, d loss / d ce_r of every row (0 off the selection). Selected rows have valid
+    targets; ``stats.wsum`` is needed with label smoothing.
+
+    ce_r = (1 - eps) w_t nll_r + (eps / V) (sum(w) lse_r - sum_v w_v x_rv), w = 1 without ``weight``:
+
+    - mean: sum_S ce_r / sum_S w_t (0 / 0 = NaN when nothing is selected), row_scale 1 / sum_S w_t;
+    - sum:  sum_S ce_r * n_valid / K, row_scale n_valid / K (0 when K = 0);
+    - none: (N,) ce_r on S and exact 0 elsewhere, row_scale 1 on S.
+    """
+    N = targets.numel()
+    dev = stats.lse.device
+    rows = selected_rows(sel_key, sel_k, n_selected)
+    ls = float(label_smoothing)
+    if weight is None:
+        w_t = torch.ones(n_selected, dtype=torch.float32, device=dev)
+        w_sum = float(vocab)
+    else:
+        wf = weight.float()
+        w_t = wf[targets[rows]]
+        w_sum = wf.sum()
+    row_loss = (1.0 - ls) * w_t * stats.nll[rows]
+    if ls:
+        row_loss = row_loss + (ls / vocab) * (w_sum * stats.lse[rows] - stats.wsum[rows])
+    row_scale = torch.zeros(N, dtype=torch.float32, device=dev)
+    if reduction == "mean":
+        denom = w_t.sum()
+        loss = row_loss.sum() / denom
+        row_scale[rows] = 1.0 / denom
+    elif reduction == "sum":
+        factor = n_valid / n_selected if n_selected else 0.0
+        loss = row_loss.sum() * factor
+        row_scale[rows] = factor
+    elif reduction == "none":
+        loss = torch.zeros(N, dtype=torch.float32, device=dev).index_put_((rows,), row_loss)
+        row_scale[rows] = 1.0
+    else:
+        raise ValueError(f"cggr_hook: reduction={reduction!r} is not valid; use 'mean', 'sum' or 'none'")
+    return loss, row_scale
+
+
 def _row_grad(x: Tensor, lse: Tensor, tgt: Tensor, scale: Tensor, weight: Tensor | None,
               label_smoothing: float) -> Tensor:
     """scale * d loss / d x for rows x (K, V) fp32:
@@ -106,13 +211,19 @@ def ce_grad_rows(logits: Tensor, targets: Tensor, lse: Tensor, rows: Tensor, sca
 
 
 def ce_grad_dense_(logits: Tensor, targets: Tensor, lse: Tensor, row_scale: Tensor,
-                   weight: Tensor | None, label_smoothing: float, out: Tensor) -> Tensor:
+                   weight: Tensor | None, label_smoothing: float, out: Tensor,
+                   grad_output: Tensor | None = None) -> Tensor:
     """Dense gradient written into ``out`` (B, T, V), which may be ``logits`` itself (in place):
-    row r gets ``row_scale[r]`` times its cross-entropy gradient where ``row_scale[r] != 0``
-    and exact zeros elsewhere; a row whose scale is 0 is never read."""
+    row r gets ``row_scale[r] * grad_output`` times its cross-entropy gradient where
+    ``row_scale[r] != 0`` and exact zeros elsewhere; a row whose scale is 0 is never read.
+    ``grad_output``: one element (a reduced loss's upstream gradient) or one per row (N,); None = 1."""
     B, T, V = logits.shape
     sel = torch.nonzero(row_scale != 0).flatten()
-    g = ce_grad_rows(logits, targets, lse, sel, row_scale[sel], weight, label_smoothing, out.dtype)
+    scale = row_scale[sel]
+    if grad_output is not None:
+        g_out = grad_output.reshape(-1).float()
+        scale = scale * (g_out if g_out.numel() == 1 else g_out[sel])
+    g = ce_grad_rows(logits, targets, lse, sel, scale, weight, label_smoothing, out.dtype)
     keep = torch.zeros(B * T, dtype=torch.bool, device=logits.device)
     keep[sel] = True
     # zero the unselected rows first, then place the gradient rows (in place is safe: g is a copy)

@@ -178,3 +178,83 @@ def row_stats(logits: Tensor, targets: Tensor, ignore_index: int, weight: Tensor
             BLOCK_V=block_v, num_warps=_num_warps(block_v),
         )
     return RowStats(out[0], out[1], out[2], out[3], out[4], out[5] if with_wsum else None)
+
+
+# Rows of the difficulty pass handled by one program; its partial sums are one row of the
+# (programs, 5) float64 output that the host adds up.
+DIFFICULTY_BLOCK = 1024
+MODES = {"entropy": 0, "margin": 1, "loss": 2, "combined": 3, "random": 4}
+
+
+@triton.jit
+def _row_difficulty_kernel(
+    lse_ptr, ent_ptr, p1_ptr, p2_ptr, nll_ptr, noise_ptr, tgt_ptr, d_ptr, part_ptr,
+    N, V, stride_tgt, ignore_index, inv_log_v,
+    MODE: tl.constexpr, BLOCK: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    rows = pid * BLOCK + tl.arange(0, BLOCK)
+    inside = rows < N
+    tgt = tl.load(tgt_ptr + rows.to(tl.int64) * stride_tgt, mask=inside, other=0).to(tl.int64)
+    not_ignored = inside & (tgt != ignore_index)
+    in_range = (tgt >= 0) & (tgt < V)
+    valid = not_ignored & in_range
+    bad = not_ignored & (~in_range)
+
+    ent = tl.load(ent_ptr + rows, mask=inside, other=0.0)
+    p1 = tl.load(p1_ptr + rows, mask=inside, other=0.0)
+    # the same operations in the same order as reference.difficulty (launched without FMA
+    # contraction), so both backends rank rows identically
+    if MODE == 0:
+        d = ent
+    elif MODE == 1:
+        d = 1.0 - (p1 - tl.load(p2_ptr + rows, mask=inside, other=0.0))
+    elif MODE == 2:
+        d = tl.load(nll_ptr + rows, mask=inside, other=0.0)
+    elif MODE == 3:
+        nll = tl.load(nll_ptr + rows, mask=inside, other=0.0)
+        p2 = tl.load(p2_ptr + rows, mask=inside, other=0.0)
+        d = (ent + nll) * inv_log_v + (1.0 - (p1 - p2))
+    else:
+        d = tl.load(noise_ptr + rows, mask=inside, other=0.0)
+    d = tl.where(d != d, float("inf"), d)  # NaN -> +inf: such a row is taken first
+    d = tl.where(valid, d, float("-inf"))
+    tl.store(d_ptr + rows, d, mask=inside)
+
+    # partial sums in float64, in a fixed order: the same inputs give the same host figures
+    part = part_ptr + pid * 5
+    tl.store(part, tl.sum(valid.to(tl.float64), axis=0))
+    tl.store(part + 1, tl.sum(bad.to(tl.float64), axis=0))
+    tl.store(part + 2, tl.sum(tl.where(valid, p1, 0.0).to(tl.float64), axis=0))
+    tl.store(part + 3, tl.sum(tl.where(valid, ent, 0.0).to(tl.float64), axis=0))
+    tl.store(part + 4, tl.sum(tl.where(valid, d, 0.0).to(tl.float64), axis=0))
+
+
+def row_difficulty(stats: RowStats, targets: Tensor, vocab: int, ignore_index: int, scoring: str,
+                   noise: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """Difficulty of every row and the partial sums for the host (see ``reference.row_difficulty``).
+
+    stats: fp32 (N,) vectors of ``row_stats``; targets (N,) integer. Returns (fp32 (N,), float64
+    (P, 5)) with one row of partial sums per block of ``DIFFICULTY_BLOCK`` rows.
+    """
+    from .reference import inv_log_vocab
+
+    if scoring not in MODES:
+        raise ValueError(f"cggr_hook: unknown scoring {scoring!r}")
+    if scoring == "random" and noise is None:
+        raise ValueError("cggr_hook: random scoring needs its noise")
+    N = targets.numel()
+    dev = stats.lse.device
+    n_prog = triton.cdiv(N, DIFFICULTY_BLOCK)
+    d = torch.empty(N, dtype=torch.float32, device=dev)
+    part = torch.zeros(max(n_prog, 1), 5, dtype=torch.float64, device=dev)
+    if N == 0:
+        return d, part
+    vecs = [v.contiguous() for v in (stats.lse, stats.entropy, stats.p_top1, stats.p_top2, stats.nll)]
+    noise_arg = noise.contiguous() if noise is not None else vecs[0]
+    _row_difficulty_kernel[(n_prog,)](
+        *vecs, noise_arg, targets, d, part,
+        N, vocab, targets.stride(0), int(ignore_index), inv_log_vocab(vocab),
+        MODE=MODES[scoring], BLOCK=DIFFICULTY_BLOCK, num_warps=4, enable_fp_fusion=False,
+    )
+    return d, part

@@ -5,10 +5,12 @@
 #
 # Environment:
 #   OUT               folder for the results (default runs/gpu)
-#   STEPS             which sections, in order (default "tests bench throughput")
+#   STEPS             which sections, in order (default "tests bench throughput"; "tune" runs
+#                     scripts/tune_kernels.py, the kernel sweep, into $OUT/tune)
 #   BENCH_ARGS        extra flags of python -m cggr_hook.bench          (e.g. "--vocab 128256")
 #   THROUGHPUT_ARGS   extra flags of examples/throughput_benchmark.py   (e.g. "--shapes gemma270m")
-#   TESTS_TIMEOUT, BENCH_TIMEOUT, THROUGHPUT_TIMEOUT   seconds per section (default 180, 300, 300; 0: none)
+#   TESTS_TIMEOUT, TUNE_TIMEOUT, BENCH_TIMEOUT, THROUGHPUT_TIMEOUT   seconds per section (default
+#                     180, 300, 300, 300; 0: none)
 #   INSTALL=0         skip the two pip installs (the project is installed already)
 #
 # Every section runs even when an earlier one failed; the exit codes are listed at the end.
@@ -79,12 +81,15 @@ for step in $STEPS; do
         run bench "${BENCH_TIMEOUT:-300}" \
             "python -m cggr_hook.bench --json '$OUT/bench.json' ${BENCH_ARGS:-} | tee '$OUT/bench.md'"
         ;;
+    tune)
+        run tune "${TUNE_TIMEOUT:-300}" "python scripts/tune_kernels.py --out '$OUT/tune'"
+        ;;
     throughput)
         run throughput "${THROUGHPUT_TIMEOUT:-300}" \
             "python examples/throughput_benchmark.py --out '$OUT/throughput' ${THROUGHPUT_ARGS:-} | tee '$OUT/throughput.md'"
         ;;
     *)
-        echo "=== unknown step '$step' (tests, bench, throughput)"
+        echo "=== unknown step '$step' (tests, tune, bench, throughput)"
         summary+=("$step=unknown")
         ;;
     esac
