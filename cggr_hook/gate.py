@@ -24,7 +24,7 @@ from . import head as head_mod
 from . import hf_loss
 from . import patch
 from .config import GateConfig, make_config
-from .loss import GatedCrossEntropy, GatedHeadCrossEntropy, LossSpec, Request
+from .loss import GatedCrossEntropy, GatedHeadCrossEntropy, LossSpec, Request, resolve_metrics
 from .schedule import Scheduler
 
 scheduler = Scheduler()
@@ -236,6 +236,10 @@ def metrics() -> dict:
     """The last gated call's figures (empty before the first): step, token_ratio, tokens_selected,
     tokens_total, avg_confidence, avg_entropy, avg_difficulty, selection, scoring."""
     with _lock:
+        resolved = resolve_metrics(_last_metrics)
+        if resolved is not _last_metrics:
+            _last_metrics.clear()
+            _last_metrics.update(resolved)
         return dict(_last_metrics)
 
 

@@ -87,6 +87,55 @@ def _generator(device: torch.device, seed: int, step: int, call: int) -> torch.G
     return g
 
 
+class _HostRead:
+    """A small device tensor on its way to the host. On CUDA it is copied without blocking (into
+    pinned memory) and an event marks its arrival, so work launched after it does not delay it;
+    ``values()`` waits for that event alone: the call's one host synchronisation."""
+
+    def __init__(self, t: Tensor) -> None:
+        if t.is_cuda:
+            self._host = t.to("cpu", non_blocking=True)
+            self._event = torch.cuda.Event()
+            self._event.record()
+        else:
+            self._host, self._event = t, None
+
+    def values(self) -> list:
+        if self._event is not None:
+            self._event.synchronize()
+        return self._host.tolist()
+
+
+def _target_counts(targets: Tensor, vocab: int, ignore_index: int) -> Tensor:
+    """(2,) int64 on the targets' device: valid targets, bad ones (not ignored, outside [0, V))."""
+    not_ignored = targets != ignore_index
+    in_range = (targets >= 0) & (targets < vocab)
+    return torch.stack([not_ignored & in_range, not_ignored & ~in_range]).sum(1)
+
+
+def _averages(sums: list, n_valid: int) -> dict:
+    """The metric averages over valid tokens from the host sums (``kernels.reference.SUM_FIELDS``)."""
+    avg = (lambda x: x / n_valid) if n_valid else (lambda x: math.nan)
+    return {"avg_confidence": avg(sums[2]), "avg_entropy": avg(sums[3]), "avg_difficulty": avg(sums[4])}
+
+
+def _add_partials(host: list, n_part: int) -> list:
+    """The (P, 5) partial sums, read row by row, added in a fixed order."""
+    n_fields = len(kernels.reference.SUM_FIELDS)
+    return [sum(host[j:n_part:n_fields]) for j in range(n_fields)]
+
+
+def resolve_metrics(m: dict) -> dict:
+    """A call's metrics with the averages filled in: a call that did not need them on the host kept
+    its sums on the device (``"_sums"``) and they are read now, when somebody asks."""
+    if "_sums" not in m:
+        return m
+    m = dict(m)
+    partial = m.pop("_sums")
+    m.update(_averages(_add_partials(partial.reshape(-1).tolist(), partial.numel()), m["tokens_total"]))
+    return m
+
+
 def plan(logits: Tensor, targets: Tensor, seq: int | tuple[Tensor, int] | None, config: GateConfig, scheduler: Scheduler,
          key: str, spec: LossSpec, param_ids: frozenset[int] = frozenset(), need_rows: bool = False) -> Plan:
     """Score, select and compute the loss of rows of ``logits`` (B, T, V) with ``targets`` (B*T,).
@@ -95,16 +144,22 @@ def plan(logits: Tensor, targets: Tensor, seq: int | tuple[Tensor, int] | None, 
     also list the selected rows (a gradient over K rows needs them).
 
     Work on the device, in order: the scoring pass over the logits (``kernels.row_stats``), the
-    difficulty and the host's sums (``score.score_rows``), the difficulty order (``select.prepare``);
-    then the one host synchronisation of the call, which brings the valid-token count, the
-    bad-target count and the metric sums (and sequence_aware's kept ranks) to the host together;
-    then the scheduler's ratio and k on the host, and one launch for the loss of the selected rows
-    and every row's gradient scale (``kernels.selected_loss``).
+    difficulty and the metric sums (``score.score_rows``), the difficulty order (``select.prepare``),
+    then one launch for the loss of the selected rows and every row's gradient scale
+    (``kernels.selected_loss``). The host needs k, hence the number of valid tokens, and reads it
+    once (the call's one host synchronisation). Where the ratio cannot depend on the logits (no
+    dynamic threshold, not sequence_aware), that read is of target counts taken before the scoring
+    pass and waits for nothing else, so the host stays ahead of the device; the metric averages
+    then stay on the device until ``metrics()`` asks. Otherwise the read follows the scoring pass
+    and brings the valid and bad-target counts, the confidence and the metric sums (and
+    sequence_aware's kept ranks) together.
     """
     V = logits.shape[-1]
     N = targets.numel()
     dev = logits.device
     ii = spec.ignore_index
+    early = not config.dynamic_threshold and config.selection != "sequence_aware"
+    counts = _HostRead(_target_counts(targets, V, ii)) if early else None
     stats = kernels.row_stats(logits, targets, ii, spec.weight, with_wsum=spec.label_smoothing > 0)
     step, call = scheduler.step_count, scheduler.calls_in_step
     needs_draws = config.scoring == "random" or config.selection == "stratified"
@@ -115,23 +170,29 @@ def plan(logits: Tensor, targets: Tensor, seq: int | tuple[Tensor, int] | None, 
         valid = (targets != ii) & (targets >= 0) & (targets < V)
     prep = select.prepare(diff, valid, config, seq)
 
-    n_part = partial.numel()
-    to_host = partial.reshape(-1) if prep.keep_ranks is None else torch.cat([partial.reshape(-1), prep.keep_ranks.double()])
-    host = to_host.tolist()  # the one host synchronisation of the call
-    # the partial sums, added in a fixed order: valid rows, bad targets, sums of p_top1, H, difficulty
-    n_fields = len(kernels.reference.SUM_FIELDS)
-    sums = [sum(host[j:n_part:n_fields]) for j in range(n_fields)]
-    n_valid, n_bad = int(sums[0]), int(sums[1])
+    keep_ranks = None
+    if early:
+        n_valid, n_bad = counts.values()  # the one host synchronisation of the call
+        sums = None
+    else:
+        n_part = partial.numel()
+        to_host = partial.reshape(-1)
+        if prep.keep_ranks is not None:
+            to_host = torch.cat([to_host, prep.keep_ranks.double()])
+        host = to_host.tolist()  # the one host synchronisation of the call
+        sums = _add_partials(host, n_part)
+        n_valid, n_bad = int(sums[0]), int(sums[1])
+        if prep.keep_ranks is not None:
+            keep_ranks = [int(r) for r in host[n_part:]]
     if n_bad:
         raise ValueError(
             f"cggr_hook: target has {n_bad} value(s) outside [0, {V}) that are not ignore_index={ii}; "
             f"targets must be class indices below the vocabulary size {V} or ignore_index"
         )
-    confidence = sums[2] / n_valid if n_valid else math.nan
+    confidence = sums[2] / n_valid if sums is not None and n_valid else math.nan
 
     ratio, step, call = scheduler.begin_call(config, key, confidence, param_ids)
     k = tokens_to_keep(ratio, n_valid)
-    keep_ranks = [int(r) for r in host[n_part:]] if prep.keep_ranks is not None else None
     n_sel = select.count_selected(config, k, N, keep_ranks)
     sel_key, threshold, rows = select.selection_key(prep, n_valid, k, n_sel, config, gen)
     if need_rows and rows is None:
@@ -144,12 +205,13 @@ def plan(logits: Tensor, targets: Tensor, seq: int | tuple[Tensor, int] | None, 
         "token_ratio": n_sel / n_valid if n_valid else 0.0,
         "tokens_selected": n_sel,
         "tokens_total": n_valid,
-        "avg_confidence": confidence,
-        "avg_entropy": sums[3] / n_valid if n_valid else math.nan,
-        "avg_difficulty": sums[4] / n_valid if n_valid else math.nan,
         "selection": config.selection,
         "scoring": config.scoring,
     }
+    if sums is not None:
+        metrics.update(_averages(sums, n_valid))
+    else:
+        metrics["_sums"] = partial
     return Plan(stats.lse, row_scale, loss, n_sel, rows, metrics)
 
 
@@ -301,6 +363,7 @@ class CGGRLoss(torch.nn.Module):
 
     def get_metrics(self) -> dict:
         """The last call's figures (same keys as ``cggr_hook.metrics()``)."""
+        self._metrics = resolve_metrics(self._metrics)
         return dict(self._metrics)
 
     def _set_metrics(self, m: dict) -> None:

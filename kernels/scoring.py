@@ -27,11 +27,12 @@ from .types import RowStats
 __all__ = ["row_stats", "MAX_BLOCK_V", "NUM_WARPS"]
 
 # Tunables: the largest block of a row read per loop iteration, and the warps of one program (one
-# row). Measured on an H100 (bf16, N = 8192, V = 32000 and 128256): 2048 x 4 warps with the next
-# block's load issued before the current block is reduced ran at 2.1-2.3 TB/s; 4096 x 4 and
-# 2048 x 8 were 5-20% slower, 8192 (more registers a thread) and 16 warps slower still.
+# row). Swept on an H100 (bf16, N = 8192; scripts/tune_kernels.py): 2048 x 1 warp ran at 2.63 TB/s
+# at V = 128256 (0.80 ms; a bare read of the logits 0.69 ms) and was the fastest at V = 32000 too;
+# 2048 x 4 0.91 ms, 4096 x 4 0.88 ms, 8192-wide blocks 1.3-1.4 ms. One warp a row keeps the three
+# block reductions of each iteration inside the warp (no barrier).
 MAX_BLOCK_V = 2048
-NUM_WARPS = 4
+NUM_WARPS = 1
 
 
 def _block_v(V: int) -> int:

@@ -215,11 +215,77 @@ def profile_call(N: int, V: int, path: str) -> None:
         f.write(prof.key_averages().table(sort_by="cpu_time_total", row_limit=40))
 
 
+def host_profile(N: int, path: str, log) -> None:
+    """Host time of one gated call: at V = 256 the kernels take microseconds, so the wall time per
+    call is the Python and launch work around them; cProfile says where it goes."""
+    import cProfile
+    import io
+    import pstats
+    import time
+
+    V = 256
+    x = torch.randn(N, V, device="cuda", dtype=torch.bfloat16).requires_grad_(True)
+    t = torch.randint(0, V, (N,), device="cuda")
+    lse = torch.zeros(N, device="cuda")
+    scale = torch.zeros(N, device="cuda")
+    out = torch.empty_like(x)
+    x3, o3 = x.detach().unsqueeze(0), out.unsqueeze(0)
+    for inplace in (False, True):
+        crit = cggr_hook.CGGRLoss(min_tokens_ratio=0.25, warmup_steps=0, dynamic_threshold=False,
+                                  inplace_backward=inplace)
+        w = x.detach().clone().requires_grad_(True)
+
+        def call():
+            w.grad = None
+            crit(w, t).backward()
+
+        for _ in range(20):
+            call()
+        torch.cuda.synchronize()
+        n = 200
+        t0 = time.perf_counter()
+        for _ in range(n):
+            call()
+        torch.cuda.synchronize()
+        log(f"host: CGGRLoss 25% fwd+bwd (inplace={inplace}) at V={V}: {(time.perf_counter() - t0) / n * 1e6:.0f} us a call")
+
+    def launches(name, fn):
+        for _ in range(20):
+            fn()
+        torch.cuda.synchronize()
+        n = 500
+        t0 = time.perf_counter()
+        for _ in range(n):
+            fn()
+        t1 = time.perf_counter()
+        torch.cuda.synchronize()
+        log(f"host: {name}: {(t1 - t0) / n * 1e6:.1f} us a launch")
+
+    launches("ce_grad_dense_", lambda: gated_ce.ce_grad_dense_(x3, t, lse, scale, None, 0.0, o3))
+    launches("row_stats", lambda: scoring.row_stats(x3, t, -100))
+    launches("torch add", lambda: lse.add(1.0))
+    crit = cggr_hook.CGGRLoss(min_tokens_ratio=0.25, warmup_steps=0, dynamic_threshold=False)
+    prof = cProfile.Profile()
+    prof.enable()
+    for _ in range(200):
+        x.grad = None
+        crit(x, t).backward()
+    torch.cuda.synchronize()
+    prof.disable()
+    buf = io.StringIO()
+    st = pstats.Stats(prof, stream=buf)
+    st.sort_stats("tottime").print_stats(45)
+    st.sort_stats("cumulative").print_stats(60)
+    with open(path, "w") as f:
+        f.write(buf.getvalue())
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--out", default="runs/tune")
     p.add_argument("--vocab", type=int, nargs="+", default=[128256, 32000])
     p.add_argument("--tokens", type=int, default=8192)
+    p.add_argument("--host", action="store_true", help="only the host-time profile")
     a = p.parse_args(argv)
     if not torch.cuda.is_available():
         print("tune_kernels.py needs a CUDA device", file=sys.stderr)
@@ -232,6 +298,12 @@ def main(argv=None) -> int:
         lines.append(s)
 
     log(f"# Kernel sweep: {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}")
+    log("")
+    host_profile(a.tokens, os.path.join(a.out, "host_profile.txt"), log)
+    if a.host:
+        with open(os.path.join(a.out, "tune.md"), "w") as f:
+            f.write("\n".join(lines) + "\n")
+        return 0
     log("")
     log("| V | what | median ms | GB/s |")
     log("|---|---|---|---|")

@@ -269,10 +269,15 @@ def test_metrics_have_the_seed_keys():
     assert 0 < m["avg_confidence"] <= 1 and m["avg_entropy"] > 0
 
 
-def test_one_host_read_per_gated_step(monkeypatch):
-    """Forward + backward of a gated step reads device values once (one .tolist()), nothing else."""
+@pytest.mark.parametrize("options", [dict(dynamic_threshold=True, selection="sequence_aware"),
+                                     dict(dynamic_threshold=False, selection="topk"),
+                                     dict(dynamic_threshold=False, selection="stratified")])
+def test_one_host_read_per_gated_step(monkeypatch, options):
+    """Forward + backward of a gated step reads device values once (one .tolist()), nothing else;
+    where the ratio does not depend on the logits the metric averages stay on the device until
+    metrics() asks for them, once."""
     model = TinyLM()
-    cggr_hook.enable(model, warmup_steps=0, dynamic_threshold=True, selection="sequence_aware")
+    cggr_hook.enable(model, warmup_steps=0, **options)
     idx = _idx()
     counts = {"tolist": 0, "item": 0, "nonzero": 0, "__bool__": 0, "__int__": 0, "__float__": 0}
     for name in counts:
@@ -284,8 +289,12 @@ def test_one_host_read_per_gated_step(monkeypatch):
 
         monkeypatch.setattr(torch.Tensor, name, counting)
     shifted_loss(model, idx).backward()
-    cggr_hook.metrics()
     assert counts == {"tolist": 1, "item": 0, "nonzero": 0, "__bool__": 0, "__int__": 0, "__float__": 0}
+    lazy = not options["dynamic_threshold"]
+    m = cggr_hook.metrics()
+    assert counts["tolist"] == 1 + lazy
+    assert cggr_hook.metrics() == m and counts["tolist"] == 1 + lazy
+    assert 0 < m["avg_confidence"] <= 1 and m["avg_entropy"] > 0 and "_sums" not in m
 
 
 # --------------------------------------------------------------------------------------------------

@@ -45,13 +45,20 @@ def test_triton_loss_matches_torch_backend_on_cuda(monkeypatch, V, reduction):
     torch.testing.assert_close(gt.reshape(-1, V)[both].float(), gr.reshape(-1, V)[both].float(), rtol=2e-2, atol=1e-5)
 
 
-def test_one_host_sync_per_gated_step():
+@pytest.mark.parametrize("options", [dict(selection="sequence_aware"), dict(selection="topk", dynamic_threshold=False),
+                                     dict(selection="stratified", dynamic_threshold=False)])
+def test_one_host_sync_per_gated_step(monkeypatch, options):
+    """One host wait per gated call: a synchronising read (dynamic ratio, sequence_aware) or, where
+    the ratio does not depend on the logits, one wait for the target counts' event."""
     model = TinyLM(vocab=5000, dim=64).cuda()
-    cggr_hook.enable(model, warmup_steps=0, selection="sequence_aware")
+    cggr_hook.enable(model, warmup_steps=0, **options)
     idx = torch.randint(0, 5000, (4, 256), device="cuda")
     F_loss = lambda: F.cross_entropy(model(idx)[:, :-1].reshape(-1, 5000), idx[:, 1:].reshape(-1))
     F_loss().backward()  # warm-up: kernels compiled, caches filled
     torch.cuda.synchronize()
+    waits = []
+    real_wait = torch.cuda.Event.synchronize
+    monkeypatch.setattr(torch.cuda.Event, "synchronize", lambda ev: (waits.append(1), real_wait(ev))[1])
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         torch.cuda.set_sync_debug_mode("warn")
@@ -60,7 +67,26 @@ def test_one_host_sync_per_gated_step():
         finally:
             torch.cuda.set_sync_debug_mode("default")
     syncs = [w for w in caught if "called a synchronizing" in str(w.message)]
-    assert len(syncs) == 1, [f"{w.filename}:{w.lineno}" for w in syncs]
+    assert len(syncs) + len(waits) == 1, ([f"{w.filename}:{w.lineno}" for w in syncs], len(waits))
+    assert len(waits) == (0 if options["selection"] == "sequence_aware" else 1)
+
+
+def test_fixed_ratio_forward_does_not_wait_for_the_scoring_pass():
+    """With a ratio that does not depend on the logits, the host reads only the target counts: the
+    forward returns while the scoring pass over 4 GB of logits is still running on the device."""
+    g = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(16384, 128256, device="cuda", dtype=torch.bfloat16, generator=g)
+    t = torch.randint(0, 128256, (16384,), device="cuda", generator=g)
+    crit = CGGRLoss(min_tokens_ratio=0.25, **FIXED)
+    crit(x, t)  # compiled and warm
+    torch.cuda.synchronize()
+    crit(x, t)
+    busy = not torch.cuda.current_stream().query()
+    torch.cuda.synchronize()
+    assert busy, "the forward waited for the device"
+    m = crit.get_metrics()  # the averages were left on the device and are read now
+    assert m["tokens_selected"] == round(0.25 * 16384) and 0.0 < m["avg_confidence"] < 1.0
+    assert "_sums" not in m
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
@@ -105,3 +131,33 @@ def test_compiled_model_matches_eager_without_recompiling():
         counts.append(torch._dynamo.utils.counters["stats"]["unique_graphs"])
     torch.testing.assert_close(model.lm_head.weight.grad, ref.lm_head.weight.grad, rtol=1e-3, atol=1e-5)
     assert counts[-1] == counts[0], counts  # no new graph after the first step
+
+
+@pytest.mark.parametrize("mode", ["combined", "margin", "loss", "random"])
+def test_difficulty_and_loss_kernels_match_reference_on_cuda(mode):
+    """On the GPU the difficulty is bit-identical to the reference (launched without FMA
+    contraction, so both backends rank rows the same) and the selected rows' loss agrees."""
+    from cggr_hook import kernels as K
+    from cggr_hook.kernels import reference
+
+    g = torch.Generator(device="cuda").manual_seed(1)
+    N, V = 8191, 4099
+    x = (torch.randn(1, N, V, device="cuda", generator=g) * 3).to(torch.bfloat16)
+    t = torch.randint(0, V, (N,), device="cuda", generator=g)
+    t[::7] = -100
+    w = torch.rand(V, device="cuda", generator=g) + 0.5
+    stats = K.row_stats(x, t, -100, w, with_wsum=True)
+    noise = torch.rand(N, device="cuda", generator=g)
+    d, part = K.row_difficulty(stats, t, V, -100, mode, noise)
+    d_ref, part_ref = reference.row_difficulty(stats, t, V, -100, mode, noise)
+    assert torch.equal(d, d_ref)
+    torch.testing.assert_close(part.sum(0), part_ref.sum(0), rtol=1e-9, atol=1e-6)
+    rank = torch.empty(N, dtype=torch.long, device="cuda")
+    rank.scatter_(0, torch.sort(d, descending=True, stable=True).indices, torch.arange(N, device="cuda"))
+    n_valid = int((t != -100).sum())
+    k = n_valid // 4
+    for reduction in ("mean", "sum", "none"):
+        got = K.selected_loss(stats, t, V, rank, k, k, n_valid, reduction, 0.1, w)
+        want = reference.selected_loss(stats, t, V, rank, k, k, n_valid, reduction, 0.1, w)
+        torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(got[1], want[1], rtol=1e-6, atol=0)

@@ -300,3 +300,77 @@ def test_gated_ce_full_size_gpu(options):
     want = reference.ce_grad_dense_(x, tg, lse, row_scale, w, eps, torch.empty_like(x))
     K.ce_grad_dense_(x, tg, lse, row_scale, w, eps, x)
     torch.testing.assert_close(x.float(), want.float(), rtol=2 ** -7, atol=1e-6)
+
+
+# --------------------------------------------------------------------------- the selected rows' loss
+
+def loss_inputs(N, V, seed, with_wsum):
+    gen = torch.Generator().manual_seed(seed)
+    logits = (torch.randn(1, N, V, generator=gen) * 2).to(DEVICE)
+    targets = torch.randint(0, V, (N,), generator=gen)
+    targets[::4] = -100
+    targets = targets.to(DEVICE)
+    stats = reference.row_stats(logits, targets, -100, None, with_wsum)
+    return stats, targets, gen
+
+
+@pytest.mark.filterwarnings("ignore:divide by zero:RuntimeWarning")  # the interpreter's 0 / 0 of k = 0
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("options", LOSS_OPTIONS, ids=lambda o: f"eps{o[0]}-w{int(o[1])}")
+@pytest.mark.parametrize("N, V, k", [(1, 1, 1), (5, 3, 2), (300, 127, 77), (300, 127, 0)])
+def test_selected_loss_matches_reference(reduction, options, N, V, k, monkeypatch):
+    """Loss and row scales of the rows with key < k; 64-row blocks so N = 300 spans five."""
+    monkeypatch.setattr(gated_ce, "LOSS_BLOCK", 64)
+    eps, with_weight = options
+    stats, targets, gen = loss_inputs(N, V, seed=N * 7 + k, with_wsum=eps > 0)
+    w = (torch.rand(V, generator=gen) + 0.5).to(DEVICE) if with_weight else None
+    valid = targets != -100
+    n_valid = int(valid.sum())
+    # the key: the rank of a random order of the valid rows (ignored rows rank last)
+    order = torch.argsort(torch.where(valid, torch.rand(N, generator=gen).to(DEVICE), 2.0))
+    rank = torch.empty_like(order).scatter_(0, order, torch.arange(N, device=DEVICE))
+    k = min(k, n_valid)
+    got = K.selected_loss(stats, targets, V, rank, k, k, n_valid, reduction, eps, w)
+    want = reference.selected_loss(stats, targets, V, rank, k, k, n_valid, reduction, eps, w)
+    for g, r, name in zip(got, want, ("loss", "row_scale")):
+        assert g.dtype == torch.float32 and g.shape == r.shape, name
+        torch.testing.assert_close(g, r, rtol=2e-6, atol=1e-6, equal_nan=True, msg=lambda m: f"{name}: {m}")
+    assert torch.equal(got[1] != 0, rank < k)  # the selection, exactly
+    if reduction == "mean" and k == 0:
+        assert torch.isnan(got[0])  # 0 / 0, as torch's mean over an all-ignored batch
+
+
+def test_selected_loss_is_masked_cross_entropy():
+    """The kernel's loss is torch's cross entropy over the selected rows (definition check)."""
+    N, V = 50, 11
+    gen = torch.Generator().manual_seed(5)
+    x = torch.randn(N, V, generator=gen).to(DEVICE)
+    t = torch.randint(0, V, (N,), generator=gen).to(DEVICE)
+    w = (torch.rand(V, generator=gen) + 0.5).to(DEVICE)
+    stats = reference.row_stats(x.unsqueeze(0), t, -100, w, with_wsum=True)
+    key = torch.ones(N, dtype=torch.long, device=DEVICE)
+    rows = torch.tensor([1, 4, 9, 30, 49], device=DEVICE)
+    key[rows] = 0
+    loss, scale = K.selected_loss(stats, t, V, key, 1, 5, N, "mean", 0.1, w)
+    want = torch.nn.functional.cross_entropy(x[rows], t[rows], weight=w, label_smoothing=0.1)
+    torch.testing.assert_close(loss, want, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(scale[rows], (1.0 / w[t[rows]].sum()).expand(5))
+
+
+@pytest.mark.parametrize("per_row", [False, True])
+def test_ce_grad_dense_scales_by_the_upstream_gradient(per_row, block):
+    """row_scale times grad_output (one element or one per row); rows with scale 0 stay zero even
+    where grad_output is not."""
+    gen = torch.Generator().manual_seed(11)
+    x = make_logits(2, 9, 37, torch.bfloat16, "contiguous", gen=gen)
+    tg = torch.randint(0, 37, (18,), generator=gen).to(DEVICE)
+    lse = lse_of(x)
+    row_scale = torch.zeros(18, device=DEVICE)
+    row_scale[[0, 5, 17]] = torch.tensor([0.5, 2.0, 1.0], device=DEVICE)
+    g_out = (torch.rand(18, generator=gen) + 0.5).to(DEVICE) if per_row else torch.tensor(3.0, device=DEVICE)
+    got = K.ce_grad_dense_(x, tg, lse, row_scale, None, 0.0, torch.empty_like(x), g_out)
+    combined = row_scale * (g_out if per_row else g_out.expand(18))
+    want = reference.ce_grad_dense_(x, tg, lse, combined, None, 0.0, torch.empty_like(x))
+    assert_grad_close(got, want, torch.bfloat16)
+    with pytest.raises(ValueError, match="grad_output"):
+        K.ce_grad_dense_(x, tg, lse, row_scale, None, 0.0, torch.empty_like(x), torch.ones(5, device=DEVICE))

@@ -299,3 +299,67 @@ def test_row_stats_int64_offsets_gpu():
     want = reference.row_stats(xt[:, N - 64:], tg[rows], -100)
     for name in FIELDS:
         torch.testing.assert_close(getattr(got, name)[rows], getattr(want, name), rtol=2e-5, atol=2e-5)
+
+
+# --------------------------------------------------------------------------- difficulty and host sums
+
+MODES = ["entropy", "margin", "loss", "combined", "random"]
+
+
+def difficulty_inputs(N, V, seed, nan_rows=()):
+    gen = torch.Generator().manual_seed(seed)
+    logits = (torch.randn(1, N, V, generator=gen) * 3).to(DEVICE)
+    targets = torch.randint(0, V, (N,), generator=gen)
+    targets[::5] = -100
+    targets = targets.to(DEVICE)
+    stats = reference.row_stats(logits, targets, -100)
+    for r in nan_rows:
+        for f in ("entropy", "p_top1", "nll"):
+            getattr(stats, f)[r] = float("nan")
+    noise = torch.rand(N, generator=gen).to(DEVICE)
+    return stats, targets, noise
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("N, V", [(1, 1), (7, 3), (300, 127)])
+def test_row_difficulty_matches_reference(mode, N, V, monkeypatch):
+    """Same difficulty bit for bit (same operations, no FMA contraction), same sums; blocks of 64
+    rows so N = 300 spans five programs whose partial sums the host adds."""
+    monkeypatch.setattr(scoring, "DIFFICULTY_BLOCK", 64)
+    stats, targets, noise = difficulty_inputs(N, V, seed=N + V, nan_rows=(2,) if N > 2 else ())
+    got_d, got_p = K.row_difficulty(stats, targets, V, -100, mode, noise)
+    want_d, want_p = reference.row_difficulty(stats, targets, V, -100, mode, noise)
+    assert got_d.dtype == torch.float32 and got_p.dtype == torch.float64
+    assert torch.equal(got_d, want_d)
+    assert got_p.shape == (-(-N // 64), 5) and want_p.shape == (1, 5)
+    torch.testing.assert_close(got_p.sum(0), want_p.sum(0), rtol=1e-12, atol=1e-9, equal_nan=True)
+
+
+def test_row_difficulty_counts_bad_targets_and_never_scores_them():
+    stats, targets, _ = difficulty_inputs(9, 4, seed=1)
+    targets = targets.clone()
+    targets[0], targets[3], targets[4] = 4, -7, -100  # two bad, one ignored
+    d, part = K.row_difficulty(stats, targets, 4, -100, "combined")
+    n_valid, n_bad = part.sum(0).tolist()[:2]
+    valid = (targets != -100) & (targets >= 0) & (targets < 4)
+    assert (n_valid, n_bad) == (int(valid.sum()), 2)
+    assert bool(torch.isneginf(d[~valid]).all()) and bool(torch.isfinite(d[valid]).all())
+
+
+def test_row_difficulty_nan_is_hardest_and_ignore_index_in_range():
+    """A NaN statistic gives +inf; an ignore_index inside [0, V) is ignored, not bad."""
+    stats, targets, _ = difficulty_inputs(6, 5, seed=2, nan_rows=(1,))
+    targets = targets.clone()
+    targets[:] = torch.tensor([0, 1, 2, 3, 4, 3])
+    d, part = K.row_difficulty(stats, targets, 5, 3, "entropy")
+    assert d[1].item() == float("inf")
+    assert torch.isneginf(d[3]) and torch.isneginf(d[5])
+    assert part.sum(0)[:2].tolist() == [4.0, 0.0]
+
+
+def test_row_difficulty_rejects_unknown_mode_and_missing_noise():
+    stats, targets, _ = difficulty_inputs(4, 3, seed=3)
+    with pytest.raises(ValueError, match="scoring"):
+        K.row_difficulty(stats, targets, 3, -100, "confidence")
+    with pytest.raises(ValueError, match="noise"):
+        K.row_difficulty(stats, targets, 3, -100, "random")
