@@ -107,10 +107,19 @@ class _HostRead:
 
 
 def _target_counts(targets: Tensor, vocab: int, ignore_index: int) -> Tensor:
-    """(2,) int64 on the targets' device: valid targets, bad ones (not ignored, outside [0, V))."""
-    not_ignored = targets != ignore_index
+    """(2,) int64 on the targets' device: targets in [0, V), and targets equal to ``ignore_index``
+    (as few launches as possible: they run before the scoring pass). ``_valid_and_bad`` turns them
+    into the valid and bad counts."""
     in_range = (targets >= 0) & (targets < vocab)
-    return torch.stack([not_ignored & in_range, not_ignored & ~in_range]).sum(1)
+    return torch.stack([in_range, targets == ignore_index]).sum(1)
+
+
+def _valid_and_bad(n_in: int, n_ignored: int, n_rows: int, vocab: int, ignore_index: int) -> tuple[int, int]:
+    """(valid, bad) targets from ``_target_counts``: valid = in range and not ignored; bad =
+    neither ignored nor in range."""
+    if 0 <= ignore_index < vocab:
+        return n_in - n_ignored, n_rows - n_in
+    return n_in, n_rows - n_in - n_ignored
 
 
 def _averages(sums: list, n_valid: int) -> dict:
@@ -172,7 +181,8 @@ def plan(logits: Tensor, targets: Tensor, seq: int | tuple[Tensor, int] | None, 
 
     keep_ranks = None
     if early:
-        n_valid, n_bad = counts.values()  # the one host synchronisation of the call
+        n_in, n_ignored = counts.values()  # the one host synchronisation of the call
+        n_valid, n_bad = _valid_and_bad(n_in, n_ignored, N, V, ii)
         sums = None
     else:
         n_part = partial.numel()

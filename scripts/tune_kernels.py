@@ -24,9 +24,8 @@ from triton.testing import do_bench
 import cggr_hook
 from cggr_hook.kernels import gated_ce, scoring
 
-ROW_STATS_SHAPES = [(1024, 1), (1024, 2), (2048, 1), (2048, 2), (2048, 4), (4096, 2), (4096, 4), (4096, 8),
-                    (8192, 4), (8192, 8)]
-GRAD_SHAPES = [(1024, 4), (2048, 4), (2048, 8), (4096, 4), (4096, 8), (4096, 16), (8192, 8), (8192, 16)]
+ROW_STATS_SHAPES = [(1024, 1), (2048, 1), (2048, 2), (2048, 4), (4096, 1), (4096, 4)]
+GRAD_SHAPES = [(2048, 8), (4096, 8), (4096, 16), (8192, 16)]
 
 
 def ms(fn) -> float:
@@ -51,8 +50,18 @@ def _add_pair(a1, b1, a2, b2):
 
 
 @triton.jit
-def _row_stats_pair_kernel(x_ptr, tgt_ptr, out_ptr, N, V, stride, ignore_index, BLOCK_V: tl.constexpr):
-    """row_stats with the two running sums reduced together (one reduction tree a block, not two)."""
+def _load_row_block(x_row, cols, V, EVICT: tl.constexpr):
+    if EVICT:
+        return tl.load(x_row + cols, mask=cols < V, other=float("-inf"), eviction_policy="evict_first")
+    return tl.load(x_row + cols, mask=cols < V, other=float("-inf"))
+
+
+@triton.jit
+def _row_stats_variant_kernel(x_ptr, tgt_ptr, out_ptr, N, V, stride, ignore_index, BLOCK_V: tl.constexpr,
+                              PAIR: tl.constexpr, PREFETCH: tl.constexpr, EVICT: tl.constexpr):
+    """row_stats (unit-stride rows) with switches: PAIR reduces the two running sums in one tree,
+    PREFETCH issues the next block's load before reducing this one, EVICT streams the loads
+    (evict_first), so that each can be measured alone."""
     NEG: tl.constexpr = -3.4028234663852886e38
     row = tl.program_id(0).to(tl.int64)
     x_row = x_ptr + row * stride
@@ -62,11 +71,14 @@ def _row_stats_pair_kernel(x_ptr, tgt_ptr, out_ptr, N, V, stride, ignore_index, 
     a = tl.sum(tl.zeros([BLOCK_V], tl.float32), axis=0)
     t1 = tl.full([BLOCK_V], NEG, tl.float32)
     t2 = tl.full([BLOCK_V], NEG, tl.float32)
-    x_next = tl.load(x_row + offs, mask=offs < V, other=float("-inf"))
+    x_next = _load_row_block(x_row, offs, V, EVICT)
     for start in range(0, V, BLOCK_V):
         cols = start + offs
-        x = x_next.to(tl.float32)
-        x_next = tl.load(x_row + cols + BLOCK_V, mask=cols + BLOCK_V < V, other=float("-inf"))
+        if PREFETCH:
+            x = x_next.to(tl.float32)
+            x_next = _load_row_block(x_row, cols + BLOCK_V, V, EVICT)
+        else:
+            x = _load_row_block(x_row, cols, V, EVICT).to(tl.float32)
         xc = tl.where(x == float("-inf"), NEG, x)
         t2 = tl.maximum(t2, tl.minimum(t1, xc))
         t1 = tl.maximum(t1, xc)
@@ -75,7 +87,11 @@ def _row_stats_pair_kernel(x_ptr, tgt_ptr, out_ptr, N, V, stride, ignore_index, 
         alpha = tl.exp(d)
         xm = xc - m_new
         e = tl.exp(xm)
-        bs, ba = tl.reduce((e, e * xm), 0, _add_pair)
+        if PAIR:
+            bs, ba = tl.reduce((e, e * xm), 0, _add_pair)
+        else:
+            bs = tl.sum(e, axis=0)
+            ba = tl.sum(e * xm, axis=0)
         a = alpha * a + (alpha * d) * s + ba
         s = alpha * s + bs
         m = m_new
@@ -95,6 +111,21 @@ def _row_stats_pair_kernel(x_ptr, tgt_ptr, out_ptr, N, V, stride, ignore_index, 
     tl.store(o + 2 * N, tl.exp(top1 - lse))
     tl.store(o + 3 * N, tl.exp(top2 - lse))
     tl.store(o + 4 * N, tl.where(valid, lse - xt, 0.0))
+
+
+ROW_STATS_VARIANTS = [
+    # (block, warps, stages, PAIR, PREFETCH, EVICT)
+    (2048, 1, None, False, True, False),  # the shipped kernel's shape, for reference
+    (2048, 1, None, False, True, True),
+    (2048, 1, None, True, True, False),
+    (2048, 1, 1, False, True, False),
+    (2048, 1, 3, False, False, False),
+    (2048, 1, 4, False, False, False),
+    (1024, 1, 4, False, False, False),
+    (4096, 1, None, False, True, False),
+    (4096, 2, 3, False, False, False),
+    (2048, 2, 3, False, False, True),
+]
 
 
 def close(a, b, what, rtol=1e-4, atol=1e-4):
@@ -138,18 +169,24 @@ def sweep_vocab(N: int, V: int, log) -> dict:
             log(f"| {V} | row_stats {bv}x{nw} | failed: {type(e).__name__}: {str(e)[:200]} | |")
     scoring.MAX_BLOCK_V, scoring.NUM_WARPS = shipped
 
-    # ---- row_stats with the paired reduction
+    # ---- row_stats variants: pipelining stages, prefetch, paired sums, streaming loads
     out = torch.empty(5, N, device=dev, dtype=torch.float32)
-    for bv, nw in [(2048, 2), (2048, 4), (4096, 4), (4096, 8)]:
+    for bv, nw, stages, pair, prefetch, evict in ROW_STATS_VARIANTS:
+        name = f"row_stats variant {bv}x{nw} stages={stages} pair={int(pair)} prefetch={int(prefetch)} evict={int(evict)}"
+        kw = dict(BLOCK_V=bv, PAIR=pair, PREFETCH=prefetch, EVICT=evict, num_warps=nw)
+        if stages is not None:
+            kw["num_stages"] = stages
+
+        def launch(kw=kw):
+            _row_stats_variant_kernel[(N,)](x, t, out, N, V, x.stride(0), -100, **kw)
+
         try:
-            _row_stats_pair_kernel[(N,)](x, t, out, N, V, x.stride(0), -100, BLOCK_V=bv, num_warps=nw)
+            launch()
             for i, f in enumerate(("lse", "entropy", "p_top1", "p_top2", "nll")):
-                close(out[i], getattr(want, f), f"pair {bv}x{nw} {f}")
-            row(f"row_stats paired sums {bv}x{nw}",
-                ms(lambda: _row_stats_pair_kernel[(N,)](x, t, out, N, V, x.stride(0), -100, BLOCK_V=bv, num_warps=nw)),
-                nbytes)
+                close(out[i], getattr(want, f), f"{name} {f}")
+            row(name, ms(launch), nbytes)
         except Exception as e:
-            log(f"| {V} | pair {bv}x{nw} | failed: {type(e).__name__}: {str(e)[:200]} | |")
+            log(f"| {V} | {name} | failed: {type(e).__name__}: {str(e)[:200]} | |")
 
     # ---- gradient kernels: dense (25%, 100%, 0% selected) and compact rows (25%)
     k = N // 4

@@ -236,3 +236,25 @@ def test_full_ratio_with_smoothing_weights_and_ignored_targets_equals_torch():
     for kw in (dict(label_smoothing=0.2), dict(label_smoothing=0.2, weight=w), dict(weight=w)):
         got = CGGRLoss(min_tokens_ratio=1.0, **FIXED, **kw)(x, t)
         torch.testing.assert_close(got, F.cross_entropy(x, t, **kw))
+
+
+@pytest.mark.parametrize("dynamic", [True, False])
+@pytest.mark.parametrize("ignore_index", [-100, 2])
+def test_valid_and_bad_target_counts_on_both_host_read_paths(dynamic, ignore_index):
+    """A fixed ratio reads target counts before scoring, a dynamic one reads the kernel's sums after
+    it: both count the same valid tokens (ignore_index inside the vocabulary included) and both
+    reject a target outside [0, V) before anything changes."""
+    gen = torch.Generator().manual_seed(4)
+    x = torch.randn(3, 8, 6, generator=gen)
+    t = torch.randint(0, 6, (3, 8), generator=gen)
+    t[0, :3] = ignore_index
+    crit = CGGRLoss(min_tokens_ratio=0.5, warmup_steps=0, dynamic_threshold=dynamic, ignore_index=ignore_index)
+    crit(x, t)
+    assert crit.get_metrics()["tokens_total"] == int((t != ignore_index).sum())
+    for bad in (6, -1):
+        tb = t.clone()
+        tb[1, 1] = bad
+        calls = crit.scheduler.calls_in_step
+        with pytest.raises(ValueError, match=r"target has 1 value\(s\) outside \[0, 6\)"):
+            crit(x, tb)
+        assert crit.scheduler.calls_in_step == calls
