@@ -59,6 +59,44 @@ def _grad_block(x, cols, tgt, lse, scale, w_ptr, wt, wsum_ptr, mask, c_main, c_s
 
 
 @triton.jit
+def _write_row(x_row, o_row, keep, V, stride_v, stride_ov, tgt, lse, scale, w_ptr, wsum_ptr, c_main, c_smooth, eps,
+               HAS_WEIGHT: tl.constexpr, HAS_SMOOTH: tl.constexpr, UNIT_STRIDE_V: tl.constexpr,
+               UNIT_STRIDE_OV: tl.constexpr, BLOCK_V: tl.constexpr):
+    """Row ``o_row`` of the output: scale * the gradient of row ``x_row`` where ``keep``; else
+    zeros, with the row never read and no arithmetic (stores only)."""
+    offs = tl.arange(0, BLOCK_V)
+    if keep:
+        if HAS_WEIGHT:
+            wt = tl.load(w_ptr + tgt).to(tl.float32)
+        else:
+            wt = 1.0
+        for start in range(0, V, BLOCK_V):
+            cols = start + offs
+            mask = cols < V
+            if UNIT_STRIDE_V:
+                ptrs = x_row + cols
+            else:
+                ptrs = x_row + cols.to(tl.int64) * stride_v
+            x = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
+            g = _grad_block(x, cols, tgt, lse, scale, w_ptr, wt, wsum_ptr, mask, c_main, c_smooth,
+                            eps, HAS_WEIGHT, HAS_SMOOTH)
+            if UNIT_STRIDE_OV:
+                optrs = o_row + cols
+            else:
+                optrs = o_row + cols.to(tl.int64) * stride_ov
+            tl.store(optrs, g.to(o_row.dtype.element_ty), mask=mask)
+    else:
+        zeros = tl.zeros([BLOCK_V], tl.float32).to(o_row.dtype.element_ty)
+        for start in range(0, V, BLOCK_V):
+            cols = start + offs
+            if UNIT_STRIDE_OV:
+                optrs = o_row + cols
+            else:
+                optrs = o_row + cols.to(tl.int64) * stride_ov
+            tl.store(optrs, zeros, mask=cols < V)
+
+
+@triton.jit
 def _ce_grad_rows_kernel(
     x_ptr, tgt_ptr, lse_ptr, rows_ptr, scale_ptr, w_ptr, wsum_ptr, out_ptr,
     T, V,
@@ -71,33 +109,12 @@ def _ce_grad_rows_kernel(
     row = tl.load(rows_ptr + k * stride_rows).to(tl.int64)
     b = row // T
     t = row - b * T
-    x_row = x_ptr + (b * stride_b + t * stride_t)
-    o_row = out_ptr + k * stride_out
-
     tgt = tl.load(tgt_ptr + row * stride_tgt).to(tl.int64)
-    keep = (tgt >= 0) & (tgt < V)
     lse = tl.load(lse_ptr + row * stride_lse).to(tl.float32)
     scale = tl.load(scale_ptr + k * stride_scale).to(tl.float32)
-    if HAS_WEIGHT:
-        wt = tl.load(w_ptr + tl.where(keep, tgt, 0), mask=keep, other=0.0).to(tl.float32)
-    else:
-        wt = 1.0
-    n_read = tl.where(keep, V, 0)  # columns of this row to read: all, or none
-
-    offs = tl.arange(0, BLOCK_V)
-    for start in range(0, V, BLOCK_V):
-        cols = start + offs
-        mask = cols < V
-        if UNIT_STRIDE_V:
-            ptrs = x_row + cols
-        else:
-            ptrs = x_row + cols.to(tl.int64) * stride_v
-        read = cols < n_read
-        x = tl.load(ptrs, mask=read, other=0.0).to(tl.float32)
-        g = _grad_block(x, cols, tgt, lse, scale, w_ptr, wt, wsum_ptr, read, c_main, c_smooth, eps,
-                        HAS_WEIGHT, HAS_SMOOTH)
-        g = tl.where(keep, g, 0.0)
-        tl.store(o_row + cols, g.to(out_ptr.dtype.element_ty), mask=mask)
+    _write_row(x_ptr + (b * stride_b + t * stride_t), out_ptr + k * stride_out, (tgt >= 0) & (tgt < V), V,
+               stride_v, 1, tgt, lse, scale, w_ptr, wsum_ptr, c_main, c_smooth, eps,
+               HAS_WEIGHT, HAS_SMOOTH, UNIT_STRIDE_V, True, BLOCK_V)
 
 
 @triton.jit
@@ -113,46 +130,14 @@ def _ce_grad_dense_kernel(
     row = tl.program_id(0).to(tl.int64)
     b = row // T
     t = row - b * T
-    x_row = x_ptr + (b * stride_b + t * stride_t)
-    o_row = out_ptr + (b * stride_ob + t * stride_ot)
-
     row_scale = tl.load(scale_ptr + row * stride_scale).to(tl.float32)
     # the upstream gradient: one element (stride 0) or one per row
     scale = row_scale * tl.load(gout_ptr + row * stride_gout).to(tl.float32)
     tgt = tl.load(tgt_ptr + row * stride_tgt).to(tl.int64)
-    keep = (row_scale != 0) & (tgt >= 0) & (tgt < V)
     lse = tl.load(lse_ptr + row * stride_lse).to(tl.float32)
-    if HAS_WEIGHT:
-        wt = tl.load(w_ptr + tl.where(keep, tgt, 0), mask=keep, other=0.0).to(tl.float32)
-    else:
-        wt = 1.0
-    offs = tl.arange(0, BLOCK_V)
-    if keep:
-        for start in range(0, V, BLOCK_V):
-            cols = start + offs
-            mask = cols < V
-            if UNIT_STRIDE_V:
-                ptrs = x_row + cols
-            else:
-                ptrs = x_row + cols.to(tl.int64) * stride_v
-            x = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
-            g = _grad_block(x, cols, tgt, lse, scale, w_ptr, wt, wsum_ptr, mask, c_main, c_smooth,
-                            eps, HAS_WEIGHT, HAS_SMOOTH)
-            if UNIT_STRIDE_OV:
-                optrs = o_row + cols
-            else:
-                optrs = o_row + cols.to(tl.int64) * stride_ov
-            tl.store(optrs, g.to(out_ptr.dtype.element_ty), mask=mask)
-    else:
-        # an unselected row is never read and costs no arithmetic: stores of zeros only
-        zeros = tl.zeros([BLOCK_V], tl.float32).to(out_ptr.dtype.element_ty)
-        for start in range(0, V, BLOCK_V):
-            cols = start + offs
-            if UNIT_STRIDE_OV:
-                optrs = o_row + cols
-            else:
-                optrs = o_row + cols.to(tl.int64) * stride_ov
-            tl.store(optrs, zeros, mask=cols < V)
+    _write_row(x_ptr + (b * stride_b + t * stride_t), out_ptr + (b * stride_ob + t * stride_ot),
+               (row_scale != 0) & (tgt >= 0) & (tgt < V), V, stride_v, stride_ov, tgt, lse, scale, w_ptr, wsum_ptr,
+               c_main, c_smooth, eps, HAS_WEIGHT, HAS_SMOOTH, UNIT_STRIDE_V, UNIT_STRIDE_OV, BLOCK_V)
 
 
 def _weight_args(weight: Tensor | None, V: int, label_smoothing: float, like: Tensor):

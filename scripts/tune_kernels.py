@@ -3,8 +3,9 @@ where the time of one gated loss call goes.
 
     python scripts/tune_kernels.py --out runs/tune [--vocab 128256 32000] [--tokens 8192]
 
-Writes tune.json and tune.md (median ms from ``triton.testing.do_bench`` and GB/s) and profile.txt
-(the kernels of one ``CGGRLoss`` forward + backward from the PyTorch profiler). Every swept shape is
+Writes tune.json and tune.md (median ms from ``triton.testing.do_bench`` and GB/s), profile.txt
+(the kernels of one ``CGGRLoss`` forward + backward from the PyTorch profiler) and host_profile.txt
+(the host time of a call and cProfile's view of it). Conclusions go to kernels/NOTES.md. Every swept shape is
 checked against the shipped one before it is timed. A development tool: ``python -m cggr_hook.bench``
 is the user-facing benchmark.
 """
@@ -42,90 +43,6 @@ def _read_rows_kernel(x_ptr, out_ptr, V, stride, BLOCK_V: tl.constexpr):
         cols = start + offs
         acc += tl.load(x_ptr + row * stride + cols, mask=cols < V, other=0.0).to(tl.float32)
     tl.store(out_ptr + row, tl.sum(acc, axis=0))
-
-
-@triton.jit
-def _add_pair(a1, b1, a2, b2):
-    return a1 + a2, b1 + b2
-
-
-@triton.jit
-def _load_row_block(x_row, cols, V, EVICT: tl.constexpr):
-    if EVICT:
-        return tl.load(x_row + cols, mask=cols < V, other=float("-inf"), eviction_policy="evict_first")
-    return tl.load(x_row + cols, mask=cols < V, other=float("-inf"))
-
-
-@triton.jit
-def _row_stats_variant_kernel(x_ptr, tgt_ptr, out_ptr, N, V, stride, ignore_index, BLOCK_V: tl.constexpr,
-                              PAIR: tl.constexpr, PREFETCH: tl.constexpr, EVICT: tl.constexpr):
-    """row_stats (unit-stride rows) with switches: PAIR reduces the two running sums in one tree,
-    PREFETCH issues the next block's load before reducing this one, EVICT streams the loads
-    (evict_first), so that each can be measured alone."""
-    NEG: tl.constexpr = -3.4028234663852886e38
-    row = tl.program_id(0).to(tl.int64)
-    x_row = x_ptr + row * stride
-    offs = tl.arange(0, BLOCK_V)
-    m = tl.max(tl.full([BLOCK_V], NEG, tl.float32), axis=0)
-    s = tl.sum(tl.zeros([BLOCK_V], tl.float32), axis=0)
-    a = tl.sum(tl.zeros([BLOCK_V], tl.float32), axis=0)
-    t1 = tl.full([BLOCK_V], NEG, tl.float32)
-    t2 = tl.full([BLOCK_V], NEG, tl.float32)
-    x_next = _load_row_block(x_row, offs, V, EVICT)
-    for start in range(0, V, BLOCK_V):
-        cols = start + offs
-        if PREFETCH:
-            x = x_next.to(tl.float32)
-            x_next = _load_row_block(x_row, cols + BLOCK_V, V, EVICT)
-        else:
-            x = _load_row_block(x_row, cols, V, EVICT).to(tl.float32)
-        xc = tl.where(x == float("-inf"), NEG, x)
-        t2 = tl.maximum(t2, tl.minimum(t1, xc))
-        t1 = tl.maximum(t1, xc)
-        m_new = tl.maximum(m, tl.max(xc, axis=0))
-        d = m - m_new
-        alpha = tl.exp(d)
-        xm = xc - m_new
-        e = tl.exp(xm)
-        if PAIR:
-            bs, ba = tl.reduce((e, e * xm), 0, _add_pair)
-        else:
-            bs = tl.sum(e, axis=0)
-            ba = tl.sum(e * xm, axis=0)
-        a = alpha * a + (alpha * d) * s + ba
-        s = alpha * s + bs
-        m = m_new
-    log_s = tl.log(s)
-    lse = m + log_s
-    top1 = tl.max(t1, axis=0)
-    at_top = t1 == top1
-    n_top = tl.sum(at_top.to(tl.int32), axis=0)
-    other = tl.maximum(tl.max(t2, axis=0), tl.max(tl.where(at_top, NEG, t1), axis=0))
-    top2 = tl.where(n_top >= 2, top1, other)
-    tgt = tl.load(tgt_ptr + row).to(tl.int64)
-    valid = (tgt != ignore_index) & (tgt >= 0) & (tgt < V)
-    xt = tl.load(x_row + tl.where(valid, tgt, 0), mask=valid, other=0.0).to(tl.float32)
-    o = out_ptr + row
-    tl.store(o, lse)
-    tl.store(o + N, log_s - a / s)
-    tl.store(o + 2 * N, tl.exp(top1 - lse))
-    tl.store(o + 3 * N, tl.exp(top2 - lse))
-    tl.store(o + 4 * N, tl.where(valid, lse - xt, 0.0))
-
-
-ROW_STATS_VARIANTS = [
-    # (block, warps, stages, PAIR, PREFETCH, EVICT)
-    (2048, 1, None, False, True, False),  # the shipped kernel's shape, for reference
-    (2048, 1, None, False, True, True),
-    (2048, 1, None, True, True, False),
-    (2048, 1, 1, False, True, False),
-    (2048, 1, 3, False, False, False),
-    (2048, 1, 4, False, False, False),
-    (1024, 1, 4, False, False, False),
-    (4096, 1, None, False, True, False),
-    (4096, 2, 3, False, False, False),
-    (2048, 2, 3, False, False, True),
-]
 
 
 def close(a, b, what, rtol=1e-4, atol=1e-4):
@@ -168,25 +85,6 @@ def sweep_vocab(N: int, V: int, log) -> dict:
         except Exception as e:  # a shape that fails to compile or check is reported, not fatal
             log(f"| {V} | row_stats {bv}x{nw} | failed: {type(e).__name__}: {str(e)[:200]} | |")
     scoring.MAX_BLOCK_V, scoring.NUM_WARPS = shipped
-
-    # ---- row_stats variants: pipelining stages, prefetch, paired sums, streaming loads
-    out = torch.empty(5, N, device=dev, dtype=torch.float32)
-    for bv, nw, stages, pair, prefetch, evict in ROW_STATS_VARIANTS:
-        name = f"row_stats variant {bv}x{nw} stages={stages} pair={int(pair)} prefetch={int(prefetch)} evict={int(evict)}"
-        kw = dict(BLOCK_V=bv, PAIR=pair, PREFETCH=prefetch, EVICT=evict, num_warps=nw)
-        if stages is not None:
-            kw["num_stages"] = stages
-
-        def launch(kw=kw):
-            _row_stats_variant_kernel[(N,)](x, t, out, N, V, x.stride(0), -100, **kw)
-
-        try:
-            launch()
-            for i, f in enumerate(("lse", "entropy", "p_top1", "p_top2", "nll")):
-                close(out[i], getattr(want, f), f"{name} {f}")
-            row(name, ms(launch), nbytes)
-        except Exception as e:
-            log(f"| {V} | {name} | failed: {type(e).__name__}: {str(e)[:200]} | |")
 
     # ---- gradient kernels: dense (25%, 100%, 0% selected) and compact rows (25%)
     k = N // 4
@@ -267,6 +165,17 @@ def host_profile(N: int, path: str, log) -> None:
     scale = torch.zeros(N, device="cuda")
     out = torch.empty_like(x)
     x3, o3 = x.detach().unsqueeze(0), out.unsqueeze(0)
+    def per_call_us(fn, n):
+        for _ in range(20):
+            fn()
+        torch.cuda.synchronize()
+        t0 = time.perf_counter()
+        for _ in range(n):
+            fn()
+        t1 = time.perf_counter()
+        torch.cuda.synchronize()
+        return (t1 - t0) / n * 1e6, (time.perf_counter() - t0) / n * 1e6
+
     for inplace in (False, True):
         crit = cggr_hook.CGGRLoss(min_tokens_ratio=0.25, warmup_steps=0, dynamic_threshold=False,
                                   inplace_backward=inplace)
@@ -276,27 +185,10 @@ def host_profile(N: int, path: str, log) -> None:
             w.grad = None
             crit(w, t).backward()
 
-        for _ in range(20):
-            call()
-        torch.cuda.synchronize()
-        n = 200
-        t0 = time.perf_counter()
-        for _ in range(n):
-            call()
-        torch.cuda.synchronize()
-        log(f"host: CGGRLoss 25% fwd+bwd (inplace={inplace}) at V={V}: {(time.perf_counter() - t0) / n * 1e6:.0f} us a call")
+        log(f"host: CGGRLoss 25% fwd+bwd (inplace={inplace}) at V={V}: {per_call_us(call, 200)[1]:.0f} us a call")
 
     def launches(name, fn):
-        for _ in range(20):
-            fn()
-        torch.cuda.synchronize()
-        n = 500
-        t0 = time.perf_counter()
-        for _ in range(n):
-            fn()
-        t1 = time.perf_counter()
-        torch.cuda.synchronize()
-        log(f"host: {name}: {(t1 - t0) / n * 1e6:.1f} us a launch")
+        log(f"host: {name}: {per_call_us(fn, 500)[0]:.1f} us a launch")
 
     launches("ce_grad_dense_", lambda: gated_ce.ce_grad_dense_(x3, t, lse, scale, None, 0.0, o3))
     launches("row_stats", lambda: scoring.row_stats(x3, t, -100))
