@@ -96,7 +96,8 @@ class _HostRead:
         if t.is_cuda:
             self._host = t.to("cpu", non_blocking=True)
             self._event = torch.cuda.Event()
-            self._event.record()
+            # on the stream that carries the copy: the tensor's device, whichever device is current
+            self._event.record(torch.cuda.current_stream(t.device))
         else:
             self._host, self._event = t, None
 

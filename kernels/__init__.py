@@ -12,6 +12,7 @@ A kernel failure raises: there is no silent fallback to another backend.
 
 from __future__ import annotations
 
+import contextlib
 import os
 
 import torch
@@ -41,6 +42,14 @@ def backend_for(t: Tensor) -> str:
             )
         return forced
     return "triton" if t.is_cuda else "torch"
+
+
+def _on_device_of(t: Tensor):
+    """Triton launches on the current CUDA device: make it the tensor's device for the launch (a
+    tensor on cuda:1 while cuda:0 is current must not be launched on cuda:0)."""
+    if t.is_cuda and t.device.index is not None and t.device.index != torch.cuda.current_device():
+        return torch.cuda.device(t.device)
+    return contextlib.nullcontext()
 
 
 def _scoring():
@@ -82,7 +91,8 @@ def row_stats(logits: Tensor, targets: Tensor, ignore_index: int, weight: Tensor
     logits: (B, T, V) any float dtype, any strides; targets: (B*T,) int64. Outputs fp32 (B*T,).
     """
     if backend_for(logits) == "triton":
-        return _scoring().row_stats(logits, targets, ignore_index, weight, with_wsum)
+        with _on_device_of(logits):
+            return _scoring().row_stats(logits, targets, ignore_index, weight, with_wsum)
     return reference.row_stats(logits, targets, ignore_index, weight, with_wsum)
 
 
@@ -91,7 +101,8 @@ def row_difficulty(stats: RowStats, targets: Tensor, vocab: int, ignore_index: i
     """fp32 (N,) difficulty of every row (-inf where the target is not valid) and float64 (P, 5)
     partial sums of ``reference.SUM_FIELDS`` that the host adds up."""
     if backend_for(stats.lse) == "triton":
-        return _scoring().row_difficulty(stats, targets, vocab, ignore_index, scoring, noise)
+        with _on_device_of(stats.lse):
+            return _scoring().row_difficulty(stats, targets, vocab, ignore_index, scoring, noise)
     return reference.row_difficulty(stats, targets, vocab, ignore_index, scoring, noise)
 
 
@@ -101,8 +112,9 @@ def selected_loss(stats: RowStats, targets: Tensor, vocab: int, sel_key: Tensor,
     """(loss, row_scale): the gated loss of the rows with ``sel_key < sel_k`` and d loss / d ce_r
     of every row, fp32 (N,) (``reference.selected_loss``)."""
     if backend_for(stats.lse) == "triton":
-        return _gated_ce().selected_loss(stats, targets, vocab, sel_key, sel_k, n_selected, n_valid, reduction,
-                                         label_smoothing, weight)
+        with _on_device_of(stats.lse):
+            return _gated_ce().selected_loss(stats, targets, vocab, sel_key, sel_k, n_selected, n_valid, reduction,
+                                             label_smoothing, weight)
     return reference.selected_loss(stats, targets, vocab, sel_key, sel_k, n_selected, n_valid, reduction,
                                    label_smoothing, weight)
 
@@ -111,7 +123,8 @@ def ce_grad_rows(logits: Tensor, targets: Tensor, lse: Tensor, rows: Tensor, sca
                  weight: Tensor | None, label_smoothing: float, out_dtype: torch.dtype) -> Tensor:
     """(K, V) gradient of the selected rows ``rows`` (int64, K), row k scaled by ``scale[k]``."""
     if backend_for(logits) == "triton":
-        return _gated_ce().ce_grad_rows(logits, targets, lse, rows, scale, weight, label_smoothing, out_dtype)
+        with _on_device_of(logits):
+            return _gated_ce().ce_grad_rows(logits, targets, lse, rows, scale, weight, label_smoothing, out_dtype)
     return reference.ce_grad_rows(logits, targets, lse, rows, scale, weight, label_smoothing, out_dtype)
 
 
@@ -121,6 +134,7 @@ def ce_grad_dense_(logits: Tensor, targets: Tensor, lse: Tensor, row_scale: Tens
     """Dense (B, T, V) gradient into ``out`` (may be ``logits``): row r scaled by
     ``row_scale[r] * grad_output`` (one element or (N,)), zeros where ``row_scale`` is 0."""
     if backend_for(logits) == "triton":
-        return _gated_ce().ce_grad_dense_(logits, targets, lse, row_scale, weight, label_smoothing, out,
-                                          grad_output)
+        with _on_device_of(logits):
+            return _gated_ce().ce_grad_dense_(logits, targets, lse, row_scale, weight, label_smoothing, out,
+                                              grad_output)
     return reference.ce_grad_dense_(logits, targets, lse, row_scale, weight, label_smoothing, out, grad_output)

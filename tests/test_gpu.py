@@ -161,3 +161,29 @@ def test_difficulty_and_loss_kernels_match_reference_on_cuda(mode):
         want = reference.selected_loss(stats, t, V, rank, k, k, n_valid, reduction, 0.1, w)
         torch.testing.assert_close(got[0], want[0], rtol=1e-5, atol=1e-5)
         torch.testing.assert_close(got[1], want[1], rtol=1e-6, atol=0)
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two CUDA devices")
+@pytest.mark.parametrize("dynamic", [False, True])
+def test_tensors_on_a_device_that_is_not_current(dynamic, monkeypatch):
+    """Logits on cuda:1 while cuda:0 is current: the kernels launch on cuda:1 and the host read
+    waits on cuda:1's stream; loss and gradient equal the reference backend's."""
+    torch.cuda.set_device(0)
+    g = torch.Generator(device="cuda:1").manual_seed(3)
+    logits = (torch.randn(4, 1023, 32000, device="cuda:1", generator=g) * 3).to(torch.bfloat16)
+    targets = torch.randint(0, 32000, (4, 1023), device="cuda:1", generator=g)
+    targets[:, :40] = -100
+    out = {}
+    for backend in ("torch", "triton"):
+        monkeypatch.setenv("CGGR_HOOK_BACKEND", backend)
+        x = logits.clone().requires_grad_()
+        crit = CGGRLoss(min_tokens_ratio=0.25, warmup_steps=0, dynamic_threshold=dynamic)
+        loss = crit(x, targets)
+        loss.backward()
+        out[backend] = (loss.detach(), x.grad, crit.get_metrics())
+    assert torch.cuda.current_device() == 0
+    (lt, gt, mt), (lr, gr, mr) = out["triton"], out["torch"]
+    assert mt["tokens_total"] == mr["tokens_total"] == int((targets != -100).sum())
+    assert mt["tokens_selected"] == mr["tokens_selected"]
+    torch.testing.assert_close(lt, lr, rtol=1e-4, atol=1e-4)
+    assert int(((gt.reshape(-1, 32000).abs().sum(-1) > 0) ^ (gr.reshape(-1, 32000).abs().sum(-1) > 0)).sum()) <= 2
