@@ -235,18 +235,23 @@ def gated(model: nn.Module | None = None, **options: Any) -> Iterator[Gate | Non
 def metrics() -> dict:
     """The last gated call's figures (empty before the first): step, token_ratio, tokens_selected,
     tokens_total, avg_confidence, avg_entropy, avg_difficulty, selection, scoring."""
+    global _last_metrics
     with _lock:
-        resolved = resolve_metrics(_last_metrics)
-        if resolved is not _last_metrics:
-            _last_metrics.clear()
-            _last_metrics.update(resolved)
-        return dict(_last_metrics)
+        m = _last_metrics
+    # averages left on their way from the device are waited for outside the lock, so a reader
+    # never holds up a gated call that wants to record its own figures
+    resolved = resolve_metrics(m)
+    if resolved is not m:
+        with _lock:
+            if _last_metrics is m:  # no newer call has recorded its figures meanwhile
+                _last_metrics = resolved
+    return dict(resolved)
 
 
 def _record_metrics(m: dict) -> None:
+    global _last_metrics
     with _lock:
-        _last_metrics.clear()
-        _last_metrics.update(m)
+        _last_metrics = dict(m)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -136,13 +136,15 @@ def _add_partials(host: list, n_part: int) -> list:
 
 
 def resolve_metrics(m: dict) -> dict:
-    """A call's metrics with the averages filled in: a call that did not need them on the host kept
-    its sums on the device (``"_sums"``) and they are read now, when somebody asks."""
+    """A call's metrics with the averages filled in (a new dict; ``m`` itself when it has them): a
+    call that did not need them on the host sent its sums off without waiting (``"_sums"``, a
+    ``_HostRead`` started on the stream that computed them), and they are waited for now, when
+    somebody asks."""
     if "_sums" not in m:
         return m
     m = dict(m)
-    partial = m.pop("_sums")
-    m.update(_averages(_add_partials(partial.reshape(-1).tolist(), partial.numel()), m["tokens_total"]))
+    host = m.pop("_sums").values()
+    m.update(_averages(_add_partials(host, len(host)), m["tokens_total"]))
     return m
 
 
@@ -222,7 +224,8 @@ def plan(logits: Tensor, targets: Tensor, seq: int | tuple[Tensor, int] | None, 
     if sums is not None:
         metrics.update(_averages(sums, n_valid))
     else:
-        metrics["_sums"] = partial
+        # on their way to the host now, on this stream; read when metrics() asks
+        metrics["_sums"] = _HostRead(partial.reshape(-1))
     return Plan(stats.lse, row_scale, loss, n_sel, rows, metrics)
 
 
@@ -374,8 +377,11 @@ class CGGRLoss(torch.nn.Module):
 
     def get_metrics(self) -> dict:
         """The last call's figures (same keys as ``cggr_hook.metrics()``)."""
-        self._metrics = resolve_metrics(self._metrics)
-        return dict(self._metrics)
+        m = self._metrics
+        resolved = resolve_metrics(m)
+        if self._metrics is m:  # keep the resolved figures unless a newer call replaced them
+            self._metrics = resolved
+        return dict(resolved)
 
     def _set_metrics(self, m: dict) -> None:
         self._metrics = m

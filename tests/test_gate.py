@@ -406,3 +406,39 @@ def test_a_deep_copy_of_a_gated_model_is_not_gated():
     twin = copy.deepcopy(model)
     assert type(shifted_loss(twin, _idx()).grad_fn).__name__.startswith("Nll")
     assert "GatedHead" in type(shifted_loss(model, _idx()).grad_fn).__name__
+
+
+def test_metrics_reader_does_not_hold_the_lock_while_it_waits(monkeypatch):
+    """A thread waiting for the lazily read averages must not block a gated call that records its
+    own figures, and the reader must not put its older figures back over the newer ones."""
+    import threading
+
+    import cggr_hook.gate as gate_mod
+
+    model = TinyLM()
+    cggr_hook.enable(model, warmup_steps=0, dynamic_threshold=False, min_tokens_ratio=0.5)
+    shifted_loss(model, _idx())
+    first = gate_mod._last_metrics["tokens_total"]
+    release, entered = threading.Event(), threading.Event()
+    real = gate_mod.resolve_metrics
+
+    def slow(m):
+        entered.set()
+        release.wait(20)
+        return real(m)
+
+    monkeypatch.setattr(gate_mod, "resolve_metrics", slow)
+    reader = threading.Thread(target=cggr_hook.metrics)
+    reader.start()
+    assert entered.wait(5)
+    idx = torch.randint(0, 37, (3, 20))
+    done = threading.Event()
+    writer = threading.Thread(target=lambda: (shifted_loss(model, idx), done.set()))
+    writer.start()
+    blocked = not done.wait(3)
+    release.set()
+    assert not blocked, "a gated call waited for a metrics() reader"
+    reader.join(5)
+    writer.join(5)
+    monkeypatch.setattr(gate_mod, "resolve_metrics", real)
+    assert cggr_hook.metrics()["tokens_total"] == 3 * 19 != first  # the newer call's figures

@@ -187,3 +187,24 @@ def test_tensors_on_a_device_that_is_not_current(dynamic, monkeypatch):
     assert mt["tokens_selected"] == mr["tokens_selected"]
     torch.testing.assert_close(lt, lr, rtol=1e-4, atol=1e-4)
     assert int(((gt.reshape(-1, 32000).abs().sum(-1) > 0) ^ (gr.reshape(-1, 32000).abs().sum(-1) > 0)).sum()) <= 2
+
+
+def test_lazy_averages_follow_the_stream_that_computed_them():
+    """A fixed-ratio call on a side stream, its metrics read from the default stream at once: the
+    averages are those of the call (the read is ordered after the kernels that wrote them)."""
+    g = torch.Generator(device="cuda").manual_seed(2)
+    x = (torch.randn(8192, 128256, device="cuda", generator=g) * 2).to(torch.bfloat16)
+    t = torch.randint(0, 128256, (8192,), device="cuda", generator=g)
+    t[::9] = -100
+    crit = CGGRLoss(min_tokens_ratio=0.25, **FIXED)
+    crit(x, t)
+    torch.cuda.synchronize()
+    want = crit.get_metrics()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        crit(x, t)
+    got = crit.get_metrics()  # outside the side stream, without synchronising first
+    torch.cuda.synchronize()
+    for key in ("avg_confidence", "avg_entropy", "avg_difficulty"):
+        assert got[key] == pytest.approx(want[key], rel=1e-9), key
