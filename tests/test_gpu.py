@@ -191,15 +191,22 @@ def test_tensors_on_a_device_that_is_not_current(dynamic, monkeypatch):
 
 def test_lazy_averages_follow_the_stream_that_computed_them():
     """A fixed-ratio call on a side stream, its metrics read from the default stream at once: the
-    averages are those of the call (the read is ordered after the kernels that wrote them)."""
+    averages are those of the call (the read is ordered after the kernels that wrote them). A call
+    on other logits runs just before, so a read that raced the kernels would find that call's sums
+    (or zeros) in the reused buffer."""
     g = torch.Generator(device="cuda").manual_seed(2)
-    x = (torch.randn(8192, 128256, device="cuda", generator=g) * 2).to(torch.bfloat16)
-    t = torch.randint(0, 128256, (8192,), device="cuda", generator=g)
+    # 32768 rows: a ~3 ms scoring pass, far longer than the host's work after its one wait
+    x = (torch.randn(32768, 128256, device="cuda", generator=g) * 2).to(torch.bfloat16)
+    t = torch.randint(0, 128256, (32768,), device="cuda", generator=g)
     t[::9] = -100
     crit = CGGRLoss(min_tokens_ratio=0.25, **FIXED)
     crit(x, t)
     torch.cuda.synchronize()
     want = crit.get_metrics()
+    crit(x * 0.25, t)  # other figures, left in the buffer the next call reuses
+    torch.cuda.synchronize()
+    other = crit.get_metrics()
+    assert other["avg_confidence"] != pytest.approx(want["avg_confidence"], rel=1e-3)
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
