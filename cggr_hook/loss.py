@@ -88,18 +88,18 @@ def _generator(device: torch.device, seed: int, step: int, call: int) -> torch.G
 
 
 class _HostRead:
-    """A small device tensor on its way to the host. On CUDA it is copied without blocking (into
-    pinned memory) and an event marks its arrival, so work launched after it does not delay it;
-    ``values()`` waits for that event alone: the call's one host synchronisation."""
+    """A small device tensor for the host. ``now=True`` (the call's own read) starts the copy at
+    once, without blocking, into pinned memory, so work launched after it does not delay it;
+    ``now=False`` (figures read only if somebody asks) just marks, with an event, when the kernels
+    that wrote it are done. On CUDA the event sits on the stream of the tensor's device, whichever
+    device is current; ``values()`` waits for that event alone."""
 
-    def __init__(self, t: Tensor) -> None:
+    def __init__(self, t: Tensor, now: bool = True) -> None:
+        self._event = None
+        self._host = t.to("cpu", non_blocking=True) if t.is_cuda and now else t
         if t.is_cuda:
-            self._host = t.to("cpu", non_blocking=True)
             self._event = torch.cuda.Event()
-            # on the stream that carries the copy: the tensor's device, whichever device is current
             self._event.record(torch.cuda.current_stream(t.device))
-        else:
-            self._host, self._event = t, None
 
     def values(self) -> list:
         if self._event is not None:
@@ -137,8 +137,8 @@ def _add_partials(host: list, n_part: int) -> list:
 
 def resolve_metrics(m: dict) -> dict:
     """A call's metrics with the averages filled in (a new dict; ``m`` itself when it has them): a
-    call that did not need them on the host sent its sums off without waiting (``"_sums"``, a
-    ``_HostRead`` started on the stream that computed them), and they are waited for now, when
+    call that did not need them on the host left its sums on the device (``"_sums"``, a
+    ``_HostRead`` whose event follows the kernels that wrote them), and they are read now, when
     somebody asks."""
     if "_sums" not in m:
         return m
@@ -224,8 +224,8 @@ def plan(logits: Tensor, targets: Tensor, seq: int | tuple[Tensor, int] | None, 
     if sums is not None:
         metrics.update(_averages(sums, n_valid))
     else:
-        # on their way to the host now, on this stream; read when metrics() asks
-        metrics["_sums"] = _HostRead(partial.reshape(-1))
+        # read when metrics() asks, once the kernels of this stream have written them
+        metrics["_sums"] = _HostRead(partial.reshape(-1), now=False)
     return Plan(stats.lse, row_scale, loss, n_sel, rows, metrics)
 
 
