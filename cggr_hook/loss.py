@@ -74,7 +74,6 @@ class Plan:
     lse: Tensor  # (N,) fp32
     row_scale: Tensor  # (N,) fp32, d loss / d ce_r: 0 off the selection ('none': 1 on it)
     loss: Tensor  # reduced loss (scalar) or (N,) with zeros at unselected rows
-    n_selected: int
     rows: Tensor | None = None  # (K,) int64 ascending, the selected rows (when asked for)
     metrics: dict = field(default_factory=dict)
 
@@ -226,7 +225,7 @@ def plan(logits: Tensor, targets: Tensor, seq: int | tuple[Tensor, int] | None, 
     else:
         # read when metrics() asks, once the kernels of this stream have written them
         metrics["_sums"] = _HostRead(partial.reshape(-1), now=False)
-    return Plan(stats.lse, row_scale, loss, n_sel, rows, metrics)
+    return Plan(stats.lse, row_scale, loss, rows, metrics)
 
 
 def _row_scale(p: Plan, grad_output: Tensor, reduction: str) -> Tensor:

@@ -27,7 +27,7 @@ from .config import GateConfig
 @dataclass
 class Prepared:
     order: Tensor  # (N,) rows by difficulty, hardest first, ties by row index
-    rank: Tensor | None = None  # (N,) position of each row in ``order``
+    rank: Tensor  # (N,) position of each row in ``order``
     keep: Tensor | None = None  # (N,) bool, rows every sequence keeps (sequence_aware)
     keep_ranks: Tensor | None = None  # (S*m,) ``rank`` of the kept rows, padded with N: synced with the stats
 

@@ -74,7 +74,6 @@ def row_stats(logits: Tensor, targets: Tensor, ignore_index: int, weight: Tensor
     return RowStats(*out, wsum)
 
 
-SCORINGS = ("entropy", "margin", "loss", "combined", "random")
 # columns of the per-row sums that travel to the host: valid rows, bad targets (neither ignored nor
 # in [0, V)), and over valid rows the top-1 probability, the entropy and the difficulty
 SUM_FIELDS = ("n_valid", "n_bad", "p_top1", "entropy", "difficulty")
@@ -121,9 +120,6 @@ def row_difficulty(stats: RowStats, targets: Tensor, vocab: int, ignore_index: i
     counts = torch.stack([valid, not_ignored & ~in_range]).sum(1, dtype=torch.float64)
     per_row = torch.where(valid, torch.stack([stats.p_top1, stats.entropy, d]), 0.0)
     return d, torch.cat([counts, per_row.sum(1, dtype=torch.float64)]).view(1, len(SUM_FIELDS))
-
-
-REDUCTIONS = ("mean", "sum", "none")
 
 
 def selected_rows(sel_key: Tensor, sel_k: int, n_selected: int) -> Tensor:
