@@ -24,7 +24,7 @@ from torch import Tensor
 from . import launch
 from .types import RowStats
 
-__all__ = ["row_stats", "MAX_BLOCK_V", "NUM_WARPS"]
+__all__ = ["row_stats", "row_difficulty", "MAX_BLOCK_V", "NUM_WARPS", "DIFFICULTY_BLOCK"]
 
 # Tunables: the largest block of a row read per loop iteration, and the warps of one program (one
 # row). Swept on an H100 (bf16, N = 8192; scripts/tune_kernels.py): 2048 x 1 warp ran at 2.63 TB/s

@@ -118,3 +118,25 @@ def make_logits(B, T, V, dtype, layout, scale=3.0, gen=None):
         raise AssertionError(layout)
     assert x.is_contiguous() == (layout == "contiguous") or V == 1
     return x
+
+
+def start_held_reader(monkeypatch, module, name: str, reader, hold_s: float = 20.0):
+    """Run ``reader`` in a thread with ``module.name`` held at its entry until the returned
+    ``release`` event is set (or ``hold_s`` passes): a window in which another call can run.
+    Returns (thread, release) once the reader is inside the held function."""
+    import threading
+
+    real = getattr(module, name)
+    entered, release = threading.Event(), threading.Event()
+
+    def held(*a, **k):
+        entered.set()
+        release.wait(hold_s)
+        return real(*a, **k)
+
+    monkeypatch.setattr(module, name, held)
+    thread = threading.Thread(target=reader)
+    thread.start()
+    assert entered.wait(5), f"{name} was not reached"
+    monkeypatch.setattr(module, name, real)  # later callers run unheld
+    return thread, release

@@ -13,7 +13,7 @@ from torch.optim.optimizer import _global_optimizer_post_hooks
 import cggr_hook
 from cggr_hook import gate as gate_mod
 
-from common import TinyLM, masked_reference_loss, reference_topk_rows, shifted_loss
+from common import TinyLM, masked_reference_loss, reference_topk_rows, shifted_loss, start_held_reader
 
 ORIGINAL_CE = F.cross_entropy
 FIXED = dict(warmup_steps=0, dynamic_threshold=False)
@@ -419,18 +419,7 @@ def test_metrics_reader_does_not_hold_the_lock_while_it_waits(monkeypatch):
     cggr_hook.enable(model, warmup_steps=0, dynamic_threshold=False, min_tokens_ratio=0.5)
     shifted_loss(model, _idx())
     first = gate_mod._last_metrics["tokens_total"]
-    release, entered = threading.Event(), threading.Event()
-    real = gate_mod.resolve_metrics
-
-    def slow(m):
-        entered.set()
-        release.wait(20)
-        return real(m)
-
-    monkeypatch.setattr(gate_mod, "resolve_metrics", slow)
-    reader = threading.Thread(target=cggr_hook.metrics)
-    reader.start()
-    assert entered.wait(5)
+    reader, release = start_held_reader(monkeypatch, gate_mod, "resolve_metrics", cggr_hook.metrics)
     idx = torch.randint(0, 37, (3, 20))
     done = threading.Event()
     writer = threading.Thread(target=lambda: (shifted_loss(model, idx), done.set()))
@@ -440,5 +429,4 @@ def test_metrics_reader_does_not_hold_the_lock_while_it_waits(monkeypatch):
     assert not blocked, "a gated call waited for a metrics() reader"
     reader.join(5)
     writer.join(5)
-    monkeypatch.setattr(gate_mod, "resolve_metrics", real)
     assert cggr_hook.metrics()["tokens_total"] == 3 * 19 != first  # the newer call's figures

@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 from cggr_hook import CGGRLoss
 
-from common import masked_reference_loss, reference_topk_rows
+from common import masked_reference_loss, reference_topk_rows, start_held_reader
 
 FIXED = dict(warmup_steps=0, dynamic_threshold=False)
 
@@ -262,26 +262,12 @@ def test_valid_and_bad_target_counts_on_both_host_read_paths(dynamic, ignore_ind
 
 def test_get_metrics_does_not_restore_an_older_call(monkeypatch):
     """get_metrics() racing a newer call keeps the newer call's figures."""
-    import threading
-
     import cggr_hook.loss as loss_mod
 
     crit = CGGRLoss(min_tokens_ratio=0.5, **FIXED)
     crit(torch.randn(1, 4, 7), torch.randint(0, 7, (1, 4)))
-    release, entered = threading.Event(), threading.Event()
-    real = loss_mod.resolve_metrics
-
-    def slow(m):
-        entered.set()
-        release.wait(5)
-        return real(m)
-
-    monkeypatch.setattr(loss_mod, "resolve_metrics", slow)
-    reader = threading.Thread(target=crit.get_metrics)
-    reader.start()
-    assert entered.wait(5)
+    reader, release = start_held_reader(monkeypatch, loss_mod, "resolve_metrics", crit.get_metrics)
     crit(torch.randn(1, 9, 7), torch.randint(0, 7, (1, 9)))
     release.set()
     reader.join(5)
-    monkeypatch.setattr(loss_mod, "resolve_metrics", real)
     assert crit.get_metrics()["tokens_total"] == 9
