@@ -106,20 +106,9 @@ class _HostRead:
         return self._host.tolist()
 
 
-def _target_counts(targets: Tensor, vocab: int, ignore_index: int) -> Tensor:
-    """(2,) int64 on the targets' device: targets in [0, V), and targets equal to ``ignore_index``
-    (as few launches as possible: they run before the scoring pass). ``_valid_and_bad`` turns them
-    into the valid and bad counts."""
-    in_range = (targets >= 0) & (targets < vocab)
-    return torch.stack([in_range, targets == ignore_index]).sum(1)
-
-
-def _valid_and_bad(n_in: int, n_ignored: int, n_rows: int, vocab: int, ignore_index: int) -> tuple[int, int]:
-    """(valid, bad) targets from ``_target_counts``: valid = in range and not ignored; bad =
-    neither ignored nor in range."""
-    if 0 <= ignore_index < vocab:
-        return n_in - n_ignored, n_rows - n_in
-    return n_in, n_rows - n_in - n_ignored
+def _valid_and_bad(host: list) -> tuple[int, int]:
+    """(valid, bad) target counts from ``kernels.target_counts``'s (P, 2) partials read row by row."""
+    return sum(host[0::2]), sum(host[1::2])
 
 
 def _averages(sums: list, n_valid: int) -> dict:
@@ -170,7 +159,7 @@ def plan(logits: Tensor, targets: Tensor, seq: int | tuple[Tensor, int] | None, 
     dev = logits.device
     ii = spec.ignore_index
     early = not config.dynamic_threshold and config.selection != "sequence_aware"
-    counts = _HostRead(_target_counts(targets, V, ii)) if early else None
+    counts = _HostRead(kernels.target_counts(targets, V, ii).reshape(-1)) if early else None
     stats = kernels.row_stats(logits, targets, ii, spec.weight, with_wsum=spec.label_smoothing > 0)
     step, call = scheduler.step_count, scheduler.calls_in_step
     needs_draws = config.scoring == "random" or config.selection == "stratified"
@@ -183,8 +172,7 @@ def plan(logits: Tensor, targets: Tensor, seq: int | tuple[Tensor, int] | None, 
 
     keep_ranks = None
     if early:
-        n_in, n_ignored = counts.values()  # the one host synchronisation of the call
-        n_valid, n_bad = _valid_and_bad(n_in, n_ignored, N, V, ii)
+        n_valid, n_bad = _valid_and_bad(counts.values())  # the one host synchronisation of the call
         sums = None
     else:
         n_part = partial.numel()

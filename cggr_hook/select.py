@@ -21,6 +21,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from . import kernels
 from .config import GateConfig
 
 
@@ -38,9 +39,8 @@ def prepare(diff: Tensor, valid: Tensor, config: GateConfig, seq: int | tuple[Te
     (one sequence)."""
     N = diff.numel()
     dev = diff.device
-    order = torch.sort(diff, descending=True, stable=True).indices
-    # rank of each row in that order: top-k is then ``rank < k``, with k known only after the sync
-    rank = torch.empty_like(order).scatter_(0, order, torch.arange(N, device=dev))
+    # the order and each row's rank in it: top-k is then ``rank < k``, with k known only after the sync
+    order, rank = kernels.difficulty_rank(diff)
     if config.selection != "sequence_aware":
         return Prepared(order, rank)
     m = config.min_tokens_per_sequence

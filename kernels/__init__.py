@@ -1,7 +1,8 @@
 """Row kernels of the gated loss, behind one dispatch point (installed as ``cggr_hook.kernels``).
 
-Every caller goes through the five functions here, in the order of the data flow (row_stats ->
-row_difficulty -> selection -> selected_loss -> a gradient kernel); which backend runs is decided per call:
+Every caller goes through the functions here, in the order of the data flow (target_counts ->
+row_stats -> row_difficulty -> difficulty_rank -> selected_loss -> a gradient kernel); which
+backend runs is decided per call:
 
 - ``CGGR_HOOK_BACKEND=torch`` or ``=triton`` forces one (Triton on a CPU tensor needs
   ``TRITON_INTERPRET=1``, Triton's interpreter, which is how CI tests the kernels);
@@ -21,8 +22,8 @@ from torch import Tensor
 from . import reference
 from .types import RowStats
 
-__all__ = ["RowStats", "as_rows", "backend_for", "row_stats", "row_difficulty", "selected_loss", "ce_grad_rows",
-           "ce_grad_dense_"]
+__all__ = ["RowStats", "as_rows", "backend_for", "target_counts", "row_stats", "row_difficulty", "difficulty_rank",
+           "selected_loss", "ce_grad_rows", "ce_grad_dense_"]
 
 BACKENDS = ("torch", "triton")
 
@@ -59,6 +60,12 @@ def _scoring():
     return scoring
 
 
+def _ranking():
+    from . import ranking
+
+    return ranking
+
+
 def _gated_ce():
     from . import gated_ce
 
@@ -84,6 +91,14 @@ def as_rows(logits: Tensor) -> Tensor:
         return logits.reshape(1, -1, V)
 
 
+def target_counts(targets: Tensor, vocab: int, ignore_index: int) -> Tensor:
+    """int64 (P, 2) partial counts of valid and bad targets (``reference.target_counts``)."""
+    if backend_for(targets) == "triton":
+        with _on_device_of(targets):
+            return _scoring().target_counts(targets, vocab, ignore_index)
+    return reference.target_counts(targets, vocab, ignore_index)
+
+
 def row_stats(logits: Tensor, targets: Tensor, ignore_index: int, weight: Tensor | None = None,
               with_wsum: bool = False) -> RowStats:
     """Per-row lse, entropy, top-1/top-2 probabilities, target NLL (and sum_v w_v x_v).
@@ -104,6 +119,16 @@ def row_difficulty(stats: RowStats, targets: Tensor, vocab: int, ignore_index: i
         with _on_device_of(stats.lse):
             return _scoring().row_difficulty(stats, targets, vocab, ignore_index, scoring, noise)
     return reference.row_difficulty(stats, targets, vocab, ignore_index, scoring, noise)
+
+
+def difficulty_rank(diff: Tensor) -> tuple[Tensor, Tensor]:
+    """(order, rank) int64 (N,): rows hardest first (ties by row index) and each row's place in
+    that order (``reference.difficulty_rank``). Triton counts ranks in one launch up to
+    ``ranking.MAX_ROWS`` rows; past that a sort does less work and runs (the same order)."""
+    if backend_for(diff) == "triton" and diff.numel() <= _ranking().MAX_ROWS:
+        with _on_device_of(diff):
+            return _ranking().difficulty_rank(diff)
+    return reference.difficulty_rank(diff)
 
 
 def selected_loss(stats: RowStats, targets: Tensor, vocab: int, sel_key: Tensor, sel_k: int, n_selected: int,

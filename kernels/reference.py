@@ -102,6 +102,8 @@ def difficulty(stats: RowStats, scoring: str, vocab: int, valid: Tensor, noise: 
     else:  # GateConfig validates; this guards internal misuse
         raise ValueError(f"cggr_hook: unknown scoring {scoring!r}")
     d = d.float().nan_to_num(nan=math.inf, posinf=math.inf, neginf=-math.inf)
+    # -0 -> +0: the two zeros compare equal but a radix sort orders them; equal values must tie
+    d = torch.where(d == 0, torch.zeros_like(d), d)
     return d.masked_fill(~valid, -math.inf)
 
 
@@ -120,6 +122,27 @@ def row_difficulty(stats: RowStats, targets: Tensor, vocab: int, ignore_index: i
     counts = torch.stack([valid, not_ignored & ~in_range]).sum(1, dtype=torch.float64)
     per_row = torch.where(valid, torch.stack([stats.p_top1, stats.entropy, d]), 0.0)
     return d, torch.cat([counts, per_row.sum(1, dtype=torch.float64)]).view(1, len(SUM_FIELDS))
+
+
+def target_counts(targets: Tensor, vocab: int, ignore_index: int) -> Tensor:
+    """int64 (P, 2) partial counts of valid targets (in [0, V) and not ``ignore_index``) and of bad
+    ones (neither); the host adds the P rows (here P = 1)."""
+    not_ignored = targets != ignore_index
+    in_range = (targets >= 0) & (targets < vocab)
+    return torch.stack([not_ignored & in_range, not_ignored & ~in_range]).sum(1).view(1, 2)
+
+
+def difficulty_rank(diff: Tensor) -> tuple[Tensor, Tensor]:
+    """(order, rank), int64 (N,): ``order`` lists the rows by descending difficulty, ties by lower
+    row index first; ``rank[r]`` is row r's position in ``order``:
+
+        rank[r] = #{j : d_j > d_r} + #{j < r : d_j = d_r}
+
+    (``diff`` has no NaN: the difficulty maps NaN to +inf, and -0 to +0.)"""
+    N = diff.numel()
+    order = torch.sort(diff, descending=True, stable=True).indices
+    rank = torch.empty_like(order).scatter_(0, order, torch.arange(N, device=diff.device))
+    return order, rank
 
 
 def selected_rows(sel_key: Tensor, sel_k: int, n_selected: int) -> Tensor:

@@ -24,7 +24,8 @@ from torch import Tensor
 from . import launch
 from .types import RowStats
 
-__all__ = ["row_stats", "row_difficulty", "MAX_BLOCK_V", "NUM_WARPS", "DIFFICULTY_BLOCK"]
+__all__ = ["row_stats", "row_difficulty", "target_counts", "MAX_BLOCK_V", "NUM_WARPS", "DIFFICULTY_BLOCK",
+           "COUNT_BLOCK", "COUNT_PROGRAMS"]
 
 # Tunables: the largest block of a row read per loop iteration, and the warps of one program (one
 # row). Swept on an H100 (bf16, N = 8192; scripts/tune_kernels.py): 2048 x 1 warp ran at 2.63 TB/s
@@ -219,6 +220,7 @@ def _row_difficulty_kernel(
     else:
         d = tl.load(noise_ptr + rows, mask=inside, other=0.0)
     d = tl.where(d != d, float("inf"), d)  # NaN -> +inf: such a row is taken first
+    d = tl.where(d == 0.0, 0.0, d)  # -0 -> +0: a radix sort would put -0 after +0, a comparison not
     d = tl.where(valid, d, float("-inf"))
     tl.store(d_ptr + rows, d, mask=inside)
 
@@ -248,9 +250,9 @@ def row_difficulty(stats: RowStats, targets: Tensor, vocab: int, ignore_index: i
     dev = stats.lse.device
     n_prog = triton.cdiv(N, DIFFICULTY_BLOCK)
     d = torch.empty(N, dtype=torch.float32, device=dev)
-    part = torch.zeros(max(n_prog, 1), 5, dtype=torch.float64, device=dev)
     if N == 0:
-        return d, part
+        return d, torch.zeros(1, 5, dtype=torch.float64, device=dev)
+    part = torch.empty(n_prog, 5, dtype=torch.float64, device=dev)  # every program writes its row
     vecs = [v.contiguous() for v in (stats.lse, stats.entropy, stats.p_top1, stats.p_top2, stats.nll)]
     noise_arg = noise.contiguous() if noise is not None else vecs[0]
     _row_difficulty_kernel[(n_prog,)](
@@ -259,3 +261,41 @@ def row_difficulty(stats: RowStats, targets: Tensor, vocab: int, ignore_index: i
         MODE=MODES[scoring], BLOCK=DIFFICULTY_BLOCK, num_warps=4, enable_fp_fusion=False,
     )
     return d, part
+
+
+# Targets counted by one program per loop iteration, and at most this many programs (the host
+# adds one row of partial counts per program).
+COUNT_BLOCK = 1024
+COUNT_PROGRAMS = 64
+
+
+@triton.jit
+def _target_counts_kernel(tgt_ptr, part_ptr, N, V, stride_tgt, ignore_index, BLOCK: tl.constexpr):
+    pid = tl.program_id(0)
+    offs = tl.arange(0, BLOCK)
+    n_valid = tl.zeros([BLOCK], tl.int64)
+    n_bad = tl.zeros([BLOCK], tl.int64)
+    for start in range(pid * BLOCK, N, tl.num_programs(0) * BLOCK):
+        rows = start + offs
+        inside = rows < N
+        tgt = tl.load(tgt_ptr + rows.to(tl.int64) * stride_tgt, mask=inside, other=0).to(tl.int64)
+        not_ignored = inside & (tgt != ignore_index)
+        in_range = (tgt >= 0) & (tgt < V)
+        n_valid += (not_ignored & in_range).to(tl.int64)
+        n_bad += (not_ignored & (~in_range)).to(tl.int64)
+    tl.store(part_ptr + pid * 2, tl.sum(n_valid, axis=0))
+    tl.store(part_ptr + pid * 2 + 1, tl.sum(n_bad, axis=0))
+
+
+def target_counts(targets: Tensor, vocab: int, ignore_index: int) -> Tensor:
+    """int64 (P, 2) partial counts of valid targets (in [0, V), not ``ignore_index``) and bad ones
+    (neither), one row per program (at most ``COUNT_PROGRAMS``); the host adds the rows up. One
+    launch, so it can run ahead of the scoring pass at little cost (``reference.target_counts``)."""
+    N = targets.numel()
+    if N == 0:
+        return torch.zeros(1, 2, dtype=torch.int64, device=targets.device)
+    n_prog = min(triton.cdiv(N, COUNT_BLOCK), COUNT_PROGRAMS)
+    part = torch.empty(n_prog, 2, dtype=torch.int64, device=targets.device)
+    _target_counts_kernel[(n_prog,)](targets, part, N, vocab, targets.stride(0), int(ignore_index),
+                                     BLOCK=COUNT_BLOCK, num_warps=4)
+    return part

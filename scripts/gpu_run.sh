@@ -9,6 +9,7 @@
 #                     scripts/tune_kernels.py, the kernel sweep, into $OUT/tune)
 #   BENCH_ARGS        extra flags of python -m cggr_hook.bench          (e.g. "--vocab 128256")
 #   THROUGHPUT_ARGS   extra flags of examples/throughput_benchmark.py   (e.g. "--shapes gemma270m")
+#   TUNE_ARGS         extra flags of scripts/tune_kernels.py              (e.g. "--quick")
 #   TESTS_TIMEOUT, TUNE_TIMEOUT, BENCH_TIMEOUT, THROUGHPUT_TIMEOUT   seconds per section (default
 #                     180, 300, 300, 300; 0: none)
 #   INSTALL=0         skip the two pip installs (the project is installed already)
@@ -82,7 +83,7 @@ for step in $STEPS; do
             "python -m cggr_hook.bench --json '$OUT/bench.json' ${BENCH_ARGS:-} | tee '$OUT/bench.md'"
         ;;
     tune)
-        run tune "${TUNE_TIMEOUT:-300}" "python scripts/tune_kernels.py --out '$OUT/tune'"
+        run tune "${TUNE_TIMEOUT:-300}" "python scripts/tune_kernels.py --out '$OUT/tune' ${TUNE_ARGS:-}"
         ;;
     throughput)
         run throughput "${THROUGHPUT_TIMEOUT:-300}" \

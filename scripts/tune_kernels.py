@@ -3,9 +3,11 @@ where the time of one gated loss call goes.
 
     python scripts/tune_kernels.py --out runs/tune [--vocab 128256 32000] [--tokens 8192]
 
-Writes tune.json and tune.md (median ms from ``triton.testing.do_bench`` and GB/s), profile.txt
-(the kernels of one ``CGGRLoss`` forward + backward from the PyTorch profiler) and host_profile.txt
-(the host time of a call and cProfile's view of it). Conclusions go to kernels/NOTES.md. Every swept shape is
+Writes tune.json and tune.md (median ms from ``triton.testing.do_bench`` and GB/s; the rank kernel
+against the sort it replaces, by row count), profile.txt (the kernels of one ``CGGRLoss`` forward +
+backward from the PyTorch profiler), timeline.txt (back-to-back calls as a benchmark loop runs them:
+every kernel of one call with the idle time before it and how long after its launch it started)
+and host_profile.txt (the host time of a call and cProfile's view of it). Conclusions go to kernels/NOTES.md. Every swept shape is
 checked against the shipped one before it is timed. A development tool: ``python -m cggr_hook.bench``
 is the user-facing benchmark.
 """
@@ -23,7 +25,7 @@ import triton.language as tl
 from triton.testing import do_bench
 
 import cggr_hook
-from cggr_hook.kernels import gated_ce, scoring
+from cggr_hook.kernels import gated_ce, ranking, reference, scoring
 
 ROW_STATS_SHAPES = [(1024, 1), (2048, 1), (2048, 2), (2048, 4), (4096, 1), (4096, 4)]
 GRAD_SHAPES = [(2048, 8), (4096, 8), (4096, 16), (8192, 16)]
@@ -129,6 +131,108 @@ def sweep_vocab(N: int, V: int, log) -> dict:
     return res
 
 
+RANK_SHAPES = [(16, 256, 4), (8, 512, 4), (8, 1024, 4), (4, 1024, 4), (16, 512, 4), (16, 512, 8), (32, 256, 8),
+               (8, 256, 2)]
+
+
+def rank_sweep(log) -> dict:
+    """The counting rank kernel (each launch shape) against the sort + scatter it replaces, by row
+    count: the dispatcher's ``ranking.MAX_ROWS`` and the shipped shape come from here."""
+    res: dict = {}
+    shipped = (ranking.BLOCK_R, ranking.BLOCK_J, ranking.NUM_WARPS)
+    log("")
+    log("| N | sort + scatter ms | " + " | ".join(f"rank {r}x{j}x{w} ms" for r, j, w in RANK_SHAPES) + " |")
+    log("|---|---|" + "---|" * len(RANK_SHAPES))
+    for N in (2048, 8192, 16384, 32768, 65536):
+        gen = torch.Generator(device="cuda").manual_seed(N)
+        d = torch.randint(0, 1000, (N,), device="cuda", generator=gen).float()
+        d[::7] = float("-inf")
+        want = reference.difficulty_rank(d)
+        res[N] = {"sort_ms": ms(lambda: reference.difficulty_rank(d))}
+        cells = []
+        for r, j, w in RANK_SHAPES:
+            ranking.BLOCK_R, ranking.BLOCK_J, ranking.NUM_WARPS = r, j, w
+            try:
+                got = ranking.difficulty_rank(d)
+                if not (torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])):
+                    cells.append("MISMATCH")
+                    continue
+                t_ms = ms(lambda: ranking.difficulty_rank(d))
+                res[N][f"{r}x{j}x{w}"] = t_ms
+                cells.append(f"{t_ms:.4f}")
+            except Exception as e:  # reported, not fatal
+                cells.append(f"failed: {type(e).__name__}")
+        ranking.BLOCK_R, ranking.BLOCK_J, ranking.NUM_WARPS = shipped
+        log(f"| {N} | {res[N]['sort_ms']:.4f} | " + " | ".join(cells) + " |")
+    return res
+
+
+def timeline(N: int, V: int, path: str, log, iters: int = 40) -> None:
+    """Back-to-back ``CGGRLoss`` 25% calls as ``do_bench`` runs them (an L2 flush, the call):
+    from the profiler's trace, the cycle per call, the kernels' share of it, and for the median
+    call every kernel with the GPU's idle time before it and its start minus its launch (small:
+    the GPU was waiting for the host)."""
+    import statistics
+    import tempfile
+
+    from torch.profiler import ProfilerActivity, profile
+
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(N, V, device="cuda", dtype=torch.bfloat16, generator=gen).mul_(2.0).requires_grad_(True)
+    t = torch.randint(0, V, (N,), device="cuda", generator=gen)
+    t[::20] = -100
+    crit = cggr_hook.CGGRLoss(min_tokens_ratio=0.25, warmup_steps=0, dynamic_threshold=False)
+    flush = torch.empty(256 * 2**20 // 4, dtype=torch.int, device="cuda")
+
+    def one():
+        x.grad = None
+        flush.zero_()
+        crit(x, t).backward()
+
+    for _ in range(10):
+        one()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(iters):
+            one()
+        torch.cuda.synchronize()
+    fd, trace = tempfile.mkstemp(suffix=".json")
+    os.close(fd)
+    prof.export_chrome_trace(trace)
+    with open(trace) as f:
+        ev = json.load(f)["traceEvents"]
+    os.remove(trace)
+    kern = sorted((e for e in ev if e.get("cat") in ("kernel", "gpu_memset", "gpu_memcpy")), key=lambda e: e["ts"])
+    launch = {e["args"]["correlation"]: e["ts"] for e in ev
+              if e.get("cat") in ("cuda_runtime", "cuda_driver") and "correlation" in e.get("args", {})}
+    # a call starts with the flush: the one fill kernel that runs for tens of microseconds
+    starts = [i for i, e in enumerate(kern) if "fill" in e["name"].lower() and e["dur"] > 30]
+    cycles = []
+    for a, b in zip(starts[2:], starts[3:]):
+        ks = kern[a:b]
+        rows, prev_end = [], ks[0]["ts"]
+        for e in ks:
+            lag = e["ts"] - launch.get(e.get("args", {}).get("correlation"), e["ts"])
+            rows.append((e["ts"] - prev_end, e["dur"], lag, e["name"][:70]))
+            prev_end = max(prev_end, e["ts"] + e["dur"])
+        rows.append((kern[b]["ts"] - prev_end, 0.0, 0.0, "(next call's flush)"))
+        cycles.append((kern[b]["ts"] - ks[0]["ts"], sum(e["dur"] for e in ks), rows))
+    if not cycles:
+        log(f"timeline V={V}: no calls found in the trace")
+        return
+    cyc = statistics.median(c[0] for c in cycles)
+    busy = statistics.median(c[1] for c in cycles)
+    mid = sorted(cycles, key=lambda c: c[0])[len(cycles) // 2]
+    log(f"timeline V={V}: {cyc:.0f} us a call (flush included), kernels {busy:.0f} us, idle {cyc - busy:.0f} us, "
+        f"{len(mid[2]) - 1} kernels a call")
+    with open(path, "a") as f:
+        f.write(f"V = {V}, N = {N}: median cycle {cyc:.0f} us, kernels {busy:.0f} us over {len(cycles)} calls\n")
+        f.write("  idle_us   dur_us  start-launch_us  kernel\n")
+        for gap, dur, lag, name in mid[2]:
+            f.write(f"  {gap:7.1f} {dur:8.1f} {lag:12.1f}     {name}\n")
+        f.write("\n")
+
+
 def profile_call(N: int, V: int, path: str) -> None:
     x = torch.randn(N, V, device="cuda", dtype=torch.bfloat16).mul_(2.0).requires_grad_(True)
     t = torch.randint(0, V, (N,), device="cuda")
@@ -215,6 +319,7 @@ def main(argv=None) -> int:
     p.add_argument("--vocab", type=int, nargs="+", default=[128256, 32000])
     p.add_argument("--tokens", type=int, default=8192)
     p.add_argument("--host", action="store_true", help="only the host-time profile")
+    p.add_argument("--quick", action="store_true", help="no launch-shape sweep: host, rank, timeline")
     a = p.parse_args(argv)
     if not torch.cuda.is_available():
         print("tune_kernels.py needs a CUDA device", file=sys.stderr)
@@ -233,13 +338,20 @@ def main(argv=None) -> int:
         with open(os.path.join(a.out, "tune.md"), "w") as f:
             f.write("\n".join(lines) + "\n")
         return 0
+    results = []
+    if not a.quick:
+        log("")
+        log("| V | what | median ms | GB/s |")
+        log("|---|---|---|---|")
+        results = [sweep_vocab(a.tokens, V, log) for V in a.vocab]
+    ranks = rank_sweep(log)
     log("")
-    log("| V | what | median ms | GB/s |")
-    log("|---|---|---|---|")
-    results = [sweep_vocab(a.tokens, V, log) for V in a.vocab]
+    open(os.path.join(a.out, "timeline.txt"), "w").close()
+    for V in a.vocab:
+        timeline(a.tokens, V, os.path.join(a.out, "timeline.txt"), log)
     profile_call(a.tokens, a.vocab[0], os.path.join(a.out, "profile.txt"))
     with open(os.path.join(a.out, "tune.json"), "w") as f:
-        json.dump({"device": torch.cuda.get_device_name(), "results": results}, f, indent=1)
+        json.dump({"device": torch.cuda.get_device_name(), "results": results, "rank": ranks}, f, indent=1)
     with open(os.path.join(a.out, "tune.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     return 0

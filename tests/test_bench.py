@@ -129,3 +129,14 @@ def test_throughput_smoke(tmp_path):
         # same seed, same weights and data: the 100% gate's first loss is hf's
         assert abs(by["cggr100"]["first_loss"] - by["hf"]["first_loss"]) < 1e-3
     assert "| cggr25 |" in proc.stdout and "vs hf" in proc.stdout
+
+
+def test_loss_check_allows_the_rounding_of_a_low_precision_loss():
+    """A peer that returns its loss in bf16 (13.7355 comes back as 13.75) is not a mismatch; one
+    that is a bf16 step further off still is, and an fp32 loss keeps the tight tolerance."""
+    ref = 13.735490
+    assert bench._close(13.75, ref, bench.LOSS_RTOL_FP32, torch.bfloat16)
+    assert not bench._close(13.875, ref, bench.LOSS_RTOL_FP32, torch.bfloat16)
+    assert not bench._close(13.75, ref, bench.LOSS_RTOL_FP32)
+    assert bench._close(ref * (1 + 0.5 * bench.LOSS_RTOL_FP32), ref, bench.LOSS_RTOL_FP32)
+    assert not bench._close(math.nan, ref, bench.LOSS_RTOL_FP32, torch.bfloat16)

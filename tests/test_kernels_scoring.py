@@ -363,3 +363,45 @@ def test_row_difficulty_rejects_unknown_mode_and_missing_noise():
         K.row_difficulty(stats, targets, 3, -100, "confidence")
     with pytest.raises(ValueError, match="noise"):
         K.row_difficulty(stats, targets, 3, -100, "random")
+
+
+def test_row_difficulty_turns_negative_zero_into_zero():
+    """-0 and +0 tie: both backends give +0, so no sort can order the two apart."""
+    stats, targets, _ = difficulty_inputs(5, 4, seed=5)
+    targets = torch.tensor([0, 1, 2, 3, 0], device=DEVICE)
+    stats.entropy[:] = torch.tensor([-0.0, 0.0, 1.0, -0.0, 0.5], device=DEVICE)
+    for fn in (K.row_difficulty, reference.row_difficulty):
+        d, _ = fn(stats, targets, 4, -100, "entropy")
+        assert d.tolist() == [0.0, 0.0, 1.0, 0.0, 0.5]
+        assert not bool(torch.signbit(d).any())
+
+
+# --------------------------------------------------------------------------- target counts
+
+
+@pytest.mark.parametrize("N", [0, 1, 7, 300, 700])
+@pytest.mark.parametrize("ignore_index", [-100, 3])
+def test_target_counts_match_reference(N, ignore_index, monkeypatch):
+    """Valid and bad counts, summed over the per-program partials (blocks of 64, at most 8
+    programs: N = 300 spans five, N = 700 makes each program loop)."""
+    monkeypatch.setattr(scoring, "COUNT_BLOCK", 64)
+    monkeypatch.setattr(scoring, "COUNT_PROGRAMS", 8)
+    gen = torch.Generator().manual_seed(N)
+    V = 11
+    t = torch.randint(-3, V + 3, (N,), generator=gen)  # in range, below 0 and past V
+    t[::4] = ignore_index
+    t = t.to(DEVICE)
+    got = K.target_counts(t, V, ignore_index)
+    want = reference.target_counts(t, V, ignore_index)
+    assert got.dtype == torch.int64 and got.shape == (min(8, max(1, -(-N // 64))), 2)
+    valid = (t != ignore_index) & (t >= 0) & (t < V)
+    bad = (t != ignore_index) & ~((t >= 0) & (t < V))
+    assert got.sum(0).tolist() == want.sum(0).tolist() == [int(valid.sum()), int(bad.sum())]
+
+
+def test_target_counts_strided_targets():
+    base = (torch.arange(40, device=DEVICE) % 7).view(20, 2)
+    t = base[:, 1]  # every other element: stride 2
+    t[0] = -100
+    assert t.stride(0) == 2
+    assert K.target_counts(t, 5, -100).sum(0).tolist() == [int(((t >= 0) & (t < 5)).sum()), int((t >= 5).sum())]

@@ -238,12 +238,14 @@ def test_full_ratio_with_smoothing_weights_and_ignored_targets_equals_torch():
         torch.testing.assert_close(got, F.cross_entropy(x, t, **kw))
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
 @pytest.mark.parametrize("dynamic", [True, False])
 @pytest.mark.parametrize("ignore_index", [-100, 2])
-def test_valid_and_bad_target_counts_on_both_host_read_paths(dynamic, ignore_index):
+def test_valid_and_bad_target_counts_on_both_host_read_paths(dynamic, ignore_index, backend, monkeypatch):
     """A fixed ratio reads target counts before scoring, a dynamic one reads the kernel's sums after
     it: both count the same valid tokens (ignore_index inside the vocabulary included) and both
-    reject a target outside [0, V) before anything changes."""
+    reject a target outside [0, V) before anything changes, on either backend."""
+    monkeypatch.setenv("CGGR_HOOK_BACKEND", backend)
     gen = torch.Generator().manual_seed(4)
     x = torch.randn(3, 8, 6, generator=gen)
     t = torch.randint(0, 6, (3, 8), generator=gen)

@@ -1,0 +1,83 @@
+"""Triton difficulty rank: every row's place in the hardest-first order, in one launch.
+
+The selection needs, before the host knows k, each row's position in the stable descending order
+of difficulty (top-k is then ``rank < k``). A sort does that in about twenty launches (copies,
+memsets, radix passes, the inverse permutation). Counting does it in one:
+
+    rank[r] = #{j : d_j > d_r} + #{j < r : d_j = d_r}
+
+which is the stable descending order exactly, ties by lower row index (the difficulty has no NaN
+and no -0: ``reference.difficulty``). Each program ranks ``BLOCK_R`` rows against all N in blocks of
+``BLOCK_J``; a block of j entirely before the program's rows counts ``d_j >= d_r``, one entirely
+after counts ``d_j > d_r``, and only the block that holds the rows themselves compares indices.
+The program then scatters its rows into ``order[rank[r]] = r`` (ranks are a permutation, so every
+slot is written once). O(N^2) compares: used up to ``MAX_ROWS`` rows, past which the sort is faster
+on the device (``kernels.difficulty_rank`` switches; both give the same order).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+__all__ = ["difficulty_rank", "MAX_ROWS", "BLOCK_R", "BLOCK_J", "NUM_WARPS"]
+
+# Rows ranked by one program, the block of other rows compared per loop iteration, and the warps.
+# Swept on an H100 (scripts/tune_kernels.py, kernels/NOTES.md): eight shapes from 4 x 1024 to
+# 32 x 256 ran within 10% of each other; this one took 8 us at N = 2048 and 33 us at 8192.
+BLOCK_R = 16
+BLOCK_J = 256
+NUM_WARPS = 4
+# Up to this many rows the counting rank beats torch's sort + scatter on the device as well (33 us
+# against 65-82 at N = 8192, H100); at 16384 it takes 105 us against 69, so the sort runs past it.
+MAX_ROWS = 8192
+
+
+@triton.jit
+def _rank_kernel(d_ptr, rank_ptr, order_ptr, N, BLOCK_R: tl.constexpr, BLOCK_J: tl.constexpr):
+    pid = tl.program_id(0)
+    rows = pid * BLOCK_R + tl.arange(0, BLOCK_R)
+    inside = rows < N
+    d_r = tl.load(d_ptr + rows, mask=inside, other=float("-inf"))[:, None]
+    cols = tl.arange(0, BLOCK_J)
+    # hits accumulate element-wise and are summed once at the end: no reduction per block of j
+    hits = tl.zeros([BLOCK_R, BLOCK_J], tl.int32)
+    lo = pid * BLOCK_R  # first row of this program
+    hi = lo + BLOCK_R
+    # padding lanes past N load -inf: never greater than d_r, and equal only to a -inf d_r whose
+    # row index is below theirs, which neither the index test nor the "after" rule counts
+    d_next = tl.load(d_ptr + cols, mask=cols < N, other=float("-inf"))
+    for start in range(0, N, BLOCK_J):
+        j = start + cols
+        d_j = d_next[None, :]
+        # the next block's load is in flight while this one is compared (the loop is latency-bound
+        # without it: each block is only a few instructions a lane)
+        d_next = tl.load(d_ptr + j + BLOCK_J, mask=j + BLOCK_J < N, other=float("-inf"))
+        if start + BLOCK_J <= lo:  # every j before every row here: ties count
+            hit = d_j >= d_r
+        elif start >= hi:  # every j after: ties do not
+            hit = d_j > d_r
+        else:
+            hit = (d_j > d_r) | ((d_j == d_r) & (j[None, :] < rows[:, None]))
+        hits += hit.to(tl.int32)
+    rank = tl.sum(hits, axis=1).to(tl.int64)
+    tl.store(rank_ptr + rows, rank, mask=inside)
+    tl.store(order_ptr + rank, rows.to(tl.int64), mask=inside)
+
+
+def difficulty_rank(diff: Tensor) -> tuple[Tensor, Tensor]:
+    """(order, rank) int64 (N,) of fp32 difficulties ``diff`` (N,): see ``reference.difficulty_rank``."""
+    if diff.dim() != 1:
+        raise ValueError(f"cggr_hook: difficulty_rank needs a 1-D difficulty, got shape {tuple(diff.shape)}")
+    N = diff.numel()
+    if N >= 2**31:
+        raise ValueError(f"cggr_hook: difficulty_rank counts in int32 and takes at most 2^31 - 1 rows, got {N}")
+    d = diff.contiguous()
+    rank = torch.empty(N, dtype=torch.int64, device=d.device)
+    order = torch.empty(N, dtype=torch.int64, device=d.device)
+    if N:
+        _rank_kernel[(triton.cdiv(N, BLOCK_R),)](d, rank, order, N, BLOCK_R=BLOCK_R, BLOCK_J=BLOCK_J,
+                                                   num_warps=NUM_WARPS)
+    return order, rank
