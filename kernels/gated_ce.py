@@ -178,6 +178,7 @@ def ce_grad_rows(logits: Tensor, targets: Tensor, lse: Tensor, rows: Tensor, sca
         c_main, c_smooth, eps,
         HAS_WEIGHT=weight is not None, HAS_SMOOTH=bool(label_smoothing), UNIT_STRIDE_V=(sv == 1),
         BLOCK_V=block_v, num_warps=_num_warps(block_v),
+        enable_fp_fusion=True,  # as swept (Triton 3.10 turns the default off)
     )
     return out
 
@@ -214,6 +215,7 @@ def ce_grad_dense_(logits: Tensor, targets: Tensor, lse: Tensor, row_scale: Tens
         c_main, c_smooth, eps,
         HAS_WEIGHT=weight is not None, HAS_SMOOTH=bool(label_smoothing), UNIT_STRIDE_V=(sv == 1),
         UNIT_STRIDE_OV=(ov == 1), BLOCK_V=block_v, num_warps=_num_warps(block_v),
+        enable_fp_fusion=True,  # as swept (Triton 3.10 turns the default off)
     )
     return out
 

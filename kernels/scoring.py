@@ -178,6 +178,7 @@ def row_stats(logits: Tensor, targets: Tensor, ignore_index: int, weight: Tensor
             N, T, V, sb, st, sv, targets.stride(0), int(ignore_index),
             HAS_WEIGHT=has_weight, WITH_WSUM=with_wsum, HAS_TOP2=(V > 1), UNIT_STRIDE_V=(sv == 1),
             BLOCK_V=block_v, num_warps=_num_warps(block_v),
+            enable_fp_fusion=True,  # as swept (Triton 3.10 turns the default off)
         )
     return RowStats(out[0], out[1], out[2], out[3], out[4], out[5] if with_wsum else None)
 
