@@ -39,11 +39,16 @@ def _num_warps(block_v: int) -> int:
     return launch.num_warps(block_v, NUM_WARPS)
 
 
+LOG2E = tl.constexpr(1.4426950408889634)  # exp(x) = exp2(x * LOG2E)
+
+
 @triton.jit
 def _grad_block(x, cols, tgt, lse, scale, w_ptr, wt, wsum_ptr, mask, c_main, c_smooth, eps,
                 HAS_WEIGHT: tl.constexpr, HAS_SMOOTH: tl.constexpr):
     """scale * gradient of one block ``cols`` of a row (fp32)."""
-    p = tl.exp(x - lse)
+    # exp through exp2: one flush-to-zero ex2 instruction an element, where tl.exp adds three to
+    # keep results below 2^-126 (~1e-38): such probabilities become exact zeros
+    p = tl.exp2((x - lse) * LOG2E)
     onehot = (cols == tgt).to(tl.float32)
     if HAS_WEIGHT:
         g = (c_main * wt) * (p - onehot)

@@ -44,6 +44,9 @@ def _num_warps(block_v: int) -> int:
     return launch.num_warps(block_v, NUM_WARPS)
 
 
+LOG2E = tl.constexpr(1.4426950408889634)  # exp(x) = exp2(x * LOG2E)
+
+
 @triton.jit
 def _load_block(x_row, cols, V, stride_v, UNIT_STRIDE_V: tl.constexpr):
     """Columns ``cols`` of a row, -inf past its end; int64 offsets unless the stride is 1."""
@@ -89,18 +92,22 @@ def _row_stats_kernel(
                 ws += tl.where(mask, x, 0.0) * w
             else:
                 ws += tl.where(mask, x, 0.0)
-        # -inf -> -FLT_MAX (a where, not a max: a NaN logit must stay NaN)
-        xc = tl.where(x == float("-inf"), -3.4028234663852886e38, x)
+        # -inf -> -FLT_MAX; a NaN logit stays NaN (one max instruction that propagates NaN)
+        xc = tl.maximum(x, -3.4028234663852886e38, propagate_nan=tl.PropagateNan.ALL)
         # top-2 per lane: an equal value moves the old top-1 into top-2
         t2 = tl.maximum(t2, tl.minimum(t1, xc))
         t1 = tl.maximum(t1, xc)
         # online softmax, block at a time
         m_new = tl.maximum(m, tl.max(xc, axis=0))
-        d = m - m_new
-        alpha = tl.exp(d)
+        # the old state's weight; d is -FLT_MAX on the first block (m starts there): any d below
+        # -1000 gives alpha = 0 all the same, and the floor keeps d * LOG2E finite (NaN stays NaN)
+        d = tl.maximum(m - m_new, -1000.0, propagate_nan=tl.PropagateNan.ALL)
+        # exp through exp2: one flush-to-zero ex2 instruction a logit, where tl.exp adds three
+        # to keep results below 2^-126 (terms that vanish next to the row maximum's 1 anyway)
+        alpha = tl.exp2(d * LOG2E)
         xm = xc - m_new
-        e = tl.exp(xm)
-        # (alpha * d) * s, not alpha * (d * s): d can be -FLT_MAX after blocks of only -inf
+        e = tl.exp2(xm * LOG2E)
+        # (alpha * d) * s, not alpha * (d * s): alpha * d is 0 whenever alpha is
         a = alpha * a + (alpha * d) * s + tl.sum(e * xm, axis=0)
         s = alpha * s + tl.sum(e, axis=0)
         m = m_new

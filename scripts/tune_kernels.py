@@ -27,7 +27,7 @@ from triton.testing import do_bench
 import cggr_hook
 from cggr_hook.kernels import gated_ce, ranking, reference, scoring
 
-ROW_STATS_SHAPES = [(1024, 1), (2048, 1), (2048, 2), (2048, 4), (4096, 1), (4096, 4)]
+ROW_STATS_SHAPES = [(512, 1), (1024, 1), (2048, 1), (1024, 2), (2048, 2), (2048, 4), (4096, 4)]
 GRAD_SHAPES = [(2048, 8), (4096, 8), (4096, 16), (8192, 16)]
 
 
