@@ -76,6 +76,7 @@ class Plan:
     loss: Tensor  # reduced loss (scalar) or (N,) with zeros at unselected rows
     rows: Tensor | None = None  # (K,) int64 ascending, the selected rows (when asked for)
     metrics: dict = field(default_factory=dict)
+    order: Tensor | None = None  # (N,) int64 whose first K rows are the selected ones, when known
 
 
 def _generator(device: torch.device, seed: int, step: int, call: int) -> torch.Generator:
@@ -213,7 +214,10 @@ def plan(logits: Tensor, targets: Tensor, seq: int | tuple[Tensor, int] | None, 
     else:
         # read when metrics() asks, once the kernels of this stream have written them
         metrics["_sums"] = _HostRead(partial.reshape(-1), now=False)
-    return Plan(stats.lse, row_scale, loss, rows, metrics)
+    # top-k (and every strategy at k = 0 or k >= n valid) selects the first k rows of the
+    # difficulty order: the dense gradient schedules its rows by it (zero rows first)
+    order = prep.order if sel_key is prep.rank else None
+    return Plan(stats.lse, row_scale, loss, rows, metrics, order)
 
 
 def _row_scale(p: Plan, grad_output: Tensor, reduction: str) -> Tensor:
@@ -268,7 +272,7 @@ class GatedCrossEntropy(torch.autograd.Function):
         out = logits if not saved else torch.empty_like(logits)
         # one launch: every row is written, selected rows scaled by row_scale * grad_output
         kernels.ce_grad_dense_(kernels.as_rows(logits), targets.reshape(-1), p.lse, p.row_scale, req.spec.weight,
-                               float(req.spec.label_smoothing), kernels.as_rows(out), grad_output)
+                               float(req.spec.label_smoothing), kernels.as_rows(out), grad_output, p.order)
         return out, None, None, None
 
 

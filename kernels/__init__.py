@@ -155,11 +155,17 @@ def ce_grad_rows(logits: Tensor, targets: Tensor, lse: Tensor, rows: Tensor, sca
 
 def ce_grad_dense_(logits: Tensor, targets: Tensor, lse: Tensor, row_scale: Tensor,
                    weight: Tensor | None, label_smoothing: float, out: Tensor,
-                   grad_output: Tensor | None = None) -> Tensor:
+                   grad_output: Tensor | None = None, order: Tensor | None = None) -> Tensor:
     """Dense (B, T, V) gradient into ``out`` (may be ``logits``): row r scaled by
-    ``row_scale[r] * grad_output`` (one element or (N,)), zeros where ``row_scale`` is 0."""
+    ``row_scale[r] * grad_output`` (one element or (N,)), zeros where ``row_scale`` is 0.
+    ``order``: a permutation of the rows whose reverse Triton's programs follow (the selected rows
+    last when they lead it); it changes the schedule, never the result."""
+    n_rows = logits.shape[0] * logits.shape[1] if logits.dim() == 3 else -1
+    if order is not None and (order.dim() != 1 or order.numel() != n_rows or order.dtype != torch.int64):
+        raise ValueError(f"cggr_hook: order must be an int64 permutation of the {n_rows} rows, got "
+                         f"{order.dtype} of shape {tuple(order.shape)}")
     if backend_for(logits) == "triton":
         with _on_device_of(logits):
             return _gated_ce().ce_grad_dense_(logits, targets, lse, row_scale, weight, label_smoothing, out,
-                                              grad_output)
+                                              grad_output, order)
     return reference.ce_grad_dense_(logits, targets, lse, row_scale, weight, label_smoothing, out, grad_output)

@@ -124,15 +124,20 @@ def _ce_grad_rows_kernel(
 
 @triton.jit
 def _ce_grad_dense_kernel(
-    x_ptr, tgt_ptr, lse_ptr, scale_ptr, gout_ptr, w_ptr, wsum_ptr, out_ptr,
+    x_ptr, tgt_ptr, lse_ptr, scale_ptr, gout_ptr, w_ptr, wsum_ptr, out_ptr, order_ptr,
     T, V,
     stride_b, stride_t, stride_v, stride_tgt, stride_lse, stride_scale, stride_gout,
     stride_ob, stride_ot, stride_ov,
     c_main, c_smooth, eps,
     HAS_WEIGHT: tl.constexpr, HAS_SMOOTH: tl.constexpr, UNIT_STRIDE_V: tl.constexpr,
-    UNIT_STRIDE_OV: tl.constexpr, BLOCK_V: tl.constexpr,
+    UNIT_STRIDE_OV: tl.constexpr, HAS_ORDER: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
-    row = tl.program_id(0).to(tl.int64)
+    pid = tl.program_id(0).to(tl.int64)
+    if HAS_ORDER:
+        # programs take the rows in reverse of the given order (see ce_grad_dense_)
+        row = tl.load(order_ptr + (tl.num_programs(0) - 1 - pid)).to(tl.int64)
+    else:
+        row = pid
     b = row // T
     t = row - b * T
     row_scale = tl.load(scale_ptr + row * stride_scale).to(tl.float32)
@@ -190,11 +195,16 @@ def ce_grad_rows(logits: Tensor, targets: Tensor, lse: Tensor, rows: Tensor, sca
 
 def ce_grad_dense_(logits: Tensor, targets: Tensor, lse: Tensor, row_scale: Tensor,
                    weight: Tensor | None, label_smoothing: float, out: Tensor,
-                   grad_output: Tensor | None = None) -> Tensor:
+                   grad_output: Tensor | None = None, order: Tensor | None = None) -> Tensor:
     """Dense gradient written into ``out`` (B, T, V), which may be ``logits`` itself: row r gets
     ``row_scale[r] * grad_output`` times its cross-entropy gradient where ``row_scale[r] != 0``
     and exact zeros elsewhere (also where the target is outside [0, V)); a row whose scale is 0 is
-    never read. ``grad_output``: one element or one per row (N,); None = 1."""
+    never read. ``grad_output``: one element or one per row (N,); None = 1.
+
+    ``order`` (int64 (N,), a permutation of the rows; only the schedule, never the values): the
+    programs take the rows in its reverse. With the difficulty order of a top-k selection, whose
+    first k rows are the selected ones, the zero rows stream out first and the selected rows are
+    read and written after them, instead of the two kinds of traffic interleaving row by row."""
     if logits.dim() != 3:
         raise ValueError(f"cggr_hook: ce_grad_dense_ needs (B, T, V) logits, got shape {tuple(logits.shape)}")
     if out.shape != logits.shape:
@@ -214,12 +224,12 @@ def ce_grad_dense_(logits: Tensor, targets: Tensor, lse: Tensor, row_scale: Tens
     if g_out.numel() not in (1, N):
         raise ValueError(f"cggr_hook: grad_output has {g_out.numel()} elements for {N} rows")
     _ce_grad_dense_kernel[(N,)](
-        logits, targets, lse, row_scale, g_out, w, wsum, out,
+        logits, targets, lse, row_scale, g_out, w, wsum, out, order.contiguous() if order is not None else lse,
         T, V, sb, st, sv, targets.stride(0), lse.stride(0), row_scale.stride(0),
         0 if g_out.numel() == 1 else g_out.stride(0), ob, ot, ov,
         c_main, c_smooth, eps,
         HAS_WEIGHT=weight is not None, HAS_SMOOTH=bool(label_smoothing), UNIT_STRIDE_V=(sv == 1),
-        UNIT_STRIDE_OV=(ov == 1), BLOCK_V=block_v, num_warps=_num_warps(block_v),
+        UNIT_STRIDE_OV=(ov == 1), HAS_ORDER=order is not None, BLOCK_V=block_v, num_warps=_num_warps(block_v),
         enable_fp_fusion=True,  # as swept (Triton 3.10 turns the default off)
     )
     return out

@@ -117,6 +117,15 @@ def sweep_vocab(N: int, V: int, log) -> dict:
         except Exception as e:
             log(f"| {V} | grad {bv}x{nw} | failed: {type(e).__name__}: {str(e)[:200]} | |")
     gated_ce.MAX_BLOCK_V, gated_ce.NUM_WARPS = shipped
+    # the shipped shape with the rows scheduled zero rows first, selected rows last (what a
+    # top-k call passes: its difficulty order, selected rows leading)
+    keep = torch.zeros(N, dtype=torch.bool, device=dev).index_fill_(0, sel, True)
+    order = torch.cat([sel, torch.nonzero(~keep).flatten()])
+    got = gated_ce.ce_grad_dense_(x3, t, lse, scale, None, 0.0, y.unsqueeze(0), None, order)
+    close(got.float(), want_dense.float(), "dense ordered", rtol=0, atol=0)
+    row("dense grad 25% shipped, selected rows last",
+        ms(lambda: gated_ce.ce_grad_dense_(x3, t, lse, scale, None, 0.0, y.unsqueeze(0), None, order)),
+        nbytes + nbytes * k / N)
 
     # ---- the whole call, and its pieces as the call launches them
     crit = cggr_hook.CGGRLoss(min_tokens_ratio=0.25, warmup_steps=0, dynamic_threshold=False,

@@ -228,6 +228,29 @@ def test_unselected_rows_are_zero_and_unread(in_place, block):
     assert_grad_close(out, want, torch.bfloat16)
 
 
+@pytest.mark.parametrize("in_place", [False, True])
+@pytest.mark.parametrize("layout", ["contiguous", "shifted"])
+def test_ce_grad_dense_order_changes_the_schedule_not_the_result(in_place, layout, block):
+    """Rows taken in the reverse of a given permutation (selected rows last, as a top-k call
+    passes them): bit for bit the gradient of the row-order launch, every row written once."""
+    V = 127
+    x, tg, lse, w, eps, row_scale = dense_case(V, torch.bfloat16, layout, (0.1, True), seed=23)
+    want = K.ce_grad_dense_(x, tg, lse, row_scale, w, eps, torch.full_like(x, float("nan")))
+    selected = torch.nonzero(row_scale != 0).flatten()
+    order = torch.cat([selected, torch.nonzero(row_scale == 0).flatten()]).flip(0).roll(3)
+    out = x if in_place else torch.full_like(x, float("nan"))
+    got = K.ce_grad_dense_(x, tg, lse, row_scale, w, eps, out, None, order)
+    assert got is out
+    assert torch.equal(out, want)
+
+
+def test_ce_grad_dense_rejects_an_order_that_is_not_a_row_permutation():
+    x, tg, lse, w, eps, row_scale = dense_case(11, torch.float32, "contiguous", (0.0, False), seed=1)
+    for order in (torch.arange(7, device=DEVICE), torch.arange(8, device=DEVICE, dtype=torch.int32)):
+        with pytest.raises(ValueError, match="order must be an int64 permutation of the 8 rows"):
+            K.ce_grad_dense_(x, tg, lse, row_scale, w, eps, torch.empty_like(x), None, order)
+
+
 def test_ce_grad_dense_vocab_32001():
     V = 32001
     gen = torch.Generator().manual_seed(41)
