@@ -176,6 +176,35 @@ def rank_sweep(log) -> dict:
     return res
 
 
+LOSS_SHAPES = [(1024, 4), (2048, 8), (4096, 8), (4096, 16), (8192, 16)]
+
+
+def loss_sweep(log) -> dict:
+    """``selected_loss`` (one program; 'mean' walks the rows twice) by block and warps, 25% selected."""
+    res: dict = {}
+    shipped = (gated_ce.LOSS_BLOCK, gated_ce.LOSS_WARPS)
+    log("")
+    log("| N | " + " | ".join(f"selected_loss {b}x{w} us" for b, w in LOSS_SHAPES) + " |")
+    log("|---|" + "---|" * len(LOSS_SHAPES))
+    for N in (8192, 65536):
+        gen = torch.Generator(device="cuda").manual_seed(N)
+        stats = reference.RowStats(*(torch.rand(N, device="cuda", generator=gen) for _ in range(5)))
+        t = torch.randint(0, 1000, (N,), device="cuda", generator=gen)
+        key = torch.randperm(N, device="cuda", generator=gen)
+        want = gated_ce.selected_loss(stats, t, 1000, key, N // 4, N // 4, N, "mean", 0.0, None)
+        cells = []
+        for b, w in LOSS_SHAPES:
+            gated_ce.LOSS_BLOCK, gated_ce.LOSS_WARPS = b, w
+            got = gated_ce.selected_loss(stats, t, 1000, key, N // 4, N // 4, N, "mean", 0.0, None)
+            close(got[0], want[0], f"selected_loss {b}x{w}", rtol=1e-5, atol=0)
+            t_us = 1000 * ms(lambda: gated_ce.selected_loss(stats, t, 1000, key, N // 4, N // 4, N, "mean", 0.0, None))
+            res[f"{N} {b}x{w}"] = t_us
+            cells.append(f"{t_us:.1f}")
+        gated_ce.LOSS_BLOCK, gated_ce.LOSS_WARPS = shipped
+        log(f"| {N} | " + " | ".join(cells) + " |")
+    return res
+
+
 def timeline(N: int, V: int, path: str, log, iters: int = 40) -> None:
     """Back-to-back ``CGGRLoss`` 25% calls as ``do_bench`` runs them (an L2 flush, the call):
     from the profiler's trace, the cycle per call, the kernels' share of it, and for the median
@@ -354,13 +383,15 @@ def main(argv=None) -> int:
         log("|---|---|---|---|")
         results = [sweep_vocab(a.tokens, V, log) for V in a.vocab]
     ranks = rank_sweep(log)
+    losses = loss_sweep(log)
     log("")
     open(os.path.join(a.out, "timeline.txt"), "w").close()
     for V in a.vocab:
         timeline(a.tokens, V, os.path.join(a.out, "timeline.txt"), log)
     profile_call(a.tokens, a.vocab[0], os.path.join(a.out, "profile.txt"))
     with open(os.path.join(a.out, "tune.json"), "w") as f:
-        json.dump({"device": torch.cuda.get_device_name(), "results": results, "rank": ranks}, f, indent=1)
+        json.dump({"device": torch.cuda.get_device_name(), "results": results, "rank": ranks,
+                   "selected_loss": losses}, f, indent=1)
     with open(os.path.join(a.out, "tune.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     return 0
