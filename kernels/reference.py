@@ -115,11 +115,9 @@ def row_difficulty(stats: RowStats, targets: Tensor, vocab: int, ignore_index: i
     and the host adds the P rows (here P = 1). A valid row has a target in [0, V) that is not
     ``ignore_index``; a bad one has neither.
     """
-    not_ignored = targets != ignore_index
-    in_range = (targets >= 0) & (targets < vocab)
-    valid = not_ignored & in_range
+    valid, bad = _valid_and_bad(targets, vocab, ignore_index)
     d = difficulty(stats, scoring, vocab, valid, noise)
-    counts = torch.stack([valid, not_ignored & ~in_range]).sum(1, dtype=torch.float64)
+    counts = torch.stack([valid, bad]).sum(1, dtype=torch.float64)
     per_row = torch.where(valid, torch.stack([stats.p_top1, stats.entropy, d]), 0.0)
     return d, torch.cat([counts, per_row.sum(1, dtype=torch.float64)]).view(1, len(SUM_FIELDS))
 
@@ -127,9 +125,14 @@ def row_difficulty(stats: RowStats, targets: Tensor, vocab: int, ignore_index: i
 def target_counts(targets: Tensor, vocab: int, ignore_index: int) -> Tensor:
     """int64 (P, 2) partial counts of valid targets (in [0, V) and not ``ignore_index``) and of bad
     ones (neither); the host adds the P rows (here P = 1)."""
+    return torch.stack(_valid_and_bad(targets, vocab, ignore_index)).sum(1).view(1, 2)
+
+
+def _valid_and_bad(targets: Tensor, vocab: int, ignore_index: int) -> tuple[Tensor, Tensor]:
+    """Masks of the valid targets (in [0, V), not ``ignore_index``) and the bad ones (neither)."""
     not_ignored = targets != ignore_index
     in_range = (targets >= 0) & (targets < vocab)
-    return torch.stack([not_ignored & in_range, not_ignored & ~in_range]).sum(1).view(1, 2)
+    return not_ignored & in_range, not_ignored & ~in_range
 
 
 def difficulty_rank(diff: Tensor) -> tuple[Tensor, Tensor]:
