@@ -160,10 +160,11 @@ def ce_grad_dense_(logits: Tensor, targets: Tensor, lse: Tensor, row_scale: Tens
     ``row_scale[r] * grad_output`` (one element or (N,)), zeros where ``row_scale`` is 0.
     ``order``: a permutation of the rows whose reverse Triton's programs follow (the selected rows
     last when they lead it); it changes the schedule, never the result."""
-    n_rows = logits.shape[0] * logits.shape[1] if logits.dim() == 3 else -1
-    if order is not None and (order.dim() != 1 or order.numel() != n_rows or order.dtype != torch.int64):
-        raise ValueError(f"cggr_hook: order must be an int64 permutation of the {n_rows} rows, got "
-                         f"{order.dtype} of shape {tuple(order.shape)}")
+    if order is not None and logits.dim() == 3:  # (other shapes: the backend's own shape error)
+        n_rows = logits.shape[0] * logits.shape[1]
+        if order.dim() != 1 or order.numel() != n_rows or order.dtype != torch.int64:
+            raise ValueError(f"cggr_hook: order must be an int64 permutation of the {n_rows} rows, got "
+                             f"{order.dtype} of shape {tuple(order.shape)}")
     if backend_for(logits) == "triton":
         with _on_device_of(logits):
             return _gated_ce().ce_grad_dense_(logits, targets, lse, row_scale, weight, label_smoothing, out,

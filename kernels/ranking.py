@@ -7,7 +7,7 @@ memsets, radix passes, the inverse permutation). Counting does it in one:
     rank[r] = #{j : d_j > d_r} + #{j < r : d_j = d_r}
 
 which is the stable descending order exactly, ties by lower row index (the difficulty has no NaN
-and no -0: ``reference.difficulty``). Each program ranks ``BLOCK_R`` rows against all N in blocks of
+and no -0: ``reference.difficulty``; a NaN would rank as +inf). Each program ranks ``BLOCK_R`` rows against all N in blocks of
 ``BLOCK_J``; a block of j entirely before the program's rows counts ``d_j >= d_r``, one entirely
 after counts ``d_j > d_r``, and only the block that holds the rows themselves compares indices.
 The program then scatters its rows into ``order[rank[r]] = r`` (ranks are a permutation, so every
@@ -40,7 +40,9 @@ def _rank_kernel(d_ptr, rank_ptr, order_ptr, N, BLOCK_R: tl.constexpr, BLOCK_J: 
     pid = tl.program_id(0)
     rows = pid * BLOCK_R + tl.arange(0, BLOCK_R)
     inside = rows < N
-    d_r = tl.load(d_ptr + rows, mask=inside, other=float("-inf"))[:, None]
+    d_r = tl.load(d_ptr + rows, mask=inside, other=float("-inf"))
+    # NaN ranks as +inf (the difficulty never holds one; this keeps ``order`` a permutation)
+    d_r = tl.where(d_r != d_r, float("inf"), d_r)[:, None]
     cols = tl.arange(0, BLOCK_J)
     # hits accumulate element-wise and are summed once at the end: no reduction per block of j
     hits = tl.zeros([BLOCK_R, BLOCK_J], tl.int32)
@@ -51,7 +53,7 @@ def _rank_kernel(d_ptr, rank_ptr, order_ptr, N, BLOCK_R: tl.constexpr, BLOCK_J: 
     d_next = tl.load(d_ptr + cols, mask=cols < N, other=float("-inf"))
     for start in range(0, N, BLOCK_J):
         j = start + cols
-        d_j = d_next[None, :]
+        d_j = tl.where(d_next != d_next, float("inf"), d_next)[None, :]
         # the next block's load is in flight while this one is compared (the loop is latency-bound
         # without it: each block is only a few instructions a lane)
         d_next = tl.load(d_ptr + j + BLOCK_J, mask=j + BLOCK_J < N, other=float("-inf"))
@@ -72,8 +74,8 @@ def difficulty_rank(diff: Tensor) -> tuple[Tensor, Tensor]:
     if diff.dim() != 1:
         raise ValueError(f"cggr_hook: difficulty_rank needs a 1-D difficulty, got shape {tuple(diff.shape)}")
     N = diff.numel()
-    if N >= 2**31:
-        raise ValueError(f"cggr_hook: difficulty_rank counts in int32 and takes at most 2^31 - 1 rows, got {N}")
+    if N > 2**30:
+        raise ValueError(f"cggr_hook: difficulty_rank indexes in int32 and takes at most 2^30 rows, got {N}")
     d = diff.contiguous()
     rank = torch.empty(N, dtype=torch.int64, device=d.device)
     order = torch.empty(N, dtype=torch.int64, device=d.device)

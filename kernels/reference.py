@@ -141,9 +141,10 @@ def difficulty_rank(diff: Tensor) -> tuple[Tensor, Tensor]:
 
         rank[r] = #{j : d_j > d_r} + #{j < r : d_j = d_r}
 
-    (``diff`` has no NaN: the difficulty maps NaN to +inf, and -0 to +0.)"""
+    (The difficulty maps NaN to +inf and -0 to +0; a NaN given here ranks as +inf too.)"""
     N = diff.numel()
-    order = torch.sort(diff, descending=True, stable=True).indices
+    order = torch.sort(diff.nan_to_num(nan=math.inf, posinf=math.inf, neginf=-math.inf), descending=True,
+                       stable=True).indices
     rank = torch.empty_like(order).scatter_(0, order, torch.arange(N, device=diff.device))
     return order, rank
 

@@ -283,10 +283,11 @@ def _target_counts_kernel(tgt_ptr, part_ptr, N, V, stride_tgt, ignore_index, BLO
     offs = tl.arange(0, BLOCK)
     n_valid = tl.zeros([BLOCK], tl.int64)
     n_bad = tl.zeros([BLOCK], tl.int64)
-    for start in range(pid * BLOCK, N, tl.num_programs(0) * BLOCK):
+    # int64 positions: a grid stride past 2^31 targets must not wrap
+    for start in range(pid.to(tl.int64) * BLOCK, N.to(tl.int64), tl.num_programs(0) * BLOCK):
         rows = start + offs
         inside = rows < N
-        tgt = tl.load(tgt_ptr + rows.to(tl.int64) * stride_tgt, mask=inside, other=0).to(tl.int64)
+        tgt = tl.load(tgt_ptr + rows * stride_tgt, mask=inside, other=0).to(tl.int64)
         not_ignored = inside & (tgt != ignore_index)
         in_range = (tgt >= 0) & (tgt < V)
         n_valid += (not_ignored & in_range).to(tl.int64)

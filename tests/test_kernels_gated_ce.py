@@ -249,6 +249,9 @@ def test_ce_grad_dense_rejects_an_order_that_is_not_a_row_permutation():
     for order in (torch.arange(7, device=DEVICE), torch.arange(8, device=DEVICE, dtype=torch.int32)):
         with pytest.raises(ValueError, match="order must be an int64 permutation of the 8 rows"):
             K.ce_grad_dense_(x, tg, lse, row_scale, w, eps, torch.empty_like(x), None, order)
+    # logits of the wrong rank: the shape is what is wrong, whatever the order
+    with pytest.raises(ValueError, match=r"needs \(B, T, V\) logits"):
+        K.ce_grad_dense_(x[0], tg, lse, row_scale, w, eps, x[0], None, torch.arange(8, device=DEVICE))
 
 
 def test_ce_grad_dense_vocab_32001():

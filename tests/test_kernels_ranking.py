@@ -67,6 +67,17 @@ def test_ties_go_to_the_lower_row_and_ignored_rows_come_last(blocks):
     assert rank.tolist() == [3, 1, 4, 7, 2, 0, 8, 5, 6]
 
 
+def test_a_nan_ranks_as_infinity_and_order_stays_a_permutation(blocks):
+    """The difficulty never holds NaN, but a NaN given anyway must not break ``order`` (the dense
+    gradient schedules its rows by it): it ranks as +inf, in both backends."""
+    d = torch.tensor([1.0, math.nan, 2.0, math.nan, math.inf, -math.inf, 0.5], device=DEVICE)
+    order, rank = K.difficulty_rank(d)
+    want_order, want_rank = reference.difficulty_rank(d)
+    assert order.tolist() == [1, 3, 4, 2, 0, 6, 5]
+    assert torch.equal(order, want_order) and torch.equal(rank, want_rank)
+    assert sorted(order.tolist()) == list(range(7))
+
+
 def test_every_row_equal_keeps_row_order(blocks):
     for v in (1.25, -math.inf):
         order, rank = K.difficulty_rank(torch.full((41,), v, device=DEVICE))
