@@ -7,9 +7,10 @@ memsets, radix passes, the inverse permutation). Counting does it in one:
     rank[r] = #{j : d_j > d_r} + #{j < r : d_j = d_r}
 
 which is the stable descending order exactly, ties by lower row index (the difficulty has no NaN
-and no -0: ``reference.difficulty``; a NaN would rank as +inf). Each program ranks ``BLOCK_R`` rows against all N in blocks of
-``BLOCK_J``; a block of j entirely before the program's rows counts ``d_j >= d_r``, one entirely
-after counts ``d_j > d_r``, and only the block that holds the rows themselves compares indices.
+and no -0: ``reference.difficulty``; a NaN would rank as +inf). Each program ranks ``BLOCK_R`` rows
+against all N in blocks of ``BLOCK_J``; a block of j entirely before the program's rows counts
+``d_j >= d_r``, one entirely after counts ``d_j > d_r``, and only the block that holds the rows
+themselves compares indices.
 The program then scatters its rows into ``order[rank[r]] = r`` (ranks are a permutation, so every
 slot is written once). O(N^2) compares: used up to ``MAX_ROWS`` rows, past which the sort is faster
 on the device (``kernels.difficulty_rank`` switches; both give the same order).
@@ -54,8 +55,7 @@ def _rank_kernel(d_ptr, rank_ptr, order_ptr, N, BLOCK_R: tl.constexpr, BLOCK_J: 
     for start in range(0, N, BLOCK_J):
         j = start + cols
         d_j = tl.where(d_next != d_next, float("inf"), d_next)[None, :]
-        # the next block's load is in flight while this one is compared (the loop is latency-bound
-        # without it: each block is only a few instructions a lane)
+        # the next block's load is issued before this one is compared
         d_next = tl.load(d_ptr + j + BLOCK_J, mask=j + BLOCK_J < N, other=float("-inf"))
         if start + BLOCK_J <= lo:  # every j before every row here: ties count
             hit = d_j >= d_r
