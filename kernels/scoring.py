@@ -2,10 +2,10 @@
 
 One program per row walks the row's V logits in blocks of ``BLOCK_V`` with an online softmax:
 running max ``m``, ``s = sum exp(x - m)`` and ``a = sum exp(x - m) (x - m)``, so that
-``lse = m + log s`` and the entropy ``H = log s - a / s`` need no second pass. The two largest
-logits are kept per lane (``t1 >= t2``, an equal value pushes ``t1`` down into ``t2``, so a tied
-maximum gives ``top2 == top1``) and merged across lanes once at the end of the row. Everything
-accumulates in fp32 whatever the logits' dtype.
+``lse = m + log s`` and the entropy ``H = log s - a / s`` need no second pass. The largest logit
+is ``m``; the second largest ``t2`` comes from one reduction of each block to its top two
+(``_top2_combine``: a value equal to the largest counts, so a tied maximum gives ``top2 == top1``).
+All state is scalar and accumulates in fp32 whatever the logits' dtype.
 
 -inf logits: a -inf (and a lane past the end of the row) is replaced by -FLT_MAX, which contributes
 exp(-FLT_MAX - m) = 0 to ``s`` and 0 to ``a`` (no 0 * inf) once the row has a finite logit. A row
@@ -58,6 +58,13 @@ def _load_block(x_row, cols, V, stride_v, UNIT_STRIDE_V: tl.constexpr):
 
 
 @triton.jit
+def _top2_combine(a1, a2, b1, b2):
+    """The two largest of {a1, a2, b1, b2} given a1 >= a2 and b1 >= b2 (ties kept: the top-2 of
+    {3, 3} is (3, 3)); associative and commutative, so any reduction order gives the same pair."""
+    return tl.maximum(a1, b1), tl.maximum(tl.minimum(a1, b1), tl.maximum(a2, b2))
+
+
+@triton.jit
 def _row_stats_kernel(
     x_ptr, tgt_ptr, w_ptr, out_ptr,
     N, T, V,
@@ -71,13 +78,14 @@ def _row_stats_kernel(
     x_row = x_ptr + (b * stride_b + t * stride_t)
 
     offs = tl.arange(0, BLOCK_V)
-    # running softmax state (scalars) and per-lane top-1 / top-2 (vectors)
+    # running state, all scalars: softmax (m, s, a), the second-largest logit t2 (the largest is m),
+    # sum_v w_v x_v. Per-lane vectors would hold BLOCK_V / 32 registers each a thread (a per-lane
+    # top-1 / top-2 took the kernel to 255 registers, 8 warps an SM; scalars: under 100)
     m = tl.max(tl.full([BLOCK_V], -3.4028234663852886e38, tl.float32), axis=0)
+    t2 = m
     s = tl.sum(tl.zeros([BLOCK_V], tl.float32), axis=0)
-    a = tl.sum(tl.zeros([BLOCK_V], tl.float32), axis=0)
-    t1 = tl.full([BLOCK_V], -3.4028234663852886e38, tl.float32)
-    t2 = tl.full([BLOCK_V], -3.4028234663852886e38, tl.float32)
-    ws = tl.zeros([BLOCK_V], tl.float32)
+    a = s
+    ws = s
 
     x_next = _load_block(x_row, offs, V, stride_v, UNIT_STRIDE_V)
     for start in range(0, V, BLOCK_V):
@@ -89,16 +97,17 @@ def _row_stats_kernel(
         if WITH_WSUM:
             if HAS_WEIGHT:
                 w = tl.load(w_ptr + cols, mask=mask, other=0.0).to(tl.float32)
-                ws += tl.where(mask, x, 0.0) * w
+                ws += tl.sum(tl.where(mask, x, 0.0) * w, axis=0)
             else:
-                ws += tl.where(mask, x, 0.0)
+                ws += tl.sum(tl.where(mask, x, 0.0), axis=0)
         # -inf -> -FLT_MAX; a NaN logit stays NaN (one max instruction that propagates NaN)
         xc = tl.maximum(x, -3.4028234663852886e38, propagate_nan=tl.PropagateNan.ALL)
-        # top-2 per lane: an equal value moves the old top-1 into top-2
-        t2 = tl.maximum(t2, tl.minimum(t1, xc))
-        t1 = tl.maximum(t1, xc)
+        # the block's two largest values in one reduction (b1 is also the block max the softmax
+        # needs), merged into the row's: a value equal to the largest counts as the second
+        b1, b2 = tl.reduce((xc, tl.full([BLOCK_V], -3.4028234663852886e38, tl.float32)), 0, _top2_combine)
+        t2 = tl.maximum(tl.minimum(m, b1), tl.maximum(t2, b2))
         # online softmax, block at a time
-        m_new = tl.maximum(m, tl.max(xc, axis=0))
+        m_new = tl.maximum(m, b1)
         # the old state's weight; d is -FLT_MAX on the first block (m starts there): any d below
         # -1000 gives alpha = 0 all the same, and the floor keeps d * LOG2E finite (NaN stays NaN)
         d = tl.maximum(m - m_new, -1000.0, propagate_nan=tl.PropagateNan.ALL)
@@ -118,14 +127,9 @@ def _row_stats_kernel(
     lse = tl.where(no_mass, float("-inf"), m + log_s)
     ent = tl.where(no_mass, float("nan"), log_s - a / s)
 
-    top1 = tl.max(t1, axis=0)
-    at_top = t1 == top1
-    n_top = tl.sum(at_top.to(tl.int32), axis=0)
-    other = tl.maximum(tl.max(t2, axis=0), tl.max(tl.where(at_top, -3.4028234663852886e38, t1), axis=0))
-    top2 = tl.where(n_top >= 2, top1, other)
-    p1 = tl.where(no_mass, float("nan"), tl.exp(top1 - lse))
+    p1 = tl.where(no_mass, float("nan"), tl.exp(m - lse))
     if HAS_TOP2:
-        p2 = tl.where(no_mass, float("nan"), tl.exp(top2 - lse))
+        p2 = tl.where(no_mass, float("nan"), tl.exp(t2 - lse))
     else:
         p2 = tl.zeros_like(p1)
 
@@ -152,7 +156,7 @@ def _row_stats_kernel(
     tl.store(o, nll)
     if WITH_WSUM:
         o += N
-        tl.store(o, tl.sum(ws, axis=0))
+        tl.store(o, ws)
 
 
 def row_stats(logits: Tensor, targets: Tensor, ignore_index: int, weight: Tensor | None = None,
