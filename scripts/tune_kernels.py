@@ -28,6 +28,7 @@ import cggr_hook
 from cggr_hook.kernels import gated_ce, ranking, reference, scoring
 
 ROW_STATS_SHAPES = [(512, 1), (1024, 1), (2048, 1), (1024, 2), (2048, 2), (2048, 4), (4096, 4)]
+TMA_SHAPES = [(2048, 4), (4096, 3), (4096, 4), (8192, 2), (8192, 3)]
 GRAD_SHAPES = [(2048, 8), (4096, 8), (4096, 16), (8192, 16)]
 
 
@@ -77,16 +78,30 @@ def sweep_vocab(N: int, V: int, log) -> dict:
     # ---- row_stats launch shapes (shipped kernel)
     want = scoring.row_stats(x3, t, -100)
     shipped = (scoring.MAX_BLOCK_V, scoring.NUM_WARPS)
+    scoring.USE_TMA = False  # the plain-load path's shapes
     for bv, nw in ROW_STATS_SHAPES:
         scoring.MAX_BLOCK_V, scoring.NUM_WARPS = bv, nw
         try:
             got = scoring.row_stats(x3, t, -100)
             for f in ("lse", "entropy", "p_top1", "p_top2", "nll"):
                 close(getattr(got, f), getattr(want, f), f"row_stats {bv}x{nw} {f}")
-            row(f"row_stats {bv}x{nw}", ms(lambda: scoring.row_stats(x3, t, -100)), nbytes)
+            row(f"row_stats plain loads {bv}x{nw}", ms(lambda: scoring.row_stats(x3, t, -100)), nbytes)
         except Exception as e:  # a shape that fails to compile or check is reported, not fatal
             log(f"| {V} | row_stats {bv}x{nw} | failed: {type(e).__name__}: {str(e)[:200]} | |")
     scoring.MAX_BLOCK_V, scoring.NUM_WARPS = shipped
+    scoring.USE_TMA = True
+    shipped_tma = (scoring.TMA_BLOCK_BYTES, scoring.TMA_STAGES)
+    for nbytes_block, stages in TMA_SHAPES:
+        scoring.TMA_BLOCK_BYTES, scoring.TMA_STAGES = nbytes_block, stages
+        try:
+            got = scoring.row_stats(x3, t, -100)
+            for f in ("lse", "entropy", "p_top1", "p_top2", "nll"):
+                close(getattr(got, f), getattr(want, f), f"row_stats tma {nbytes_block}B x{stages} {f}")
+            row(f"row_stats descriptor {nbytes_block} B a block x {stages} stages",
+                ms(lambda: scoring.row_stats(x3, t, -100)), nbytes)
+        except Exception as e:
+            log(f"| {V} | row_stats tma {nbytes_block}x{stages} | failed: {type(e).__name__}: {str(e)[:200]} | |")
+    scoring.TMA_BLOCK_BYTES, scoring.TMA_STAGES = shipped_tma
 
     # ---- gradient kernels: dense (25%, 100%, 0% selected) and compact rows (25%)
     k = N // 4
@@ -138,6 +153,35 @@ def sweep_vocab(N: int, V: int, log) -> dict:
 
     row("CGGRLoss 25% in place, fwd+bwd (values drift: timing only)", ms(call), 2 * nbytes + 2 * nbytes * k / N)
     return res
+
+
+def row_stats_paths(N: int, V: int, log) -> dict:
+    """The shipped row_stats through both load paths, bf16 and fp32 logits (the fp32 upcast
+    that Hugging Face models hand to cross_entropy), checked against each other."""
+    dev = "cuda"
+    gen = torch.Generator(device=dev).manual_seed(0)
+    t = torch.randint(0, V, (N,), device=dev, generator=gen)
+    out = {}
+    log("")
+    log("| V | logits | load path | median ms | GB/s |")
+    log("|---|---|---|---|---|")
+    for dtype in (torch.bfloat16, torch.float32):
+        x = torch.randn(1, N, V, device=dev, generator=gen).mul_(2.0).to(dtype)
+        nbytes = x.numel() * x.element_size()
+        results = {}
+        for use_tma in (False, True):
+            scoring.USE_TMA = use_tma
+            path = scoring.load_path(x)
+            results[path] = scoring.row_stats(x, t, -100)
+            t_ms = ms(lambda: scoring.row_stats(x, t, -100))
+            out[f"{dtype}/{path}"] = t_ms
+            log(f"| {V} | {str(dtype).split('.')[-1]} | {path} | {t_ms:.3f} | {nbytes / t_ms / 1e6:.0f} |")
+        scoring.USE_TMA = True
+        if len(results) == 2:
+            for f in ("lse", "entropy", "p_top1", "p_top2", "nll"):
+                close(getattr(results["tma"], f), getattr(results["pointer"], f), f"paths {dtype} {f}")
+        del x
+    return out
 
 
 RANK_SHAPES = [(16, 256, 4), (8, 512, 4), (8, 1024, 4), (4, 1024, 4), (16, 512, 4), (16, 512, 8), (32, 256, 8),
@@ -382,6 +426,7 @@ def main(argv=None) -> int:
         log("| V | what | median ms | GB/s |")
         log("|---|---|---|---|")
         results = [sweep_vocab(a.tokens, V, log) for V in a.vocab]
+    paths = {V: row_stats_paths(a.tokens, V, log) for V in a.vocab}
     ranks = rank_sweep(log)
     losses = loss_sweep(log)
     log("")
@@ -390,7 +435,7 @@ def main(argv=None) -> int:
         timeline(a.tokens, V, os.path.join(a.out, "timeline.txt"), log)
     profile_call(a.tokens, a.vocab[0], os.path.join(a.out, "profile.txt"))
     with open(os.path.join(a.out, "tune.json"), "w") as f:
-        json.dump({"device": torch.cuda.get_device_name(), "results": results, "rank": ranks,
+        json.dump({"device": torch.cuda.get_device_name(), "results": results, "row_stats_paths": paths, "rank": ranks,
                    "selected_loss": losses}, f, indent=1)
     with open(os.path.join(a.out, "tune.md"), "w") as f:
         f.write("\n".join(lines) + "\n")

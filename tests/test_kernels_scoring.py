@@ -206,6 +206,62 @@ def test_nan_logit_makes_its_row_nan(V, block):
     assert not torch.isnan(torch.stack(got[:5])[:, 3:]).any()
 
 
+def aligned_view(B, T, V, dtype, gen):
+    """(B, T, V) logits whose rows start on 16-byte boundaries (a padded buffer, so an odd V has
+    real memory past its end): what the descriptor path reads."""
+    align = 16 // torch.tensor([], dtype=dtype).element_size()
+    Vp = (V // align + 1) * align
+    return (torch.randn(B, T, Vp, generator=gen) * 3.0).to(dtype=dtype, device=DEVICE)[..., :V]
+
+
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # the interpreter's NaNs
+@pytest.mark.parametrize("path", ["pointer", "tma"])
+@pytest.mark.parametrize("V", [1, 2, 17, 127, 136])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_both_load_paths_match_reference(path, V, dtype, block, monkeypatch):
+    """The descriptor path (full blocks unmasked, the partial last block masked) and the plain-load
+    path on the same aligned logits: ties, -inf (scattered, leading blocks, the ragged tail, a whole
+    row), a NaN, ignored and out-of-range targets, class weights."""
+    monkeypatch.setattr(scoring, "USE_TMA", path == "tma")
+    gen = torch.Generator().manual_seed(V * 3 + len(path))
+    x = aligned_view(2, 4, V, dtype, gen)
+    ninf = float("-inf")
+    x[0, 0, (V - 1) // 2:] = 30.0         # tied maxima (V > 1): p_top2 == p_top1
+    x[0, 1, ::3] = ninf
+    x[0, 2, : V // 2] = ninf
+    x[0, 3] = ninf                        # every logit -inf
+    x[1, 0, V - 1] = float("nan")
+    x[1, 1, max(V - 5, 1):] = ninf
+    assert scoring.load_path(x) == path
+    w = (torch.rand(V, generator=gen) + 0.5).to(DEVICE)
+    tg = torch.tensor([0, V - 1, -100, 0, 0, V, V // 2, 1 % V], device=DEVICE)
+    got, want = run(x, tg, weight=w, with_wsum=True)
+    assert_stats_close(got, want, rtol=1e-5, atol=1e-4, equal_nan=True)
+    if V > 1:
+        assert got.p_top1[0] == got.p_top2[0]
+    assert got.lse[3] == ninf and torch.isnan(got.lse[4])
+
+
+def test_load_path_rules(monkeypatch):
+    """The descriptor path needs unit stride along V and 16-byte aligned base and row strides (a
+    dim of size 1 has no stride to speak of); anything else reads with plain loads."""
+    gen = torch.Generator().manual_seed(11)
+    bf = torch.bfloat16
+    assert scoring.load_path(aligned_view(2, 3, 128, bf, gen)) == "tma"
+    assert scoring.load_path(aligned_view(2, 3, 127, bf, gen)) == "tma"  # padded rows
+    assert scoring.load_path(make_logits(2, 3, 127, bf, "contiguous", gen=gen)) == "pointer"  # 254-byte rows
+    assert scoring.load_path(make_logits(1, 1, 127, bf, "contiguous", gen=gen)) == "tma"  # one row
+    assert scoring.load_path(aligned_view(2, 3, 129, bf, gen)[..., 1:]) == "pointer"  # base off by 2 bytes
+    assert scoring.load_path(make_logits(2, 3, 128, bf, "vocab_strided", gen=gen)) == "pointer"
+    assert scoring.load_path(make_logits(2, 3, 128, bf, "shifted", gen=gen)) == "tma"
+    monkeypatch.setattr(scoring, "USE_TMA", False)
+    assert scoring.load_path(aligned_view(2, 3, 128, bf, gen)) == "pointer"
+    if DEVICE == "cpu":  # no GPU and no interpreter: no Triton at all
+        monkeypatch.setattr(scoring, "USE_TMA", True)
+        monkeypatch.delenv("TRITON_INTERPRET")
+        assert scoring.load_path(aligned_view(2, 3, 128, bf, gen)) == "pointer"
+
+
 @pytest.mark.parametrize("ignore_index", [-100, 5])
 def test_ignored_and_out_of_range_targets(ignore_index):
     V = 37
@@ -252,6 +308,7 @@ def test_empty_batch_launches_nothing(monkeypatch):
             raise AssertionError("launched a kernel for zero rows")
 
     monkeypatch.setattr(scoring, "_row_stats_kernel", NoLaunch())
+    monkeypatch.setattr(scoring, "_row_stats_tma_kernel", NoLaunch())
     x = torch.randn(0, 4, 9, device=DEVICE)
     got = K.row_stats(x, torch.zeros(0, dtype=torch.long, device=DEVICE), -100, None, True)
     for t in got:
@@ -262,14 +319,19 @@ def test_empty_batch_launches_nothing(monkeypatch):
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("path", ["pointer", "tma"])
 @pytest.mark.parametrize("layout", ["contiguous", "shifted"])
-def test_row_stats_full_size_gpu(layout):
+def test_row_stats_full_size_gpu(layout, path, monkeypatch):
     torch.manual_seed(0)
     B, T, V = 4, 2048, 128256
     if layout == "contiguous":
         x = (torch.randn(B, T, V, device="cuda") * 2).to(torch.bfloat16)
     else:
         x = (torch.randn(B, T + 1, V, device="cuda") * 2).to(torch.bfloat16)[:, :-1]
+    monkeypatch.setattr(scoring, "USE_TMA", path == "tma")
+    if torch.cuda.get_device_capability()[0] < 9 and path == "tma":
+        pytest.skip("the descriptor path needs a Hopper or newer GPU")
+    assert scoring.load_path(x) == path
     tg = torch.randint(0, V, (B * T,), device="cuda")
     tg[::7] = -100
     got = K.row_stats(x, tg, -100, None, True)
@@ -287,7 +349,7 @@ def test_row_stats_int64_offsets_gpu():
     N, V = 8192, 262144
     x = torch.randn(1, N, V, device="cuda", dtype=torch.bfloat16)
     tg = torch.randint(0, V, (N,), device="cuda")
-    got = K.row_stats(x, tg, -100)
+    got = K.row_stats(x, tg, -100)  # the descriptor path on Hopper and newer
     rows = torch.arange(N - 64, N, device="cuda")
     want = reference.row_stats(x[:, N - 64:], tg[rows], -100)
     for name in FIELDS:
