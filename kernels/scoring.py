@@ -212,19 +212,20 @@ def _row_stats_tma_kernel(
                  WITH_WSUM, HAS_TOP2, True)
 
 
-# The descriptor path: bytes of a row per block and blocks in flight a program. Measured on an H100
-# (bf16, N = 8192, V = 128256; exp notes in kernels/NOTES.md): 2048 x 1 warp x 3 stages 0.716 ms
-# against 0.742 for the plain loads (a bare read of the logits: 0.69).
+# The descriptor path: bytes of a row per block and blocks in flight a program, and the dtypes it
+# serves. Measured on an H100 (N = 8192, V = 128256, scripts/tune_kernels.py; kernels/NOTES.md):
+# bf16 4096 B x 3 stages 0.716-0.723 ms against 0.737-0.742 for the plain loads (a bare read of the
+# logits: 0.69); fp32 1.439 against 1.413, so fp32 keeps the plain loads.
 USE_TMA = True
 TMA_BLOCK_BYTES = 4096
 TMA_STAGES = 3
-_TMA_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_TMA_DTYPES = (torch.bfloat16, torch.float16)
 
 
 def load_path(logits: Tensor) -> str:
-    """``"tma"`` where the descriptor path can read ``logits`` (B, T, V): unit stride along V,
-    16-byte aligned base and row strides (a tensor descriptor's rules), a Hopper or newer GPU (or
-    Triton's CPU interpreter); ``"pointer"`` otherwise. Both give the same statistics."""
+    """``"tma"`` where the descriptor path reads ``logits`` (B, T, V): bf16 or fp16, unit stride
+    along V, 16-byte aligned base and row strides (a tensor descriptor's rules), a Hopper or newer
+    GPU (or Triton's CPU interpreter); ``"pointer"`` otherwise. Both give the same statistics."""
     if not USE_TMA or logits.dtype not in _TMA_DTYPES or logits.dim() != 3:
         return "pointer"
     if logits.is_cuda:
