@@ -89,22 +89,44 @@ def _generator(device: torch.device, seed: int, step: int, call: int) -> torch.G
 
 class _HostRead:
     """A small device tensor for the host. ``now=True`` (the call's own read) starts the copy at
-    once, without blocking, into pinned memory, so work launched after it does not delay it;
-    ``now=False`` (figures read only if somebody asks) just marks, with an event, when the kernels
-    that wrote it are done. On CUDA the event sits on the stream of the tensor's device, whichever
-    device is current; ``values()`` waits for that event alone."""
+    once, without blocking, into pinned memory, on a side stream of the tensor's device that waits
+    only for the kernels queued so far: the compute stream goes on with the next kernel instead of
+    waiting for the copy engine (~10 us of idle GPU on an H100). ``now=False`` (figures read only if
+    somebody asks) just marks, with an event, when the kernels that wrote it are done. The event
+    sits on the stream of the tensor's device, whichever device is current; ``values()`` waits
+    for that event alone."""
 
     def __init__(self, t: Tensor, now: bool = True) -> None:
         self._event = None
-        self._host = t.to("cpu", non_blocking=True) if t.is_cuda and now else t
+        self._host = t
         if t.is_cuda:
             self._event = torch.cuda.Event()
-            self._event.record(torch.cuda.current_stream(t.device))
+            stream = torch.cuda.current_stream(t.device)
+            if now:
+                side = _copy_stream(t.device)
+                side.wait_stream(stream)
+                with torch.cuda.stream(side):
+                    self._host = t.to("cpu", non_blocking=True)
+                t.record_stream(side)  # the allocator keeps t's memory until the copy is done
+                stream = side
+            self._event.record(stream)
 
     def values(self) -> list:
         if self._event is not None:
             self._event.synchronize()
         return self._host.tolist()
+
+
+_COPY_STREAMS: dict = {}
+
+
+def _copy_stream(device: torch.device) -> "torch.cuda.Stream":
+    """One side stream per device for the calls' host reads (made on first use)."""
+    idx = device.index if device.index is not None else torch.cuda.current_device()
+    stream = _COPY_STREAMS.get(idx)
+    if stream is None:
+        stream = _COPY_STREAMS[idx] = torch.cuda.Stream(device=idx)
+    return stream
 
 
 def _valid_and_bad(host: list) -> tuple[int, int]:

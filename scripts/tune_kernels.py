@@ -377,7 +377,10 @@ def host_profile(N: int, path: str, log) -> None:
         log(f"host: {name}: {per_call_us(fn, 500)[0]:.1f} us a launch")
 
     launches("ce_grad_dense_", lambda: gated_ce.ce_grad_dense_(x3, t, lse, scale, None, 0.0, o3))
-    launches("row_stats", lambda: scoring.row_stats(x3, t, -100))
+    launches(f"row_stats ({scoring.load_path(x3)} path)", lambda: scoring.row_stats(x3, t, -100))
+    scoring.USE_TMA = False
+    launches(f"row_stats ({scoring.load_path(x3)} path)", lambda: scoring.row_stats(x3, t, -100))
+    scoring.USE_TMA = True
     launches("torch add", lambda: lse.add(1.0))
     crit = cggr_hook.CGGRLoss(min_tokens_ratio=0.25, warmup_steps=0, dynamic_threshold=False)
     prof = cProfile.Profile()
