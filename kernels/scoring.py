@@ -215,18 +215,25 @@ def _row_stats_tma_kernel(
 # The descriptor path: bytes of a row per block and blocks in flight a program, and the dtypes it
 # serves. Measured on an H100 (N = 8192, V = 128256, scripts/tune_kernels.py; kernels/NOTES.md):
 # bf16 4096 B x 3 stages 0.716-0.723 ms against 0.737-0.742 for the plain loads (a bare read of the
-# logits: 0.69); fp32 1.439 against 1.413, so fp32 keeps the plain loads.
+# logits: 0.69); fp32 1.439 against 1.413, so fp32 keeps the plain loads. A descriptor costs the
+# host ~30 us more a launch (63 against 34 us, Triton 3.6) for ~4% of the kernel's time (~13 us a
+# GB of logits): below TMA_MIN_BYTES of logits, where a call tends to wait on the host, it is not
+# worth it (V = 32000 x 8192 rows, 0.5 GB: 3 us saved on the device, 29 more on the host).
 USE_TMA = True
 TMA_BLOCK_BYTES = 4096
 TMA_STAGES = 3
+TMA_MIN_BYTES = 2**30
 _TMA_DTYPES = (torch.bfloat16, torch.float16)
 
 
 def load_path(logits: Tensor) -> str:
-    """``"tma"`` where the descriptor path reads ``logits`` (B, T, V): bf16 or fp16, unit stride
-    along V, 16-byte aligned base and row strides (a tensor descriptor's rules), a Hopper or newer
-    GPU (or Triton's CPU interpreter); ``"pointer"`` otherwise. Both give the same statistics."""
+    """``"tma"`` where the descriptor path reads ``logits`` (B, T, V): bf16 or fp16, at least
+    ``TMA_MIN_BYTES`` of them, unit stride along V, 16-byte aligned base and row strides (a tensor
+    descriptor's rules), a Hopper or newer GPU (or Triton's CPU interpreter); ``"pointer"``
+    otherwise. Both give the same statistics."""
     if not USE_TMA or logits.dtype not in _TMA_DTYPES or logits.dim() != 3:
+        return "pointer"
+    if logits.numel() * logits.element_size() < TMA_MIN_BYTES:
         return "pointer"
     if logits.is_cuda:
         if torch.cuda.get_device_capability(logits.device)[0] < 9:

@@ -225,6 +225,7 @@ def test_both_load_paths_match_reference(path, V, dtype, block, monkeypatch):
     if path == "tma" and dtype == torch.float32:
         pytest.skip("fp32 logits always take the plain loads (test_load_path_rules)")
     monkeypatch.setattr(scoring, "USE_TMA", path == "tma")
+    monkeypatch.setattr(scoring, "TMA_MIN_BYTES", 0)
     gen = torch.Generator().manual_seed(V * 3 + len(path))
     x = aligned_view(2, 4, V, dtype, gen)
     ninf = float("-inf")
@@ -246,9 +247,16 @@ def test_both_load_paths_match_reference(path, V, dtype, block, monkeypatch):
 
 def test_load_path_rules(monkeypatch):
     """The descriptor path needs unit stride along V and 16-byte aligned base and row strides (a
-    dim of size 1 has no stride to speak of); anything else reads with plain loads."""
+    dim of size 1 has no stride to speak of) and logits of at least TMA_MIN_BYTES; anything else
+    reads with plain loads."""
     gen = torch.Generator().manual_seed(11)
     bf = torch.bfloat16
+    x = aligned_view(2, 3, 128, bf, gen)
+    monkeypatch.setattr(scoring, "TMA_MIN_BYTES", x.numel() * 2 + 1)
+    assert scoring.load_path(x) == "pointer"  # too small to pay for the descriptor's host time
+    monkeypatch.setattr(scoring, "TMA_MIN_BYTES", x.numel() * 2)
+    assert scoring.load_path(x) == "tma"
+    monkeypatch.setattr(scoring, "TMA_MIN_BYTES", 0)
     assert scoring.load_path(aligned_view(2, 3, 128, bf, gen)) == "tma"
     assert scoring.load_path(aligned_view(2, 3, 127, bf, gen)) == "tma"  # padded rows
     assert scoring.load_path(make_logits(2, 3, 127, bf, "contiguous", gen=gen)) == "pointer"  # 254-byte rows
