@@ -7,6 +7,11 @@ is ``m``; the second largest ``t2`` comes from one reduction of each block to it
 (``_top2_combine``: a value equal to the largest counts, so a tied maximum gives ``top2 == top1``).
 All state is scalar and accumulates in fp32 whatever the logits' dtype.
 
+Two load paths, same arithmetic (``load_path`` picks): large aligned bf16 / fp16 logits come through
+a tensor descriptor, several blocks in flight in shared memory (``_row_stats_tma_kernel``);
+everything else through plain loads with the next block prefetched in registers
+(``_row_stats_kernel``).
+
 -inf logits: a -inf (and a lane past the end of the row) is replaced by -FLT_MAX, which contributes
 exp(-FLT_MAX - m) = 0 to ``s`` and 0 to ``a`` (no 0 * inf) once the row has a finite logit. A row
 whose logits are all -inf gives what the reference gives: lse = -inf, NaN entropy and
@@ -30,11 +35,11 @@ from .types import RowStats
 __all__ = ["row_stats", "load_path", "row_difficulty", "target_counts", "MAX_BLOCK_V", "NUM_WARPS", "DIFFICULTY_BLOCK",
            "COUNT_BLOCK", "COUNT_PROGRAMS"]
 
-# Tunables: the largest block of a row read per loop iteration, and the warps of one program (one
-# row). Swept on an H100 (bf16, N = 8192; scripts/tune_kernels.py): 2048 x 1 warp ran at 2.63 TB/s
-# at V = 128256 (0.80 ms; a bare read of the logits 0.69 ms) and was the fastest at V = 32000 too;
-# 2048 x 4 0.91 ms, 4096 x 4 0.88 ms, 8192-wide blocks 1.3-1.4 ms. One warp a row keeps the three
-# block reductions of each iteration inside the warp (no barrier).
+# Tunables of the plain-load path: the largest block of a row read per loop iteration, and the
+# warps of one program (one row). Swept on an H100 (bf16, N = 8192, V = 128256;
+# scripts/tune_kernels.py): 512 to 2048 x 1 warp 0.73-0.76 ms (a bare read of the logits 0.69),
+# 1024 x 2 0.85, 2048 x 4 0.82, 4096 x 4 0.80. One warp a row keeps the block reductions of each
+# iteration inside the warp (no barrier).
 MAX_BLOCK_V = 2048
 NUM_WARPS = 1
 
