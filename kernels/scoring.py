@@ -73,6 +73,17 @@ def _top2_combine(a1, a2, b1, b2):
 
 
 @triton.jit
+def _stats_init(BLOCK_V: tl.constexpr):
+    """The running state of a row, all scalars: softmax (m = -FLT_MAX, s = 0, a = 0), the
+    second-largest logit t2 (the largest is m) and sum_v w_v x_v. Per-lane vectors would hold
+    BLOCK_V / 32 registers each a thread (a per-lane top-1 / top-2 took the kernel to 255
+    registers, 8 warps an SM; scalars: under 100)."""
+    m = tl.max(tl.full([BLOCK_V], -3.4028234663852886e38, tl.float32), axis=0)
+    zero = tl.sum(tl.zeros([BLOCK_V], tl.float32), axis=0)
+    return m, m, zero, zero, zero
+
+
+@triton.jit
 def _stats_step(x, cols, V, m, t2, s, a, ws, w_ptr, HAS_WEIGHT: tl.constexpr, WITH_WSUM: tl.constexpr,
                 BLOCK_V: tl.constexpr):
     """Fold one block ``x`` (fp32, -inf past the end of the row) into the running row state."""
@@ -161,14 +172,7 @@ def _row_stats_kernel(
     x_row = x_ptr + (b * stride_b + t * stride_t)
 
     offs = tl.arange(0, BLOCK_V)
-    # running state, all scalars: softmax (m, s, a), the second-largest logit t2 (the largest is m),
-    # sum_v w_v x_v. Per-lane vectors would hold BLOCK_V / 32 registers each a thread (a per-lane
-    # top-1 / top-2 took the kernel to 255 registers, 8 warps an SM; scalars: under 100)
-    m = tl.max(tl.full([BLOCK_V], -3.4028234663852886e38, tl.float32), axis=0)
-    t2 = m
-    s = tl.sum(tl.zeros([BLOCK_V], tl.float32), axis=0)
-    a = s
-    ws = s
+    m, t2, s, a, ws = _stats_init(BLOCK_V)
 
     x_next = _load_block(x_row, offs, V, stride_v, UNIT_STRIDE_V)
     for start in range(0, V, BLOCK_V):
@@ -200,11 +204,7 @@ def _row_stats_tma_kernel(
     x_row = x_ptr + (b.to(tl.int64) * stride_b + t.to(tl.int64) * stride_t)
 
     offs = tl.arange(0, BLOCK_V)
-    m = tl.max(tl.full([BLOCK_V], -3.4028234663852886e38, tl.float32), axis=0)
-    t2 = m
-    s = tl.sum(tl.zeros([BLOCK_V], tl.float32), axis=0)
-    a = s
-    ws = s
+    m, t2, s, a, ws = _stats_init(BLOCK_V)
 
     for start in tl.range(0, V_FULL, BLOCK_V, num_stages=STAGES):
         x = x_desc.load([b, t, start]).reshape(BLOCK_V).to(tl.float32)
