@@ -27,7 +27,11 @@ import torch
 import triton
 import triton.language as tl
 from torch import Tensor
-from triton.tools.tensor_descriptor import TensorDescriptor
+
+try:  # host-side tensor descriptors (Triton 3.4 and newer); without them every call takes plain loads
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:  # pragma: no cover - older Triton
+    TensorDescriptor = None
 
 from . import launch
 from .types import RowStats
@@ -234,9 +238,9 @@ _TMA_DTYPES = (torch.bfloat16, torch.float16)
 def load_path(logits: Tensor) -> str:
     """``"tma"`` where the descriptor path reads ``logits`` (B, T, V): bf16 or fp16, at least
     ``TMA_MIN_BYTES`` of them, unit stride along V, 16-byte aligned base and row strides (a tensor
-    descriptor's rules), a Hopper or newer GPU (or Triton's CPU interpreter); ``"pointer"``
-    otherwise. Both give the same statistics."""
-    if not USE_TMA or logits.dtype not in _TMA_DTYPES or logits.dim() != 3:
+    descriptor's rules), a Hopper or newer GPU (or Triton's CPU interpreter), a Triton with host
+    descriptors; ``"pointer"`` otherwise. Both give the same statistics."""
+    if not USE_TMA or TensorDescriptor is None or logits.dtype not in _TMA_DTYPES or logits.dim() != 3:
         return "pointer"
     if logits.numel() * logits.element_size() < TMA_MIN_BYTES:
         return "pointer"

@@ -266,6 +266,10 @@ def test_load_path_rules(monkeypatch):
     assert scoring.load_path(make_logits(2, 3, 128, bf, "shifted", gen=gen)) == "tma"
     assert scoring.load_path(make_logits(2, 3, 128, torch.float16, "shifted", gen=gen)) == "tma"
     assert scoring.load_path(aligned_view(2, 3, 128, torch.float32, gen)) == "pointer"  # slower there
+    real = scoring.TensorDescriptor
+    monkeypatch.setattr(scoring, "TensorDescriptor", None)  # a Triton without host descriptors
+    assert scoring.load_path(aligned_view(2, 3, 128, bf, gen)) == "pointer"
+    monkeypatch.setattr(scoring, "TensorDescriptor", real)
     monkeypatch.setattr(scoring, "USE_TMA", False)
     assert scoring.load_path(aligned_view(2, 3, 128, bf, gen)) == "pointer"
     if DEVICE == "cpu":  # no GPU and no interpreter: no Triton at all
