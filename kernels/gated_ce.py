@@ -29,6 +29,10 @@ __all__ = ["selected_loss", "ce_grad_rows", "ce_grad_dense_", "MAX_BLOCK_V", "NU
 # 4096 x 16 was at the top for the dense form at every V.
 MAX_BLOCK_V = 4096
 NUM_WARPS = 16
+# Blocks of a row one program writes: a row of V columns is split into cdiv(V, CHUNK_BLOCKS *
+# BLOCK_V) programs, so that programs are short and the last ones of the launch (the tail, where
+# the card is not kept busy) are short too.
+CHUNK_BLOCKS = 8
 
 
 def _block_v(V: int) -> int:
@@ -37,6 +41,12 @@ def _block_v(V: int) -> int:
 
 def _num_warps(block_v: int) -> int:
     return launch.num_warps(block_v, NUM_WARPS)
+
+
+def _chunk(V: int, block_v: int) -> tuple[int, int]:
+    """(columns a program writes, programs a row): whole blocks, at least one program a row."""
+    chunk = block_v * max(1, CHUNK_BLOCKS)
+    return chunk, triton.cdiv(max(V, 1), chunk)
 
 
 LOG2E = tl.constexpr(1.4426950408889634)  # exp(x) = exp2(x * LOG2E)
@@ -64,18 +74,19 @@ def _grad_block(x, cols, tgt, lse, scale, w_ptr, wt, wsum_ptr, mask, c_main, c_s
 
 
 @triton.jit
-def _write_row(x_row, o_row, keep, V, stride_v, stride_ov, tgt, lse, scale, w_ptr, wsum_ptr, c_main, c_smooth, eps,
-               HAS_WEIGHT: tl.constexpr, HAS_SMOOTH: tl.constexpr, UNIT_STRIDE_V: tl.constexpr,
+def _write_row(x_row, o_row, keep, col0, col1, V, stride_v, stride_ov, tgt, lse, scale, w_ptr, wsum_ptr, c_main,
+               c_smooth, eps, HAS_WEIGHT: tl.constexpr, HAS_SMOOTH: tl.constexpr, UNIT_STRIDE_V: tl.constexpr,
                UNIT_STRIDE_OV: tl.constexpr, BLOCK_V: tl.constexpr):
-    """Row ``o_row`` of the output: scale * the gradient of row ``x_row`` where ``keep``; else
-    zeros, with the row never read and no arithmetic (stores only)."""
+    """Columns [col0, col1) of row ``o_row`` of the output (col0 a multiple of BLOCK_V, col1 one
+    too or V): scale * the gradient of row ``x_row`` where ``keep``; else zeros, with the row never
+    read and no arithmetic (stores only)."""
     offs = tl.arange(0, BLOCK_V)
     if keep:
         if HAS_WEIGHT:
             wt = tl.load(w_ptr + tgt).to(tl.float32)
         else:
             wt = 1.0
-        for start in range(0, V, BLOCK_V):
+        for start in range(col0, col1, BLOCK_V):
             cols = start + offs
             mask = cols < V
             if UNIT_STRIDE_V:
@@ -92,7 +103,7 @@ def _write_row(x_row, o_row, keep, V, stride_v, stride_ov, tgt, lse, scale, w_pt
             tl.store(optrs, g.to(o_row.dtype.element_ty), mask=mask)
     else:
         zeros = tl.zeros([BLOCK_V], tl.float32).to(o_row.dtype.element_ty)
-        for start in range(0, V, BLOCK_V):
+        for start in range(col0, col1, BLOCK_V):
             cols = start + offs
             if UNIT_STRIDE_OV:
                 optrs = o_row + cols
@@ -108,18 +119,22 @@ def _ce_grad_rows_kernel(
     stride_b, stride_t, stride_v, stride_tgt, stride_lse, stride_rows, stride_scale, stride_out,
     c_main, c_smooth, eps,
     HAS_WEIGHT: tl.constexpr, HAS_SMOOTH: tl.constexpr, UNIT_STRIDE_V: tl.constexpr,
-    BLOCK_V: tl.constexpr,
+    BLOCK_V: tl.constexpr, CHUNK: tl.constexpr,
 ):
-    k = tl.program_id(0).to(tl.int64)
+    # program = (output row k, chunk of CHUNK columns), the chunks of a row side by side
+    pid = tl.program_id(0).to(tl.int64)
+    n_chunks = tl.cdiv(V, CHUNK)
+    k = pid // n_chunks
+    col0 = (pid - k * n_chunks) * CHUNK
     row = tl.load(rows_ptr + k * stride_rows).to(tl.int64)
     b = row // T
     t = row - b * T
     tgt = tl.load(tgt_ptr + row * stride_tgt).to(tl.int64)
     lse = tl.load(lse_ptr + row * stride_lse).to(tl.float32)
     scale = tl.load(scale_ptr + k * stride_scale).to(tl.float32)
-    _write_row(x_ptr + (b * stride_b + t * stride_t), out_ptr + k * stride_out, (tgt >= 0) & (tgt < V), V,
-               stride_v, 1, tgt, lse, scale, w_ptr, wsum_ptr, c_main, c_smooth, eps,
-               HAS_WEIGHT, HAS_SMOOTH, UNIT_STRIDE_V, True, BLOCK_V)
+    _write_row(x_ptr + (b * stride_b + t * stride_t), out_ptr + k * stride_out, (tgt >= 0) & (tgt < V), col0,
+               tl.minimum(col0 + CHUNK, V), V, stride_v, 1, tgt, lse, scale, w_ptr, wsum_ptr, c_main, c_smooth,
+               eps, HAS_WEIGHT, HAS_SMOOTH, UNIT_STRIDE_V, True, BLOCK_V)
 
 
 @triton.jit
@@ -130,14 +145,18 @@ def _ce_grad_dense_kernel(
     stride_ob, stride_ot, stride_ov,
     c_main, c_smooth, eps,
     HAS_WEIGHT: tl.constexpr, HAS_SMOOTH: tl.constexpr, UNIT_STRIDE_V: tl.constexpr,
-    UNIT_STRIDE_OV: tl.constexpr, HAS_ORDER: tl.constexpr, BLOCK_V: tl.constexpr,
+    UNIT_STRIDE_OV: tl.constexpr, HAS_ORDER: tl.constexpr, BLOCK_V: tl.constexpr, CHUNK: tl.constexpr,
 ):
+    # program = (row slot i, chunk of CHUNK columns), the chunks of a row side by side
     pid = tl.program_id(0).to(tl.int64)
+    n_chunks = tl.cdiv(V, CHUNK)
+    i = pid // n_chunks
+    col0 = (pid - i * n_chunks) * CHUNK
     if HAS_ORDER:
-        # programs take the rows in reverse of the given order (see ce_grad_dense_)
-        row = tl.load(order_ptr + (tl.num_programs(0) - 1 - pid)).to(tl.int64)
+        # row slots take the rows in reverse of the given order (see ce_grad_dense_)
+        row = tl.load(order_ptr + (tl.num_programs(0) // n_chunks - 1 - i)).to(tl.int64)
     else:
-        row = pid
+        row = i
     b = row // T
     t = row - b * T
     row_scale = tl.load(scale_ptr + row * stride_scale).to(tl.float32)
@@ -146,8 +165,9 @@ def _ce_grad_dense_kernel(
     tgt = tl.load(tgt_ptr + row * stride_tgt).to(tl.int64)
     lse = tl.load(lse_ptr + row * stride_lse).to(tl.float32)
     _write_row(x_ptr + (b * stride_b + t * stride_t), out_ptr + (b * stride_ob + t * stride_ot),
-               (row_scale != 0) & (tgt >= 0) & (tgt < V), V, stride_v, stride_ov, tgt, lse, scale, w_ptr, wsum_ptr,
-               c_main, c_smooth, eps, HAS_WEIGHT, HAS_SMOOTH, UNIT_STRIDE_V, UNIT_STRIDE_OV, BLOCK_V)
+               (row_scale != 0) & (tgt >= 0) & (tgt < V), col0, tl.minimum(col0 + CHUNK, V), V, stride_v, stride_ov,
+               tgt, lse, scale, w_ptr, wsum_ptr, c_main, c_smooth, eps, HAS_WEIGHT, HAS_SMOOTH, UNIT_STRIDE_V,
+               UNIT_STRIDE_OV, BLOCK_V)
 
 
 def _weight_args(weight: Tensor | None, V: int, label_smoothing: float, like: Tensor):
@@ -182,12 +202,13 @@ def ce_grad_rows(logits: Tensor, targets: Tensor, lse: Tensor, rows: Tensor, sca
     c_main, c_smooth, eps = _consts(label_smoothing, V)
     block_v = _block_v(V)
     sb, st, sv = logits.stride()
-    _ce_grad_rows_kernel[(K,)](
+    chunk, n_chunks = _chunk(V, block_v)
+    _ce_grad_rows_kernel[(K * n_chunks,)](
         logits, targets, lse, rows, scale, w, wsum, out,
         T, V, sb, st, sv, targets.stride(0), lse.stride(0), rows.stride(0), scale.stride(0), out.stride(0),
         c_main, c_smooth, eps,
         HAS_WEIGHT=weight is not None, HAS_SMOOTH=bool(label_smoothing), UNIT_STRIDE_V=(sv == 1),
-        BLOCK_V=block_v, num_warps=_num_warps(block_v),
+        BLOCK_V=block_v, CHUNK=chunk, num_warps=_num_warps(block_v),
         enable_fp_fusion=True,  # as swept (Triton 3.10 turns the default off)
     )
     return out
@@ -223,13 +244,15 @@ def ce_grad_dense_(logits: Tensor, targets: Tensor, lse: Tensor, row_scale: Tens
     g_out = grad_output.reshape(-1)
     if g_out.numel() not in (1, N):
         raise ValueError(f"cggr_hook: grad_output has {g_out.numel()} elements for {N} rows")
-    _ce_grad_dense_kernel[(N,)](
+    chunk, n_chunks = _chunk(V, block_v)
+    _ce_grad_dense_kernel[(N * n_chunks,)](
         logits, targets, lse, row_scale, g_out, w, wsum, out, order.contiguous() if order is not None else lse,
         T, V, sb, st, sv, targets.stride(0), lse.stride(0), row_scale.stride(0),
         0 if g_out.numel() == 1 else g_out.stride(0), ob, ot, ov,
         c_main, c_smooth, eps,
         HAS_WEIGHT=weight is not None, HAS_SMOOTH=bool(label_smoothing), UNIT_STRIDE_V=(sv == 1),
-        UNIT_STRIDE_OV=(ov == 1), HAS_ORDER=order is not None, BLOCK_V=block_v, num_warps=_num_warps(block_v),
+        UNIT_STRIDE_OV=(ov == 1), HAS_ORDER=order is not None, BLOCK_V=block_v, CHUNK=chunk,
+        num_warps=_num_warps(block_v),
         enable_fp_fusion=True,  # as swept (Triton 3.10 turns the default off)
     )
     return out

@@ -155,6 +155,56 @@ def sweep_vocab(N: int, V: int, log) -> dict:
     return res
 
 
+CHUNK_SWEEP = [10**6, 16, 8, 4, 2]  # blocks a gradient program writes (10**6: the whole row)
+
+
+def chunk_sweep(N: int, V: int, log) -> dict:
+    """The gradient kernels with rows split into programs of CHUNK_BLOCKS blocks, each checked
+    bit for bit against the whole-row launch before it is timed."""
+    dev = "cuda"
+    gen = torch.Generator(device=dev).manual_seed(0)
+    x = torch.randn(1, N, V, device=dev, generator=gen).mul_(2.0).to(torch.bfloat16)
+    t = torch.randint(0, V, (N,), device=dev, generator=gen)
+    nbytes = x.numel() * x.element_size()
+    k = N // 4
+    sel = torch.randperm(N, device=dev, generator=gen)[:k]
+    keep = torch.zeros(N, dtype=torch.bool, device=dev).index_fill_(0, sel, True)
+    order = torch.cat([sel, torch.nonzero(~keep).flatten()])
+    scale = torch.zeros(N, device=dev).index_fill_(0, sel, 1.0 / k)
+    full = torch.full((N,), 1.0 / N, device=dev)
+    rows = torch.sort(sel).values
+    rscale = torch.full((k,), 1.0 / k, device=dev)
+    lse = torch.logsumexp(x.float(), -1).reshape(-1)
+    y = torch.empty_like(x)
+    shipped = gated_ce.CHUNK_BLOCKS
+    out = {}
+    log("")
+    log("| V | gradient kernel | blocks a program | median ms | GB/s |")
+    log("|---|---|---|---|---|")
+    gated_ce.CHUNK_BLOCKS = 10**6
+    want = gated_ce.ce_grad_dense_(x, t, lse, scale, None, 0.0, torch.empty_like(x), None, order)
+    want_rows = gated_ce.ce_grad_rows(x, t, lse, rows, rscale, None, 0.0, torch.bfloat16)
+    cases = {
+        "dense 25%, selected rows last": (lambda: gated_ce.ce_grad_dense_(x, t, lse, scale, None, 0.0, y, None, order),
+                                          nbytes + nbytes * k / N),
+        "dense 100%": (lambda: gated_ce.ce_grad_dense_(x, t, lse, full, None, 0.0, y), 2 * nbytes),
+        "compact rows 25%": (lambda: gated_ce.ce_grad_rows(x, t, lse, rows, rscale, None, 0.0, torch.bfloat16),
+                             2 * nbytes * k / N),
+    }
+    for cb in CHUNK_SWEEP:
+        gated_ce.CHUNK_BLOCKS = cb
+        got = gated_ce.ce_grad_dense_(x, t, lse, scale, None, 0.0, y, None, order)
+        close(got.float(), want.float(), f"dense chunk {cb}", rtol=0, atol=0)
+        close(gated_ce.ce_grad_rows(x, t, lse, rows, rscale, None, 0.0, torch.bfloat16).float(), want_rows.float(),
+              f"rows chunk {cb}", rtol=0, atol=0)
+        for name, (fn, nb) in cases.items():
+            t_ms = ms(fn)
+            out[f"{name}/{cb}"] = t_ms
+            log(f"| {V} | {name} | {'row' if cb >= 10**6 else cb} | {t_ms:.3f} | {nb / t_ms / 1e6:.0f} |")
+    gated_ce.CHUNK_BLOCKS = shipped
+    return out
+
+
 def row_stats_paths(N: int, V: int, log) -> dict:
     """The shipped row_stats through both load paths, bf16 and fp32 logits (the fp32 upcast
     that Hugging Face models hand to cross_entropy), checked against each other."""
@@ -434,6 +484,7 @@ def main(argv=None) -> int:
         log("|---|---|---|---|")
         results = [sweep_vocab(a.tokens, V, log) for V in a.vocab]
     paths = {V: row_stats_paths(a.tokens, V, log) for V in a.vocab}
+    chunks = {V: chunk_sweep(a.tokens, V, log) for V in a.vocab}
     ranks = rank_sweep(log)
     losses = loss_sweep(log)
     log("")
@@ -442,7 +493,7 @@ def main(argv=None) -> int:
         timeline(a.tokens, V, os.path.join(a.out, "timeline.txt"), log)
     profile_call(a.tokens, a.vocab[0], os.path.join(a.out, "profile.txt"))
     with open(os.path.join(a.out, "tune.json"), "w") as f:
-        json.dump({"device": torch.cuda.get_device_name(), "results": results, "row_stats_paths": paths, "rank": ranks,
+        json.dump({"device": torch.cuda.get_device_name(), "results": results, "row_stats_paths": paths, "chunks": chunks, "rank": ranks,
                    "selected_loss": losses}, f, indent=1)
     with open(os.path.join(a.out, "tune.md"), "w") as f:
         f.write("\n".join(lines) + "\n")

@@ -33,11 +33,14 @@ def triton_backend(monkeypatch):
     return calls
 
 
-@pytest.fixture(params=["default_block", "small_block"])
+@pytest.fixture(params=["default_block", "small_block", "chunked"])
 def block(request, monkeypatch):
-    """The default block, and a 16-wide one so a row of 127 spans 8 blocks."""
-    if request.param == "small_block":
+    """The default block; a 16-wide one so a row of 127 spans 8 blocks of one program; and
+    programs of two such blocks, so that row is written by 4 programs, the last one partial."""
+    if request.param in ("small_block", "chunked"):
         monkeypatch.setattr(gated_ce, "MAX_BLOCK_V", 16)
+    if request.param == "chunked":
+        monkeypatch.setattr(gated_ce, "CHUNK_BLOCKS", 2)
     return request.param
 
 
