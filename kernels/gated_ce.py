@@ -45,7 +45,7 @@ def _num_warps(block_v: int) -> int:
 
 def _chunk(V: int, block_v: int) -> tuple[int, int]:
     """(columns a program writes, programs a row): whole blocks, at least one program a row."""
-    chunk = block_v * max(1, CHUNK_BLOCKS)
+    chunk = block_v * max(1, min(CHUNK_BLOCKS, triton.cdiv(max(V, 1), block_v)))  # never past the row
     return chunk, triton.cdiv(max(V, 1), chunk)
 
 
