@@ -4,8 +4,9 @@ Row r's gradient, p_j = exp(x_j - lse_r), w = 1 without class weights:
 
     g_j = scale_r * ((1 - eps) w_t (p_j - [j == t]) + (eps / V) (sum(w) p_j - w_j))
 
-One program per row loops over the row in blocks of ``BLOCK_V``, reading each block before
-writing it, so the dense form can write into the logits themselves.
+A row is split into chunks of ``CHUNK_BLOCKS`` blocks of ``BLOCK_V`` columns, one program a chunk
+(the chunks of a row are neighbours in the launch). A program loops over its chunk a block at a
+time, reading each block before writing it, so the dense form can write into the logits themselves.
 
 A row whose target is outside [0, V) (an ignored token; the reference never selects one and has
 no value for it) is treated as torch treats an ignored target: its gradient is exact zeros, and

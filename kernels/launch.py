@@ -1,4 +1,4 @@
-"""Launch shapes shared by the Triton kernels: one program per row, the row read in blocks."""
+"""Launch shapes shared by the Triton row kernels: a row (or a chunk of it) read in blocks."""
 
 from __future__ import annotations
 
