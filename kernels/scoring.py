@@ -232,6 +232,7 @@ USE_TMA = True
 TMA_BLOCK_BYTES = 4096
 TMA_STAGES = 3
 TMA_MIN_BYTES = 2**30
+TMA_MIN_BLOCK_BYTES = 128
 _TMA_DTYPES = (torch.bfloat16, torch.float16)
 
 
@@ -295,7 +296,10 @@ def row_stats(logits: Tensor, targets: Tensor, ignore_index: int, weight: Tensor
         sb, st, sv = logits.stride()
         flags = dict(HAS_WEIGHT=has_weight, WITH_WSUM=with_wsum, HAS_TOP2=(V > 1))
         if load_path(logits) == "tma":
-            block_v = launch.block_v(V, min(MAX_BLOCK_V, TMA_BLOCK_BYTES // logits.element_size()))
+            es = logits.element_size()
+            # a block of at least 128 bytes: smaller boxes, multi-buffered, fault with a misaligned
+            # address on an H100 (Triton 3.6) once the loop runs twice
+            block_v = max(launch.block_v(V, min(MAX_BLOCK_V, TMA_BLOCK_BYTES // es)), TMA_MIN_BLOCK_BYTES // es)
             db, dt, _ = _descriptor_strides(logits)
             desc = TensorDescriptor(logits, [B, T, V], [db, dt, 1], [1, 1, block_v])
             _row_stats_tma_kernel[(N,)](
@@ -402,7 +406,7 @@ COUNT_BLOCK = 1024
 COUNT_PROGRAMS = 64
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["N"])  # N = 1 would become a constant, which has no .to()
 def _target_counts_kernel(tgt_ptr, part_ptr, N, V, stride_tgt, ignore_index, BLOCK: tl.constexpr):
     pid = tl.program_id(0)
     offs = tl.arange(0, BLOCK)

@@ -91,6 +91,7 @@ def sweep_vocab(N: int, V: int, log) -> dict:
     scoring.MAX_BLOCK_V, scoring.NUM_WARPS = shipped
     scoring.USE_TMA = True
     shipped_tma = (scoring.TMA_BLOCK_BYTES, scoring.TMA_STAGES)
+    min_bytes, scoring.TMA_MIN_BYTES = scoring.TMA_MIN_BYTES, 0  # the descriptor path at every size
     for nbytes_block, stages in TMA_SHAPES:
         scoring.TMA_BLOCK_BYTES, scoring.TMA_STAGES = nbytes_block, stages
         try:
@@ -102,6 +103,7 @@ def sweep_vocab(N: int, V: int, log) -> dict:
         except Exception as e:
             log(f"| {V} | row_stats tma {nbytes_block}x{stages} | failed: {type(e).__name__}: {str(e)[:200]} | |")
     scoring.TMA_BLOCK_BYTES, scoring.TMA_STAGES = shipped_tma
+    scoring.TMA_MIN_BYTES = min_bytes
 
     # ---- gradient kernels: dense (25%, 100%, 0% selected) and compact rows (25%)
     k = N // 4
@@ -212,7 +214,9 @@ def row_stats_paths(N: int, V: int, log) -> dict:
     gen = torch.Generator(device=dev).manual_seed(0)
     t = torch.randint(0, V, (N,), device=dev, generator=gen)
     out = {}
-    min_bytes, scoring.TMA_MIN_BYTES = scoring.TMA_MIN_BYTES, 0  # both paths at any size
+    # both paths at any size and for fp32 too (which ships with the plain loads: this shows why)
+    min_bytes, scoring.TMA_MIN_BYTES = scoring.TMA_MIN_BYTES, 0
+    dtypes, scoring._TMA_DTYPES = scoring._TMA_DTYPES, (torch.bfloat16, torch.float16, torch.float32)
     log("")
     log("| V | logits | load path | median ms | GB/s |")
     log("|---|---|---|---|---|")
@@ -232,7 +236,7 @@ def row_stats_paths(N: int, V: int, log) -> dict:
             for f in ("lse", "entropy", "p_top1", "p_top2", "nll"):
                 close(getattr(results["tma"], f), getattr(results["pointer"], f), f"paths {dtype} {f}")
         del x
-    scoring.TMA_MIN_BYTES = min_bytes
+    scoring.TMA_MIN_BYTES, scoring._TMA_DTYPES = min_bytes, dtypes
     return out
 
 
