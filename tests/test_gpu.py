@@ -18,6 +18,19 @@ pytestmark = pytest.mark.gpu
 FIXED = dict(warmup_steps=0, dynamic_threshold=False)
 
 
+def both_backends(monkeypatch, logits, targets, **options):
+    """One CGGRLoss forward + backward on each backend: {backend: (loss, logits.grad, metrics)}."""
+    out = {}
+    for backend in ("torch", "triton"):
+        monkeypatch.setenv("CGGR_HOOK_BACKEND", backend)
+        x = logits.clone().requires_grad_()
+        crit = CGGRLoss(**options)
+        loss = crit(x, targets)
+        loss.backward()
+        out[backend] = (loss.detach(), x.grad, crit.get_metrics())
+    return out
+
+
 @pytest.mark.parametrize("V", [32000, 128256])
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
 def test_triton_loss_matches_torch_backend_on_cuda(monkeypatch, V, reduction):
@@ -25,14 +38,7 @@ def test_triton_loss_matches_torch_backend_on_cuda(monkeypatch, V, reduction):
     logits = (torch.randn(4, 1023, V, device="cuda", generator=g) * 3).to(torch.bfloat16)
     targets = torch.randint(0, V, (4, 1023), device="cuda", generator=g)
     targets[:, :50] = -100
-    out = {}
-    for backend in ("torch", "triton"):
-        monkeypatch.setenv("CGGR_HOOK_BACKEND", backend)
-        x = logits.clone().requires_grad_()
-        crit = CGGRLoss(min_tokens_ratio=0.25, label_smoothing=0.1, reduction=reduction, **FIXED)
-        loss = crit(x, targets)
-        loss.backward()
-        out[backend] = (loss.detach(), x.grad, crit.get_metrics())
+    out = both_backends(monkeypatch, logits, targets, min_tokens_ratio=0.25, label_smoothing=0.1, reduction=reduction, **FIXED)
     (lt, gt, mt), (lr, gr, mr) = out["triton"], out["torch"]
     assert mt["tokens_selected"] == mr["tokens_selected"]
     # fp32 sums over a whole row (the smoothing term) round differently in each backend
@@ -54,14 +60,7 @@ def test_tiny_batches_match_torch_backend_on_cuda(monkeypatch, n_tokens, dynamic
     V = 1000
     logits = (torch.randn(1, n_tokens, V, device="cuda", generator=g) * 3).to(torch.bfloat16)
     targets = torch.randint(0, V, (1, n_tokens), device="cuda", generator=g)
-    out = {}
-    for backend in ("torch", "triton"):
-        monkeypatch.setenv("CGGR_HOOK_BACKEND", backend)
-        x = logits.clone().requires_grad_()
-        crit = CGGRLoss(min_tokens_ratio=0.5, warmup_steps=0, dynamic_threshold=dynamic)
-        loss = crit(x, targets)
-        loss.backward()
-        out[backend] = (loss.detach(), x.grad, crit.get_metrics())
+    out = both_backends(monkeypatch, logits, targets, min_tokens_ratio=0.5, warmup_steps=0, dynamic_threshold=dynamic)
     (lt, gt, mt), (lr, gr, mr) = out["triton"], out["torch"]
     assert mt["tokens_total"] == mr["tokens_total"] == n_tokens
     assert mt["tokens_selected"] == mr["tokens_selected"]
@@ -218,14 +217,7 @@ def test_tensors_on_a_device_that_is_not_current(dynamic, monkeypatch):
     logits = (torch.randn(4, 1023, 32000, device="cuda:1", generator=g) * 3).to(torch.bfloat16)
     targets = torch.randint(0, 32000, (4, 1023), device="cuda:1", generator=g)
     targets[:, :40] = -100
-    out = {}
-    for backend in ("torch", "triton"):
-        monkeypatch.setenv("CGGR_HOOK_BACKEND", backend)
-        x = logits.clone().requires_grad_()
-        crit = CGGRLoss(min_tokens_ratio=0.25, warmup_steps=0, dynamic_threshold=dynamic)
-        loss = crit(x, targets)
-        loss.backward()
-        out[backend] = (loss.detach(), x.grad, crit.get_metrics())
+    out = both_backends(monkeypatch, logits, targets, min_tokens_ratio=0.25, warmup_steps=0, dynamic_threshold=dynamic)
     assert torch.cuda.current_device() == 0
     (lt, gt, mt), (lr, gr, mr) = out["triton"], out["torch"]
     assert mt["tokens_total"] == mr["tokens_total"] == int((targets != -100).sum())
