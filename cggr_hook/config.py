@@ -7,8 +7,8 @@ import math
 from dataclasses import dataclass
 from typing import Any
 
-SCORINGS = ("combined", "entropy", "margin", "loss", "random")
-SELECTIONS = ("topk", "stratified", "sequence_aware")
+SCORINGS = ("combined", "entropy", "margin", "loss", "gradnorm", "random")
+SELECTIONS = ("topk", "stratified", "sequence_aware", "importance")
 
 
 def _fail(name: str, value: Any, fix: str) -> None:
@@ -21,19 +21,26 @@ class GateConfig:
 
     scoring: how a token's difficulty is read off its logits row, all in fp32:
         ``entropy`` H = -sum_v p_v log p_v, ``margin`` 1 - (p_top1 - p_top2), ``loss`` the target's
-        NLL, ``combined`` H / ln V + margin + NLL / ln V, ``random`` uniform noise (a control arm).
+        NLL, ``combined`` H / ln V + margin + NLL / ln V, ``gradnorm`` ||softmax - target||_2 (the
+        norm of the token's gradient on its logits; times ||h|| that of its gradient on the head
+        weight), ``random`` uniform noise (a control arm).
     selection: ``topk`` (exactly the k hardest), ``stratified`` (``num_strata`` equal-count
-        difficulty buckets, harder buckets give more, sampled inside a bucket) or
+        difficulty buckets, harder buckets give more, sampled inside a bucket),
         ``sequence_aware`` (topk, then every sequence keeps ``min_tokens_per_sequence`` of its
-        hardest valid tokens).
+        hardest valid tokens) or ``importance`` (k tokens drawn with inclusion probabilities
+        pi_i = min(1, c q_i), q_i = (1 - a) s_i / sum s + a / n, each weighted 1 / pi_i, so the
+        loss is an unbiased estimate of the plain loss; a = ``importance_floor``).
     min_tokens_ratio, warmup_steps: the curriculum
         r = 1 - min(1, step / warmup_steps) * (1 - min_tokens_ratio); k = max(1, floor(r * n + 0.5))
         of the n valid tokens.
     dynamic_threshold, threshold_sensitivity: a batch less confident than the running average
         keeps more tokens (up to r * (1 + s), at most all), a more confident one fewer (down to
         r * (1 - s)).
-    seed: seeds the draws of ``random`` scoring and ``stratified`` sampling, which are a function
-        of (seed, optimizer step, call within the step), so a resumed run draws the same tokens.
+    importance_floor: a in [0, 1], the uniform share of ``importance``'s sampling distribution
+        (a = 1: uniform, k / n each; a = 0: proportional to the score).
+    seed: seeds the draws of ``random`` scoring, ``stratified`` and ``importance`` sampling, which
+        are a function of (seed, optimizer step, call within the step), so a resumed run draws the
+        same tokens.
     """
 
     scoring: str = "combined"
@@ -45,6 +52,7 @@ class GateConfig:
     num_strata: int = 4
     min_tokens_per_sequence: int = 1
     seed: int = 0
+    importance_floor: float = 0.2
 
     def __post_init__(self) -> None:
         if self.scoring not in SCORINGS:
@@ -68,10 +76,14 @@ class GateConfig:
         m = self.min_tokens_per_sequence
         if isinstance(m, bool) or not isinstance(m, int) or m < 0:
             _fail("min_tokens_per_sequence", m, "give a whole number of tokens >= 0")
+        a = self.importance_floor
+        if isinstance(a, bool) or not isinstance(a, (int, float)) or not (0.0 <= a <= 1.0):  # NaN fails too
+            _fail("importance_floor", a, "give the uniform share of importance sampling, a number in [0, 1]")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int):
             _fail("seed", self.seed, "give an integer")
         object.__setattr__(self, "min_tokens_ratio", float(r))
         object.__setattr__(self, "threshold_sensitivity", float(s))
+        object.__setattr__(self, "importance_floor", float(a))
 
     def replace(self, **options: Any) -> "GateConfig":
         """A copy with ``options`` changed; an unknown option name is a ValueError."""
