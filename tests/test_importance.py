@@ -301,3 +301,36 @@ def test_mean_gated_loss_of_a_hugging_face_model_is_the_plain_loss():
     se = float(losses.std() / math.sqrt(len(losses)))
     assert se > 0
     assert abs(float(losses.mean()) - plain) < 4.5 * se + 1e-6 * plain, (float(losses.mean()), plain, se)
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_gated_head_backward_over_the_drawn_rows_matches_the_logits_route(reduction):
+    """Through ``enable`` the head's backward runs over the k drawn rows only; the same draw (same
+    seed, step and call) through ``CGGRLoss`` on the logits gives the same loss and gradients."""
+    from common import TinyLM
+
+    torch.manual_seed(0)
+    model = TinyLM(vocab=23, dim=8, bias=True)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(6)  # scores that vary, so the draw is far from uniform
+    idx = torch.randint(0, 23, (3, 9), generator=torch.Generator().manual_seed(2))
+    opts = dict(scoring="gradnorm", selection="importance", min_tokens_ratio=0.3, importance_floor=0.1, **FIXED)
+
+    def shifted(logits):
+        V = logits.shape[-1]
+        return F.cross_entropy(logits[:, :-1].reshape(-1, V), idx[:, 1:].reshape(-1), reduction=reduction)
+
+    cggr_hook.enable(model, **opts)
+    gated = shifted(model(idx))
+    gated.backward()
+    got = {n: p.grad.clone() for n, p in model.named_parameters()}
+    cggr_hook.disable(model)
+    model.zero_grad()
+    logits = model(idx)
+    crit = CGGRLoss(reduction=reduction, **opts)
+    want = crit(logits[:, :-1], idx[:, 1:])
+    want.backward()
+    torch.testing.assert_close(gated, want, rtol=1e-5, atol=1e-6)
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(got[n], p.grad, rtol=1e-5, atol=1e-6, msg=lambda m: f"{n}: {m}")
+    assert crit.get_metrics()["ess"] > 1

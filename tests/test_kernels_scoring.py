@@ -352,8 +352,8 @@ def test_row_stats_full_size_gpu(layout, path, monkeypatch):
     assert scoring.load_path(x) == path
     tg = torch.randint(0, V, (B * T,), device="cuda")
     tg[::7] = -100
-    got = K.row_stats(x, tg, -100, None, True)
-    want = reference.row_stats(x, tg, -100, None, True)
+    got = K.row_stats(x, tg, -100, None, True, True)
+    want = reference.row_stats(x, tg, -100, None, True, True)
     assert_stats_close(got._replace(wsum=None), want._replace(wsum=None), rtol=2e-5, atol=2e-5)
     # a sum of 128256 terms of either sign: the order of the fp32 additions shows at ~1e-9 of sum |x|
     bound = 1e-8 * x.float().abs().sum(-1).reshape(-1)
