@@ -353,6 +353,8 @@ def time_steps(args, corpus, device, opts: dict | None, fraction: float | None, 
 def timing_phase(args, corpus, device, arm_opts: dict) -> dict:
     """{arm: {fraction: seconds per step}}: the arm's own fraction, or the grid where it moves."""
     timings = {}
+    first = next(iter(arm_opts.values()))
+    time_steps(args, corpus, device, first, None, repeats=1)  # start-up costs land in no arm's figure
     for arm, opts in arm_opts.items():
         if opts is None:
             fractions = [None]
@@ -727,6 +729,12 @@ def parse_args(argv=None):
     p.add_argument("--lr", type=float, default=None, help="peak learning rate")
     p.add_argument("--regime", choices=("scratch", "finetune"), default=None)
     p.add_argument("--base-seconds", type=float, default=None, help="finetune: plain training of the base model")
+    p.add_argument("--sources", choices=stdlib_text.SOURCES, default=None,
+                   help="stdlib: the standard library's sources; python: every Python source of the machine")
+    p.add_argument("--finetune-share", type=float, default=None,
+                   help="finetune: share of the packages that form the new domain")
+    p.add_argument("--timing-only", action="store_true",
+                   help="time every arm's step alone on the device, print the table and stop")
     p.add_argument("--warmup-frac", type=float, default=0.3, help="curriculum share of the -warm arms")
     p.add_argument("--eval-points", type=int, default=None)
     p.add_argument("--eval-tokens", type=int, default=None, help="held-out tokens evaluated (the first ones)")
@@ -760,7 +768,7 @@ def parse_args(argv=None):
     if args.arms is None:  # the main job: plain, the default gate and its random control
         args.arms = ["plain", "default"] + [a for a in [control_arm({})] if a]
     args.device = args.device or ("cuda" if cuda else "cpu")
-    args.eval_batch_size = args.eval_batch_size or max(8, args.batch_size)
+    args.eval_batch_size = args.eval_batch_size or min(32, max(8, args.batch_size))
     return args
 
 
@@ -791,6 +799,16 @@ def main(argv=None) -> int:
 
     # timing: every arm alone on the device; the estimated step count sizes -warm curricula
     timings = timing_phase(args, train, device, {a: arm_options(a) for a in arms})
+    if args.timing_only:
+        plain = timings.get("plain", {}).get("plain")
+        print("\n| arm | step ms | tokens/s | speed vs plain |\n|---|---|---|---|")
+        for a, t in timings.items():
+            ms = 1e3 * min(t.values())
+            speed = f"{plain / min(t.values()):.2f}x" if plain else "n/a"
+            print(f"| {a} | {ms:.1f} | {args.batch_size * args.seq_len / (ms / 1e3):,.0f} | {speed} |")
+        print(f"\n{device_name}, {args.preset}: {args.batch_size} x {args.seq_len} tokens a step "
+              "(an arm whose fraction moves: its fastest fraction)")
+        return 0
     arm_opts = {}
     for a in arms:
         est = max(1, int(args.budget / min(timings[a].values())))
