@@ -820,19 +820,6 @@ def main(argv=None) -> int:
     jobs = [dict(args=job_args, arm=a, seed=s, opts=arm_opts[a], timing=timings[a], base=path)
             for s in args.seeds for a in arms]
     runs = []
-    if args.parallel > 1 and len(jobs) > 1:
-        import multiprocessing as mp
-
-        with ProcessPoolExecutor(max_workers=args.parallel, mp_context=mp.get_context("spawn")) as pool:
-            for r in pool.map(run_job, jobs):
-                runs.append(r)
-                print(f"{r['arm']} seed {r['seed']}: {r['steps']} steps, final val {r['final_val']:.4f}", flush=True)
-    else:
-        for job in jobs:
-            r = run_job(job)
-            runs.append(r)
-            print(f"{r['arm']} seed {r['seed']}: {r['steps']} steps, final val {r['final_val']:.4f}", flush=True)
-
     result = dict(
         args=job_args, arm_order=arms, timings={a: {str(k): v for k, v in t.items()} for a, t in timings.items()},
         n_params=n_params, corpus=corpus.info, heldout_tokens=int(held.numel()),
@@ -844,6 +831,21 @@ def main(argv=None) -> int:
                          defaults=dict(vars(cggr_hook.GateConfig())) if hasattr(cggr_hook, "GateConfig") else None),
         runs=runs,
     )
+
+    def finished(r: dict) -> None:
+        runs.append(r)
+        print(f"{r['arm']} seed {r['seed']}: {r['steps']} steps, final val {r['final_val']:.4f}", flush=True)
+        write_results(result, out)  # the files hold every finished run, should the rest be cut short
+
+    if args.parallel > 1 and len(jobs) > 1:
+        import multiprocessing as mp
+
+        with ProcessPoolExecutor(max_workers=args.parallel, mp_context=mp.get_context("spawn")) as pool:
+            for r in pool.map(run_job, jobs):
+                finished(r)
+    else:
+        for job in jobs:
+            finished(run_job(job))
     print()
     print(write_results(result, out))
     print(f"wrote {out / 'results.md'}, {out / 'results.json'}, {out / 'val_loss_vs_time.png'} in "
