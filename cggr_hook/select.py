@@ -216,7 +216,7 @@ def inclusion_probabilities(scores: Tensor, k: int, floor: float) -> tuple[Tenso
     j = torch.arange(k, device=dev)
     fits = (k - j) * q[:k] <= tail[:k]
     m = fits.to(torch.int32).argmax()  # the first j that fits
-    rest = tail[m]
+    rest = tail.gather(0, m.view(1)).squeeze(0)  # (indexing with a device scalar would read it on the host)
     left = k - m.double()  # what the uncapped rows share
     spread = torch.where(rest > 0, (left / rest * q).clamp(max=1.0), left / (n - m.double()))
     pi = torch.where(torch.arange(n, device=dev) < m, torch.ones_like(q), spread)

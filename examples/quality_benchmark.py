@@ -417,7 +417,7 @@ def run_job(job: dict) -> dict:
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    if device.type == "cuda":
+    if device.type == "cuda" and device.index is not None:
         torch.cuda.set_device(device)
     arm, seed, opts, timing = job["arm"], job["seed"], job["opts"], job["timing"]
     corpus = load_data(args)
