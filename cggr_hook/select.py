@@ -16,6 +16,7 @@ and the same ones on every device. Ignored rows carry difficulty -inf and sort a
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -223,16 +224,20 @@ def inclusion_probabilities(scores: Tensor, k: int, floor: float) -> tuple[Tenso
     return pi, m
 
 
-def systematic_draw(pi: Tensor, m: Tensor, k: int, generator: torch.Generator | None) -> Tensor:
+def systematic_draw(pi: Tensor, m: Tensor, k: int, generator: torch.Generator | None,
+                    keys: Tensor | None = None) -> Tensor:
     """Exactly k positions of ``pi`` (float64 (n,), sum k, each <= 1) with inclusion probability
     exactly pi_i: systematic sampling over a random order. The points u, u + 1, ..., u + k - 1
     (u uniform in [0, 1)) fall on the cumulative sum of pi; a position of length pi_i <= 1 holds
     at most one point, and holds one with probability pi_i. The m certain positions (pi = 1, the
-    first m) go first, so each spans exactly one unit; the others follow in a random order, which
-    spreads the joint inclusions. No host synchronisation."""
+    first m) go first, so each spans exactly one unit; the others follow in a random order (by
+    ``keys``, uniform in [0, 1), drawn here when not given), which spreads the joint inclusions.
+    No host synchronisation."""
     n = pi.numel()
     dev = pi.device
-    key = torch.rand(n, generator=generator, device=dev) - 2.0 * (torch.arange(n, device=dev) < m)
+    if keys is None:
+        keys = torch.rand(n, generator=generator, device=dev)
+    key = keys - 2.0 * (torch.arange(n, device=dev) < m)
     perm = torch.sort(key).indices
     cum = pi[perm].cumsum(0)
     cum = cum * (k / cum[-1])  # the sum is k up to rounding; make the last point fall inside
@@ -252,7 +257,12 @@ def importance_draw(prep: Prepared, diff: Tensor, n_valid: int, k: int, floor: f
     if uniform:
         scores = torch.ones_like(scores)
     pi, m = inclusion_probabilities(scores, k, floor)
-    pos = systematic_draw(pi, m, k, generator)
+    # the random order is keyed by the rows' order (the j-th valid row gets the j-th key), not by
+    # their places in the difficulty order: scores equal up to rounding (the two backends) may
+    # swap places there without changing the draw
+    valid = diff != -math.inf
+    keys = torch.rand(n_valid, generator=generator, device=diff.device)
+    pos = systematic_draw(pi, m, k, generator, keys[(torch.cumsum(valid, 0) - 1)[sorted_rows]])
     rows, ix = torch.sort(sorted_rows[pos])
     inv_pi = (1.0 / pi[pos])[ix]
     s = scores.double().clamp(max=_FLT_MAX)
