@@ -23,6 +23,7 @@ from torch import Tensor, nn
 from . import head as head_mod
 from . import hf_loss
 from . import patch
+from . import trl_fused
 from .config import GateConfig, make_config
 from .loss import GatedCrossEntropy, GatedHeadCrossEntropy, LossSpec, Request, resolve_metrics
 from .schedule import Scheduler, optimizer_holds
@@ -82,6 +83,7 @@ class Gate:
         self._root_handle = root.register_forward_pre_hook(torch.compiler.disable(self._on_root_forward),
                                                            with_kwargs=True)
         self._fused_handle = None  # the forward hook that rebuilds TRL's fused output (made on first use)
+        self._trl_checks = [trl_fused.UNIFORM_CHECKS]  # backward passes that check TRL's loss weighs tokens equally
         self._undo_loss = hf_loss.install(root, torch.compiler.disable(self._would_gate))
         self.enabled = True
 
@@ -144,8 +146,6 @@ class Gate:
         log-probabilities from the head's weight without calling the head or ``F.cross_entropy``:
         while this gate is active, the forward runs unfused, without labels, and ``_on_root_output``
         builds TRL's output from the gated loss of the head's logits."""
-        from . import trl_fused
-
         if not trl_fused.available():
             _warn_once("trl", "cggr_hook: a fused_lm_head=True forward without trl's FusedCausalLMOutput: not gated")
             return None
@@ -166,17 +166,14 @@ class Gate:
         if pending is None or pending[0] is not kwargs:
             return None
         _local.unfused = None
-        from . import trl_fused
-
-        return trl_fused.fused_output(output, *pending[1], sum_loss=self._sum_loss)
+        return trl_fused.fused_output(output, *pending[1], sum_loss=self._sum_loss, checks_left=self._trl_checks)
 
     def _sum_loss(self, x: Tensor, y: Tensor) -> tuple[Tensor, bool]:
         """``F.cross_entropy(x, y, reduction='sum')`` (x (N, V) logits, y (N,)) and whether it was
         gated; a loss this gate cannot gate is the plain one, with the handler's warnings."""
-        node = x.grad_fn
         before = self._gated
         loss = torch.nn.functional.cross_entropy(x, y, reduction="sum")
-        return loss, self._gated > before and node is not None
+        return loss, self._gated > before
 
     # the optimizer steps, through the scheduler's step hook
     def _refresh_params(self) -> bool:

@@ -30,9 +30,9 @@ from typing import Any, Callable
 import torch
 from torch import Tensor
 
-# backward passes that check the gradient TRL's loss sends to log_probs is the same for every token
+# backward passes (per gate) that check the gradient TRL's loss sends to log_probs is the same for
+# every token
 UNIFORM_CHECKS = 3
-_checks_left = [UNIFORM_CHECKS]
 # rows of the logits per chunk when computing the metrics fields (bounds the temporaries)
 _CHUNK_ROWS = 4096
 
@@ -56,22 +56,24 @@ class _EqualShares(torch.autograd.Function):
     reading them weighs every token equally (the only loss the equal shares are right for)."""
 
     @staticmethod
-    def forward(ctx, shares: Tensor) -> Tensor:
+    def forward(ctx, shares: Tensor, checks_left: list) -> Tensor:
+        ctx.checks_left = checks_left
         return shares.view_as(shares)
 
     @staticmethod
     def backward(ctx, grad: Tensor):
-        if _checks_left[0] > 0:
-            _checks_left[0] -= 1
+        left = ctx.checks_left
+        if left[0] > 0:
+            left[0] -= 1
             flat = grad.reshape(-1)
             if flat.numel() and not bool((flat == flat[0]).all()):
-                _checks_left[0] = UNIFORM_CHECKS
+                left[0] = UNIFORM_CHECKS
                 raise RuntimeError(
                     "cggr_hook: TRL's loss weighs the fused head's log_probs token by token (SFTTrainer with "
                     "loss_type='dft', or a DPO, KTO, GRPO or RLOO trainer), which a gated loss cannot serve: gating "
                     "covers SFTTrainer's default loss_type='nll'. Call cggr_hook.disable(model) for this trainer, or "
                     "train with loss_type='nll'")
-        return grad
+        return grad, None
 
 
 @torch.no_grad()
@@ -90,11 +92,12 @@ def _metric_fields(x: Tensor, y: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
 
 
 def fused_output(output: Any, labels: Tensor | None, shift_labels: Tensor | None, num_items_in_batch: Any,
-                 sum_loss: Callable[[Tensor, Tensor], tuple[Tensor, bool]]) -> Any:
+                 sum_loss: Callable[[Tensor, Tensor], tuple[Tensor, bool]], checks_left: list) -> Any:
     """TRL's ``FusedCausalLMOutput`` for an unfused forward's ``output`` (with ``.logits``).
 
     ``sum_loss(x, y)``: ``F.cross_entropy(x, y, reduction='sum')`` through the gate, and whether it
     was gated. Labels are shifted as TRL shifts them (``shift_labels`` are taken as they are).
+    ``checks_left``: [backward passes still to check], the gate's own count.
     """
     cls = _output_class()
     logits = output.logits
@@ -110,7 +113,7 @@ def fused_output(output: Any, labels: Tensor | None, shift_labels: Tensor | None
     if gated:
         n = mask.sum()
         share = mask.to(torch.float32) / n.clamp(min=1)
-        log_probs = _EqualShares.apply(-total * share)
+        log_probs = _EqualShares.apply(-total * share, checks_left)
     else:
         # the plain values TRL's fused head would give: the log-probability of every label
         from .patch import original_cross_entropy
