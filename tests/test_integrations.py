@@ -107,8 +107,9 @@ def test_enable_before_get_peft_model_is_gated_and_counts_steps(modules_to_save)
     if modules_to_save:
         copy = model.base_model.model.lm_head.modules_to_save["default"]
         assert copy.weight.grad is None and copy.weight.requires_grad  # stepped and zeroed: it was trained
+    assert _gate_hooks(model)
     cggr_hook.disable()
-    assert all(not m._forward_hooks and not m._forward_pre_hooks for m in model.modules())
+    assert not _gate_hooks(model)  # the copy PEFT made of the hooked head included
 
 
 def test_enable_before_get_peft_model_gives_exact_gradients():
@@ -204,6 +205,18 @@ def test_qlora_with_a_float_head_is_gated():
 # --------------------------------------------------------------------------------------------------
 # TRL
 # --------------------------------------------------------------------------------------------------
+def _gate_hooks(model: nn.Module) -> list:
+    """Hooks of a cggr_hook Gate left on any module of ``model``."""
+    found = []
+    for m in model.modules():
+        for hooks in (m._forward_hooks, m._forward_pre_hooks):
+            for fn in hooks.values():
+                owner = getattr(getattr(fn, "__wrapped__", fn), "__self__", None)
+                if isinstance(owner, cggr_hook.Gate):
+                    found.append((type(m).__name__, fn))
+    return found
+
+
 def _trl_sft():
     sys.path.insert(0, str(EXAMPLES))
     try:
@@ -286,6 +299,7 @@ def test_sft_example_runs_gated_with_lora(capsys):
     assert cggr_hook.scheduler.step_count == 6
     assert "cggr/token_ratio" in trainer.state.log_history[-2]
     assert "gated optimizer steps counted: 6" in capsys.readouterr().out
+    assert not _gate_hooks(trainer.model)  # main() disabled the gate: nothing left on any module
 
 
 # --------------------------------------------------------------------------------------------------
