@@ -308,9 +308,11 @@ def enable(model: nn.Module, config: GateConfig | None = None, *, head: nn.Modul
         raise ValueError(f"cggr_hook.enable: model must be a torch.nn.Module, got {type(model).__name__}")
     root = head_mod.unwrap(model)
     with _lock:
-        existing = _gates.get(root)
+        existing = _gate_for(root)
         cfg = make_config(config if config is not None else (existing.config if existing else None), options)
         if existing is not None:
+            if existing._root() is not None:
+                existing._follow_head(existing._root())  # a wrapper may have replaced the head since
             if head is not None and head_mod.find_head(root, head) is not existing.head:
                 raise ValueError(
                     "cggr_hook.enable: this model is already gated on another head; "
@@ -341,8 +343,8 @@ def disable(model: nn.Module | None = None) -> None:
         if model is None:
             targets = list(_gates.keys())
         else:
-            root = head_mod.unwrap(model)
-            targets = [root] if root in _gates else []
+            g = _gate_for(head_mod.unwrap(model))
+            targets = [g._root()] if g is not None else []
         for root in targets:
             _gates.pop(root)._detach()
         if not _gates:
@@ -372,7 +374,24 @@ def _observe_step(optimizer: torch.optim.Optimizer, pending: bool, counted: bool
 
 def gate_of(model: nn.Module) -> Gate | None:
     with _lock:
-        return _gates.get(head_mod.unwrap(model))
+        return _gate_for(head_mod.unwrap(model))
+
+
+def _gate_for(root: nn.Module) -> Gate | None:
+    """The gate of ``root``: its own, or that of the same model wrapped or unwrapped (a gate enabled
+    on the base model before ``get_peft_model`` wrapped it is the PeftModel's gate too): a gate
+    whose root contains ``root`` or is contained in it, and whose head is inside ``root``."""
+    own = _gates.get(root)
+    if own is not None:
+        return own
+    for other, g in list(_gates.items()):
+        if _contains(root, g.head) and (_contains(root, other) or _contains(other, root)):
+            return g
+    return None
+
+
+def _contains(outer: nn.Module, inner: nn.Module) -> bool:
+    return any(m is inner for m in outer.modules())
 
 
 @contextlib.contextmanager

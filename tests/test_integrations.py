@@ -112,6 +112,23 @@ def test_enable_before_get_peft_model_is_gated_and_counts_steps(modules_to_save)
     assert not _gate_hooks(model)  # the copy PEFT made of the hooked head included
 
 
+def test_enable_before_and_after_get_peft_model_is_one_gate():
+    """enable(base), get_peft_model(base), enable(peft_model): the same model, one gate (two would tap
+    the head twice and one of them would never see its loss); disable on either removes it."""
+    base = _llama()
+    gate = cggr_hook.enable(base, min_tokens_ratio=0.5, **FIXED)
+    model = peft.get_peft_model(base, _lora(modules_to_save=["lm_head"]))
+    again = cggr_hook.enable(model, min_tokens_ratio=0.4)
+    assert again is gate and gate.config.min_tokens_ratio == 0.4
+    assert gate.head is model.base_model.model.lm_head  # the wrapper PEFT put in the head's place
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        _train(model, 4)
+    assert cggr_hook.scheduler.step_count == 4
+    cggr_hook.disable(model)
+    assert cggr_hook.gate.gate_of(base) is None and not _gate_hooks(model)
+
+
 def test_enable_before_get_peft_model_gives_exact_gradients():
     def make():
         base = _llama()
