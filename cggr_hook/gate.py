@@ -23,9 +23,10 @@ from torch import Tensor, nn
 from . import head as head_mod
 from . import hf_loss
 from . import patch
+from . import trl_fused
 from .config import GateConfig, make_config
 from .loss import GatedCrossEntropy, GatedHeadCrossEntropy, LossSpec, Request, resolve_metrics
-from .schedule import Scheduler
+from .schedule import Scheduler, optimizer_holds
 
 scheduler = Scheduler()
 
@@ -34,6 +35,9 @@ _gates: "weakref.WeakKeyDictionary[nn.Module, Gate]" = weakref.WeakKeyDictionary
 _local = threading.local()  # .paused: bool, .in_handler: bool
 _last_metrics: dict = {}
 _warned: set[str] = set()
+
+# optimizer steps after which a gate that has not yet been part of a counted step warns (the watchdog)
+WATCHDOG_STEPS = 3
 
 
 def _paused() -> bool:
@@ -49,21 +53,37 @@ def _warn_once(key: str, message: str) -> None:
 class Gate:
     """The handle ``enable`` returns: one model's gate. ``remove()`` disables it."""
 
-    def __init__(self, model: nn.Module, root: nn.Module, head: nn.Linear, config: GateConfig) -> None:
+    def __init__(self, model: nn.Module, root: nn.Module, head: nn.Module, config: GateConfig) -> None:
         self._model = weakref.ref(model)
         self._root = weakref.ref(root)
         self.head = head
+        # where the head sits in the model: a wrapper that replaces it later (PEFT's
+        # get_peft_model with the head in modules_to_save, or LoRA on the head) is found there
+        self.head_path = head_mod.module_path(root, head) or ""
         self.config = config
         # names the gate's running confidence average in the scheduler: stable across re-enabling
         # and across processes, so gated() blocks and resumed runs keep the same average
-        self.key = f"{type(root).__name__}:{head.in_features}x{head.out_features}"
+        d_in, d_out = head_mod.head_features(head)
+        self.key = f"{type(root).__name__}:{d_in}x{d_out}"
         self._param_ids = frozenset(id(p) for p in root.parameters())
         # sharded parameters (FSDP2 / DTensor) are gathered by their wrapper's own autograd hooks:
-        # the gradient then takes the ordinary path through the logits and the head
+        # the gradient then takes the ordinary path through the logits and the head. Heads whose
+        # output is not known to be the plain affine map take that path call by call (HeadCall.narrow).
         self.through_logits = _is_sharded(root, head)
+        # what the watchdog reads: head forwards, tapped (training, grad) forwards, gated losses
+        self._head_calls = self._taps = self._gated = self._gated_since_step = 0
+        self._steps_unproven = 0
+        self._proven = False  # a counted optimizer step followed a gated loss of this model
         # opaque to torch.compile: a compiled model breaks its graph at the head's hook, so the tap
-        # is a real autograd node at run time rather than traced away
-        self._handle = head.register_forward_hook(torch.compiler.disable(self._on_head_forward))
+        # is a real autograd node at run time rather than traced away. Prepended, so that no other
+        # hook on the head changes the output before the tap sees it.
+        self._head_hook = torch.compiler.disable(self._on_head_forward)
+        self._handle = head.register_forward_hook(self._head_hook, prepend=True)
+        # on the model: follows a head replaced after enable, and turns TRL's fused LM head off
+        self._root_handle = root.register_forward_pre_hook(torch.compiler.disable(self._on_root_forward),
+                                                           with_kwargs=True)
+        self._fused_handle = None  # the forward hook that rebuilds TRL's fused output (made on first use)
+        self._trl_checks = [trl_fused.UNIFORM_CHECKS]  # backward passes that check TRL's loss weighs tokens equally
         self._undo_loss = hf_loss.install(root, torch.compiler.disable(self._would_gate))
         self.enabled = True
 
@@ -71,13 +91,144 @@ class Gate:
     def _on_head_forward(self, module: nn.Module, args: tuple, output: Any) -> Any:
         # module is not self.head in a deep copy of a gated model, which carries the hook along:
         # a copy is not gated by a gate it was not enabled on
-        if not (self.enabled and module is self.head and module.training and torch.is_grad_enabled()
-                and not _paused()):
+        if module is not self.head:
+            return None
+        self._head_calls += 1
+        if not (self.enabled and module.training and torch.is_grad_enabled() and not _paused()):
             return None
         if not isinstance(output, Tensor) or not output.requires_grad or not args or not isinstance(args[0], Tensor):
             return None
-        call = head_mod.HeadCall(gate=self, head=module, hidden=args[0], output=output)
+        self._taps += 1
+        called = head_mod.called_module(module)
+        # the narrow backward only where output == F.linear(hidden, weight, bias) is known; a global
+        # forward hook runs before ours and may have changed the output
+        narrow = (not self.through_logits and head_mod.not_plain_reason(called) is None
+                  and not torch.nn.modules.module._global_forward_hooks)
+        call = head_mod.HeadCall(gate=self, head=called, hidden=args[0], output=output, narrow=narrow,
+                                 weight=called.weight if narrow else None, bias=called.bias if narrow else None)
         return head_mod.tap_output(call)
+
+    # the forward pre-hook on the model
+    def _on_root_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> Any:
+        # a deep copy of the model carries this hook along: it acts on the model it was put on only
+        if not (self.enabled and module is self._root() and module.training and torch.is_grad_enabled()
+                and not _paused()):
+            return None
+        self._follow_head(module)
+        if kwargs.get("fused_lm_head") is True:
+            return self._unfuse(module, args, kwargs)
+        return None
+
+    def _follow_head(self, root: nn.Module) -> None:
+        """Move the head's hook to the module now at the head's place, when a wrapper replaced
+        the head after enable (``get_peft_model`` with ``modules_to_save=["lm_head"]``, or LoRA
+        on the head): the module the loss reads is the one gated."""
+        try:
+            slot = root.get_submodule(self.head_path) if self.head_path else root
+        except AttributeError:
+            slot = None
+        if slot is self.head:
+            return
+        if slot is None or head_mod.base_linear(slot) is None:
+            _warn_once(f"moved:{id(self)}", (
+                f"cggr_hook: the LM head of {type(root).__name__} at {self.head_path!r} was replaced after enable by "
+                f"{type(slot).__name__}, which is not a head cggr_hook can gate: the loss is the plain one. "
+                "Call cggr_hook.disable(model), then cggr_hook.enable(model, head=...) on the model as it is now"))
+            return
+        with _lock:
+            self._handle.remove()
+            self.head = slot
+            self._handle = slot.register_forward_hook(self._head_hook, prepend=True)
+            self.through_logits = _is_sharded(root, slot)
+
+    def _unfuse(self, root: nn.Module, args: tuple, kwargs: dict) -> Any:
+        """TRL's fused LM head (``model(..., labels=..., fused_lm_head=True)``) computes
+        log-probabilities from the head's weight without calling the head or ``F.cross_entropy``:
+        while this gate is active, the forward runs unfused, without labels, and ``_on_root_output``
+        builds TRL's output from the gated loss of the head's logits."""
+        if not trl_fused.available():
+            _warn_once("trl", "cggr_hook: a fused_lm_head=True forward without trl's FusedCausalLMOutput: not gated")
+            return None
+        labels, shift = kwargs.get("labels"), kwargs.get("shift_labels")
+        if labels is None and shift is None:
+            return None
+        if self._fused_handle is None:
+            self._fused_handle = root.register_forward_hook(torch.compiler.disable(self._on_root_output),
+                                                            with_kwargs=True)
+        kwargs = dict(kwargs)
+        stash = tuple(kwargs.pop(k, None) for k in ("labels", "shift_labels", "num_items_in_batch"))
+        kwargs["fused_lm_head"] = False
+        _local.unfused = (kwargs, stash)
+        return args, kwargs
+
+    def _on_root_output(self, module: nn.Module, args: tuple, kwargs: dict, output: Any) -> Any:
+        pending = getattr(_local, "unfused", None)
+        if pending is None or pending[0] is not kwargs:
+            return None
+        _local.unfused = None
+        return trl_fused.fused_output(output, *pending[1], sum_loss=self._sum_loss, checks_left=self._trl_checks)
+
+    def _sum_loss(self, x: Tensor, y: Tensor) -> tuple[Tensor, bool]:
+        """``F.cross_entropy(x, y, reduction='sum')`` (x (N, V) logits, y (N,)) and whether it was
+        gated; a loss this gate cannot gate is the plain one, with the handler's warnings."""
+        before = self._gated
+        loss = torch.nn.functional.cross_entropy(x, y, reduction="sum")
+        return loss, self._gated > before
+
+    # the optimizer steps, through the scheduler's step hook
+    def _refresh_params(self) -> bool:
+        """Take the model's parameters again (those made after enable: LoRA's, when
+        ``get_peft_model`` wrapped the model after enable); returns whether they changed."""
+        root = self._root()
+        if root is None:
+            return False
+        ids = frozenset(id(p) for p in root.parameters())
+        changed = ids != self._param_ids
+        self._param_ids = ids
+        return changed
+
+    def _watch(self, optimizer: torch.optim.Optimizer, counted: bool) -> None:
+        """The watchdog: warn once if WATCHDOG_STEPS optimizer steps pass before any counted step
+        follows a gated loss of this model, naming what was seen and the fix."""
+        if self._proven or not self.enabled:
+            return
+        if counted and self._gated_since_step and optimizer_holds(optimizer, self._param_ids):
+            self._proven = True
+            return
+        if _paused():
+            return
+        self._steps_unproven += 1
+        if self._steps_unproven >= WATCHDOG_STEPS:
+            self._proven = True  # once
+            _warn_once(f"watchdog:{id(self)}", self._diagnosis())
+
+    def _diagnosis(self) -> str:
+        root = self._root()
+        name = type(root).__name__ if root is not None else "the model"
+        head = f"{self.head_path or '(the model itself)'} ({type(self.head).__name__})"
+        n = self._steps_unproven
+        if self._gated:
+            what = (f"{self._gated} gated loss(es) were computed, but no optimizer that stepped holds a parameter "
+                    f"of {name}: cggr_hook.enable was given a module the optimizer does not see (a copy, or the model "
+                    "before a wrapper replaced its parameters), so the curriculum never advances. Fix: call "
+                    "cggr_hook.enable on the model whose parameters the optimizer updates")
+        elif self._taps:
+            what = (f"its LM head {head} ran in training forwards, yet no loss was computed with "
+                    "torch.nn.functional.cross_entropy on its logits: a custom or fused loss (a fused linear cross "
+                    "entropy kernel, a loss written by hand) or a loss on changed logits (a soft-cap, a scale) takes "
+                    "the plain path. Fix: compute the loss with F.cross_entropy or nn.CrossEntropyLoss on the head's "
+                    "logits, or use cggr_hook.CGGRLoss on them")
+        elif self._head_calls:
+            what = (f"its LM head {head} ran only in eval mode or without grad. cggr_hook gates training-mode "
+                    "forwards with grad enabled: call model.train() before training")
+        else:
+            what = (f"its LM head {head} was never called: a fused loss path computes the logits from the head's "
+                    "weight without calling the module, the head was replaced after enable by something that is "
+                    "not a head, or it is not the module that produces the logits. Fix: call cggr_hook.enable on "
+                    "the model as it is trained (after wrapping it), pass head= the module whose output is the "
+                    "logits, or compute the loss with cggr_hook.CGGRLoss")
+        return (f"cggr_hook: {n} optimizer steps with a gate enabled on {name} and none followed a gated loss: {what}. "
+                "Until then every loss is the plain one (this warning is given once)")
 
     def _would_gate(self, logits: Tensor) -> bool:
         """Whether a cross entropy on these logits would be gated now (Hugging Face loss fast path)."""
@@ -101,6 +252,17 @@ class Gate:
     def _detach(self) -> None:
         self.enabled = False
         self._handle.remove()
+        self._root_handle.remove()
+        if self._fused_handle is not None:
+            self._fused_handle.remove()
+            self._fused_handle = None
+        root = self._root()
+        if root is not None:
+            # copies of the head made inside the model after enable (PEFT's modules_to_save deep-copies
+            # it) carry the hook along: take it off them too
+            for m in root.modules():
+                for key in [k for k, fn in m._forward_hooks.items() if fn is self._head_hook]:
+                    del m._forward_hooks[key]
         if self._undo_loss is not None:
             self._undo_loss()
             self._undo_loss = None
@@ -113,15 +275,16 @@ class Gate:
 
     def __repr__(self) -> str:
         state = "enabled" if self.enabled else "removed"
-        return f"Gate({type(self.head).__name__}({self.head.in_features} -> {self.head.out_features}), {state}, {self.config})"
+        d_in, d_out = head_mod.head_features(self.head)
+        return f"Gate({type(self.head).__name__}({d_in} -> {d_out}), {state}, {self.config})"
 
 
-def _is_sharded(root: nn.Module, head: nn.Linear) -> bool:
+def _is_sharded(root: nn.Module, head: nn.Module) -> bool:
     try:
         from torch.distributed.tensor import DTensor
     except ImportError:  # a torch without distributed support
         return False
-    if isinstance(head.weight, DTensor):
+    if isinstance(getattr(head_mod.base_linear(head), "weight", None), DTensor):
         return True
     try:
         from torch.distributed.fsdp import FSDPModule
@@ -145,9 +308,11 @@ def enable(model: nn.Module, config: GateConfig | None = None, *, head: nn.Modul
         raise ValueError(f"cggr_hook.enable: model must be a torch.nn.Module, got {type(model).__name__}")
     root = head_mod.unwrap(model)
     with _lock:
-        existing = _gates.get(root)
+        existing = _gate_for(root)
         cfg = make_config(config if config is not None else (existing.config if existing else None), options)
         if existing is not None:
+            if existing._root() is not None:
+                existing._follow_head(existing._root())  # a wrapper may have replaced the head since
             if head is not None and head_mod.find_head(root, head) is not existing.head:
                 raise ValueError(
                     "cggr_hook.enable: this model is already gated on another head; "
@@ -159,6 +324,7 @@ def enable(model: nn.Module, config: GateConfig | None = None, *, head: nn.Modul
         gate = Gate(model, root, lm_head, cfg)
         try:
             patch.install(_handler_for_patch())
+            scheduler.step_observer = _observe_step
             scheduler.attach()
         except BaseException:
             gate._detach()
@@ -177,8 +343,8 @@ def disable(model: nn.Module | None = None) -> None:
         if model is None:
             targets = list(_gates.keys())
         else:
-            root = head_mod.unwrap(model)
-            targets = [root] if root in _gates else []
+            g = _gate_for(head_mod.unwrap(model))
+            targets = [g._root()] if g is not None else []
         for root in targets:
             _gates.pop(root)._detach()
         if not _gates:
@@ -186,9 +352,46 @@ def disable(model: nn.Module | None = None) -> None:
             scheduler.detach()
 
 
+def _observe_step(optimizer: torch.optim.Optimizer, pending: bool, counted: bool) -> bool:
+    """Every optimizer step while a gate is enabled (the scheduler's step hook). Returns True to
+    count a step the scheduler did not: a gated loss is pending and the optimizer holds parameters
+    the gated model gained after enable (``get_peft_model`` wrapping the model afterwards). Then
+    feeds each gate's watchdog."""
+    with _lock:
+        gates = [g for g in _gates.values() if g.enabled]
+    extra = False
+    if pending and not counted:
+        for g in gates:
+            if g._gated_since_step and g._refresh_params() and optimizer_holds(optimizer, g._param_ids):
+                extra = True
+    for g in gates:
+        g._watch(optimizer, counted or extra)
+    if counted or extra:
+        for g in gates:
+            g._gated_since_step = 0
+    return extra
+
+
 def gate_of(model: nn.Module) -> Gate | None:
     with _lock:
-        return _gates.get(head_mod.unwrap(model))
+        return _gate_for(head_mod.unwrap(model))
+
+
+def _gate_for(root: nn.Module) -> Gate | None:
+    """The gate of ``root``: its own, or that of the same model wrapped or unwrapped (a gate enabled
+    on the base model before ``get_peft_model`` wrapped it is the PeftModel's gate too): a gate
+    whose root contains ``root`` or is contained in it, and whose head is inside ``root``."""
+    own = _gates.get(root)
+    if own is not None:
+        return own
+    for other, g in list(_gates.items()):
+        if _contains(root, g.head) and (_contains(root, other) or _contains(other, root)):
+            return g
+    return None
+
+
+def _contains(outer: nn.Module, inner: nn.Module) -> bool:
+    return any(m is inner for m in outer.modules())
 
 
 @contextlib.contextmanager
@@ -295,12 +498,7 @@ def _gated_call(args: tuple, kwargs: dict) -> Tensor | None:
     class_dim = 0 if x.dim() == 1 else 1
     tr = head_mod.trace(x, class_dim)
     if tr is None:
-        ops = head_mod.tap_behind(x)
-        if ops is not None:
-            _warn_once("ops:" + ops, (
-                f"cggr_hook: this cross_entropy input is computed from the LM head's logits through {ops}, "
-                "which is not a reshape, slice or widening cast; it gets the plain loss. Gating covers the "
-                "head's own logits (a soft-capped or rescaled loss input is not gated)"))
+        _warn_not_traced(x)
         return None
     call = tr.call
     gate: Gate = call.gate
@@ -327,7 +525,7 @@ def _gated_call(args: tuple, kwargs: dict) -> Tensor | None:
     spec.check(V)
 
     out = call.output
-    if gate.through_logits:
+    if gate.through_logits or not call.narrow:
         # gated loss on the loss input itself; its gradient flows back through the logits' graph
         xr = x.movedim(class_dim, -1) if class_dim != x.dim() - 1 else x
         seq = (tr.rows // out.shape[-2], out.numel() // (out.shape[-2] * V)) if out.dim() >= 3 else None
@@ -342,8 +540,7 @@ def _gated_call(args: tuple, kwargs: dict) -> Tensor | None:
     seq = out.shape[-2] if out.dim() >= 3 else None
     req = Request(gate.config, scheduler, gate.key, spec, seq=seq, on_metrics=_record_metrics,
                   param_ids=gate._param_ids)
-    lin = call.head
-    loss = GatedHeadCrossEntropy.apply(call.hidden, lin.weight, lin.bias, out.detach(), t_head, tr.rows,
+    loss = GatedHeadCrossEntropy.apply(call.hidden, call.weight, call.bias, out.detach(), t_head, tr.rows,
                                        target.shape, req)
     _consume(call)
     return loss
@@ -352,7 +549,32 @@ def _gated_call(args: tuple, kwargs: dict) -> Tensor | None:
 def _consume(call: head_mod.HeadCall) -> None:
     """Later cross entropies on this head call get the plain loss; drop what the tap held."""
     call.consumed = True
-    call.hidden = call.output = None
+    call.hidden = call.output = call.weight = call.bias = None
+    call.gate._gated += 1
+    call.gate._gated_since_step += 1
+
+
+_MATMULS = ("MmBackward", "AddmmBackward", "BmmBackward", "BaddbmmBackward", "MvBackward", "LinearBackward")
+
+
+def _warn_not_traced(x: Tensor) -> None:
+    """A loss input that does not trace back to a head's logits: warn when a tap lies behind it
+    through other operations (the loss is plain)."""
+    ops = head_mod.tap_behind(x)
+    if ops is None:
+        return
+    if any(m in ops for m in _MATMULS):
+        _warn_once("ops:" + ops, (
+            f"cggr_hook: this cross_entropy input is computed from the gated module's output through further layers "
+            f"({ops}): the module gated as the LM head is not the one that produces the logits, and the loss is the "
+            "plain one. Pass head= the module whose output is the logits; if the logits come from a weight without "
+            "a head module (h @ wte.weight.T), add an nn.Linear head that shares the weight or use cggr_hook.CGGRLoss"))
+        return
+    _warn_once("ops:" + ops, (
+        f"cggr_hook: this cross_entropy input is computed from the LM head's logits through {ops}, "
+        "which is not a reshape, slice or widening cast; it gets the plain loss. Gating covers the "
+        "head's own logits (a soft-capped or rescaled loss input is not gated); if the gated module is not "
+        "the one that produces the logits, pass head= the one that does"))
 
 
 _eager_handler: Any = None

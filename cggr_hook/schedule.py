@@ -80,6 +80,10 @@ class Scheduler:
         self._pending_ids: frozenset[int] = frozenset()  # ids of the parameters behind those calls
         self._hook_handle = None
         self._release_after_step = False
+        # called on every optimizer step the hook sees, as observer(optimizer, pending, counted);
+        # returning True counts a step the rule above did not (gate.py: parameters a model gained
+        # after enable, and the watchdog)
+        self.step_observer = None
 
     # --- the ratio ---------------------------------------------------------------------------------
     def ratio(self, config: GateConfig | None = None) -> float:
@@ -142,7 +146,11 @@ class Scheduler:
         return self._hook_handle is not None
 
     def _on_optimizer_step(self, optimizer: torch.optim.Optimizer, args: Any, kwargs: Any) -> None:
-        if self._pending and optimizer_holds(optimizer, self._pending_ids):
+        counted = self._pending and optimizer_holds(optimizer, self._pending_ids)
+        observer = self.step_observer
+        if observer is not None and observer(optimizer, self._pending, counted):
+            counted = True
+        if counted:
             self.step()
             if self._release_after_step:
                 self._remove_hook()

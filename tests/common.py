@@ -140,3 +140,41 @@ def start_held_reader(monkeypatch, module, name: str, reader, hold_s: float = 20
     assert entered.wait(5), f"{name} was not reached"
     monkeypatch.setattr(module, name, real)  # later callers run unheld
     return thread, release
+
+
+def check_gated_gradients(make_model, forward, ids, ratio: float, vocab: int, head_route: str | None = None,
+                          rtol: float = 1e-4, atol: float = 1e-6, **enable) -> dict:
+    """Gate a fresh ``make_model()`` and compare its shifted loss and every trainable parameter's
+    gradient with the same loss built by hand on a second ``make_model()`` (it must build the same
+    model every time): at ``ratio`` 1.0 the plain
+    cross entropy, below it the masked reference over the k hardest rows. ``forward(model, ids)``
+    returns (B, T, V) logits. ``head_route``: 'head' (the selected-rows head backward) or 'logits'
+    (the gradient through the logits), checked on the loss's graph. Returns the gated model's grads."""
+    import cggr_hook
+
+    model, ref = make_model(), make_model()
+    cggr_hook.enable(model, warmup_steps=0, dynamic_threshold=False, min_tokens_ratio=ratio, **enable)
+    t = ids[:, 1:].reshape(-1)
+    loss = F.cross_entropy(forward(model, ids)[:, :-1].reshape(-1, vocab), t)
+    node = type(loss.grad_fn).__name__
+    assert node.startswith("Gated"), f"not gated: {node}"
+    if head_route is not None:
+        assert node.startswith("GatedHead" if head_route == "head" else "GatedCrossEntropy"), node
+    loss.backward()
+    X = forward(ref, ids)[:, :-1].reshape(-1, vocab)
+    if ratio == 1.0:
+        expected = F.cross_entropy(X.float(), t)
+    else:
+        expected = masked_reference_loss(X, t, reference_topk_rows(X.detach(), t, ratio))
+    expected.backward()
+    torch.testing.assert_close(loss, expected.to(loss.dtype), rtol=rtol, atol=atol)
+    got = dict(model.named_parameters())
+    grads = {}
+    for name, p in ref.named_parameters():
+        if p.grad is not None:
+            assert got[name].grad is not None, name
+            torch.testing.assert_close(got[name].grad, p.grad, rtol=rtol, atol=atol, msg=name)
+            grads[name] = got[name].grad
+    assert grads
+    cggr_hook.disable(model)
+    return grads

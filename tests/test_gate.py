@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import warnings
 
 import pytest
 import torch
@@ -430,3 +431,76 @@ def test_metrics_reader_does_not_hold_the_lock_while_it_waits(monkeypatch):
     reader.join(5)
     writer.join(5)
     assert cggr_hook.metrics()["tokens_total"] == 3 * 19 != first  # the newer call's figures
+
+
+# --------------------------------------------------------------------------------------------------
+# the watchdog: optimizer steps with a gate enabled and nothing gated warn once, naming the cause
+# --------------------------------------------------------------------------------------------------
+def _steps(model, loss_of, n=4):
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.01)
+    for s in range(n):
+        loss = loss_of(model, _idx(seed=s))
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+
+
+def _watchdog(model, loss_of, n=4, **enable):
+    cggr_hook.enable(model, **FIXED, **enable)
+    with pytest.warns(RuntimeWarning, match="optimizer steps with a gate enabled") as rec:
+        _steps(model, loss_of, n)
+    msgs = [str(w.message) for w in rec if "optimizer steps with a gate enabled" in str(w.message)]
+    assert len(msgs) == 1  # once
+    return msgs[0]
+
+
+def test_watchdog_custom_loss_that_is_not_cross_entropy():
+    def loss_of(model, idx):
+        logits = model(idx)
+        return -torch.log_softmax(logits[:, :-1], -1).gather(-1, idx[:, 1:, None]).mean()
+
+    msg = _watchdog(TinyLM(), loss_of)
+    assert "ran in training forwards" in msg and "CGGRLoss" in msg
+
+
+def test_watchdog_head_never_called():
+    """A fused path that reads the head's weight without calling the module."""
+    def loss_of(model, idx):
+        h = torch.tanh(model.mix(model.emb(idx)))
+        logits = F.linear(h, model.lm_head.weight)
+        return F.cross_entropy(logits[:, :-1].reshape(-1, 37), idx[:, 1:].reshape(-1))
+
+    msg = _watchdog(TinyLM(), loss_of)
+    assert "was never called" in msg and "fused loss path" in msg and "head=" in msg
+
+
+def test_watchdog_training_in_eval_mode():
+    model = TinyLM().eval()
+    msg = _watchdog(model, shifted_loss)
+    assert "eval mode" in msg and "model.train()" in msg
+
+
+def test_watchdog_optimizer_that_does_not_see_the_gated_model():
+    gated, trained = _pair()
+    cggr_hook.enable(gated, **FIXED)
+    opt = torch.optim.SGD(trained.parameters(), lr=0.01)
+    with pytest.warns(RuntimeWarning, match="does not see") as rec:
+        for s in range(3):
+            shifted_loss(gated, _idx(seed=s)).backward()
+            shifted_loss(trained, _idx(seed=s)).backward()
+            opt.step()
+    assert sum("optimizer steps with a gate enabled" in str(w.message) for w in rec) == 1
+    assert cggr_hook.scheduler.step_count == 0
+
+
+def test_watchdog_is_quiet_when_gating_works_and_when_paused():
+    model = TinyLM()
+    cggr_hook.enable(model, **FIXED)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        _steps(model, shifted_loss, 5)
+        other = TinyLM()
+        cggr_hook.enable(other, **FIXED)
+        with cggr_hook.paused():  # a deliberately plain stretch is not a fault
+            _steps(other, shifted_loss, 5)
+    assert cggr_hook.scheduler.step_count == 5

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import warnings
 import os
 import socket
 
@@ -14,7 +15,7 @@ from torch import nn
 import cggr_hook
 from cggr_hook import head as head_mod
 
-from common import TinyLM, masked_reference_loss, reference_topk_rows
+from common import TinyLM, check_gated_gradients, masked_reference_loss, reference_topk_rows
 
 transformers = pytest.importorskip("transformers")
 FIXED = dict(warmup_steps=0, dynamic_threshold=False)
@@ -296,3 +297,174 @@ def test_trace_with_negative_dims_and_squeeze():
         tr = head_mod.trace(x, class_dim)
         assert tr is not None, x.grad_fn
         assert torch.equal(tr.rows, expected), (x.grad_fn, tr.rows, expected)
+
+
+# --------------------------------------------------------------------------------------------------
+# heads whose forward is not the plain affine map: the gradient goes through the logits
+# --------------------------------------------------------------------------------------------------
+class HalfLinear(nn.Linear):
+    """An nn.Linear subclass with its own forward: logits = (h W^T + b) / 2."""
+
+    def forward(self, x):
+        return F.linear(x, self.weight, self.bias) * 0.5
+
+
+class WithHead(nn.Module):
+    """TinyLM's body with any head module."""
+
+    def __init__(self, head: nn.Module, vocab: int = 37, dim: int = 16) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(vocab, dim)
+        self.mix = nn.Linear(dim, dim)
+        self.lm_head = head
+
+    def forward(self, idx):
+        return self.lm_head(torch.tanh(self.mix(self.emb(idx))))
+
+
+def _with_head(make_head):
+    def make():
+        torch.manual_seed(0)
+        return WithHead(make_head()).train()
+    return make
+
+
+def _call(model, ids):
+    return model(ids)
+
+
+IDS = torch.randint(0, 37, (3, 11), generator=torch.Generator().manual_seed(5))
+
+
+@pytest.mark.parametrize("ratio", [1.0, 0.3])
+def test_linear_subclass_with_its_own_forward_gets_exact_gradients(ratio):
+    """Before: the selected-rows backward assumed logits = h W^T, so every gradient was 2x."""
+    check_gated_gradients(_with_head(lambda: HalfLinear(16, 37)), _call, IDS, ratio, 37, head_route="logits")
+
+
+def test_plain_linear_and_subclass_keeping_its_forward_take_the_head_route():
+    class Tagged(nn.Linear):  # a subclass that keeps nn.Linear's forward
+        pass
+
+    for make in (lambda: nn.Linear(16, 37), lambda: Tagged(16, 37), lambda: nn.Linear(16, 37, bias=True)):
+        check_gated_gradients(_with_head(make), _call, IDS, 0.3, 37, head_route="head")
+
+
+@pytest.mark.parametrize("ratio", [1.0, 0.3])
+def test_parametrized_weight_norm_head_gets_exact_gradients(ratio):
+    from torch.nn.utils.parametrizations import weight_norm
+
+    check_gated_gradients(_with_head(lambda: weight_norm(nn.Linear(16, 37))), _call, IDS, ratio, 37,
+                          head_route="logits")
+
+
+@pytest.mark.parametrize("ratio", [1.0, 0.3])
+def test_old_style_weight_norm_head_takes_the_head_route_with_exact_gradients(ratio):
+    """torch.nn.utils.weight_norm computes the weight in a forward pre-hook: the gate reads the
+    weight the forward used, and the gradient reaches weight_g and weight_v."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        grads = check_gated_gradients(_with_head(lambda: torch.nn.utils.weight_norm(nn.Linear(16, 37))), _call, IDS,
+                                      ratio, 37, head_route="head")
+    assert {"lm_head.weight_g", "lm_head.weight_v"} <= set(grads)
+
+
+def test_head_replaced_on_the_instance_goes_through_the_logits():
+    def make():
+        lin = nn.Linear(16, 37)
+        lin.forward = lambda x: F.linear(x, lin.weight, lin.bias) * 3.0
+        return lin
+
+    check_gated_gradients(_with_head(make), _call, IDS, 0.5, 37, head_route="logits")
+
+
+def test_hook_that_changes_the_heads_output_before_the_tap_goes_through_the_logits():
+    """A global forward hook runs before the head's own hooks: the output the tap sees is not the
+    affine map any more, so the call takes the route through the logits."""
+    handle = torch.nn.modules.module.register_module_forward_hook(
+        lambda m, a, out: out * 2.0 if isinstance(m, nn.Linear) and m.out_features == 37 else None)
+    try:
+        check_gated_gradients(_with_head(lambda: nn.Linear(16, 37)), _call, IDS, 0.5, 37, head_route="logits")
+    finally:
+        handle.remove()
+
+
+# --------------------------------------------------------------------------------------------------
+# which module is the head
+# --------------------------------------------------------------------------------------------------
+def test_head_that_is_not_part_of_the_model_is_an_error():
+    model = TinyLM()
+    stray = nn.Linear(16, 37)
+    with pytest.raises(ValueError, match="head=.*not a submodule of TinyLM"):
+        cggr_hook.enable(model, head=stray)
+    assert F.cross_entropy is ORIGINAL_CE and not stray._forward_hooks
+    assert cggr_hook.enable(model).head is model.lm_head  # nothing of the failed call stayed
+
+
+class NanoGPT(nn.Module):
+    """nanoGPT-shaped, with the head written as F.linear(h, wte.weight) (no head module) and an MLP
+    whose up-projection has the vocabulary's width."""
+
+    def __init__(self, vocab: int = 256, dim: int = 64, layers: int = 2) -> None:
+        super().__init__()
+        self.transformer = nn.ModuleDict(dict(
+            wte=nn.Embedding(vocab, dim),
+            h=nn.ModuleList(nn.ModuleDict(dict(c_fc=nn.Linear(dim, 4 * dim), c_proj=nn.Linear(4 * dim, dim)))
+                            for _ in range(layers))))
+
+    def forward(self, idx):
+        x = self.transformer.wte(idx)
+        for blk in self.transformer.h:
+            x = x + blk.c_proj(F.gelu(blk.c_fc(x)))
+        return F.linear(x, self.transformer.wte.weight)
+
+
+def test_layer_projection_of_vocabulary_width_is_not_taken_for_the_head():
+    """Before: c_fc (Linear(64, 256), V = 256) was gated and training ran on the plain loss."""
+    with pytest.raises(ValueError, match=r"sit inside stacks of layers") as e:
+        cggr_hook.enable(NanoGPT())
+    msg = str(e.value)
+    assert "transformer.h.0.c_fc" in msg
+    # no head module: the fix names CGGRLoss and a Linear head sharing the embedding's weight
+    assert "CGGRLoss" in msg and "self.lm_head.weight = self.transformer.wte.weight" in msg
+    assert F.cross_entropy is ORIGINAL_CE
+
+
+def test_model_without_head_module_points_to_cggrloss_and_a_shared_weight_head():
+    class NoHead(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.wte = nn.Embedding(50, 8)
+            self.mix = nn.Linear(8, 8)
+
+        def forward(self, idx):
+            return torch.tanh(self.mix(self.wte(idx))) @ self.wte.weight.T
+
+    with pytest.raises(ValueError, match="head=") as e:
+        cggr_hook.enable(NoHead())
+    assert "cggr_hook.CGGRLoss" in str(e.value) and "self.lm_head.weight = self.wte.weight" in str(e.value)
+
+
+def test_several_vocabulary_width_candidates_ask_for_head():
+    class Two(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.tok = nn.Embedding(40, 8)
+            self.out = nn.Linear(8, 40)
+            self.aux = nn.Linear(8, 40)
+
+    with pytest.raises(ValueError, match=r"several modules of vocabulary width 40 .*'out', 'aux'.*head="):
+        cggr_hook.enable(Two())
+    m = Two()
+    assert cggr_hook.enable(m, head="aux").head is m.aux
+
+
+def test_gated_module_that_is_not_the_head_warns_that_it_is_not():
+    """A module named as the head whose output reaches the loss through further layers: the loss
+    is plain, and the warning says the module is not the head (not that the logits were rescaled)."""
+    model = NanoGPT(layers=1)
+    cggr_hook.enable(model, head="transformer.h.0.c_fc", warmup_steps=0, dynamic_threshold=False)
+    idx = torch.randint(0, 256, (2, 9))
+    with pytest.warns(RuntimeWarning, match="is not the one that produces the logits"):
+        loss = F.cross_entropy(model(idx)[:, :-1].reshape(-1, 256), idx[:, 1:].reshape(-1))
+    assert type(loss.grad_fn).__name__.startswith("Nll")
