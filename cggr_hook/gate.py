@@ -66,6 +66,11 @@ class Gate:
         self._handle = head.register_forward_hook(torch.compiler.disable(self._on_head_forward))
         self._undo_loss = hf_loss.install(root, torch.compiler.disable(self._would_gate))
         self.enabled = True
+        # a model dropped without disable() takes its gate with it, and the last one the patch and
+        # the optimizer hook (sweeps and notebooks re-create models all the time); nothing here
+        # holds the model itself strongly, so it can be collected
+        self._finalizer = weakref.finalize(root, _on_model_collected, self)
+        self._finalizer.atexit = False
 
     # the forward hook on the LM head
     def _on_head_forward(self, module: nn.Module, args: tuple, output: Any) -> Any:
@@ -100,6 +105,7 @@ class Gate:
 
     def _detach(self) -> None:
         self.enabled = False
+        self._finalizer.detach()
         self._handle.remove()
         if self._undo_loss is not None:
             self._undo_loss()
@@ -114,6 +120,30 @@ class Gate:
     def __repr__(self) -> str:
         state = "enabled" if self.enabled else "removed"
         return f"Gate({type(self.head).__name__}({self.head.in_features} -> {self.head.out_features}), {state}, {self.config})"
+
+
+def _live_gates() -> list[Gate]:
+    """The gates of models still alive (a collected model's entry may linger until its weak
+    reference's callback has run)."""
+    return list(_gates.values())
+
+
+def _uninstall_if_unused() -> None:
+    """With no gate left: the original ``F.cross_entropy`` back, and the optimizer hook gone (after
+    the step a pending gated loss waits for)."""
+    if not _live_gates():
+        patch.uninstall()
+        scheduler.detach()
+
+
+def _on_model_collected(gate: Gate) -> None:
+    """A gated model was garbage-collected without ``disable``: what ``disable(model)`` would have
+    done. Runs from the garbage collector, at any allocation, so it only takes the (reentrant)
+    lock and undoes; ``enable`` registers a gate before it installs anything, so this never sees
+    an empty registry while a gate is being added."""
+    with _lock:
+        gate._detach()
+        _uninstall_if_unused()
 
 
 def _is_sharded(root: nn.Module, head: nn.Linear) -> bool:
@@ -157,16 +187,15 @@ def enable(model: nn.Module, config: GateConfig | None = None, *, head: nn.Modul
             return existing
         lm_head = head_mod.find_head(root, head)  # raises before anything is installed
         gate = Gate(model, root, lm_head, cfg)
+        _gates[root] = gate  # registered first: a collected model's clean-up then sees this gate
         try:
             patch.install(_handler_for_patch())
             scheduler.attach()
         except BaseException:
+            _gates.pop(root, None)
             gate._detach()
-            if not _gates:
-                patch.uninstall()
-                scheduler.detach()
+            _uninstall_if_unused()
             raise
-        _gates[root] = gate
         return gate
 
 
@@ -180,10 +209,10 @@ def disable(model: nn.Module | None = None) -> None:
             root = head_mod.unwrap(model)
             targets = [root] if root in _gates else []
         for root in targets:
-            _gates.pop(root)._detach()
-        if not _gates:
-            patch.uninstall()
-            scheduler.detach()
+            gate = _gates.pop(root, None)
+            if gate is not None:
+                gate._detach()
+        _uninstall_if_unused()
 
 
 def gate_of(model: nn.Module) -> Gate | None:

@@ -15,6 +15,7 @@ is exactly ``transformers``' ``ForCausalLMLoss``, and removed by ``disable``.
 from __future__ import annotations
 
 import sys
+import weakref
 from typing import Any, Callable
 
 import torch
@@ -38,6 +39,9 @@ def install(root: nn.Module, would_gate: Callable[[Tensor], bool]) -> Callable[[
         return None
     had_own = "_loss_function" in root.__dict__
     previous = root.__dict__.get("_loss_function")
+    # the undo is kept by the gate, which the registry keeps as long as the model lives: a strong
+    # reference to the model here would keep every dropped gated model alive
+    root_ref = weakref.ref(root)
 
     def causal_lm_loss(logits: Tensor, labels: Tensor, vocab_size: int, num_items_in_batch: Any = None,
                        ignore_index: int = -100, shift_labels: Tensor | None = None, **kwargs: Any) -> Tensor:
@@ -60,7 +64,8 @@ def install(root: nn.Module, would_gate: Callable[[Tensor], bool]) -> Callable[[
     root.loss_function = causal_lm_loss
 
     def undo() -> None:
-        if root.__dict__.get("_loss_function") is not causal_lm_loss:
+        root = root_ref()
+        if root is None or root.__dict__.get("_loss_function") is not causal_lm_loss:
             return  # replaced since: leave the newer choice alone
         if had_own:
             root._loss_function = previous
