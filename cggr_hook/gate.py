@@ -46,6 +46,33 @@ def _warn_once(key: str, message: str) -> None:
         warnings.warn(message, RuntimeWarning, stacklevel=4)
 
 
+class _InertHook:
+    """What a gated head's forward hook becomes in a pickled or deep-copied model: nothing. The
+    copy is not gated (a gate belongs to the model it was enabled on), and its outputs are the
+    model's own."""
+
+    def __call__(self, module: nn.Module, args: tuple, output: Any) -> None:
+        return None
+
+
+class _HeadHook:
+    """The forward hook a gate registers on its head. It lives in the head's ``_forward_hooks``,
+    which ``pickle``, ``torch.save`` and ``copy.deepcopy`` of the model take along: there it turns
+    into an ``_InertHook``, since the gate behind it (the registry, the patch) is not the model's
+    to save."""
+
+    __slots__ = ("_fn",)
+
+    def __init__(self, fn: Any) -> None:
+        self._fn = fn
+
+    def __call__(self, module: nn.Module, args: tuple, output: Any) -> Any:
+        return self._fn(module, args, output)
+
+    def __reduce__(self) -> tuple:
+        return (_InertHook, ())
+
+
 class Gate:
     """The handle ``enable`` returns: one model's gate. ``remove()`` disables it."""
 
@@ -63,7 +90,7 @@ class Gate:
         self.through_logits = _is_sharded(root, head)
         # opaque to torch.compile: a compiled model breaks its graph at the head's hook, so the tap
         # is a real autograd node at run time rather than traced away
-        self._handle = head.register_forward_hook(torch.compiler.disable(self._on_head_forward))
+        self._handle = head.register_forward_hook(_HeadHook(torch.compiler.disable(self._on_head_forward)))
         self._undo_loss = hf_loss.install(root, torch.compiler.disable(self._would_gate))
         self.enabled = True
         # a model dropped without disable() takes its gate with it, and the last one the patch and
@@ -74,8 +101,9 @@ class Gate:
 
     # the forward hook on the LM head
     def _on_head_forward(self, module: nn.Module, args: tuple, output: Any) -> Any:
-        # module is not self.head in a deep copy of a gated model, which carries the hook along:
-        # a copy is not gated by a gate it was not enabled on
+        # module is not self.head in a shallow copy of the head, which shares its hook table (deep
+        # copies and pickles carry an _InertHook instead): a copy is not gated by a gate it was not
+        # enabled on
         if not (self.enabled and module is self.head and module.training and torch.is_grad_enabled()
                 and not _paused()):
             return None

@@ -178,6 +178,19 @@ class Scheduler:
         if self._release_after_step:
             self._remove_hook()
 
+    # a Scheduler inside a saved model (a CGGRLoss submodule) pickles and deep-copies as its
+    # counts; the lock and any optimizer hook belong to the running process, not to the copy
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        del state["_lock"]
+        state["_hook_handle"] = None
+        state["_release_after_step"] = False
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.RLock()
+
     def __repr__(self) -> str:
         return f"Scheduler(step_count={self.step_count}, attached={self.attached})"
 

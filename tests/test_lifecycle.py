@@ -133,3 +133,76 @@ def test_disable_lets_the_gate_go_too():
     cggr_hook.disable(model)
     gc.collect()
     assert gate() is None
+
+
+# --------------------------------------------------------------------------------------------------
+# saving a gated model whole
+# --------------------------------------------------------------------------------------------------
+def _outputs(model, vocab):
+    ids = torch.randint(0, vocab, (2, 9), generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        out = model(input_ids=ids) if hasattr(model, "config") else model(ids)
+    return out.logits if hasattr(out, "logits") else out
+
+
+def _loss_node(model, vocab):
+    """The grad_fn name of a training-mode loss of ``model``."""
+    ids = torch.randint(0, vocab, (2, 9), generator=torch.Generator().manual_seed(6))
+    if hasattr(model, "config"):
+        return type(model(input_ids=ids, labels=ids).loss.grad_fn).__name__
+    return type(shifted_loss(model, ids).grad_fn).__name__
+
+
+def _round_trip(model, how):
+    import copy
+    import io
+    import pickle
+
+    if how == "pickle":
+        return pickle.loads(pickle.dumps(model))
+    buf = io.BytesIO()
+    torch.save(copy.deepcopy(model) if how == "deepcopy+torch.save" else model, buf)
+    buf.seek(0)
+    return torch.load(buf, weights_only=False)
+
+
+@pytest.mark.parametrize("how", ["pickle", "torch.save", "deepcopy+torch.save"])
+@pytest.mark.parametrize("kind", list(MODELS))
+def test_a_gated_model_saves_whole_and_loads_ungated(kind, how):
+    make, vocab = MODELS[kind]
+    model = make()
+    cggr_hook.enable(model, **FIXED)
+    _step(model, vocab)
+    copy_ = _round_trip(model, how)
+    torch.testing.assert_close(_outputs(copy_, vocab), _outputs(model, vocab), rtol=0, atol=0)
+    assert "Gated" not in _loss_node(copy_, vocab)  # the copy is not gated ...
+    assert "Gated" in _loss_node(model, vocab)  # ... and the original still is
+    gate = cggr_hook.enable(copy_, **FIXED)  # and it can be gated in its own right
+    assert gate is not gate_mod.gate_of(model)
+    assert "Gated" in _loss_node(copy_, vocab)
+    cggr_hook.disable()
+    assert "Gated" not in _loss_node(copy_, vocab) and "Gated" not in _loss_node(model, vocab)
+
+
+class WithCriterion(nn.Module):
+    """A model that owns its loss (pickled by reference, so defined at module level)."""
+
+    def __init__(self):
+        super().__init__()
+        self.lm = TinyLM()
+        self.criterion = cggr_hook.CGGRLoss(warmup_steps=0, min_tokens_ratio=0.5)
+
+
+def test_a_model_holding_a_cggr_loss_saves_whole():
+    import copy
+    import pickle
+
+    model = WithCriterion()
+    ids = torch.randint(0, 37, (2, 9))
+    model.criterion(model.lm(ids), ids).backward()
+    model.criterion.step()
+    for twin in (pickle.loads(pickle.dumps(model)), copy.deepcopy(model)):
+        assert twin.criterion.step_count == 1 and twin.criterion.config == model.criterion.config
+        twin.criterion(twin.lm(ids), ids).backward()
+        twin.criterion.step()
+        assert twin.criterion.step_count == 2 and model.criterion.step_count == 1
