@@ -12,9 +12,11 @@ function's call, untouched:
 from __future__ import annotations
 
 import contextlib
+import numbers
 import threading
 import warnings
 import weakref
+from dataclasses import dataclass
 from typing import Any, Iterator
 
 import torch
@@ -32,8 +34,22 @@ scheduler = Scheduler()
 _lock = threading.RLock()
 _gates: "weakref.WeakKeyDictionary[nn.Module, Gate]" = weakref.WeakKeyDictionary()
 _local = threading.local()  # .paused: bool, .in_handler: bool
-_last_metrics: dict = {}
 _warned: set[str] = set()
+
+
+@dataclass(eq=False)
+class _Figures:
+    """One gated call's metrics, as ``metrics()`` hands them out."""
+
+    generation: int  # the scheduler's generation then: figures from before a reset are stale
+    root: "weakref.ref[nn.Module]"  # the model whose loss it was
+    values: dict
+
+
+# the last gated call's figures, per model and of any model; disable() drops them, a reset of the
+# scheduler makes them stale, a collected model takes its own along
+_figures: "weakref.WeakKeyDictionary[nn.Module, _Figures]" = weakref.WeakKeyDictionary()
+_last_figures: _Figures | None = None
 
 
 def _paused() -> bool:
@@ -112,6 +128,17 @@ class Gate:
         call = head_mod.HeadCall(gate=self, head=module, hidden=args[0], output=output)
         return head_mod.tap_output(call)
 
+    def _record_metrics(self, values: dict) -> None:
+        """A gated call's figures, from the loss (``Request.on_metrics``)."""
+        global _last_figures
+        root = self._root()
+        if root is None:
+            return
+        record = _Figures(scheduler.generation, self._root, values)
+        with _lock:
+            _figures[root] = record
+            _last_figures = record
+
     def _would_gate(self, logits: Tensor) -> bool:
         """Whether a cross entropy on these logits would be gated now (Hugging Face loss fast path)."""
         node = getattr(logits, "grad_fn", None)
@@ -171,6 +198,7 @@ def _on_model_collected(gate: Gate) -> None:
     an empty registry while a gate is being added."""
     with _lock:
         gate._detach()
+        _drop_figures(gate._root)
         _uninstall_if_unused()
 
 
@@ -228,19 +256,37 @@ def enable(model: nn.Module, config: GateConfig | None = None, *, head: nn.Modul
 
 
 def disable(model: nn.Module | None = None) -> None:
-    """Remove ``model``'s gate (every gate when None). With no gate left,
-    ``torch.nn.functional.cross_entropy`` is the original object again."""
+    """Remove ``model``'s gate (every gate when None), and its figures from ``metrics()``. With no
+    gate left, ``torch.nn.functional.cross_entropy`` is the original object again."""
+    _disable(model, keep_figures=False)
+
+
+def _disable(model: nn.Module | None, keep_figures: bool) -> None:
+    global _last_figures
     with _lock:
         if model is None:
             targets = list(_gates.keys())
+            if not keep_figures:
+                _figures.clear()
+                _last_figures = None
         else:
             root = head_mod.unwrap(model)
             targets = [root] if root in _gates else []
+            if not keep_figures:
+                _figures.pop(root, None)
+                if _last_figures is not None and _last_figures.root() is root:
+                    _last_figures = None
         for root in targets:
             gate = _gates.pop(root, None)
             if gate is not None:
                 gate._detach()
         _uninstall_if_unused()
+
+
+def _drop_figures(root_ref: "weakref.ref[nn.Module]") -> None:
+    global _last_figures
+    if _last_figures is not None and _last_figures.root is root_ref:
+        _last_figures = None
 
 
 def gate_of(model: nn.Module) -> Gate | None:
@@ -264,8 +310,9 @@ def gated(model: nn.Module | None = None, **options: Any) -> Iterator[Gate | Non
     """Gating inside the block.
 
     With a model: enabled (with ``options``) inside, and its previous state (disabled, or enabled
-    with its previous options) restored on exit, exceptions included. Without: every enabled gate
-    is active inside the block, even within an outer ``paused()``.
+    with its previous options) restored on exit, exceptions included; the block's figures stay in
+    ``metrics()`` after it, since its loss's backward and optimizer step usually come after the
+    block. Without: every enabled gate is active inside the block, even within an outer ``paused()``.
     """
     prev_paused = _paused()
     prev_config = None
@@ -284,31 +331,54 @@ def gated(model: nn.Module | None = None, **options: Any) -> Iterator[Gate | Non
         _local.paused = prev_paused
         if model is not None:
             if prev_config is None:
-                disable(model)
+                _disable(model, keep_figures=True)
             else:
                 enable(model, config=prev_config)
 
 
-def metrics() -> dict:
-    """The last gated call's figures (empty before the first): step, token_ratio, tokens_selected,
-    tokens_total, avg_confidence, avg_entropy, avg_difficulty, selection, scoring."""
-    global _last_metrics
+def metrics(model: nn.Module | None = None) -> dict:
+    """The figures of ``model``'s last gated call (of any gated model's when None); empty before the
+    first, after ``disable()`` and after ``scheduler.reset()`` or ``load_state_dict()``.
+
+    Keys: ``step`` (the optimizer step the loss belongs to, counting from 1: ``scheduler.step_count``
+    once that step is taken, and the Hugging Face Trainer's ``global_step`` when it logs),
+    ``token_ratio``, ``tokens_selected``, ``tokens_total``, ``avg_confidence``, ``avg_entropy``,
+    ``avg_difficulty``, ``selection``, ``scoring``.
+    """
+    if model is not None and not isinstance(model, nn.Module):
+        raise ValueError(f"cggr_hook.metrics: model must be the torch.nn.Module given to enable(), got "
+                         f"{type(model).__name__}; or call metrics() for the last gated call of any model")
     with _lock:
-        m = _last_metrics
+        record = _last_figures if model is None else _figures.get(head_mod.unwrap(model))
+        if record is None or record.generation != scheduler.generation or record.root() is None:
+            return {}
+        values = record.values
     # averages left on their way from the device are waited for outside the lock, so a reader
     # never holds up a gated call that wants to record its own figures
-    resolved = resolve_metrics(m)
-    if resolved is not m:
+    resolved = resolve_metrics(values)
+    if resolved is not values:
         with _lock:
-            if _last_metrics is m:  # no newer call has recorded its figures meanwhile
-                _last_metrics = resolved
+            if record.values is values:  # keep them read; a newer call has a record of its own
+                record.values = resolved
     return dict(resolved)
 
 
-def _record_metrics(m: dict) -> None:
-    global _last_metrics
-    with _lock:
-        _last_metrics = dict(m)
+SCALARS = ("token_ratio", "tokens_selected", "tokens_total", "avg_confidence", "avg_entropy", "avg_difficulty")
+
+
+def scalars(model: nn.Module | None = None, prefix: str = "cggr/") -> dict:
+    """The numbers of ``metrics(model)`` under ``prefix``, for a logger (empty when there are none):
+
+        for tag, value in cggr_hook.scalars(model).items(): writer.add_scalar(tag, value, step)
+        wandb.log(cggr_hook.scalars(model), step=step)
+
+    ``step``, ``selection`` and ``scoring`` are left out: the logger has its own step, and the other
+    two are options, not figures.
+    """
+    if not isinstance(prefix, str):
+        raise ValueError(f"cggr_hook.scalars: prefix={prefix!r} must be a str, e.g. 'cggr/' or ''")
+    m = metrics(model)
+    return {prefix + k: m[k] for k in SCALARS if isinstance(m.get(k), numbers.Real)}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -388,7 +458,7 @@ def _gated_call(args: tuple, kwargs: dict) -> Tensor | None:
         # gated loss on the loss input itself; its gradient flows back through the logits' graph
         xr = x.movedim(class_dim, -1) if class_dim != x.dim() - 1 else x
         seq = (tr.rows // out.shape[-2], out.numel() // (out.shape[-2] * V)) if out.dim() >= 3 else None
-        req = Request(gate.config, scheduler, gate.key, spec, seq=seq, on_metrics=_record_metrics,
+        req = Request(gate.config, scheduler, gate.key, spec, seq=seq, on_metrics=gate._record_metrics,
                       param_ids=gate._param_ids)
         loss = GatedCrossEntropy.apply(xr, target.to(device=x.device, dtype=torch.long), req, False)
         _consume(call)
@@ -397,7 +467,7 @@ def _gated_call(args: tuple, kwargs: dict) -> Tensor | None:
     t_head = torch.full((n_head_rows,), ignore_index, dtype=torch.long, device=out.device)
     t_head[tr.rows] = target.reshape(-1).to(device=out.device, dtype=torch.long)
     seq = out.shape[-2] if out.dim() >= 3 else None
-    req = Request(gate.config, scheduler, gate.key, spec, seq=seq, on_metrics=_record_metrics,
+    req = Request(gate.config, scheduler, gate.key, spec, seq=seq, on_metrics=gate._record_metrics,
                   param_ids=gate._param_ids)
     lin = call.head
     loss = GatedHeadCrossEntropy.apply(call.hidden, lin.weight, lin.bias, out.detach(), t_head, tr.rows,

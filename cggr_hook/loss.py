@@ -224,7 +224,7 @@ def plan(logits: Tensor, targets: Tensor, seq: int | tuple[Tensor, int] | None, 
                                             float(spec.label_smoothing), spec.weight)
 
     metrics = {
-        "step": step,
+        "step": step + 1,  # the optimizer step this loss belongs to, counting from 1
         "token_ratio": n_sel / n_valid if n_valid else 0.0,
         "tokens_selected": n_sel,
         "tokens_total": n_valid,

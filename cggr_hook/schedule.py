@@ -80,6 +80,8 @@ class Scheduler:
         self._pending_ids: frozenset[int] = frozenset()  # ids of the parameters behind those calls
         self._hook_handle = None
         self._release_after_step = False
+        # counts resets and loaded states: figures recorded before one are of another run
+        self.generation = 0
 
     # --- the ratio ---------------------------------------------------------------------------------
     def ratio(self, config: GateConfig | None = None) -> float:
@@ -166,6 +168,7 @@ class Scheduler:
             self.calls_in_step = int(state["calls_in_step"])
             self.confidence_avg = {str(k): float(v) for k, v in state["confidence_avg"].items()}
             self._pending = bool(state.get("pending", False))
+            self.generation += 1
 
     def reset(self) -> None:
         """Back to step 0 with no history (a fresh run)."""
@@ -175,6 +178,7 @@ class Scheduler:
             self.confidence_avg = {}
             self._pending = False
             self._pending_ids = frozenset()
+            self.generation += 1
         if self._release_after_step:
             self._remove_hook()
 
