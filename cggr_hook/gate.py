@@ -142,7 +142,7 @@ class Gate:
     def _would_gate(self, logits: Tensor) -> bool:
         """Whether a cross entropy on these logits would be gated now (Hugging Face loss fast path)."""
         node = getattr(logits, "grad_fn", None)
-        return (self.enabled and torch.is_grad_enabled() and not _paused() and _gates.get(self._root()) is self
+        return (self.enabled and torch.is_grad_enabled() and logits.device.type != "meta" and not _paused() and _gates.get(self._root()) is self
                 and isinstance(node, head_mod.HeadTap._backward_cls) and not node.call.consumed
                 and node.call.gate is self)
 
@@ -419,6 +419,8 @@ def _gated_call(args: tuple, kwargs: dict) -> Tensor | None:
         return None  # let the original report the bad call
     if not isinstance(x, Tensor) or not isinstance(target, Tensor) or x.grad_fn is None or x.dim() < 1:
         return None
+    if x.device.type == "meta":
+        return None  # no values to score: the original gives the meta result it gives ungated
     class_dim = 0 if x.dim() == 1 else 1
     tr = head_mod.trace(x, class_dim)
     if tr is None:
@@ -433,7 +435,7 @@ def _gated_call(args: tuple, kwargs: dict) -> Tensor | None:
     gate: Gate = call.gate
     if call.consumed or not gate.enabled or x.device != call.output.device:
         return None
-    if target.is_floating_point():
+    if target.is_floating_point() and tuple(target.shape) == tuple(x.shape):
         _warn_once("soft", "cggr_hook: cross_entropy with probability targets is not gated; the plain loss is used")
         return None
     if not tr.exact:
@@ -450,6 +452,8 @@ def _gated_call(args: tuple, kwargs: dict) -> Tensor | None:
             f"cggr_hook: target of shape {tuple(target.shape)} does not match input of shape {tuple(x.shape)}; "
             f"cross_entropy needs target of shape {expected} (one class index per row of logits)"
         )
+    if (target.dtype != torch.long or target.device != x.device) and not _original_accepts_target(x, target):
+        return None  # the original raises its own error, as it does without the gate
     spec = LossSpec(ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing, weight=weight)
     spec.check(V)
 
@@ -474,6 +478,31 @@ def _gated_call(args: tuple, kwargs: dict) -> Tensor | None:
                                        target.shape, req)
     _consume(call)
     return loss
+
+
+_accepted_targets: dict = {}
+
+
+def _original_accepts_target(x: Tensor, target: Tensor) -> bool:
+    """Whether ``F.cross_entropy`` itself takes class-index targets of ``target``'s dtype and device
+    for input like ``x``: a gated loss must accept and reject what the plain one does (int32 targets
+    that trained under the gate would otherwise fail in the evaluation loop). Which dtypes torch
+    takes depends on the device and on the input's rank (uint8 for (N, V) input on the CPU, not
+    for (B, V, T)), so the original is asked once per kind of call, on a one-row input of two
+    classes, and the answer kept."""
+    key = (target.dtype, str(target.device), x.dtype, str(x.device), x.dim())
+    accepted = _accepted_targets.get(key)
+    if accepted is None:
+        shape = (1, 2) + (1,) * (x.dim() - 2) if x.dim() >= 2 else (2,)
+        t_shape = (1,) + shape[2:] if x.dim() >= 2 else ()
+        try:
+            with torch.no_grad():
+                patch.original_cross_entropy()(x.new_zeros(shape), target.new_zeros(t_shape))
+            accepted = True
+        except (RuntimeError, TypeError, ValueError, NotImplementedError):
+            accepted = False
+        _accepted_targets[key] = accepted
+    return accepted
 
 
 def _consume(call: head_mod.HeadCall) -> None:

@@ -411,6 +411,11 @@ class CGGRLoss(torch.nn.Module):
             )
         if targets.is_floating_point():
             raise ValueError("cggr_hook.CGGRLoss: targets must be integer class indices (use .long())")
+        if logits.device.type == "meta" or targets.device.type == "meta":
+            raise ValueError(
+                "cggr_hook.CGGRLoss: logits and targets on the meta device have no values to score and select "
+                "by; compute the loss on real tensors, or use torch.nn.functional.cross_entropy for a meta run"
+            )
         spec = LossSpec(self.spec.ignore_index, self.spec.reduction, self.spec.label_smoothing, self.weight)
         spec.check(logits.shape[-1])
         seq = logits.shape[1] if logits.dim() == 3 else None
