@@ -26,12 +26,13 @@ from __future__ import annotations
 import math
 import numbers
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from . import kernels, score, select
-from .config import GateConfig
+from .config import OPTION_NAMES, GateConfig
 from .schedule import Scheduler, tokens_to_keep
 
 REDUCTIONS = ("mean", "sum", "none")
@@ -365,7 +366,11 @@ class CGGRLoss(torch.nn.Module):
                  warmup_steps: int = 1000, dynamic_threshold: bool = True, threshold_sensitivity: float = 0.5,
                  num_strata: int = 4, min_tokens_per_sequence: int = 1, seed: int = 0, *,
                  ignore_index: int = -100, reduction: str = "mean", label_smoothing: float = 0.0,
-                 weight: Tensor | None = None, inplace_backward: bool = False) -> None:
+                 weight: Tensor | None = None, inplace_backward: bool = False, **unknown: Any) -> None:
+        if unknown:  # a ValueError naming them, as enable() and GateConfig give, not Python's TypeError
+            known = OPTION_NAMES + ("ignore_index", "reduction", "label_smoothing", "weight", "inplace_backward")
+            raise ValueError(f"cggr_hook.CGGRLoss: unknown option(s) {', '.join(sorted(unknown))}; "
+                             f"the options are {', '.join(known)}")
         super().__init__()
         self.config = GateConfig(scoring=scoring, selection=selection, min_tokens_ratio=min_tokens_ratio,
                                  warmup_steps=warmup_steps, dynamic_threshold=dynamic_threshold,

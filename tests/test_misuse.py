@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import warnings
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -136,3 +137,64 @@ def test_cggr_loss_on_meta_logits_is_a_clear_error():
     crit = cggr_hook.CGGRLoss()
     with pytest.raises(ValueError, match="meta"):
         crit(torch.zeros(2, 9, 37, device="meta"), torch.zeros(2, 9, dtype=torch.long, device="meta"))
+
+
+# --------------------------------------------------------------------------------------------------
+# option types: real-valued scalars as torch takes them; anything else named in the message
+# --------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("option, value, stored", [
+    ("min_tokens_ratio", np.float32(0.5), 0.5),
+    ("min_tokens_ratio", np.float64(0.3), 0.3),
+    ("min_tokens_ratio", torch.tensor(0.5), 0.5),
+    ("min_tokens_ratio", torch.tensor(0.5, dtype=torch.float64), 0.5),
+    ("min_tokens_ratio", np.array(0.5), 0.5),
+    ("min_tokens_ratio", np.int64(1), 1.0),
+    ("threshold_sensitivity", np.float32(0.25), 0.25),
+    ("threshold_sensitivity", torch.tensor(0.25), 0.25),
+    ("warmup_steps", np.int64(100), 100),
+    ("warmup_steps", torch.tensor(100), 100),
+    ("num_strata", np.int32(3), 3),
+    ("min_tokens_per_sequence", torch.tensor(2), 2),
+    ("seed", np.uint8(7), 7),
+    ("dynamic_threshold", np.bool_(False), False),
+    ("dynamic_threshold", torch.tensor(False), False),
+])
+def test_real_valued_scalars_are_accepted_as_torch_accepts_them(option, value, stored):
+    config = cggr_hook.GateConfig(**{option: value})
+    got = getattr(config, option)
+    assert got == pytest.approx(stored) and type(got) is type(stored)  # stored as the Python number
+    model = TinyLM()
+    assert getattr(cggr_hook.enable(model, **{option: value}).config, option) == got
+    cggr_hook.disable()
+    assert hash(config) == hash(cggr_hook.GateConfig(**{option: stored}))
+
+
+@pytest.mark.parametrize("option, value, kind", [
+    ("min_tokens_ratio", "0.3", "str"),
+    ("min_tokens_ratio", torch.tensor([0.3, 0.4]), "Tensor"),
+    ("min_tokens_ratio", 0.3 + 0j, "complex"),
+    ("min_tokens_ratio", None, "NoneType"),
+    ("warmup_steps", 10.0, "float"),
+    ("warmup_steps", torch.tensor(10.0), "Tensor"),
+    ("num_strata", "4", "str"),
+    ("dynamic_threshold", 1, "int"),
+    ("scoring", 3, "int"),
+])
+def test_a_value_of_the_wrong_type_is_named_with_its_type(option, value, kind):
+    with pytest.raises(ValueError) as err:
+        cggr_hook.GateConfig(**{option: value})
+    message = str(err.value)
+    assert option in message and f"is a {kind}, not " in message, message  # the type, not the range, is blamed
+
+
+def test_a_ratio_out_of_range_still_blames_the_range():
+    with pytest.raises(ValueError, match=r"min_tokens_ratio.*\(0, 1\]"):
+        cggr_hook.GateConfig(min_tokens_ratio=np.float32(1.5))
+
+
+@pytest.mark.parametrize("make", [lambda: cggr_hook.CGGRLoss(bogus=1), lambda: cggr_hook.GateConfig(bogus=1),
+                                  lambda: cggr_hook.enable(TinyLM(), bogus=1)])
+def test_an_unknown_option_is_a_value_error_everywhere(make):
+    with pytest.raises(ValueError, match="bogus"):
+        make()
+    assert F.cross_entropy is ORIGINAL_CE
