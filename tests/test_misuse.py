@@ -198,3 +198,49 @@ def test_an_unknown_option_is_a_value_error_everywhere(make):
     with pytest.raises(ValueError, match="bogus"):
         make()
     assert F.cross_entropy is ORIGINAL_CE
+
+
+# --------------------------------------------------------------------------------------------------
+# in-place operations on the gated model's logits
+# --------------------------------------------------------------------------------------------------
+def test_the_tapped_logits_are_not_a_view():
+    """The head's output is a tensor of its own, as without the gate: FSDP2 warns about a module
+    returning a view (an in-place op on it would drop FSDP's pre-backward hook)."""
+    model = TinyLM()
+    assert model(_idx())._base is None
+    cggr_hook.enable(model, **FIXED)
+    logits = model(_idx())
+    assert logits._base is None and not logits._is_view()
+    assert type(logits.grad_fn).__name__ == "HeadTapBackward"
+
+
+@pytest.mark.parametrize("op", ["div_", "masked_fill_", "setitem"])
+def test_an_in_place_op_on_the_logits_works_as_without_the_gate(op):
+    """An in-place change of the logits (a temperature, a mask) is a loss on other values than the
+    head's: the plain loss, with the same gradients as the ungated model, and a warning."""
+    import copy
+
+    torch.manual_seed(0)
+    model = TinyLM()
+    ref = copy.deepcopy(model)
+    cggr_hook.enable(model, **FIXED)
+    idx = _idx()
+
+    def loss(m):
+        logits = m(idx)
+        if op == "div_":
+            logits.div_(2.0)
+        elif op == "masked_fill_":
+            logits.masked_fill_(torch.arange(37) == 3, -1e4)
+        else:
+            logits[..., 5] = 0.0
+        return F.cross_entropy(logits[:, :-1].reshape(-1, 37), idx[:, 1:].reshape(-1))
+
+    with pytest.warns(RuntimeWarning, match="plain loss"):
+        got = loss(model)
+    want = loss(ref)
+    assert torch.equal(got, want)
+    got.backward()
+    want.backward()
+    for (name, p), q in zip(model.named_parameters(), ref.parameters()):
+        assert torch.equal(p.grad, q.grad), name
