@@ -527,7 +527,8 @@ def parse_args(argv=None):
     p.add_argument("--max-bytes", type=int, default=None, help="training-text byte budget (0: every file)")
     p.add_argument("--max-heldout-bytes", type=int, default=None, help="held-out byte budget (0: every held-out file)")
     p.add_argument("--reference", default="plain", help="the arm the others are compared with")
-    p.add_argument("--cache-dir", default=None, help="tokenizer/token cache (default $CGGR_HOOK_CACHE or ~/.cache/cggr_hook)")
+    p.add_argument("--cache-dir", default=None, help="tokenizer/token cache (default $CGGR_HOOK_CACHE, else "
+                   "$XDG_CACHE_HOME/cggr_hook, else ~/.cache/cggr_hook)")
     p.add_argument("--out", default="runs/quality", help="output folder")
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")

@@ -147,3 +147,19 @@ def test_hf_trainer(cache_dir):
     assert "train: 4 optimizer steps" in out
     assert "scheduler step count 4" in out
     assert "(identical)" in out
+
+
+@pytest.mark.parametrize("env, expected", [
+    ({}, ("home", ".cache", "cggr_hook")),
+    ({"XDG_CACHE_HOME": "xdg"}, ("xdg", "cggr_hook")),
+    ({"XDG_CACHE_HOME": "relative"}, ("home", ".cache", "cggr_hook")),  # the XDG rule: a relative path is ignored
+    ({"XDG_CACHE_HOME": "xdg", "CGGR_HOOK_CACHE": "own"}, ("own",)),
+])
+def test_the_corpus_cache_honours_xdg_cache_home(tmp_path, monkeypatch, env, expected):
+    stdlib_text = _import_example("stdlib_text")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    for name in ("XDG_CACHE_HOME", "CGGR_HOOK_CACHE"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value if value == "relative" else str(tmp_path / value))
+    assert stdlib_text.default_cache_dir() == tmp_path.joinpath(*expected)
