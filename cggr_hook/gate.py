@@ -134,7 +134,7 @@ class Gate:
         root = self._root()
         if root is None:
             return
-        record = _Figures(scheduler.generation, self._root, values)
+        record = _Figures(scheduler.generation, self._root, dict(values))
         with _lock:
             _figures[root] = record
             _last_figures = record
@@ -142,9 +142,9 @@ class Gate:
     def _would_gate(self, logits: Tensor) -> bool:
         """Whether a cross entropy on these logits would be gated now (Hugging Face loss fast path)."""
         node = getattr(logits, "grad_fn", None)
-        return (self.enabled and torch.is_grad_enabled() and logits.device.type != "meta" and not _paused() and _gates.get(self._root()) is self
-                and isinstance(node, head_mod.HeadTap._backward_cls) and not node.call.consumed
-                and node.call.gate is self)
+        return (self.enabled and torch.is_grad_enabled() and not _paused() and logits.device.type != "meta"
+                and _gates.get(self._root()) is self and isinstance(node, head_mod.HeadTap._backward_cls)
+                and not node.call.consumed and node.call.gate is self)
 
     @property
     def model(self) -> nn.Module | None:
