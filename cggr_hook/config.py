@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 import numbers
 from dataclasses import dataclass
 from typing import Any
 
-SCORINGS = ("combined", "entropy", "margin", "loss", "random")
-SELECTIONS = ("topk", "stratified", "sequence_aware")
+SCORINGS = ("combined", "entropy", "margin", "loss", "gradnorm", "random")
+SELECTIONS = ("topk", "stratified", "sequence_aware", "importance")
 
 
 def _fail(name: str, value: Any, fix: str) -> None:
@@ -63,19 +62,26 @@ class GateConfig:
 
     scoring: how a token's difficulty is read off its logits row, all in fp32:
         ``entropy`` H = -sum_v p_v log p_v, ``margin`` 1 - (p_top1 - p_top2), ``loss`` the target's
-        NLL, ``combined`` H / ln V + margin + NLL / ln V, ``random`` uniform noise (a control arm).
+        NLL, ``combined`` H / ln V + margin + NLL / ln V, ``gradnorm`` ||softmax - target||_2 (the
+        norm of the token's gradient on its logits; times ||h|| that of its gradient on the head
+        weight), ``random`` uniform noise (a control arm).
     selection: ``topk`` (exactly the k hardest), ``stratified`` (``num_strata`` equal-count
-        difficulty buckets, harder buckets give more, sampled inside a bucket) or
+        difficulty buckets, harder buckets give more, sampled inside a bucket),
         ``sequence_aware`` (topk, then every sequence keeps ``min_tokens_per_sequence`` of its
-        hardest valid tokens).
+        hardest valid tokens) or ``importance`` (k tokens drawn with inclusion probabilities
+        pi_i = min(1, c q_i), q_i = (1 - a) s_i / sum s + a / n, each weighted 1 / pi_i, so the
+        loss is an unbiased estimate of the plain loss; a = ``importance_floor``).
     min_tokens_ratio, warmup_steps: the curriculum
         r = 1 - min(1, step / warmup_steps) * (1 - min_tokens_ratio); k = max(1, floor(r * n + 0.5))
         of the n valid tokens.
     dynamic_threshold, threshold_sensitivity: a batch less confident than the running average
         keeps more tokens (up to r * (1 + s), at most all), a more confident one fewer (down to
         r * (1 - s)).
-    seed: seeds the draws of ``random`` scoring and ``stratified`` sampling, which are a function
-        of (seed, optimizer step, call within the step), so a resumed run draws the same tokens.
+    importance_floor: a in [0, 1], the uniform share of ``importance``'s sampling distribution
+        (a = 1: uniform, k / n each; a = 0: proportional to the score).
+    seed: seeds the draws of ``random`` scoring, ``stratified`` and ``importance`` sampling, which
+        are a function of (seed, optimizer step, call within the step), so a resumed run draws the
+        same tokens.
     """
 
     scoring: str = "combined"
@@ -87,6 +93,7 @@ class GateConfig:
     num_strata: int = 4
     min_tokens_per_sequence: int = 1
     seed: int = 0
+    importance_floor: float = 0.2
 
     def __post_init__(self) -> None:
         # NumPy scalars and 0-d tensors are taken as the numbers they hold, as torch takes them, and
@@ -120,10 +127,14 @@ class GateConfig:
         m = _whole("min_tokens_per_sequence", self.min_tokens_per_sequence, fix)
         if m < 0:
             _fail("min_tokens_per_sequence", self.min_tokens_per_sequence, fix)
+        fix = "give the uniform share of importance sampling, a number in [0, 1]"
+        a = _real("importance_floor", self.importance_floor, fix)
+        if not (0.0 <= a <= 1.0):  # NaN fails this too
+            _fail("importance_floor", self.importance_floor, fix)
         seed = _whole("seed", self.seed, "give an integer")
         for name, value in (("min_tokens_ratio", r), ("warmup_steps", w), ("dynamic_threshold", d),
                             ("threshold_sensitivity", s), ("num_strata", n), ("min_tokens_per_sequence", m),
-                            ("seed", seed)):
+                            ("importance_floor", a), ("seed", seed)):
             object.__setattr__(self, name, value)
 
     def replace(self, **options: Any) -> "GateConfig":

@@ -10,6 +10,13 @@ Reductions over the K selected rows S of the n valid ones:
     sum:   sum_S ce_r * n / K               (so Hugging Face's sum / num_items_in_batch weighs as mean)
     none:  ce_r on selected rows, exact 0 elsewhere
 
+``selection='importance'`` draws S with inclusion probabilities pi_r and weighs each drawn row by
+1 / pi_r (Horvitz-Thompson), an unbiased estimate of the plain loss (pi held constant):
+
+    mean:  (1 / n) sum_S ce_r / pi_r        (class weights: sum_S ce_r / pi_r / sum_valid w_t)
+    sum:   sum_S ce_r / pi_r
+    none:  ce_r / pi_r on drawn rows, exact 0 elsewhere
+
 The gradient is exactly the gradient of that loss: unselected rows get exact zeros. Two autograd
 nodes carry it:
 
@@ -149,15 +156,50 @@ def _add_partials(host: list, n_part: int) -> list:
 
 def resolve_metrics(m: dict) -> dict:
     """A call's metrics with the averages filled in (a new dict; ``m`` itself when it has them): a
-    call that did not need them on the host left its sums on the device (``"_sums"``, a
-    ``_HostRead`` whose event follows the kernels that wrote them), and they are read now, when
-    somebody asks."""
-    if "_sums" not in m:
+    call that did not need them on the host left its sums (``"_sums"``) and its importance draw's
+    figures (``"_draw"``) on the device, as ``_HostRead``s whose events follow the kernels that
+    wrote them, and they are read now, when somebody asks."""
+    if "_sums" not in m and "_draw" not in m:
         return m
     m = dict(m)
-    host = m.pop("_sums").values()
-    m.update(_averages(_add_partials(host, len(host)), m["tokens_total"]))
+    if "_sums" in m:
+        host = m.pop("_sums").values()
+        m.update(_averages(_add_partials(host, len(host)), m["tokens_total"]))
+    if "_draw" in m:
+        m.update(_draw_figures(m.pop("_draw").values(), m["tokens_total"]))
     return m
+
+
+def _draw_figures(values: list, n_valid: int) -> dict:
+    """An importance draw's figures for ``metrics()`` (``select.DRAW_FIGURES`` read on the host):
+    the effective sample size of the Horvitz-Thompson weights w = 1 / pi, (sum w)^2 / sum w^2, the
+    largest weight, the fraction of valid tokens kept with certainty (pi = 1), and the squared
+    coefficient of variation of the scores, m2 / m1^2 - 1 (m1, m2: the mean score and squared
+    score over valid tokens), from which the variance gain over uniform sampling at kept fraction
+    f is predicted: (1 - f) (1 + cv2) / (1 - f (1 + cv2)) while no token is capped."""
+    ess, max_w, n_certain, m1, m2 = values
+    return {
+        "ess": ess,
+        "max_weight": max_w,
+        "certain_fraction": n_certain / n_valid if n_valid else 0.0,
+        "score_cv2": m2 / (m1 * m1) - 1.0 if m1 > 0 else math.nan,
+    }
+
+
+def _horvitz_thompson(draw: "select.Draw", targets: Tensor, n_valid: int, vocab: int, spec: LossSpec) -> Tensor:
+    """fp32 (N,) factor of each drawn row, 0 elsewhere: 1 / pi_r, over the plain loss's
+    normaliser for 'mean' (n, or the valid rows' summed class weight), so that the weighted sum
+    of the drawn rows' cross entropies is an unbiased estimate of the plain loss."""
+    factor = draw.inv_pi
+    if spec.reduction == "mean":
+        if spec.weight is None:
+            factor = factor / n_valid
+        else:
+            valid, safe = kernels.reference.safe_targets(targets, spec.ignore_index, vocab)
+            total = torch.where(valid, spec.weight.to(device=targets.device, dtype=torch.float64)[safe], 0.0).sum()
+            factor = factor / total
+    out = torch.zeros(targets.numel(), dtype=torch.float32, device=targets.device)
+    return out.index_put_((draw.rows,), factor.float())
 
 
 def plan(logits: Tensor, targets: Tensor, seq: int | tuple[Tensor, int] | None, config: GateConfig, scheduler: Scheduler,
@@ -184,11 +226,12 @@ def plan(logits: Tensor, targets: Tensor, seq: int | tuple[Tensor, int] | None, 
     ii = spec.ignore_index
     early = not config.dynamic_threshold and config.selection != "sequence_aware"
     counts = _HostRead(kernels.target_counts(targets, V, ii).reshape(-1)) if early else None
-    stats = kernels.row_stats(logits, targets, ii, spec.weight, with_wsum=spec.label_smoothing > 0)
+    stats = kernels.row_stats(logits, targets, ii, spec.weight, with_wsum=spec.label_smoothing > 0,
+                              with_p2=config.scoring == "gradnorm")
     step, call = scheduler.step_count, scheduler.calls_in_step
-    needs_draws = config.scoring == "random" or config.selection == "stratified"
+    needs_draws = config.scoring == "random" or config.selection in ("stratified", "importance")
     gen = _generator(dev, config.seed, step, call) if needs_draws else None
-    diff, partial = score.score_rows(stats, targets, V, ii, config.scoring, gen)
+    diff, partial = score.score_rows(stats, targets, V, ii, config.scoring, gen, spec.label_smoothing)
     valid = None
     if config.selection == "sequence_aware":
         valid = (targets != ii) & (targets >= 0) & (targets < V)
@@ -218,11 +261,19 @@ def plan(logits: Tensor, targets: Tensor, seq: int | tuple[Tensor, int] | None, 
     ratio, step, call = scheduler.begin_call(config, key, confidence, param_ids)
     k = tokens_to_keep(ratio, n_valid)
     n_sel = select.count_selected(config, k, N, keep_ranks)
-    sel_key, threshold, rows = select.selection_key(prep, n_valid, k, n_sel, config, gen)
-    if need_rows and rows is None:
-        rows = select.finish(prep, n_valid, k, n_sel, config, gen)
+    draw = row_weight = None
+    if config.selection == "importance" and 0 < k < n_valid:
+        draw = select.importance_draw(prep, diff, n_valid, k, config.importance_floor, gen,
+                                      uniform=config.scoring == "random")
+        rows, threshold = draw.rows, 1
+        sel_key = torch.ones_like(prep.rank).index_fill_(0, rows, 0)
+        row_weight = _horvitz_thompson(draw, targets, n_valid, V, spec)
+    else:
+        sel_key, threshold, rows = select.selection_key(prep, n_valid, k, n_sel, config, gen)
+        if need_rows and rows is None:
+            rows = select.finish(prep, n_valid, k, n_sel, config, gen)
     loss, row_scale = kernels.selected_loss(stats, targets, V, sel_key, threshold, n_sel, n_valid, spec.reduction,
-                                            float(spec.label_smoothing), spec.weight)
+                                            float(spec.label_smoothing), spec.weight, row_weight)
 
     metrics = {
         "step": step + 1,  # the optimizer step this loss belongs to, counting from 1
@@ -237,6 +288,8 @@ def plan(logits: Tensor, targets: Tensor, seq: int | tuple[Tensor, int] | None, 
     else:
         # read when metrics() asks, once the kernels of this stream have written them
         metrics["_sums"] = _HostRead(partial.reshape(-1), now=False)
+    if draw is not None:
+        metrics["_draw"] = _HostRead(draw.figures, now=False)
     # top-k (and every strategy at k = 0 or k >= n valid) selects the first k rows of the
     # difficulty order: the dense gradient schedules its rows by it (zero rows first)
     order = prep.order if sel_key is prep.rank else None
@@ -364,7 +417,8 @@ class CGGRLoss(torch.nn.Module):
 
     def __init__(self, scoring: str = "combined", selection: str = "topk", min_tokens_ratio: float = 0.25,
                  warmup_steps: int = 1000, dynamic_threshold: bool = True, threshold_sensitivity: float = 0.5,
-                 num_strata: int = 4, min_tokens_per_sequence: int = 1, seed: int = 0, *,
+                 num_strata: int = 4, min_tokens_per_sequence: int = 1, seed: int = 0,
+                 importance_floor: float = GateConfig.importance_floor, *,
                  ignore_index: int = -100, reduction: str = "mean", label_smoothing: float = 0.0,
                  weight: Tensor | None = None, inplace_backward: bool = False, **unknown: Any) -> None:
         if unknown:  # a ValueError naming them, as enable() and GateConfig give, not Python's TypeError
@@ -375,7 +429,8 @@ class CGGRLoss(torch.nn.Module):
         self.config = GateConfig(scoring=scoring, selection=selection, min_tokens_ratio=min_tokens_ratio,
                                  warmup_steps=warmup_steps, dynamic_threshold=dynamic_threshold,
                                  threshold_sensitivity=threshold_sensitivity, num_strata=num_strata,
-                                 min_tokens_per_sequence=min_tokens_per_sequence, seed=seed)
+                                 min_tokens_per_sequence=min_tokens_per_sequence, seed=seed,
+                                 importance_floor=importance_floor)
         self.spec = LossSpec(ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing,
                              weight=None)
         if reduction not in REDUCTIONS:

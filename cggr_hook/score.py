@@ -7,6 +7,9 @@ One pass of the row kernels gives lse, entropy, the top-1/top-2 probabilities an
 - ``margin``   1 - (p_top1 - p_top2)
 - ``loss``     NLL of the target
 - ``combined`` H / ln V + margin + NLL / ln V   (each term in [0, 1] for a confident model)
+- ``gradnorm`` ||softmax(z) - y~||_2, y~ the (smoothed) target: the norm of the token's gradient on
+  its logits, so s_i ||h_i|| is the norm of its gradient on the head weight (one more running sum,
+  of p^2, in the scoring pass)
 - ``random``   uniform noise in [0, 1): the control arm
 
 Tokens whose target is ignored get -inf, so no selection can take them before a valid token; a NaN
@@ -31,16 +34,18 @@ def noise_for(scoring: str, n: int, device: torch.device, generator: torch.Gener
 
 
 def difficulty(stats: RowStats, scoring: str, vocab: int, valid: Tensor,
-               generator: torch.Generator | None = None) -> Tensor:
+               generator: torch.Generator | None = None, label_smoothing: float = 0.0) -> Tensor:
     """fp32 (N,) difficulty of every row; -inf where ``valid`` is False (the definition above)."""
-    return reference.difficulty(stats, scoring, vocab, valid, noise_for(scoring, valid.numel(), valid.device, generator))
+    noise = noise_for(scoring, valid.numel(), valid.device, generator)
+    return reference.difficulty(stats, scoring, vocab, valid, noise, label_smoothing)
 
 
 def score_rows(stats: RowStats, targets: Tensor, vocab: int, ignore_index: int, scoring: str,
-               generator: torch.Generator | None = None) -> tuple[Tensor, Tensor]:
+               generator: torch.Generator | None = None,
+               label_smoothing: float = 0.0) -> tuple[Tensor, Tensor]:
     """The difficulty of every row (valid = target in [0, V) and not ``ignore_index``) and the
     float64 (P, 5) partial sums the host reads: valid rows, bad targets, and over valid rows the
     top-1 probability, entropy and difficulty (``kernels.reference.SUM_FIELDS``). On CUDA one
     kernel launch does both."""
     noise = noise_for(scoring, targets.numel(), stats.lse.device, generator)
-    return kernels.row_difficulty(stats, targets, vocab, ignore_index, scoring, noise)
+    return kernels.row_difficulty(stats, targets, vocab, ignore_index, scoring, noise, label_smoothing)

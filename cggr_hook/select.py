@@ -172,3 +172,90 @@ def _first_marked(candidates: Tensor, mark: Tensor, count: int) -> Tensor:
     key = torch.where(mark, torch.zeros_like(candidates), torch.ones_like(candidates))
     idx = torch.sort(key, stable=True).indices[:count]
     return candidates[idx]
+
+
+# --------------------------------------------------------------------------------------------------
+# importance sampling
+# --------------------------------------------------------------------------------------------------
+_FLT_MAX = 3.4028234663852886e38
+
+
+@dataclass
+class Draw:
+    """k rows drawn by ``importance_draw``."""
+
+    rows: Tensor  # (k,) int64, ascending
+    inv_pi: Tensor  # (k,) float64, 1 / pi of each drawn row (the Horvitz-Thompson weight), rows' order
+    figures: Tensor  # float64 (5,): ``DRAW_FIGURES``
+
+
+# what ``Draw.figures`` holds: the effective sample size (sum w)^2 / sum w^2 and the largest weight
+# w = 1 / pi over the drawn rows, how many rows were certain (pi = 1), and over the n valid rows
+# the mean score and mean squared score (the variance gain the scores predict needs both)
+DRAW_FIGURES = ("ess", "max_weight", "n_certain", "score_mean", "score_sq_mean")
+
+
+def inclusion_probabilities(scores: Tensor, k: int, floor: float) -> tuple[Tensor, Tensor]:
+    """Water-filling: pi_i = min(1, c q_i) with sum pi = k, for scores sorted descending.
+
+    scores: (n,) non-negative, descending (+inf allowed: such a row is certain). q_i = (1 - a)
+    s_i / sum s + a / n (uniform when every s is 0). The m largest q are capped at pi = 1, where
+    m is the first j < k with (k - j) q_j <= sum_{i >= j} q_i (that condition, once true, stays
+    true, and at j = k - 1 always is); the rest get c q_i with c = (k - m) / sum_{i >= m} q_i.
+    Where that tail is all zero (a = 0 and fewer than k positive scores) its rows share the
+    remaining k - m uniformly. Requires 1 <= k < n. Returns (pi float64 (n,), m 0-d int64), no
+    host synchronisation.
+    """
+    n = scores.numel()
+    dev = scores.device
+    s = scores.double().clamp(max=_FLT_MAX)  # +inf (NaN logits) -> a huge, still summable score
+    total = s.sum()
+    share = torch.where(total > 0, s / total, torch.full_like(s, 1.0 / n))
+    q = (1.0 - floor) * share + floor / n
+    tail = q.flip(0).cumsum(0).flip(0)  # tail[j] = sum_{i >= j} q_i
+    j = torch.arange(k, device=dev)
+    fits = (k - j) * q[:k] <= tail[:k]
+    m = fits.to(torch.int32).argmax()  # the first j that fits
+    rest = tail.gather(0, m.view(1)).squeeze(0)  # (indexing with a device scalar would read it on the host)
+    left = k - m.double()  # what the uncapped rows share
+    spread = torch.where(rest > 0, (left / rest * q).clamp(max=1.0), left / (n - m.double()))
+    pi = torch.where(torch.arange(n, device=dev) < m, torch.ones_like(q), spread)
+    return pi, m
+
+
+def systematic_draw(pi: Tensor, m: Tensor, k: int, generator: torch.Generator | None) -> Tensor:
+    """Exactly k positions of ``pi`` (float64 (n,), sum k, each <= 1) with inclusion probability
+    exactly pi_i: systematic sampling over a random order. The points u, u + 1, ..., u + k - 1
+    (u uniform in [0, 1)) fall on the cumulative sum of pi; a position of length pi_i <= 1 holds
+    at most one point, and holds one with probability pi_i. The m certain positions (pi = 1, the
+    first m) go first, so each spans exactly one unit; the others follow in a random order, which
+    spreads the joint inclusions. No host synchronisation."""
+    n = pi.numel()
+    dev = pi.device
+    key = torch.rand(n, generator=generator, device=dev) - 2.0 * (torch.arange(n, device=dev) < m)
+    perm = torch.sort(key).indices
+    cum = pi[perm].cumsum(0)
+    cum = cum * (k / cum[-1])  # the sum is k up to rounding; make the last point fall inside
+    u = torch.rand(1, generator=generator, device=dev, dtype=torch.float64)
+    points = u + torch.arange(k, device=dev, dtype=torch.float64)
+    hit = torch.searchsorted(cum, points, right=True).clamp_(max=n - 1)
+    return perm[hit]
+
+
+def importance_draw(prep: Prepared, diff: Tensor, n_valid: int, k: int, floor: float,
+                    generator: torch.Generator | None, uniform: bool = False) -> Draw:
+    """Draw k of the n valid rows with pi = ``inclusion_probabilities`` of their difficulty (the
+    score s >= 0; ``uniform``: every s equal, pi = k / n). ``prep.order`` lists the valid rows
+    first, by descending difficulty, which is the order water-filling needs. 1 <= k < n."""
+    sorted_rows = prep.order[:n_valid]
+    scores = diff[sorted_rows]
+    if uniform:
+        scores = torch.ones_like(scores)
+    pi, m = inclusion_probabilities(scores, k, floor)
+    pos = systematic_draw(pi, m, k, generator)
+    rows, ix = torch.sort(sorted_rows[pos])
+    inv_pi = (1.0 / pi[pos])[ix]
+    s = scores.double().clamp(max=_FLT_MAX)
+    figures = torch.stack([inv_pi.sum() ** 2 / (inv_pi * inv_pi).sum(), inv_pi.max(), m.double(), s.mean(),
+                           (s * s).mean()])
+    return Draw(rows, inv_pi, figures)

@@ -1,51 +1,62 @@
-"""Does hard-token gating train a better model? A quality benchmark on real text.
+"""Does gating pay? Validation loss at equal wall-clock, against the plain loss and a random control.
 
-Trains a small Llama-style model (``transformers``' ``LlamaForCausalLM``, random init, tied
-embeddings) on the Python standard library's own sources (``stdlib_text.py``: no download) once per
-*arm*, with the same initial weights and the same data order for every arm of a seed, and compares
-the arms' validation loss, measured over every held-out token with the plain loss.
+Trains a small Llama-style model (``transformers``' ``LlamaForCausalLM``, tied embeddings) on Python
+sources already on this machine (``stdlib_text.py``: no download) once per *arm* and seed, and
+compares the arms' validation loss over held-out files, measured with the plain loss.
 
-Arms (``--arms``), each a name:
+**Equal wall-clock, measured cleanly.** Every arm gets the same time budget. First, a timing phase
+runs each arm's real training step alone on the device (after warm-up steps) and records its step
+time, at its kept fraction of tokens (at a grid of fractions for arms whose fraction moves). Then
+every arm trains on a *virtual clock*: each step advances it by the timed step time at the
+fraction that step kept, and training stops when the budget is spent. So a faster arm takes more
+steps, the learning-rate schedule (linear warm-up, cosine to 10%) is a function of elapsed
+(virtual) time, and evaluations fall at the same virtual times for every arm. Because the clock is
+fixed by the clean timing, the training runs themselves may share the device (``--parallel``)
+without changing any result. Evaluation time is not counted.
+
+**Regimes.** ``scratch``: from random init. ``finetune``: the corpus is split by package into a
+pretraining domain and a new, fine-tuning domain (``finetune_share``); a base model is first
+trained with the plain loss on the pretraining domain (``--base-seconds``, cached), and every arm
+continues from it on the new domain, evaluated on that domain's held-out files. Many tokens are
+then already predicted confidently: where an unbiased sampler can drop work at little cost.
+
+**Arms** (``--arms``):
 
 * ``plain``: no gating, the baseline.
-* ``topk25``, ``topk50``, ``stratified25``, ``seqaware25``: ``cggr_hook.enable(model, ...)`` with
-  ``selection`` = topk / stratified / sequence_aware and ``min_tokens_ratio`` = the number / 100,
-  combined scoring, a fixed ratio (``warmup_steps=0, dynamic_threshold=False``).
-* the same with ``-warm`` (``topk25-warm``): the package's curriculum, from all tokens down to the
-  ratio over the first ``--warmup-frac`` of the steps, with the dynamic threshold on.
-* ``random25``, ``random50``: ``scoring='random'``, a random fraction of the tokens: the control.
-  Hard-token selection earns its keep only if it beats this arm.
-* also accepted: ``entropy25``, ``margin25``, ``loss25`` (topk on that score), any percentage.
+* ``default``: ``cggr_hook.enable(model)`` with no options (whatever the defaults are).
+* ``random25``, ``random50``: a random fraction of the tokens, plain mean over them: the control.
+* ``topk25``, ``stratified25``, ``seqaware25``, ``entropy25``, ``margin25``, ``loss25``: hard-token
+  selection at a fixed ratio (combined scoring for the first three); ``-warm`` adds the package's
+  curriculum over the first ``--warmup-frac`` of the (estimated) steps, with the dynamic threshold.
+* ``imp-gradnorm25``, ``imp-gradnorm50-f0.5``, ``imp-loss50``, ...: importance sampling
+  (``selection='importance'``) with that scoring, kept fraction and ``importance_floor`` (``-fA``;
+  the package's default floor without it): an unbiased estimate of the plain loss.
 
-Figures per arm (mean and spread over ``--seeds``): final validation loss (all arms run the same
-steps, so this is also the loss at equal steps), the loss half-way, the loss at equal wall-clock
-(the plain arm's training time, curves interpolated), the training time to reach the plain run's
-final loss, and the loss on the *easy half* of the held-out tokens (those the plain model finds
-easiest at the end, below its median per-token loss; a rise there is forgetting) and on the hard
-half. Training time excludes evaluation.
+**Figures** per arm, mean ± std over seeds: final validation loss (equal wall-clock), the paired
+per-seed difference to plain and to the random control at the same fraction, the time to reach
+plain's final loss, steps and speed against plain, and the variance figures of importance
+sampling: the gain over uniform sampling that the gradnorm scores predict before any training,
+rho(f) = (1 - f) m2 / (m1^2 - f m2) with m1, m2 the mean score and squared score, and the
+effective sample size measured during training.
 
-Presets: ``--preset cpu`` (the default without CUDA: a tiny model, ``plain`` and ``topk25``, one
-seed, about two minutes on two idle CPU cores), ``--preset gpu`` (the default with CUDA: 8 layers,
-d=512, T=512, every arm, three seeds, 1000 steps an arm: about 40 s of training an arm on one H100, some 25
-minutes in all; size it with ``--steps``, ``--minutes-per-arm`` or ``--budget-minutes`` for the whole
-run) and ``--preset smoke`` (seconds, for tests). Any size flag overrides the preset. Before the
-first arm a few untimed steps under every arm's options absorb CUDA start-up and kernel
-compilation, so they count in no arm's time.
+**Presets**: ``cpu`` (the default without CUDA: the main job, a tiny model on the standard library,
+plain, the default gate and its random control, one seed, about two and a half minutes on two
+CPU cores), ``smoke`` (seconds, for tests) and four GPU presets on every Python source of the
+machine with a head-heavy model (6 layers, d=512, V=131072, tied: the head and loss dominate a
+step, as in Gemma-3-270M): ``scratch-small`` / ``scratch-large`` and ``finetune-small`` /
+``finetune-large`` (8 x 512 and 64 x 512 tokens a step). A GPU preset with every arm and three
+seeds takes longer than one session on a lent machine: run seeds or arms separately
+(``--seeds 0``), and ``--merge`` the result files into one table.
 
-The standard library is small: a few million tokens (about 2.4M with Python 3.12 on Ubuntu, which
-ships no ``test`` package; about 9M where the tests are installed). The header states how many
-epochs a run is; every arm sees the same data in the same order, so the comparison stays fair, but
-long runs repeat the data.
-
-Writes ``results.md`` (the table, also printed), ``results.json`` (everything: configuration,
-curves, per-seed figures, summary) and ``val_loss_vs_step.png`` / ``val_loss_vs_time.png`` (mean
-over seeds) into ``--out`` (default ``runs/quality/``).
+Writes ``results.md`` (the table, also printed), ``results.json`` (configuration, timings, curves,
+per-seed figures) and ``val_loss_vs_time.png`` into ``--out`` (default ``runs/quality/``).
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
+import hashlib
 import json
 import math
 import platform
@@ -53,6 +64,7 @@ import re
 import statistics
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
 from contextlib import nullcontext
 from pathlib import Path
 
@@ -66,57 +78,65 @@ try:
     import cggr_hook
 except ImportError:  # a checkout that was not pip-installed
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    try:
-        import cggr_hook
-    except ImportError:
-        cggr_hook = None
+    import cggr_hook
 
-ALL_ARMS = [
-    "plain",
-    "topk25", "topk25-warm",
-    "topk50", "topk50-warm",
-    "stratified25", "stratified25-warm",
-    "seqaware25", "seqaware25-warm",
-    "random25", "random50",
+GPU_ARMS = [
+    "plain", "random25", "random50", "topk25", "stratified25",
+    "imp-gradnorm25", "imp-gradnorm50", "imp-gradnorm50-f0.5", "imp-loss50", "default",
 ]
-
+_HEAD_HEAVY = dict(layers=6, d_model=512, heads=8, ffn=1536, vocab_size=131072, seq_len=512, sources="python",
+                   max_bytes=None, max_heldout_bytes=8_000_000, eval_tokens=1_000_000, eval_points=8,
+                   arms=list(GPU_ARMS), seeds=[0, 1, 2])
 PRESETS = {
     "smoke": dict(
-        layers=1, d_model=32, heads=2, seq_len=32, vocab_size=512, batch_size=8, steps=12,
-        eval_points=3, max_bytes=150_000, max_heldout_bytes=12_000, include_tests=False,
-        lr=3e-3, arms=["plain", "topk25", "random25"], seeds=[0],
+        layers=1, d_model=32, heads=2, ffn=64, vocab_size=512, seq_len=32, batch_size=8, budget=4.0,
+        regime="scratch", sources="stdlib", max_bytes=150_000, max_heldout_bytes=12_000, eval_tokens=4096,
+        eval_points=3, lr=3e-3, arms=["plain", "default", "random25"], seeds=[0], parallel=1,
     ),
     "cpu": dict(
-        layers=2, d_model=128, heads=4, seq_len=128, vocab_size=4096, batch_size=16, steps=400,
-        eval_points=8, max_bytes=3_000_000, max_heldout_bytes=150_000, include_tests=False,
-        lr=2e-3, arms=["plain", "topk25"], seeds=[0],
+        layers=2, d_model=128, heads=4, ffn=512, vocab_size=4096, seq_len=128, batch_size=16, budget=35.0,
+        regime="scratch", sources="stdlib", max_bytes=3_000_000, max_heldout_bytes=150_000, eval_tokens=65536,
+        eval_points=6, lr=2e-3, arms=None, seeds=[0], parallel=1,
     ),
-    "gpu": dict(
-        layers=8, d_model=512, heads=8, seq_len=512, vocab_size=16384, batch_size=32, steps=1000,
-        eval_points=10, max_bytes=None, max_heldout_bytes=None, include_tests=True,
-        lr=1e-3, arms=list(ALL_ARMS), seeds=[0, 1, 2],
-    ),
+    "scratch-small": dict(_HEAD_HEAVY, batch_size=8, budget=30.0, regime="scratch", lr=1e-3, parallel=4),
+    "scratch-large": dict(_HEAD_HEAVY, batch_size=64, budget=45.0, regime="scratch", lr=1e-3, parallel=1),
+    "finetune-small": dict(_HEAD_HEAVY, batch_size=8, budget=30.0, regime="finetune", lr=3e-4, parallel=4,
+                           finetune_share=0.5, base_seconds=90.0, base_batch_size=64, base_lr=1e-3),
+    "finetune-large": dict(_HEAD_HEAVY, batch_size=64, budget=30.0, regime="finetune", lr=3e-4, parallel=1,
+                           finetune_share=0.5, base_seconds=90.0, base_batch_size=64, base_lr=1e-3),
 }
+FRACTION_GRID = (0.25, 0.5, 0.75, 1.0)  # kept fractions timed for arms whose fraction moves
 
-ARM_RE = re.compile(r"^(topk|stratified|seqaware|random|entropy|margin|loss|combined)(\d+(?:\.\d+)?)(-warm)?$")
+FIXED_RE = re.compile(r"^(topk|stratified|seqaware|random|entropy|margin|loss|combined)(\d+(?:\.\d+)?)(-warm)?$")
+IMP_RE = re.compile(r"^imp-(gradnorm|loss|entropy|margin|combined|random)(\d+(?:\.\d+)?)(?:-f(\d*\.?\d+))?$")
 
 
-def arm_options(name: str, steps: int, warmup_frac: float) -> dict | None:
-    """The ``cggr_hook.enable`` options of an arm (None for ``plain``)."""
+def arm_options(name: str, steps: int = 1000, warmup_frac: float = 0.3) -> dict | None:
+    """The ``cggr_hook.enable`` options of an arm (None for ``plain``; {} for ``default``).
+    ``steps``: the arm's estimated optimizer steps, which a ``-warm`` curriculum spans a share of."""
     if name == "plain":
         return None
-    m = ARM_RE.match(name)
+    if name == "default":
+        return {}
+    m = IMP_RE.match(name)
+    if m:
+        scoring, pct, floor = m.group(1), float(m.group(2)), m.group(3)
+        opts = dict(scoring=scoring, selection="importance", min_tokens_ratio=_fraction(name, pct),
+                    warmup_steps=0, dynamic_threshold=False)
+        if floor is not None:
+            opts["importance_floor"] = float(floor)
+        return opts
+    m = FIXED_RE.match(name)
     if not m:
         raise SystemExit(
-            f"unknown arm {name!r}: use plain, or <kind><percent>[-warm] with kind in "
-            "topk, stratified, seqaware, random, entropy, margin, loss (e.g. topk25, random50, seqaware25-warm)"
+            f"unknown arm {name!r}: use plain, default, <kind><percent>[-warm] with kind in topk, stratified, "
+            "seqaware, random, entropy, margin, loss, combined (e.g. topk25, random50), or "
+            "imp-<scoring><percent>[-f<floor>] (e.g. imp-gradnorm25, imp-loss50-f0.5)"
         )
     kind, pct, warm = m.group(1), float(m.group(2)), bool(m.group(3))
-    if not 0 < pct <= 100:
-        raise SystemExit(f"arm {name!r}: the percentage must be in (0, 100]")
     selection = {"stratified": "stratified", "seqaware": "sequence_aware"}.get(kind, "topk")
     scoring = kind if kind in ("random", "entropy", "margin", "loss") else "combined"
-    opts = dict(scoring=scoring, selection=selection, min_tokens_ratio=pct / 100.0)
+    opts = dict(scoring=scoring, selection=selection, min_tokens_ratio=_fraction(name, pct))
     if warm:
         opts.update(warmup_steps=max(1, round(warmup_frac * steps)), dynamic_threshold=True)
     else:
@@ -124,177 +144,333 @@ def arm_options(name: str, steps: int, warmup_frac: float) -> dict | None:
     return opts
 
 
-# ----------------------------------------------------------------------------------------------
-# the gate's global schedule: every arm starts from step 0
-
-_FRESH_SCHEDULE = None
-
-
-def _remember_fresh_schedule() -> None:
-    global _FRESH_SCHEDULE
-    sched = getattr(cggr_hook, "scheduler", None)
-    if sched is not None and hasattr(sched, "state_dict"):
-        _FRESH_SCHEDULE = copy.deepcopy(sched.state_dict())
+def _fraction(name: str, pct: float) -> float:
+    if not 0 < pct <= 100:
+        raise SystemExit(f"arm {name!r}: the percentage must be in (0, 100]")
+    return pct / 100.0
 
 
-def reset_schedule() -> None:
-    sched = cggr_hook.scheduler
-    if _FRESH_SCHEDULE is not None and hasattr(sched, "load_state_dict"):
-        sched.load_state_dict(copy.deepcopy(_FRESH_SCHEDULE))
-    else:
-        sched.reset()
+def arm_config(opts: dict | None) -> "cggr_hook.GateConfig | None":
+    return None if opts is None else cggr_hook.GateConfig().replace(**opts)
 
 
-def schedule_steps() -> int | None:
-    sched = getattr(cggr_hook, "scheduler", None)
-    return None if sched is None else int(getattr(sched, "step_count", -1))
+def fraction_moves(opts: dict | None) -> bool:
+    """Whether an arm's kept fraction changes during training (a curriculum, a dynamic threshold)."""
+    cfg = arm_config(opts)
+    return cfg is not None and (cfg.warmup_steps > 0 or cfg.dynamic_threshold)
+
+
+def control_arm(opts: dict | None) -> str | None:
+    """The random control at an arm's (final) kept fraction: ``random<pct>``."""
+    cfg = arm_config(opts)
+    if cfg is None or cfg.min_tokens_ratio >= 1.0:
+        return None
+    return f"random{100 * cfg.min_tokens_ratio:g}"
 
 
 # ----------------------------------------------------------------------------------------------
-# model, evaluation, one training run
+# model, data, evaluation
 
 
 def build_model(args, vocab_size: int, seed: int):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     cfg = LlamaConfig(
-        vocab_size=vocab_size,
-        hidden_size=args.d_model,
-        intermediate_size=args.ffn or 4 * args.d_model,
-        num_hidden_layers=args.layers,
-        num_attention_heads=args.heads,
-        num_key_value_heads=args.heads,
-        max_position_embeddings=args.seq_len,
-        tie_word_embeddings=True,
-        bos_token_id=None,
-        eos_token_id=0,
+        vocab_size=vocab_size, hidden_size=args.d_model, intermediate_size=args.ffn or 4 * args.d_model,
+        num_hidden_layers=args.layers, num_attention_heads=args.heads, num_key_value_heads=args.heads,
+        max_position_embeddings=args.seq_len, tie_word_embeddings=True, bos_token_id=None, eos_token_id=0,
         pad_token_id=None,
     )
     torch.manual_seed(seed)
-    model = LlamaForCausalLM(cfg)
-    return model, cfg
+    return LlamaForCausalLM(cfg)
 
 
-@torch.no_grad()
-def heldout_token_losses(model, heldout: torch.Tensor, batch_size: int, device, amp) -> torch.Tensor:
-    """Plain per-token cross entropy of every next-token prediction in ``heldout``: (n, T - 1), fp32, CPU.
-
-    ``model.eval()`` and ``torch.no_grad()``: a gated model gives the plain loss here.
-    """
-    was_training = model.training
-    model.eval()
-    out = []
-    for start in range(0, heldout.shape[0], batch_size):
-        x = heldout[start : start + batch_size].to(device, non_blocking=True)
-        with amp():
-            logits = model(input_ids=x).logits
-        V = logits.shape[-1]
-        loss = F.cross_entropy(logits[:, :-1].float().reshape(-1, V), x[:, 1:].reshape(-1), reduction="none")
-        out.append(loss.view(x.shape[0], -1).float().cpu())
-    model.train(was_training)
-    return torch.cat(out)
+def autocast(device: torch.device):
+    if device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16)
+    return nullcontext()
 
 
-def lr_lambda(total: int, warmup: int, floor: float = 0.1):
-    def f(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = min(1.0, (step - warmup) / max(1, total - warmup))
-        return floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress))
-
-    return f
-
-
-def eval_schedule(steps: int, points: int) -> list[int]:
-    points = max(1, min(points, steps))
-    return sorted({round(i * steps / points) for i in range(1, points + 1)})
-
-
-def sync(device) -> None:
+def sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
 
 
-def train_arm(arm, opts, seed, corpus, heldout, args, device, amp, bar) -> dict:
-    model, _ = build_model(args, corpus.vocab_size, seed)
-    model.to(device).train()
+@torch.no_grad()
+def heldout_loss(model, heldout: torch.Tensor, batch_size: int, device) -> float:
+    """Plain mean cross entropy of every next-token prediction in ``heldout`` (n, T).
+    ``model.eval()`` and ``torch.no_grad()``: a gated model gives the plain loss here."""
+    was_training = model.training
+    model.eval()
+    total = torch.zeros((), dtype=torch.float64, device=device)
+    count = 0
+    for start in range(0, heldout.shape[0], batch_size):
+        x = heldout[start:start + batch_size].to(device, non_blocking=True)
+        with autocast(device):
+            logits = model(input_ids=x).logits
+        V = logits.shape[-1]
+        total += F.cross_entropy(logits[:, :-1].float().reshape(-1, V), x[:, 1:].reshape(-1), reduction="sum").double()
+        count += x.shape[0] * (x.shape[1] - 1)
+    model.train(was_training)
+    return float(total) / count
+
+
+def make_optimizer(model, lr: float, device):
     fused = {"fused": True} if device.type == "cuda" else {}
-    opt = torch.optim.AdamW(
-        model.parameters(), lr=args.lr, betas=(0.9, 0.95), weight_decay=args.weight_decay, **fused
+    return torch.optim.AdamW(model.parameters(), lr=lr, betas=(0.9, 0.95), weight_decay=0.1, **fused)
+
+
+def lr_at(t: float, budget: float, peak: float, warmup_frac: float = 0.05, floor: float = 0.1) -> float:
+    """Learning rate at elapsed (virtual) time t of a budget: linear warm-up, cosine to floor * peak."""
+    warm = warmup_frac * budget
+    if t < warm:
+        return peak * max(t, 1e-3 * warm) / warm
+    progress = min(1.0, (t - warm) / max(budget - warm, 1e-9))
+    return peak * (floor + (1 - floor) * 0.5 * (1 + math.cos(math.pi * progress)))
+
+
+def train_step(model, opt, x, device, grad_clip: float = 1.0):
+    with autocast(device):
+        loss = model(input_ids=x, labels=x).loss
+    loss.backward()
+    if grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+    return loss
+
+
+def gate_for(model, opts: dict | None, seed: int):
+    """Enable the arm's gate on ``model`` from a fresh schedule (None for plain)."""
+    if opts is None:
+        return None
+    cggr_hook.scheduler.reset()
+    return cggr_hook.enable(model, **dict(opts, seed=seed))
+
+
+# ----------------------------------------------------------------------------------------------
+# the corpus and the base model of the finetune regime
+
+
+def load_data(args):
+    corpus = stdlib_text.load_corpus(
+        vocab_size=args.vocab_size, max_bytes=args.max_bytes, max_heldout_bytes=args.max_heldout_bytes,
+        cache_dir=args.cache_dir, sources=args.sources,
+        finetune_share=args.finetune_share if args.regime == "finetune" else 0.0,
     )
-    warmup = max(1, round(args.lr_warmup_frac * args.steps))
-    sched = torch.optim.lr_scheduler.LambdaLR(opt, lr_lambda(args.steps, warmup))
+    return corpus
 
-    gate = None
-    if opts is not None:
-        reset_schedule()
-        gate = cggr_hook.enable(model, seed=seed, **opts)
 
-    evals = set(eval_schedule(args.steps, args.eval_points))
-    losses0 = heldout_token_losses(model, heldout, args.eval_batch_size, device, amp)
-    curve_steps, curve_times, curve_val = [0], [0.0], [losses0.mean().item()]
-    train_loss_sum, train_loss_n, train_curve = torch.zeros((), device=device), 0, []
-    fractions = []
-    metric_every = max(1, args.steps // 200)
-    train_time = 0.0
-    batches = corpus.batches(args.batch_size, args.seq_len, seed=seed, steps=args.steps)
+def data_for(corpus, args, part: str | None):
+    """(training corpus, held-out rows (n, T) capped at --eval-tokens)."""
+    c = corpus.part(part)
+    held = c.heldout_sequences(args.seq_len)
+    n = max(1, min(held.shape[0], args.eval_tokens // args.seq_len))
+    return c, held[:n]
 
+
+def base_path(args, corpus) -> Path:
+    spec = json.dumps(dict(corpus=corpus.info["key"], model=model_spec(args), seconds=args.base_seconds,
+                           batch=args.base_batch_size, lr=args.base_lr), sort_keys=True)
+    cache = Path(args.cache_dir).expanduser() if args.cache_dir else stdlib_text.default_cache_dir()
+    return cache / f"base-{hashlib.sha1(spec.encode()).hexdigest()[:16]}.pt"
+
+
+def model_spec(args) -> dict:
+    return dict(layers=args.layers, d_model=args.d_model, heads=args.heads, ffn=args.ffn, vocab=args.vocab_size,
+                seq_len=args.seq_len)
+
+
+def train_base(args, corpus, device) -> dict:
+    """The finetune regime's starting point: plain training on the pretraining domain for
+    --base-seconds of wall-clock (cached by corpus, model shape and budget)."""
+    path = base_path(args, corpus)
+    if path.exists():
+        info = torch.load(path, map_location="cpu", weights_only=False)
+        print(f"base model: {path} (cached, {info['steps']} steps, pretrain val {info['pretrain_val']:.3f})", flush=True)
+        return info
+    pre, pre_held = data_for(corpus, args, "pretrain")
+    model = build_model(args, corpus.vocab_size, 1234).to(device).train()
+    opt = make_optimizer(model, args.base_lr, device)
+    batches = pre.batches(args.base_batch_size, args.seq_len, seed=1234)
+    steps, t0 = 0, time.perf_counter()
+    while True:
+        elapsed = time.perf_counter() - t0
+        if elapsed >= args.base_seconds:
+            break
+        for group in opt.param_groups:
+            group["lr"] = lr_at(elapsed, args.base_seconds, args.base_lr)
+        train_step(model, opt, next(batches).to(device, non_blocking=True), device)
+        steps += 1
     sync(device)
-    t0 = time.perf_counter()
-    for step, x in enumerate(batches, start=1):
-        x = x.to(device, non_blocking=True)
-        with amp():
-            loss = model(input_ids=x, labels=x).loss
-        loss.backward()
-        if args.grad_clip > 0:
-            torch.nn.utils.clip_grad_norm_(model.parameters(), args.grad_clip)
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        train_loss_sum += loss.detach().float()
-        train_loss_n += 1
-        if gate is not None and (step % metric_every == 0 or step == 1):
-            m = cggr_hook.metrics()
-            if m and m.get("tokens_total"):
-                fractions.append((step, float(m["tokens_selected"]) / float(m["tokens_total"])))
-        bar.update(1)
-        if step in evals:
-            sync(device)
-            train_time += time.perf_counter() - t0
-            train_curve.append((step, (train_loss_sum / train_loss_n).item()))
-            train_loss_sum.zero_()
-            train_loss_n = 0
-            val = heldout_token_losses(model, heldout, args.eval_batch_size, device, amp)
-            curve_steps.append(step)
-            curve_times.append(train_time)
-            curve_val.append(val.mean().item())
-            bar.set_postfix(arm=arm, seed=seed, train=f"{train_curve[-1][1]:.3f}", val=f"{curve_val[-1]:.3f}")
-            sync(device)
-            t0 = time.perf_counter()
+    seconds = time.perf_counter() - t0
+    val = heldout_loss(model, pre_held, args.eval_batch_size, device)
+    epochs = steps * args.base_batch_size * args.seq_len / pre.train_tokens.numel()
+    info = dict(state=model.state_dict(), steps=steps, seconds=seconds, epochs=epochs, pretrain_val=val)
+    torch.save(info, path)
+    print(f"base model: {steps} plain steps in {seconds:.0f} s ({epochs:.2f} epochs of the pretraining domain), "
+          f"held-out loss there {val:.3f} -> {path}", flush=True)
+    del model, opt
+    return info
 
-    final_losses = val  # the last eval point is the last step
-    sched_steps = schedule_steps() if gate is not None else None
+
+# ----------------------------------------------------------------------------------------------
+# timing phase: each arm's step alone on the device
+
+
+def time_steps(args, corpus, device, opts: dict | None, fraction: float | None, repeats: int = 3,
+               warm: int = 4, steps: int = 8) -> float:
+    """Median seconds of one training step of an arm at a fixed kept fraction (the arm's own
+    scoring and selection), timed in chunks of ``steps`` steps after ``warm`` untimed ones."""
+    model = build_model(args, corpus.vocab_size, 0).to(device).train()
+    opt = make_optimizer(model, 1e-5, device)
+    if opts is not None:
+        fixed = dict(opts, warmup_steps=0, dynamic_threshold=False)
+        if fraction is not None:
+            fixed["min_tokens_ratio"] = fraction
+        gate_for(model, fixed, 0)
+    batches = corpus.batches(args.batch_size, args.seq_len, seed=999)
+    for _ in range(warm):
+        train_step(model, opt, next(batches).to(device), device)
+    chunks = []
+    for _ in range(repeats):
+        xs = [next(batches) for _ in range(steps)]
+        sync(device)
+        t0 = time.perf_counter()
+        for x in xs:
+            train_step(model, opt, x.to(device, non_blocking=True), device)
+        sync(device)
+        chunks.append((time.perf_counter() - t0) / steps)
+    if opts is not None:
+        cggr_hook.disable(model)
+        cggr_hook.scheduler.reset()
+    del model, opt
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+    return statistics.median(chunks)
+
+
+def timing_phase(args, corpus, device, arm_opts: dict) -> dict:
+    """{arm: {fraction: seconds per step}}: the arm's own fraction, or the grid where it moves."""
+    timings = {}
+    first = next(iter(arm_opts.values()))
+    time_steps(args, corpus, device, first, None, repeats=1)  # start-up costs land in no arm's figure
+    for arm, opts in arm_opts.items():
+        if opts is None:
+            fractions = [None]
+        elif fraction_moves(opts):
+            fractions = list(FRACTION_GRID)
+        else:
+            fractions = [arm_config(opts).min_tokens_ratio]
+        timings[arm] = {("plain" if f is None else f): time_steps(args, corpus, device, opts, f) for f in fractions}
+        shown = ", ".join(f"{k}: {1e3 * v:.1f} ms" for k, v in timings[arm].items())
+        print(f"timing {arm}: {shown}", flush=True)
+    return timings
+
+
+def step_seconds(timing: dict, fraction: float | None) -> float:
+    """An arm's step time at a kept fraction: its one timing, or linear in the fraction between
+    the grid's timings."""
+    if len(timing) == 1:
+        return next(iter(timing.values()))
+    pts = sorted(timing.items())
+    f = min(max(fraction if fraction is not None else pts[-1][0], pts[0][0]), pts[-1][0])
+    for (f0, t0), (f1, t1) in zip(pts, pts[1:]):
+        if f <= f1:
+            return t0 + (t1 - t0) * (f - f0) / (f1 - f0)
+    return pts[-1][1]
+
+
+# ----------------------------------------------------------------------------------------------
+# one training run on the virtual clock
+
+
+@torch.no_grad()
+def predicted_gain(model, corpus, args, device, batches: int = 2) -> dict:
+    """What the gradnorm scores of the starting model predict before any training: their squared
+    coefficient of variation and rho(f), the variance gain of sampling in proportion to them over
+    uniform sampling at kept fraction f (capping aside)."""
+    from cggr_hook import kernels
+    from cggr_hook.kernels import reference
+
+    s_all = []
+    it = corpus.batches(args.batch_size, args.seq_len, seed=4242)
+    for _ in range(batches):
+        x = next(it).to(device)
+        with autocast(device):
+            logits = model(input_ids=x).logits[:, :-1]
+        t = x[:, 1:].reshape(-1)
+        stats = kernels.row_stats(logits, t, -100, with_p2=True)
+        s_all.append(reference.difficulty(stats, "gradnorm", logits.shape[-1], torch.ones_like(t, dtype=torch.bool)))
+    s = torch.cat(s_all).double()
+    m1, m2 = float(s.mean()), float((s * s).mean())
+    out = {"score_cv2": m2 / (m1 * m1) - 1}
+    for f in (0.25, 0.5):
+        denom = m1 * m1 - f * m2
+        out[f"rho{int(f * 100)}"] = (1 - f) * m2 / denom if denom > 0 else None
+    return out
+
+
+def run_job(job: dict) -> dict:
+    """Train one arm for one seed on its virtual clock; returns its curve and figures."""
+    args = argparse.Namespace(**job["args"])
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    device = torch.device(args.device)
+    if device.type == "cuda" and device.index is not None:
+        torch.cuda.set_device(device)
+    arm, seed, opts, timing = job["arm"], job["seed"], job["opts"], job["timing"]
+    corpus = load_data(args)
+    part = "finetune" if args.regime == "finetune" else None
+    train, held = data_for(corpus, args, part)
+    model = build_model(args, corpus.vocab_size, seed)
+    if args.regime == "finetune":
+        model.load_state_dict(torch.load(job["base"], map_location="cpu", weights_only=False)["state"])
+    model.to(device).train()
+    opt = make_optimizer(model, args.lr, device)
+    prediction = predicted_gain(model, train, args, device)
+    gate = gate_for(model, opts, seed)
+    moving = fraction_moves(opts)
+    fixed_fraction = None if opts is None or moving else arm_config(opts).min_tokens_ratio
+    budget = args.budget
+    targets = [budget * (i + 1) / args.eval_points for i in range(args.eval_points)]
+    curve = [dict(seconds=0.0, step=0, val=heldout_loss(model, held, args.eval_batch_size, device))]
+    batches = train.batches(args.batch_size, args.seq_len, seed=seed)
+    clock, step, fractions, draws = 0.0, 0, [], []
+    wall0 = time.perf_counter()
+    while clock < budget - 1e-9:
+        for group in opt.param_groups:
+            group["lr"] = lr_at(clock, budget, args.lr)
+        train_step(model, opt, next(batches).to(device, non_blocking=True), device)
+        step += 1
+        fraction = fixed_fraction
+        if gate is not None and (moving or step % 25 == 1):
+            m = cggr_hook.metrics()
+            if m.get("tokens_total"):
+                fraction = m["tokens_selected"] / m["tokens_total"] if moving else fixed_fraction
+                fractions.append(m["tokens_selected"] / m["tokens_total"])
+                if "ess" in m:
+                    draws.append(dict(ess_ratio=m["ess"] / max(m["tokens_selected"], 1), max_weight=m["max_weight"],
+                                      certain=m["certain_fraction"], cv2=m["score_cv2"]))
+        clock += step_seconds(timing, fraction)
+        while targets and clock >= targets[0] - 1e-9:
+            targets.pop(0)
+            curve.append(dict(seconds=clock, step=step, val=heldout_loss(model, held, args.eval_batch_size, device)))
     if gate is not None:
         cggr_hook.disable(model)
-    run = dict(
-        arm=arm,
-        seed=seed,
-        options=opts,
-        steps=curve_steps,
-        seconds=curve_times,
-        val_loss=curve_val,
-        train_loss=train_curve,
-        token_fraction=fractions,
-        mean_token_fraction=(sum(f for _, f in fractions) / len(fractions)) if fractions else 1.0,
-        train_seconds=train_time,
-        tokens_per_second=args.steps * args.batch_size * args.seq_len / max(train_time, 1e-9),
-        final_val=curve_val[-1],
-        schedule_step_count=sched_steps,
+    tokens = step * args.batch_size * args.seq_len
+    result = dict(
+        arm=arm, seed=seed, options=opts, curve=curve, steps=step, final_val=curve[-1]["val"],
+        kept_fraction=statistics.fmean(fractions) if fractions else 1.0,
+        step_ms=1e3 * statistics.fmean(step_seconds(timing, f) for f in (fractions or [fixed_fraction])),
+        tokens=tokens, epochs=tokens / train.train_tokens.numel(), predicted=prediction,
+        draws={k: statistics.fmean(d[k] for d in draws) for k in draws[0]} if draws else None,
+        wall_seconds=time.perf_counter() - wall0,
     )
     del model, opt
     if device.type == "cuda":
         torch.cuda.empty_cache()
-    return run, final_losses
+    return result
 
 
 # ----------------------------------------------------------------------------------------------
@@ -325,395 +501,355 @@ def time_to_reach(target: float, xs: list[float], ys: list[float]) -> float | No
     return None
 
 
-def per_seed_figures(runs: dict, finals: dict, reference: str | None, args) -> None:
-    """Adds the comparison figures to each run in place (runs[(arm, seed)])."""
-    seeds = sorted({s for _, s in runs})
-    for seed in seeds:
-        ref = runs.get((reference, seed)) if reference else None
-        mask = None
-        if ref is not None:
-            ref_losses = finals[(reference, seed)]
-            mask = ref_losses < ref_losses.median()
-        for (arm, s), run in runs.items():
-            if s != seed:
-                continue
-            half = args.steps / 2
-            run["val_at_half_steps"] = interp(half, run["steps"], run["val_loss"])
-            run["val_at_equal_steps"] = run["final_val"]
-            if ref is None:
-                continue
-            t_eq = ref["train_seconds"]
-            v = interp(t_eq, run["seconds"], run["val_loss"])
-            run["equal_time_seconds"] = t_eq
-            run["val_at_equal_time"] = v if v is not None else run["final_val"]
-            run["ended_before_equal_time"] = v is None
-            t = time_to_reach(ref["final_val"], run["seconds"], run["val_loss"])
-            run["time_to_reference_final"] = t
-            run["time_to_reference_final_ratio"] = None if t is None else t / max(ref["train_seconds"], 1e-9)
-            losses = finals[(arm, seed)]
-            run["easy_half_val"] = losses[mask].mean().item()
-            run["hard_half_val"] = losses[~mask].mean().item()
-            run["delta_final_vs_reference"] = run["final_val"] - ref["final_val"]
-        for (arm, s), run in runs.items():
-            if s == seed:
-                flat = finals[(arm, seed)].flatten()
-                run["worst_quarter_val"] = flat.topk(max(1, flat.numel() // 4)).values.mean().item()
-
-
 def stats(values: list) -> dict | None:
     vals = [v for v in values if v is not None]
     if not vals:
         return None
-    return dict(
-        mean=statistics.fmean(vals),
-        std=statistics.stdev(vals) if len(vals) > 1 else 0.0,
-        min=min(vals),
-        max=max(vals),
-        n=len(vals),
-    )
+    return dict(mean=statistics.fmean(vals), std=statistics.stdev(vals) if len(vals) > 1 else 0.0, n=len(vals))
 
 
-SUMMARY_KEYS = [
-    "final_val", "val_at_half_steps", "val_at_equal_time", "time_to_reference_final",
-    "time_to_reference_final_ratio", "easy_half_val", "hard_half_val", "delta_final_vs_reference",
-    "worst_quarter_val", "train_seconds", "tokens_per_second", "mean_token_fraction",
-]
-
-
-def summarize(runs: dict, arms: list[str], seeds: list[int]) -> dict:
+def summarize(runs: list[dict], arms: list[str]) -> dict:
+    """Per arm: figures over seeds, with differences paired by seed against plain and against the
+    random control at the arm's kept fraction."""
+    by = {(r["arm"], r["seed"]): r for r in runs}
     out = {}
     for arm in arms:
-        rs = [runs[(arm, s)] for s in seeds if (arm, s) in runs]
-        summ = {k: stats([r.get(k) for r in rs]) for k in SUMMARY_KEYS}
-        summ["seeds"] = len(rs)
-        summ["reached_reference_final"] = sum(r.get("time_to_reference_final") is not None for r in rs)
-        summ["ended_before_equal_time"] = sum(bool(r.get("ended_before_equal_time")) for r in rs)
-        out[arm] = summ
+        rs = [r for r in runs if r["arm"] == arm]
+        if not rs:
+            continue
+        control = control_arm(rs[0]["options"])
+        d_plain, d_control, reach = [], [], []
+        for r in rs:
+            ref = by.get(("plain", r["seed"]))
+            if ref is not None:
+                d_plain.append(r["final_val"] - ref["final_val"])
+                xs = [p["seconds"] for p in r["curve"]]
+                t = time_to_reach(ref["final_val"], xs, [p["val"] for p in r["curve"]])
+                reach.append(None if t is None else t / xs[-1])
+            ctl = by.get((control, r["seed"])) if control and control != arm else None
+            if ctl is not None:
+                d_control.append(r["final_val"] - ctl["final_val"])
+        draws = [r["draws"] for r in rs if r.get("draws")]
+        out[arm] = dict(
+            seeds=len(rs), final_val=stats([r["final_val"] for r in rs]),
+            delta_plain=stats(d_plain), delta_control=stats(d_control), control=control,
+            time_to_plain=stats(reach), reached_plain=sum(t is not None for t in reach),
+            steps=stats([r["steps"] for r in rs]), step_ms=stats([r["step_ms"] for r in rs]),
+            kept=stats([r["kept_fraction"] for r in rs]), epochs=stats([r["epochs"] for r in rs]),
+            rho25=stats([r["predicted"].get("rho25") for r in rs]),
+            rho50=stats([r["predicted"].get("rho50") for r in rs]),
+            cv2=stats([r["predicted"]["score_cv2"] for r in rs]),
+            ess_ratio=stats([d["ess_ratio"] for d in draws]) if draws else None,
+        )
+    plain_ms = out.get("plain", {}).get("step_ms")
+    for arm, s in out.items():
+        s["speed"] = plain_ms["mean"] / s["step_ms"]["mean"] if plain_ms else None
     return out
 
 
-def fmt(s: dict | None, digits: int = 3, spread: bool = True) -> str:
+def fmt(s: dict | None, digits: int = 3, signed: bool = False) -> str:
     if s is None:
         return "n/a"
-    text = f"{s['mean']:.{digits}f}"
-    if spread and s["n"] > 1:
+    text = f"{s['mean']:+.{digits}f}" if signed else f"{s['mean']:.{digits}f}"
+    if s["n"] > 1:
         text += f" ± {s['std']:.{digits}f}"
     return text
 
 
-def markdown_table(summary: dict, arms: list[str], reference: str | None, header: str) -> str:
-    ref = reference or "reference"
+def markdown_table(summary: dict, header: str) -> str:
     lines = [
-        header,
-        "",
-        f"| arm | tokens in loss | final val (= equal steps) | Δ vs {ref} | val @ ½ steps | val @ {ref}'s time "
-        f"| time to {ref}'s final | easy-half val | hard-half val | worst-25% val | train s | tokens/s |",
+        header, "",
+        "| arm | kept | step ms | speed | steps | epochs | final val | Δ vs plain | Δ vs random control "
+        "| time to plain's final | rho25 / rho50 predicted | ESS / k |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
-    notes = []
-    for arm in arms:
-        s = summary[arm]
-        n = s["seeds"]
-        eq = fmt(s["val_at_equal_time"])
-        if s["ended_before_equal_time"]:
-            eq += " †"
-            notes.append("†")
-        reached = s["reached_reference_final"]
-        if not reference:
-            ttr = "n/a"
-        elif reached == 0:
+    for arm, s in summary.items():
+        if s["reached_plain"] == 0 or s["time_to_plain"] is None:
             ttr = "not reached"
         else:
-            ttr = f"{s['time_to_reference_final']['mean']:.3g} s ({s['time_to_reference_final_ratio']['mean']:.2f}×)"
-            if reached < n:
-                ttr += f", {reached}/{n} seeds"
-        delta = s["delta_final_vs_reference"]
-        delta_txt = "n/a" if delta is None else (f"{delta['mean']:+.3f}" + (f" ± {delta['std']:.3f}" if delta["n"] > 1 else ""))
+            ttr = f"{s['time_to_plain']['mean']:.2f} of the budget"
+            if s["reached_plain"] < s["seeds"]:
+                ttr += f" ({s['reached_plain']}/{s['seeds']} seeds)"
+        ctl = "n/a" if s["delta_control"] is None else f"{fmt(s['delta_control'], signed=True)} ({s['control']})"
+        rho = "n/a" if s["rho25"] is None else f"{s['rho25']['mean']:.2f} / " + (
+            f"{s['rho50']['mean']:.2f}" if s["rho50"] else "n/a")
+        ess = "n/a" if s["ess_ratio"] is None else f"{s['ess_ratio']['mean']:.2f}"
         lines.append(
-            f"| {arm} | {fmt(s['mean_token_fraction'], 2, spread=False)} | {fmt(s['final_val'])} | {delta_txt} "
-            f"| {fmt(s['val_at_half_steps'])} | {eq} | {ttr} | {fmt(s['easy_half_val'])} | {fmt(s['hard_half_val'])} "
-            f"| {fmt(s['worst_quarter_val'])} | {s['train_seconds']['mean']:.3g} | {fmt(s['tokens_per_second'], 0, spread=False)} |"
+            f"| {arm} | {s['kept']['mean']:.2f} | {s['step_ms']['mean']:.1f} | "
+            f"{'n/a' if s['speed'] is None else format(s['speed'], '.2f') + 'x'} | {s['steps']['mean']:.0f} | "
+            f"{s['epochs']['mean']:.2f} | {fmt(s['final_val'])} | {fmt(s['delta_plain'], signed=True)} | {ctl} | "
+            f"{ttr} | {rho} | {ess} |"
         )
-    lines.append("")
-    lines.append(
-        "Validation losses: plain mean cross entropy over every held-out token (nats), mean ± std over seeds. "
-        "*tokens in loss*: mean fraction of tokens the gate kept. "
-        f"*easy half* / *hard half*: held-out tokens below / above the median per-token loss of the final {ref} "
-        "model of the same seed. *worst-25%*: mean of the quarter of held-out tokens with the highest loss under "
-        "the arm's own final model (the tail that hard-token training aims at). Training time excludes evaluation."
-    )
-    if notes:
-        lines.append(
-            f"† this arm's training ended before {ref}'s training time (it is faster): its final loss is shown."
-        )
+    lines += [
+        "",
+        "Validation loss: plain mean cross entropy over the held-out tokens (nats), mean ± std over seeds, "
+        "at the end of an equal time budget. Δ: paired by seed (the arm minus plain, or minus the random "
+        "control at the arm's kept fraction); negative is better. *step ms*: each arm's training step timed "
+        "alone on the device; *speed*: plain's step time over the arm's. *time to plain's final*: the "
+        "share of the budget the arm needed to reach plain's final loss. *rho*: the variance gain over "
+        "uniform sampling that the starting model's gradnorm scores predict at 25% / 50% of tokens; "
+        "*ESS / k*: the effective sample size of the importance weights over the tokens drawn, measured "
+        "during training.",
+    ]
     return "\n".join(lines) + "\n"
 
 
-def plot_curves(runs: dict, arms: list[str], seeds: list[int], out: Path) -> list[str]:
+def conclusion(summary: dict) -> str:
+    """One sentence on what a user should take from the table."""
+    plain = summary.get("plain")
+    gated = {a: s for a, s in summary.items() if a != "plain" and s["delta_plain"] is not None}
+    if plain is None or not gated:
+        return "No plain arm to compare with: run --arms plain ... for a verdict."
+    best = min(gated, key=lambda a: gated[a]["delta_plain"]["mean"])
+    d = gated[best]["delta_plain"]["mean"]
+    parts = []
+    if "default" in gated:
+        dd = gated["default"]
+        ctl = dd["delta_control"]
+        parts.append(
+            f"the default gate (`cggr_hook.enable(model)`) ended {dd['delta_plain']['mean']:+.3f} nats against plain"
+            + (f" and {ctl['mean']:+.3f} against its random control ({dd['control']})" if ctl else "")
+        )
+    verdict = ("gating paid here" if d <= 0 else "gating did not pay here")
+    return (f"Verdict at equal wall-clock: {verdict}: the best gated arm, {best}, ended {d:+.3f} nats against plain"
+            + (f"; {parts[0]}" if parts else "") + ".")
+
+
+def plot_curves(runs: list[dict], arms: list[str], out: Path, title: str) -> str:
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    written = []
-    for xkey, xlabel, fname in (("steps", "optimizer step", "val_loss_vs_step.png"),
-                                ("seconds", "training seconds (evaluation excluded)", "val_loss_vs_time.png")):
-        fig, ax = plt.subplots(figsize=(7.5, 4.8), dpi=120)
-        lows, highs = [], []
-        for i, arm in enumerate(arms):
-            rs = [runs[(arm, s)] for s in seeds if (arm, s) in runs]
-            if not rs:
-                continue
-            n = min(len(r["val_loss"]) for r in rs)
-            xs = [statistics.fmean(r[xkey][j] for r in rs) for j in range(1, n)]
-            ys = [statistics.fmean(r["val_loss"][j] for r in rs) for j in range(1, n)]
-            style = dict(color="black", lw=2.2) if arm == "plain" else dict(lw=1.5)
-            if arm.startswith("random"):
-                style["ls"] = "--"
-            elif arm.endswith("-warm"):
-                style["ls"] = "-."
-            ax.plot(xs, ys, marker="o", ms=2.5, label=arm, **style)
-            lows.append(min(ys))
-            highs.append(ys[0])
-        if lows:
-            lo, hi = min(lows), max(highs)
-            pad = 0.05 * max(hi - lo, 1e-3)
-            ax.set_ylim(lo - pad, hi + pad)
-        ax.set_xlabel(xlabel)
-        ax.set_ylabel("validation loss (nats / token)")
-        title = "held-out loss" + (f", mean of {len(seeds)} seeds" if len(seeds) > 1 else f", seed {seeds[0]}")
-        ax.set_title(title)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8, ncol=2)
-        fig.tight_layout()
-        fig.savefig(out / fname)
-        plt.close(fig)
-        written.append(fname)
-    return written
+    fig, ax = plt.subplots(figsize=(7.5, 4.8), dpi=120)
+    lows, highs = [], []
+    for arm in arms:
+        rs = [r for r in runs if r["arm"] == arm]
+        if not rs:
+            continue
+        n = min(len(r["curve"]) for r in rs)
+        xs = [statistics.fmean(r["curve"][j]["seconds"] for r in rs) for j in range(1, n)]
+        ys = [statistics.fmean(r["curve"][j]["val"] for r in rs) for j in range(1, n)]
+        style = dict(color="black", lw=2.2) if arm == "plain" else dict(lw=1.4)
+        if arm.startswith("random"):
+            style["ls"] = "--"
+        elif arm.startswith("imp-"):
+            style["marker"] = "s"
+        ax.plot(xs, ys, marker=style.pop("marker", "o"), ms=2.5, label=arm, **style)
+        lows.append(min(ys))
+        highs.append(ys[0])
+    if lows:
+        lo, hi = min(lows), max(highs)
+        pad = 0.05 * max(hi - lo, 1e-3)
+        ax.set_ylim(lo - pad, hi + pad)
+    ax.set_xlabel("training seconds (each arm's step timed alone; evaluation excluded)")
+    ax.set_ylabel("validation loss (nats / token)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, ncol=2)
+    fig.tight_layout()
+    name = "val_loss_vs_time.png"
+    fig.savefig(out / name)
+    plt.close(fig)
+    return name
+
+
+def write_results(result: dict, out: Path) -> str:
+    runs, arms = result["runs"], result["arm_order"]
+    summary = summarize(runs, arms)
+    result["summary"] = summary
+    a = result["args"]
+    seeds = sorted({r["seed"] for r in runs})
+    header = (
+        f"## cggr_hook quality benchmark: {a['preset']} ({a['regime']})\n\n"
+        f"{result['environment']['device']}; Llama {a['layers']} layers, d={a['d_model']}, V={a['vocab_size']} (tied), "
+        f"{result['n_params'] / 1e6:.1f}M parameters; {a['batch_size']} x {a['seq_len']} tokens a step; "
+        f"{a['budget']:g} s a run (virtual clock); AdamW peak lr {a['lr']:g}, cosine over the budget; "
+        f"seeds {', '.join(map(str, seeds))}; held-out: {result['heldout_tokens']:,} tokens"
+        + (f"; base model: {result['base']['steps']} plain steps, {result['base']['epochs']:.2f} epochs of the "
+           f"pretraining domain" if result.get("base") else "") + "."
+    )
+    table = markdown_table(summary, header)
+    verdict = conclusion(summary)
+    (out / "results.md").write_text(table + "\n" + verdict + "\n")
+    result["conclusion"] = verdict
+    result["files"] = ["results.md", "results.json", plot_curves(runs, arms, out, f"{a['preset']}: held-out loss, "
+                                                                  f"mean of {len(seeds)} seed(s)")]
+    with open(out / "results.json", "w") as f:
+        json.dump(result, f, indent=1, default=str)
+    return table + "\n" + verdict
+
+
+def merge(paths: list[str], out: Path) -> int:
+    """Combine the runs of several results.json files of one preset into one table."""
+    results = []
+    for p in paths:
+        p = Path(p)
+        results.append(json.loads((p / "results.json" if p.is_dir() else p).read_text()))
+    presets = {r["args"]["preset"] for r in results}
+    if len(presets) != 1:
+        raise SystemExit(f"--merge: results of one preset only, got {sorted(presets)}")
+    merged = copy.deepcopy(results[0])
+    seen = set()
+    merged["runs"], merged["sources"] = [], [str(p) for p in paths]
+    for r in results:
+        for run in r["runs"]:
+            key = (run["arm"], run["seed"])
+            if key in seen:
+                raise SystemExit(f"--merge: arm {run['arm']} seed {run['seed']} appears twice")
+            seen.add(key)
+            merged["runs"].append(run)
+        for arm in r["arm_order"]:
+            if arm not in merged["arm_order"]:
+                merged["arm_order"].append(arm)
+    merged["timings"] = {i: r["timings"] for i, r in enumerate(results)}
+    out.mkdir(parents=True, exist_ok=True)
+    print(write_results(merged, out))
+    return 0
 
 
 # ----------------------------------------------------------------------------------------------
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(
-        description="Train a small Llama on the standard library's sources with and without cggr_hook gating "
-        "and compare validation losses.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
-    )
-    p.add_argument("--preset", choices=sorted(PRESETS), default=None,
-                   help="default: gpu with CUDA, cpu without")
-    p.add_argument("--arms", nargs="+", default=None, help=f"arm names (gpu preset: {' '.join(ALL_ARMS)})")
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--preset", choices=sorted(PRESETS), default=None, help="default: cpu without CUDA, "
+                   "finetune-large with it")
+    p.add_argument("--arms", nargs="+", default=None, help=f"arm names (GPU presets: {' '.join(GPU_ARMS)})")
     p.add_argument("--seeds", nargs="+", type=int, default=None)
-    p.add_argument("--steps", type=int, default=None, help="optimizer steps per arm")
-    p.add_argument("--minutes-per-arm", type=float, default=None,
-                   help="size --steps from a short timing of plain steps so one arm trains about this long")
-    p.add_argument("--budget-minutes", type=float, default=None,
-                   help="size --steps so the whole run (every arm and seed, evaluations included) takes about this long")
+    p.add_argument("--budget", type=float, default=None, help="seconds of (virtual) training an arm")
     p.add_argument("--batch-size", type=int, default=None)
     p.add_argument("--seq-len", type=int, default=None)
     p.add_argument("--layers", type=int, default=None)
     p.add_argument("--d-model", type=int, default=None)
     p.add_argument("--heads", type=int, default=None)
-    p.add_argument("--ffn", type=int, default=None, help="MLP width (default 4 * d-model)")
+    p.add_argument("--ffn", type=int, default=None)
     p.add_argument("--vocab-size", type=int, default=None)
     p.add_argument("--lr", type=float, default=None, help="peak learning rate")
-    p.add_argument("--lr-warmup-frac", type=float, default=0.05, help="linear learning-rate warmup, fraction of steps")
-    p.add_argument("--weight-decay", type=float, default=0.1)
-    p.add_argument("--grad-clip", type=float, default=1.0)
-    p.add_argument("--warmup-frac", type=float, default=0.3, help="curriculum length of the -warm arms, fraction of steps")
-    p.add_argument("--eval-points", type=int, default=None, help="evaluations per arm, evenly spaced")
+    p.add_argument("--regime", choices=("scratch", "finetune"), default=None)
+    p.add_argument("--base-seconds", type=float, default=None, help="finetune: plain training of the base model")
+    p.add_argument("--sources", choices=stdlib_text.SOURCES, default=None,
+                   help="stdlib: the standard library's sources; python: every Python source of the machine")
+    p.add_argument("--finetune-share", type=float, default=None,
+                   help="finetune: share of the packages that form the new domain")
+    p.add_argument("--timing-only", action="store_true",
+                   help="time every arm's step alone on the device, print the table and stop")
+    p.add_argument("--warmup-frac", type=float, default=0.3, help="curriculum share of the -warm arms")
+    p.add_argument("--eval-points", type=int, default=None)
+    p.add_argument("--eval-tokens", type=int, default=None, help="held-out tokens evaluated (the first ones)")
     p.add_argument("--eval-batch-size", type=int, default=None)
     p.add_argument("--max-bytes", type=int, default=None, help="training-text byte budget (0: every file)")
-    p.add_argument("--max-heldout-bytes", type=int, default=None, help="held-out byte budget (0: every held-out file)")
-    p.add_argument("--reference", default="plain", help="the arm the others are compared with")
-    p.add_argument("--cache-dir", default=None, help="tokenizer/token cache (default $CGGR_HOOK_CACHE, else "
-                   "$XDG_CACHE_HOME/cggr_hook, else ~/.cache/cggr_hook)")
+    p.add_argument("--max-heldout-bytes", type=int, default=None, help="held-out byte budget (0: every file)")
+    p.add_argument("--parallel", type=int, default=None, help="training runs at once (the timing is not shared)")
+    p.add_argument("--cache-dir", default=None, help="tokenizer, token and base-model cache "
+                   "(default $CGGR_HOOK_CACHE, else $XDG_CACHE_HOME/cggr_hook, else ~/.cache/cggr_hook)")
     p.add_argument("--out", default="runs/quality", help="output folder")
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    p.add_argument("--no-progress", action="store_true")
-    p.add_argument("--no-warmup", action="store_true",
-                   help="skip the untimed warm-up steps (CUDA start-up, kernel compilation) before the first arm")
+    p.add_argument("--merge", nargs="+", default=None, metavar="RESULTS",
+                   help="only combine these results.json files (or folders) of one preset into --out")
     args = p.parse_args(argv)
-
+    if args.merge:
+        return args
     cuda = torch.cuda.is_available()
-    args.preset = args.preset or ("gpu" if cuda else "cpu")
-    preset = PRESETS[args.preset]
+    args.preset = args.preset or ("finetune-large" if cuda else "cpu")
+    preset = dict(PRESETS[args.preset])
     for k, v in preset.items():
         if getattr(args, k, None) is None:
             setattr(args, k, copy.deepcopy(v))
+    for k in ("finetune_share", "base_seconds", "base_batch_size", "base_lr"):
+        if getattr(args, k, None) is None:
+            setattr(args, k, preset.get(k, 0.0 if k != "base_batch_size" else args.batch_size))
     if args.max_bytes == 0:
         args.max_bytes = None
     if args.max_heldout_bytes == 0:
         args.max_heldout_bytes = None
+    if args.arms is None:  # the main job: plain, the default gate and its random control
+        args.arms = ["plain", "default"] + [a for a in [control_arm({})] if a]
     args.device = args.device or ("cuda" if cuda else "cpu")
-    if args.eval_batch_size is None:
-        args.eval_batch_size = args.batch_size if args.device.startswith("cuda") else max(8, 2 * args.batch_size)
+    args.eval_batch_size = args.eval_batch_size or min(32, max(8, args.batch_size))
     return args
-
-
-def warm_up(args, corpus, heldout, arm_opts: dict, device, amp) -> None:
-    """A few untimed steps of a throwaway model, plain and under each arm's gate, and one evaluation
-    batch, so CUDA start-up and kernel compilation (Triton's too) count in no arm's training time."""
-    model, _ = build_model(args, corpus.vocab_size, 0)
-    model.to(device).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-6, **({"fused": True} if device.type == "cuda" else {}))
-    it = corpus.batches(args.batch_size, args.seq_len, seed=54321)
-    for opts in [None, *{json.dumps(o, sort_keys=True): o for o in arm_opts.values() if o}.values()]:
-        if opts is not None:
-            reset_schedule()
-            cggr_hook.enable(model, **opts)
-        for _ in range(2):
-            x = next(it).to(device)
-            with amp():
-                loss = model(input_ids=x, labels=x).loss
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-        if opts is not None:
-            cggr_hook.disable(model)
-    heldout_token_losses(model, heldout[: args.eval_batch_size], args.eval_batch_size, device, amp)
-    sync(device)
-    del model, opt
-    if cggr_hook is not None and hasattr(cggr_hook, "scheduler") and any(arm_opts.values()):
-        reset_schedule()
-
-
-def calibrate_steps(args, corpus, device, amp) -> int:
-    """Steps per arm so that a plain arm trains about --minutes-per-arm (gated arms may differ)."""
-    model, _ = build_model(args, corpus.vocab_size, 0)
-    model.to(device).train()
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
-    it = corpus.batches(args.batch_size, args.seq_len, seed=12345)
-    times = []
-    for i in range(13):
-        x = next(it).to(device)
-        sync(device)
-        t = time.perf_counter()
-        with amp():
-            loss = model(input_ids=x, labels=x).loss
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        sync(device)
-        if i >= 3:
-            times.append(time.perf_counter() - t)
-    per_step = statistics.median(times)
-    del model, opt
-    return max(10, int(args.minutes_per_arm * 60 / per_step))
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
+    out = Path(args.out)
+    if args.merge:
+        return merge(args.merge, out)
     wall0 = time.perf_counter()
     if args.threads:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
-    if device.type == "cuda":
-        amp = lambda: torch.autocast("cuda", dtype=torch.bfloat16)  # noqa: E731
-    else:
-        amp = nullcontext
+    arms = list(dict.fromkeys(["plain"] + args.arms)) if "plain" in args.arms else list(dict.fromkeys(args.arms))
+    for a in arms:
+        arm_options(a)  # validate names before any work
 
-    gated = [a for a in args.arms if a != "plain"]
-    for a in args.arms:
-        arm_options(a, 100, args.warmup_frac)  # validate names early
-    if gated and (cggr_hook is None or not hasattr(cggr_hook, "enable")):
-        print("cggr_hook is not importable here (pip install -e . from the repository root); "
-              f"cannot run the gated arms {gated}", file=sys.stderr)
-        return 2
-    if gated:
-        _remember_fresh_schedule()
-    reference = args.reference if args.reference in args.arms else None
-    arms = ([reference] if reference else []) + [a for a in args.arms if a != reference]
-
-    corpus = stdlib_text.load_corpus(
-        vocab_size=args.vocab_size, max_bytes=args.max_bytes, max_heldout_bytes=args.max_heldout_bytes,
-        include_tests=args.include_tests, cache_dir=args.cache_dir,
-    )
-    heldout = corpus.heldout_sequences(args.seq_len)
-    if args.budget_minutes and not args.minutes_per_arm:
-        # evaluations, start-up and the gate's overhead: keep about a quarter of the budget for them
-        args.minutes_per_arm = 0.75 * args.budget_minutes / (len(arms) * len(args.seeds))
-    if args.minutes_per_arm:
-        args.steps = calibrate_steps(args, corpus, device, amp)
-    arm_opts = {a: arm_options(a, args.steps, args.warmup_frac) for a in arms}
-
-    out = Path(args.out)
+    corpus = load_data(args)
+    part = "finetune" if args.regime == "finetune" else None
+    train, held = data_for(corpus, args, part)
+    base = train_base(args, corpus, device) if args.regime == "finetune" else None
     out.mkdir(parents=True, exist_ok=True)
-    model_tmp, cfg = build_model(args, corpus.vocab_size, 0)
-    n_params = sum(p.numel() for p in model_tmp.parameters())
-    del model_tmp
-    n_tokens_heldout = heldout.shape[0] * (heldout.shape[1] - 1)
-    epochs = args.steps * args.batch_size * args.seq_len / corpus.train_tokens.numel()
-    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu"
-    print(
-        f"preset {args.preset} on {device_name}: {args.layers} layers, d={args.d_model}, T={args.seq_len}, "
-        f"V={corpus.vocab_size}, batch {args.batch_size}, {args.steps} steps ({epochs:.2g} epochs), seeds {args.seeds}; "
-        f"train {corpus.train_tokens.numel():,} tokens ({corpus.info['train_files']} files), "
-        f"held-out {n_tokens_heldout:,} predicted tokens ({corpus.info['heldout_files']} files)",
-        flush=True,
-    )
+    device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or "cpu")
+    n_params = sum(p.numel() for p in build_model(args, corpus.vocab_size, 0).parameters())
+    print(f"preset {args.preset} ({args.regime}) on {device_name}: {args.layers} layers, d={args.d_model}, "
+          f"V={corpus.vocab_size}, {n_params / 1e6:.1f}M parameters, {args.batch_size} x {args.seq_len} tokens a "
+          f"step, {args.budget:g} s an arm, seeds {args.seeds}; training stream {train.train_tokens.numel():,} tokens, "
+          f"held-out {held.numel():,} tokens", flush=True)
 
-    from tqdm.auto import tqdm
-
-    if not args.no_warmup:
-        warm_up(args, corpus, heldout, arm_opts, device, amp)
-    runs, finals = {}, {}
-    bar = tqdm(total=len(arms) * len(args.seeds) * args.steps, unit="step", disable=args.no_progress,
-               dynamic_ncols=True, mininterval=1.0)
-    for seed in args.seeds:
-        for arm in arms:
-            bar.set_description(f"{arm} s{seed}")
-            run, losses = train_arm(arm, arm_opts[arm], seed, corpus, heldout, args, device, amp, bar)
-            runs[(arm, seed)] = run
-            finals[(arm, seed)] = losses
-            sc = run["schedule_step_count"]
-            if sc is not None and sc != args.steps:
-                print(f"\nnote: cggr_hook.scheduler.step_count was {sc} after {args.steps} optimizer steps "
-                      f"of arm {arm}", file=sys.stderr)
-    bar.close()
-
-    per_seed_figures(runs, finals, reference, args)
-    summary = summarize(runs, arms, args.seeds)
-    header = (
-        f"## cggr_hook quality benchmark ({args.preset} preset)\n\n"
-        f"{device_name}; Llama {args.layers} layers, d={args.d_model}, {args.heads} heads, T={args.seq_len}, "
-        f"vocab {corpus.vocab_size} (tied), {n_params / 1e6:.2f}M parameters; AdamW lr {args.lr:g} cosine, "
-        f"{args.steps} steps × {args.batch_size} × {args.seq_len} tokens ({epochs:.2g} epochs of "
-        f"{corpus.train_tokens.numel():,} training tokens); "
-        f"{'bf16 autocast' if device.type == 'cuda' else 'fp32'}; seeds {', '.join(map(str, args.seeds))}; "
-        f"held-out: {n_tokens_heldout:,} tokens of {corpus.info['heldout_files']} standard-library files."
-    )
-    table = markdown_table(summary, arms, reference, header)
-    print()
-    print(table)
-    (out / "results.md").write_text(table)
-    pngs = plot_curves(runs, arms, args.seeds, out)
-
+    # timing: every arm alone on the device; the estimated step count sizes -warm curricula
+    timings = timing_phase(args, train, device, {a: arm_options(a) for a in arms})
+    if args.timing_only:
+        plain = timings.get("plain", {}).get("plain")
+        print("\n| arm | step ms | tokens/s | speed vs plain |\n|---|---|---|---|")
+        for a, t in timings.items():
+            ms = 1e3 * min(t.values())
+            speed = f"{plain / min(t.values()):.2f}x" if plain else "n/a"
+            print(f"| {a} | {ms:.1f} | {args.batch_size * args.seq_len / (ms / 1e3):,.0f} | {speed} |")
+        print(f"\n{device_name}, {args.preset}: {args.batch_size} x {args.seq_len} tokens a step "
+              "(an arm whose fraction moves: its fastest fraction)")
+        return 0
+    arm_opts = {}
+    for a in arms:
+        est = max(1, int(args.budget / min(timings[a].values())))
+        arm_opts[a] = arm_options(a, est, args.warmup_frac)
+    job_args = {k: v for k, v in vars(args).items() if k != "merge"}
+    path = None
+    if base is not None:
+        path = str(base_path(args, corpus))
+    jobs = [dict(args=job_args, arm=a, seed=s, opts=arm_opts[a], timing=timings[a], base=path)
+            for s in args.seeds for a in arms]
+    runs = []
     result = dict(
-        args=vars(args),
-        arms={a: arm_opts[a] for a in arms},
-        reference=reference,
-        model_config=cfg.to_dict(),
-        n_params=n_params,
-        corpus=corpus.info,
-        heldout_predicted_tokens=n_tokens_heldout,
-        environment=dict(
-            python=platform.python_version(), torch=torch.__version__,
-            transformers=__import__("transformers").__version__,
-            cggr_hook=getattr(cggr_hook, "__version__", None) if cggr_hook else None,
-            device=device_name, threads=torch.get_num_threads(),
-        ),
-        runs=[runs[(a, s)] for s in args.seeds for a in arms],
-        summary=summary,
-        wall_seconds=time.perf_counter() - wall0,
-        files=["results.md", "results.json", *pngs],
+        args=job_args, arm_order=arms, timings={a: {str(k): v for k, v in t.items()} for a, t in timings.items()},
+        n_params=n_params, corpus=corpus.info, heldout_tokens=int(held.numel()),
+        base={k: v for k, v in base.items() if k != "state"} if base else None,
+        environment=dict(python=platform.python_version(), torch=torch.__version__,
+                         transformers=__import__("transformers").__version__,
+                         cggr_hook=getattr(cggr_hook, "__version__", None), device=device_name,
+                         threads=torch.get_num_threads(),
+                         defaults=dict(vars(cggr_hook.GateConfig())) if hasattr(cggr_hook, "GateConfig") else None),
+        runs=runs,
     )
-    with open(out / "results.json", "w") as f:
-        json.dump(result, f, indent=1, default=str)
-    print(f"wrote {out / 'results.md'}, {out / 'results.json'}, " + ", ".join(str(out / p) for p in pngs)
-          + f" in {result['wall_seconds']:.0f} s")
+
+    def finished(r: dict) -> None:
+        runs.append(r)
+        print(f"{r['arm']} seed {r['seed']}: {r['steps']} steps, final val {r['final_val']:.4f}", flush=True)
+        write_results(result, out)  # the files hold every finished run, should the rest be cut short
+
+    if args.parallel > 1 and len(jobs) > 1:
+        import multiprocessing as mp
+
+        with ProcessPoolExecutor(max_workers=args.parallel, mp_context=mp.get_context("spawn")) as pool:
+            for r in pool.map(run_job, jobs):
+                finished(r)
+    else:
+        for job in jobs:
+            finished(run_job(job))
+    print()
+    print(write_results(result, out))
+    print(f"wrote {out / 'results.md'}, {out / 'results.json'}, {out / 'val_loss_vs_time.png'} in "
+          f"{time.perf_counter() - wall0:.0f} s")
     return 0
 
 

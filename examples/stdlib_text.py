@@ -1,18 +1,25 @@
-"""Real text with no download: the Python standard library's own source files.
+"""Real text with no download: the Python sources already on this machine.
 
 Every machine that runs these examples has a Python installation, and its standard library is a
-few tens of MB of real, varied text (code, docstrings, comments). This module turns it into a
-small language-modelling corpus:
+few tens of MB of real, varied text (code, docstrings, comments); with the installed packages
+(``site-packages``) it is a few hundred MB. This module turns either into a language-modelling
+corpus:
 
-* the ``.py`` files under ``sysconfig.get_paths()['stdlib']`` (``site-packages`` and
-  ``dist-packages`` skipped, test directories skipped unless asked for), sorted by path;
+* ``sources='stdlib'`` (the default): the ``.py`` files under ``sysconfig.get_paths()['stdlib']``
+  (``site-packages`` and ``dist-packages`` skipped, test directories skipped unless asked for),
+  sorted by path; ``sources='python'``: those plus every ``.py`` file of the installed packages
+  (``purelib`` / ``platlib``; files over ``MAX_FILE_BYTES`` skipped as generated), with files of
+  identical content kept once, so no copy can sit on both sides of the split;
+* ``finetune_share`` > 0 splits the corpus into two domains by package: a ``pretrain`` part (the
+  standard library and most packages) and a ``finetune`` part (the packages whose name hashes
+  into that share), for runs that continue training on a new domain;
 * a deterministic split by file: every ``heldout_every``-th file of the sorted list is held out;
 * an optional byte budget per split, filled in a fixed pseudo-random file order (a hash of the
   path), so a small budget still samples the whole library and a larger budget is a superset;
-* a byte-level BPE tokenizer (``tokenizers``) trained on the training split only, on the spot,
-  and cached with the encoded token streams under ``$CGGR_HOOK_CACHE`` (default
-  ``$XDG_CACHE_HOME/cggr_hook``, else ``~/.cache/cggr_hook``; ``--cache-dir`` overrides), keyed
-  by the vocabulary size and a hash of the file list.
+* a byte-level BPE tokenizer (``tokenizers``) trained on the training split only (at most
+  ``tokenizer_bytes`` of it), on the spot, and cached with the encoded token streams under
+  ``$CGGR_HOOK_CACHE`` (default ``$XDG_CACHE_HOME/cggr_hook``, else ``~/.cache/cggr_hook``;
+  ``--cache-dir`` overrides), keyed by the vocabulary size and a hash of the file list.
 
 >>> corpus = load_corpus(vocab_size=4096, max_bytes=3_000_000)
 >>> x = next(corpus.batches(batch_size=16, seq_len=128, seed=0))   # (16, 128) int64
@@ -39,7 +46,7 @@ import torch
 EOS = "<|endoftext|>"
 TEST_DIR_NAMES = {"test", "tests", "idle_test"}
 SKIP_DIR_NAMES = {"site-packages", "dist-packages", "__pycache__"}
-FORMAT_VERSION = 1  # bump when the cached files change meaning
+FORMAT_VERSION = 2  # bump when the cached files change meaning
 
 
 def default_cache_dir() -> Path:
@@ -117,19 +124,6 @@ def split_files(
     return _budget(train, max_bytes), _budget(held, max_heldout_bytes)
 
 
-def _read(root: Path, rel: str) -> str:
-    return (root / rel).read_bytes().decode("utf-8", errors="replace")
-
-
-def _files_hash(root: Path, train: list, held: list) -> str:
-    h = hashlib.sha1()
-    h.update(f"v{FORMAT_VERSION}\n".encode())
-    for tag, files in (("train", train), ("held", held)):
-        for rel, size in files:
-            h.update(f"{tag}\t{rel}\t{size}\n".encode())
-    return h.hexdigest()[:16]
-
-
 def train_tokenizer(texts, vocab_size: int):
     """A byte-level BPE tokenizer with one special token, ``<|endoftext|>`` (id 0)."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
@@ -165,19 +159,34 @@ def _atomic_save(obj, path: Path) -> None:
 
 @dataclass
 class Corpus:
-    """Token streams of the two splits, and the tokenizer that made them."""
+    """Token streams of the two splits, and the tokenizer that made them.
+
+    ``parts`` holds, when the corpus was built with a ``finetune_share``, the streams of each
+    domain: ``parts['pretrain']`` and ``parts['finetune']``, each a (train, held-out) pair; the
+    whole-corpus streams are their concatenation."""
 
     train_tokens: torch.Tensor  # (N,) int32
     heldout_tokens: torch.Tensor  # (M,) int32
     vocab_size: int
     tokenizer_path: Path
     info: dict = field(default_factory=dict)
+    parts: dict = field(default_factory=dict)
 
     @property
     def tokenizer(self):
         from tokenizers import Tokenizer
 
         return Tokenizer.from_file(str(self.tokenizer_path))
+
+    def part(self, name: str | None) -> "Corpus":
+        """The corpus of one domain (``'pretrain'`` or ``'finetune'``), sharing the tokenizer;
+        the whole corpus for None."""
+        if name is None:
+            return self
+        if name not in self.parts:
+            raise ValueError(f"no part {name!r}: build the corpus with finetune_share > 0 (parts: {sorted(self.parts)})")
+        train, held = self.parts[name]
+        return Corpus(train, held, self.vocab_size, self.tokenizer_path, dict(self.info, part=name))
 
     def train_sequences(self, seq_len: int) -> torch.Tensor:
         """The training stream cut into non-overlapping ``(n, seq_len)`` int64 rows."""
@@ -216,6 +225,83 @@ class Corpus:
                 done += 1
 
 
+SOURCES = ("stdlib", "python")
+MAX_FILE_BYTES = 1_000_000  # a larger .py file in site-packages is generated data, not code
+TOKENIZER_BYTES = 64_000_000  # the tokenizer learns from at most this much of the training split
+
+
+def site_roots() -> list[Path]:
+    """The installed packages' folders (``purelib`` and ``platlib``; one when they coincide)."""
+    paths = sysconfig.get_paths()
+    roots: list[Path] = []
+    for key in ("purelib", "platlib"):
+        p = Path(paths[key])
+        if p.is_dir() and p.resolve() not in {r.resolve() for r in roots}:
+            roots.append(p)
+    return roots
+
+
+def list_site_files(root: Path, include_tests: bool = False,
+                    max_file_bytes: int = MAX_FILE_BYTES) -> list[tuple[str, int]]:
+    """``(relative path, size)`` of every ``.py`` file of installed packages under ``root`` (test
+    folders skipped unless asked for, files over ``max_file_bytes`` skipped), sorted by path."""
+    found: list[tuple[str, int]] = []
+    for dirpath, dirnames, filenames in os.walk(root):
+        skip = {"__pycache__"} | (set() if include_tests else TEST_DIR_NAMES)
+        dirnames[:] = sorted(d for d in dirnames if d not in skip and not d.startswith(".")
+                             and not d.endswith((".dist-info", ".egg-info")))
+        for name in filenames:
+            if not name.endswith(".py"):
+                continue
+            path = Path(dirpath) / name
+            try:
+                size = path.stat().st_size
+            except OSError:
+                continue
+            if 0 < size <= max_file_bytes:
+                found.append((path.relative_to(root).as_posix(), size))
+    found.sort()
+    return found
+
+
+def list_source_files(sources: str = "stdlib", include_tests: bool = False) -> tuple[dict[str, Path], list[tuple[str, int]]]:
+    """(roots by tag, files): files are ``('<tag>/<relative path>', size)``, sorted; tags are
+    ``stdlib`` and, for ``sources='python'``, ``site<i>`` for each packages folder."""
+    if sources not in SOURCES:
+        raise ValueError(f"sources={sources!r}: use one of {SOURCES}")
+    roots = {"stdlib": stdlib_root()}
+    files = [(f"stdlib/{rel}", size) for rel, size in list_stdlib_files(roots["stdlib"], include_tests)]
+    if sources == "python":
+        for i, root in enumerate(site_roots()):
+            roots[f"site{i}"] = root
+            files += [(f"site{i}/{rel}", size) for rel, size in list_site_files(root, include_tests)]
+    files.sort()
+    return roots, files
+
+
+def domain_of(key: str) -> str:
+    """The package a file belongs to: ``stdlib`` for the standard library, else the top-level
+    name under the packages folder (a module file without its ``.py``)."""
+    tag, _, rel = key.partition("/")
+    if tag == "stdlib":
+        return "stdlib"
+    top = rel.split("/", 1)[0]
+    return top[:-3] if top.endswith(".py") else top
+
+
+def in_finetune_part(domain: str, share: float) -> bool:
+    """Whether a package belongs to the fine-tuning domain: a fixed hash of its name below
+    ``share`` (the standard library never does). The same on every machine."""
+    if domain == "stdlib" or share <= 0:
+        return False
+    return int(hashlib.sha1(domain.encode()).hexdigest()[:8], 16) / 0x100000000 < share
+
+
+def _read_key(roots: dict[str, Path], key: str) -> bytes:
+    tag, _, rel = key.partition("/")
+    return (roots[tag] / rel).read_bytes()
+
+
 def load_corpus(
     vocab_size: int = 16384,
     max_bytes: int | None = None,
@@ -224,54 +310,94 @@ def load_corpus(
     include_tests: bool = False,
     cache_dir: str | Path | None = None,
     verbose: bool = False,
+    sources: str = "stdlib",
+    finetune_share: float = 0.0,
+    tokenizer_bytes: int | None = TOKENIZER_BYTES,
 ) -> Corpus:
-    """Build (or read from the cache) the tokenizer and both token streams.
+    """Build (or read from the cache) the tokenizer and the token streams.
 
-    ``max_bytes`` caps the training split's bytes (all files when None) and so the tokenizer's
-    training time; ``max_heldout_bytes`` caps the held-out split (default: the same proportion).
+    ``max_bytes`` caps the training split's bytes (all files when None); ``max_heldout_bytes``
+    caps the held-out split (default: the same proportion); ``tokenizer_bytes`` caps what the
+    tokenizer learns from. ``sources`` and ``finetune_share``: see the module's docstring.
+    Files of identical content are kept once (the first by path) before the split.
     """
-    root = stdlib_root()
-    files = list_stdlib_files(root, include_tests=include_tests)
+    roots, files = list_source_files(sources, include_tests)
     if not files:
-        raise RuntimeError(f"no .py files found under {root}")
-    train, held = split_files(files, heldout_every, max_bytes, max_heldout_bytes)
-    if not train or not held:
-        raise RuntimeError("the byte budget left a split empty: raise max_bytes")
-    key = f"stdlib-v{vocab_size}-{_files_hash(root, train, held)}"
+        raise RuntimeError(f"no .py files found under {[str(r) for r in roots.values()]}")
+    h = hashlib.sha1()
+    h.update(f"v{FORMAT_VERSION}\n{sources}\n{finetune_share}\n{tokenizer_bytes}\n{heldout_every}\n"
+             f"{max_bytes}\n{max_heldout_bytes}\n".encode())
+    for rel, size in files:
+        h.update(f"{rel}\t{size}\n".encode())
+    key = f"{sources}-v{vocab_size}-{h.hexdigest()[:16]}"
     cache = Path(cache_dir).expanduser() if cache_dir is not None else default_cache_dir()
     cache.mkdir(parents=True, exist_ok=True)
     tok_path = cache / f"{key}.tokenizer.json"
     data_path = cache / f"{key}.tokens.pt"
+    if tok_path.exists() and data_path.exists():
+        data = torch.load(data_path)
+        info = dict(data["info"], cached=True)
+        return Corpus(data["train"], data["heldout"], vocab_size, tok_path, info, data.get("parts", {}))
+
+    t0 = time.perf_counter()
+    # content-level de-duplication before the split: vendored copies of a module must not land
+    # on both sides of it
+    seen: set[str] = set()
+    texts: dict[str, str] = {}
+    unique: list[tuple[str, int]] = []
+    for rel, size in files:
+        try:
+            raw = _read_key(roots, rel)
+        except OSError:
+            continue
+        digest = hashlib.sha1(raw).hexdigest()
+        if digest in seen:
+            continue
+        seen.add(digest)
+        texts[rel] = raw.decode("utf-8", errors="replace")
+        unique.append((rel, size))
+    train, held = split_files(unique, heldout_every, max_bytes, max_heldout_bytes)
+    if not train or not held:
+        raise RuntimeError("the byte budget left a split empty: raise max_bytes")
+    tune = {rel for rel, _ in unique if in_finetune_part(domain_of(rel), finetune_share)}
+    if finetune_share > 0 and not (tune & {r for r, _ in train} and tune & {r for r, _ in held}):
+        raise RuntimeError(f"finetune_share={finetune_share} put no package's files in both splits: raise it")
+    groups = {
+        "pretrain": ([r for r, _ in train if r not in tune], [r for r, _ in held if r not in tune]),
+        "finetune": ([r for r, _ in train if r in tune], [r for r, _ in held if r in tune]),
+    }
     info = {
-        "stdlib": str(root),
+        "sources": sources,
+        "roots": {tag: str(root) for tag, root in roots.items()},
         "key": key,
         "vocab_size": vocab_size,
+        "files_found": len(files),
+        "duplicates_dropped": len(files) - len(unique),
         "train_files": len(train),
         "heldout_files": len(held),
         "train_bytes": sum(s for _, s in train),
         "heldout_bytes": sum(s for _, s in held),
+        "finetune_share": finetune_share,
     }
-    if tok_path.exists() and data_path.exists():
-        data = torch.load(data_path)
-        info.update(data["info"], cached=True)
-        return Corpus(data["train"], data["heldout"], vocab_size, tok_path, info)
-
-    t0 = time.perf_counter()
-    train_texts = [_read(root, rel) for rel, _ in train]
-    held_texts = [_read(root, rel) for rel, _ in held]
+    if finetune_share > 0:
+        info["finetune_packages"] = sorted({domain_of(r) for r in tune})
     if tok_path.exists():
         from tokenizers import Tokenizer
 
         tok = Tokenizer.from_file(str(tok_path))
     else:
-        tok = train_tokenizer(train_texts, vocab_size)
+        sample = _budget(train, tokenizer_bytes)  # a fixed pseudo-random subset of the training files
+        tok = train_tokenizer([texts[rel] for rel, _ in sample], vocab_size)
         tmp = tok_path.with_name(f"{tok_path.name}.{os.getpid()}.tmp")
         tok.save(str(tmp))
         os.replace(tmp, tok_path)
     t1 = time.perf_counter()
     eos_id = tok.token_to_id(EOS)
-    train_ids = _encode(tok, train_texts, eos_id)
-    held_ids = _encode(tok, held_texts, eos_id)
+    streams = {name: tuple(_encode(tok, [texts[r] for r in group], eos_id) for group in pair)
+               for name, pair in groups.items()}
+    train_ids = torch.cat([streams["pretrain"][0], streams["finetune"][0]])
+    held_ids = torch.cat([streams["pretrain"][1], streams["finetune"][1]])
+    parts = streams if finetune_share > 0 else {}
     t2 = time.perf_counter()
     info.update(
         train_tokens=int(train_ids.numel()),
@@ -280,11 +406,13 @@ def load_corpus(
         encode_seconds=round(t2 - t1, 2),
         actual_vocab_size=tok.get_vocab_size(),
     )
-    _atomic_save({"train": train_ids, "heldout": held_ids, "info": dict(info)}, data_path)
+    if parts:
+        info["part_tokens"] = {name: [int(t.numel()) for t in pair] for name, pair in parts.items()}
+    _atomic_save({"train": train_ids, "heldout": held_ids, "parts": parts, "info": dict(info)}, data_path)
     if verbose:
         print(f"stdlib_text: tokenizer {t1 - t0:.1f}s, encoding {t2 - t1:.1f}s -> {data_path}")
     info["cached"] = False
-    return Corpus(train_ids, held_ids, vocab_size, tok_path, info)
+    return Corpus(train_ids, held_ids, vocab_size, tok_path, info, parts)
 
 
 def main() -> None:
@@ -293,6 +421,10 @@ def main() -> None:
     p.add_argument("--max-bytes", type=int, default=None, help="training-split byte budget (default: all)")
     p.add_argument("--max-heldout-bytes", type=int, default=None)
     p.add_argument("--include-tests", action="store_true")
+    p.add_argument("--sources", choices=SOURCES, default="stdlib",
+                   help="stdlib: the standard library; python: it and every installed package")
+    p.add_argument("--finetune-share", type=float, default=0.0,
+                   help="share of the packages set apart as a fine-tuning domain (0: none)")
     p.add_argument("--cache-dir", default=None,
                    help="default: $CGGR_HOOK_CACHE, else $XDG_CACHE_HOME/cggr_hook, else ~/.cache/cggr_hook")
     args = p.parse_args()
@@ -300,6 +432,7 @@ def main() -> None:
     corpus = load_corpus(
         args.vocab_size, args.max_bytes, args.max_heldout_bytes,
         include_tests=args.include_tests, cache_dir=args.cache_dir, verbose=True,
+        sources=args.sources, finetune_share=args.finetune_share,
     )
     info = dict(corpus.info, seconds=round(time.perf_counter() - t0, 2))
     print(json.dumps(info, indent=2))

@@ -100,25 +100,25 @@ def target_counts(targets: Tensor, vocab: int, ignore_index: int) -> Tensor:
 
 
 def row_stats(logits: Tensor, targets: Tensor, ignore_index: int, weight: Tensor | None = None,
-              with_wsum: bool = False) -> RowStats:
-    """Per-row lse, entropy, top-1/top-2 probabilities, target NLL (and sum_v w_v x_v).
+              with_wsum: bool = False, with_p2: bool = False) -> RowStats:
+    """Per-row lse, entropy, top-1/top-2 probabilities, target NLL (and sum_v w_v x_v, sum_v p_v^2).
 
     logits: (B, T, V) any float dtype, any strides; targets: (B*T,) int64. Outputs fp32 (B*T,).
     """
     if backend_for(logits) == "triton":
         with _on_device_of(logits):
-            return _scoring().row_stats(logits, targets, ignore_index, weight, with_wsum)
-    return reference.row_stats(logits, targets, ignore_index, weight, with_wsum)
+            return _scoring().row_stats(logits, targets, ignore_index, weight, with_wsum, with_p2)
+    return reference.row_stats(logits, targets, ignore_index, weight, with_wsum, with_p2)
 
 
 def row_difficulty(stats: RowStats, targets: Tensor, vocab: int, ignore_index: int, scoring: str,
-                   noise: Tensor | None = None) -> tuple[Tensor, Tensor]:
+                   noise: Tensor | None = None, label_smoothing: float = 0.0) -> tuple[Tensor, Tensor]:
     """fp32 (N,) difficulty of every row (-inf where the target is not valid) and float64 (P, 5)
     partial sums of ``reference.SUM_FIELDS`` that the host adds up."""
     if backend_for(stats.lse) == "triton":
         with _on_device_of(stats.lse):
-            return _scoring().row_difficulty(stats, targets, vocab, ignore_index, scoring, noise)
-    return reference.row_difficulty(stats, targets, vocab, ignore_index, scoring, noise)
+            return _scoring().row_difficulty(stats, targets, vocab, ignore_index, scoring, noise, label_smoothing)
+    return reference.row_difficulty(stats, targets, vocab, ignore_index, scoring, noise, label_smoothing)
 
 
 def difficulty_rank(diff: Tensor) -> tuple[Tensor, Tensor]:
@@ -133,15 +133,16 @@ def difficulty_rank(diff: Tensor) -> tuple[Tensor, Tensor]:
 
 def selected_loss(stats: RowStats, targets: Tensor, vocab: int, sel_key: Tensor, sel_k: int, n_selected: int,
                   n_valid: int, reduction: str, label_smoothing: float,
-                  weight: Tensor | None) -> tuple[Tensor, Tensor]:
+                  weight: Tensor | None, row_weight: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """(loss, row_scale): the gated loss of the rows with ``sel_key < sel_k`` and d loss / d ce_r
-    of every row, fp32 (N,) (``reference.selected_loss``)."""
+    of every row, fp32 (N,); ``row_weight`` (fp32 (N,)): each selected row's own factor in place
+    of the reduction's (``reference.selected_loss``)."""
     if backend_for(stats.lse) == "triton":
         with _on_device_of(stats.lse):
             return _gated_ce().selected_loss(stats, targets, vocab, sel_key, sel_k, n_selected, n_valid, reduction,
-                                             label_smoothing, weight)
+                                             label_smoothing, weight, row_weight)
     return reference.selected_loss(stats, targets, vocab, sel_key, sel_k, n_selected, n_valid, reduction,
-                                   label_smoothing, weight)
+                                   label_smoothing, weight, row_weight)
 
 
 def ce_grad_rows(logits: Tensor, targets: Tensor, lse: Tensor, rows: Tensor, scale: Tensor,

@@ -274,9 +274,10 @@ REDUCTION_CODES = {"mean": 0, "sum": 1, "none": 2}
 
 @triton.jit
 def _selected_loss_kernel(
-    nll_ptr, lse_ptr, wsum_row_ptr, tgt_ptr, w_ptr, w_total_ptr, key_ptr, loss_ptr, scale_ptr,
+    nll_ptr, lse_ptr, wsum_row_ptr, tgt_ptr, w_ptr, w_total_ptr, key_ptr, rw_ptr, loss_ptr, scale_ptr,
     N, V, stride_tgt, sel_k, c_main, c_smooth, w_total, factor,
-    REDUCTION: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_SMOOTH: tl.constexpr, BLOCK: tl.constexpr,
+    REDUCTION: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_SMOOTH: tl.constexpr, HAS_ROW_WEIGHT: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
     offs = tl.arange(0, BLOCK)
     total = tl.sum(tl.zeros([BLOCK], tl.float32), axis=0)
@@ -300,7 +301,16 @@ def _selected_loss_kernel(
             ws = tl.load(wsum_row_ptr + rows, mask=sel, other=0.0)
             ce = ce + c_smooth * (w_total * lse - ws)
         ce = tl.where(sel, ce, 0.0)
-        if REDUCTION == 2:
+        if HAS_ROW_WEIGHT:
+            # each selected row's own factor (importance sampling): a weighted sum, no denominator
+            rho = tl.load(rw_ptr + rows, mask=sel, other=0.0)
+            ce = ce * rho
+            tl.store(scale_ptr + rows, rho, mask=inside)
+            if REDUCTION == 2:
+                tl.store(loss_ptr + rows, ce, mask=inside)
+            else:
+                total += tl.sum(ce, axis=0)
+        elif REDUCTION == 2:
             tl.store(loss_ptr + rows, ce, mask=inside)
             tl.store(scale_ptr + rows, tl.where(sel, 1.0, 0.0), mask=inside)
         else:
@@ -308,7 +318,10 @@ def _selected_loss_kernel(
             denom += tl.sum(w_t, axis=0)
             if REDUCTION == 1:
                 tl.store(scale_ptr + rows, tl.where(sel, factor, 0.0), mask=inside)
-    if REDUCTION == 0:
+    if HAS_ROW_WEIGHT:
+        if REDUCTION != 2:
+            tl.store(loss_ptr, total)
+    elif REDUCTION == 0:
         tl.store(loss_ptr, total / denom)
         inv = 1.0 / denom
         # a second walk writes the scale now that the denominator is known
@@ -323,9 +336,10 @@ def _selected_loss_kernel(
 
 def selected_loss(stats, targets: Tensor, vocab: int, sel_key: Tensor, sel_k: int, n_selected: int,
                   n_valid: int, reduction: str, label_smoothing: float,
-                  weight: Tensor | None) -> tuple[Tensor, Tensor]:
-    """The gated loss of the selected rows (``sel_key < sel_k``) and ``row_scale`` (N,): see
-    ``reference.selected_loss``. One program, one launch; sums in a fixed order."""
+                  weight: Tensor | None, row_weight: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """The gated loss of the selected rows (``sel_key < sel_k``) and ``row_scale`` (N,), each
+    selected row weighted by ``row_weight`` when given: see ``reference.selected_loss``. One
+    program, one launch; sums in a fixed order."""
     if reduction not in REDUCTION_CODES:
         raise ValueError(f"cggr_hook: reduction={reduction!r} is not valid; use 'mean', 'sum' or 'none'")
     N = targets.numel()
@@ -344,11 +358,15 @@ def selected_loss(stats, targets: Tensor, vocab: int, sel_key: Tensor, sel_k: in
     if ls and stats.wsum is None:
         raise ValueError("cggr_hook: label smoothing needs the statistics' wsum (row_stats(with_wsum=True))")
     factor = n_valid / n_selected if n_selected else 0.0
+    if row_weight is not None and (row_weight.numel() != N or row_weight.dtype != torch.float32):
+        raise ValueError(f"cggr_hook: row_weight must be fp32 of {N} rows, got {row_weight.dtype} of shape "
+                         f"{tuple(row_weight.shape)}")
     _selected_loss_kernel[(1,)](
         stats.nll, stats.lse, stats.wsum if ls else stats.lse, targets,
-        weight if has_weight else stats.lse, w_total_t, sel_key.contiguous(), loss, row_scale,
+        weight if has_weight else stats.lse, w_total_t, sel_key.contiguous(),
+        row_weight.contiguous() if row_weight is not None else stats.lse, loss, row_scale,
         N, vocab, targets.stride(0), int(sel_k), 1.0 - ls, ls / vocab, float(vocab), factor,
         REDUCTION=REDUCTION_CODES[reduction], HAS_WEIGHT=has_weight, HAS_SMOOTH=bool(ls),
-        BLOCK=LOSS_BLOCK, num_warps=LOSS_WARPS, enable_fp_fusion=False,
+        HAS_ROW_WEIGHT=row_weight is not None, BLOCK=LOSS_BLOCK, num_warps=LOSS_WARPS, enable_fp_fusion=False,
     )
     return loss, row_scale

@@ -34,27 +34,29 @@ def _rows(logits: Tensor, start: int, stop: int) -> Tensor:
     return logits[r // T, r % T].float()
 
 
-def _safe_targets(targets: Tensor, ignore_index: int, vocab: int) -> tuple[Tensor, Tensor]:
+def safe_targets(targets: Tensor, ignore_index: int, vocab: int) -> tuple[Tensor, Tensor]:
     """(valid mask, targets clamped into [0, V)) so an ignored or bad target is never an address."""
     valid = (targets != ignore_index) & (targets >= 0) & (targets < vocab)
     return valid, torch.where(valid, targets, torch.zeros_like(targets))
 
 
 def row_stats(logits: Tensor, targets: Tensor, ignore_index: int, weight: Tensor | None = None,
-              with_wsum: bool = False) -> RowStats:
+              with_wsum: bool = False, with_p2: bool = False) -> RowStats:
     """One pass over each row.
 
     Returns fp32 (N,) vectors: ``lse`` = log sum_v exp x_v; ``entropy`` = sum_v p_v (lse - x_v);
     ``p_top1``, ``p_top2`` = the two largest probabilities (ties count twice, p_top2 = 0 when
-    V = 1); ``nll`` = lse - x_t for a target in [0, V) that is not ``ignore_index``, else 0; and
-    with ``with_wsum`` ``wsum`` = sum_v w_v x_v (w = 1 without ``weight``), which label smoothing needs.
+    V = 1); ``nll`` = lse - x_t for a target in [0, V) that is not ``ignore_index``, else 0;
+    with ``with_wsum`` ``wsum`` = sum_v w_v x_v (w = 1 without ``weight``), which label smoothing
+    needs; with ``with_p2`` ``p2sum`` = sum_v p_v^2, which gradnorm scoring needs.
     """
     B, T, V = logits.shape
     N = B * T
     dev = logits.device
     out = [torch.empty(N, dtype=torch.float32, device=dev) for _ in range(5)]
     wsum = torch.empty(N, dtype=torch.float32, device=dev) if with_wsum else None
-    valid, safe = _safe_targets(targets, ignore_index, V)
+    p2sum = torch.empty(N, dtype=torch.float32, device=dev) if with_p2 else None
+    valid, safe = safe_targets(targets, ignore_index, V)
     w = weight.float() if weight is not None else None
     for a, b in _row_chunks(N, V):
         x = _rows(logits, a, b)
@@ -71,7 +73,9 @@ def row_stats(logits: Tensor, targets: Tensor, ignore_index: int, weight: Tensor
             dst[a:b] = src
         if wsum is not None:
             wsum[a:b] = (x * w).sum(-1) if w is not None else x.sum(-1)
-    return RowStats(*out, wsum)
+        if p2sum is not None:
+            p2sum[a:b] = (p * p).sum(-1)
+    return RowStats(*out, wsum, p2sum)
 
 
 # columns of the per-row sums that travel to the host: valid rows, bad targets (neither ignored nor
@@ -84,10 +88,30 @@ def inv_log_vocab(vocab: int) -> float:
     return 1.0 / math.log(vocab) if vocab > 1 else 1.0
 
 
-def difficulty(stats: RowStats, scoring: str, vocab: int, valid: Tensor, noise: Tensor | None = None) -> Tensor:
+def gradnorm_constants(vocab: int, label_smoothing: float) -> tuple[float, float]:
+    """(c_y, c_0) with ||p - y~||^2 = sum_v p_v^2 - c_y p_t + c_0 for the smoothed target
+    y~ = (1 - eps) onehot_t + eps / V: c_y = 2 (1 - eps), c_0 = (1 - eps)^2 - eps^2 / V
+    (eps = 0: 2 and 1)."""
+    eps = float(label_smoothing)
+    return 2.0 * (1.0 - eps), (1.0 - eps) ** 2 - eps * eps / max(vocab, 1)
+
+
+def difficulty(stats: RowStats, scoring: str, vocab: int, valid: Tensor, noise: Tensor | None = None,
+               label_smoothing: float = 0.0) -> Tensor:
     """fp32 (N,) difficulty of every row, larger = harder; -inf where ``valid`` is False, +inf
-    where it is NaN. ``noise`` (fp32 (N,)) is the difficulty of ``random`` scoring."""
-    if scoring == "entropy":
+    where it is NaN. ``noise`` (fp32 (N,)) is the difficulty of ``random`` scoring.
+
+    ``gradnorm``: s = ||softmax(x) - y~||_2, the norm of the row's cross-entropy gradient on its
+    logits (y~ the smoothed target, ``gradnorm_constants``), from ``p2sum`` and p_t = exp(-nll)."""
+    if scoring == "gradnorm":
+        if stats.p2sum is None:
+            raise ValueError("cggr_hook: gradnorm scoring needs the statistics' p2sum (row_stats(with_p2=True))")
+        c_y, c_0 = gradnorm_constants(vocab, label_smoothing)
+        # the same operations in the same order as the Triton difficulty kernel; a square that
+        # rounds below zero (a near one-hot row) is 0, and NaN stays NaN
+        sq = stats.p2sum - c_y * torch.exp(-stats.nll) + c_0
+        d = torch.sqrt(torch.clamp(sq, min=0.0))
+    elif scoring == "entropy":
         d = stats.entropy
     elif scoring == "margin":
         d = 1.0 - (stats.p_top1 - stats.p_top2)
@@ -108,7 +132,7 @@ def difficulty(stats: RowStats, scoring: str, vocab: int, valid: Tensor, noise: 
 
 
 def row_difficulty(stats: RowStats, targets: Tensor, vocab: int, ignore_index: int, scoring: str,
-                   noise: Tensor | None = None) -> tuple[Tensor, Tensor]:
+                   noise: Tensor | None = None, label_smoothing: float = 0.0) -> tuple[Tensor, Tensor]:
     """Difficulty of every row (``difficulty``) and the sums the host needs, in one place.
 
     Returns (fp32 (N,) difficulty, float64 (P, 5) partial sums): the columns are ``SUM_FIELDS``
@@ -116,7 +140,7 @@ def row_difficulty(stats: RowStats, targets: Tensor, vocab: int, ignore_index: i
     ``ignore_index``; a bad one has neither.
     """
     valid, bad = _valid_and_bad(targets, vocab, ignore_index)
-    d = difficulty(stats, scoring, vocab, valid, noise)
+    d = difficulty(stats, scoring, vocab, valid, noise, label_smoothing)
     counts = torch.stack([valid, bad]).sum(1, dtype=torch.float64)
     per_row = torch.where(valid, torch.stack([stats.p_top1, stats.entropy, d]), 0.0)
     return d, torch.cat([counts, per_row.sum(1, dtype=torch.float64)]).view(1, len(SUM_FIELDS))
@@ -158,7 +182,7 @@ def selected_rows(sel_key: Tensor, sel_k: int, n_selected: int) -> Tensor:
 
 def selected_loss(stats: RowStats, targets: Tensor, vocab: int, sel_key: Tensor, sel_k: int, n_selected: int,
                   n_valid: int, reduction: str, label_smoothing: float,
-                  weight: Tensor | None) -> tuple[Tensor, Tensor]:
+                  weight: Tensor | None, row_weight: Tensor | None = None) -> tuple[Tensor, Tensor]:
     """The gated loss over the selected rows (``sel_key < sel_k``, ``n_selected`` of them) and
     ``row_scale``, d loss / d ce_r of every row (0 off the selection). Selected rows have valid
     targets; ``stats.wsum`` is needed with label smoothing.
@@ -168,6 +192,10 @@ def selected_loss(stats: RowStats, targets: Tensor, vocab: int, sel_key: Tensor,
     - mean: sum_S ce_r / sum_S w_t (0 / 0 = NaN when nothing is selected), row_scale 1 / sum_S w_t;
     - sum:  sum_S ce_r * n_valid / K, row_scale n_valid / K (0 when K = 0);
     - none: (N,) ce_r on S and exact 0 elsewhere, row_scale 1 on S.
+
+    With ``row_weight`` (fp32 (N,), read on S only; importance sampling's Horvitz-Thompson factors
+    with the reduction's normaliser folded in) every selected row carries its own factor rho_r:
+    mean and sum give sum_S rho_r ce_r, none gives rho_r ce_r on S; row_scale is rho_r on S.
     """
     N = targets.numel()
     dev = stats.lse.device
@@ -184,6 +212,15 @@ def selected_loss(stats: RowStats, targets: Tensor, vocab: int, sel_key: Tensor,
     if ls:
         row_loss = row_loss + (ls / vocab) * (w_sum * stats.lse[rows] - stats.wsum[rows])
     row_scale = torch.zeros(N, dtype=torch.float32, device=dev)
+    if reduction not in ("mean", "sum", "none"):
+        raise ValueError(f"cggr_hook: reduction={reduction!r} is not valid; use 'mean', 'sum' or 'none'")
+    if row_weight is not None:
+        rho = row_weight.float()[rows]
+        weighted = row_loss * rho
+        row_scale[rows] = rho
+        if reduction == "none":
+            return torch.zeros(N, dtype=torch.float32, device=dev).index_put_((rows,), weighted), row_scale
+        return weighted.sum(), row_scale
     if reduction == "mean":
         denom = w_t.sum()
         loss = row_loss.sum() / denom

@@ -79,17 +79,17 @@ def _top2_combine(a1, a2, b1, b2):
 @triton.jit
 def _stats_init(BLOCK_V: tl.constexpr):
     """The running state of a row, all scalars: softmax (m = -FLT_MAX, s = 0, a = 0), the
-    second-largest logit t2 (the largest is m) and sum_v w_v x_v. Per-lane vectors would hold
-    BLOCK_V / 32 registers each a thread (a per-lane top-1 / top-2 took the kernel to 255
-    registers, 8 warps an SM; scalars: under 100)."""
+    second-largest logit t2 (the largest is m), sum_v w_v x_v and s2 = sum exp(2 (x - m)).
+    Per-lane vectors would hold BLOCK_V / 32 registers each a thread (a per-lane top-1 / top-2
+    took the kernel to 255 registers, 8 warps an SM; scalars: under 100)."""
     m = tl.max(tl.full([BLOCK_V], -3.4028234663852886e38, tl.float32), axis=0)
     zero = tl.sum(tl.zeros([BLOCK_V], tl.float32), axis=0)
-    return m, m, zero, zero, zero
+    return m, m, zero, zero, zero, zero
 
 
 @triton.jit
-def _stats_step(x, cols, V, m, t2, s, a, ws, w_ptr, HAS_WEIGHT: tl.constexpr, WITH_WSUM: tl.constexpr,
-                BLOCK_V: tl.constexpr):
+def _stats_step(x, cols, V, m, t2, s, a, ws, s2, w_ptr, HAS_WEIGHT: tl.constexpr, WITH_WSUM: tl.constexpr,
+                WITH_P2: tl.constexpr, BLOCK_V: tl.constexpr):
     """Fold one block ``x`` (fp32, -inf past the end of the row) into the running row state."""
     if WITH_WSUM:
         mask = cols < V
@@ -116,13 +116,17 @@ def _stats_step(x, cols, V, m, t2, s, a, ws, w_ptr, HAS_WEIGHT: tl.constexpr, WI
     e = tl.exp2(xm * LOG2E)
     # (alpha * d) * s, not alpha * (d * s): alpha * d is 0 whenever alpha is
     a = alpha * a + (alpha * d) * s + tl.sum(e * xm, axis=0)
+    if WITH_P2:
+        # sum p^2 = s2 / s^2, rescaled by alpha^2 as the max moves (e^2 underflows to 0 first)
+        s2 = (alpha * alpha) * s2 + tl.sum(e * e, axis=0)
     s = alpha * s + tl.sum(e, axis=0)
-    return m_new, t2, s, a, ws
+    return m_new, t2, s, a, ws, s2
 
 
 @triton.jit
-def _stats_store(m, t2, s, a, ws, x_row, row, N, V, tgt_ptr, stride_tgt, stride_v, ignore_index, out_ptr,
-                 WITH_WSUM: tl.constexpr, HAS_TOP2: tl.constexpr, UNIT_STRIDE_V: tl.constexpr):
+def _stats_store(m, t2, s, a, ws, s2, x_row, row, N, V, tgt_ptr, stride_tgt, stride_v, ignore_index, out_ptr,
+                 WITH_WSUM: tl.constexpr, WITH_P2: tl.constexpr, HAS_TOP2: tl.constexpr,
+                 UNIT_STRIDE_V: tl.constexpr):
     """The row's statistics from its final state, and the target's NLL (one more logit read)."""
     # every logit -inf: the max stayed at -FLT_MAX (and s is not NaN: a NaN logit wins)
     no_mass = (m == -3.4028234663852886e38) & (s == s)
@@ -145,7 +149,7 @@ def _stats_store(m, t2, s, a, ws, x_row, row, N, V, tgt_ptr, stride_tgt, stride_
     xt = tl.load(xt_ptr, mask=valid, other=0.0).to(tl.float32)
     nll = tl.where(valid, lse - xt, 0.0)
 
-    # out is (5 or 6, N): one step of N between the statistics
+    # out is (5 to 7, N): one step of N between the statistics
     o = out_ptr + row
     tl.store(o, lse)
     o += N
@@ -159,6 +163,9 @@ def _stats_store(m, t2, s, a, ws, x_row, row, N, V, tgt_ptr, stride_tgt, stride_
     if WITH_WSUM:
         o += N
         tl.store(o, ws)
+    if WITH_P2:
+        o += N
+        tl.store(o, tl.where(no_mass, float("nan"), s2 / (s * s)))
 
 
 @triton.jit
@@ -166,7 +173,7 @@ def _row_stats_kernel(
     x_ptr, tgt_ptr, w_ptr, out_ptr,
     N, T, V,
     stride_b, stride_t, stride_v, stride_tgt, ignore_index,
-    HAS_WEIGHT: tl.constexpr, WITH_WSUM: tl.constexpr, HAS_TOP2: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr, WITH_WSUM: tl.constexpr, WITH_P2: tl.constexpr, HAS_TOP2: tl.constexpr,
     UNIT_STRIDE_V: tl.constexpr, BLOCK_V: tl.constexpr,
 ):
     """Any layout: plain loads, the next block's in flight (in registers) while one is reduced."""
@@ -176,7 +183,7 @@ def _row_stats_kernel(
     x_row = x_ptr + (b * stride_b + t * stride_t)
 
     offs = tl.arange(0, BLOCK_V)
-    m, t2, s, a, ws = _stats_init(BLOCK_V)
+    m, t2, s, a, ws, s2 = _stats_init(BLOCK_V)
 
     x_next = _load_block(x_row, offs, V, stride_v, UNIT_STRIDE_V)
     for start in range(0, V, BLOCK_V):
@@ -184,9 +191,10 @@ def _row_stats_kernel(
         x = x_next.to(tl.float32)
         # the next block's load is in flight while this one is reduced (past the end: no load)
         x_next = _load_block(x_row, cols + BLOCK_V, V, stride_v, UNIT_STRIDE_V)
-        m, t2, s, a, ws = _stats_step(x, cols, V, m, t2, s, a, ws, w_ptr, HAS_WEIGHT, WITH_WSUM, BLOCK_V)
-    _stats_store(m, t2, s, a, ws, x_row, row, N, V, tgt_ptr, stride_tgt, stride_v, ignore_index, out_ptr,
-                 WITH_WSUM, HAS_TOP2, UNIT_STRIDE_V)
+        m, t2, s, a, ws, s2 = _stats_step(x, cols, V, m, t2, s, a, ws, s2, w_ptr, HAS_WEIGHT, WITH_WSUM, WITH_P2,
+                                          BLOCK_V)
+    _stats_store(m, t2, s, a, ws, s2, x_row, row, N, V, tgt_ptr, stride_tgt, stride_v, ignore_index, out_ptr,
+                 WITH_WSUM, WITH_P2, HAS_TOP2, UNIT_STRIDE_V)
 
 
 @triton.jit
@@ -194,7 +202,7 @@ def _row_stats_tma_kernel(
     x_desc, x_ptr, tgt_ptr, w_ptr, out_ptr,
     N, T, V, V_FULL,
     stride_b, stride_t, stride_tgt, ignore_index,
-    HAS_WEIGHT: tl.constexpr, WITH_WSUM: tl.constexpr, HAS_TOP2: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr, WITH_WSUM: tl.constexpr, WITH_P2: tl.constexpr, HAS_TOP2: tl.constexpr,
     BLOCK_V: tl.constexpr, STAGES: tl.constexpr,
 ):
     """Aligned layouts (``load_path``): the blocks come through a tensor descriptor, ``STAGES``
@@ -208,17 +216,19 @@ def _row_stats_tma_kernel(
     x_row = x_ptr + (b.to(tl.int64) * stride_b + t.to(tl.int64) * stride_t)
 
     offs = tl.arange(0, BLOCK_V)
-    m, t2, s, a, ws = _stats_init(BLOCK_V)
+    m, t2, s, a, ws, s2 = _stats_init(BLOCK_V)
 
     for start in tl.range(0, V_FULL, BLOCK_V, num_stages=STAGES):
         x = x_desc.load([b, t, start]).reshape(BLOCK_V).to(tl.float32)
-        m, t2, s, a, ws = _stats_step(x, start + offs, V, m, t2, s, a, ws, w_ptr, HAS_WEIGHT, WITH_WSUM, BLOCK_V)
+        m, t2, s, a, ws, s2 = _stats_step(x, start + offs, V, m, t2, s, a, ws, s2, w_ptr, HAS_WEIGHT, WITH_WSUM,
+                                          WITH_P2, BLOCK_V)
     if V_FULL < V:
         cols = V_FULL + offs
         x = tl.where(cols < V, x_desc.load([b, t, V_FULL]).reshape(BLOCK_V).to(tl.float32), float("-inf"))
-        m, t2, s, a, ws = _stats_step(x, cols, V, m, t2, s, a, ws, w_ptr, HAS_WEIGHT, WITH_WSUM, BLOCK_V)
-    _stats_store(m, t2, s, a, ws, x_row, row, N, V, tgt_ptr, stride_tgt, 1, ignore_index, out_ptr,
-                 WITH_WSUM, HAS_TOP2, True)
+        m, t2, s, a, ws, s2 = _stats_step(x, cols, V, m, t2, s, a, ws, s2, w_ptr, HAS_WEIGHT, WITH_WSUM, WITH_P2,
+                                          BLOCK_V)
+    _stats_store(m, t2, s, a, ws, s2, x_row, row, N, V, tgt_ptr, stride_tgt, 1, ignore_index, out_ptr,
+                 WITH_WSUM, WITH_P2, HAS_TOP2, True)
 
 
 # The descriptor path: bytes of a row per block and blocks in flight a program, and the dtypes it
@@ -271,8 +281,8 @@ def _descriptor_strides(logits: Tensor) -> tuple[int, int, int]:
 
 
 def row_stats(logits: Tensor, targets: Tensor, ignore_index: int, weight: Tensor | None = None,
-              with_wsum: bool = False) -> RowStats:
-    """Per-row lse, entropy, top-1/top-2 probabilities, target NLL (and sum_v w_v x_v).
+              with_wsum: bool = False, with_p2: bool = False) -> RowStats:
+    """Per-row lse, entropy, top-1/top-2 probabilities, target NLL (and sum_v w_v x_v, sum_v p_v^2).
 
     logits: (B, T, V) fp32/bf16/fp16, any strides; targets: (B*T,) integer. Outputs fp32 (B*T,).
     Same semantics as ``reference.row_stats``.
@@ -283,7 +293,7 @@ def row_stats(logits: Tensor, targets: Tensor, ignore_index: int, weight: Tensor
     N = B * T
     if targets.dim() != 1 or targets.numel() != N:
         raise ValueError(f"cggr_hook: row_stats needs {N} targets, got shape {tuple(targets.shape)}")
-    n_out = 6 if with_wsum else 5
+    n_out = 5 + int(with_wsum) + int(with_p2)
     out = torch.empty(n_out, N, dtype=torch.float32, device=logits.device)
     if N > 0:
         if V == 0:
@@ -294,7 +304,7 @@ def row_stats(logits: Tensor, targets: Tensor, ignore_index: int, weight: Tensor
                 raise ValueError(f"cggr_hook: weight has {weight.numel()} entries for {V} classes")
             weight = weight.contiguous()
         sb, st, sv = logits.stride()
-        flags = dict(HAS_WEIGHT=has_weight, WITH_WSUM=with_wsum, HAS_TOP2=(V > 1))
+        flags = dict(HAS_WEIGHT=has_weight, WITH_WSUM=with_wsum, WITH_P2=with_p2, HAS_TOP2=(V > 1))
         if load_path(logits) == "tma":
             es = logits.element_size()
             # a block of at least 128 bytes: smaller boxes, multi-buffered, fault with a misaligned
@@ -316,19 +326,20 @@ def row_stats(logits: Tensor, targets: Tensor, ignore_index: int, weight: Tensor
                 **flags, UNIT_STRIDE_V=(sv == 1), BLOCK_V=block_v, num_warps=_num_warps(block_v),
                 enable_fp_fusion=True,  # as swept (Triton 3.10 turns the default off)
             )
-    return RowStats(out[0], out[1], out[2], out[3], out[4], out[5] if with_wsum else None)
+    return RowStats(out[0], out[1], out[2], out[3], out[4], out[5] if with_wsum else None,
+                    out[n_out - 1] if with_p2 else None)
 
 
 # Rows of the difficulty pass handled by one program; its partial sums are one row of the
 # (programs, 5) float64 output that the host adds up.
 DIFFICULTY_BLOCK = 1024
-MODES = {"entropy": 0, "margin": 1, "loss": 2, "combined": 3, "random": 4}
+MODES = {"entropy": 0, "margin": 1, "loss": 2, "combined": 3, "random": 4, "gradnorm": 5}
 
 
 @triton.jit
 def _row_difficulty_kernel(
-    lse_ptr, ent_ptr, p1_ptr, p2_ptr, nll_ptr, noise_ptr, tgt_ptr, d_ptr, part_ptr,
-    N, V, stride_tgt, ignore_index, inv_log_v,
+    lse_ptr, ent_ptr, p1_ptr, p2_ptr, nll_ptr, noise_ptr, p2sum_ptr, tgt_ptr, d_ptr, part_ptr,
+    N, V, stride_tgt, ignore_index, inv_log_v, c_y, c_0,
     MODE: tl.constexpr, BLOCK: tl.constexpr,
 ):
     pid = tl.program_id(0)
@@ -354,8 +365,12 @@ def _row_difficulty_kernel(
         nll = tl.load(nll_ptr + rows, mask=inside, other=0.0)
         p2 = tl.load(p2_ptr + rows, mask=inside, other=0.0)
         d = (ent + nll) * inv_log_v + (1.0 - (p1 - p2))
-    else:
+    elif MODE == 4:
         d = tl.load(noise_ptr + rows, mask=inside, other=0.0)
+    else:
+        nll = tl.load(nll_ptr + rows, mask=inside, other=0.0)
+        sq = tl.load(p2sum_ptr + rows, mask=inside, other=0.0) - c_y * tl.exp(-nll) + c_0
+        d = tl.sqrt(tl.maximum(sq, 0.0, propagate_nan=tl.PropagateNan.ALL))
     d = tl.where(d != d, float("inf"), d)  # NaN -> +inf: such a row is taken first
     d = tl.where(d == 0.0, 0.0, d)  # -0 -> +0: a radix sort would put -0 after +0, a comparison not
     d = tl.where(valid, d, float("-inf"))
@@ -371,18 +386,20 @@ def _row_difficulty_kernel(
 
 
 def row_difficulty(stats: RowStats, targets: Tensor, vocab: int, ignore_index: int, scoring: str,
-                   noise: Tensor | None = None) -> tuple[Tensor, Tensor]:
+                   noise: Tensor | None = None, label_smoothing: float = 0.0) -> tuple[Tensor, Tensor]:
     """Difficulty of every row and the partial sums for the host (see ``reference.row_difficulty``).
 
     stats: fp32 (N,) vectors of ``row_stats``; targets (N,) integer. Returns (fp32 (N,), float64
     (P, 5)) with one row of partial sums per block of ``DIFFICULTY_BLOCK`` rows.
     """
-    from .reference import inv_log_vocab
+    from .reference import gradnorm_constants, inv_log_vocab
 
     if scoring not in MODES:
         raise ValueError(f"cggr_hook: unknown scoring {scoring!r}")
     if scoring == "random" and noise is None:
         raise ValueError("cggr_hook: random scoring needs its noise")
+    if scoring == "gradnorm" and stats.p2sum is None:
+        raise ValueError("cggr_hook: gradnorm scoring needs the statistics' p2sum (row_stats(with_p2=True))")
     N = targets.numel()
     dev = stats.lse.device
     n_prog = triton.cdiv(N, DIFFICULTY_BLOCK)
@@ -392,9 +409,11 @@ def row_difficulty(stats: RowStats, targets: Tensor, vocab: int, ignore_index: i
     part = torch.empty(n_prog, 5, dtype=torch.float64, device=dev)  # every program writes its row
     vecs = [v.contiguous() for v in (stats.lse, stats.entropy, stats.p_top1, stats.p_top2, stats.nll)]
     noise_arg = noise.contiguous() if noise is not None else vecs[0]
+    p2sum_arg = stats.p2sum.contiguous() if stats.p2sum is not None else vecs[0]
+    c_y, c_0 = gradnorm_constants(vocab, label_smoothing)
     _row_difficulty_kernel[(n_prog,)](
-        *vecs, noise_arg, targets, d, part,
-        N, vocab, targets.stride(0), int(ignore_index), inv_log_vocab(vocab),
+        *vecs, noise_arg, p2sum_arg, targets, d, part,
+        N, vocab, targets.stride(0), int(ignore_index), inv_log_vocab(vocab), c_y, c_0,
         MODE=MODES[scoring], BLOCK=DIFFICULTY_BLOCK, num_warps=4, enable_fp_fusion=False,
     )
     return d, part

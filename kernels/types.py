@@ -16,3 +16,4 @@ class RowStats(NamedTuple):
     p_top2: Tensor  # second largest probability (0 when V = 1)
     nll: Tensor  # lse - x_target, 0 where the target is ignored
     wsum: Optional[Tensor] = None  # sum_v w_v x_v, only when label smoothing asks for it
+    p2sum: Optional[Tensor] = None  # sum_v p_v^2, only when gradnorm scoring asks for it

@@ -10,6 +10,9 @@
 #   BENCH_ARGS        extra flags of python -m cggr_hook.bench          (e.g. "--vocab 128256")
 #   THROUGHPUT_ARGS   extra flags of examples/throughput_benchmark.py   (e.g. "--shapes gemma270m")
 #   TUNE_ARGS         extra flags of scripts/tune_kernels.py              (e.g. "--quick")
+#   QUALITY_ARGS      flags of examples/quality_benchmark.py for the "quality" step (e.g.
+#                     "--preset finetune-small --seeds 0"); "quality_timing" times every arm of
+#                     the presets in QUALITY_TIMING_PRESETS (default "scratch-small scratch-large")
 #   TESTS_TIMEOUT, TUNE_TIMEOUT, BENCH_TIMEOUT, THROUGHPUT_TIMEOUT   seconds per section (default
 #                     180, 300, 300, 300; 0: none)
 #   INSTALL=0         skip the two pip installs (the project is installed already)
@@ -20,12 +23,16 @@
 #   gpu_tests.log         python -m pytest tests -q -x -m gpu
 #   bench.json, bench.md  python -m cggr_hook.bench
 #   throughput.md, throughput/throughput.json   examples/throughput_benchmark.py
+#   quality_timing.md, quality/results.{md,json}, quality/val_loss_vs_time.png
+#                         examples/quality_benchmark.py (its corpus and base models are cached
+#                         in .cache/cggr_hook, which a warm machine keeps between calls)
 
 set -u
 cd "$(dirname "$0")/.." || exit 2
 OUT=${OUT:-runs/gpu}
 STEPS=${STEPS:-"tests bench throughput"}
 export PYTHONUNBUFFERED=1
+export CGGR_HOOK_CACHE=${CGGR_HOOK_CACHE:-$PWD/.cache/cggr_hook}
 mkdir -p "$OUT" || exit 2
 exec > >(tee -a "$OUT/run.log") 2>&1
 
@@ -85,12 +92,21 @@ for step in $STEPS; do
     tune)
         run tune "${TUNE_TIMEOUT:-300}" "python scripts/tune_kernels.py --out '$OUT/tune' ${TUNE_ARGS:-}"
         ;;
+    quality_timing)
+        for p in ${QUALITY_TIMING_PRESETS:-scratch-small scratch-large}; do
+            run "quality_timing_$p" "${QUALITY_TIMEOUT:-600}" \
+                "python examples/quality_benchmark.py --preset $p --timing-only | tee -a '$OUT/quality_timing.md'"
+        done
+        ;;
+    quality)
+        run quality "${QUALITY_TIMEOUT:-600}" "python examples/quality_benchmark.py --out '$OUT/quality' ${QUALITY_ARGS:-}"
+        ;;
     throughput)
         run throughput "${THROUGHPUT_TIMEOUT:-300}" \
             "python examples/throughput_benchmark.py --out '$OUT/throughput' ${THROUGHPUT_ARGS:-} | tee '$OUT/throughput.md'"
         ;;
     *)
-        echo "=== unknown step '$step' (tests, tune, bench, throughput)"
+        echo "=== unknown step '$step' (tests, tune, bench, throughput, quality_timing, quality)"
         summary+=("$step=unknown")
         ;;
     esac

@@ -61,12 +61,12 @@ def test_replace_returns_a_changed_copy_and_leaves_the_original():
     assert (c.selection, c.num_strata, c.min_tokens_ratio) == ("topk", 4, 0.25)
 
 
-@pytest.mark.parametrize("scoring", ["combined", "entropy", "margin", "loss", "random"])
+@pytest.mark.parametrize("scoring", ["combined", "entropy", "margin", "loss", "gradnorm", "random"])
 def test_every_documented_scoring_is_accepted(scoring):
     assert GateConfig(scoring=scoring).scoring == scoring
 
 
-@pytest.mark.parametrize("selection", ["topk", "stratified", "sequence_aware"])
+@pytest.mark.parametrize("selection", ["topk", "stratified", "sequence_aware", "importance"])
 def test_every_documented_selection_is_accepted(selection):
     assert GateConfig(selection=selection).selection == selection
 
@@ -100,6 +100,11 @@ def test_min_tokens_ratio_accepts_the_interval_and_stores_a_float(ratio):
     ("num_strata", 2.0),
     ("min_tokens_per_sequence", -1),
     ("dynamic_threshold", "yes"),
+    ("importance_floor", -0.1),
+    ("importance_floor", 1.01),
+    ("importance_floor", math.nan),
+    ("importance_floor", True),
+    ("importance_floor", "0.2"),
 ])
 def test_bad_value_is_a_value_error_naming_the_option(option, value):
     with pytest.raises(ValueError) as err:
@@ -157,3 +162,9 @@ def test_bad_option_on_an_enabled_model_keeps_its_previous_options():
     assert "foo" in str(err.value)
     assert gate.config.min_tokens_ratio == 0.5
     assert gate.config == GateConfig(min_tokens_ratio=0.5)
+
+
+@pytest.mark.parametrize("floor", [0, 0.0, 0.2, 1])
+def test_importance_floor_accepts_the_closed_interval_and_stores_a_float(floor):
+    c = GateConfig(selection="importance", importance_floor=floor)
+    assert type(c.importance_floor) is float and c.importance_floor == float(floor)

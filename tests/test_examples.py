@@ -75,59 +75,131 @@ def test_stdlib_text_split_cache_and_order(tmp_path):
     assert held_rows.shape[1] == 32 and held_rows.numel() > corpus.heldout_tokens.numel() - 32
 
 
-def test_quality_benchmark_arms_and_curves():
+def test_python_sources_dedupe_and_split_by_package(tmp_path, monkeypatch):
+    """sources='python': the standard library plus installed packages, identical files kept once
+    (before the split), and a fine-tuning domain set apart by package name."""
+    stdlib_text = _import_example("stdlib_text")
+    std, site = tmp_path / "std", tmp_path / "site"
+    body = "def f{i}(x):\n    return x * {i} + {j}\n\n" * 30
+    for i in range(12):
+        (std / "pkg").mkdir(parents=True, exist_ok=True)
+        (std / "pkg" / f"m{i}.py").write_text(body.format(i=i, j=0))
+    for name in ("alpha", "beta", "gamma", "delta", "epsilon", "zeta"):
+        (site / name / "tests").mkdir(parents=True)
+        for i in range(10):
+            (site / name / f"mod{i}.py").write_text(body.format(i=i, j=name))
+        (site / name / "tests" / "test_x.py").write_text("skipped = True\n")
+        (site / name / "copy.py").write_text(body.format(i=0, j=0))  # the same bytes as std/pkg/m0.py
+    (site / "big.py").write_text("x = 1\n" * 300_000)  # over MAX_FILE_BYTES: generated, skipped
+    monkeypatch.setattr(stdlib_text, "stdlib_root", lambda: std)
+    monkeypatch.setattr(stdlib_text, "site_roots", lambda: [site])
+
+    roots, files = stdlib_text.list_source_files("python")
+    keys = [k for k, _ in files]
+    assert not any("/tests/" in k or k.endswith("big.py") for k in keys)
+    assert stdlib_text.domain_of("site0/alpha/mod1.py") == "alpha" and stdlib_text.domain_of("stdlib/pkg/m1.py") == "stdlib"
+    assert stdlib_text.domain_of("site0/six.py") == "six"
+    assert not stdlib_text.in_finetune_part("stdlib", 1.0) and stdlib_text.in_finetune_part("alpha", 1.0)
+    share = 0.5
+    tuned = {d for d in ("alpha", "beta", "gamma", "delta", "epsilon", "zeta") if stdlib_text.in_finetune_part(d, share)}
+    assert 0 < len(tuned) < 6  # this share splits these packages (a fixed hash: the same everywhere)
+
+    corpus = stdlib_text.load_corpus(vocab_size=300, cache_dir=tmp_path / "cache", sources="python",
+                                     finetune_share=share, heldout_every=4)
+    info = corpus.info
+    assert info["duplicates_dropped"] == 6  # the six copies of one file
+    assert set(info["finetune_packages"]) == tuned
+    pre, tune = corpus.part("pretrain"), corpus.part("finetune")
+    assert torch.equal(torch.cat([pre.train_tokens, tune.train_tokens]), corpus.train_tokens)
+    assert torch.equal(torch.cat([pre.heldout_tokens, tune.heldout_tokens]), corpus.heldout_tokens)
+    assert tune.train_tokens.numel() > 0 and tune.heldout_tokens.numel() > 0
+    again = stdlib_text.load_corpus(vocab_size=300, cache_dir=tmp_path / "cache", sources="python",
+                                    finetune_share=share, heldout_every=4)
+    assert again.info["cached"] and torch.equal(again.part("finetune").train_tokens, tune.train_tokens)
+    with pytest.raises(ValueError, match="finetune_share"):
+        stdlib_text.load_corpus(vocab_size=300, cache_dir=tmp_path / "cache", sources="python",
+                                heldout_every=4).part("finetune")
+
+
+def test_quality_benchmark_arms_clock_and_figures():
     qb = _import_example("quality_benchmark")
-    assert qb.arm_options("plain", 100, 0.3) is None
-    assert qb.arm_options("topk25", 100, 0.3) == dict(
+    assert qb.arm_options("plain") is None and qb.arm_options("default") == {}
+    assert qb.arm_options("topk25") == dict(
         scoring="combined", selection="topk", min_tokens_ratio=0.25, warmup_steps=0, dynamic_threshold=False)
     warm = qb.arm_options("seqaware25-warm", 200, 0.3)
     assert warm["selection"] == "sequence_aware" and warm["warmup_steps"] == 60 and warm["dynamic_threshold"]
-    assert qb.arm_options("random50", 100, 0.3)["scoring"] == "random"
-    assert qb.arm_options("stratified25", 100, 0.3)["selection"] == "stratified"
-    with pytest.raises(SystemExit):
-        qb.arm_options("topk", 100, 0.3)
-    for names in (qb.ALL_ARMS, *(p["arms"] for p in qb.PRESETS.values())):
-        for name in names:
-            qb.arm_options(name, 100, 0.3)
+    imp = qb.arm_options("imp-gradnorm50-f0.5")
+    assert imp == dict(scoring="gradnorm", selection="importance", min_tokens_ratio=0.5, warmup_steps=0,
+                       dynamic_threshold=False, importance_floor=0.5)
+    assert "importance_floor" not in qb.arm_options("imp-loss25")
+    for bad in ("topk", "imp-gradnorm", "imp-foo25", "random0", "topk150"):
+        with pytest.raises(SystemExit):
+            qb.arm_options(bad)
+    for preset in qb.PRESETS.values():
+        for name in preset["arms"] or []:
+            qb.arm_options(name)
+    assert qb.control_arm(qb.arm_options("imp-gradnorm50")) == "random50" and qb.control_arm(None) is None
+    assert qb.fraction_moves(qb.arm_options("topk25-warm")) and not qb.fraction_moves(qb.arm_options("topk25"))
+
+    # the learning rate is a function of elapsed (virtual) time: warm-up, then cosine to 10%
+    assert qb.lr_at(0.5, 100, 1.0) == pytest.approx(0.1)
+    assert qb.lr_at(5, 100, 1.0) == pytest.approx(1.0) and qb.lr_at(100, 100, 1.0) == pytest.approx(0.1)
+    # a step's time: the one timing, or linear in the kept fraction between the grid's
+    assert qb.step_seconds({"plain": 0.02}, None) == 0.02
+    grid = {0.25: 0.01, 0.5: 0.02, 1.0: 0.04}
+    assert qb.step_seconds(grid, 0.75) == pytest.approx(0.03) and qb.step_seconds(grid, 0.1) == 0.01
 
     xs, ys = [0.0, 10.0, 20.0], [8.0, 6.0, 5.0]
     assert qb.interp(5.0, xs, ys) == pytest.approx(7.0)
-    assert qb.interp(20.0, xs, ys) == 5.0 and qb.interp(20.5, xs, ys) is None
-    assert qb.time_to_reach(5.5, xs, ys) == pytest.approx(15.0)
-    assert qb.time_to_reach(4.0, xs, ys) is None
-    assert qb.eval_schedule(12, 3) == [4, 8, 12] and qb.eval_schedule(5, 10) == [1, 2, 3, 4, 5]
+    assert qb.time_to_reach(5.5, xs, ys) == pytest.approx(15.0) and qb.time_to_reach(4.0, xs, ys) is None
+
+    def run(arm, seed, final, opts, ms=10.0):
+        return dict(arm=arm, seed=seed, options=opts, final_val=final, steps=100, step_ms=ms, kept_fraction=0.5,
+                    epochs=0.1, predicted={"score_cv2": 0.1, "rho25": 1.2, "rho50": 1.5}, draws=None,
+                    curve=[dict(seconds=0.0, val=9.0), dict(seconds=10.0, val=final)])
+
+    runs = [run("plain", s, 5.0 + s, None) for s in (0, 1)]
+    runs += [run("random50", s, 5.2 + s, qb.arm_options("random50"), 8.0) for s in (0, 1)]
+    runs += [run("imp-gradnorm50", s, 4.9 + s + 0.02 * s, qb.arm_options("imp-gradnorm50"), 5.0) for s in (0, 1)]
+    summary = qb.summarize(runs, ["plain", "random50", "imp-gradnorm50"])
+    imp_s = summary["imp-gradnorm50"]
+    assert imp_s["delta_plain"]["mean"] == pytest.approx(-0.09) and imp_s["delta_plain"]["std"] == pytest.approx(
+        0.0141421, rel=1e-4)  # paired by seed: the seeds' own spread (1.0) cancels
+    assert imp_s["delta_control"]["mean"] == pytest.approx(-0.29) and imp_s["control"] == "random50"
+    assert imp_s["speed"] == pytest.approx(2.0) and imp_s["reached_plain"] == 2
+    assert "gating paid here" in qb.conclusion(summary) and "imp-gradnorm50" in qb.conclusion(summary)
 
 
 @pytest.mark.slow
-def test_quality_benchmark_smoke(tmp_path, cache_dir):
+def test_quality_benchmark_smoke_and_merge(tmp_path, cache_dir):
     out = tmp_path / "quality"
-    arms = ["plain", "topk25", "topk25-warm", "random25"]
-    stdout = run_example("quality_benchmark.py",
-                         ["--preset", "smoke", "--arms", *arms, "--out", str(out), "--no-progress"], cache_dir)
-
+    arms = ["plain", "default", "random25", "imp-gradnorm50"]
+    stdout = run_example("quality_benchmark.py", ["--preset", "smoke", "--arms", *arms, "--budget", "1.5",
+                                                  "--seeds", "0", "--out", str(out)], cache_dir)
     table = (out / "results.md").read_text()
     assert table.strip() in stdout.replace("\r", "")
     for arm in arms:
         assert f"| {arm} |" in table
-    for png in ("val_loss_vs_step.png", "val_loss_vs_time.png"):
-        data = (out / png).read_bytes()
-        assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 1000
-
+    assert "Verdict at equal wall-clock" in table
+    data = (out / "val_loss_vs_time.png").read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and len(data) > 1000
     result = json.loads((out / "results.json").read_text())
-    assert [r["arm"] for r in result["runs"]] == arms
-    assert set(result["summary"]) == set(arms)
-    steps = result["args"]["steps"]
-    for run in result["runs"]:
-        assert run["steps"][-1] == steps
-        assert all(math.isfinite(v) for v in run["val_loss"])
-        for key in ("final_val", "val_at_equal_time", "easy_half_val", "hard_half_val"):
-            assert math.isfinite(run[key]), (run["arm"], key)
-        assert run["easy_half_val"] < run["hard_half_val"]
-        if run["arm"] != "plain":
-            assert run["schedule_step_count"] == steps  # counted from optimizer.step()
-            assert 0 < run["mean_token_fraction"] < 1
-    plain = result["runs"][0]
-    assert plain["delta_final_vs_reference"] == 0 and plain["time_to_reference_final"] is not None
+    assert [r["arm"] for r in result["runs"]] == arms and set(result["summary"]) == set(arms)
+    for r in result["runs"]:
+        assert r["curve"][-1]["seconds"] >= 1.5 - 1e-9 > r["curve"][-1]["seconds"] - r["step_ms"] / 1e3 - 1e-9
+        assert all(math.isfinite(p["val"]) for p in r["curve"])
+    imp = next(r for r in result["runs"] if r["arm"] == "imp-gradnorm50")
+    assert imp["draws"] and 0 < imp["draws"]["ess_ratio"] <= 1 and abs(imp["kept_fraction"] - 0.5) < 0.05
+
+    # a second call with another seed, merged: one table over both
+    out2 = tmp_path / "quality2"
+    run_example("quality_benchmark.py", ["--preset", "smoke", "--arms", "plain", "random25", "--budget", "1",
+                                         "--seeds", "1", "--out", str(out2)], cache_dir)
+    merged = tmp_path / "merged"
+    run_example("quality_benchmark.py", ["--merge", str(out), str(out2 / "results.json"), "--out", str(merged)],
+                cache_dir)
+    m = json.loads((merged / "results.json").read_text())
+    assert m["summary"]["plain"]["seeds"] == 2 and m["summary"]["default"]["seeds"] == 1
 
 
 @pytest.mark.slow

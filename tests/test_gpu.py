@@ -90,7 +90,8 @@ def test_descriptor_path_with_small_blocks_on_cuda(monkeypatch):
 
 
 @pytest.mark.parametrize("options", [dict(selection="sequence_aware"), dict(selection="topk", dynamic_threshold=False),
-                                     dict(selection="stratified", dynamic_threshold=False)])
+                                     dict(selection="stratified", dynamic_threshold=False),
+                                     dict(selection="importance", scoring="gradnorm", dynamic_threshold=False)])
 def test_one_host_sync_per_gated_step(monkeypatch, options):
     """One host wait per gated call: a synchronising read (dynamic ratio, sequence_aware) or, where
     the ratio does not depend on the logits, one wait for the target counts' event."""
@@ -252,3 +253,44 @@ def test_lazy_averages_follow_the_stream_that_computed_them():
     torch.cuda.synchronize()
     for key in ("avg_confidence", "avg_entropy", "avg_difficulty"):
         assert got[key] == pytest.approx(want[key], rel=1e-9), key
+
+
+@pytest.mark.parametrize("V", [32000, 128256])
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+def test_importance_sampling_matches_torch_backend_on_cuda(monkeypatch, V, reduction):
+    """gradnorm + importance at full size: the same k rows drawn by both backends (scores equal up
+    to an ulp, so a draw may differ only where a point falls within rounding of a boundary) and
+    the same Horvitz-Thompson loss and gradient rows."""
+    g = torch.Generator(device="cuda").manual_seed(V + 1)
+    logits = (torch.randn(4, 1023, V, device="cuda", generator=g) * 3).to(torch.bfloat16)
+    targets = torch.randint(0, V, (4, 1023), device="cuda", generator=g)
+    targets[:, :50] = -100
+    out = both_backends(monkeypatch, logits, targets, scoring="gradnorm", selection="importance",
+                        min_tokens_ratio=0.25, label_smoothing=0.1, reduction=reduction, **FIXED)
+    (lt, gt, mt), (lr, gr, mr) = out["triton"], out["torch"]
+    assert mt["tokens_selected"] == mr["tokens_selected"] == round(0.25 * 4 * 973)
+    assert mt["ess"] == pytest.approx(mr["ess"], rel=1e-3)
+    sel_t = gt.reshape(-1, V).abs().sum(-1) > 0
+    sel_r = gr.reshape(-1, V).abs().sum(-1) > 0
+    assert int(sel_t.sum()) == mt["tokens_selected"] and int((sel_t ^ sel_r).sum()) <= 2
+    assert not bool(sel_t.reshape(4, 1023)[:, :50].any())
+    torch.testing.assert_close(lt, lr, rtol=5e-3, atol=1e-3)
+    both = sel_t & sel_r
+    torch.testing.assert_close(gt.reshape(-1, V)[both].float(), gr.reshape(-1, V)[both].float(), rtol=2e-2, atol=1e-5)
+
+
+def test_gradnorm_difficulty_matches_reference_on_cuda():
+    from cggr_hook import kernels as K
+    from cggr_hook.kernels import reference
+
+    g = torch.Generator(device="cuda").manual_seed(2)
+    N, V = 8191, 4099
+    x = (torch.randn(1, N, V, device="cuda", generator=g) * 3).to(torch.bfloat16)
+    t = torch.randint(0, V, (N,), device="cuda", generator=g)
+    t[::7] = -100
+    stats = K.row_stats(x, t, -100, with_p2=True)
+    want_stats = reference.row_stats(x, t, -100, with_p2=True)
+    torch.testing.assert_close(stats.p2sum, want_stats.p2sum, rtol=2e-5, atol=1e-7)
+    d, _ = K.row_difficulty(stats, t, V, -100, "gradnorm", None, 0.1)
+    d_ref, _ = reference.row_difficulty(stats, t, V, -100, "gradnorm", None, 0.1)
+    torch.testing.assert_close(d, d_ref, rtol=1e-6, atol=1e-7)

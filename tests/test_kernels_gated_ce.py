@@ -369,6 +369,34 @@ def test_selected_loss_matches_reference(reduction, options, N, V, k, monkeypatc
         assert torch.isnan(got[0])  # 0 / 0, as torch's mean over an all-ignored batch
 
 
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("options", [(0.0, False), (0.1, True)], ids=["plain", "smoothed_weighted"])
+@pytest.mark.parametrize("N, V", [(1, 3), (13, 5), (300, 37)])
+def test_selected_loss_with_row_weights_matches_reference(reduction, options, N, V, monkeypatch):
+    """Each selected row carries its own factor (importance sampling): a weighted sum for mean and
+    sum, weighted rows for none, row_scale = the factor on the selection, 0 elsewhere (even where
+    a factor is given off the selection)."""
+    monkeypatch.setattr(gated_ce, "LOSS_BLOCK", 64)
+    eps, with_weight = options
+    stats, targets, gen = loss_inputs(N, V, seed=N * 3 + V, with_wsum=eps > 0)
+    w = (torch.rand(V, generator=gen) + 0.5).to(DEVICE) if with_weight else None
+    valid = targets != -100
+    key = torch.where(valid & (torch.rand(N, generator=gen).to(DEVICE) < 0.5), 0, 1)
+    k = int((key == 0).sum())
+    rho = (torch.rand(N, generator=gen) * 4 + 0.1).to(DEVICE)  # also off the selection: must be ignored
+    got = K.selected_loss(stats, targets, V, key, 1, k, int(valid.sum()), reduction, eps, w, rho)
+    want = reference.selected_loss(stats, targets, V, key, 1, k, int(valid.sum()), reduction, eps, w, rho)
+    for g, r, name in zip(got, want, ("loss", "row_scale")):
+        assert g.dtype == torch.float32 and g.shape == r.shape, name
+        torch.testing.assert_close(g, r, rtol=2e-6, atol=1e-6, msg=lambda m: f"{name}: {m}")
+    sel = key == 0
+    torch.testing.assert_close(got[1], torch.where(sel, rho, 0.0))
+    # the definition: sum over the selection of rho times the row's cross entropy
+    ce = reference.selected_loss(stats, targets, V, key, 1, k, int(valid.sum()), "none", eps, w)[0]
+    want_loss = ce * rho if reduction == "none" else (ce * rho).sum()
+    torch.testing.assert_close(got[0], want_loss, rtol=1e-5, atol=1e-6)
+
+
 def test_selected_loss_is_masked_cross_entropy():
     """The kernel's loss is torch's cross entropy over the selected rows (definition check)."""
     N, V = 50, 11

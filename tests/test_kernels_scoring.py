@@ -40,17 +40,18 @@ def make_targets(N, V, gen=None, ignore_index=-100):
     return t.to(DEVICE)
 
 
-def run(logits, targets, ignore_index=-100, weight=None, with_wsum=False):
+def run(logits, targets, ignore_index=-100, weight=None, with_wsum=False, with_p2=True):
     with nan_empty():
-        got = K.row_stats(logits, targets, ignore_index, weight, with_wsum)
-    want = reference.row_stats(logits, targets, ignore_index, weight, with_wsum)
+        got = K.row_stats(logits, targets, ignore_index, weight, with_wsum, with_p2)
+    want = reference.row_stats(logits, targets, ignore_index, weight, with_wsum, with_p2)
     return got, want
 
 
 def assert_stats_close(got, want, rtol=1e-5, atol=2e-6, rows=None, equal_nan=False):
     # the outputs are fp32 computed from the same (upcast) logits whatever their dtype, so one
     # tolerance fits every dtype: only the summation order differs
-    names = FIELDS + (("wsum",) if want.wsum is not None else ())
+    names = FIELDS + (("wsum",) if want.wsum is not None else ()) + (("p2sum",) if want.p2sum is not None else ())
+    assert (got.p2sum is None) == (want.p2sum is None)
     for name in names:
         g, w = getattr(got, name), getattr(want, name)
         assert g.dtype == torch.float32 and g.shape == w.shape, name
@@ -153,14 +154,14 @@ def test_negative_infinity_logits(dtype, block):
     x = x.to(dtype)
     tg = torch.tensor([3, 60, 0, 10, 0, 1], device=DEVICE)
     with nan_empty():
-        got = K.row_stats(x, tg, -100)
-    want = reference.row_stats(x, tg, -100)
+        got = K.row_stats(x, tg, -100, with_p2=True)
+    want = reference.row_stats(x, tg, -100, with_p2=True)
     assert_stats_close(got, want, equal_nan=True)
     rows = torch.tensor([0, 1, 2, 3, 5], device=DEVICE)
-    for name in FIELDS:
+    for name in FIELDS + ("p2sum",):
         assert not torch.isnan(getattr(got, name)[rows]).any(), name
     assert got.nll[3] == float("inf")
-    assert got.p_top1[2] == 1.0 and got.p_top2[2] == 0.0 and got.entropy[2] == 0.0
+    assert got.p_top1[2] == 1.0 and got.p_top2[2] == 0.0 and got.entropy[2] == 0.0 and got.p2sum[2] == 1.0
 
 
 @pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # the interpreter's NaNs
@@ -174,11 +175,12 @@ def test_row_of_only_negative_infinity(V, block):
     x[0, 2] = float("-inf")
     tg = torch.tensor([0, 0, -100, V - 1], device=DEVICE)
     with nan_empty():
-        got = K.row_stats(x, tg, -100, None, True)
-    want = reference.row_stats(x, tg, -100, None, True)
-    for name in FIELDS + ("wsum",):
+        got = K.row_stats(x, tg, -100, None, True, True)
+    want = reference.row_stats(x, tg, -100, None, True, True)
+    for name in FIELDS + ("wsum", "p2sum"):
         torch.testing.assert_close(getattr(got, name), getattr(want, name), rtol=1e-5, atol=2e-6,
                                    equal_nan=True, msg=lambda m: f"{name}: {m}")
+    assert torch.isnan(got.p2sum[1]) and not torch.isnan(got.p2sum[[0, 3]]).any()
     assert got.lse[1] == float("-inf") and got.nll[2] == 0.0
     assert torch.isnan(got.entropy[1]) and torch.isnan(got.p_top1[1]) and torch.isnan(got.nll[1])
     assert (got.p_top2[1] == 0.0) if V == 1 else torch.isnan(got.p_top2[1])
@@ -198,10 +200,10 @@ def test_nan_logit_makes_its_row_nan(V, block):
     x[0, 2, V // 2] = float("nan")
     tg = torch.tensor([0, -100, V - 1, 0, 0], device=DEVICE)
     got, want = run(x, tg, with_wsum=True)
-    for name in FIELDS + ("wsum",):
+    for name in FIELDS + ("wsum", "p2sum"):
         torch.testing.assert_close(getattr(got, name), getattr(want, name), rtol=1e-5, atol=2e-6,
                                    equal_nan=True, msg=lambda m: f"{name}: {m}")
-    for name in ("lse", "entropy", "p_top1"):
+    for name in ("lse", "entropy", "p_top1", "p2sum"):
         assert torch.isnan(getattr(got, name)[:3]).all(), name
     assert not torch.isnan(torch.stack(got[:5])[:, 3:]).any()
 
@@ -326,7 +328,7 @@ def test_empty_batch_launches_nothing(monkeypatch):
     monkeypatch.setattr(scoring, "_row_stats_kernel", NoLaunch())
     monkeypatch.setattr(scoring, "_row_stats_tma_kernel", NoLaunch())
     x = torch.randn(0, 4, 9, device=DEVICE)
-    got = K.row_stats(x, torch.zeros(0, dtype=torch.long, device=DEVICE), -100, None, True)
+    got = K.row_stats(x, torch.zeros(0, dtype=torch.long, device=DEVICE), -100, None, True, True)
     for t in got:
         assert t.shape == (0,) and t.dtype == torch.float32
 
@@ -350,8 +352,8 @@ def test_row_stats_full_size_gpu(layout, path, monkeypatch):
     assert scoring.load_path(x) == path
     tg = torch.randint(0, V, (B * T,), device="cuda")
     tg[::7] = -100
-    got = K.row_stats(x, tg, -100, None, True)
-    want = reference.row_stats(x, tg, -100, None, True)
+    got = K.row_stats(x, tg, -100, None, True, True)
+    want = reference.row_stats(x, tg, -100, None, True, True)
     assert_stats_close(got._replace(wsum=None), want._replace(wsum=None), rtol=2e-5, atol=2e-5)
     # a sum of 128256 terms of either sign: the order of the fp32 additions shows at ~1e-9 of sum |x|
     bound = 1e-8 * x.float().abs().sum(-1).reshape(-1)
@@ -381,7 +383,7 @@ def test_row_stats_int64_offsets_gpu():
 
 # --------------------------------------------------------------------------- difficulty and host sums
 
-MODES = ["entropy", "margin", "loss", "combined", "random"]
+MODES = ["entropy", "margin", "loss", "combined", "random", "gradnorm"]
 
 
 def difficulty_inputs(N, V, seed, nan_rows=()):
@@ -390,9 +392,9 @@ def difficulty_inputs(N, V, seed, nan_rows=()):
     targets = torch.randint(0, V, (N,), generator=gen)
     targets[::5] = -100
     targets = targets.to(DEVICE)
-    stats = reference.row_stats(logits, targets, -100)
+    stats = reference.row_stats(logits, targets, -100, with_p2=True)
     for r in nan_rows:
-        for f in ("entropy", "p_top1", "nll"):
+        for f in ("entropy", "p_top1", "nll", "p2sum"):
             getattr(stats, f)[r] = float("nan")
     noise = torch.rand(N, generator=gen).to(DEVICE)
     return stats, targets, noise
@@ -401,14 +403,19 @@ def difficulty_inputs(N, V, seed, nan_rows=()):
 @pytest.mark.parametrize("mode", MODES)
 @pytest.mark.parametrize("N, V", [(1, 1), (7, 3), (300, 127)])
 def test_row_difficulty_matches_reference(mode, N, V, monkeypatch):
-    """Same difficulty bit for bit (same operations, no FMA contraction), same sums; blocks of 64
-    rows so N = 300 spans five programs whose partial sums the host adds."""
+    """Same difficulty bit for bit (same operations, no FMA contraction; gradnorm's exp and sqrt
+    to an ulp), same sums; blocks of 64 rows so N = 300 spans five programs whose partial sums the
+    host adds."""
     monkeypatch.setattr(scoring, "DIFFICULTY_BLOCK", 64)
     stats, targets, noise = difficulty_inputs(N, V, seed=N + V, nan_rows=(2,) if N > 2 else ())
-    got_d, got_p = K.row_difficulty(stats, targets, V, -100, mode, noise)
-    want_d, want_p = reference.row_difficulty(stats, targets, V, -100, mode, noise)
+    smoothing = 0.1 if mode == "gradnorm" else 0.0
+    got_d, got_p = K.row_difficulty(stats, targets, V, -100, mode, noise, smoothing)
+    want_d, want_p = reference.row_difficulty(stats, targets, V, -100, mode, noise, smoothing)
     assert got_d.dtype == torch.float32 and got_p.dtype == torch.float64
-    assert torch.equal(got_d, want_d)
+    if mode == "gradnorm":
+        torch.testing.assert_close(got_d, want_d, rtol=3e-7, atol=0)
+    else:
+        assert torch.equal(got_d, want_d)
     assert got_p.shape == (-(-N // 64), 5) and want_p.shape == (1, 5)
     torch.testing.assert_close(got_p.sum(0), want_p.sum(0), rtol=1e-12, atol=1e-9, equal_nan=True)
 
@@ -441,6 +448,8 @@ def test_row_difficulty_rejects_unknown_mode_and_missing_noise():
         K.row_difficulty(stats, targets, 3, -100, "confidence")
     with pytest.raises(ValueError, match="noise"):
         K.row_difficulty(stats, targets, 3, -100, "random")
+    with pytest.raises(ValueError, match="p2sum"):
+        K.row_difficulty(stats._replace(p2sum=None), targets, 3, -100, "gradnorm")
 
 
 def test_row_difficulty_turns_negative_zero_into_zero():

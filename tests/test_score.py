@@ -371,3 +371,48 @@ def test_wsum_is_the_weighted_sum_of_logits():
     torch.testing.assert_close(st.wsum.double(), (x * w.double()).sum(-1), rtol=1e-6, atol=1e-6)
     st = reference.row_stats(logits, targets, -100, None, with_wsum=True)
     torch.testing.assert_close(st.wsum.double(), x.sum(-1), rtol=1e-6, atol=1e-6)
+
+
+# --------------------------------------------------------------------------------------------------
+# gradnorm
+# --------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.1])
+@pytest.mark.parametrize("B, T, V", [s for s in SHAPES if s[2] > 1])
+def test_gradnorm_is_the_norm_of_the_logit_gradient(label_smoothing, B, T, V):
+    """s = ||d ce / d x|| of each row, from autograd on torch's own cross entropy (float64)."""
+    logits, targets = random_case(B, T, V, seed=B + T + V, n_ignored=(B * T) // 4)
+    stats = reference.row_stats(logits, targets, -100, with_p2=True)
+    valid = targets != -100
+    d = score.difficulty(stats, "gradnorm", V, valid, label_smoothing=label_smoothing)
+    x = logits.reshape(-1, V).double().requires_grad_()
+    per_row = F.cross_entropy(x, targets, reduction="none", label_smoothing=label_smoothing)
+    per_row.sum().backward()
+    want = torch.where(valid, x.grad.norm(dim=-1), torch.full((B * T,), -math.inf, dtype=torch.float64))
+    # s^2 = sum p^2 - 2 p_t + 1 cancels in fp32 where p_t is near 1: an absolute error of a few
+    # 1e-6 on a small s (it only sets a sampling probability)
+    torch.testing.assert_close(d.double(), want, rtol=2e-5, atol=1e-5)
+
+
+def test_gradnorm_times_hidden_norm_is_the_head_weight_gradient_norm():
+    """For logits = h W^T + b, token i's gradient on W is the rank-1 g_i h_i^T: its norm is s_i ||h_i||."""
+    g = torch.Generator().manual_seed(3)
+    N, D, V = 6, 5, 9
+    h = torch.randn(N, D, generator=g, dtype=torch.float64)
+    W = torch.randn(V, D, generator=g, dtype=torch.float64, requires_grad=True)
+    targets = torch.randint(0, V, (N,), generator=g)
+    logits = h @ W.t()
+    stats = reference.row_stats(logits.detach().float().unsqueeze(0), targets, -100, with_p2=True)
+    s = score.difficulty(stats, "gradnorm", V, torch.ones(N, dtype=torch.bool)).double()
+    for i in range(N):
+        (gw,) = torch.autograd.grad(F.cross_entropy(logits[i:i + 1], targets[i:i + 1]), W, retain_graph=True)
+        assert float(gw.norm()) == pytest.approx(float(s[i] * h[i].norm()), rel=1e-5)
+
+
+def test_gradnorm_of_a_near_one_hot_row_is_zero_not_nan():
+    """sum p^2 - 2 p_t + 1 can round below zero where p is one-hot on the target: s = 0."""
+    x = torch.tensor([[[60.0, -60.0, -60.0], [0.0, 0.0, 0.0]]])
+    targets = torch.tensor([0, 1])
+    stats = reference.row_stats(x, targets, -100, with_p2=True)
+    d = score.difficulty(stats, "gradnorm", 3, torch.ones(2, dtype=torch.bool))
+    assert d[0].item() == 0.0
+    assert d[1].item() == pytest.approx(math.sqrt(2 / 3), rel=1e-6)
