@@ -363,22 +363,24 @@ def metrics(model: nn.Module | None = None) -> dict:
     return dict(resolved)
 
 
-SCALARS = ("token_ratio", "tokens_selected", "tokens_total", "avg_confidence", "avg_entropy", "avg_difficulty")
-
-
 def scalars(model: nn.Module | None = None, prefix: str = "cggr/") -> dict:
     """The numbers of ``metrics(model)`` under ``prefix``, for a logger (empty when there are none):
 
         for tag, value in cggr_hook.scalars(model).items(): writer.add_scalar(tag, value, step)
         wandb.log(cggr_hook.scalars(model), step=step)
 
-    ``step``, ``selection`` and ``scoring`` are left out: the logger has its own step, and the other
-    two are options, not figures.
+    ``step`` is left out (the logger has its own), and so are ``selection`` and ``scoring``, which
+    are options, not figures; every numeric figure is in, importance sampling's included.
     """
     if not isinstance(prefix, str):
         raise ValueError(f"cggr_hook.scalars: prefix={prefix!r} must be a str, e.g. 'cggr/' or ''")
-    m = metrics(model)
-    return {prefix + k: m[k] for k in SCALARS if isinstance(m.get(k), numbers.Real)}
+    return as_scalars(metrics(model), prefix)
+
+
+def as_scalars(figures: dict, prefix: str = "cggr/") -> dict:
+    """The numeric figures of a ``metrics()`` dict but its ``step``, keys under ``prefix``."""
+    return {prefix + k: v for k, v in figures.items()
+            if k != "step" and isinstance(v, numbers.Real) and not isinstance(v, bool)}
 
 
 # --------------------------------------------------------------------------------------------------

@@ -40,7 +40,7 @@ except ModuleNotFoundError as e:  # a clear way out instead of a bare missing mo
         name=e.name,
     ) from e
 
-from .gate import SCALARS, metrics, scheduler
+from .gate import as_scalars, metrics, scheduler
 
 STATE_FILE = "cggr_scheduler.pt"
 
@@ -94,7 +94,7 @@ class CGGRCallback(TrainerCallback):
             m = metrics()
         if not m:
             return
-        figures = {f"cggr/{k}": m[k] for k in SCALARS if k in m}
+        figures = as_scalars(m, "cggr/")
         figures["cggr/step"] = m["step"]  # the optimizer step of the loss: the Trainer's step
         logs.update(figures)
         if state.log_history and state.log_history[-1].get("step") == state.global_step:

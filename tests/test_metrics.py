@@ -122,6 +122,15 @@ def test_scalars_are_prefixed_numbers():
     assert set(cggr_hook.scalars(model, prefix="")) == {k[len("cggr/"):] for k in s}
 
 
+def test_scalars_carry_the_importance_figures_too():
+    model = TinyLM()
+    cggr_hook.enable(model, **FIXED, selection="importance", scoring="gradnorm", min_tokens_ratio=0.5)
+    shifted_loss(model, _idx())
+    s = cggr_hook.scalars(model)
+    assert {"cggr/ess", "cggr/max_weight", "cggr/certain_fraction", "cggr/token_ratio"} <= set(s)
+    assert all(isinstance(v, (int, float)) and not isinstance(v, bool) for v in s.values())
+
+
 def test_scalars_reach_a_tensorboard_event_file(tmp_path):
     """The README's two lines for a plain loop, with the real writer, read back from the file."""
     from tensorboard.backend.event_processing.event_accumulator import EventAccumulator

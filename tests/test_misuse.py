@@ -156,6 +156,8 @@ def test_cggr_loss_on_meta_logits_is_a_clear_error():
     ("num_strata", np.int32(3), 3),
     ("min_tokens_per_sequence", torch.tensor(2), 2),
     ("seed", np.uint8(7), 7),
+    ("importance_floor", np.float32(0.5), 0.5),
+    ("importance_floor", torch.tensor(0.5), 0.5),
     ("dynamic_threshold", np.bool_(False), False),
     ("dynamic_threshold", torch.tensor(False), False),
 ])
