@@ -11,7 +11,7 @@ and ``disable``.
 """
 
 from .config import GateConfig
-from .gate import Gate, disable, enable, gated, metrics, paused, scheduler
+from .gate import Gate, disable, enable, gated, metrics, paused, scalars, scheduler
 from .loss import CGGRLoss
 from .schedule import Scheduler
 
@@ -25,6 +25,7 @@ __all__ = [
     "gated",
     "metrics",
     "paused",
+    "scalars",
     "scheduler",
 ]
 

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import dataclasses
-import math
+import functools
+import numbers
 from dataclasses import dataclass
 from typing import Any
 
@@ -13,6 +14,46 @@ SELECTIONS = ("topk", "stratified", "sequence_aware", "importance")
 
 def _fail(name: str, value: Any, fix: str) -> None:
     raise ValueError(f"cggr_hook: {name}={value!r} is not valid: {fix}")
+
+
+def _python_scalar(value: Any) -> Any:
+    """The Python number held by a NumPy scalar, a 0-d array or a 0-d tensor (what torch takes for
+    a number, e.g. a learning rate); anything else as it is."""
+    if isinstance(value, (bool, int, float, str)) or getattr(value, "shape", None) != ():
+        return value
+    try:
+        return value.item()
+    except Exception:  # noqa: BLE001 - a meta tensor, or an object with a shape and no item(): not a number
+        return value
+
+
+def _wrong_type(name: str, value: Any, kind: str, fix: str) -> None:
+    raise ValueError(
+        f"cggr_hook: {name}={value!r} is a {type(value).__name__}, not {kind}: {fix}"
+    )
+
+
+def _real(name: str, value: Any, fix: str) -> float:
+    """``value`` as a float when it is a real number (bools are not), else a ValueError naming its type."""
+    v = _python_scalar(value)
+    if isinstance(v, bool) or not isinstance(v, numbers.Real):
+        _wrong_type(name, value, "a real number", fix)
+    return float(v)
+
+
+def _whole(name: str, value: Any, fix: str) -> int:
+    """``value`` as an int when it is an integer (bools are not), else a ValueError naming its type."""
+    v = _python_scalar(value)
+    if isinstance(v, bool) or not isinstance(v, numbers.Integral):
+        _wrong_type(name, value, "a whole number", fix)
+    return int(v)
+
+
+def _flag(name: str, value: Any, fix: str) -> bool:
+    v = _python_scalar(value)
+    if not isinstance(v, bool):
+        _wrong_type(name, value, "True or False", fix)
+    return v
 
 
 @dataclass(frozen=True)
@@ -55,35 +96,46 @@ class GateConfig:
     importance_floor: float = 0.2
 
     def __post_init__(self) -> None:
-        if self.scoring not in SCORINGS:
-            _fail("scoring", self.scoring, f"choose one of {', '.join(SCORINGS)}")
-        if self.selection not in SELECTIONS:
-            _fail("selection", self.selection, f"choose one of {', '.join(SELECTIONS)}")
-        r = self.min_tokens_ratio
-        if isinstance(r, bool) or not isinstance(r, (int, float)) or not (0.0 < r <= 1.0) or math.isnan(r):
-            _fail("min_tokens_ratio", r, "give a fraction of tokens in (0, 1], e.g. 0.25")
-        w = self.warmup_steps
-        if isinstance(w, bool) or not isinstance(w, int) or w < 0:
-            _fail("warmup_steps", w, "give a whole number of optimizer steps >= 0 (0: no curriculum)")
-        if not isinstance(self.dynamic_threshold, bool):
-            _fail("dynamic_threshold", self.dynamic_threshold, "give True or False")
-        s = self.threshold_sensitivity
-        if isinstance(s, bool) or not isinstance(s, (int, float)) or not (0.0 <= s <= 1.0):
-            _fail("threshold_sensitivity", s, "give a number in [0, 1]")
-        n = self.num_strata
-        if isinstance(n, bool) or not isinstance(n, int) or n < 1:
-            _fail("num_strata", n, "give a whole number of buckets >= 1")
-        m = self.min_tokens_per_sequence
-        if isinstance(m, bool) or not isinstance(m, int) or m < 0:
-            _fail("min_tokens_per_sequence", m, "give a whole number of tokens >= 0")
-        a = self.importance_floor
-        if isinstance(a, bool) or not isinstance(a, (int, float)) or not (0.0 <= a <= 1.0):  # NaN fails too
-            _fail("importance_floor", a, "give the uniform share of importance sampling, a number in [0, 1]")
-        if isinstance(self.seed, bool) or not isinstance(self.seed, int):
-            _fail("seed", self.seed, "give an integer")
-        object.__setattr__(self, "min_tokens_ratio", float(r))
-        object.__setattr__(self, "threshold_sensitivity", float(s))
-        object.__setattr__(self, "importance_floor", float(a))
+        # NumPy scalars and 0-d tensors are taken as the numbers they hold, as torch takes them, and
+        # stored as Python numbers (a config compares, hashes and pickles as plain values); a value
+        # of another type is named with its type, a number out of range with the range
+        for name, choices in (("scoring", SCORINGS), ("selection", SELECTIONS)):
+            v = _python_scalar(getattr(self, name))
+            if not isinstance(v, str):
+                _wrong_type(name, getattr(self, name), "a str", f"choose one of {', '.join(choices)}")
+            if v not in choices:
+                _fail(name, v, f"choose one of {', '.join(choices)}")
+            object.__setattr__(self, name, str(v))
+        fix = "give a fraction of tokens in (0, 1], e.g. 0.25"
+        r = _real("min_tokens_ratio", self.min_tokens_ratio, fix)
+        if not (0.0 < r <= 1.0):  # NaN fails this too
+            _fail("min_tokens_ratio", self.min_tokens_ratio, fix)
+        fix = "give a whole number of optimizer steps >= 0 (0: no curriculum)"
+        w = _whole("warmup_steps", self.warmup_steps, fix)
+        if w < 0:
+            _fail("warmup_steps", self.warmup_steps, fix)
+        d = _flag("dynamic_threshold", self.dynamic_threshold, "give True or False")
+        fix = "give a number in [0, 1]"
+        s = _real("threshold_sensitivity", self.threshold_sensitivity, fix)
+        if not (0.0 <= s <= 1.0):
+            _fail("threshold_sensitivity", self.threshold_sensitivity, fix)
+        fix = "give a whole number of buckets >= 1"
+        n = _whole("num_strata", self.num_strata, fix)
+        if n < 1:
+            _fail("num_strata", self.num_strata, fix)
+        fix = "give a whole number of tokens >= 0"
+        m = _whole("min_tokens_per_sequence", self.min_tokens_per_sequence, fix)
+        if m < 0:
+            _fail("min_tokens_per_sequence", self.min_tokens_per_sequence, fix)
+        fix = "give the uniform share of importance sampling, a number in [0, 1]"
+        a = _real("importance_floor", self.importance_floor, fix)
+        if not (0.0 <= a <= 1.0):  # NaN fails this too
+            _fail("importance_floor", self.importance_floor, fix)
+        seed = _whole("seed", self.seed, "give an integer")
+        for name, value in (("min_tokens_ratio", r), ("warmup_steps", w), ("dynamic_threshold", d),
+                            ("threshold_sensitivity", s), ("num_strata", n), ("min_tokens_per_sequence", m),
+                            ("importance_floor", a), ("seed", seed)):
+            object.__setattr__(self, name, value)
 
     def replace(self, **options: Any) -> "GateConfig":
         """A copy with ``options`` changed; an unknown option name is a ValueError."""
@@ -92,6 +144,18 @@ class GateConfig:
 
 
 OPTION_NAMES = tuple(f.name for f in dataclasses.fields(GateConfig))
+
+
+def _checked_init(init: Any) -> Any:
+    @functools.wraps(init)
+    def __init__(self: GateConfig, *args: Any, **options: Any) -> None:
+        check_option_names(options)  # GateConfig(bogus=1): a ValueError naming it, as enable() gives
+        init(self, *args, **options)
+
+    return __init__
+
+
+GateConfig.__init__ = _checked_init(GateConfig.__init__)
 
 
 def check_option_names(options: dict) -> None:

@@ -12,9 +12,11 @@ function's call, untouched:
 from __future__ import annotations
 
 import contextlib
+import numbers
 import threading
 import warnings
 import weakref
+from dataclasses import dataclass
 from typing import Any, Iterator
 
 import torch
@@ -33,11 +35,25 @@ scheduler = Scheduler()
 _lock = threading.RLock()
 _gates: "weakref.WeakKeyDictionary[nn.Module, Gate]" = weakref.WeakKeyDictionary()
 _local = threading.local()  # .paused: bool, .in_handler: bool
-_last_metrics: dict = {}
 _warned: set[str] = set()
 
 # optimizer steps after which a gate that has not yet been part of a counted step warns (the watchdog)
 WATCHDOG_STEPS = 3
+
+
+@dataclass(eq=False)
+class _Figures:
+    """One gated call's metrics, as ``metrics()`` hands them out."""
+
+    generation: int  # the scheduler's generation then: figures from before a reset are stale
+    root: "weakref.ref[nn.Module]"  # the model whose loss it was
+    values: dict
+
+
+# the last gated call's figures, per model and of any model; disable() drops them, a reset of the
+# scheduler makes them stale, a collected model takes its own along
+_figures: "weakref.WeakKeyDictionary[nn.Module, _Figures]" = weakref.WeakKeyDictionary()
+_last_figures: _Figures | None = None
 
 
 def _paused() -> bool:
@@ -48,6 +64,33 @@ def _warn_once(key: str, message: str) -> None:
     if key not in _warned:
         _warned.add(key)
         warnings.warn(message, RuntimeWarning, stacklevel=4)
+
+
+class _InertHook:
+    """What a gate's hook becomes in a pickled or deep-copied model: nothing. The copy is not gated
+    (a gate belongs to the model it was enabled on), and its outputs are the model's own."""
+
+    def __call__(self, *args: Any) -> None:
+        return None
+
+
+class _GateHook:
+    """A hook a gate registers on the model or its head (the head's forward hook, the model's
+    forward pre-hook and, for TRL, its forward hook). It lives in the module's hook tables, which
+    ``pickle``, ``torch.save`` and ``copy.deepcopy`` of the model take along: there it turns into
+    an ``_InertHook``, since the gate behind it (the registry, the patch) is not the model's to
+    save."""
+
+    __slots__ = ("_fn",)
+
+    def __init__(self, fn: Any) -> None:
+        self._fn = fn
+
+    def __call__(self, *args: Any) -> Any:
+        return self._fn(*args)
+
+    def __reduce__(self) -> tuple:
+        return (_InertHook, ())
 
 
 class Gate:
@@ -76,21 +119,28 @@ class Gate:
         self._proven = False  # a counted optimizer step followed a gated loss of this model
         # opaque to torch.compile: a compiled model breaks its graph at the head's hook, so the tap
         # is a real autograd node at run time rather than traced away. Prepended, so that no other
-        # hook on the head changes the output before the tap sees it.
-        self._head_hook = torch.compiler.disable(self._on_head_forward)
+        # hook on the head changes the output before the tap sees it. The hooks are _GateHooks, which
+        # a pickled or deep-copied model carries as inert stand-ins.
+        self._head_hook = _GateHook(torch.compiler.disable(self._on_head_forward))
         self._handle = head.register_forward_hook(self._head_hook, prepend=True)
         # on the model: follows a head replaced after enable, and turns TRL's fused LM head off
-        self._root_handle = root.register_forward_pre_hook(torch.compiler.disable(self._on_root_forward),
+        self._root_handle = root.register_forward_pre_hook(_GateHook(torch.compiler.disable(self._on_root_forward)),
                                                            with_kwargs=True)
         self._fused_handle = None  # the forward hook that rebuilds TRL's fused output (made on first use)
         self._trl_checks = [trl_fused.UNIFORM_CHECKS]  # backward passes that check TRL's loss weighs tokens equally
         self._undo_loss = hf_loss.install(root, torch.compiler.disable(self._would_gate))
         self.enabled = True
+        # a model dropped without disable() takes its gate with it, and the last one the patch and
+        # the optimizer hook (sweeps and notebooks re-create models all the time); nothing here
+        # holds the model itself strongly, so it can be collected
+        self._finalizer = weakref.finalize(root, _on_model_collected, self)
+        self._finalizer.atexit = False
 
     # the forward hook on the LM head
     def _on_head_forward(self, module: nn.Module, args: tuple, output: Any) -> Any:
-        # module is not self.head in a deep copy of a gated model, which carries the hook along:
-        # a copy is not gated by a gate it was not enabled on
+        # module is not self.head in a shallow copy of the head, which shares its hook table (deep
+        # copies and pickles carry an _InertHook instead): a copy is not gated by a gate it was not
+        # enabled on
         if module is not self.head:
             return None
         self._head_calls += 1
@@ -153,7 +203,7 @@ class Gate:
         if labels is None and shift is None:
             return None
         if self._fused_handle is None:
-            self._fused_handle = root.register_forward_hook(torch.compiler.disable(self._on_root_output),
+            self._fused_handle = root.register_forward_hook(_GateHook(torch.compiler.disable(self._on_root_output)),
                                                             with_kwargs=True)
         kwargs = dict(kwargs)
         stash = tuple(kwargs.pop(k, None) for k in ("labels", "shift_labels", "num_items_in_batch"))
@@ -230,12 +280,23 @@ class Gate:
         return (f"cggr_hook: {n} optimizer steps with a gate enabled on {name} and none followed a gated loss: {what}. "
                 "Until then every loss is the plain one (this warning is given once)")
 
+    def _record_metrics(self, values: dict) -> None:
+        """A gated call's figures, from the loss (``Request.on_metrics``)."""
+        global _last_figures
+        root = self._root()
+        if root is None:
+            return
+        record = _Figures(scheduler.generation, self._root, dict(values))
+        with _lock:
+            _figures[root] = record
+            _last_figures = record
+
     def _would_gate(self, logits: Tensor) -> bool:
         """Whether a cross entropy on these logits would be gated now (Hugging Face loss fast path)."""
         node = getattr(logits, "grad_fn", None)
-        return (self.enabled and torch.is_grad_enabled() and not _paused() and _gates.get(self._root()) is self
-                and isinstance(node, head_mod.HeadTap._backward_cls) and not node.call.consumed
-                and node.call.gate is self)
+        return (self.enabled and torch.is_grad_enabled() and not _paused() and logits.device.type != "meta"
+                and _gates.get(self._root()) is self and isinstance(node, head_mod.HeadTap._backward_cls)
+                and not node.call.consumed and node.call.gate is self)
 
     @property
     def model(self) -> nn.Module | None:
@@ -251,6 +312,7 @@ class Gate:
 
     def _detach(self) -> None:
         self.enabled = False
+        self._finalizer.detach()
         self._handle.remove()
         self._root_handle.remove()
         if self._fused_handle is not None:
@@ -277,6 +339,31 @@ class Gate:
         state = "enabled" if self.enabled else "removed"
         d_in, d_out = head_mod.head_features(self.head)
         return f"Gate({type(self.head).__name__}({d_in} -> {d_out}), {state}, {self.config})"
+
+
+def _live_gates() -> list[Gate]:
+    """The gates of models still alive (a collected model's entry may linger until its weak
+    reference's callback has run)."""
+    return list(_gates.values())
+
+
+def _uninstall_if_unused() -> None:
+    """With no gate left: the original ``F.cross_entropy`` back, and the optimizer hook gone (after
+    the step a pending gated loss waits for)."""
+    if not _live_gates():
+        patch.uninstall()
+        scheduler.detach()
+
+
+def _on_model_collected(gate: Gate) -> None:
+    """A gated model was garbage-collected without ``disable``: what ``disable(model)`` would have
+    done. Runs from the garbage collector, at any allocation, so it only takes the (reentrant)
+    lock and undoes; ``enable`` registers a gate before it installs anything, so this never sees
+    an empty registry while a gate is being added."""
+    with _lock:
+        gate._detach()
+        _drop_figures(gate._root)
+        _uninstall_if_unused()
 
 
 def _is_sharded(root: nn.Module, head: nn.Module) -> bool:
@@ -322,34 +409,52 @@ def enable(model: nn.Module, config: GateConfig | None = None, *, head: nn.Modul
             return existing
         lm_head = head_mod.find_head(root, head)  # raises before anything is installed
         gate = Gate(model, root, lm_head, cfg)
+        _gates[root] = gate  # registered first: a collected model's clean-up then sees this gate
         try:
             patch.install(_handler_for_patch())
             scheduler.step_observer = _observe_step
             scheduler.attach()
         except BaseException:
+            _gates.pop(root, None)
             gate._detach()
-            if not _gates:
-                patch.uninstall()
-                scheduler.detach()
+            _uninstall_if_unused()
             raise
-        _gates[root] = gate
         return gate
 
 
 def disable(model: nn.Module | None = None) -> None:
-    """Remove ``model``'s gate (every gate when None). With no gate left,
-    ``torch.nn.functional.cross_entropy`` is the original object again."""
+    """Remove ``model``'s gate (every gate when None), and its figures from ``metrics()``. With no
+    gate left, ``torch.nn.functional.cross_entropy`` is the original object again."""
+    _disable(model, keep_figures=False)
+
+
+def _disable(model: nn.Module | None, keep_figures: bool) -> None:
+    global _last_figures
     with _lock:
         if model is None:
             targets = list(_gates.keys())
+            if not keep_figures:
+                _figures.clear()
+                _last_figures = None
         else:
             g = _gate_for(head_mod.unwrap(model))
-            targets = [g._root()] if g is not None else []
+            targets = [r for r in [g._root() if g is not None else None] if r is not None]
+            if not keep_figures:
+                for root in targets:
+                    _figures.pop(root, None)
+                    if _last_figures is not None and _last_figures.root() is root:
+                        _last_figures = None
         for root in targets:
-            _gates.pop(root)._detach()
-        if not _gates:
-            patch.uninstall()
-            scheduler.detach()
+            gate = _gates.pop(root, None)
+            if gate is not None:
+                gate._detach()
+        _uninstall_if_unused()
+
+
+def _drop_figures(root_ref: "weakref.ref[nn.Module]") -> None:
+    global _last_figures
+    if _last_figures is not None and _last_figures.root is root_ref:
+        _last_figures = None
 
 
 def _observe_step(optimizer: torch.optim.Optimizer, pending: bool, counted: bool) -> bool:
@@ -410,8 +515,9 @@ def gated(model: nn.Module | None = None, **options: Any) -> Iterator[Gate | Non
     """Gating inside the block.
 
     With a model: enabled (with ``options``) inside, and its previous state (disabled, or enabled
-    with its previous options) restored on exit, exceptions included. Without: every enabled gate
-    is active inside the block, even within an outer ``paused()``.
+    with its previous options) restored on exit, exceptions included; the block's figures stay in
+    ``metrics()`` after it, since its loss's backward and optimizer step usually come after the
+    block. Without: every enabled gate is active inside the block, even within an outer ``paused()``.
     """
     prev_paused = _paused()
     prev_config = None
@@ -430,31 +536,56 @@ def gated(model: nn.Module | None = None, **options: Any) -> Iterator[Gate | Non
         _local.paused = prev_paused
         if model is not None:
             if prev_config is None:
-                disable(model)
+                _disable(model, keep_figures=True)
             else:
                 enable(model, config=prev_config)
 
 
-def metrics() -> dict:
-    """The last gated call's figures (empty before the first): step, token_ratio, tokens_selected,
-    tokens_total, avg_confidence, avg_entropy, avg_difficulty, selection, scoring."""
-    global _last_metrics
+def metrics(model: nn.Module | None = None) -> dict:
+    """The figures of ``model``'s last gated call (of any gated model's when None); empty before the
+    first, after ``disable()`` and after ``scheduler.reset()`` or ``load_state_dict()``.
+
+    Keys: ``step`` (the optimizer step the loss belongs to, counting from 1: ``scheduler.step_count``
+    once that step is taken, and the Hugging Face Trainer's ``global_step`` when it logs),
+    ``token_ratio``, ``tokens_selected``, ``tokens_total``, ``avg_confidence``, ``avg_entropy``,
+    ``avg_difficulty``, ``selection``, ``scoring``.
+    """
+    if model is not None and not isinstance(model, nn.Module):
+        raise ValueError(f"cggr_hook.metrics: model must be the torch.nn.Module given to enable(), got "
+                         f"{type(model).__name__}; or call metrics() for the last gated call of any model")
     with _lock:
-        m = _last_metrics
+        record = _last_figures if model is None else _figures.get(head_mod.unwrap(model))
+        if record is None or record.generation != scheduler.generation or record.root() is None:
+            return {}
+        values = record.values
     # averages left on their way from the device are waited for outside the lock, so a reader
     # never holds up a gated call that wants to record its own figures
-    resolved = resolve_metrics(m)
-    if resolved is not m:
+    resolved = resolve_metrics(values)
+    if resolved is not values:
         with _lock:
-            if _last_metrics is m:  # no newer call has recorded its figures meanwhile
-                _last_metrics = resolved
+            if record.values is values:  # keep them read; a newer call has a record of its own
+                record.values = resolved
     return dict(resolved)
 
 
-def _record_metrics(m: dict) -> None:
-    global _last_metrics
-    with _lock:
-        _last_metrics = dict(m)
+def scalars(model: nn.Module | None = None, prefix: str = "cggr/") -> dict:
+    """The numbers of ``metrics(model)`` under ``prefix``, for a logger (empty when there are none):
+
+        for tag, value in cggr_hook.scalars(model).items(): writer.add_scalar(tag, value, step)
+        wandb.log(cggr_hook.scalars(model), step=step)
+
+    ``step`` is left out (the logger has its own), and so are ``selection`` and ``scoring``, which
+    are options, not figures; every numeric figure is in, importance sampling's included.
+    """
+    if not isinstance(prefix, str):
+        raise ValueError(f"cggr_hook.scalars: prefix={prefix!r} must be a str, e.g. 'cggr/' or ''")
+    return as_scalars(metrics(model), prefix)
+
+
+def as_scalars(figures: dict, prefix: str = "cggr/") -> dict:
+    """The numeric figures of a ``metrics()`` dict but its ``step``, keys under ``prefix``."""
+    return {prefix + k: v for k, v in figures.items()
+            if k != "step" and isinstance(v, numbers.Real) and not isinstance(v, bool)}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -495,6 +626,8 @@ def _gated_call(args: tuple, kwargs: dict) -> Tensor | None:
         return None  # let the original report the bad call
     if not isinstance(x, Tensor) or not isinstance(target, Tensor) or x.grad_fn is None or x.dim() < 1:
         return None
+    if x.device.type == "meta":
+        return None  # no values to score: the original gives the meta result it gives ungated
     class_dim = 0 if x.dim() == 1 else 1
     tr = head_mod.trace(x, class_dim)
     if tr is None:
@@ -504,7 +637,7 @@ def _gated_call(args: tuple, kwargs: dict) -> Tensor | None:
     gate: Gate = call.gate
     if call.consumed or not gate.enabled or x.device != call.output.device:
         return None
-    if target.is_floating_point():
+    if target.is_floating_point() and tuple(target.shape) == tuple(x.shape):
         _warn_once("soft", "cggr_hook: cross_entropy with probability targets is not gated; the plain loss is used")
         return None
     if not tr.exact:
@@ -521,6 +654,8 @@ def _gated_call(args: tuple, kwargs: dict) -> Tensor | None:
             f"cggr_hook: target of shape {tuple(target.shape)} does not match input of shape {tuple(x.shape)}; "
             f"cross_entropy needs target of shape {expected} (one class index per row of logits)"
         )
+    if (target.dtype != torch.long or target.device != x.device) and not _original_accepts_target(x, target):
+        return None  # the original raises its own error, as it does without the gate
     spec = LossSpec(ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing, weight=weight)
     spec.check(V)
 
@@ -529,7 +664,7 @@ def _gated_call(args: tuple, kwargs: dict) -> Tensor | None:
         # gated loss on the loss input itself; its gradient flows back through the logits' graph
         xr = x.movedim(class_dim, -1) if class_dim != x.dim() - 1 else x
         seq = (tr.rows // out.shape[-2], out.numel() // (out.shape[-2] * V)) if out.dim() >= 3 else None
-        req = Request(gate.config, scheduler, gate.key, spec, seq=seq, on_metrics=_record_metrics,
+        req = Request(gate.config, scheduler, gate.key, spec, seq=seq, on_metrics=gate._record_metrics,
                       param_ids=gate._param_ids)
         loss = GatedCrossEntropy.apply(xr, target.to(device=x.device, dtype=torch.long), req, False)
         _consume(call)
@@ -538,12 +673,37 @@ def _gated_call(args: tuple, kwargs: dict) -> Tensor | None:
     t_head = torch.full((n_head_rows,), ignore_index, dtype=torch.long, device=out.device)
     t_head[tr.rows] = target.reshape(-1).to(device=out.device, dtype=torch.long)
     seq = out.shape[-2] if out.dim() >= 3 else None
-    req = Request(gate.config, scheduler, gate.key, spec, seq=seq, on_metrics=_record_metrics,
+    req = Request(gate.config, scheduler, gate.key, spec, seq=seq, on_metrics=gate._record_metrics,
                   param_ids=gate._param_ids)
     loss = GatedHeadCrossEntropy.apply(call.hidden, call.weight, call.bias, out.detach(), t_head, tr.rows,
                                        target.shape, req)
     _consume(call)
     return loss
+
+
+_accepted_targets: dict = {}
+
+
+def _original_accepts_target(x: Tensor, target: Tensor) -> bool:
+    """Whether ``F.cross_entropy`` itself takes class-index targets of ``target``'s dtype and device
+    for input like ``x``: a gated loss must accept and reject what the plain one does (int32 targets
+    that trained under the gate would otherwise fail in the evaluation loop). Which dtypes torch
+    takes depends on the device and on the input's rank (uint8 for (N, V) input on the CPU, not
+    for (B, V, T)), so the original is asked once per kind of call, on a one-row input of two
+    classes, and the answer kept."""
+    key = (target.dtype, str(target.device), x.dtype, str(x.device), x.dim())
+    accepted = _accepted_targets.get(key)
+    if accepted is None:
+        shape = (1, 2) + (1,) * (x.dim() - 2) if x.dim() >= 2 else (2,)
+        t_shape = (1,) + shape[2:] if x.dim() >= 2 else ()
+        try:
+            with torch.no_grad():
+                patch.original_cross_entropy()(x.new_zeros(shape), target.new_zeros(t_shape))
+            accepted = True
+        except (RuntimeError, TypeError, ValueError, NotImplementedError):
+            accepted = False
+        _accepted_targets[key] = accepted
+    return accepted
 
 
 def _consume(call: head_mod.HeadCall) -> None:

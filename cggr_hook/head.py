@@ -287,12 +287,20 @@ class HeadCall:
 
 
 class HeadTap(torch.autograd.Function):
-    """Identity on the head's output; its graph node marks the logits of one head call."""
+    """Identity on the head's output; its graph node marks the logits of one head call.
+
+    The result shares the output's memory but is not a view of it (an input returned as it is, or
+    a ``view_as``, would be one): the model then returns logits that are a tensor of their own, as
+    without the gate. On a view, an in-place op (a temperature, a mask) is an error for a custom
+    Function's output, and FSDP2 warns that it would drop its pre-backward hook. Nothing else holds
+    the untapped output for backward, so the alias is safe: an in-place op on the logits takes the
+    ordinary path through this node, and the loss on such logits is the plain one.
+    """
 
     @staticmethod
     def forward(ctx, output: Tensor, call: HeadCall) -> Tensor:
         ctx.call = call
-        return output.view_as(output)
+        return output.detach()
 
     @staticmethod
     def backward(ctx, grad: Tensor):

@@ -33,12 +33,13 @@ from __future__ import annotations
 import math
 import numbers
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from . import kernels, score, select
-from .config import GateConfig
+from .config import OPTION_NAMES, GateConfig
 from .schedule import Scheduler, tokens_to_keep
 
 REDUCTIONS = ("mean", "sum", "none")
@@ -275,7 +276,7 @@ def plan(logits: Tensor, targets: Tensor, seq: int | tuple[Tensor, int] | None, 
                                             float(spec.label_smoothing), spec.weight, row_weight)
 
     metrics = {
-        "step": step,
+        "step": step + 1,  # the optimizer step this loss belongs to, counting from 1
         "token_ratio": n_sel / n_valid if n_valid else 0.0,
         "tokens_selected": n_sel,
         "tokens_total": n_valid,
@@ -419,7 +420,11 @@ class CGGRLoss(torch.nn.Module):
                  num_strata: int = 4, min_tokens_per_sequence: int = 1, seed: int = 0,
                  importance_floor: float = GateConfig.importance_floor, *,
                  ignore_index: int = -100, reduction: str = "mean", label_smoothing: float = 0.0,
-                 weight: Tensor | None = None, inplace_backward: bool = False) -> None:
+                 weight: Tensor | None = None, inplace_backward: bool = False, **unknown: Any) -> None:
+        if unknown:  # a ValueError naming them, as enable() and GateConfig give, not Python's TypeError
+            known = OPTION_NAMES + ("ignore_index", "reduction", "label_smoothing", "weight", "inplace_backward")
+            raise ValueError(f"cggr_hook.CGGRLoss: unknown option(s) {', '.join(sorted(unknown))}; "
+                             f"the options are {', '.join(known)}")
         super().__init__()
         self.config = GateConfig(scoring=scoring, selection=selection, min_tokens_ratio=min_tokens_ratio,
                                  warmup_steps=warmup_steps, dynamic_threshold=dynamic_threshold,
@@ -466,6 +471,11 @@ class CGGRLoss(torch.nn.Module):
             )
         if targets.is_floating_point():
             raise ValueError("cggr_hook.CGGRLoss: targets must be integer class indices (use .long())")
+        if logits.device.type == "meta" or targets.device.type == "meta":
+            raise ValueError(
+                "cggr_hook.CGGRLoss: logits and targets on the meta device have no values to score and select "
+                "by; compute the loss on real tensors, or use torch.nn.functional.cross_entropy for a meta run"
+            )
         spec = LossSpec(self.spec.ignore_index, self.spec.reduction, self.spec.label_smoothing, self.weight)
         spec.check(logits.shape[-1])
         seq = logits.shape[1] if logits.dim() == 3 else None

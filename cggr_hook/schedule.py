@@ -84,6 +84,8 @@ class Scheduler:
         # returning True counts a step the rule above did not (gate.py: parameters a model gained
         # after enable, and the watchdog)
         self.step_observer = None
+        # counts resets and loaded states: figures recorded before one are of another run
+        self.generation = 0
 
     # --- the ratio ---------------------------------------------------------------------------------
     def ratio(self, config: GateConfig | None = None) -> float:
@@ -174,6 +176,7 @@ class Scheduler:
             self.calls_in_step = int(state["calls_in_step"])
             self.confidence_avg = {str(k): float(v) for k, v in state["confidence_avg"].items()}
             self._pending = bool(state.get("pending", False))
+            self.generation += 1
 
     def reset(self) -> None:
         """Back to step 0 with no history (a fresh run)."""
@@ -183,8 +186,22 @@ class Scheduler:
             self.confidence_avg = {}
             self._pending = False
             self._pending_ids = frozenset()
+            self.generation += 1
         if self._release_after_step:
             self._remove_hook()
+
+    # a Scheduler inside a saved model (a CGGRLoss submodule) pickles and deep-copies as its
+    # counts; the lock and any optimizer hook belong to the running process, not to the copy
+    def __getstate__(self) -> dict:
+        state = dict(self.__dict__)
+        del state["_lock"]
+        state["_hook_handle"] = None
+        state["_release_after_step"] = False
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self._lock = threading.RLock()
 
     def __repr__(self) -> str:
         return f"Scheduler(step_count={self.step_count}, attached={self.attached})"

@@ -112,10 +112,10 @@ def main(argv=None):
 
     from cggr_hook.hf import CGGRCallback  # gate metrics in the logs, scheduler state in checkpoints
 
-    trainer = Trainer(model=model, args=training_args, train_dataset=train_ds, eval_dataset=eval_ds,
-                      callbacks=[] if args.plain else [CGGRCallback()])
+    trainer = Trainer(model=model, args=training_args, train_dataset=train_ds, eval_dataset=eval_ds)
 
     if not args.plain:
+        CGGRCallback.attach(trainer)  # ahead of the reporters, so every one of them logs cggr/*
         options = {}
         if args.warmup_steps is not None:
             options["warmup_steps"] = args.warmup_steps

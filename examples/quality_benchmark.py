@@ -743,7 +743,7 @@ def parse_args(argv=None):
     p.add_argument("--max-heldout-bytes", type=int, default=None, help="held-out byte budget (0: every file)")
     p.add_argument("--parallel", type=int, default=None, help="training runs at once (the timing is not shared)")
     p.add_argument("--cache-dir", default=None, help="tokenizer, token and base-model cache "
-                   "(default $CGGR_HOOK_CACHE or ~/.cache/cggr_hook)")
+                   "(default $CGGR_HOOK_CACHE, else $XDG_CACHE_HOME/cggr_hook, else ~/.cache/cggr_hook)")
     p.add_argument("--out", default="runs/quality", help="output folder")
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")

@@ -18,8 +18,8 @@ corpus:
   path), so a small budget still samples the whole library and a larger budget is a superset;
 * a byte-level BPE tokenizer (``tokenizers``) trained on the training split only (at most
   ``tokenizer_bytes`` of it), on the spot, and cached with the encoded token streams under
-  ``$CGGR_HOOK_CACHE`` (default ``~/.cache/cggr_hook``), keyed by the vocabulary size and a hash
-  of the file list.
+  ``$CGGR_HOOK_CACHE`` (default ``$XDG_CACHE_HOME/cggr_hook``, else ``~/.cache/cggr_hook``;
+  ``--cache-dir`` overrides), keyed by the vocabulary size and a hash of the file list.
 
 >>> corpus = load_corpus(vocab_size=4096, max_bytes=3_000_000)
 >>> x = next(corpus.batches(batch_size=16, seq_len=128, seed=0))   # (16, 128) int64
@@ -50,8 +50,15 @@ FORMAT_VERSION = 2  # bump when the cached files change meaning
 
 
 def default_cache_dir() -> Path:
+    """``$CGGR_HOOK_CACHE``, else ``$XDG_CACHE_HOME/cggr_hook``, else ``~/.cache/cggr_hook`` (the
+    XDG base-directory rule: a relative ``XDG_CACHE_HOME`` is ignored)."""
     env = os.environ.get("CGGR_HOOK_CACHE")
-    return Path(env).expanduser() if env else Path.home() / ".cache" / "cggr_hook"
+    if env:
+        return Path(env).expanduser()
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    if xdg and Path(xdg).is_absolute():
+        return Path(xdg) / "cggr_hook"
+    return Path.home() / ".cache" / "cggr_hook"
 
 
 def stdlib_root() -> Path:
@@ -418,7 +425,8 @@ def main() -> None:
                    help="stdlib: the standard library; python: it and every installed package")
     p.add_argument("--finetune-share", type=float, default=0.0,
                    help="share of the packages set apart as a fine-tuning domain (0: none)")
-    p.add_argument("--cache-dir", default=None, help="default: $CGGR_HOOK_CACHE or ~/.cache/cggr_hook")
+    p.add_argument("--cache-dir", default=None,
+                   help="default: $CGGR_HOOK_CACHE, else $XDG_CACHE_HOME/cggr_hook, else ~/.cache/cggr_hook")
     args = p.parse_args()
     t0 = time.perf_counter()
     corpus = load_corpus(

@@ -219,3 +219,47 @@ def test_hf_trainer(cache_dir):
     assert "train: 4 optimizer steps" in out
     assert "scheduler step count 4" in out
     assert "(identical)" in out
+
+
+@pytest.mark.parametrize("env, expected", [
+    ({}, ("home", ".cache", "cggr_hook")),
+    ({"XDG_CACHE_HOME": "xdg"}, ("xdg", "cggr_hook")),
+    ({"XDG_CACHE_HOME": "relative"}, ("home", ".cache", "cggr_hook")),  # the XDG rule: a relative path is ignored
+    ({"XDG_CACHE_HOME": "xdg", "CGGR_HOOK_CACHE": "own"}, ("own",)),
+])
+def test_the_corpus_cache_honours_xdg_cache_home(tmp_path, monkeypatch, env, expected):
+    stdlib_text = _import_example("stdlib_text")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    for name in ("XDG_CACHE_HOME", "CGGR_HOOK_CACHE"):
+        monkeypatch.delenv(name, raising=False)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value if value == "relative" else str(tmp_path / value))
+    assert stdlib_text.default_cache_dir() == tmp_path.joinpath(*expected)
+
+
+def _readme_command(prefix: str) -> list[str]:
+    """The README's command line that starts with ``prefix`` (its ``#`` comment dropped)."""
+    for line in (ROOT / "README.md").read_text().splitlines():
+        if line.startswith(prefix):
+            return line.split("#")[0].split()
+    raise AssertionError(f"README.md has no command starting with {prefix!r}")
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("wrapper", ["ddp", "fsdp"])
+def test_readme_cpu_torchrun_command(wrapper):
+    """The README's CPU-sized torchrun run (gloo), with either wrapper; FSDP2 gives no view warning."""
+    import socket
+
+    cmd = _readme_command("torchrun --nproc_per_node 2 examples/torchrun_train.py --wrapper fsdp --hidden")
+    args = cmd[1:]
+    args[args.index("--wrapper") + 1] = wrapper
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--master_port", str(port), *args],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    assert f"{wrapper}: 2 x cpu" in proc.stdout and "cggr25" in proc.stdout, proc.stdout
+    assert "returned a view tensor" not in proc.stderr, proc.stderr[-4000:]

@@ -419,7 +419,7 @@ def test_metrics_reader_does_not_hold_the_lock_while_it_waits(monkeypatch):
     model = TinyLM()
     cggr_hook.enable(model, warmup_steps=0, dynamic_threshold=False, min_tokens_ratio=0.5)
     shifted_loss(model, _idx())
-    first = gate_mod._last_metrics["tokens_total"]
+    first = gate_mod._last_figures.values["tokens_total"]
     reader, release = start_held_reader(monkeypatch, gate_mod, "resolve_metrics", cggr_hook.metrics)
     idx = torch.randint(0, 37, (3, 20))
     done = threading.Event()

@@ -84,3 +84,82 @@ def test_resume_restores_the_scheduler(tmp_path):
     assert seen["first"]["step_count"] == 3
     assert seen["first"]["confidence_avg"] == saved["confidence_avg"]
     assert cggr_hook.scheduler.step_count == full["step_count"] == 6
+
+
+# --------------------------------------------------------------------------------------------------
+# the gate's figures in every reporter
+# --------------------------------------------------------------------------------------------------
+def _reporting_trainer(model, out, max_steps, attach=True, **kw):
+    args = transformers.TrainingArguments(
+        output_dir=str(out), max_steps=max_steps, per_device_train_batch_size=4, gradient_accumulation_steps=2,
+        learning_rate=1e-3, logging_steps=1, save_steps=2, save_strategy="steps", report_to=["tensorboard"],
+        use_cpu=True, eval_strategy="no", disable_tqdm=True, seed=0, data_seed=0, **kw)
+    trainer = transformers.Trainer(model=model, args=args, train_dataset=Rows(64),
+                                   callbacks=None if attach else [CGGRCallback()])
+    if attach:
+        CGGRCallback.attach(trainer)  # what the README shows
+    return trainer
+
+
+def _scalars(logdir):
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(logdir))
+    events.Reload()
+    return {tag: [(e.step, e.value) for e in events.Scalars(tag)] for tag in events.Tags()["scalars"]}
+
+
+def test_readme_trainer_puts_the_figures_into_tensorboard_and_checkpoints(tmp_path, monkeypatch):
+    monkeypatch.setenv("TENSORBOARD_LOGGING_DIR", str(tmp_path / "tb"))
+    model = _model()
+    cggr_hook.enable(model, warmup_steps=2, dynamic_threshold=False)
+    _reporting_trainer(model, tmp_path / "out", max_steps=4).train()
+    scalars = _scalars(tmp_path / "tb")  # the TensorBoard reporter files training logs under train/
+    for tag in ("cggr/token_ratio", "cggr/tokens_selected", "cggr/tokens_total", "cggr/avg_confidence",
+                "cggr/step"):
+        assert [s for s, _ in scalars.get("train/" + tag, [])] == [1, 2, 3, 4], (tag, sorted(scalars))
+    # cggr/step is the Trainer's own step, and the curriculum ran down to 25%
+    assert [v for _, v in scalars["train/cggr/step"]] == [1, 2, 3, 4]
+    ratios = [v for _, v in scalars["train/cggr/token_ratio"]]
+    assert ratios[0] == pytest.approx(1.0) and ratios[-1] < 0.4
+    for step in (2, 4):  # the scheduler's state still goes into every checkpoint
+        state = torch.load(tmp_path / "out" / f"checkpoint-{step}" / STATE_FILE, weights_only=True)
+        assert state["step_count"] == step
+
+
+def test_attach_moves_a_callback_already_given_ahead_of_the_reporters(tmp_path, monkeypatch):
+    monkeypatch.setenv("TENSORBOARD_LOGGING_DIR", str(tmp_path / "tb"))
+    model = _model()
+    cggr_hook.enable(model, warmup_steps=0, dynamic_threshold=False)
+    trainer = _reporting_trainer(model, tmp_path / "out", max_steps=1, attach=False)
+    given = next(cb for cb in trainer.callback_handler.callbacks if isinstance(cb, CGGRCallback))
+    assert CGGRCallback.attach(trainer) is given
+    assert trainer.callback_handler.callbacks[0] is given
+    assert sum(isinstance(cb, CGGRCallback) for cb in trainer.callback_handler.callbacks) == 1
+    trainer.train()
+    assert "train/cggr/token_ratio" in _scalars(tmp_path / "tb")
+
+
+def test_a_callback_behind_the_reporters_says_how_to_attach_it(tmp_path, monkeypatch):
+    monkeypatch.setenv("TENSORBOARD_LOGGING_DIR", str(tmp_path / "tb"))
+    model = _model()
+    cggr_hook.enable(model, warmup_steps=0, dynamic_threshold=False)
+    trainer = _reporting_trainer(model, tmp_path / "out", max_steps=1, attach=False)
+    with pytest.warns(RuntimeWarning, match=r"CGGRCallback\.attach\(trainer\)"):
+        trainer.train()
+    assert "cggr/token_ratio" in trainer.state.log_history[0]  # the Trainer's own history has them
+
+
+def test_attach_rejects_what_is_not_a_trainer():
+    with pytest.raises(ValueError, match="trainer"):
+        CGGRCallback.attach(object())
+
+
+def test_hf_module_names_the_extra_when_transformers_is_missing(monkeypatch):
+    import importlib
+    import sys
+
+    monkeypatch.delitem(sys.modules, "cggr_hook.hf")
+    monkeypatch.setitem(sys.modules, "transformers", None)  # what an environment without it gives
+    with pytest.raises(ModuleNotFoundError, match=r'pip install "cggr_hook\[hf\]"'):
+        importlib.import_module("cggr_hook.hf")

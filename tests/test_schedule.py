@@ -356,7 +356,7 @@ def test_training_loop_counts_one_step_per_optimizer_step(gated_model):
         m = cggr_hook.metrics()
         assert m["tokens_total"] == B * (T - 1)
         assert m["tokens_selected"] < m["tokens_total"]  # the loss really is gated
-        assert m["step"] == i
+        assert m["step"] == i + 1  # the optimizer step this loss belongs to
         loss.backward()
         assert sched.step_count == i
         opt.step()

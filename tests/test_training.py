@@ -126,14 +126,22 @@ def test_checkpointed_head_is_gated_once_with_exact_gradients():
         torch.testing.assert_close(_grads(model)[name], g, msg=name)
 
 
-def test_hf_gradient_checkpointing():
+@pytest.mark.parametrize("name", ["activation_checkpointing_enable", "gradient_checkpointing_enable"])
+def test_hf_activation_checkpointing(name):
+    """transformers' current name and the one it deprecated both checkpoint the decoder layers;
+    the head stays outside and its loss is gated once, with exact gradients."""
+    import warnings
+
     transformers = pytest.importorskip("transformers")
     cfg = transformers.LlamaConfig(vocab_size=53, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
                                    num_attention_heads=4, num_key_value_heads=2)
     torch.manual_seed(0)
     model = transformers.LlamaForCausalLM(cfg).train()
     ref = copy.deepcopy(model)
-    model.gradient_checkpointing_enable()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # the old name's deprecation notice
+        getattr(model, name)()
+    assert any(getattr(m, "gradient_checkpointing", False) for m in model.modules())
     cggr_hook.enable(model, **FIXED)
     cggr_hook.enable(ref, **FIXED)
     ids = torch.randint(0, 53, (2, 10))
