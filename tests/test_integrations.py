@@ -228,6 +228,7 @@ def _gate_hooks(model: nn.Module) -> list:
     for m in model.modules():
         for hooks in (m._forward_hooks, m._forward_pre_hooks):
             for fn in hooks.values():
+                fn = getattr(fn, "_fn", fn)  # a gate's hooks are _GateHook wrappers
                 owner = getattr(getattr(fn, "__wrapped__", fn), "__self__", None)
                 if isinstance(owner, cggr_hook.Gate):
                     found.append((type(m).__name__, fn))
