@@ -384,19 +384,24 @@ def _is_sharded(root: nn.Module, head: nn.Module) -> bool:
 # enable / disable
 # --------------------------------------------------------------------------------------------------
 def enable(model: nn.Module, config: GateConfig | None = None, *, head: nn.Module | str | None = None,
-           **options: Any) -> Gate:
+           preset: str | None = None, **options: Any) -> Gate:
     """Gate ``model``'s loss from now on; returns its ``Gate`` (``.remove()`` undoes it).
 
     Finds the LM head (``head=`` overrides), registers a forward hook on it, wraps
     ``torch.nn.functional.cross_entropy`` and starts counting optimizer steps. Calling it again on
-    the same model updates the options and returns the same gate. Options are GateConfig's.
+    the same model updates the options and returns the same gate. Options are GateConfig's;
+    ``preset`` names a configuration to start from instead of the defaults (``"seed"``: the
+    original package's).
     """
     if not isinstance(model, nn.Module):
         raise ValueError(f"cggr_hook.enable: model must be a torch.nn.Module, got {type(model).__name__}")
     root = head_mod.unwrap(model)
     with _lock:
         existing = _gate_for(root)
-        cfg = make_config(config if config is not None else (existing.config if existing else None), options)
+        if preset is not None:
+            cfg = make_config(config, options, preset)
+        else:
+            cfg = make_config(config if config is not None else (existing.config if existing else None), options)
         if existing is not None:
             if existing._root() is not None:
                 existing._follow_head(existing._root())  # a wrapper may have replaced the head since

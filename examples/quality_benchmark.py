@@ -23,7 +23,11 @@ then already predicted confidently: where an unbiased sampler can drop work at l
 **Arms** (``--arms``):
 
 * ``plain``: no gating, the baseline.
-* ``default``: ``cggr_hook.enable(model)`` with no options (whatever the defaults are).
+* ``full``: the gate at 100% of tokens: the plain loss's value and gradient, through the gate's
+  kernels (no fp32 copy of the logits). It separates what the kernels gain from what dropping
+  tokens gains. (``random100`` is the same thing.)
+* ``default``: ``cggr_hook.enable(model)`` with no options (whatever the defaults are); ``seed``:
+  ``enable(model, preset="seed")``, the original package's configuration.
 * ``random25``, ``random50``: a random fraction of the tokens, plain mean over them: the control.
 * ``topk25``, ``stratified25``, ``seqaware25``, ``entropy25``, ``margin25``, ``loss25``: hard-token
   selection at a fixed ratio (combined scoring for the first three); ``-warm`` adds the package's
@@ -81,8 +85,8 @@ except ImportError:  # a checkout that was not pip-installed
     import cggr_hook
 
 GPU_ARMS = [
-    "plain", "random25", "random50", "topk25", "stratified25",
-    "imp-gradnorm25", "imp-gradnorm50", "imp-gradnorm50-f0.5", "imp-loss50", "default",
+    "plain", "full", "random25", "random50", "topk25", "stratified25",
+    "imp-gradnorm25", "imp-gradnorm50", "imp-gradnorm50-f0.5", "imp-loss50", "default", "seed",
 ]
 _HEAD_HEAVY = dict(layers=6, d_model=512, heads=8, ffn=1536, vocab_size=131072, seq_len=512, sources="python",
                    max_bytes=None, max_heldout_bytes=8_000_000, eval_tokens=1_000_000, eval_points=8,
@@ -94,9 +98,9 @@ PRESETS = {
         eval_points=3, lr=3e-3, arms=["plain", "default", "random25"], seeds=[0], parallel=1,
     ),
     "cpu": dict(
-        layers=2, d_model=128, heads=4, ffn=512, vocab_size=4096, seq_len=128, batch_size=16, budget=35.0,
+        layers=2, d_model=128, heads=4, ffn=512, vocab_size=4096, seq_len=128, batch_size=16, budget=30.0,
         regime="scratch", sources="stdlib", max_bytes=3_000_000, max_heldout_bytes=150_000, eval_tokens=65536,
-        eval_points=6, lr=2e-3, arms=None, seeds=[0], parallel=1,
+        eval_points=6, lr=2e-3, arms=["plain", "default", "imp-gradnorm50", "random50"], seeds=[0], parallel=1,
     ),
     "scratch-small": dict(_HEAD_HEAVY, batch_size=8, budget=30.0, regime="scratch", lr=1e-3, parallel=4),
     "scratch-large": dict(_HEAD_HEAVY, batch_size=64, budget=45.0, regime="scratch", lr=1e-3, parallel=1),
@@ -118,6 +122,10 @@ def arm_options(name: str, steps: int = 1000, warmup_frac: float = 0.3) -> dict 
         return None
     if name == "default":
         return {}
+    if name == "seed":
+        return {"preset": "seed"}
+    if name == "full":
+        return dict(min_tokens_ratio=1.0, warmup_steps=0, dynamic_threshold=False)
     m = IMP_RE.match(name)
     if m:
         scoring, pct, floor = m.group(1), float(m.group(2)), m.group(3)
@@ -151,7 +159,11 @@ def _fraction(name: str, pct: float) -> float:
 
 
 def arm_config(opts: dict | None) -> "cggr_hook.GateConfig | None":
-    return None if opts is None else cggr_hook.GateConfig().replace(**opts)
+    if opts is None:
+        return None
+    opts = dict(opts)
+    preset = opts.pop("preset", None)
+    return cggr_hook.GateConfig.preset(preset, **opts) if preset else cggr_hook.GateConfig().replace(**opts)
 
 
 def fraction_moves(opts: dict | None) -> bool:
@@ -594,25 +606,34 @@ def markdown_table(summary: dict, header: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+FULL_ARMS = ("full", "random100")  # every token through the gate's kernels
+
+
 def conclusion(summary: dict) -> str:
-    """One sentence on what a user should take from the table."""
+    """What a user should take from the table, in a sentence or two: whether gating paid against
+    plain, and whether dropping tokens paid against keeping them all through the same kernels."""
     plain = summary.get("plain")
     gated = {a: s for a, s in summary.items() if a != "plain" and s["delta_plain"] is not None}
     if plain is None or not gated:
         return "No plain arm to compare with: run --arms plain ... for a verdict."
     best = min(gated, key=lambda a: gated[a]["delta_plain"]["mean"])
     d = gated[best]["delta_plain"]["mean"]
-    parts = []
-    if "default" in gated:
+    text = (f"Verdict at equal wall-clock: {'gating paid here' if d <= 0 else 'gating did not pay here'}: "
+            f"the best gated arm, {best}, ended {d:+.3f} nats against plain")
+    if "default" in gated and best != "default":
         dd = gated["default"]
         ctl = dd["delta_control"]
-        parts.append(
-            f"the default gate (`cggr_hook.enable(model)`) ended {dd['delta_plain']['mean']:+.3f} nats against plain"
-            + (f" and {ctl['mean']:+.3f} against its random control ({dd['control']})" if ctl else "")
-        )
-    verdict = ("gating paid here" if d <= 0 else "gating did not pay here")
-    return (f"Verdict at equal wall-clock: {verdict}: the best gated arm, {best}, ended {d:+.3f} nats against plain"
-            + (f"; {parts[0]}" if parts else "") + ".")
+        text += (f"; the default gate (`cggr_hook.enable(model)`) ended {dd['delta_plain']['mean']:+.3f}"
+                 + (f" and {ctl['mean']:+.3f} against its random control ({dd['control']})" if ctl else ""))
+    full = next((a for a in FULL_ARMS if a in gated), None)
+    sampled = {a: s for a, s in gated.items() if s["kept"]["mean"] < 0.999}
+    if full and sampled:
+        f_val = gated[full]["final_val"]["mean"]
+        b = min(sampled, key=lambda a: sampled[a]["final_val"]["mean"])
+        gap = sampled[b]["final_val"]["mean"] - f_val
+        text += (f". Against every token through the same kernels ({full}), the best arm that drops tokens, {b}, "
+                 f"ended {gap:+.3f}: dropping tokens {'paid' if gap <= 0 else 'did not pay'} on top of the faster loss")
+    return text + "."
 
 
 def plot_curves(runs: list[dict], arms: list[str], out: Path, title: str) -> str:

@@ -24,23 +24,33 @@ class TinyLM(nn.Module):
         return self.lm_head(self.embed(ids))
 
 
-def test_defaults_are_the_seed_options():
+def test_defaults_keep_every_token_and_sample_by_gradient_norm_below_that():
     c = GateConfig()
-    assert c.scoring == "combined"
-    assert c.selection == "topk"
-    assert c.min_tokens_ratio == 0.25
-    assert c.warmup_steps == 1000
-    assert c.dynamic_threshold is True
-    assert c.threshold_sensitivity == 0.5
-    assert c.num_strata == 4
-    assert c.min_tokens_per_sequence == 1
+    assert (c.scoring, c.selection, c.importance_floor) == ("gradnorm", "importance", 0.2)
+    assert c.min_tokens_ratio == 1.0 and c.warmup_steps == 0 and c.dynamic_threshold is False
+    assert (c.threshold_sensitivity, c.num_strata, c.min_tokens_per_sequence, c.seed) == (0.5, 4, 1, 0)
 
 
-def test_defaults_equal_a_config_spelled_out():
+def test_seed_preset_is_the_original_packages_options():
+    c = GateConfig.preset("seed")
     spelled = GateConfig(scoring="combined", selection="topk", min_tokens_ratio=0.25, warmup_steps=1000,
                          dynamic_threshold=True, threshold_sensitivity=0.5, num_strata=4,
                          min_tokens_per_sequence=1)
-    assert GateConfig() == spelled
+    assert c == spelled
+    assert GateConfig.preset("seed", min_tokens_ratio=0.5) == spelled.replace(min_tokens_ratio=0.5)
+    with pytest.raises(ValueError, match="preset"):
+        GateConfig.preset("fast")
+
+
+def test_enable_with_a_preset_starts_from_it_and_refuses_a_config_beside_it():
+    model = TinyLM()
+    g = cggr_hook.enable(model, preset="seed", warmup_steps=0)
+    assert g.config == GateConfig.preset("seed", warmup_steps=0)
+    assert cggr_hook.enable(model, min_tokens_ratio=0.5).config.selection == "topk"  # later options keep it
+    with pytest.raises(ValueError, match="preset"):
+        cggr_hook.enable(model, GateConfig(), preset="seed")
+    with pytest.raises(ValueError, match="preset"):
+        cggr_hook.enable(model, preset="nope")
 
 
 @pytest.mark.parametrize("field", ["scoring", "selection", "min_tokens_ratio", "warmup_steps",
@@ -58,7 +68,7 @@ def test_replace_returns_a_changed_copy_and_leaves_the_original():
     c = GateConfig()
     d = c.replace(selection="stratified", num_strata=3, min_tokens_ratio=0.5)
     assert (d.selection, d.num_strata, d.min_tokens_ratio) == ("stratified", 3, 0.5)
-    assert (c.selection, c.num_strata, c.min_tokens_ratio) == ("topk", 4, 0.25)
+    assert (c.selection, c.num_strata, c.min_tokens_ratio) == ("importance", 4, 1.0)
 
 
 @pytest.mark.parametrize("scoring", ["combined", "entropy", "margin", "loss", "gradnorm", "random"])

@@ -42,7 +42,7 @@ def _trainer(model, out, max_steps, **kw):
 
 def test_trainer_gates_logs_and_checkpoints(tmp_path):
     model = _model()
-    cggr_hook.enable(model, warmup_steps=4, dynamic_threshold=False)
+    cggr_hook.enable(model, warmup_steps=4, min_tokens_ratio=0.25, dynamic_threshold=False)
     trainer = _trainer(model, tmp_path, max_steps=6)
     trainer.train()
     # optimizer steps counted with gradient accumulation: 6 steps, not 12 micro-batches
@@ -112,7 +112,7 @@ def _scalars(logdir):
 def test_readme_trainer_puts_the_figures_into_tensorboard_and_checkpoints(tmp_path, monkeypatch):
     monkeypatch.setenv("TENSORBOARD_LOGGING_DIR", str(tmp_path / "tb"))
     model = _model()
-    cggr_hook.enable(model, warmup_steps=2, dynamic_threshold=False)
+    cggr_hook.enable(model, warmup_steps=2, min_tokens_ratio=0.25, dynamic_threshold=False)
     _reporting_trainer(model, tmp_path / "out", max_steps=4).train()
     scalars = _scalars(tmp_path / "tb")  # the TensorBoard reporter files training logs under train/
     for tag in ("cggr/token_ratio", "cggr/tokens_selected", "cggr/tokens_total", "cggr/avg_confidence",

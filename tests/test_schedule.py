@@ -62,8 +62,9 @@ def test_scheduler_ratio_uses_its_step_count():
     for _ in range(3):
         s.step()
     assert s.ratio(c) == pytest.approx(1 - 3 / 5 * 0.6, abs=1e-12)
-    # default options when no config: warmup 1000, min ratio 0.25
-    assert s.ratio() == pytest.approx(1 - 3 / 1000 * 0.75, abs=1e-12)
+    # default options when no config: every token
+    assert s.ratio() == 1.0
+    assert s.ratio(GateConfig.preset("seed")) == pytest.approx(1 - 3 / 1000 * 0.75, abs=1e-12)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -138,7 +139,7 @@ def _after_warmup(min_ratio: float) -> float:
     (_after_warmup(0.1), "0.1", 15),     # curriculum gives 0.09999999999999998: k 1, not 2
     (0.29, "0.29", 50),                  # 0.29 * 50 == 14.499999999999998: k 14, not 15
     (math.nextafter(0.25, 0.0), "0.25", 6),
-    (curriculum_ratio(88, GateConfig()), "0.934", 250),  # default options, step 88: k 233, not 234
+    (curriculum_ratio(88, GateConfig.preset("seed")), "0.934", 250),  # the seed options, step 88: k 233, not 234
 ], ids=["curriculum-0.45-n30", "curriculum-0.1-n15", "direct-0.29-n50", "ulp-below-0.25-n6",
         "defaults-step88-n250"])
 def test_float_noise_at_half_integers_does_not_move_k(ratio, r_decimal, n):
@@ -205,7 +206,7 @@ def test_dynamic_ratio_without_average_or_sensitivity_is_r(r):
 # --------------------------------------------------------------------------------------------------
 def test_begin_call_updates_the_running_confidence_with_momentum_0_9():
     s = Scheduler()
-    c = GateConfig(min_tokens_ratio=0.4, warmup_steps=0, threshold_sensitivity=0.5)
+    c = GateConfig(min_tokens_ratio=0.4, warmup_steps=0, dynamic_threshold=True, threshold_sensitivity=0.5)
     confs = [0.6, 0.3, 0.9, 0.5, 0.5, 0.05]
     avg = None
     for i, conf in enumerate(confs):
@@ -219,7 +220,7 @@ def test_begin_call_updates_the_running_confidence_with_momentum_0_9():
 
 def test_begin_call_keeps_one_average_per_key_and_counts_calls_per_step():
     s = Scheduler()
-    c = GateConfig(min_tokens_ratio=0.5, warmup_steps=4)
+    c = GateConfig(min_tokens_ratio=0.5, warmup_steps=4, dynamic_threshold=True)
     s.begin_call(c, "a", 0.8)
     s.begin_call(c, "b", 0.2)
     s.begin_call(c, "a", 0.4)
@@ -242,7 +243,7 @@ def test_begin_call_without_dynamic_threshold_uses_the_curriculum_and_keeps_no_a
 
 def test_begin_call_with_nan_confidence_leaves_the_average():
     s = Scheduler()
-    c = GateConfig(min_tokens_ratio=0.3, warmup_steps=0)
+    c = GateConfig(min_tokens_ratio=0.3, warmup_steps=0, dynamic_threshold=True)
     s.begin_call(c, "a", 0.7)
     r, _, _ = s.begin_call(c, "a", math.nan)
     assert r == pytest.approx(0.3)
@@ -308,7 +309,7 @@ def test_load_state_dict_with_a_missing_key_is_a_value_error(missing):
 
 def test_reset_returns_to_a_fresh_run():
     s = Scheduler()
-    _drive(s, GateConfig(), [0.3, 0.6, 0.2, 0.8])
+    _drive(s, GateConfig.preset("seed"), [0.3, 0.6, 0.2, 0.8])
     s.reset()
     assert s.state_dict() == Scheduler().state_dict()
 
@@ -343,7 +344,7 @@ def batch():
 def gated_model():
     torch.manual_seed(0)
     model = TinyLM().train()
-    cggr_hook.enable(model, warmup_steps=0)
+    cggr_hook.enable(model, warmup_steps=0, min_tokens_ratio=0.25)
     return model
 
 

@@ -81,7 +81,7 @@ def test_topk_all_equal_takes_the_first_rows():
     diff = torch.full((11,), 0.5)
     valid = torch.ones(11, dtype=torch.bool)
     for k in (1, 4, 11):
-        rows, _ = run(diff, valid, GateConfig(), k)
+        rows, _ = run(diff, valid, GateConfig(selection="topk"), k)
         assert rows == list(range(k))
 
 

@@ -58,7 +58,7 @@ def run(wrapper: str, device: torch.device) -> None:
         fully_shard(model.lm_head)
         fully_shard(model)
         wrapped = model
-    gate = cggr_hook.enable(wrapped, warmup_steps=0, dynamic_threshold=False, min_tokens_ratio=0.3)
+    gate = cggr_hook.enable(wrapped, preset="seed", warmup_steps=0, dynamic_threshold=False, min_tokens_ratio=0.3)
     assert gate.head is model.lm_head
     opt = torch.optim.SGD(wrapped.parameters(), lr=0.0)  # lr 0: the weights stay the reference's
     for step in range(2):
