@@ -80,7 +80,10 @@ class GateConfig:
         loss is an unbiased estimate of the plain loss; a = ``importance_floor``).
     min_tokens_ratio, warmup_steps: the curriculum
         r = 1 - min(1, step / warmup_steps) * (1 - min_tokens_ratio); k = max(1, floor(r * n + 0.5))
-        of the n valid tokens.
+        of the n valid tokens. ``min_tokens_ratio='auto'``: the gate picks the fraction itself
+        (``auto.py``: the most expected progress per second, from step times measured on the run and
+        the head's gradient noise; the plain loss where no fraction pays); the curriculum and the
+        dynamic threshold do not apply then.
     dynamic_threshold, threshold_sensitivity: a batch less confident than the running average
         keeps more tokens (up to r * (1 + s), at most all), a more confident one fewer (down to
         r * (1 - s)).
@@ -93,7 +96,7 @@ class GateConfig:
 
     scoring: str = "gradnorm"
     selection: str = "importance"
-    min_tokens_ratio: float = 1.0
+    min_tokens_ratio: float | str = 1.0
     warmup_steps: int = 0
     dynamic_threshold: bool = False
     threshold_sensitivity: float = 0.5
@@ -113,10 +116,13 @@ class GateConfig:
             if v not in choices:
                 _fail(name, v, f"choose one of {', '.join(choices)}")
             object.__setattr__(self, name, str(v))
-        fix = "give a fraction of tokens in (0, 1], e.g. 0.25"
-        r = _real("min_tokens_ratio", self.min_tokens_ratio, fix)
-        if not (0.0 < r <= 1.0):  # NaN fails this too
-            _fail("min_tokens_ratio", self.min_tokens_ratio, fix)
+        fix = "give a fraction of tokens in (0, 1], e.g. 0.25, or 'auto'"
+        if self.min_tokens_ratio == "auto":
+            r = "auto"
+        else:
+            r = _real("min_tokens_ratio", self.min_tokens_ratio, fix)
+            if not (0.0 < r <= 1.0):  # NaN fails this too
+                _fail("min_tokens_ratio", self.min_tokens_ratio, fix)
         fix = "give a whole number of optimizer steps >= 0 (0: no curriculum)"
         w = _whole("warmup_steps", self.warmup_steps, fix)
         if w < 0:

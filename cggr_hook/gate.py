@@ -22,12 +22,13 @@ from typing import Any, Iterator
 import torch
 from torch import Tensor, nn
 
+from . import auto as auto_mod
 from . import head as head_mod
 from . import hf_loss
 from . import patch
 from . import trl_fused
 from .config import GateConfig, make_config
-from .loss import GatedCrossEntropy, GatedHeadCrossEntropy, LossSpec, Request, resolve_metrics
+from .loss import GatedCrossEntropy, GatedHeadCrossEntropy, LossSpec, Request, auto_figures, resolve_metrics
 from .schedule import Scheduler, optimizer_holds
 
 scheduler = Scheduler()
@@ -291,12 +292,17 @@ class Gate:
             _figures[root] = record
             _last_figures = record
 
+    def _runs_plain(self) -> bool:
+        """Whether ``min_tokens_ratio='auto'`` runs the current step as the plain loss."""
+        return (self.config.min_tokens_ratio == "auto"
+                and scheduler.auto_state(self.key).candidate() == auto_mod.PLAIN)
+
     def _would_gate(self, logits: Tensor) -> bool:
         """Whether a cross entropy on these logits would be gated now (Hugging Face loss fast path)."""
         node = getattr(logits, "grad_fn", None)
         return (self.enabled and torch.is_grad_enabled() and not _paused() and logits.device.type != "meta"
                 and _gates.get(self._root()) is self and isinstance(node, head_mod.HeadTap._backward_cls)
-                and not node.call.consumed and node.call.gate is self)
+                and not node.call.consumed and node.call.gate is self and not self._runs_plain())
 
     @property
     def model(self) -> nn.Module | None:
@@ -663,6 +669,15 @@ def _gated_call(args: tuple, kwargs: dict) -> Tensor | None:
         return None  # the original raises its own error, as it does without the gate
     spec = LossSpec(ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing, weight=weight)
     spec.check(V)
+    if gate._runs_plain():
+        # min_tokens_ratio='auto' runs this step as the plain loss: the original function, whose
+        # optimizer step still counts (and times the plain candidate)
+        scheduler.plain_call(gate.key, gate._param_ids)
+        gate._record_metrics(dict(step=scheduler.step_count + 1, token_ratio=1.0, selection="plain",
+                                  scoring=gate.config.scoring,
+                                  **auto_figures(scheduler.auto_state(gate.key), auto_mod.PLAIN)))
+        call.gate._gated_since_step += 1  # the watchdog: this loss is the gate's own choice
+        return None
 
     out = call.output
     if gate.through_logits or not call.narrow:

@@ -38,6 +38,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from . import auto as auto_mod
 from . import kernels, score, select
 from .config import OPTION_NAMES, GateConfig
 from .schedule import Scheduler, tokens_to_keep
@@ -85,6 +86,9 @@ class Plan:
     rows: Tensor | None = None  # (K,) int64 ascending, the selected rows (when asked for)
     metrics: dict = field(default_factory=dict)
     order: Tensor | None = None  # (N,) int64 whose first K rows are the selected ones, when known
+    # min_tokens_ratio='auto' on a step that measures the noise: every row's |p - y|^2 (fp32 (N,)),
+    # from which the head backward estimates the gradient noise (auto.noise_parts)
+    noise_sq: Tensor | None = None
 
 
 def _generator(device: torch.device, seed: int, step: int, call: int) -> torch.Generator:
@@ -224,10 +228,13 @@ def plan(logits: Tensor, targets: Tensor, seq: int | tuple[Tensor, int] | None, 
     N = targets.numel()
     dev = logits.device
     ii = spec.ignore_index
-    early = not config.dynamic_threshold and config.selection != "sequence_aware"
+    auto = config.min_tokens_ratio == "auto"
+    early = (auto or not config.dynamic_threshold) and config.selection != "sequence_aware"
     counts = _HostRead(kernels.target_counts(targets, V, ii).reshape(-1)) if early else None
+    # an auto gate's noise-measuring step needs every row's gradient norm, whatever the scoring
+    probe = auto and scheduler.auto_state(key).measures_noise()
     stats = kernels.row_stats(logits, targets, ii, spec.weight, with_wsum=spec.label_smoothing > 0,
-                              with_p2=config.scoring == "gradnorm")
+                              with_p2=config.scoring == "gradnorm" or probe)
     step, call = scheduler.step_count, scheduler.calls_in_step
     needs_draws = config.scoring == "random" or config.selection in ("stratified", "importance")
     gen = _generator(dev, config.seed, step, call) if needs_draws else None
@@ -274,6 +281,13 @@ def plan(logits: Tensor, targets: Tensor, seq: int | tuple[Tensor, int] | None, 
             rows = select.finish(prep, n_valid, k, n_sel, config, gen)
     loss, row_scale = kernels.selected_loss(stats, targets, V, sel_key, threshold, n_sel, n_valid, spec.reduction,
                                             float(spec.label_smoothing), spec.weight, row_weight)
+    noise_sq = None
+    if auto:
+        state = scheduler.auto_state(key)
+        state.add_tokens(n_valid)
+        # the estimate needs every row at one shared scale: the plain mean or sum, no class weights
+        if probe and n_sel == n_valid >= 2 and spec.weight is None and spec.reduction != "none":
+            noise_sq = score.gradnorm_sq(stats, V, float(spec.label_smoothing))
 
     metrics = {
         "step": step + 1,  # the optimizer step this loss belongs to, counting from 1
@@ -290,10 +304,29 @@ def plan(logits: Tensor, targets: Tensor, seq: int | tuple[Tensor, int] | None, 
         metrics["_sums"] = _HostRead(partial.reshape(-1), now=False)
     if draw is not None:
         metrics["_draw"] = _HostRead(draw.figures, now=False)
+    if auto:
+        metrics.update(auto_figures(scheduler.auto_state(key), ratio))
     # top-k (and every strategy at k = 0 or k >= n valid) selects the first k rows of the
     # difficulty order: the dense gradient schedules its rows by it (zero rows first)
     order = prep.order if sel_key is prep.rank else None
-    return Plan(stats.lse, row_scale, loss, rows, metrics, order)
+    return Plan(stats.lse, row_scale, loss, rows, metrics, order, noise_sq)
+
+
+def auto_figures(state: "auto_mod.AutoState", fraction: float | str) -> dict:
+    """An auto gate's figures for ``metrics()``: the fraction this call ran (``auto_fraction``, 1.0
+    for the plain loss too, with ``auto_plain``), the current choice, the noise scale (NaN before
+    the first estimate) and the step times of the last probe window (``step_ms_<candidate>``)."""
+    b = state.noise_scale()
+    out = {
+        "auto_fraction": 1.0 if fraction == auto_mod.PLAIN else float(fraction),
+        "auto_plain": fraction == auto_mod.PLAIN,
+        "auto_choice": 1.0 if state.choice == auto_mod.PLAIN else float(state.choice),
+        "auto_choice_plain": state.choice == auto_mod.PLAIN,
+        "noise_scale": math.nan if b is None else b,
+    }
+    for c, t in state.step_seconds.items():
+        out[f"step_ms_{'plain' if c == auto_mod.PLAIN else round(100 * c)}"] = 1e3 * t
+    return out
 
 
 def _row_scale(p: Plan, grad_output: Tensor, reduction: str) -> Tensor:
@@ -352,6 +385,17 @@ class GatedCrossEntropy(torch.autograd.Function):
         return out, None, None, None
 
 
+def _measure_head_noise(req: "Request", p: Plan, grad_w: Tensor, scale: Tensor, hidden: Tensor) -> None:
+    """An auto gate's noise-measuring step (every valid row, one shared scale c): token i's gradient
+    on the head weight is g_i = (p_i - y_i) h_i^T, so |g_i|^2 = |p_i - y_i|^2 |h_i|^2, and the
+    mean gradient is grad_w / (c n). Their figures go to the gate's auto state, on the device."""
+    n = p.rows.numel()
+    h = hidden[p.rows].float()
+    per_token = (p.noise_sq[p.rows] * h.pow(2).sum(-1)).mean()
+    mean_grad = grad_w.float() / (scale[0] * n)
+    req.scheduler.auto_state(req.key).add_noise(auto_mod.noise_parts(per_token, mean_grad.pow(2).sum(), n))
+
+
 class GatedHeadCrossEntropy(torch.autograd.Function):
     """(hidden, W, b) of a tapped LM head -> gated loss; backward over the selected rows only.
 
@@ -396,8 +440,12 @@ class GatedHeadCrossEntropy(torch.autograd.Function):
             if p.rows.numel():
                 grad_h[p.rows] = (G @ weight.to(cd)).to(h2.dtype)
             grad_h = grad_h.view(hidden.shape)
-        if ctx.needs_input_grad[1]:
-            grad_w = (G.t() @ h2[p.rows].to(cd)).to(weight.dtype)
+        if ctx.needs_input_grad[1] or p.noise_sq is not None:
+            gw = G.t() @ h2[p.rows].to(cd)  # (V, D): the head weight's gradient
+            if p.noise_sq is not None:
+                _measure_head_noise(req, p, gw, scale, h2)
+            if ctx.needs_input_grad[1]:
+                grad_w = gw.to(weight.dtype)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_b = G.float().sum(0).to(bias.dtype)
         return grad_h, grad_w, grad_b, None, None, None, None, None

@@ -30,6 +30,7 @@ from typing import Any, Iterable
 import torch
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
+from .auto import PLAIN, AutoState
 from .config import GateConfig
 
 EMA_MOMENTUM = 0.9
@@ -86,11 +87,36 @@ class Scheduler:
         self.step_observer = None
         # counts resets and loaded states: figures recorded before one are of another run
         self.generation = 0
+        self.auto: dict[str, AutoState] = {}  # min_tokens_ratio='auto': each gate's state, by key
+        self._auto_in_step: set[str] = set()  # the auto gates with a call since the last counted step
 
     # --- the ratio ---------------------------------------------------------------------------------
-    def ratio(self, config: GateConfig | None = None) -> float:
-        """The curriculum ratio at the current step for ``config`` (default options when None)."""
-        return curriculum_ratio(self.step_count, config or GateConfig())
+    def ratio(self, config: GateConfig | None = None, key: str | None = None) -> float:
+        """The curriculum ratio at the current step for ``config`` (default options when None); for
+        ``min_tokens_ratio='auto'`` the fraction the gate ``key`` runs now (1.0 for the plain loss,
+        1.0 before its first call)."""
+        config = config or GateConfig()
+        if config.min_tokens_ratio == "auto":
+            c = self.auto[key].candidate() if key in self.auto else 1.0
+            return 1.0 if c == PLAIN else float(c)
+        return curriculum_ratio(self.step_count, config)
+
+    def auto_state(self, key: str) -> AutoState:
+        """The auto-ratio state of the gate ``key`` (made on first use)."""
+        with self._lock:
+            state = self.auto.get(key)
+            if state is None:
+                state = self.auto[key] = AutoState()
+            return state
+
+    def plain_call(self, key: str, param_ids: frozenset[int] = frozenset()) -> None:
+        """An auto gate's call that its policy runs as the plain loss: the optimizer step after it
+        still counts (and times the plain candidate)."""
+        with self._lock:
+            self._pending = True
+            self._auto_in_step.add(key)
+            if param_ids is not self._pending_ids:
+                self._pending_ids = self._pending_ids | param_ids
 
     def begin_call(self, config: GateConfig, key: str, confidence: float,
                    param_ids: frozenset[int] = frozenset()) -> tuple[float, int, int]:
@@ -100,8 +126,13 @@ class Scheduler:
         Returns (ratio, step, call index within the step); the last two seed the call's draws.
         """
         with self._lock:
-            r = curriculum_ratio(self.step_count, config)
-            if config.dynamic_threshold:
+            if config.min_tokens_ratio == "auto":
+                c = self.auto_state(key).candidate()
+                r = 1.0 if c == PLAIN else float(c)
+                self._auto_in_step.add(key)
+            else:
+                r = curriculum_ratio(self.step_count, config)
+            if config.dynamic_threshold and config.min_tokens_ratio != "auto":
                 average = self.confidence_avg.get(key)
                 r = dynamic_ratio(r, confidence, average, config.threshold_sensitivity)
                 if math.isfinite(confidence):
@@ -123,6 +154,9 @@ class Scheduler:
             self.calls_in_step = 0
             self._pending = False
             self._pending_ids = frozenset()
+            for key in self._auto_in_step:
+                self.auto[key].on_step()
+            self._auto_in_step = set()
 
     def attach(self) -> None:
         """Count steps from PyTorch's global optimizer post-step hook (idempotent)."""
@@ -165,6 +199,7 @@ class Scheduler:
                 "calls_in_step": self.calls_in_step,
                 "confidence_avg": dict(self.confidence_avg),
                 "pending": self._pending,
+                "auto": {key: state.state_dict() for key, state in self.auto.items()},
             }
 
     def load_state_dict(self, state: dict) -> None:
@@ -176,6 +211,8 @@ class Scheduler:
             self.calls_in_step = int(state["calls_in_step"])
             self.confidence_avg = {str(k): float(v) for k, v in state["confidence_avg"].items()}
             self._pending = bool(state.get("pending", False))
+            self.auto = {str(k): AutoState.from_state(v) for k, v in state.get("auto", {}).items()}
+            self._auto_in_step = set()
             self.generation += 1
 
     def reset(self) -> None:
@@ -186,6 +223,8 @@ class Scheduler:
             self.confidence_avg = {}
             self._pending = False
             self._pending_ids = frozenset()
+            self.auto = {}
+            self._auto_in_step = set()
             self.generation += 1
         if self._release_after_step:
             self._remove_hook()

@@ -49,3 +49,9 @@ def score_rows(stats: RowStats, targets: Tensor, vocab: int, ignore_index: int, 
     kernel launch does both."""
     noise = noise_for(scoring, targets.numel(), stats.lse.device, generator)
     return kernels.row_difficulty(stats, targets, vocab, ignore_index, scoring, noise, label_smoothing)
+
+
+def gradnorm_sq(stats: RowStats, vocab: int, label_smoothing: float = 0.0) -> Tensor:
+    """fp32 (N,) |softmax(x) - y~|^2 of every row from its statistics (``p2sum`` needed): the
+    squared ``gradnorm`` score."""
+    return reference.gradnorm_sq(stats, vocab, label_smoothing)

@@ -26,6 +26,8 @@ then already predicted confidently: where an unbiased sampler can drop work at l
 * ``full``: the gate at 100% of tokens: the plain loss's value and gradient, through the gate's
   kernels (no fp32 copy of the logits). It separates what the kernels gain from what dropping
   tokens gains. (``random100`` is the same thing.)
+* ``auto``: ``min_tokens_ratio='auto'``, the gate's own choice of fraction (it times its steps on
+  the wall clock, so it trains alone, after the arms that share the device).
 * ``default``: ``cggr_hook.enable(model)`` with no options (whatever the defaults are); ``seed``:
   ``enable(model, preset="seed")``, the original package's configuration.
 * ``random25``, ``random50``: a random fraction of the tokens, plain mean over them: the control.
@@ -86,7 +88,7 @@ except ImportError:  # a checkout that was not pip-installed
 
 GPU_ARMS = [
     "plain", "full", "random25", "random50", "topk25", "stratified25",
-    "imp-gradnorm25", "imp-gradnorm50", "imp-gradnorm50-f0.5", "imp-loss50", "default", "seed",
+    "imp-gradnorm25", "imp-gradnorm50", "imp-gradnorm50-f0.5", "imp-loss50", "default", "seed", "auto",
 ]
 _HEAD_HEAVY = dict(layers=6, d_model=512, heads=8, ffn=1536, vocab_size=131072, seq_len=512, sources="python",
                    max_bytes=None, max_heldout_bytes=8_000_000, eval_tokens=1_000_000, eval_points=8,
@@ -126,6 +128,8 @@ def arm_options(name: str, steps: int = 1000, warmup_frac: float = 0.3) -> dict 
         return {"preset": "seed"}
     if name == "full":
         return dict(min_tokens_ratio=1.0, warmup_steps=0, dynamic_threshold=False)
+    if name == "auto":
+        return dict(min_tokens_ratio="auto")
     m = IMP_RE.match(name)
     if m:
         scoring, pct, floor = m.group(1), float(m.group(2)), m.group(3)
@@ -166,16 +170,22 @@ def arm_config(opts: dict | None) -> "cggr_hook.GateConfig | None":
     return cggr_hook.GateConfig.preset(preset, **opts) if preset else cggr_hook.GateConfig().replace(**opts)
 
 
-def fraction_moves(opts: dict | None) -> bool:
-    """Whether an arm's kept fraction changes during training (a curriculum, a dynamic threshold)."""
+def is_auto(opts: dict | None) -> bool:
     cfg = arm_config(opts)
-    return cfg is not None and (cfg.warmup_steps > 0 or cfg.dynamic_threshold)
+    return cfg is not None and cfg.min_tokens_ratio == "auto"
+
+
+def fraction_moves(opts: dict | None) -> bool:
+    """Whether an arm's kept fraction changes during training (a curriculum, a dynamic threshold,
+    the auto ratio)."""
+    cfg = arm_config(opts)
+    return cfg is not None and (is_auto(opts) or cfg.warmup_steps > 0 or cfg.dynamic_threshold)
 
 
 def control_arm(opts: dict | None) -> str | None:
     """The random control at an arm's (final) kept fraction: ``random<pct>``."""
     cfg = arm_config(opts)
-    if cfg is None or cfg.min_tokens_ratio >= 1.0:
+    if cfg is None or cfg.min_tokens_ratio == "auto" or cfg.min_tokens_ratio >= 1.0:
         return None
     return f"random{100 * cfg.min_tokens_ratio:g}"
 
@@ -375,6 +385,8 @@ def timing_phase(args, corpus, device, arm_opts: dict) -> dict:
         else:
             fractions = [arm_config(opts).min_tokens_ratio]
         timings[arm] = {("plain" if f is None else f): time_steps(args, corpus, device, opts, f) for f in fractions}
+        if is_auto(opts):  # the auto ratio may run a step as the plain loss
+            timings[arm]["plain"] = time_steps(args, corpus, device, None, None)
         shown = ", ".join(f"{k}: {1e3 * v:.1f} ms" for k, v in timings[arm].items())
         print(f"timing {arm}: {shown}", flush=True)
     return timings
@@ -385,7 +397,9 @@ def step_seconds(timing: dict, fraction: float | None) -> float:
     the grid's timings."""
     if len(timing) == 1:
         return next(iter(timing.values()))
-    pts = sorted(timing.items())
+    if fraction == "plain":
+        return timing["plain"]
+    pts = sorted((f, t) for f, t in timing.items() if f != "plain")
     f = min(max(fraction if fraction is not None else pts[-1][0], pts[0][0]), pts[-1][0])
     for (f0, t0), (f1, t1) in zip(pts, pts[1:]):
         if f <= f1:
@@ -458,7 +472,10 @@ def run_job(job: dict) -> dict:
         fraction = fixed_fraction
         if gate is not None and (moving or step % 25 == 1):
             m = cggr_hook.metrics()
-            if m.get("tokens_total"):
+            if m.get("auto_plain"):  # the auto ratio ran this step as the plain loss
+                fraction = "plain"
+                fractions.append(1.0)
+            elif m.get("tokens_total"):
                 fraction = m["tokens_selected"] / m["tokens_total"] if moving else fixed_fraction
                 fractions.append(m["tokens_selected"] / m["tokens_total"])
                 if "ess" in m:
@@ -858,15 +875,20 @@ def main(argv=None) -> int:
         print(f"{r['arm']} seed {r['seed']}: {r['steps']} steps, final val {r['final_val']:.4f}", flush=True)
         write_results(result, out)  # the files hold every finished run, should the rest be cut short
 
-    if args.parallel > 1 and len(jobs) > 1:
+    # an auto-ratio arm times its own steps on the wall clock: it trains alone, after the others
+    alone = [j for j in jobs if is_auto(j["opts"])]
+    shared = [j for j in jobs if not is_auto(j["opts"])]
+    if args.parallel > 1 and len(shared) > 1:
         import multiprocessing as mp
 
         with ProcessPoolExecutor(max_workers=args.parallel, mp_context=mp.get_context("spawn")) as pool:
-            for r in pool.map(run_job, jobs):
+            for r in pool.map(run_job, shared):
                 finished(r)
     else:
-        for job in jobs:
+        for job in shared:
             finished(run_job(job))
+    for job in alone:
+        finished(run_job(job))
     print()
     print(write_results(result, out))
     print(f"wrote {out / 'results.md'}, {out / 'results.json'}, {out / 'val_loss_vs_time.png'} in "

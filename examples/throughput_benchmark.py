@@ -8,6 +8,8 @@ Shapes (random init, bf16 weights, tied embeddings, ``attn_implementation='sdpa'
   head, head_dim 256, intermediate 2048, sliding window 512, V = 262144). Where this
   ``transformers`` has no Gemma 3, a ``LlamaConfig`` of the same sizes stands in, and the output
   says so.
+* ``small`` (``--preset small``: 16 x 256 tokens a step): a 4-layer Llama with d = 256 and
+  V = 32768, where a gated call's fixed host cost is a large part of a step.
 
 Variants, each on a fresh model and optimizer (same seed, so the same initial weights and data):
 
@@ -72,6 +74,12 @@ SHAPES = {
         num_key_value_heads=1, head_dim=256, intermediate_size=2048, sliding_window=512,
         query_pre_attn_scalar=256, rms_norm_eps=1e-6, max_position_embeddings=32768, tie_word_embeddings=True,
     ),
+    # a small model at a small batch (16 x 256 tokens): where a call's fixed cost is most of a step
+    "small": dict(
+        arch="llama", vocab_size=32768, hidden_size=256, num_hidden_layers=4, num_attention_heads=4,
+        num_key_value_heads=4, head_dim=64, intermediate_size=1024, max_position_embeddings=2048,
+        tie_word_embeddings=True,
+    ),
     # tiny versions of both, for the smoke preset
     "smoke_llama": dict(
         arch="llama", vocab_size=1000, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
@@ -86,6 +94,7 @@ SHAPES = {
 }
 PRESETS = {
     "full": dict(shapes=["llama1b", "gemma270m"], batch=4, seq=2048, steps=20, warmup=5),
+    "small": dict(shapes=["small"], batch=16, seq=256, steps=50, warmup=10),
     "smoke": dict(shapes=["smoke_llama", "smoke_gemma"], batch=2, seq=64, steps=3, warmup=1),
 }
 

@@ -96,6 +96,16 @@ def gradnorm_constants(vocab: int, label_smoothing: float) -> tuple[float, float
     return 2.0 * (1.0 - eps), (1.0 - eps) ** 2 - eps * eps / max(vocab, 1)
 
 
+def gradnorm_sq(stats: RowStats, vocab: int, label_smoothing: float = 0.0) -> Tensor:
+    """fp32 (N,) ||softmax(x) - y~||^2 from ``p2sum`` and p_t = exp(-nll) (``gradnorm_constants``)."""
+    if stats.p2sum is None:
+        raise ValueError("cggr_hook: gradnorm scoring needs the statistics' p2sum (row_stats(with_p2=True))")
+    c_y, c_0 = gradnorm_constants(vocab, label_smoothing)
+    # the same operations in the same order as the Triton difficulty kernel; a square that rounds
+    # below zero (a near one-hot row) is 0, and NaN stays NaN
+    return torch.clamp(stats.p2sum - c_y * torch.exp(-stats.nll) + c_0, min=0.0)
+
+
 def difficulty(stats: RowStats, scoring: str, vocab: int, valid: Tensor, noise: Tensor | None = None,
                label_smoothing: float = 0.0) -> Tensor:
     """fp32 (N,) difficulty of every row, larger = harder; -inf where ``valid`` is False, +inf
@@ -104,13 +114,7 @@ def difficulty(stats: RowStats, scoring: str, vocab: int, valid: Tensor, noise: 
     ``gradnorm``: s = ||softmax(x) - y~||_2, the norm of the row's cross-entropy gradient on its
     logits (y~ the smoothed target, ``gradnorm_constants``), from ``p2sum`` and p_t = exp(-nll)."""
     if scoring == "gradnorm":
-        if stats.p2sum is None:
-            raise ValueError("cggr_hook: gradnorm scoring needs the statistics' p2sum (row_stats(with_p2=True))")
-        c_y, c_0 = gradnorm_constants(vocab, label_smoothing)
-        # the same operations in the same order as the Triton difficulty kernel; a square that
-        # rounds below zero (a near one-hot row) is 0, and NaN stays NaN
-        sq = stats.p2sum - c_y * torch.exp(-stats.nll) + c_0
-        d = torch.sqrt(torch.clamp(sq, min=0.0))
+        d = torch.sqrt(gradnorm_sq(stats, vocab, label_smoothing))
     elif scoring == "entropy":
         d = stats.entropy
     elif scoring == "margin":

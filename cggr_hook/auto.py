@@ -1,0 +1,206 @@
+"""``min_tokens_ratio='auto'``: the gate picks the kept fraction that promises the most progress per
+second, from step times measured on the run and an estimate of the gradient noise.
+
+**Model of progress** (McCandlish et al. 2018, "An Empirical Model of Large-Batch Training"). With
+the noise scale B = tr(Sigma) / |G|^2 (in tokens: Sigma the covariance of one token's gradient, G
+the mean gradient) and n valid tokens a step, an unbiased estimate that keeps a fraction f of them
+has gradient noise
+
+    N(f) / |G|^2 = (1 / n) (B + (1 - f) / f (B + 1))
+
+(the batch's own noise, plus what sampling adds, for uniform sampling: importance sampling adds
+less, so the model is conservative for it). A step's expected loss decrease at its best learning
+rate is proportional to 1 / (1 + N(f) / |G|^2); per second, to that over the measured step time t(f).
+
+**Candidates**: the gated fractions ``FRACTIONS`` and ``PLAIN``, the plain loss with the gate out
+of the way (the original ``F.cross_entropy``), which keeps every token like 1.0 and can be the
+faster of the two where a call's fixed cost outweighs what the gate's kernels save. A fraction
+below 1.0 is chosen only if it promises ``MARGIN`` more progress per second than the better of
+the two full-token candidates; otherwise that one is.
+
+**Schedule**: a probe window runs ``PROBE_STEPS`` optimizer steps at each candidate (1.0 first:
+its steps measure the noise); a candidate's step time is the median wall-clock time between
+optimizer steps of its run, the first step of each run left out (it pays for compilation and the
+switch). Then the choice runs until the next window, ``INTERVAL`` steps after the last one began.
+
+**Noise on the head**: token i's gradient on the head weight is g_i = (p_i - y_i) h_i^T, of norm
+s_i ||h_i|| (s_i the gradnorm score). From one call's n tokens, S = mean_i |g_i|^2 estimates
+tr(Sigma) + |G|^2 and Bn = |mean_i g_i|^2 estimates |G|^2 + tr(Sigma) / n, so
+
+    tr(Sigma) ~ (S - Bn) n / (n - 1),    |G|^2 ~ Bn - tr(Sigma) / n,
+
+(McCandlish et al., appendix A, with the per-token and the batch gradient as the two batch sizes),
+averaged over the probe's calls; B is their ratio. The noise is that of the head alone: the body's
+own gradient noise is not seen.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+import time
+from dataclasses import dataclass, field
+from typing import Union
+
+import torch
+from torch import Tensor
+
+PLAIN = "plain"
+FRACTIONS = (1.0, 0.75, 0.5, 0.25)
+CANDIDATES: tuple[Union[float, str], ...] = (*FRACTIONS, PLAIN)
+PROBE_STEPS = 3
+INTERVAL = 500
+MARGIN = 0.03
+NOISE_MOMENTUM = 0.5  # weight of the earlier windows' noise figures in the running average
+
+Candidate = Union[float, str]
+
+
+def sampling_noise(f: float, noise_scale: float, n: float) -> float:
+    """N(f) / |G|^2: the gradient noise of a step that keeps a fraction f of n tokens, relative to
+    the squared mean gradient (``noise_scale`` B in tokens; inf: noise only)."""
+    if math.isinf(noise_scale):
+        return math.inf
+    return (noise_scale + (1.0 - f) / f * (noise_scale + 1.0)) / max(n, 1.0)
+
+
+def progress_rate(f: float, step_seconds: float, noise_scale: float, n: float) -> float:
+    """Expected loss decrease per second, up to a constant: 1 / ((1 + N(f) / |G|^2) t(f))."""
+    noise = sampling_noise(f, noise_scale, n)
+    if math.isinf(noise):  # no signal at all: every candidate makes the same (no) progress per step
+        return f / step_seconds
+    return 1.0 / ((1.0 + noise) * step_seconds)
+
+
+def choose(step_seconds: dict, noise_scale: float | None, n: float, margin: float = MARGIN) -> Candidate:
+    """The candidate with the most expected progress per second. ``step_seconds``: candidate ->
+    seconds per step (those measured). Without a noise estimate, or where no fraction below 1.0
+    beats the faster full-token candidate by ``margin``, that full-token candidate."""
+    full = [c for c in (1.0, PLAIN) if c in step_seconds]
+    if not full:
+        raise ValueError("cggr_hook: auto needs the step time of 1.0 or plain")
+    best_full = min(full, key=lambda c: (step_seconds[c], c == 1.0))  # a tie goes to plain
+    if noise_scale is None:
+        return best_full
+    rate_full = progress_rate(1.0, step_seconds[best_full], noise_scale, n)
+    best, best_rate = best_full, rate_full * (1.0 + margin)
+    for c, t in step_seconds.items():
+        if c in (1.0, PLAIN):
+            continue
+        rate = progress_rate(float(c), t, noise_scale, n)
+        if rate > best_rate:
+            best, best_rate = c, rate
+    return best
+
+
+def noise_parts(per_token_sq: Tensor, mean_grad_sq: Tensor, n: int) -> Tensor:
+    """Device float64 (2,) (tr Sigma, |G|^2) from one call: ``per_token_sq`` S = mean_i |g_i|^2 and
+    ``mean_grad_sq`` Bn = |mean_i g_i|^2 over its n tokens (n >= 2)."""
+    trace = (per_token_sq.double() - mean_grad_sq.double()) * (n / (n - 1))
+    return torch.stack([trace, mean_grad_sq.double() - trace / n])
+
+
+@dataclass
+class AutoState:
+    """One gate's auto-ratio state (``Scheduler.auto[key]``): the probe schedule, the measured
+    step times and noise, the current choice. Everything but the device accumulator is plain data
+    and goes into ``Scheduler.state_dict()``."""
+
+    steps: int = 0  # counted optimizer steps of this gate so far
+    window_start: int = 0  # the step at which the current (or last) probe window began
+    choice: Candidate = 1.0  # what runs outside the probe windows
+    step_seconds: dict = field(default_factory=dict)  # candidate -> median seconds a step (last measured)
+    noise: list | None = None  # running [tr Sigma, |G|^2]
+    tokens: float = 0.0  # running valid tokens a step
+    decisions: int = 0
+    _times: dict = field(default_factory=dict)  # candidate -> step times of the current window
+    _last: float | None = None  # wall clock at the last counted step
+    _acc: Tensor | None = None  # device [tr Sigma sum, |G|^2 sum, calls] of the current window's 1.0 steps
+    _step_tokens: int = 0  # valid tokens of the gated calls of the current step
+
+    # --- which candidate the current step runs --------------------------------------------------
+    def candidate(self) -> Candidate:
+        k = self.steps - self.window_start
+        if 0 <= k < PROBE_STEPS * len(CANDIDATES):
+            return CANDIDATES[k // PROBE_STEPS]
+        return self.choice
+
+    def measures_noise(self) -> bool:
+        return self.candidate() == 1.0 and self.steps - self.window_start < PROBE_STEPS
+
+    # --- what the calls of a step report -------------------------------------------------------------
+    def add_tokens(self, n: int) -> None:
+        self._step_tokens += n
+
+    def add_noise(self, parts: Tensor) -> None:
+        """One call's (tr Sigma, |G|^2) (``noise_parts``), kept on the device until the decision."""
+        row = torch.cat([parts, parts.new_ones(1)])
+        self._acc = row if self._acc is None else self._acc.to(row.device) + row
+
+    # --- an optimizer step was counted -----------------------------------------------------------------
+    def on_step(self, now: float | None = None) -> None:
+        now = time.perf_counter() if now is None else now
+        c = self.candidate()
+        k = self.steps - self.window_start
+        in_window = 0 <= k < PROBE_STEPS * len(CANDIDATES)
+        if in_window and k % PROBE_STEPS and self._last is not None:  # not the first step of a run
+            self._times.setdefault(c, []).append(now - self._last)
+        if self._step_tokens:
+            self.tokens = self._step_tokens if not self.tokens else 0.9 * self.tokens + 0.1 * self._step_tokens
+        self._step_tokens = 0
+        self._last = now
+        self.steps += 1
+        if in_window and self.steps - self.window_start == PROBE_STEPS * len(CANDIDATES):
+            self._decide()
+        elif self.steps - self.window_start >= INTERVAL:
+            self.window_start = self.steps
+
+    def _decide(self) -> None:
+        for c, ts in self._times.items():
+            self.step_seconds[c] = statistics.median(ts)
+        self._times = {}
+        if self._acc is not None:
+            trace, g2, calls = self._acc.tolist()  # the one host read of a window
+            self._acc = None
+            if calls:
+                new = [trace / calls, g2 / calls]
+                self.noise = new if self.noise is None else [
+                    NOISE_MOMENTUM * a + (1 - NOISE_MOMENTUM) * b for a, b in zip(self.noise, new)]
+        self.choice = choose(self.step_seconds, self.noise_scale(), self.tokens)
+        self.decisions += 1
+
+    def noise_scale(self) -> float | None:
+        """B = tr Sigma / |G|^2 in tokens (None before any estimate; inf where |G|^2 <= 0)."""
+        if self.noise is None:
+            return None
+        trace, g2 = self.noise
+        if g2 <= 0:
+            return math.inf
+        return max(trace, 0.0) / g2
+
+    # --- checkpoints --------------------------------------------------------------------------------------
+    def state_dict(self) -> dict:
+        acc = None if self._acc is None else self._acc.tolist()
+        return dict(steps=self.steps, window_start=self.window_start, choice=self.choice,
+                    step_seconds={_key(c): t for c, t in self.step_seconds.items()}, noise=self.noise,
+                    tokens=self.tokens, decisions=self.decisions,
+                    times={_key(c): list(ts) for c, ts in self._times.items()}, acc=acc)
+
+    @classmethod
+    def from_state(cls, state: dict) -> "AutoState":
+        s = cls(steps=int(state["steps"]), window_start=int(state["window_start"]), choice=_candidate(state["choice"]),
+                step_seconds={_candidate(c): float(t) for c, t in state["step_seconds"].items()},
+                noise=None if state["noise"] is None else [float(v) for v in state["noise"]],
+                tokens=float(state["tokens"]), decisions=int(state["decisions"]))
+        s._times = {_candidate(c): [float(t) for t in ts] for c, ts in state.get("times", {}).items()}
+        if state.get("acc") is not None:
+            s._acc = torch.tensor(state["acc"], dtype=torch.float64)
+        return s
+
+
+def _key(c: Candidate) -> str:
+    return c if c == PLAIN else repr(float(c))
+
+
+def _candidate(c) -> Candidate:
+    return PLAIN if c == PLAIN else float(c)

@@ -1,0 +1,229 @@
+"""min_tokens_ratio='auto' (cggr_hook/auto.py): the policy on synthetic figures, its probe schedule
+and resume, the head's noise estimator against per-token gradients computed directly, and a gated
+training loop that runs it."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import cggr_hook
+from cggr_hook import auto
+from cggr_hook.auto import PLAIN, AutoState
+
+from common import TinyLM
+
+
+def rate(f, t, B, n):
+    """The model of progress per second, written out again: 1 / ((1 + noise / |G|^2) t)."""
+    noise = (B + (1 - f) / f * (B + 1)) / n
+    return 1 / ((1 + noise) * t)
+
+
+# --------------------------------------------------------------------------------------------------
+# the policy
+# --------------------------------------------------------------------------------------------------
+TIMES = {1.0: 0.100, 0.75: 0.080, 0.5: 0.060, 0.25: 0.050, PLAIN: 0.110}
+
+
+@pytest.mark.parametrize("B, n", [(10.0, 32768), (3000.0, 32768), (3e5, 32768), (50.0, 4096), (0.0, 100)])
+def test_choose_takes_the_fraction_the_model_of_progress_says(B, n):
+    rates = {c: rate(1.0 if c == PLAIN else c, t, B, n) for c, t in TIMES.items()}
+    full = max(rates[1.0], rates[PLAIN])
+    best = max((c for c in TIMES if c not in (1.0, PLAIN)), key=rates.get)
+    want = best if rates[best] > full * (1 + auto.MARGIN) else (1.0 if rates[1.0] > rates[PLAIN] else PLAIN)
+    assert auto.choose(TIMES, B, n) == want
+
+
+def test_choose_keeps_every_token_where_no_fraction_pays():
+    # dropping tokens makes steps no faster (a small batch): the faster full-token candidate wins
+    times = {1.0: 0.029, 0.75: 0.028, 0.5: 0.027, 0.25: 0.026, PLAIN: 0.022}
+    assert auto.choose(times, 200.0, 4096) == PLAIN
+    # the gate's kernels are faster than plain, but noise makes every fraction below 1.0 lose
+    times = {1.0: 0.064, 0.75: 0.061, 0.5: 0.057, 0.25: 0.053, PLAIN: 0.110}
+    assert auto.choose(times, 1e6, 32768) == 1.0
+    # a fraction within the margin does not move the choice off the full tokens
+    times = {1.0: 0.100, 0.5: 0.0985, PLAIN: 0.2}
+    assert auto.choose(times, 0.0, 32768) == 1.0
+    # no noise estimate yet: the faster full-token candidate
+    assert auto.choose(TIMES, None, 32768) == 1.0
+    assert auto.choose({1.0: 0.2, 0.5: 0.01, PLAIN: 0.1}, None, 32768) == PLAIN
+
+
+def test_noise_only_or_no_noise_are_handled():
+    assert auto.choose(TIMES, math.inf, 32768) == 1.0  # pure noise: f / t is largest at 1.0 here
+    assert auto.choose(TIMES, 0.0, 32768) == 0.25  # no noise: the fastest step wins
+
+
+# --------------------------------------------------------------------------------------------------
+# the probe schedule, decisions and resume
+# --------------------------------------------------------------------------------------------------
+def drive(state: AutoState, steps: int, times: dict, t0: float = 0.0, noise=(4.0, 0.01)) -> tuple[list, float]:
+    """Run ``steps`` optimizer steps on synthetic step times; returns the candidates run and the clock."""
+    seen, now = [], t0
+    for _ in range(steps):
+        c = state.candidate()
+        seen.append(c)
+        state.add_tokens(1000)
+        if state.measures_noise():
+            state.add_noise(torch.tensor(noise, dtype=torch.float64))
+        now += times[c]
+        state.on_step(now)
+    return seen, now
+
+
+def test_a_probe_window_runs_every_candidate_then_the_choice():
+    state = AutoState()
+    times = {1.0: 0.10, 0.75: 0.08, 0.5: 0.06, 0.25: 0.05, PLAIN: 0.11}
+    n_window = auto.PROBE_STEPS * len(auto.CANDIDATES)
+    seen, _ = drive(state, n_window + 5, times)
+    assert seen[:n_window] == [c for c in auto.CANDIDATES for _ in range(auto.PROBE_STEPS)]
+    assert state.decisions == 1
+    # the first step of each run is not timed; the others are the candidate's step time
+    assert state.step_seconds == pytest.approx(times)
+    assert state.noise_scale() == pytest.approx(400.0)  # tr / |G|^2 of the figures fed in
+    want = auto.choose(times, 400.0, 1000)
+    assert seen[n_window:] == [want] * 5 and state.choice == want
+
+
+def test_the_first_step_of_a_run_is_not_timed():
+    state = AutoState()
+    now = 0.0
+    for i in range(auto.PROBE_STEPS * len(auto.CANDIDATES)):
+        first = i % auto.PROBE_STEPS == 0
+        now += 10.0 if first else 0.1  # compilation and switching land on the first step
+        state.on_step(now)
+    assert all(t == pytest.approx(0.1) for t in state.step_seconds.values())
+
+
+def test_windows_repeat_every_interval_steps():
+    state = AutoState()
+    # noiseless figures: the choice is the fastest fraction, so a run of 1.0 marks a window
+    seen, _ = drive(state, 2 * auto.INTERVAL + 20, TIMES, noise=(0.0, 1.0))
+    assert state.choice == 0.25
+    starts = [i for i in range(len(seen) - 3) if seen[i:i + 3] == [1.0, 1.0, 1.0] and (i == 0 or seen[i - 1] != 1.0)]
+    assert starts[:3] == [0, auto.INTERVAL, 2 * auto.INTERVAL]
+    assert state.decisions == 3
+
+
+def test_auto_state_resumes_exactly_from_the_scheduler_state():
+    from cggr_hook.schedule import Scheduler
+
+    times = {1.0: 0.10, 0.75: 0.07, 0.5: 0.05, 0.25: 0.045, PLAIN: 0.12}
+    a = Scheduler()
+    sa = a.auto_state("m")
+    _, now = drive(sa, 7, times)  # stop inside the probe window
+    b = Scheduler()
+    b.load_state_dict(a.state_dict())
+    sb = b.auto["m"]
+    rest_a, _ = drive(sa, 40, times, now)
+    rest_b, _ = drive(sb, 40, times, now)
+    assert rest_a == rest_b
+    assert sa.choice == sb.choice and sa.step_seconds == sb.step_seconds and sa.noise == sb.noise
+    b.reset()
+    assert b.auto == {}
+
+
+# --------------------------------------------------------------------------------------------------
+# the noise estimator
+# --------------------------------------------------------------------------------------------------
+def per_token_head_grads(model, idx):
+    """Each predicted token's gradient on the head weight, by autograd one token at a time."""
+    logits = model(idx)[:, :-1]
+    V = logits.shape[-1]
+    x, t = logits.reshape(-1, V), idx[:, 1:].reshape(-1)
+    return torch.stack([torch.autograd.grad(F.cross_entropy(x[i:i + 1], t[i:i + 1]), model.lm_head.weight,
+                                            retain_graph=True)[0] for i in range(len(t))])
+
+
+def test_one_calls_noise_figures_equal_the_direct_computation():
+    torch.manual_seed(0)
+    model = TinyLM(vocab=29, dim=12)
+    idx = torch.randint(0, 29, (3, 9), generator=torch.Generator().manual_seed(1))
+    g = per_token_head_grads(model, idx).double()  # (n, V, D)
+    n = g.shape[0]
+    S = g.pow(2).sum((1, 2)).mean()
+    Bn = g.mean(0).pow(2).sum()
+    trace = (S - Bn) * n / (n - 1)
+    want = torch.stack([trace, Bn - trace / n])
+
+    gate = cggr_hook.enable(model, min_tokens_ratio="auto")
+    state = cggr_hook.scheduler.auto_state(gate.key)
+    assert state.measures_noise()
+    logits = model(idx)
+    F.cross_entropy(logits[:, :-1].reshape(-1, 29), idx[:, 1:].reshape(-1)).backward()
+    got = state._acc
+    assert got is not None and float(got[2]) == 1.0
+    torch.testing.assert_close(got[:2], want, rtol=1e-4, atol=1e-9)
+
+
+def test_noise_scale_estimate_matches_the_population_value():
+    """Over many small batches the averaged estimate approaches B = tr(Sigma) / |G|^2 of the
+    population the batches are drawn from (computed from every token's own gradient)."""
+    torch.manual_seed(3)
+    model = TinyLM(vocab=17, dim=8)
+    with torch.no_grad():
+        model.lm_head.weight.mul_(3)
+    pool = torch.randint(0, 17, (64, 9), generator=torch.Generator().manual_seed(4))
+    g = per_token_head_grads(model, pool).double().flatten(1)  # every token of the population
+    G = g.mean(0)
+    true_b = float((g - G).pow(2).sum(1).mean() / G.pow(2).sum())
+
+    key = cggr_hook.enable(model, min_tokens_ratio="auto").key
+    gen = torch.Generator().manual_seed(5)
+    sums = torch.zeros(2, dtype=torch.float64)
+    draws = 300
+    for _ in range(draws):
+        cggr_hook.scheduler.reset()  # every call a noise-measuring one
+        state = cggr_hook.scheduler.auto_state(key)
+        idx = pool[torch.randint(0, 64, (4,), generator=gen)]
+        F.cross_entropy(model(idx)[:, :-1].reshape(-1, 17), idx[:, 1:].reshape(-1)).backward()
+        sums += state._acc[:2]
+    est_b = float(sums[0] / sums[1])
+    assert est_b == pytest.approx(true_b, rel=0.2), (est_b, true_b)
+
+
+# --------------------------------------------------------------------------------------------------
+# end to end
+# --------------------------------------------------------------------------------------------------
+def test_a_gated_loop_runs_the_probe_window_and_the_plain_candidate_is_the_plain_loss():
+    torch.manual_seed(0)
+    model = TinyLM(vocab=37, dim=16)
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)  # weights fixed: the plain loss is comparable
+    key = cggr_hook.enable(model, min_tokens_ratio="auto").key
+    n_window = auto.PROBE_STEPS * len(auto.CANDIDATES)
+    idx = torch.randint(0, 37, (4, 12), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        plain = F.cross_entropy(model(idx)[:, :-1].reshape(-1, 37), idx[:, 1:].reshape(-1))
+    fractions, nodes = [], []
+    for step in range(n_window + 2):
+        loss = F.cross_entropy(model(idx)[:, :-1].reshape(-1, 37), idx[:, 1:].reshape(-1))
+        nodes.append(type(loss.grad_fn).__name__)
+        m = cggr_hook.metrics(model)
+        fractions.append("plain" if m["auto_plain"] else m["auto_fraction"])
+        if m["auto_plain"]:
+            assert torch.equal(loss.detach(), plain)  # the original function's result, bit for bit
+        else:
+            assert m["tokens_selected"] == max(1, math.floor(m["auto_fraction"] * m["tokens_total"] + 0.5))
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    assert fractions[:n_window] == [c for c in auto.CANDIDATES for _ in range(auto.PROBE_STEPS)]
+    assert cggr_hook.scheduler.step_count == n_window + 2  # plain steps count too
+    # the plain candidate's loss is the original function's node; the others the gate's
+    assert all((node == "GatedHeadCrossEntropyBackward") == (f != "plain") for node, f in zip(nodes, fractions))
+    state = cggr_hook.scheduler.auto[key]
+    assert state.decisions == 1 and set(state.step_seconds) == set(auto.CANDIDATES)
+    m = cggr_hook.metrics(model)
+    assert m["noise_scale"] >= 0 and "step_ms_plain" in m and "step_ms_25" in m  # inf: noise only
+    saved = cggr_hook.scheduler.state_dict()
+    assert saved["auto"][key]["decisions"] == 1
+
+
+def test_auto_is_a_valid_ratio_and_other_strings_are_not():
+    assert cggr_hook.GateConfig(min_tokens_ratio="auto").min_tokens_ratio == "auto"
+    with pytest.raises(ValueError, match="min_tokens_ratio"):
+        cggr_hook.GateConfig(min_tokens_ratio="half")
