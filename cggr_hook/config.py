@@ -56,6 +56,28 @@ def _flag(name: str, value: Any, fix: str) -> bool:
     return v
 
 
+def zero_floor_is_biased(scoring: str, label_smoothing: float = 0.0) -> bool:
+    """Whether ``importance_floor=0`` would bias importance sampling with this scoring: the floor
+    can be 0 only where a score of 0 means a zero gradient, so that no token that moves the model
+    goes undrawn. gradnorm's does always; the target loss's and combined's do without label
+    smoothing (a zero score is a one-hot prediction of the target); entropy's and margin's never
+    (a confidently wrong token scores 0); random draws uniformly."""
+    if scoring in ("gradnorm", "random"):
+        return False
+    if scoring in ("loss", "combined"):
+        return label_smoothing > 0
+    return True
+
+
+def check_zero_floor(config: "GateConfig", label_smoothing: float = 0.0) -> None:
+    if config.selection == "importance" and config.importance_floor == 0.0 and zero_floor_is_biased(
+            config.scoring, label_smoothing):
+        _fail("importance_floor", config.importance_floor,
+              f"with scoring={config.scoring!r}" + (f" and label_smoothing={label_smoothing}" if label_smoothing else "")
+              + " a score of 0 does not mean a zero gradient, so such tokens could never be drawn and the "
+              "loss would be biased: give a floor > 0 (e.g. 0.2) or scoring='gradnorm'")
+
+
 @dataclass(frozen=True)
 class GateConfig:
     """Options of a gate (the option names of the original CGGR package).
@@ -149,6 +171,7 @@ class GateConfig:
                             ("threshold_sensitivity", s), ("num_strata", n), ("min_tokens_per_sequence", m),
                             ("importance_floor", a), ("seed", seed)):
             object.__setattr__(self, name, value)
+        check_zero_floor(self)
 
     def replace(self, **options: Any) -> "GateConfig":
         """A copy with ``options`` changed; an unknown option name is a ValueError."""

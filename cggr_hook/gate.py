@@ -12,6 +12,7 @@ function's call, untouched:
 from __future__ import annotations
 
 import contextlib
+import itertools
 import numbers
 import threading
 import warnings
@@ -49,12 +50,13 @@ class _Figures:
     generation: int  # the scheduler's generation then: figures from before a reset are stale
     root: "weakref.ref[nn.Module]"  # the model whose loss it was
     values: dict
+    order: int = 0  # when it was recorded: metrics() without a model gives the latest model's
 
 
-# the last gated call's figures, per model and of any model; disable() drops them, a reset of the
-# scheduler makes them stale, a collected model takes its own along
+# each model's last gated call's figures; disable() drops them, a reset of the scheduler makes them
+# stale, a collected model takes its own along
 _figures: "weakref.WeakKeyDictionary[nn.Module, _Figures]" = weakref.WeakKeyDictionary()
-_last_figures: _Figures | None = None
+_recorded = itertools.count()
 
 
 def _paused() -> bool:
@@ -100,7 +102,7 @@ class Gate:
     def __init__(self, model: nn.Module, root: nn.Module, head: nn.Module, config: GateConfig) -> None:
         self._model = weakref.ref(model)
         self._root = weakref.ref(root)
-        self.head = head
+        self.head = head  # held weakly (the property below): the head may be the model itself
         # where the head sits in the model: a wrapper that replaces it later (PEFT's
         # get_peft_model with the head in modules_to_save, or LoRA on the head) is found there
         self.head_path = head_mod.module_path(root, head) or ""
@@ -136,6 +138,16 @@ class Gate:
         # holds the model itself strongly, so it can be collected
         self._finalizer = weakref.finalize(root, _on_model_collected, self)
         self._finalizer.atexit = False
+
+    @property
+    def head(self) -> nn.Module | None:
+        """The gated head (None once it is garbage-collected). Held weakly: the registry's entry
+        for a model must not keep the model alive, and the head can be the model itself."""
+        return self._head()
+
+    @head.setter
+    def head(self, module: nn.Module) -> None:
+        self._head = weakref.ref(module)
 
     # the forward hook on the LM head
     def _on_head_forward(self, module: nn.Module, args: tuple, output: Any) -> Any:
@@ -248,6 +260,8 @@ class Gate:
             return
         if _paused():
             return
+        if not self._gated_since_step and not optimizer_holds(optimizer, self._param_ids):
+            return  # another model's optimizer (a critic, a discriminator) with no gated loss waiting
         self._steps_unproven += 1
         if self._steps_unproven >= WATCHDOG_STEPS:
             self._proven = True  # once
@@ -283,14 +297,11 @@ class Gate:
 
     def _record_metrics(self, values: dict) -> None:
         """A gated call's figures, from the loss (``Request.on_metrics``)."""
-        global _last_figures
         root = self._root()
         if root is None:
             return
-        record = _Figures(scheduler.generation, self._root, dict(values))
         with _lock:
-            _figures[root] = record
-            _last_figures = record
+            _figures[root] = _Figures(scheduler.generation, self._root, dict(values), next(_recorded))
 
     def _runs_plain(self) -> bool:
         """Whether ``min_tokens_ratio='auto'`` runs the current step as the plain loss."""
@@ -326,11 +337,11 @@ class Gate:
             self._fused_handle = None
         root = self._root()
         if root is not None:
-            # copies of the head made inside the model after enable (PEFT's modules_to_save deep-copies
-            # it) carry the hook along: take it off them too
+            # copies of the head (or the model) made inside the model after enable carry the hooks
+            # along, as the hook itself (a shallow copy) or as its inert stand-in (a deep copy: PEFT's
+            # modules_to_save): take them off too, so nothing of the gate is left
             for m in root.modules():
-                for key in [k for k, fn in m._forward_hooks.items() if fn is self._head_hook]:
-                    del m._forward_hooks[key]
+                _remove_hooks(m, lambda fn: fn is self._head_hook or isinstance(fn, _InertHook))
         if self._undo_loss is not None:
             self._undo_loss()
             self._undo_loss = None
@@ -343,6 +354,8 @@ class Gate:
 
     def __repr__(self) -> str:
         state = "enabled" if self.enabled else "removed"
+        if self.head is None:
+            return f"Gate(collected, {state}, {self.config})"
         d_in, d_out = head_mod.head_features(self.head)
         return f"Gate({type(self.head).__name__}({d_in} -> {d_out}), {state}, {self.config})"
 
@@ -361,6 +374,17 @@ def _uninstall_if_unused() -> None:
         scheduler.detach()
 
 
+def _remove_hooks(module: nn.Module, match: Any) -> None:
+    """Remove the forward hooks and forward pre-hooks of ``module`` for which ``match(fn)`` holds,
+    with their entries in the tables that record how each hook is called."""
+    for table, extras in ((module._forward_hooks, ("_forward_hooks_with_kwargs", "_forward_hooks_always_called")),
+                          (module._forward_pre_hooks, ("_forward_pre_hooks_with_kwargs",))):
+        for key in [k for k, fn in table.items() if match(fn)]:
+            del table[key]
+            for name in extras:
+                getattr(module, name, {}).pop(key, None)
+
+
 def _on_model_collected(gate: Gate) -> None:
     """A gated model was garbage-collected without ``disable``: what ``disable(model)`` would have
     done. Runs from the garbage collector, at any allocation, so it only takes the (reentrant)
@@ -368,7 +392,6 @@ def _on_model_collected(gate: Gate) -> None:
     an empty registry while a gate is being added."""
     with _lock:
         gate._detach()
-        _drop_figures(gate._root)
         _uninstall_if_unused()
 
 
@@ -440,32 +463,22 @@ def disable(model: nn.Module | None = None) -> None:
 
 
 def _disable(model: nn.Module | None, keep_figures: bool) -> None:
-    global _last_figures
     with _lock:
         if model is None:
             targets = list(_gates.keys())
             if not keep_figures:
                 _figures.clear()
-                _last_figures = None
         else:
             g = _gate_for(head_mod.unwrap(model))
             targets = [r for r in [g._root() if g is not None else None] if r is not None]
             if not keep_figures:
                 for root in targets:
                     _figures.pop(root, None)
-                    if _last_figures is not None and _last_figures.root() is root:
-                        _last_figures = None
         for root in targets:
             gate = _gates.pop(root, None)
             if gate is not None:
                 gate._detach()
         _uninstall_if_unused()
-
-
-def _drop_figures(root_ref: "weakref.ref[nn.Module]") -> None:
-    global _last_figures
-    if _last_figures is not None and _last_figures.root is root_ref:
-        _last_figures = None
 
 
 def _observe_step(optimizer: torch.optim.Optimizer, pending: bool, counted: bool) -> bool:
@@ -565,7 +578,10 @@ def metrics(model: nn.Module | None = None) -> dict:
         raise ValueError(f"cggr_hook.metrics: model must be the torch.nn.Module given to enable(), got "
                          f"{type(model).__name__}; or call metrics() for the last gated call of any model")
     with _lock:
-        record = _last_figures if model is None else _figures.get(head_mod.unwrap(model))
+        if model is None:
+            record = max(_figures.values(), key=lambda r: r.order, default=None)
+        else:
+            record = _figures.get(head_mod.unwrap(model))
         if record is None or record.generation != scheduler.generation or record.root() is None:
             return {}
         values = record.values

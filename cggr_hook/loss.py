@@ -40,7 +40,7 @@ from torch import Tensor
 
 from . import auto as auto_mod
 from . import kernels, score, select
-from .config import OPTION_NAMES, GateConfig
+from .config import OPTION_NAMES, GateConfig, check_zero_floor
 from .schedule import Scheduler, tokens_to_keep
 
 REDUCTIONS = ("mean", "sum", "none")
@@ -224,6 +224,8 @@ def plan(logits: Tensor, targets: Tensor, seq: int | tuple[Tensor, int] | None, 
     and brings the valid and bad-target counts, the confidence and the metric sums (and
     sequence_aware's kept ranks) together.
     """
+    if spec.label_smoothing:
+        check_zero_floor(config, float(spec.label_smoothing))  # before any work
     V = logits.shape[-1]
     N = targets.numel()
     dev = logits.device

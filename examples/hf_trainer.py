@@ -9,7 +9,7 @@ mode, where the gate steps aside: the evaluation loss is the plain loss over eve
 and the script checks it equals the loss after ``cggr_hook.disable(model)``.
 
     python examples/hf_trainer.py                    # 40 steps, seconds on a CPU
-    python examples/hf_trainer.py --max-steps 400 --warmup-steps 100
+    python examples/hf_trainer.py --max-steps 400 --min-tokens-ratio 0.5   # half of the tokens, importance-sampled
     python examples/hf_trainer.py --plain            # without gating, to compare
 """
 
@@ -60,8 +60,9 @@ def main(argv=None):
     p.add_argument("--eval-rows", type=int, default=64, help="held-out rows to evaluate (0: all)")
     p.add_argument("--lr", type=float, default=3e-3)
     p.add_argument("--warmup-steps", type=int, default=None,
-                   help="cggr_hook curriculum length (default: the package's own)")
-    p.add_argument("--min-tokens-ratio", type=float, default=None)
+                   help="cggr_hook curriculum length, from every token down to --min-tokens-ratio")
+    p.add_argument("--min-tokens-ratio", type=float, default=None,
+                   help="fraction of tokens the gate keeps (default: the package's, every token)")
     p.add_argument("--plain", action="store_true", help="no gating")
     p.add_argument("--cache-dir", default=None)
     p.add_argument("--output-dir", default=None, help="Trainer output dir (default: a temporary one)")

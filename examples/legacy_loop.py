@@ -4,14 +4,17 @@ A small GPT in the nanoGPT mould (token + position embeddings, pre-norm blocks,
 ``self.lm_head = nn.Linear(d, vocab, bias=False)``, ``forward(idx, targets=None)`` computing
 ``F.cross_entropy(logits.view(-1, V), targets.view(-1))``), a plain AdamW loop and an evaluation in
 ``model.eval()``. Nothing in the model or the loop knows about CGGR: the single line marked
-``# CGGR`` below makes only the hardest tokens of each training batch count in the loss, while the
-evaluation, in eval mode, still reports the plain loss over every token.
+``# CGGR`` below gates the training loss (with the package's defaults every token counts, through
+the gate's kernels; with ``--min-tokens-ratio 0.5`` half of each batch's tokens are drawn by
+importance sampling and weighted so the loss stays an unbiased estimate of the plain one), while
+the evaluation, in eval mode, still reports the plain loss over every token.
 
     python examples/legacy_loop.py                  # stdlib text, gated
     python examples/legacy_loop.py --plain          # the same run without the line, to compare
     python examples/legacy_loop.py --shift          # the loss computed in the loop, shifted by hand
     python examples/legacy_loop.py --data random    # random tokens, no tokenizer
-    python examples/legacy_loop.py --warmup-steps 50 --steps 200   # a curriculum that fits the run
+    python examples/legacy_loop.py --min-tokens-ratio 0.5   # half of the tokens, by importance sampling
+    python examples/legacy_loop.py --min-tokens-ratio 0.25 --warmup-steps 50 --steps 200   # a curriculum down to 25%
 
 ``--shift`` shows the other common shape of a legacy loop: the model returns logits only and the
 script shifts them itself, ``F.cross_entropy(logits[:, :-1].reshape(-1, V), idx[:, 1:].reshape(-1))``
@@ -151,8 +154,10 @@ def main(argv=None):
     p.add_argument("--eval-every", type=int, default=20)
     p.add_argument("--shift", action="store_true", help="compute the shifted loss in the loop, not in the model")
     p.add_argument("--plain", action="store_true", help="leave gating off (the script as it was)")
+    p.add_argument("--min-tokens-ratio", type=float, default=None,
+                   help="fraction of tokens the gate keeps (default: the package's, every token)")
     p.add_argument("--warmup-steps", type=int, default=None,
-                   help="curriculum length for cggr_hook (default: the package's own)")
+                   help="curriculum length for cggr_hook, from every token down to --min-tokens-ratio")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
@@ -164,8 +169,10 @@ def main(argv=None):
 
     if not args.plain:
         cggr_hook.enable(model)  # CGGR: the one added line; the rest of the script is unchanged
-        if args.warmup_steps is not None:  # optional: enable() again updates the gate's options
-            cggr_hook.enable(model, warmup_steps=args.warmup_steps)
+        options = {k: v for k, v in (("min_tokens_ratio", args.min_tokens_ratio),
+                                      ("warmup_steps", args.warmup_steps)) if v is not None}
+        if options:  # optional: enable() again updates the gate's options
+            cggr_hook.enable(model, **options)
 
     gen = torch.Generator().manual_seed(args.seed)
     print(f"{'plain' if args.plain else 'gated'} run: {sum(q.numel() for q in model.parameters()) / 1e6:.2f}M parameters, "

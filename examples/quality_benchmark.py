@@ -111,7 +111,11 @@ PRESETS = {
     "finetune-large": dict(_HEAD_HEAVY, batch_size=64, budget=30.0, regime="finetune", lr=3e-4, parallel=1,
                            finetune_share=0.5, base_seconds=90.0, base_batch_size=64, base_lr=1e-3),
 }
-FRACTION_GRID = (0.25, 0.5, 0.75, 1.0)  # kept fractions timed for arms whose fraction moves
+FRACTION_GRID = (0.25, 0.5, 0.75, 1.0)
+# settings that may differ between the invocations whose results --merge combines
+RUN_LOCAL = {"seeds", "arms", "out", "parallel", "device", "threads", "cache_dir", "merge", "timing_only"}
+# the finetune regime's settings where a preset (a scratch one, --regime finetune) has none
+FINETUNE_DEFAULTS = dict(finetune_share=0.5, base_seconds=90.0, base_lr=1e-3)  # kept fractions timed for arms whose fraction moves
 
 FIXED_RE = re.compile(r"^(topk|stratified|seqaware|random|entropy|margin|loss|combined)(\d+(?:\.\d+)?)(-warm)?$")
 IMP_RE = re.compile(r"^imp-(gradnorm|loss|entropy|margin|combined|random)(\d+(?:\.\d+)?)(?:-f(\d*\.?\d+))?$")
@@ -506,19 +510,6 @@ def run_job(job: dict) -> dict:
 # figures
 
 
-def interp(x: float, xs: list[float], ys: list[float]) -> float | None:
-    """Linear interpolation of the curve (xs ascending) at x; None beyond its end."""
-    if x > xs[-1] + 1e-12:
-        return None
-    if x <= xs[0]:
-        return ys[0]
-    for i in range(1, len(xs)):
-        if x <= xs[i]:
-            x0, x1, y0, y1 = xs[i - 1], xs[i], ys[i - 1], ys[i]
-            return y1 if x1 == x0 else y0 + (y1 - y0) * (x - x0) / (x1 - x0)
-    return ys[-1]
-
-
 def time_to_reach(target: float, xs: list[float], ys: list[float]) -> float | None:
     """First (interpolated) x at which the curve is at or below target; None if never."""
     for i in range(len(ys)):
@@ -570,9 +561,15 @@ def summarize(runs: list[dict], arms: list[str]) -> dict:
             cv2=stats([r["predicted"]["score_cv2"] for r in rs]),
             ess_ratio=stats([d["ess_ratio"] for d in draws]) if draws else None,
         )
-    plain_ms = out.get("plain", {}).get("step_ms")
+    plain_all = [r["plain_step_ms"] for r in runs if r.get("plain_step_ms")]
     for arm, s in out.items():
-        s["speed"] = plain_ms["mean"] / s["step_ms"]["mean"] if plain_ms else None
+        # plain's step time over the arm's, each run against the plain timing of its own invocation;
+        # an arm never timed beside plain gets the mean plain timing of the others (marked)
+        ratios = [r["plain_step_ms"] / r["step_ms"] for r in runs if r["arm"] == arm and r.get("plain_step_ms")]
+        s["speed_elsewhere"] = not ratios and bool(plain_all)
+        if not ratios and plain_all:
+            ratios = [statistics.fmean(plain_all) / s["step_ms"]["mean"]]
+        s["speed"] = statistics.fmean(ratios) if ratios else None
     return out
 
 
@@ -588,9 +585,9 @@ def fmt(s: dict | None, digits: int = 3, signed: bool = False) -> str:
 def markdown_table(summary: dict, header: str) -> str:
     lines = [
         header, "",
-        "| arm | kept | step ms | speed | steps | epochs | final val | Δ vs plain | Δ vs random control "
+        "| arm | seeds | kept | step ms | speed | steps | epochs | final val | Δ vs plain | Δ vs random control "
         "| time to plain's final | rho25 / rho50 predicted | ESS / k |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for arm, s in summary.items():
         if s["reached_plain"] == 0 or s["time_to_plain"] is None:
@@ -604,8 +601,9 @@ def markdown_table(summary: dict, header: str) -> str:
             f"{s['rho50']['mean']:.2f}" if s["rho50"] else "n/a")
         ess = "n/a" if s["ess_ratio"] is None else f"{s['ess_ratio']['mean']:.2f}"
         lines.append(
-            f"| {arm} | {s['kept']['mean']:.2f} | {s['step_ms']['mean']:.1f} | "
-            f"{'n/a' if s['speed'] is None else format(s['speed'], '.2f') + 'x'} | {s['steps']['mean']:.0f} | "
+            f"| {arm} | {s['seeds']} | {s['kept']['mean']:.2f} | {s['step_ms']['mean']:.1f} | "
+            f"{'n/a' if s['speed'] is None else format(s['speed'], '.2f') + 'x' + ('*' if s['speed_elsewhere'] else '')}"
+            f" | {s['steps']['mean']:.0f} | "
             f"{s['epochs']['mean']:.2f} | {fmt(s['final_val'])} | {fmt(s['delta_plain'], signed=True)} | {ctl} | "
             f"{ttr} | {rho} | {ess} |"
         )
@@ -613,8 +611,9 @@ def markdown_table(summary: dict, header: str) -> str:
         "",
         "Validation loss: plain mean cross entropy over the held-out tokens (nats), mean ± std over seeds, "
         "at the end of an equal time budget. Δ: paired by seed (the arm minus plain, or minus the random "
-        "control at the arm's kept fraction); negative is better. *step ms*: each arm's training step timed "
-        "alone on the device; *speed*: plain's step time over the arm's. *time to plain's final*: the "
+        "control at the arm's kept fraction), over the seeds both have; negative is better. *step ms*: each "
+        "arm's training step timed alone on the device; *speed*: plain's step time over the arm's, both timed "
+        "in the same invocation (*: the arm was never timed beside plain; plain's mean over the others). *time to plain's final*: the "
         "share of the budget the arm needed to reach plain's final loss. *rho*: the variance gain over "
         "uniform sampling that the starting model's gradnorm scores predict at 25% / 50% of tokens; "
         "*ESS / k*: the effective sample size of the importance weights over the tokens drawn, measured "
@@ -703,7 +702,7 @@ def write_results(result: dict, out: Path) -> str:
         f"{result['environment']['device']}; Llama {a['layers']} layers, d={a['d_model']}, V={a['vocab_size']} (tied), "
         f"{result['n_params'] / 1e6:.1f}M parameters; {a['batch_size']} x {a['seq_len']} tokens a step; "
         f"{a['budget']:g} s a run (virtual clock); AdamW peak lr {a['lr']:g}, cosine over the budget; "
-        f"seeds {', '.join(map(str, seeds))}; held-out: {result['heldout_tokens']:,} tokens"
+        f"seeds {', '.join(map(str, seeds))} (each arm's in the seeds column); held-out: {result['heldout_tokens']:,} tokens"
         + (f"; base model: {result['base']['steps']} plain steps, {result['base']['epochs']:.2f} epochs of the "
            f"pretraining domain" if result.get("base") else "") + "."
     )
@@ -727,6 +726,14 @@ def merge(paths: list[str], out: Path) -> int:
     presets = {r["args"]["preset"] for r in results}
     if len(presets) != 1:
         raise SystemExit(f"--merge: results of one preset only, got {sorted(presets)}")
+    first = results[0]["args"]
+    for path, r in zip(paths, results):
+        differ = sorted(k for k in set(first) | set(r["args"]) if k not in RUN_LOCAL and first.get(k) != r["args"].get(k))
+        if differ:
+            raise SystemExit(f"--merge: {path} was run with other settings ({', '.join(differ)}) than {paths[0]}")
+        plain = r["timings"].get("plain", {}).get("plain")
+        for run in r["runs"]:
+            run.setdefault("plain_step_ms", 1e3 * plain if plain else None)
     merged = copy.deepcopy(results[0])
     seen = set()
     merged["runs"], merged["sources"] = [], [str(p) for p in paths]
@@ -767,6 +774,8 @@ def parse_args(argv=None):
     p.add_argument("--lr", type=float, default=None, help="peak learning rate")
     p.add_argument("--regime", choices=("scratch", "finetune"), default=None)
     p.add_argument("--base-seconds", type=float, default=None, help="finetune: plain training of the base model")
+    p.add_argument("--base-lr", type=float, default=None, help="finetune: the base model's peak learning rate")
+    p.add_argument("--base-batch-size", type=int, default=None, help="finetune: the base model's batch size")
     p.add_argument("--sources", choices=stdlib_text.SOURCES, default=None,
                    help="stdlib: the standard library's sources; python: every Python source of the machine")
     p.add_argument("--finetune-share", type=float, default=None,
@@ -796,15 +805,16 @@ def parse_args(argv=None):
     for k, v in preset.items():
         if getattr(args, k, None) is None:
             setattr(args, k, copy.deepcopy(v))
-    for k in ("finetune_share", "base_seconds", "base_batch_size", "base_lr"):
+    finetune = dict(FINETUNE_DEFAULTS, base_batch_size=args.batch_size)
+    for k, default in finetune.items():
         if getattr(args, k, None) is None:
-            setattr(args, k, preset.get(k, 0.0 if k != "base_batch_size" else args.batch_size))
+            setattr(args, k, preset.get(k, default))
+    if args.regime == "finetune" and args.sources != "python":
+        p.error("the finetune regime needs --sources python: it splits the installed packages into two domains")
     if args.max_bytes == 0:
         args.max_bytes = None
     if args.max_heldout_bytes == 0:
         args.max_heldout_bytes = None
-    if args.arms is None:  # the main job: plain, the default gate and its random control
-        args.arms = ["plain", "default"] + [a for a in [control_arm({})] if a]
     args.device = args.device or ("cuda" if cuda else "cpu")
     args.eval_batch_size = args.eval_batch_size or min(32, max(8, args.batch_size))
     return args
@@ -870,7 +880,10 @@ def main(argv=None) -> int:
         runs=runs,
     )
 
+    plain_ms = timings.get("plain", {}).get("plain")
+
     def finished(r: dict) -> None:
+        r["plain_step_ms"] = 1e3 * plain_ms if plain_ms else None
         runs.append(r)
         print(f"{r['arm']} seed {r['seed']}: {r['steps']} steps, final val {r['final_val']:.4f}", flush=True)
         write_results(result, out)  # the files hold every finished run, should the rest be cut short

@@ -112,9 +112,12 @@ def difficulty(stats: RowStats, scoring: str, vocab: int, valid: Tensor, noise: 
     where it is NaN. ``noise`` (fp32 (N,)) is the difficulty of ``random`` scoring.
 
     ``gradnorm``: s = ||softmax(x) - y~||_2, the norm of the row's cross-entropy gradient on its
-    logits (y~ the smoothed target, ``gradnorm_constants``), from ``p2sum`` and p_t = exp(-nll)."""
+    logits (y~ the smoothed target, ``gradnorm_constants``), from ``p2sum`` and p_t = exp(-nll);
+    +inf where the row's loss is infinite."""
     if scoring == "gradnorm":
-        d = torch.sqrt(gradnorm_sq(stats, vocab, label_smoothing))
+        # a row whose loss is infinite (its target's logit -inf) has a bounded gradient norm but must
+        # reach the loss as it would without gating: it scores +inf, so it is always kept
+        d = torch.where(stats.nll == math.inf, math.inf, torch.sqrt(gradnorm_sq(stats, vocab, label_smoothing)))
     elif scoring == "entropy":
         d = stats.entropy
     elif scoring == "margin":

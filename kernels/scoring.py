@@ -371,6 +371,7 @@ def _row_difficulty_kernel(
         nll = tl.load(nll_ptr + rows, mask=inside, other=0.0)
         sq = tl.load(p2sum_ptr + rows, mask=inside, other=0.0) - c_y * tl.exp(-nll) + c_0
         d = tl.sqrt(tl.maximum(sq, 0.0, propagate_nan=tl.PropagateNan.ALL))
+        d = tl.where(nll == float("inf"), float("inf"), d)  # an infinite loss is always kept
     d = tl.where(d != d, float("inf"), d)  # NaN -> +inf: such a row is taken first
     d = tl.where(d == 0.0, 0.0, d)  # -0 -> +0: a radix sort would put -0 after +0, a comparison not
     d = tl.where(valid, d, float("-inf"))

@@ -150,11 +150,11 @@ def test_quality_benchmark_arms_clock_and_figures():
     assert qb.step_seconds(grid, 0.75) == pytest.approx(0.03) and qb.step_seconds(grid, 0.1) == 0.01
 
     xs, ys = [0.0, 10.0, 20.0], [8.0, 6.0, 5.0]
-    assert qb.interp(5.0, xs, ys) == pytest.approx(7.0)
     assert qb.time_to_reach(5.5, xs, ys) == pytest.approx(15.0) and qb.time_to_reach(4.0, xs, ys) is None
 
     def run(arm, seed, final, opts, ms=10.0):
-        return dict(arm=arm, seed=seed, options=opts, final_val=final, steps=100, step_ms=ms, kept_fraction=0.5,
+        return dict(arm=arm, seed=seed, options=opts, final_val=final, steps=100, step_ms=ms, plain_step_ms=10.0,
+                    kept_fraction=0.5,
                     epochs=0.1, predicted={"score_cv2": 0.1, "rho25": 1.2, "rho50": 1.5}, draws=None,
                     curve=[dict(seconds=0.0, val=9.0), dict(seconds=10.0, val=final)])
 
@@ -193,13 +193,21 @@ def test_quality_benchmark_smoke_and_merge(tmp_path, cache_dir):
 
     # a second call with another seed, merged: one table over both
     out2 = tmp_path / "quality2"
-    run_example("quality_benchmark.py", ["--preset", "smoke", "--arms", "plain", "random25", "--budget", "1",
+    run_example("quality_benchmark.py", ["--preset", "smoke", "--arms", "plain", "random25", "--budget", "1.5",
                                          "--seeds", "1", "--out", str(out2)], cache_dir)
     merged = tmp_path / "merged"
     run_example("quality_benchmark.py", ["--merge", str(out), str(out2 / "results.json"), "--out", str(merged)],
                 cache_dir)
     m = json.loads((merged / "results.json").read_text())
     assert m["summary"]["plain"]["seeds"] == 2 and m["summary"]["default"]["seeds"] == 1
+    assert "| default | 1 |" in (merged / "results.md").read_text()  # each arm's seed count is shown
+    # runs made with other settings are not merged into one table
+    out3 = tmp_path / "quality3"
+    run_example("quality_benchmark.py", ["--preset", "smoke", "--arms", "plain", "--budget", "1.5", "--batch-size",
+                                         "4", "--seeds", "2", "--out", str(out3)], cache_dir)
+    proc = subprocess.run([sys.executable, str(EXAMPLES / "quality_benchmark.py"), "--merge", str(out), str(out3),
+                           "--out", str(tmp_path / "m2")], capture_output=True, text=True, cwd=ROOT)
+    assert proc.returncode != 0 and "batch_size" in proc.stderr
 
 
 @pytest.mark.slow
@@ -208,7 +216,8 @@ def test_legacy_loop(cache_dir):
                       cache_dir)
     assert "gated run" in out and "final val" in out and "scheduler step count 6" in out
     out = run_example("legacy_loop.py", ["--shift", "--data", "random", "--steps", "4", "--eval-every", "2",
-                                         "--eval-batches", "2", "--warmup-steps", "2"], cache_dir)
+                                         "--eval-batches", "2", "--min-tokens-ratio", "0.5", "--warmup-steps", "2"],
+                      cache_dir)
     assert "loss shifted in the loop" in out and "final val" in out
 
 

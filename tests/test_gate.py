@@ -421,7 +421,7 @@ def test_metrics_reader_does_not_hold_the_lock_while_it_waits(monkeypatch):
     model = TinyLM()
     cggr_hook.enable(model, warmup_steps=0, dynamic_threshold=False, min_tokens_ratio=0.5)
     shifted_loss(model, _idx())
-    first = gate_mod._last_figures.values["tokens_total"]
+    first = gate_mod._figures[model].values["tokens_total"]
     reader, release = start_held_reader(monkeypatch, gate_mod, "resolve_metrics", cggr_hook.metrics)
     idx = torch.randint(0, 37, (3, 20))
     done = threading.Event()
@@ -506,3 +506,22 @@ def test_watchdog_is_quiet_when_gating_works_and_when_paused():
         with cggr_hook.paused():  # a deliberately plain stretch is not a fault
             _steps(other, shifted_loss, 5)
     assert cggr_hook.scheduler.step_count == 5
+
+
+def test_watchdog_is_quiet_about_another_models_optimizer_stepping_in_between():
+    """A critic's optimizer steps several times between the gated model's steps (no gated loss
+    waiting then): those steps are not the gated model's, so nothing is wrong."""
+    model, critic = TinyLM(), TinyLM()
+    cggr_hook.enable(model, **FIXED)
+    opt, opt_c = (torch.optim.SGD(m.parameters(), lr=0.01) for m in (model, critic))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", RuntimeWarning)
+        for s in range(3):
+            for _ in range(5):
+                critic(_idx(seed=s)).sum().backward()
+                opt_c.step()
+                opt_c.zero_grad()
+            shifted_loss(model, _idx(seed=s)).backward()
+            opt.step()
+            opt.zero_grad()
+    assert cggr_hook.scheduler.step_count == 3

@@ -351,3 +351,53 @@ def test_the_draw_does_not_depend_on_how_near_ties_are_ordered():
     orders = [select.prepare(d, torch.ones(n, dtype=torch.bool), cfg, None).order for d in (base, nudged)]
     assert not torch.equal(orders[0], orders[1])
     assert torch.equal(draws[0], draws[1])
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_an_infinite_loss_is_always_drawn(backend, monkeypatch):
+    """A target whose logit is -inf has a bounded gradient norm but an infinite loss: it scores +inf
+    and is kept with certainty, so the gated loss is infinite as the plain one is."""
+    monkeypatch.setenv("CGGR_HOOK_BACKEND", backend)
+    logits = torch.randn(1, 12, 5, generator=torch.Generator().manual_seed(1))
+    targets = torch.randint(0, 5, (1, 12), generator=torch.Generator().manual_seed(0))
+    logits[0, 3, targets[0, 3]] = -math.inf
+    crit = CGGRLoss(scoring="gradnorm", selection="importance", min_tokens_ratio=0.25, **FIXED)
+    for _ in range(5):  # five different draws
+        assert math.isinf(float(crit(logits, targets)))
+
+
+@pytest.mark.parametrize("scoring", ["entropy", "margin"])
+def test_a_zero_floor_with_a_score_that_can_be_zero_off_a_zero_gradient_is_refused(scoring):
+    """A confidently wrong token scores 0 by entropy or margin: with no floor it could never be
+    drawn, and the loss would be biased. Refused, naming the option and the fix."""
+    with pytest.raises(ValueError, match="importance_floor.*gradnorm"):
+        cggr_hook.GateConfig(selection="importance", scoring=scoring, importance_floor=0.0)
+    cggr_hook.GateConfig(selection="topk", scoring=scoring, importance_floor=0.0)  # the floor is unused there
+    cggr_hook.GateConfig(selection="importance", scoring=scoring, importance_floor=0.01)
+
+
+def test_a_zero_floor_with_label_smoothing_needs_gradnorm():
+    logits, targets = inputs(seed=3)
+    for scoring in ("loss", "combined"):
+        crit = CGGRLoss(scoring=scoring, selection="importance", importance_floor=0.0, min_tokens_ratio=0.5,
+                        label_smoothing=0.1, **FIXED)
+        with pytest.raises(ValueError, match="label_smoothing"):
+            crit(logits, targets)
+    CGGRLoss(scoring="gradnorm", selection="importance", importance_floor=0.0, min_tokens_ratio=0.5,
+             label_smoothing=0.1, **FIXED)(logits, targets)
+
+
+def test_a_confidently_wrong_token_is_drawn_by_every_allowed_zero_floor_scoring():
+    """The case behind the refusal: logits [200, 0, ...] with the target elsewhere. With the
+    scorings allowed at floor 0 it is drawn, and the mean gated loss is the plain loss."""
+    logits = torch.zeros(1, 8, 5)
+    logits[0, :, 0] = torch.linspace(0.0, 1.0, 8)
+    logits[0, 2, 0] = 200.0
+    targets = torch.zeros(1, 8, dtype=torch.long)
+    targets[0, 2] = 1
+    plain = float(F.cross_entropy(logits.reshape(-1, 5), targets.reshape(-1)))
+    for scoring in ("gradnorm", "loss", "combined"):
+        crit = CGGRLoss(scoring=scoring, selection="importance", importance_floor=0.0, min_tokens_ratio=0.5, **FIXED)
+        losses = torch.tensor([float(crit(logits, targets)) for _ in range(400)], dtype=torch.float64)
+        se = float(losses.std()) / 20
+        assert abs(float(losses.mean()) - plain) < 4 * se + 1e-4 * plain, (scoring, float(losses.mean()), plain, se)

@@ -208,3 +208,30 @@ def test_a_model_holding_a_cggr_loss_saves_whole():
         twin.criterion(twin.lm(ids), ids).backward()
         twin.criterion.step()
         assert twin.criterion.step_count == 2 and model.criterion.step_count == 1
+
+
+def test_a_model_that_is_its_own_head_is_freed():
+    """enable(lin, head=lin): the registry's entry must not keep the model alive through its head."""
+    lin = nn.Linear(8, 11)
+    cggr_hook.enable(lin, head=lin, **FIXED)
+    F.cross_entropy(lin(torch.randn(5, 8)), torch.randint(0, 11, (5,))).backward()
+    torch.optim.SGD(lin.parameters(), lr=0.1).step()
+    ref = weakref.ref(lin)
+    del lin
+    gc.collect()
+    assert ref() is None
+    assert _nothing_installed()
+
+
+def test_disable_takes_the_inert_hooks_of_copies_made_inside_the_model():
+    """A head deep-copied inside the model after enable (PEFT's modules_to_save does this) carries
+    an inert stand-in of the gate's hook; disable() leaves no hook of the gate anywhere."""
+    import copy
+
+    model = TinyLM()
+    cggr_hook.enable(model, **FIXED)
+    model.extra_head = copy.deepcopy(model.lm_head)
+    assert any(isinstance(fn, gate_mod._InertHook) for fn in model.extra_head._forward_hooks.values())
+    cggr_hook.disable(model)
+    for m in model.modules():
+        assert not m._forward_hooks and not m._forward_pre_hooks, type(m).__name__

@@ -74,8 +74,9 @@ def test_figures_per_model():
     assert cggr_hook.metrics(b)["tokens_total"] == 24 and cggr_hook.metrics(b)["tokens_selected"] == 12
     assert cggr_hook.metrics() == cggr_hook.metrics(b)  # without a model: the last call of any
     cggr_hook.disable(b)
-    assert cggr_hook.metrics(b) == {} and cggr_hook.metrics() == {}
+    assert cggr_hook.metrics(b) == {}
     assert cggr_hook.metrics(a)["tokens_total"] == 16  # a's own figures stay
+    assert cggr_hook.metrics() == cggr_hook.metrics(a)  # the latest of the models still gated
     assert cggr_hook.metrics(TinyLM()) == {}  # a model never gated has none
 
 
@@ -154,3 +155,4 @@ def test_scalars_reach_a_tensorboard_event_file(tmp_path):
     assert "cggr/token_ratio" in events.Tags()["scalars"]
     assert [e.step for e in events.Scalars("cggr/tokens_total")] == [1, 2, 3]
     assert all(e.value == 16 for e in events.Scalars("cggr/tokens_total"))
+
