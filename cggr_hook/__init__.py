@@ -11,8 +11,9 @@ and ``disable``.
 """
 
 from .config import GateConfig
-from .gate import Gate, disable, enable, gated, metrics, paused, scalars, scheduler
+from .gate import Gate
 from .loss import CGGRLoss
+from .registry import disable, enable, gated, metrics, paused, scalars, scheduler
 from .schedule import Scheduler
 
 __all__ = [

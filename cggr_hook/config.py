@@ -8,8 +8,12 @@ import numbers
 from dataclasses import dataclass
 from typing import Any
 
-SCORINGS = ("combined", "entropy", "margin", "loss", "gradnorm", "random")
-SELECTIONS = ("topk", "stratified", "sequence_aware", "importance")
+from .kernels.spec import SCORINGS as _SCORING_MODES
+from .selection import SELECTIONS as _STRATEGIES
+
+# the option values, from the tables that define them (kernels/spec.py, selection.py)
+SCORINGS = tuple(_SCORING_MODES)
+SELECTIONS = tuple(_STRATEGIES)
 
 
 def _fail(name: str, value: Any, fix: str) -> None:
@@ -61,10 +65,11 @@ def zero_floor_is_biased(scoring: str, label_smoothing: float = 0.0) -> bool:
     can be 0 only where a score of 0 means a zero gradient, so that no token that moves the model
     goes undrawn. gradnorm's does always; the target loss's and combined's do without label
     smoothing (a zero score is a one-hot prediction of the target); entropy's and margin's never
-    (a confidently wrong token scores 0); random draws uniformly."""
-    if scoring in ("gradnorm", "random"):
+    (a confidently wrong token scores 0); random draws uniformly (``kernels.spec.SCORINGS``)."""
+    rule = _SCORING_MODES[scoring].zero_is_no_gradient
+    if rule == "always":
         return False
-    if scoring in ("loss", "combined"):
+    if rule == "unsmoothed":
         return label_smoothing > 0
     return True
 

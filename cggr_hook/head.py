@@ -1,12 +1,9 @@
-"""The LM head: finding it, tapping its output, and tracing a loss input back to it.
+"""The LM head: finding it in a model, and tapping its output.
 
-A forward hook on the head routes each training-mode output through ``HeadTap``, an identity
-autograd node that remembers the call (hidden states, output, batch shape). When
-``F.cross_entropy`` is later called, ``trace`` walks the input's autograd graph back through
-row-preserving shape and dtype operations (the fp32 upcast, the shift ``logits[:, :-1]``, reshapes,
-transposes) to that node, and replays those operations on a tensor of row indices: the result maps
-every cross-entropy row to the head-output row it came from. Anything else on the way (a scale, a
-soft-cap, a gather) means the input is not the head's logits, and the loss stays the plain one.
+``find_head`` picks the module whose output is the logits. A forward hook on it (``gate.py``)
+routes each training-mode output through ``HeadTap``, an identity autograd node that remembers the
+call (``HeadCall``: hidden states, output, the gate that armed it), where ``trace.py`` finds it
+again from a cross entropy's input.
 """
 
 from __future__ import annotations
@@ -16,10 +13,6 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
-
-# how many graph nodes may stand between the head's output and the loss input
-MAX_TRACE_DEPTH = 24
-
 
 # --------------------------------------------------------------------------------------------------
 # finding the head
@@ -274,7 +267,7 @@ def find_head(model: nn.Module, head: nn.Module | str | None = None) -> nn.Modul
 class HeadCall:
     """One training-mode forward of the head, as the tap remembers it."""
 
-    gate: Any  # the Gate that armed the tap
+    gate_id: int | None  # ``Gate.id`` of the gate that armed the tap (the registry finds it by that)
     head: nn.Module  # the module whose output was tapped
     hidden: Tensor  # the head's input (..., D)
     output: Tensor  # the head's output (..., V), before the tap
@@ -310,215 +303,3 @@ class HeadTap(torch.autograd.Function):
 
 def tap_output(call: HeadCall) -> Tensor:
     return HeadTap.apply(call.output, call)
-
-
-# --------------------------------------------------------------------------------------------------
-# tracing a loss input back to a tap
-# --------------------------------------------------------------------------------------------------
-_SAME_ROWS = {"ToCopyBackward0", "CloneBackward0", "AliasBackward0"}
-_RESHAPES = {"ViewBackward0", "UnsafeViewBackward0", "ReshapeAliasBackward0", "_ReshapeAliasBackward0"}
-
-
-def _signed(v: int) -> int:
-    # saved int64 arguments come back as unsigned 64-bit numbers
-    return v - (1 << 64) if v >= (1 << 63) else v
-
-
-@dataclass
-class Trace:
-    call: HeadCall
-    rows: Tensor | None  # (N_ce,) int64 (None once the call is consumed): the head-output row of every cross-entropy row, in the loss's order
-    exact: bool  # every dtype change on the way is exact (an upcast), so head rows hold the same values
-
-
-# a dtype change is exact when it widens: half/bfloat16 -> float32 -> float64
-_FLOAT_RANK = {torch.float16: 1, torch.bfloat16: 1, torch.float32: 2, torch.float64: 3}
-
-
-def _exact_cast(src: torch.dtype, dst: torch.dtype) -> bool:
-    return src == dst or _FLOAT_RANK.get(dst, 0) > _FLOAT_RANK.get(src, 9)
-
-
-def trace(x: Tensor, class_dim: int) -> Trace | None:
-    """Map the cross-entropy input ``x`` (class dim ``class_dim``) back to a tapped head call."""
-    node = x.grad_fn
-    if node is not None and type(node).__name__ == "CompiledFunctionBackward":
-        return _trace_compiled(x, class_dim, node)
-    ops = []
-    for _ in range(MAX_TRACE_DEPTH):
-        if node is None:
-            return None
-        if isinstance(node, HeadTap._backward_cls):
-            break
-        name = type(node).__name__
-        if not (name in _SAME_ROWS or name in _RESHAPES or name in (
-                "SliceBackward0", "SelectBackward0", "TransposeBackward0", "TBackward0",
-                "PermuteBackward0", "UnsqueezeBackward0", "SqueezeBackward0", "SqueezeBackward1",
-                "SqueezeBackward2")):
-            return None
-        nxt = node.next_functions
-        if len(nxt) != 1 and name != "SliceBackward0":
-            return None
-        ops.append(node)
-        node = nxt[0][0]
-    else:
-        return None
-    call: HeadCall = node.call
-    if call.consumed:
-        return Trace(call, None, False)
-    head_out = call.output
-    V = head_out.shape[-1]
-
-    # shapes after each op, from the loss input backwards
-    shapes = [tuple(x.shape)]
-    for op in ops:
-        out = shapes[-1]
-        name = type(op).__name__
-        if name in _SAME_ROWS:
-            inp = out
-        elif name in ("TransposeBackward0", "TBackward0"):
-            d0, d1 = (0, 1) if name == "TBackward0" else (_signed(op._saved_dim0), _signed(op._saved_dim1))
-            inp = list(out)
-            d0, d1 = d0 % len(out), d1 % len(out)
-            inp[d0], inp[d1] = inp[d1], inp[d0]
-            inp = tuple(inp)
-        elif name == "PermuteBackward0":
-            dims = [_signed(d) % len(out) for d in op._saved_dims]
-            inp = [0] * len(out)
-            for i, d in enumerate(dims):
-                inp[d] = out[i]
-            inp = tuple(inp)
-        elif name == "UnsqueezeBackward0":
-            d = _signed(op._saved_dim) % len(out)
-            inp = out[:d] + out[d + 1:]
-        else:
-            inp = tuple(op._saved_self_sym_sizes)
-        shapes.append(tuple(int(s) for s in inp))
-    if shapes[-1] != tuple(head_out.shape):
-        return None
-
-    # replay on row indices, keeping the vocabulary dim as a size-1 dim
-    lead = head_out.shape[:-1]
-    R = torch.arange(head_out.numel() // max(V, 1), device=head_out.device).view(*lead, 1)
-    vdim = R.dim() - 1
-    for i in range(len(ops) - 1, -1, -1):
-        op, out_shape = ops[i], shapes[i]
-        name = type(op).__name__
-        if name in _SAME_ROWS:
-            continue
-        if name in _RESHAPES:
-            if vdim != R.dim() - 1 or out_shape[-1] != V:
-                return None  # a reshape that mixes the vocabulary with other dims
-            R = R.reshape(*out_shape[:-1], 1)
-            vdim = R.dim() - 1
-        elif name == "SliceBackward0":
-            d = _signed(op._saved_dim) % R.dim()
-            start, end, step = _signed(op._saved_start), _signed(op._saved_end), _signed(op._saved_step)
-            if d == vdim:
-                if range(V)[start:end:step] != range(V):
-                    return None  # part of the vocabulary only
-                continue
-            index = [slice(None)] * R.dim()
-            index[d] = slice(start, end, step)
-            R = R[tuple(index)]
-        elif name == "SelectBackward0":
-            d = _signed(op._saved_dim) % R.dim()
-            if d == vdim:
-                return None
-            R = R.select(d, _signed(op._saved_index))
-            vdim -= 1 if d < vdim else 0
-        elif name in ("TransposeBackward0", "TBackward0"):
-            d0, d1 = (0, 1) if name == "TBackward0" else (_signed(op._saved_dim0) % R.dim(), _signed(op._saved_dim1) % R.dim())
-            R = R.transpose(d0, d1)
-            vdim = d1 if vdim == d0 else d0 if vdim == d1 else vdim
-        elif name == "PermuteBackward0":
-            dims = [_signed(d) % R.dim() for d in op._saved_dims]
-            R = R.permute(dims)
-            vdim = dims.index(vdim)
-        elif name == "UnsqueezeBackward0":
-            d = _signed(op._saved_dim) % (R.dim() + 1)
-            R = R.unsqueeze(d)
-            vdim += 1 if d <= vdim else 0
-        elif name.startswith("SqueezeBackward"):
-            in_shape = shapes[i + 1]
-            if name == "SqueezeBackward0":
-                asked = range(len(in_shape))
-            else:
-                saved = op._saved_dim
-                asked = [_signed(d) % len(in_shape) for d in (saved if isinstance(saved, tuple) else (saved,))]
-            removed = sorted(d for d in asked if in_shape[d] == 1)
-            if vdim in removed:
-                return None
-            if removed:
-                R = R.squeeze(tuple(removed))
-            vdim -= sum(1 for d in removed if d < vdim)
-        if tuple(s for j, s in enumerate(R.shape) if j != vdim) != tuple(
-                s for j, s in enumerate(out_shape) if j != vdim):
-            return None
-    if vdim != class_dim:
-        return None
-    rows = R.movedim(vdim, -1).reshape(-1)
-    n_casts = sum(1 for op in ops if type(op).__name__ == "ToCopyBackward0")
-    exact = n_casts == 0 or (n_casts == 1 and _exact_cast(head_out.dtype, x.dtype))
-    return Trace(call, rows, exact)
-
-
-def _trace_compiled(x: Tensor, class_dim: int, node: Any) -> Trace | None:
-    """The loss input is the output of a torch.compile'd region fed by a tap: the operations in
-    between are compiled away, so the row map is inferred. Candidates are the ways a causal-LM
-    loss takes the head's rows (all of them, or each sequence without its last / first position).
-    Three vocabulary columns pick the candidate; it is taken only if it is the only one that fits
-    there and the whole input then equals those head rows exactly (checked in chunks, so a
-    compiled region that changes any logit keeps the plain loss). Two host reads, on this path
-    only."""
-    taps = [n for n, _ in node.next_functions if isinstance(n, HeadTap._backward_cls)]
-    if len(taps) != 1 or taps[0].call.consumed:
-        return None
-    call: HeadCall = taps[0].call
-    out = call.output
-    V = out.shape[-1]
-    if x.dim() < 1 or x.shape[class_dim] != V or x.device != out.device or not _exact_cast(out.dtype, x.dtype):
-        return None
-    X = x.detach().movedim(class_dim, -1).reshape(-1, V)
-    B, T = (out.shape[0], out.shape[1]) if out.dim() == 3 else (1, out.numel() // max(V, 1))
-    grid = torch.arange(B * T, device=out.device).view(B, T)
-    candidates = [grid.reshape(-1), grid[:, :-1].reshape(-1), grid[:, 1:].reshape(-1)]
-    candidates = [c for c in candidates if c.numel() == X.shape[0]]
-    if not candidates:
-        return None
-    H = out.detach().reshape(-1, V)
-    cols = torch.tensor(sorted({0, V // 2, V - 1}), device=out.device)
-    probe = X[:, cols]
-    matches = torch.stack([(H[c][:, cols].to(X.dtype) == probe).all() for c in candidates]).tolist()
-    if sum(matches) != 1:
-        return None
-    rows = candidates[matches.index(True)]
-    step = max(1, (1 << 24) // max(V, 1))  # rows per chunk: at most 16M elements of temporaries
-    same = torch.ones((), dtype=torch.bool, device=out.device)
-    for a in range(0, rows.numel(), step):
-        same &= (H[rows[a:a + step]].to(X.dtype) == X[a:a + step]).all()
-    if not bool(same):
-        return None
-    return Trace(call, rows, True)
-
-
-def tap_behind(x: Tensor, max_nodes: int = 64) -> str | None:
-    """If an unconsumed tap lies a few graph nodes behind ``x`` through other operations (a
-    soft-cap, a scale), the names of those operations; else None. Used to warn that such a loss
-    is not gated."""
-    start = x.grad_fn
-    if start is None:
-        return None
-    seen = {id(start)}
-    frontier = [(start, ())]
-    visited = 0
-    while frontier and visited < max_nodes:
-        node, path = frontier.pop(0)
-        visited += 1
-        if isinstance(node, HeadTap._backward_cls):
-            return None if node.call.consumed else " <- ".join(path) or "(none)"
-        for nxt, _ in node.next_functions:
-            if nxt is not None and id(nxt) not in seen:
-                seen.add(id(nxt))
-                frontier.append((nxt, path + (type(node).__name__,)))
-    return None

@@ -40,7 +40,8 @@ except ModuleNotFoundError as e:  # a clear way out instead of a bare missing mo
         name=e.name,
     ) from e
 
-from .gate import as_scalars, metrics, scheduler
+from .figures import as_scalars
+from .registry import metrics, scheduler
 
 STATE_FILE = "cggr_scheduler.pt"
 

@@ -1,42 +1,87 @@
 """Row kernels of the gated loss, behind one dispatch point (installed as ``cggr_hook.kernels``).
 
 Every caller goes through the functions here, in the order of the data flow (target_counts ->
-row_stats -> row_difficulty -> difficulty_rank -> selected_loss -> a gradient kernel); which
-backend runs is decided per call:
+row_stats -> row_difficulty -> difficulty_rank -> selected_loss -> a gradient kernel). Each runs
+the function of the same name in the backend ``backend_for`` picks for its tensors:
 
-- ``CGGR_HOOK_BACKEND=torch`` or ``=triton`` forces one (Triton on a CPU tensor needs
+- ``CGGR_HOOK_BACKEND=torch`` or ``=triton`` forces one; the variable is read once, at the first
+  kernel call, and ``force_backend`` changes the choice later (Triton on a CPU tensor needs
   ``TRITON_INTERPRET=1``, Triton's interpreter, which is how CI tests the kernels);
-- otherwise CUDA tensors take Triton and every other device the PyTorch reference.
+- otherwise CUDA tensors take Triton (``scoring``, ``ranking``, ``gated_ce``) and every other
+  device the PyTorch reference (``reference``).
 
-A kernel failure raises: there is no silent fallback to another backend.
+What every backend computes, by name (scoring modes, reductions, the per-row statistics), is in
+``spec``. A kernel failure raises: there is no silent fallback to another backend.
 """
 
 from __future__ import annotations
 
 import contextlib
+import importlib
 import os
+from typing import Any
 
 import torch
 from torch import Tensor
 
 from . import reference
-from .types import RowStats
+from .spec import RowStats
 
-__all__ = ["RowStats", "as_rows", "backend_for", "target_counts", "row_stats", "row_difficulty", "difficulty_rank",
-           "selected_loss", "ce_grad_rows", "ce_grad_dense_"]
+__all__ = ["RowStats", "as_rows", "backend_for", "force_backend", "forced_backend", "target_counts", "row_stats",
+           "row_difficulty", "difficulty_rank", "selected_loss", "ce_grad_rows", "ce_grad_dense_"]
 
 BACKENDS = ("torch", "triton")
+
+# the Triton module of each kernel, imported on first use: importing cggr_hook never imports triton
+_TRITON_MODULES = {"target_counts": "scoring", "row_stats": "scoring", "row_difficulty": "scoring",
+                   "difficulty_rank": "ranking", "selected_loss": "gated_ce", "ce_grad_rows": "gated_ce",
+                   "ce_grad_dense_": "gated_ce"}
+
+
+class _Choice:
+    """The backend forced for every call (None: by the tensors' device), read from the environment
+    at first use."""
+
+    read = False
+    forced: str | None = None
+    interpreter = False  # TRITON_INTERPRET=1: Triton may run on CPU tensors
+
+
+def _read_environment() -> None:
+    if _Choice.read:
+        return
+    forced = os.environ.get("CGGR_HOOK_BACKEND", "").strip().lower()
+    if forced and forced not in BACKENDS:  # not remembered: every call says so until it is fixed
+        raise ValueError(
+            f"cggr_hook: CGGR_HOOK_BACKEND={forced!r} is not a backend; set it to 'torch' or 'triton', or unset it"
+        )
+    _Choice.forced = forced or None
+    _Choice.interpreter = os.environ.get("TRITON_INTERPRET") == "1"
+    _Choice.read = True
+
+
+def forced_backend() -> str | None:
+    """The backend every kernel call is forced onto ('torch' or 'triton'), or None (by device)."""
+    _read_environment()
+    return _Choice.forced
+
+
+def force_backend(name: str | None) -> str | None:
+    """Run every later kernel call on ``name`` ('torch' or 'triton'), or by the tensors' device with
+    None, whatever ``CGGR_HOOK_BACKEND`` said; returns the previous choice."""
+    if name is not None and name not in BACKENDS:
+        raise ValueError(f"cggr_hook: backend {name!r} is not a backend; use 'torch', 'triton' or None")
+    previous = forced_backend()
+    _Choice.forced = name
+    return previous
 
 
 def backend_for(t: Tensor) -> str:
     """The backend that handles tensor ``t`` now."""
-    forced = os.environ.get("CGGR_HOOK_BACKEND", "").strip().lower()
+    _read_environment()
+    forced = _Choice.forced
     if forced:
-        if forced not in BACKENDS:
-            raise ValueError(
-                f"cggr_hook: CGGR_HOOK_BACKEND={forced!r} is not a backend; set it to 'torch' or 'triton', or unset it"
-            )
-        if forced == "triton" and not t.is_cuda and os.environ.get("TRITON_INTERPRET") != "1":
+        if forced == "triton" and not t.is_cuda and not _Choice.interpreter:
             raise ValueError(
                 "cggr_hook: CGGR_HOOK_BACKEND=triton on a CPU tensor needs Triton's interpreter: "
                 "also set TRITON_INTERPRET=1, or move the tensors to a CUDA device"
@@ -53,23 +98,16 @@ def _on_device_of(t: Tensor):
     return contextlib.nullcontext()
 
 
-def _scoring():
-    # Triton modules are imported on first use: importing cggr_hook never imports triton
-    from . import scoring
-
-    return scoring
+def _triton(name: str) -> Any:
+    return importlib.import_module(f".{_TRITON_MODULES[name]}", __name__)
 
 
-def _ranking():
-    from . import ranking
-
-    return ranking
-
-
-def _gated_ce():
-    from . import gated_ce
-
-    return gated_ce
+def _run(name: str, t: Tensor, *args: Any) -> Any:
+    """Kernel ``name`` of the backend that handles ``t`` (``backend_for``), called with ``args``."""
+    if backend_for(t) == "triton":
+        with _on_device_of(t):
+            return getattr(_triton(name), name)(*args)
+    return getattr(reference, name)(*args)
 
 
 def as_rows(logits: Tensor) -> Tensor:
@@ -93,10 +131,7 @@ def as_rows(logits: Tensor) -> Tensor:
 
 def target_counts(targets: Tensor, vocab: int, ignore_index: int) -> Tensor:
     """int64 (P, 2) partial counts of valid and bad targets (``reference.target_counts``)."""
-    if backend_for(targets) == "triton":
-        with _on_device_of(targets):
-            return _scoring().target_counts(targets, vocab, ignore_index)
-    return reference.target_counts(targets, vocab, ignore_index)
+    return _run("target_counts", targets, targets, vocab, ignore_index)
 
 
 def row_stats(logits: Tensor, targets: Tensor, ignore_index: int, weight: Tensor | None = None,
@@ -105,30 +140,23 @@ def row_stats(logits: Tensor, targets: Tensor, ignore_index: int, weight: Tensor
 
     logits: (B, T, V) any float dtype, any strides; targets: (B*T,) int64. Outputs fp32 (B*T,).
     """
-    if backend_for(logits) == "triton":
-        with _on_device_of(logits):
-            return _scoring().row_stats(logits, targets, ignore_index, weight, with_wsum, with_p2)
-    return reference.row_stats(logits, targets, ignore_index, weight, with_wsum, with_p2)
+    return _run("row_stats", logits, logits, targets, ignore_index, weight, with_wsum, with_p2)
 
 
 def row_difficulty(stats: RowStats, targets: Tensor, vocab: int, ignore_index: int, scoring: str,
                    noise: Tensor | None = None, label_smoothing: float = 0.0) -> tuple[Tensor, Tensor]:
     """fp32 (N,) difficulty of every row (-inf where the target is not valid) and float64 (P, 5)
-    partial sums of ``reference.SUM_FIELDS`` that the host adds up."""
-    if backend_for(stats.lse) == "triton":
-        with _on_device_of(stats.lse):
-            return _scoring().row_difficulty(stats, targets, vocab, ignore_index, scoring, noise, label_smoothing)
-    return reference.row_difficulty(stats, targets, vocab, ignore_index, scoring, noise, label_smoothing)
+    partial sums of ``spec.SUM_FIELDS`` that the host adds up."""
+    return _run("row_difficulty", stats.lse, stats, targets, vocab, ignore_index, scoring, noise, label_smoothing)
 
 
 def difficulty_rank(diff: Tensor) -> tuple[Tensor, Tensor]:
     """(order, rank) int64 (N,): rows hardest first (ties by row index) and each row's place in
     that order (``reference.difficulty_rank``). Triton counts ranks in one launch up to
     ``ranking.MAX_ROWS`` rows; past that a sort does less work and runs (the same order)."""
-    if backend_for(diff) == "triton" and diff.numel() <= _ranking().MAX_ROWS:
-        with _on_device_of(diff):
-            return _ranking().difficulty_rank(diff)
-    return reference.difficulty_rank(diff)
+    if backend_for(diff) == "triton" and diff.numel() > _triton("difficulty_rank").MAX_ROWS:
+        return reference.difficulty_rank(diff)
+    return _run("difficulty_rank", diff, diff)
 
 
 def selected_loss(stats: RowStats, targets: Tensor, vocab: int, sel_key: Tensor, sel_k: int, n_selected: int,
@@ -137,21 +165,14 @@ def selected_loss(stats: RowStats, targets: Tensor, vocab: int, sel_key: Tensor,
     """(loss, row_scale): the gated loss of the rows with ``sel_key < sel_k`` and d loss / d ce_r
     of every row, fp32 (N,); ``row_weight`` (fp32 (N,)): each selected row's own factor in place
     of the reduction's (``reference.selected_loss``)."""
-    if backend_for(stats.lse) == "triton":
-        with _on_device_of(stats.lse):
-            return _gated_ce().selected_loss(stats, targets, vocab, sel_key, sel_k, n_selected, n_valid, reduction,
-                                             label_smoothing, weight, row_weight)
-    return reference.selected_loss(stats, targets, vocab, sel_key, sel_k, n_selected, n_valid, reduction,
-                                   label_smoothing, weight, row_weight)
+    return _run("selected_loss", stats.lse, stats, targets, vocab, sel_key, sel_k, n_selected, n_valid, reduction,
+                label_smoothing, weight, row_weight)
 
 
 def ce_grad_rows(logits: Tensor, targets: Tensor, lse: Tensor, rows: Tensor, scale: Tensor,
                  weight: Tensor | None, label_smoothing: float, out_dtype: torch.dtype) -> Tensor:
     """(K, V) gradient of the selected rows ``rows`` (int64, K), row k scaled by ``scale[k]``."""
-    if backend_for(logits) == "triton":
-        with _on_device_of(logits):
-            return _gated_ce().ce_grad_rows(logits, targets, lse, rows, scale, weight, label_smoothing, out_dtype)
-    return reference.ce_grad_rows(logits, targets, lse, rows, scale, weight, label_smoothing, out_dtype)
+    return _run("ce_grad_rows", logits, logits, targets, lse, rows, scale, weight, label_smoothing, out_dtype)
 
 
 def ce_grad_dense_(logits: Tensor, targets: Tensor, lse: Tensor, row_scale: Tensor,
@@ -166,8 +187,5 @@ def ce_grad_dense_(logits: Tensor, targets: Tensor, lse: Tensor, row_scale: Tens
         if order.dim() != 1 or order.numel() != n_rows or order.dtype != torch.int64:
             raise ValueError(f"cggr_hook: order must be an int64 permutation of the {n_rows} rows, got "
                              f"{order.dtype} of shape {tuple(order.shape)}")
-    if backend_for(logits) == "triton":
-        with _on_device_of(logits):
-            return _gated_ce().ce_grad_dense_(logits, targets, lse, row_scale, weight, label_smoothing, out,
-                                              grad_output, order)
-    return reference.ce_grad_dense_(logits, targets, lse, row_scale, weight, label_smoothing, out, grad_output)
+    return _run("ce_grad_dense_", logits, logits, targets, lse, row_scale, weight, label_smoothing, out, grad_output,
+                order)

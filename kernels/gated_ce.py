@@ -21,22 +21,16 @@ import triton.language as tl
 from torch import Tensor
 
 from . import launch
+from .spec import REDUCTIONS, check_reduction, check_weight
 
 __all__ = ["selected_loss", "ce_grad_rows", "ce_grad_dense_", "MAX_BLOCK_V", "NUM_WARPS"]
 
-# Tunables: the largest block of a row per loop iteration and the warps of one program (one row).
-# Measured on an H100 (bf16, N = 8192, V = 32000..262144, a quarter of the rows selected): every
-# block of 1024..8192 with 8 or 16 warps ran within a few % of 2.7 TB/s (a copy: 3.0 TB/s);
-# 4096 x 16 was at the top for the dense form at every V.
+# Launch shape: the largest block of a row per loop iteration and the warps of one program.
 MAX_BLOCK_V = 4096
 NUM_WARPS = 16
 # Blocks of a row one program writes: a row of V columns is split into cdiv(V, CHUNK_BLOCKS *
 # BLOCK_V) programs, so that programs are short and the last ones of the launch (the tail, where
-# the card is not kept busy) are short too. H100, V = 128256, bf16 (scripts/tune_kernels.py, each
-# checked bit for bit against the whole-row launch): whole rows / 16 / 8 / 4 / 2 blocks took
-# 0.875 / 0.866 / 0.860 / 0.856 / 0.883 ms for the dense gradient at 25% (selected rows last),
-# 1.473 / 1.456 / 1.429 / 1.405 / 1.411 at 100%, 0.380 / 0.373 / 0.366 / 0.361 / 0.369 for the
-# compact rows at 25%.
+# the card is not kept busy) are short too. Both sweeps: NOTES.md ("Constants of the code").
 CHUNK_BLOCKS = 4
 
 
@@ -179,8 +173,7 @@ def _weight_args(weight: Tensor | None, V: int, label_smoothing: float, like: Te
     """(weight pointer, sum(weight) pointer) for the kernels; the logits stand in for unused ones."""
     if weight is None:
         return like, like
-    if weight.numel() != V:
-        raise ValueError(f"cggr_hook: weight has {weight.numel()} entries for {V} classes")
+    check_weight(weight, V)
     weight = weight.contiguous()
     wsum = weight.float().sum().reshape(1) if label_smoothing else like
     return weight, wsum
@@ -214,7 +207,7 @@ def ce_grad_rows(logits: Tensor, targets: Tensor, lse: Tensor, rows: Tensor, sca
         c_main, c_smooth, eps,
         HAS_WEIGHT=weight is not None, HAS_SMOOTH=bool(label_smoothing), UNIT_STRIDE_V=(sv == 1),
         BLOCK_V=block_v, CHUNK=chunk, num_warps=_num_warps(block_v),
-        enable_fp_fusion=True,  # as swept (Triton 3.10 turns the default off)
+        enable_fp_fusion=True,  # FMA contraction, as the shapes were chosen (NOTES.md)
     )
     return out
 
@@ -258,18 +251,16 @@ def ce_grad_dense_(logits: Tensor, targets: Tensor, lse: Tensor, row_scale: Tens
         HAS_WEIGHT=weight is not None, HAS_SMOOTH=bool(label_smoothing), UNIT_STRIDE_V=(sv == 1),
         UNIT_STRIDE_OV=(ov == 1), HAS_ORDER=order is not None, BLOCK_V=block_v, CHUNK=chunk,
         num_warps=_num_warps(block_v),
-        enable_fp_fusion=True,  # as swept (Triton 3.10 turns the default off)
+        enable_fp_fusion=True,  # FMA contraction, as the shapes were chosen (NOTES.md)
     )
     return out
 
 
 # The loss of the selected rows: one program walks all N rows in blocks of LOSS_BLOCK, so the sums
 # are taken in one fixed order (deterministic) and no second launch is needed to finish them. The
-# walk is latency-bound, so wide blocks pay: on an H100 (scripts/tune_kernels.py), 'mean' at 25%
-# took 24 / 171 us for N = 8192 / 65536 at 1024 x 4 warps and 10 / 42 us at 8192 x 16.
+# walk is latency-bound, so wide blocks pay (NOTES.md, "Constants of the code").
 LOSS_BLOCK = 8192
 LOSS_WARPS = 16
-REDUCTION_CODES = {"mean": 0, "sum": 1, "none": 2}
 
 
 @triton.jit
@@ -340,8 +331,7 @@ def selected_loss(stats, targets: Tensor, vocab: int, sel_key: Tensor, sel_k: in
     """The gated loss of the selected rows (``sel_key < sel_k``) and ``row_scale`` (N,), each
     selected row weighted by ``row_weight`` when given: see ``reference.selected_loss``. One
     program, one launch; sums in a fixed order."""
-    if reduction not in REDUCTION_CODES:
-        raise ValueError(f"cggr_hook: reduction={reduction!r} is not valid; use 'mean', 'sum' or 'none'")
+    check_reduction(reduction)
     N = targets.numel()
     dev = stats.lse.device
     loss = torch.empty(N if reduction == "none" else (), dtype=torch.float32, device=dev)
@@ -349,8 +339,7 @@ def selected_loss(stats, targets: Tensor, vocab: int, sel_key: Tensor, sel_k: in
     ls = float(label_smoothing)
     has_weight = weight is not None
     if has_weight:
-        if weight.numel() != vocab:
-            raise ValueError(f"cggr_hook: weight has {weight.numel()} entries for {vocab} classes")
+        check_weight(weight, vocab)
         weight = weight.contiguous()
         w_total_t = weight.float().sum().reshape(1) if ls else stats.lse
     else:
@@ -366,7 +355,7 @@ def selected_loss(stats, targets: Tensor, vocab: int, sel_key: Tensor, sel_k: in
         weight if has_weight else stats.lse, w_total_t, sel_key.contiguous(),
         row_weight.contiguous() if row_weight is not None else stats.lse, loss, row_scale,
         N, vocab, targets.stride(0), int(sel_k), 1.0 - ls, ls / vocab, float(vocab), factor,
-        REDUCTION=REDUCTION_CODES[reduction], HAS_WEIGHT=has_weight, HAS_SMOOTH=bool(ls),
+        REDUCTION=REDUCTIONS[reduction], HAS_WEIGHT=has_weight, HAS_SMOOTH=bool(ls),
         HAS_ROW_WEIGHT=row_weight is not None, BLOCK=LOSS_BLOCK, num_warps=LOSS_WARPS, enable_fp_fusion=False,
     )
     return loss, row_scale

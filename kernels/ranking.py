@@ -25,14 +25,13 @@ from torch import Tensor
 
 __all__ = ["difficulty_rank", "MAX_ROWS", "BLOCK_R", "BLOCK_J", "NUM_WARPS"]
 
-# Rows ranked by one program, the block of other rows compared per loop iteration, and the warps.
-# Swept on an H100 (scripts/tune_kernels.py, kernels/NOTES.md): eight shapes from 4 x 1024 to
-# 32 x 256 ran within 10% of each other; this one took 8 us at N = 2048 and 33 us at 8192.
+# Rows ranked by one program, the block of other rows compared per loop iteration, and the warps
+# (the sweep: NOTES.md, "Constants of the code").
 BLOCK_R = 16
 BLOCK_J = 256
 NUM_WARPS = 4
-# Up to this many rows the counting rank beats torch's sort + scatter on the device as well (33 us
-# against 65-82 at N = 8192, H100); at 16384 it takes 105 us against 69, so the sort runs past it.
+# Up to this many rows the counting rank beats torch's sort + scatter on the device; past it the
+# sort does (O(N^2) compares against O(N log N); NOTES.md).
 MAX_ROWS = 8192
 
 

@@ -12,7 +12,12 @@ import math
 import torch
 from torch import Tensor
 
-from .types import RowStats
+from . import spec
+from .spec import SUM_FIELDS, RowStats, check_reduction, target_masks
+
+__all__ = ["RowStats", "SUM_FIELDS", "DIFFICULTY", "safe_targets", "row_stats", "inv_log_vocab", "gradnorm_constants",
+           "gradnorm_sq", "difficulty", "row_difficulty", "target_counts", "difficulty_rank", "selected_rows",
+           "selected_loss", "ce_grad_rows", "ce_grad_dense_"]
 
 # fp32 elements per chunk of temporaries (64 MiB)
 _CHUNK_ELEMENTS = 1 << 24
@@ -36,7 +41,7 @@ def _rows(logits: Tensor, start: int, stop: int) -> Tensor:
 
 def safe_targets(targets: Tensor, ignore_index: int, vocab: int) -> tuple[Tensor, Tensor]:
     """(valid mask, targets clamped into [0, V)) so an ignored or bad target is never an address."""
-    valid = (targets != ignore_index) & (targets >= 0) & (targets < vocab)
+    valid, _ = target_masks(targets, vocab, ignore_index)
     return valid, torch.where(valid, targets, torch.zeros_like(targets))
 
 
@@ -78,11 +83,6 @@ def row_stats(logits: Tensor, targets: Tensor, ignore_index: int, weight: Tensor
     return RowStats(*out, wsum, p2sum)
 
 
-# columns of the per-row sums that travel to the host: valid rows, bad targets (neither ignored nor
-# in [0, V)), and over valid rows the top-1 probability, the entropy and the difficulty
-SUM_FIELDS = ("n_valid", "n_bad", "p_top1", "entropy", "difficulty")
-
-
 def inv_log_vocab(vocab: int) -> float:
     """1 / ln V for ``combined`` scoring; 1 for V = 1 (where H and NLL are 0 too)."""
     return 1.0 / math.log(vocab) if vocab > 1 else 1.0
@@ -106,6 +106,31 @@ def gradnorm_sq(stats: RowStats, vocab: int, label_smoothing: float = 0.0) -> Te
     return torch.clamp(stats.p2sum - c_y * torch.exp(-stats.nll) + c_0, min=0.0)
 
 
+def _gradnorm(stats: RowStats, vocab: int, noise: Tensor | None, label_smoothing: float) -> Tensor:
+    # a row whose loss is infinite (its target's logit -inf) has a bounded gradient norm but must
+    # reach the loss as it would without gating: it scores +inf, so it is always kept
+    return torch.where(stats.nll == math.inf, math.inf, torch.sqrt(gradnorm_sq(stats, vocab, label_smoothing)))
+
+
+def _random(stats: RowStats, vocab: int, noise: Tensor | None, label_smoothing: float) -> Tensor:
+    if noise is None:
+        raise ValueError("cggr_hook: random scoring needs its noise")
+    return noise
+
+
+# each scoring mode's difficulty (``spec.SCORINGS``), larger = harder:
+# (stats, vocab, noise, label_smoothing) -> (N,)
+DIFFICULTY = {
+    "gradnorm": _gradnorm,
+    "entropy": lambda stats, vocab, noise, eps: stats.entropy,
+    "margin": lambda stats, vocab, noise, eps: 1.0 - (stats.p_top1 - stats.p_top2),
+    "loss": lambda stats, vocab, noise, eps: stats.nll,
+    "combined": lambda stats, vocab, noise, eps: (
+        (stats.entropy + stats.nll) * inv_log_vocab(vocab) + (1.0 - (stats.p_top1 - stats.p_top2))),
+    "random": _random,
+}
+
+
 def difficulty(stats: RowStats, scoring: str, vocab: int, valid: Tensor, noise: Tensor | None = None,
                label_smoothing: float = 0.0) -> Tensor:
     """fp32 (N,) difficulty of every row, larger = harder; -inf where ``valid`` is False, +inf
@@ -114,24 +139,7 @@ def difficulty(stats: RowStats, scoring: str, vocab: int, valid: Tensor, noise: 
     ``gradnorm``: s = ||softmax(x) - y~||_2, the norm of the row's cross-entropy gradient on its
     logits (y~ the smoothed target, ``gradnorm_constants``), from ``p2sum`` and p_t = exp(-nll);
     +inf where the row's loss is infinite."""
-    if scoring == "gradnorm":
-        # a row whose loss is infinite (its target's logit -inf) has a bounded gradient norm but must
-        # reach the loss as it would without gating: it scores +inf, so it is always kept
-        d = torch.where(stats.nll == math.inf, math.inf, torch.sqrt(gradnorm_sq(stats, vocab, label_smoothing)))
-    elif scoring == "entropy":
-        d = stats.entropy
-    elif scoring == "margin":
-        d = 1.0 - (stats.p_top1 - stats.p_top2)
-    elif scoring == "loss":
-        d = stats.nll
-    elif scoring == "combined":
-        d = (stats.entropy + stats.nll) * inv_log_vocab(vocab) + (1.0 - (stats.p_top1 - stats.p_top2))
-    elif scoring == "random":
-        if noise is None:
-            raise ValueError("cggr_hook: random scoring needs its noise")
-        d = noise
-    else:  # GateConfig validates; this guards internal misuse
-        raise ValueError(f"cggr_hook: unknown scoring {scoring!r}")
+    d = DIFFICULTY[spec.scoring(scoring).name](stats, vocab, noise, label_smoothing)
     d = d.float().nan_to_num(nan=math.inf, posinf=math.inf, neginf=-math.inf)
     # -0 -> +0: the two zeros compare equal but a radix sort orders them; equal values must tie
     d = torch.where(d == 0, torch.zeros_like(d), d)
@@ -146,7 +154,7 @@ def row_difficulty(stats: RowStats, targets: Tensor, vocab: int, ignore_index: i
     and the host adds the P rows (here P = 1). A valid row has a target in [0, V) that is not
     ``ignore_index``; a bad one has neither.
     """
-    valid, bad = _valid_and_bad(targets, vocab, ignore_index)
+    valid, bad = target_masks(targets, vocab, ignore_index)
     d = difficulty(stats, scoring, vocab, valid, noise, label_smoothing)
     counts = torch.stack([valid, bad]).sum(1, dtype=torch.float64)
     per_row = torch.where(valid, torch.stack([stats.p_top1, stats.entropy, d]), 0.0)
@@ -156,14 +164,7 @@ def row_difficulty(stats: RowStats, targets: Tensor, vocab: int, ignore_index: i
 def target_counts(targets: Tensor, vocab: int, ignore_index: int) -> Tensor:
     """int64 (P, 2) partial counts of valid targets (in [0, V) and not ``ignore_index``) and of bad
     ones (neither); the host adds the P rows (here P = 1)."""
-    return torch.stack(_valid_and_bad(targets, vocab, ignore_index)).sum(1).view(1, 2)
-
-
-def _valid_and_bad(targets: Tensor, vocab: int, ignore_index: int) -> tuple[Tensor, Tensor]:
-    """Masks of the valid targets (in [0, V), not ``ignore_index``) and the bad ones (neither)."""
-    not_ignored = targets != ignore_index
-    in_range = (targets >= 0) & (targets < vocab)
-    return not_ignored & in_range, not_ignored & ~in_range
+    return torch.stack(target_masks(targets, vocab, ignore_index)).sum(1).view(1, 2)
 
 
 def difficulty_rank(diff: Tensor) -> tuple[Tensor, Tensor]:
@@ -219,8 +220,7 @@ def selected_loss(stats: RowStats, targets: Tensor, vocab: int, sel_key: Tensor,
     if ls:
         row_loss = row_loss + (ls / vocab) * (w_sum * stats.lse[rows] - stats.wsum[rows])
     row_scale = torch.zeros(N, dtype=torch.float32, device=dev)
-    if reduction not in ("mean", "sum", "none"):
-        raise ValueError(f"cggr_hook: reduction={reduction!r} is not valid; use 'mean', 'sum' or 'none'")
+    check_reduction(reduction)
     if row_weight is not None:
         rho = row_weight.float()[rows]
         weighted = row_loss * rho
@@ -239,8 +239,6 @@ def selected_loss(stats: RowStats, targets: Tensor, vocab: int, sel_key: Tensor,
     elif reduction == "none":
         loss = torch.zeros(N, dtype=torch.float32, device=dev).index_put_((rows,), row_loss)
         row_scale[rows] = 1.0
-    else:
-        raise ValueError(f"cggr_hook: reduction={reduction!r} is not valid; use 'mean', 'sum' or 'none'")
     return loss, row_scale
 
 
@@ -279,11 +277,12 @@ def ce_grad_rows(logits: Tensor, targets: Tensor, lse: Tensor, rows: Tensor, sca
 
 def ce_grad_dense_(logits: Tensor, targets: Tensor, lse: Tensor, row_scale: Tensor,
                    weight: Tensor | None, label_smoothing: float, out: Tensor,
-                   grad_output: Tensor | None = None) -> Tensor:
+                   grad_output: Tensor | None = None, order: Tensor | None = None) -> Tensor:
     """Dense gradient written into ``out`` (B, T, V), which may be ``logits`` itself (in place):
     row r gets ``row_scale[r] * grad_output`` times its cross-entropy gradient where
     ``row_scale[r] != 0`` and exact zeros elsewhere; a row whose scale is 0 is never read.
-    ``grad_output``: one element (a reduced loss's upstream gradient) or one per row (N,); None = 1."""
+    ``grad_output``: one element (a reduced loss's upstream gradient) or one per row (N,); None = 1.
+    ``order``: the schedule of the Triton kernel's programs, which the reference has not."""
     B, T, V = logits.shape
     sel = torch.nonzero(row_scale != 0).flatten()
     scale = row_scale[sel]

@@ -33,17 +33,15 @@ try:  # host-side tensor descriptors (Triton 3.4 and newer); without them every 
 except ImportError:  # pragma: no cover - older Triton
     TensorDescriptor = None
 
-from . import launch
-from .types import RowStats
+from . import launch, spec
+from .spec import RowStats, check_weight
 
 __all__ = ["row_stats", "load_path", "row_difficulty", "target_counts", "MAX_BLOCK_V", "NUM_WARPS", "DIFFICULTY_BLOCK",
            "COUNT_BLOCK", "COUNT_PROGRAMS"]
 
-# Tunables of the plain-load path: the largest block of a row read per loop iteration, and the
-# warps of one program (one row). Swept on an H100 (bf16, N = 8192, V = 128256;
-# scripts/tune_kernels.py): 512 to 2048 x 1 warp 0.73-0.76 ms (a bare read of the logits 0.69),
-# 1024 x 2 0.85, 2048 x 4 0.82, 4096 x 4 0.80. One warp a row keeps the block reductions of each
-# iteration inside the warp (no barrier).
+# Launch shape of the plain-load path: the largest block of a row read per loop iteration, and the
+# warps of one program (one row). One warp a row keeps each iteration's block reductions inside the
+# warp (no barrier); the sweep behind both is in NOTES.md ("Constants of the code").
 MAX_BLOCK_V = 2048
 NUM_WARPS = 1
 
@@ -74,6 +72,14 @@ def _top2_combine(a1, a2, b1, b2):
     """The two largest of {a1, a2, b1, b2} given a1 >= a2 and b1 >= b2 (ties kept: the top-2 of
     {3, 3} is (3, 3)); associative and commutative, so any reduction order gives the same pair."""
     return tl.maximum(a1, b1), tl.maximum(tl.minimum(a1, b1), tl.maximum(a2, b2))
+
+
+@triton.jit
+def _target_masks(tgt, V, ignore_index):
+    """(valid, bad) targets: the rule of ``spec.target_masks`` (in [0, V) and not ignored; neither)."""
+    not_ignored = tgt != ignore_index
+    in_range = (tgt >= 0) & (tgt < V)
+    return not_ignored & in_range, not_ignored & (~in_range)
 
 
 @triton.jit
@@ -140,7 +146,7 @@ def _stats_store(m, t2, s, a, ws, s2, x_row, row, N, V, tgt_ptr, stride_tgt, str
         p2 = tl.zeros_like(p1)
 
     tgt = tl.load(tgt_ptr + row * stride_tgt).to(tl.int64)
-    valid = (tgt != ignore_index) & (tgt >= 0) & (tgt < V)
+    valid, _bad = _target_masks(tgt, V, ignore_index)
     safe = tl.where(valid, tgt, 0)
     if UNIT_STRIDE_V:
         xt_ptr = x_row + safe
@@ -231,13 +237,9 @@ def _row_stats_tma_kernel(
                  WITH_WSUM, WITH_P2, HAS_TOP2, True)
 
 
-# The descriptor path: bytes of a row per block and blocks in flight a program, and the dtypes it
-# serves. Measured on an H100 (N = 8192, V = 128256, scripts/tune_kernels.py; kernels/NOTES.md):
-# bf16 4096 B x 3 stages 0.716-0.723 ms against 0.737-0.742 for the plain loads (a bare read of the
-# logits: 0.69); fp32 1.439 against 1.413, so fp32 keeps the plain loads. A descriptor costs the
-# host ~30 us more a launch (63 against 34 us, Triton 3.6) for ~4% of the kernel's time (~13 us a
-# GB of logits): below TMA_MIN_BYTES of logits, where a call tends to wait on the host, it is not
-# worth it (V = 32000 x 8192 rows, 0.5 GB: 3 us saved on the device, 29 more on the host).
+# The descriptor path: bytes of a row per block, blocks in flight a program, the dtypes it serves
+# (fp32 reads faster with plain loads) and the logits' size from which a descriptor's extra host
+# time a launch is worth its device time (NOTES.md, "Constants of the code").
 USE_TMA = True
 TMA_BLOCK_BYTES = 4096
 TMA_STAGES = 3
@@ -300,15 +302,14 @@ def row_stats(logits: Tensor, targets: Tensor, ignore_index: int, weight: Tensor
             raise ValueError("cggr_hook: row_stats needs at least one logit a row")
         has_weight = weight is not None
         if has_weight:
-            if weight.numel() != V:
-                raise ValueError(f"cggr_hook: weight has {weight.numel()} entries for {V} classes")
+            check_weight(weight, V)
             weight = weight.contiguous()
         sb, st, sv = logits.stride()
         flags = dict(HAS_WEIGHT=has_weight, WITH_WSUM=with_wsum, WITH_P2=with_p2, HAS_TOP2=(V > 1))
         if load_path(logits) == "tma":
             es = logits.element_size()
             # a block of at least 128 bytes: smaller boxes, multi-buffered, fault with a misaligned
-            # address on an H100 (Triton 3.6) once the loop runs twice
+            # address once the loop runs twice (NOTES.md)
             block_v = max(launch.block_v(V, min(MAX_BLOCK_V, TMA_BLOCK_BYTES // es)), TMA_MIN_BLOCK_BYTES // es)
             db, dt, _ = _descriptor_strides(logits)
             desc = TensorDescriptor(logits, [B, T, V], [db, dt, 1], [1, 1, block_v])
@@ -316,7 +317,7 @@ def row_stats(logits: Tensor, targets: Tensor, ignore_index: int, weight: Tensor
                 desc, logits, targets, weight if has_weight else logits, out,
                 N, T, V, V // block_v * block_v, sb, st, targets.stride(0), int(ignore_index),
                 **flags, BLOCK_V=block_v, STAGES=TMA_STAGES, num_warps=1,
-                enable_fp_fusion=True,  # as swept (Triton 3.10 turns the default off)
+                enable_fp_fusion=True,  # FMA contraction, as the shapes were chosen (NOTES.md)
             )
         else:
             block_v = _block_v(V)
@@ -324,7 +325,7 @@ def row_stats(logits: Tensor, targets: Tensor, ignore_index: int, weight: Tensor
                 logits, targets, weight if has_weight else logits, out,
                 N, T, V, sb, st, sv, targets.stride(0), int(ignore_index),
                 **flags, UNIT_STRIDE_V=(sv == 1), BLOCK_V=block_v, num_warps=_num_warps(block_v),
-                enable_fp_fusion=True,  # as swept (Triton 3.10 turns the default off)
+                enable_fp_fusion=True,  # FMA contraction, as the shapes were chosen (NOTES.md)
             )
     return RowStats(out[0], out[1], out[2], out[3], out[4], out[5] if with_wsum else None,
                     out[n_out - 1] if with_p2 else None)
@@ -333,7 +334,6 @@ def row_stats(logits: Tensor, targets: Tensor, ignore_index: int, weight: Tensor
 # Rows of the difficulty pass handled by one program; its partial sums are one row of the
 # (programs, 5) float64 output that the host adds up.
 DIFFICULTY_BLOCK = 1024
-MODES = {"entropy": 0, "margin": 1, "loss": 2, "combined": 3, "random": 4, "gradnorm": 5}
 
 
 @triton.jit
@@ -346,10 +346,9 @@ def _row_difficulty_kernel(
     rows = pid * BLOCK + tl.arange(0, BLOCK)
     inside = rows < N
     tgt = tl.load(tgt_ptr + rows.to(tl.int64) * stride_tgt, mask=inside, other=0).to(tl.int64)
-    not_ignored = inside & (tgt != ignore_index)
-    in_range = (tgt >= 0) & (tgt < V)
-    valid = not_ignored & in_range
-    bad = not_ignored & (~in_range)
+    valid, bad = _target_masks(tgt, V, ignore_index)
+    valid = inside & valid
+    bad = inside & bad
 
     ent = tl.load(ent_ptr + rows, mask=inside, other=0.0)
     p1 = tl.load(p1_ptr + rows, mask=inside, other=0.0)
@@ -395,11 +394,10 @@ def row_difficulty(stats: RowStats, targets: Tensor, vocab: int, ignore_index: i
     """
     from .reference import gradnorm_constants, inv_log_vocab
 
-    if scoring not in MODES:
-        raise ValueError(f"cggr_hook: unknown scoring {scoring!r}")
-    if scoring == "random" and noise is None:
+    mode = spec.scoring(scoring)
+    if mode.random and noise is None:
         raise ValueError("cggr_hook: random scoring needs its noise")
-    if scoring == "gradnorm" and stats.p2sum is None:
+    if mode.needs_p2sum and stats.p2sum is None:
         raise ValueError("cggr_hook: gradnorm scoring needs the statistics' p2sum (row_stats(with_p2=True))")
     N = targets.numel()
     dev = stats.lse.device
@@ -415,7 +413,7 @@ def row_difficulty(stats: RowStats, targets: Tensor, vocab: int, ignore_index: i
     _row_difficulty_kernel[(n_prog,)](
         *vecs, noise_arg, p2sum_arg, targets, d, part,
         N, vocab, targets.stride(0), int(ignore_index), inv_log_vocab(vocab), c_y, c_0,
-        MODE=MODES[scoring], BLOCK=DIFFICULTY_BLOCK, num_warps=4, enable_fp_fusion=False,
+        MODE=mode.code, BLOCK=DIFFICULTY_BLOCK, num_warps=4, enable_fp_fusion=False,
     )
     return d, part
 
@@ -437,10 +435,9 @@ def _target_counts_kernel(tgt_ptr, part_ptr, N, V, stride_tgt, ignore_index, BLO
         rows = start + offs
         inside = rows < N
         tgt = tl.load(tgt_ptr + rows * stride_tgt, mask=inside, other=0).to(tl.int64)
-        not_ignored = inside & (tgt != ignore_index)
-        in_range = (tgt >= 0) & (tgt < V)
-        n_valid += (not_ignored & in_range).to(tl.int64)
-        n_bad += (not_ignored & (~in_range)).to(tl.int64)
+        valid, bad = _target_masks(tgt, V, ignore_index)
+        n_valid += (inside & valid).to(tl.int64)
+        n_bad += (inside & bad).to(tl.int64)
     tl.store(part_ptr + pid * 2, tl.sum(n_valid, axis=0))
     tl.store(part_ptr + pid * 2 + 1, tl.sum(n_bad, axis=0))
 

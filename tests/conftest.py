@@ -18,16 +18,16 @@ HAS_CUDA = torch.cuda.is_available()
 
 @pytest.fixture(autouse=True)
 def _no_gate_left_behind():
-    """Every test starts and ends with no gate enabled and a fresh global scheduler."""
-    import cggr_hook
-    from cggr_hook import gate
+    """Every test starts and ends with no gate enabled, a fresh global scheduler, every warning
+    given once still to give, and the kernel backend the environment chose."""
+    from cggr_hook import kernels
+    from cggr_hook.registry import registry
 
-    cggr_hook.disable()
-    cggr_hook.scheduler.reset()
-    gate._warned.clear()
+    registry.reset()
+    backend = kernels.forced_backend()
     yield
-    cggr_hook.disable()
-    cggr_hook.scheduler.reset()
+    registry.reset()
+    kernels.force_backend(backend)
 
 
 def pytest_collection_modifyitems(config, items):

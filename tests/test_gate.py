@@ -12,7 +12,8 @@ from torch import nn
 from torch.optim.optimizer import _global_optimizer_post_hooks
 
 import cggr_hook
-from cggr_hook import gate as gate_mod
+from cggr_hook import figures as figures_mod
+from cggr_hook.registry import registry
 
 from common import TinyLM, masked_reference_loss, reference_topk_rows, shifted_loss, start_held_reader
 
@@ -195,8 +196,8 @@ def test_other_cross_entropy_calls_are_untouched():
 
 def test_rescaled_logits_are_not_gated_and_warn():
     model = TinyLM()
+    registry.reset()
     cggr_hook.enable(model, **FIXED)
-    gate_mod._warned.clear()
     idx = _idx()
     logits = model(idx)
     with pytest.warns(RuntimeWarning, match="not gated"):
@@ -214,8 +215,8 @@ def test_gated_context_manager_restores_previous_state_on_exception():
 
     cggr_hook.enable(model, min_tokens_ratio=0.3)
     with cggr_hook.gated(model, min_tokens_ratio=0.9):
-        assert gate_mod.gate_of(model).config.min_tokens_ratio == 0.9
-    assert gate_mod.gate_of(model).config.min_tokens_ratio == 0.3
+        assert registry.gate_of(model).config.min_tokens_ratio == 0.9
+    assert registry.gate_of(model).config.min_tokens_ratio == 0.3
 
 
 def test_gated_without_model_overrides_an_outer_pause():
@@ -416,13 +417,11 @@ def test_metrics_reader_does_not_hold_the_lock_while_it_waits(monkeypatch):
     own figures, and the reader must not put its older figures back over the newer ones."""
     import threading
 
-    import cggr_hook.gate as gate_mod
-
     model = TinyLM()
     cggr_hook.enable(model, warmup_steps=0, dynamic_threshold=False, min_tokens_ratio=0.5)
     shifted_loss(model, _idx())
-    first = gate_mod._figures[model].values["tokens_total"]
-    reader, release = start_held_reader(monkeypatch, gate_mod, "resolve_metrics", cggr_hook.metrics)
+    first = 3 * 9  # the first call's tokens (its figures stay unread on the device until the reader below)
+    reader, release = start_held_reader(monkeypatch, figures_mod, "resolve", cggr_hook.metrics)
     idx = torch.randint(0, 37, (3, 20))
     done = threading.Event()
     writer = threading.Thread(target=lambda: (shifted_loss(model, idx), done.set()))

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 import cggr_hook
 from cggr_hook import CGGRLoss
+from cggr_hook.kernels import force_backend
 
 from common import TinyLM, masked_reference_loss, reference_topk_rows
 
@@ -22,7 +23,7 @@ def both_backends(monkeypatch, logits, targets, **options):
     """One CGGRLoss forward + backward on each backend: {backend: (loss, logits.grad, metrics)}."""
     out = {}
     for backend in ("torch", "triton"):
-        monkeypatch.setenv("CGGR_HOOK_BACKEND", backend)
+        force_backend(backend)
         x = logits.clone().requires_grad_()
         crit = CGGRLoss(**options)
         loss = crit(x, targets)

@@ -14,6 +14,7 @@ from torch import nn
 
 import cggr_hook
 from cggr_hook import head as head_mod
+from cggr_hook import trace as trace_mod
 
 from common import TinyLM, check_gated_gradients, masked_reference_loss, reference_topk_rows
 
@@ -202,7 +203,7 @@ def _tapped(B=2, T=6, V=11, dtype=torch.float32):
     h = torch.randn(B, T, 4, requires_grad=True)
     lin = nn.Linear(4, V).to(dtype)
     out = lin(h.to(dtype))
-    call = head_mod.HeadCall(gate=None, head=lin, hidden=h, output=out)
+    call = head_mod.HeadCall(gate_id=None, head=lin, hidden=h, output=out)
     return head_mod.tap_output(call), call
 
 
@@ -219,7 +220,7 @@ def test_trace_maps_rows_through_shifts_casts_and_transposes():
         (logits[0, 3], 0, rows[0, 3].reshape(-1)),
     ]
     for x, class_dim, expected in cases:
-        tr = head_mod.trace(x, class_dim)
+        tr = trace_mod.trace(x, class_dim)
         assert tr is not None and tr.call is call
         assert torch.equal(tr.rows, expected), (x.shape, tr.rows, expected)
         assert tr.exact
@@ -227,20 +228,20 @@ def test_trace_maps_rows_through_shifts_casts_and_transposes():
 
 def test_trace_rejects_what_is_not_the_heads_logits():
     logits, _ = _tapped()
-    assert head_mod.trace((logits * 2).view(-1, 11), 1) is None  # rescaled
-    assert head_mod.trace(logits[..., :5].reshape(-1, 5), 1) is None  # part of the vocabulary
-    assert head_mod.trace(logits.reshape(2, -1), 1) is None  # vocabulary mixed with time
-    assert head_mod.trace(logits.transpose(1, 2), 2) is None  # class dim is not the vocabulary
-    assert head_mod.trace(torch.randn(3, 11, requires_grad=True) * 1, 1) is None
+    assert trace_mod.trace((logits * 2).view(-1, 11), 1) is None  # rescaled
+    assert trace_mod.trace(logits[..., :5].reshape(-1, 5), 1) is None  # part of the vocabulary
+    assert trace_mod.trace(logits.reshape(2, -1), 1) is None  # vocabulary mixed with time
+    assert trace_mod.trace(logits.transpose(1, 2), 2) is None  # class dim is not the vocabulary
+    assert trace_mod.trace(torch.randn(3, 11, requires_grad=True) * 1, 1) is None
     lossy, _ = _tapped(dtype=torch.float32)
-    assert not head_mod.trace(lossy.to(torch.bfloat16).view(-1, 11), 1).exact
+    assert not trace_mod.trace(lossy.to(torch.bfloat16).view(-1, 11), 1).exact
 
 
 def test_lossy_cast_keeps_the_plain_loss_with_a_warning():
     model = TinyLM()
+    from cggr_hook.registry import registry
+    registry.reset()
     cggr_hook.enable(model, **FIXED)
-    from cggr_hook import gate as gate_mod
-    gate_mod._warned.clear()
     idx = torch.randint(0, 37, (2, 7))
     x = model(idx).to(torch.bfloat16).reshape(-1, 37)
     with pytest.warns(RuntimeWarning, match="lossy cast"):
@@ -259,8 +260,8 @@ def test_hf_loss_skips_the_fp32_copy_while_gated_and_is_restored(monkeypatch):
     cggr_hook.enable(model, **FIXED)
     assert model.loss_function is not ForCausalLMLoss
     seen = []
-    real_trace = head_mod.trace
-    monkeypatch.setattr(head_mod, "trace", lambda x, d: seen.append(x.dtype) or real_trace(x, d))
+    real_trace = trace_mod.trace
+    monkeypatch.setattr(trace_mod, "trace", lambda x, d: seen.append(x.dtype) or real_trace(x, d))
     ids = torch.randint(0, 61, (2, 9))
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = model(input_ids=ids, labels=ids)
@@ -296,7 +297,7 @@ def test_trace_with_negative_dims_and_squeeze():
         (logits.unsqueeze(-2).squeeze(-2).reshape(-1, 11), 1, rows.reshape(-1)),
     ]
     for x, class_dim, expected in cases:
-        tr = head_mod.trace(x, class_dim)
+        tr = trace_mod.trace(x, class_dim)
         assert tr is not None, x.grad_fn
         assert torch.equal(tr.rows, expected), (x.grad_fn, tr.rows, expected)
 

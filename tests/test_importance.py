@@ -15,7 +15,8 @@ import torch
 import torch.nn.functional as F
 
 import cggr_hook
-from cggr_hook import CGGRLoss, select
+from cggr_hook import CGGRLoss, selection
+from cggr_hook.kernels import force_backend
 
 FIXED = dict(warmup_steps=0, dynamic_threshold=False)
 
@@ -107,7 +108,7 @@ def test_inclusion_probabilities_are_the_water_filling(case, n, floor):
     g = torch.Generator().manual_seed(n * 7 + len(case))
     s = torch.sort(SCORE_CASES[case](g, n), descending=True).values
     for k in sorted({1, n // 3 or 1, n // 2 or 1, n - 1}):
-        pi, m = select.inclusion_probabilities(s.float(), k, floor)
+        pi, m = selection.inclusion_probabilities(s.float(), k, floor)
         want = torch.tensor(water_filling(s.float().double().tolist(), k, floor), dtype=torch.float64)
         torch.testing.assert_close(pi, want, rtol=1e-9, atol=1e-12, msg=lambda msg: f"k={k}: {msg}")
         assert abs(float(pi.sum()) - k) < 1e-9
@@ -117,16 +118,16 @@ def test_inclusion_probabilities_are_the_water_filling(case, n, floor):
 
 def test_uniform_floor_and_zero_scores_give_k_over_n():
     s = torch.tensor([5.0, 1.0, 0.5, 0.0])
-    pi, _ = select.inclusion_probabilities(s, 2, 1.0)
+    pi, _ = selection.inclusion_probabilities(s, 2, 1.0)
     torch.testing.assert_close(pi, torch.full((4,), 0.5, dtype=torch.float64))
-    pi, _ = select.inclusion_probabilities(torch.zeros(4), 3, 0.0)
+    pi, _ = selection.inclusion_probabilities(torch.zeros(4), 3, 0.0)
     torch.testing.assert_close(pi, torch.full((4,), 0.75, dtype=torch.float64))
 
 
 def test_an_infinite_score_is_certain():
     # NaN logits score +inf: such a row is always drawn, so its NaN reaches the loss
     s = torch.tensor([math.inf, 3.0, 2.0, 1.0, 0.5])
-    pi, m = select.inclusion_probabilities(s, 2, 0.2)
+    pi, m = selection.inclusion_probabilities(s, 2, 0.2)
     assert float(pi[0]) == 1.0 and int(m) >= 1
     assert abs(float(pi.sum()) - 2) < 1e-9
 
@@ -138,12 +139,12 @@ def test_systematic_draw_takes_exactly_k_distinct_rows_at_the_given_frequencies(
     g0 = torch.Generator().manual_seed(3)
     n, k, draws = 12, 5, 4000
     s = torch.sort(torch.rand(n, generator=g0) ** 3, descending=True).values
-    pi, m = select.inclusion_probabilities(s, k, 0.1)
+    pi, m = selection.inclusion_probabilities(s, k, 0.1)
     assert int(m) >= 1  # the test covers capped rows too
     counts = torch.zeros(n)
     gen = torch.Generator().manual_seed(11)
     for _ in range(draws):
-        pos = select.systematic_draw(pi, m, k, gen)
+        pos = selection.systematic_draw(pi, m, k, gen)
         assert pos.numel() == k and pos.unique().numel() == k
         counts[pos] += 1
     freq = counts / draws
@@ -240,7 +241,7 @@ def test_triton_backend_matches_the_torch_backend_draw_by_draw(scoring, monkeypa
     logits, targets = inputs(B=2, T=9, V=21, seed=9)
     results = {}
     for backend in ("torch", "triton"):
-        monkeypatch.setenv("CGGR_HOOK_BACKEND", backend)
+        force_backend(backend)
         crit = CGGRLoss(scoring=scoring, selection="importance", min_tokens_ratio=0.4, label_smoothing=0.05,
                         **FIXED)
         out = []
@@ -346,9 +347,9 @@ def test_the_draw_does_not_depend_on_how_near_ties_are_ordered():
     cfg = cggr_hook.GateConfig(selection="importance")
     draws = []
     for diff in (base, nudged):
-        prep = select.prepare(diff, torch.ones(n, dtype=torch.bool), cfg, None)
-        draws.append(select.importance_draw(prep, diff, n, 100, 0.2, torch.Generator().manual_seed(7)).rows)
-    orders = [select.prepare(d, torch.ones(n, dtype=torch.bool), cfg, None).order for d in (base, nudged)]
+        prep = selection.rank_rows(diff, torch.ones(n, dtype=torch.bool), cfg, None)
+        draws.append(selection.importance_draw(prep, diff, n, 100, 0.2, torch.Generator().manual_seed(7)).rows)
+    orders = [selection.rank_rows(d, torch.ones(n, dtype=torch.bool), cfg, None).order for d in (base, nudged)]
     assert not torch.equal(orders[0], orders[1])
     assert torch.equal(draws[0], draws[1])
 
@@ -357,7 +358,7 @@ def test_the_draw_does_not_depend_on_how_near_ties_are_ordered():
 def test_an_infinite_loss_is_always_drawn(backend, monkeypatch):
     """A target whose logit is -inf has a bounded gradient norm but an infinite loss: it scores +inf
     and is kept with certainty, so the gated loss is infinite as the plain one is."""
-    monkeypatch.setenv("CGGR_HOOK_BACKEND", backend)
+    force_backend(backend)
     logits = torch.randn(1, 12, 5, generator=torch.Generator().manual_seed(1))
     targets = torch.randint(0, 5, (1, 12), generator=torch.Generator().manual_seed(0))
     logits[0, 3, targets[0, 3]] = -math.inf

@@ -128,7 +128,7 @@ def test_enable_before_and_after_get_peft_model_is_one_gate():
         _train(model, 4)
     assert cggr_hook.scheduler.step_count == 4
     cggr_hook.disable(model)
-    assert cggr_hook.gate.gate_of(base) is None and not _gate_hooks(model)
+    assert cggr_hook.registry.gate_of(base) is None and not _gate_hooks(model)
 
 
 def test_enable_before_get_peft_model_gives_exact_gradients():

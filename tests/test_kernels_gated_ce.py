@@ -11,6 +11,7 @@ import torch
 import cggr_hook.kernels as K
 from common import DEVICE, make_logits, nan_empty
 from cggr_hook.kernels import gated_ce, reference
+from cggr_hook.kernels import force_backend
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 LAYOUTS = ["contiguous", "shifted", "vocab_strided"]
@@ -20,7 +21,7 @@ LOSS_OPTIONS = [(0.0, False), (0.1, False), (0.0, True), (0.2, True)]
 
 @pytest.fixture(autouse=True)
 def triton_backend(monkeypatch):
-    monkeypatch.setenv("CGGR_HOOK_BACKEND", "triton")
+    force_backend("triton")
     calls = []
     for name in ("ce_grad_rows", "ce_grad_dense_"):
         real = getattr(gated_ce, name)

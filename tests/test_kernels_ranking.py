@@ -14,11 +14,12 @@ import torch
 import cggr_hook.kernels as K
 from common import DEVICE
 from cggr_hook.kernels import ranking, reference
+from cggr_hook.kernels import force_backend
 
 
 @pytest.fixture(autouse=True)
 def triton_backend(monkeypatch):
-    monkeypatch.setenv("CGGR_HOOK_BACKEND", "triton")
+    force_backend("triton")
 
 
 @pytest.fixture(params=["shipped_blocks", "small_blocks"])

@@ -12,6 +12,7 @@ import torch
 import cggr_hook.kernels as K
 from common import DEVICE, make_logits, nan_empty
 from cggr_hook.kernels import reference, scoring
+from cggr_hook.kernels import force_backend
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 LAYOUTS = ["contiguous", "shifted", "vocab_strided"]
@@ -20,7 +21,7 @@ FIELDS = ("lse", "entropy", "p_top1", "p_top2", "nll")
 
 @pytest.fixture(autouse=True)
 def triton_backend(monkeypatch):
-    monkeypatch.setenv("CGGR_HOOK_BACKEND", "triton")
+    force_backend("triton")
     calls = []
     real = scoring.row_stats
 

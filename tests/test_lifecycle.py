@@ -14,6 +14,7 @@ from torch.optim.optimizer import _global_optimizer_post_hooks
 import cggr_hook
 from cggr_hook import gate as gate_mod
 from cggr_hook import patch
+from cggr_hook.registry import registry
 
 from common import TinyLM, shifted_loss
 
@@ -180,7 +181,7 @@ def test_a_gated_model_saves_whole_and_loads_ungated(kind, how):
     assert "Gated" not in _loss_node(copy_, vocab)  # the copy is not gated ...
     assert "Gated" in _loss_node(model, vocab)  # ... and the original still is
     gate = cggr_hook.enable(copy_, **FIXED)  # and it can be gated in its own right
-    assert gate is not gate_mod.gate_of(model)
+    assert gate is not registry.gate_of(model)
     assert "Gated" in _loss_node(copy_, vocab)
     cggr_hook.disable()
     assert "Gated" not in _loss_node(copy_, vocab) and "Gated" not in _loss_node(model, vocab)

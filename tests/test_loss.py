@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from cggr_hook import CGGRLoss
+from cggr_hook.kernels import force_backend
 
 from common import masked_reference_loss, reference_topk_rows, start_held_reader
 
@@ -218,7 +219,7 @@ def test_triton_backend_matches_reference(monkeypatch):
     logits, targets = _inputs(2, 9, 33, seed=3)
     results = {}
     for backend in ("torch", "triton"):
-        monkeypatch.setenv("CGGR_HOOK_BACKEND", backend)
+        force_backend(backend)
         x = logits.detach().clone().requires_grad_()
         loss = CGGRLoss(min_tokens_ratio=0.4, label_smoothing=0.05, **FIXED)(x, targets)
         loss.backward()
@@ -245,7 +246,7 @@ def test_valid_and_bad_target_counts_on_both_host_read_paths(dynamic, ignore_ind
     """A fixed ratio reads target counts before scoring, a dynamic one reads the kernel's sums after
     it: both count the same valid tokens (ignore_index inside the vocabulary included) and both
     reject a target outside [0, V) before anything changes, on either backend."""
-    monkeypatch.setenv("CGGR_HOOK_BACKEND", backend)
+    force_backend(backend)
     gen = torch.Generator().manual_seed(4)
     x = torch.randn(3, 8, 6, generator=gen)
     t = torch.randint(0, 6, (3, 8), generator=gen)
@@ -264,11 +265,11 @@ def test_valid_and_bad_target_counts_on_both_host_read_paths(dynamic, ignore_ind
 
 def test_get_metrics_does_not_restore_an_older_call(monkeypatch):
     """get_metrics() racing a newer call keeps the newer call's figures."""
-    import cggr_hook.loss as loss_mod
+    import cggr_hook.figures as figures_mod
 
     crit = CGGRLoss(min_tokens_ratio=0.5, **FIXED)
     crit(torch.randn(1, 4, 7), torch.randint(0, 7, (1, 4)))
-    reader, release = start_held_reader(monkeypatch, loss_mod, "resolve_metrics", crit.get_metrics)
+    reader, release = start_held_reader(monkeypatch, figures_mod, "resolve", crit.get_metrics)
     crit(torch.randn(1, 9, 7), torch.randint(0, 7, (1, 9)))
     release.set()
     reader.join(5)

@@ -1,14 +1,16 @@
 """Selection: which rows contribute to the loss, given their difficulty.
 
-Every strategy works on whole tensors on the logits' device (no per-token Python) and is split in
-two around the gated call's single host synchronisation:
+``SELECTIONS`` names the strategies (``topk``, ``stratified``, ``sequence_aware``, ``importance``)
+and what each needs. Every strategy works on whole tensors on the logits' device (no per-token
+Python) and is split in two around the gated call's single host synchronisation:
 
-1. ``prepare`` (before the sync): the stable descending order of difficulty, plus what
+1. ``rank_rows`` (before the sync): the stable descending order of difficulty, plus what
    ``sequence_aware`` must know to count its selection;
-2. after it, with k and the number of valid rows on the host: ``selection_key`` describes the
+2. after it, with k and the number of valid rows on the host: ``selection_as_key`` describes the
    selected rows as ``key < threshold`` for the loss kernel (top-k: the rank, no new work), and
-   ``finish`` lists them, sorted ascending, as an int64 tensor whose length the host knows (no
-   second sync) where a gradient over K rows needs them.
+   ``choose_rows`` lists them, sorted ascending, as an int64 tensor whose length the host knows (no
+   second sync) where a gradient over K rows needs them. ``importance`` draws its rows with
+   weights instead (``importance_draw``).
 
 Ties are broken by row index (lower first) through stable sorts, so ``topk`` takes exactly k rows
 and the same ones on every device. Ignored rows carry difficulty -inf and sort after every valid row.
@@ -18,32 +20,58 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
 from . import kernels
-from .config import GateConfig
+
+if TYPE_CHECKING:
+    from .config import GateConfig
+
+
+@dataclass(frozen=True)
+class Selection:
+    """A selection strategy and what it needs from the gated call."""
+
+    name: str
+    draws: bool = False  # draws random numbers, seeded by (seed, step, call)
+    per_sequence: bool = False  # needs the rows' sequences and its kept ranks on the host with the counts
+    weighted: bool = False  # each drawn row carries its own weight (Horvitz-Thompson)
+
+
+# in the order the options list them
+SELECTIONS: dict[str, Selection] = {s.name: s for s in (
+    Selection("topk"),
+    Selection("stratified", draws=True),
+    Selection("sequence_aware", per_sequence=True),
+    Selection("importance", draws=True, weighted=True),
+)}
 
 
 @dataclass
-class Prepared:
+class Ranking:
+    """The rows in difficulty order, as ``rank_rows`` leaves them for the selection."""
+
     order: Tensor  # (N,) rows by difficulty, hardest first, ties by row index
     rank: Tensor  # (N,) position of each row in ``order``
     keep: Tensor | None = None  # (N,) bool, rows every sequence keeps (sequence_aware)
     keep_ranks: Tensor | None = None  # (S*m,) ``rank`` of the kept rows, padded with N: synced with the stats
 
 
-def prepare(diff: Tensor, valid: Tensor, config: GateConfig, seq: int | tuple[Tensor, int] | None) -> Prepared:
-    """``seq`` says which sequence each row belongs to, for ``sequence_aware``: an int (rows per
+def rank_rows(diff: Tensor, valid: Tensor, config: GateConfig, seq: int | tuple[Tensor, int] | None) -> Ranking:
+    """The difficulty order of the rows (and, for ``sequence_aware``, the rows each sequence keeps).
+
+    ``seq`` says which sequence each row belongs to, for ``sequence_aware``: an int (rows per
     sequence, rows in order), a pair (int64 per-row sequence ids, number of sequences), or None
     (one sequence)."""
     N = diff.numel()
     dev = diff.device
     # the order and each row's rank in it: top-k is then ``rank < k``, with k known only after the sync
     order, rank = kernels.difficulty_rank(diff)
-    if config.selection != "sequence_aware":
-        return Prepared(order, rank)
+    if not SELECTIONS[config.selection].per_sequence:
+        return Ranking(order, rank)
     m = config.min_tokens_per_sequence
     if isinstance(seq, tuple):
         seq_id, n_seq = seq[0].to(device=dev, dtype=torch.long), int(seq[1])
@@ -66,13 +94,13 @@ def prepare(diff: Tensor, valid: Tensor, config: GateConfig, seq: int | tuple[Te
     keep_ranks = torch.full((spare + 1,), N, dtype=torch.long, device=dev)
     keep_ranks.scatter_(0, slot, torch.where(keep, rank, torch.full_like(rank, N)))
     keep_ranks = keep_ranks[:spare]
-    return Prepared(order, rank, keep, keep_ranks)
+    return Ranking(order, rank, keep, keep_ranks)
 
 
 def count_selected(config: GateConfig, k: int, n_rows: int, keep_ranks: list[int] | None) -> int:
-    """How many rows ``finish`` returns, known on the host: k, plus for sequence_aware the kept
+    """How many rows ``choose_rows`` returns, known on the host: k, plus for sequence_aware the kept
     rows that the top k misses (``keep_ranks`` is padded with ``n_rows``)."""
-    if config.selection != "sequence_aware" or keep_ranks is None:
+    if not SELECTIONS[config.selection].per_sequence or keep_ranks is None:
         return k
     return k + sum(1 for r in keep_ranks if k <= r < n_rows)
 
@@ -115,56 +143,75 @@ def strata_quotas(n_valid: int, k: int, num_strata: int) -> list[int]:
     return quotas
 
 
-def finish(prep: Prepared, n_valid: int, k: int, n_selected: int, config: GateConfig,
-           generator: torch.Generator | None) -> Tensor:
-    """Selected rows, ascending, int64 of length ``n_selected`` (= count_selected(...))."""
-    order = prep.order
-    N = order.numel()
+def _topk(ranking: Ranking, n_valid: int, k: int, n_selected: int, config: GateConfig,
+          generator: torch.Generator | None) -> Tensor:
+    return ranking.order[:k]
+
+
+def _stratified(ranking: Ranking, n_valid: int, k: int, n_selected: int, config: GateConfig,
+                generator: torch.Generator | None) -> Tensor:
+    order = ranking.order
     dev = order.device
+    sizes = strata_sizes(n_valid, config.num_strata)
+    quotas = strata_quotas(n_valid, k, config.num_strata)
+    S = len(sizes)
+    # bucket of each valid row by its position in the difficulty order: the first n % S
+    # buckets hold one row more. Host numbers enter as scalars (a small host-to-device copy
+    # from pageable memory would wait for the stream: a hidden sync).
+    q, r = divmod(n_valid, S)
+    big = r * (q + 1)
+    pos = torch.arange(n_valid, device=dev)
+    bucket = torch.where(pos < big, pos // (q + 1), r + (pos - big) // max(q, 1))
+    # sample inside each bucket: order by a uniform key, then stably by bucket
+    u = torch.rand(n_valid, generator=generator, device=dev)
+    by_u = torch.sort(u).indices
+    grouped = by_u[torch.sort(bucket[by_u], stable=True).indices]
+    b = bucket[grouped]
+    start = torch.where(b < r, b * (q + 1), big + (b - r) * q)
+    rank_in_bucket = pos - start
+    quota = torch.zeros_like(b)
+    for i, qi in enumerate(quotas):
+        quota.masked_fill_(b == i, qi)
+    take = rank_in_bucket < quota
+    return _first_marked(order[:n_valid][grouped], take, k)
+
+
+def _sequence_aware(ranking: Ranking, n_valid: int, k: int, n_selected: int, config: GateConfig,
+                    generator: torch.Generator | None) -> Tensor:
+    mark = (ranking.rank < k) | ranking.keep
+    return _first_marked(torch.arange(ranking.order.numel(), device=ranking.order.device), mark, n_selected)
+
+
+# the rows each strategy keeps when it keeps some of the valid rows (0 < k < n valid); importance
+# draws its rows with weights instead (importance_draw)
+_CHOOSERS = {"topk": _topk, "stratified": _stratified, "sequence_aware": _sequence_aware}
+
+
+def choose_rows(ranking: Ranking, n_valid: int, k: int, n_selected: int, config: GateConfig,
+                generator: torch.Generator | None) -> Tensor:
+    """Selected rows, ascending, int64 of length ``n_selected`` (= count_selected(...))."""
+    order = ranking.order
     if k <= 0:
         return order[:0]
-    if config.selection == "topk" or k >= n_valid:
+    if k >= n_valid:
         rows = order[:k]
-    elif config.selection == "stratified":
-        sizes = strata_sizes(n_valid, config.num_strata)
-        quotas = strata_quotas(n_valid, k, config.num_strata)
-        S = len(sizes)
-        # bucket of each valid row by its position in the difficulty order: the first n % S
-        # buckets hold one row more. Host numbers enter as scalars (a small host-to-device copy
-        # from pageable memory would wait for the stream: a hidden sync).
-        q, r = divmod(n_valid, S)
-        big = r * (q + 1)
-        pos = torch.arange(n_valid, device=dev)
-        bucket = torch.where(pos < big, pos // (q + 1), r + (pos - big) // max(q, 1))
-        # sample inside each bucket: order by a uniform key, then stably by bucket
-        u = torch.rand(n_valid, generator=generator, device=dev)
-        by_u = torch.sort(u).indices
-        grouped = by_u[torch.sort(bucket[by_u], stable=True).indices]
-        b = bucket[grouped]
-        start = torch.where(b < r, b * (q + 1), big + (b - r) * q)
-        rank_in_bucket = pos - start
-        quota = torch.zeros_like(b)
-        for i, qi in enumerate(quotas):
-            quota.masked_fill_(b == i, qi)
-        take = rank_in_bucket < quota
-        rows = _first_marked(order[:n_valid][grouped], take, k)
-    elif config.selection == "sequence_aware":
-        mark = (prep.rank < k) | prep.keep
-        rows = _first_marked(torch.arange(N, device=dev), mark, n_selected)
     else:
-        raise ValueError(f"cggr_hook: unknown selection {config.selection!r}")
+        choose = _CHOOSERS.get(config.selection)
+        if choose is None:
+            raise ValueError(f"cggr_hook: unknown selection {config.selection!r}")
+        rows = choose(ranking, n_valid, k, n_selected, config, generator)
     return torch.sort(rows).values
 
 
-def selection_key(prep: Prepared, n_valid: int, k: int, n_selected: int, config: GateConfig,
-                  generator: torch.Generator | None) -> tuple[Tensor, int, Tensor | None]:
-    """(key, threshold, rows): the selected rows are those with ``key < threshold``; ``rows`` is
-    ``finish``'s list where building the key needed it, else None (top-k needs no new work: its
-    key is the rank in the difficulty order)."""
+def selection_as_key(ranking: Ranking, n_valid: int, k: int, n_selected: int, config: GateConfig,
+                     generator: torch.Generator | None) -> tuple[Tensor, int, Tensor | None]:
+    """(key, threshold, rows): the selected rows are those with ``key < threshold``, which is how
+    the loss kernel reads a selection; ``rows`` is ``choose_rows``'s list where building the key
+    needed it, else None (top-k needs no new work: its key is the rank in the difficulty order)."""
     if k <= 0 or config.selection == "topk" or k >= n_valid:
-        return prep.rank, max(k, 0), None
-    rows = finish(prep, n_valid, k, n_selected, config, generator)
-    key = torch.ones_like(prep.rank).index_fill_(0, rows, 0)
+        return ranking.rank, max(k, 0), None
+    rows = choose_rows(ranking, n_valid, k, n_selected, config, generator)
+    key = torch.ones_like(ranking.rank).index_fill_(0, rows, 0)
     return key, 1, rows
 
 
@@ -247,12 +294,12 @@ def systematic_draw(pi: Tensor, m: Tensor, k: int, generator: torch.Generator | 
     return perm[hit]
 
 
-def importance_draw(prep: Prepared, diff: Tensor, n_valid: int, k: int, floor: float,
+def importance_draw(ranking: Ranking, diff: Tensor, n_valid: int, k: int, floor: float,
                     generator: torch.Generator | None, uniform: bool = False) -> Draw:
     """Draw k of the n valid rows with pi = ``inclusion_probabilities`` of their difficulty (the
-    score s >= 0; ``uniform``: every s equal, pi = k / n). ``prep.order`` lists the valid rows
+    score s >= 0; ``uniform``: every s equal, pi = k / n). ``ranking.order`` lists the valid rows
     first, by descending difficulty, which is the order water-filling needs. 1 <= k < n."""
-    sorted_rows = prep.order[:n_valid]
+    sorted_rows = ranking.order[:n_valid]
     scores = diff[sorted_rows]
     if uniform:
         scores = torch.ones_like(scores)

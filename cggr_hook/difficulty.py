@@ -1,7 +1,8 @@
-"""Scoring: each token's difficulty from its logits row, in fp32.
+"""Difficulty: each token's score from its logits row, in fp32, larger = harder.
 
 One pass of the row kernels gives lse, entropy, the top-1/top-2 probabilities and the target's NLL
-(``kernels.row_stats``); the scoring mode combines them into a difficulty, larger = harder:
+(``kernels.row_stats``); the scoring mode (``kernels.spec.SCORINGS``, formulas in
+``kernels.reference.DIFFICULTY``) combines them:
 
 - ``entropy``  H = -sum_v p_v log p_v
 - ``margin``   1 - (p_top1 - p_top2)
@@ -23,12 +24,12 @@ import torch
 from torch import Tensor
 
 from . import kernels
-from .kernels import RowStats, reference
+from .kernels import RowStats, reference, spec
 
 
 def noise_for(scoring: str, n: int, device: torch.device, generator: torch.Generator | None) -> Tensor | None:
     """The uniform draws of ``random`` scoring (None for every other mode)."""
-    if scoring != "random":
+    if not spec.scoring(scoring).random:
         return None
     return torch.rand(n, generator=generator, device=device, dtype=torch.float32)
 
@@ -45,8 +46,8 @@ def score_rows(stats: RowStats, targets: Tensor, vocab: int, ignore_index: int, 
                label_smoothing: float = 0.0) -> tuple[Tensor, Tensor]:
     """The difficulty of every row (valid = target in [0, V) and not ``ignore_index``) and the
     float64 (P, 5) partial sums the host reads: valid rows, bad targets, and over valid rows the
-    top-1 probability, entropy and difficulty (``kernels.reference.SUM_FIELDS``). On CUDA one
-    kernel launch does both."""
+    top-1 probability, entropy and difficulty (``kernels.spec.SUM_FIELDS``). On CUDA one kernel
+    launch does both."""
     noise = noise_for(scoring, targets.numel(), stats.lse.device, generator)
     return kernels.row_difficulty(stats, targets, vocab, ignore_index, scoring, noise, label_smoothing)
 

@@ -1,5 +1,5 @@
 """Selection on hand-made difficulty vectors: topk, stratified and sequence_aware, through
-select.prepare / count_selected / finish, against expectations computed in plain Python."""
+selection.rank_rows / count_selected / choose_rows, against expectations computed in plain Python."""
 
 import math
 from fractions import Fraction
@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from cggr_hook import GateConfig
-from cggr_hook import select
+from cggr_hook import selection
 
 NEG_INF = -math.inf
 
@@ -37,11 +37,11 @@ def hardest_first(diff, valid, rows=None):
 
 
 def run(diff, valid, config, k, seq_len=None, generator=None):
-    prep = select.prepare(diff, valid, config, seq_len)
+    prep = selection.rank_rows(diff, valid, config, seq_len)
     n_valid = int(valid.sum())
     keep_ranks = prep.keep_ranks.tolist() if prep.keep_ranks is not None else None
-    n_sel = select.count_selected(config, k, diff.numel(), keep_ranks)
-    rows = select.finish(prep, n_valid, k, n_sel, config, generator)
+    n_sel = selection.count_selected(config, k, diff.numel(), keep_ranks)
+    rows = selection.choose_rows(prep, n_valid, k, n_sel, config, generator)
     assert rows.dtype == torch.int64
     assert rows.dim() == 1 and rows.numel() == n_sel
     r = rows.tolist()
@@ -112,7 +112,7 @@ def test_k_zero_selects_nothing(selection):
 @pytest.mark.parametrize("n", [1, 2, 3, 5, 7, 16, 33, 101])
 @pytest.mark.parametrize("S", [1, 2, 3, 4, 7])
 def test_strata_sizes_are_equal_count_larger_first(n, S):
-    sizes = select.strata_sizes(n, S)
+    sizes = selection.strata_sizes(n, S)
     assert len(sizes) == min(S, n)
     assert sum(sizes) == n
     assert all(s in (n // len(sizes), n // len(sizes) + 1) for s in sizes)
@@ -122,9 +122,9 @@ def test_strata_sizes_are_equal_count_larger_first(n, S):
 @pytest.mark.parametrize("n", [1, 3, 8, 12, 17, 40, 63, 100])
 @pytest.mark.parametrize("S", [1, 2, 3, 4, 5])
 def test_strata_quotas_sum_to_k_and_fit_their_buckets(n, S):
-    sizes = select.strata_sizes(n, S)
+    sizes = selection.strata_sizes(n, S)
     for k in range(0, n + 1):
-        q = select.strata_quotas(n, k, S)
+        q = selection.strata_quotas(n, k, S)
         assert len(q) == len(sizes)
         assert sum(q) == k, (n, k, S, q)
         assert all(0 <= qb <= sb for qb, sb in zip(q, sizes)), (n, k, S, q, sizes)
@@ -135,28 +135,28 @@ def test_strata_quotas_sum_to_k_and_fit_their_buckets(n, S):
 def test_strata_quotas_are_non_increasing_for_equal_buckets(S, per_bucket):
     n = S * per_bucket
     for k in range(0, n + 1):
-        q = select.strata_quotas(n, k, S)
+        q = selection.strata_quotas(n, k, S)
         assert q == sorted(q, reverse=True), (n, k, S, q)
 
 
 def test_harder_bucket_gives_more_when_uncapped():
     # 4 buckets of 25: weights 4:3:2:1 of k = 40 -> 16, 12, 8, 4
-    assert select.strata_quotas(100, 40, 4) == [16, 12, 8, 4]
+    assert selection.strata_quotas(100, 40, 4) == [16, 12, 8, 4]
     # 3 buckets of 10, k = 12: weights 3:2:1 -> 6, 4, 2
-    assert select.strata_quotas(30, 12, 3) == [6, 4, 2]
+    assert selection.strata_quotas(30, 12, 3) == [6, 4, 2]
 
 
 def test_full_buckets_pass_their_share_to_easier_ones():
     # 4 buckets of 5, k = 18: the hardest buckets fill up, the rest goes to the easier ones
-    q = select.strata_quotas(20, 18, 4)
+    q = selection.strata_quotas(20, 18, 4)
     assert sum(q) == 18 and q[0] == 5 and q[1] == 5
-    assert select.strata_quotas(20, 20, 4) == [5, 5, 5, 5]
+    assert selection.strata_quotas(20, 20, 4) == [5, 5, 5, 5]
 
 
 def largest_remainder(n, k, S):
     """Hamilton apportionment of k over the buckets in proportion to (S - b) * size, remainders
     largest first, ties to the harder bucket (valid where no bucket's share reaches its size)."""
-    sizes = select.strata_sizes(n, S)
+    sizes = selection.strata_sizes(n, S)
     S = len(sizes)
     w = [(S - b) * sizes[b] for b in range(S)]
     shares = [Fraction(k * wb, sum(w)) for wb in w]
@@ -175,7 +175,7 @@ def largest_remainder(n, k, S):
 def test_strata_quotas_are_the_largest_remainder_apportionment(n, k, S, expected):
     q, shares, _ = largest_remainder(n, k, S)
     assert q == expected  # the expectation above, checked against the independent rule
-    got = select.strata_quotas(n, k, S)
+    got = selection.strata_quotas(n, k, S)
     assert got == expected
     assert all(abs(g - s) < 1 for g, s in zip(got, shares))
 
@@ -184,7 +184,7 @@ def test_strata_quotas_match_largest_remainder_where_it_is_unambiguous():
     # cases where the package's rule and largest remainder agree: each quota within 1 of its share
     for n, k, S in [(100, 40, 4), (30, 12, 3), (20, 10, 2), (7, 7, 1), (12, 6, 3)]:
         q, shares, sizes = largest_remainder(n, k, S)
-        assert select.strata_quotas(n, k, S) == q
+        assert selection.strata_quotas(n, k, S) == q
 
 
 # --------------------------------------------------------------------------------------------------
@@ -192,7 +192,7 @@ def test_strata_quotas_match_largest_remainder_where_it_is_unambiguous():
 # --------------------------------------------------------------------------------------------------
 def per_bucket_counts(diff, valid, rows, S):
     ordered = hardest_first(diff, valid)
-    sizes = select.strata_sizes(len(ordered), S)
+    sizes = selection.strata_sizes(len(ordered), S)
     bucket_of = {}
     pos = 0
     for b, size in enumerate(sizes):
@@ -214,7 +214,7 @@ def test_stratified_draws_each_bucket_its_quota(n, n_ignored, S):
         rows, n_sel = run(diff, valid, cfg, k, generator=torch.Generator().manual_seed(k))
         assert n_sel == k and len(rows) == k
         assert all(valid[i] for i in rows)
-        assert per_bucket_counts(diff, valid, rows, S) == select.strata_quotas(n_valid, k, S)
+        assert per_bucket_counts(diff, valid, rows, S) == selection.strata_quotas(n_valid, k, S)
 
 
 def test_stratified_buckets_follow_the_tie_broken_order():
@@ -223,7 +223,7 @@ def test_stratified_buckets_follow_the_tie_broken_order():
     cfg = GateConfig(selection="stratified", num_strata=4)
     for k in (3, 10, 20, 35):
         rows, _ = run(diff, valid, cfg, k, generator=torch.Generator().manual_seed(k))
-        assert per_bucket_counts(diff, valid, rows, 4) == select.strata_quotas(36, k, 4)
+        assert per_bucket_counts(diff, valid, rows, 4) == selection.strata_quotas(36, k, 4)
 
 
 def test_stratified_draw_is_reproducible_with_the_seed_and_varies_with_it():
@@ -250,7 +250,7 @@ def test_stratified_samples_inside_buckets_uniformly_enough():
     seen = set()
     for s in range(60):
         seen.update(run(diff, valid, cfg, 6, generator=torch.Generator().manual_seed(s))[0])
-    quotas = select.strata_quotas(24, 6, 3)
+    quotas = selection.strata_quotas(24, 6, 3)
     ordered = hardest_first(diff, valid)
     for b, q in enumerate(quotas):
         bucket = set(ordered[8 * b:8 * (b + 1)])
@@ -333,7 +333,7 @@ def test_sequence_aware_with_m_zero_equals_topk(n, L):
 
 def test_count_selected_for_other_selections_is_k():
     for sel in ("topk", "stratified"):
-        assert select.count_selected(GateConfig(selection=sel), 7, 20, None) == 7
+        assert selection.count_selected(GateConfig(selection=sel), 7, 20, None) == 7
     cfg = GateConfig(selection="sequence_aware")
     # kept ranks below k are already in the top k; n_rows is padding
-    assert select.count_selected(cfg, 3, 10, [0, 2, 3, 9, 10, 10]) == 3 + 2
+    assert selection.count_selected(cfg, 3, 10, [0, 2, 3, 9, 10, 10]) == 3 + 2

@@ -1,4 +1,4 @@
-"""Scoring: score.difficulty against formulas recomputed here in float64, and the reference row
+"""Scoring: cggr_hook.difficulty against formulas recomputed here in float64, and the reference row
 statistics (kernels.reference.row_stats) against torch's own cross entropy and logsumexp."""
 
 import math
@@ -8,7 +8,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from cggr_hook import score
+from cggr_hook.difficulty import difficulty
 from cggr_hook.kernels import RowStats, reference
 
 SHAPES = [(1, 1, 2), (2, 3, 5), (3, 7, 11), (1, 13, 97), (5, 4, 3)]
@@ -65,7 +65,7 @@ def stats_of(logits, targets, ignore_index=-100):
 def test_difficulty_matches_the_formula(mode, B, T, V):
     logits, targets = random_case(B, T, V, seed=B * 100 + T * 10 + V, n_ignored=(B * T) // 3)
     o = oracle(logits, targets)
-    d = score.difficulty(stats_of(logits, targets, -100), mode, V, o["valid"])
+    d = difficulty(stats_of(logits, targets, -100), mode, V, o["valid"])
     assert d.dtype == torch.float32 and d.shape == (B * T,)
     want = expected_difficulty(o, mode, V)
     torch.testing.assert_close(d.double(), want, rtol=2e-5, atol=2e-5)
@@ -89,7 +89,7 @@ def test_difficulty_modes_on_hand_made_stats():
         "combined": [0.5 / ln + 0.15 + 0.1 / ln, 1.0 / ln + 1.0 + 3.0 / ln],
     }
     for mode, want in cases.items():
-        d = score.difficulty(st, mode, V, valid)
+        d = difficulty(st, mode, V, valid)
         torch.testing.assert_close(d[:2].double(), torch.tensor(want, dtype=torch.float64), rtol=1e-6, atol=1e-6)
         assert d[2].item() == -math.inf, mode
 
@@ -98,7 +98,7 @@ def test_combined_ranks_an_uncertain_wrong_row_above_a_confident_right_one():
     V = 6
     logits = torch.tensor([[[8.0, 0, 0, 0, 0, 0], [0.1, 0.2, 0.0, 0.1, 0.3, 0.0]]])
     targets = torch.tensor([0, 2])
-    d = score.difficulty(stats_of(logits, targets), "combined", V, torch.ones(2, dtype=torch.bool))
+    d = difficulty(stats_of(logits, targets), "combined", V, torch.ones(2, dtype=torch.bool))
     assert d[1] > d[0]
     assert 0 <= d[0] < 0.1
 
@@ -107,9 +107,9 @@ def test_combined_ranks_an_uncertain_wrong_row_above_a_confident_right_one():
 def test_random_is_uniform_in_unit_interval_and_reproducible(n):
     st = RowStats(*(torch.zeros(n) for _ in range(5)))
     valid = torch.ones(n, dtype=torch.bool)
-    a = score.difficulty(st, "random", 5, valid, torch.Generator().manual_seed(42))
-    b = score.difficulty(st, "random", 5, valid, torch.Generator().manual_seed(42))
-    c = score.difficulty(st, "random", 5, valid, torch.Generator().manual_seed(43))
+    a = difficulty(st, "random", 5, valid, torch.Generator().manual_seed(42))
+    b = difficulty(st, "random", 5, valid, torch.Generator().manual_seed(42))
+    c = difficulty(st, "random", 5, valid, torch.Generator().manual_seed(43))
     assert a.dtype == torch.float32 and a.shape == (n,)
     assert torch.equal(a, b)
     assert not torch.equal(a, c)
@@ -123,7 +123,7 @@ def test_random_gives_ignored_rows_minus_inf():
     n = 50
     st = RowStats(*(torch.zeros(n) for _ in range(5)))
     valid = torch.arange(n) % 3 != 0
-    d = score.difficulty(st, "random", 5, valid, torch.Generator().manual_seed(0))
+    d = difficulty(st, "random", 5, valid, torch.Generator().manual_seed(0))
     assert bool((d[~valid] == -math.inf).all())
     assert bool(((d[valid] >= 0) & (d[valid] < 1)).all())
 
@@ -132,7 +132,7 @@ def test_random_gives_ignored_rows_minus_inf():
 def test_ignored_rows_are_minus_inf_in_every_mode(mode):
     logits, targets = random_case(3, 5, 7, seed=1, n_ignored=6)
     valid = targets != -100
-    d = score.difficulty(stats_of(logits, targets), mode, 7, valid, torch.Generator().manual_seed(0))
+    d = difficulty(stats_of(logits, targets), mode, 7, valid, torch.Generator().manual_seed(0))
     assert bool((d[~valid] == -math.inf).all())
     assert bool(torch.isfinite(d[valid]).all())
 
@@ -147,7 +147,7 @@ def test_nan_difficulty_becomes_plus_inf(mode):
     logits[1, 3, 0] = math.nan
     valid = torch.ones(8, dtype=torch.bool)
     valid[7] = False  # an ignored NaN row stays -inf
-    d = score.difficulty(stats_of(logits, targets), mode, 9, valid)
+    d = difficulty(stats_of(logits, targets), mode, 9, valid)
     assert not bool(torch.isnan(d).any())
     assert d[1].item() == math.inf and d[6].item() == math.inf
     assert d[7].item() == -math.inf
@@ -159,10 +159,10 @@ def test_nan_in_hand_made_stats_becomes_plus_inf():
         lse=torch.zeros(3), entropy=torch.tensor([math.nan, 0.2, 0.3]), p_top1=torch.tensor([0.5, math.nan, 0.4]),
         p_top2=torch.tensor([0.1, 0.1, 0.1]), nll=torch.tensor([0.3, 0.2, math.nan]))
     valid = torch.ones(3, dtype=torch.bool)
-    assert score.difficulty(st, "entropy", 4, valid).tolist()[0] == math.inf
-    assert score.difficulty(st, "margin", 4, valid).tolist()[1] == math.inf
-    assert score.difficulty(st, "loss", 4, valid).tolist()[2] == math.inf
-    assert score.difficulty(st, "combined", 4, valid).tolist() == [math.inf] * 3
+    assert difficulty(st, "entropy", 4, valid).tolist()[0] == math.inf
+    assert difficulty(st, "margin", 4, valid).tolist()[1] == math.inf
+    assert difficulty(st, "loss", 4, valid).tolist()[2] == math.inf
+    assert difficulty(st, "combined", 4, valid).tolist() == [math.inf] * 3
 
 
 @pytest.mark.parametrize("mode", MODES)
@@ -176,7 +176,7 @@ def test_vocab_of_one_does_not_divide_by_zero(mode, B, T):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         st = stats_of(logits, targets)
-        d = score.difficulty(st, mode, 1, valid)
+        d = difficulty(st, mode, 1, valid)
     assert not bool(torch.isnan(d).any())
     # one class: p = 1, no entropy, no margin, no loss
     assert bool((d[valid] == 0).all()), d
@@ -189,8 +189,8 @@ def test_vocab_of_one_does_not_divide_by_zero(mode, B, T):
 def test_bf16_logits_are_scored_in_fp32(mode, B, T, V):
     logits, targets = random_case(B, T, V, seed=V, n_ignored=2, dtype=torch.bfloat16)
     valid = targets != -100
-    d16 = score.difficulty(stats_of(logits, targets), mode, V, valid, torch.Generator().manual_seed(5))
-    d32 = score.difficulty(stats_of(logits.float(), targets), mode, V, valid, torch.Generator().manual_seed(5))
+    d16 = difficulty(stats_of(logits, targets), mode, V, valid, torch.Generator().manual_seed(5))
+    d32 = difficulty(stats_of(logits.float(), targets), mode, V, valid, torch.Generator().manual_seed(5))
     assert d16.dtype == torch.float32
     assert torch.equal(d16, d32)  # the bf16 -> fp32 upcast is exact
     if mode != "random":
@@ -201,14 +201,14 @@ def test_bf16_logits_are_scored_in_fp32(mode, B, T, V):
 
 def test_float64_stats_come_back_as_float32():
     st = RowStats(*(torch.full((4,), 0.25, dtype=torch.float64) for _ in range(5)))
-    d = score.difficulty(st, "combined", 3, torch.ones(4, dtype=torch.bool))
+    d = difficulty(st, "combined", 3, torch.ones(4, dtype=torch.bool))
     assert d.dtype == torch.float32
 
 
 def test_unknown_mode_is_a_value_error():
     st = RowStats(*(torch.zeros(2) for _ in range(5)))
     with pytest.raises(ValueError, match="nope"):
-        score.difficulty(st, "nope", 3, torch.ones(2, dtype=torch.bool))
+        difficulty(st, "nope", 3, torch.ones(2, dtype=torch.bool))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -277,7 +277,7 @@ def test_tied_maximum_counts_twice(V):
     assert torch.equal(st.p_top1, st.p_top2)
     want = torch.softmax(x.double(), -1).max(-1).values
     torch.testing.assert_close(st.p_top1.double(), want, rtol=1e-6, atol=1e-7)
-    d = score.difficulty(st, "margin", V, torch.ones(4, dtype=torch.bool))
+    d = difficulty(st, "margin", V, torch.ones(4, dtype=torch.bool))
     assert bool((d == 1).all())
 
 
@@ -300,7 +300,7 @@ def test_minus_inf_logits_give_no_nan():
     ce = F.cross_entropy(x.double(), targets, reduction="none")
     torch.testing.assert_close(st.nll.double(), ce, rtol=1e-6, atol=1e-6)
     for mode in MODES:
-        assert bool(torch.isfinite(score.difficulty(st, mode, V, torch.ones(3, dtype=torch.bool))).all())
+        assert bool(torch.isfinite(difficulty(st, mode, V, torch.ones(3, dtype=torch.bool))).all())
 
 
 @pytest.mark.parametrize("where", ["one_logit", "whole_row"])
@@ -383,7 +383,7 @@ def test_gradnorm_is_the_norm_of_the_logit_gradient(label_smoothing, B, T, V):
     logits, targets = random_case(B, T, V, seed=B + T + V, n_ignored=(B * T) // 4)
     stats = reference.row_stats(logits, targets, -100, with_p2=True)
     valid = targets != -100
-    d = score.difficulty(stats, "gradnorm", V, valid, label_smoothing=label_smoothing)
+    d = difficulty(stats, "gradnorm", V, valid, label_smoothing=label_smoothing)
     x = logits.reshape(-1, V).double().requires_grad_()
     per_row = F.cross_entropy(x, targets, reduction="none", label_smoothing=label_smoothing)
     per_row.sum().backward()
@@ -402,7 +402,7 @@ def test_gradnorm_times_hidden_norm_is_the_head_weight_gradient_norm():
     targets = torch.randint(0, V, (N,), generator=g)
     logits = h @ W.t()
     stats = reference.row_stats(logits.detach().float().unsqueeze(0), targets, -100, with_p2=True)
-    s = score.difficulty(stats, "gradnorm", V, torch.ones(N, dtype=torch.bool)).double()
+    s = difficulty(stats, "gradnorm", V, torch.ones(N, dtype=torch.bool)).double()
     for i in range(N):
         (gw,) = torch.autograd.grad(F.cross_entropy(logits[i:i + 1], targets[i:i + 1]), W, retain_graph=True)
         assert float(gw.norm()) == pytest.approx(float(s[i] * h[i].norm()), rel=1e-5)
@@ -413,6 +413,6 @@ def test_gradnorm_of_a_near_one_hot_row_is_zero_not_nan():
     x = torch.tensor([[[60.0, -60.0, -60.0], [0.0, 0.0, 0.0]]])
     targets = torch.tensor([0, 1])
     stats = reference.row_stats(x, targets, -100, with_p2=True)
-    d = score.difficulty(stats, "gradnorm", 3, torch.ones(2, dtype=torch.bool))
+    d = difficulty(stats, "gradnorm", 3, torch.ones(2, dtype=torch.bool))
     assert d[0].item() == 0.0
     assert d[1].item() == pytest.approx(math.sqrt(2 / 3), rel=1e-6)

@@ -1,0 +1,80 @@
+"""A gated call's figures: the dict ``metrics()`` and ``CGGRLoss.get_metrics()`` hand out.
+
+The gated forward (``pipeline.py``) builds them. A call whose host read did not need them leaves its
+metric sums (``"_sums"``) and its importance draw's figures (``"_draw"``) on the device, as
+``pipeline.HostRead``s whose events follow the kernels that wrote them; ``resolve`` reads them when
+somebody asks.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+
+from . import auto as auto_mod
+from .kernels.spec import SUM_FIELDS
+
+
+def add_partials(host: list, n_part: int) -> list:
+    """The (P, 5) partial sums (``kernels.spec.SUM_FIELDS``), read row by row, added in a fixed order."""
+    n_fields = len(SUM_FIELDS)
+    return [sum(host[j:n_part:n_fields]) for j in range(n_fields)]
+
+
+def averages(sums: list, n_valid: int) -> dict:
+    """The metric averages over valid tokens from the host sums (``kernels.spec.SUM_FIELDS``)."""
+    avg = (lambda x: x / n_valid) if n_valid else (lambda x: math.nan)
+    return {"avg_confidence": avg(sums[2]), "avg_entropy": avg(sums[3]), "avg_difficulty": avg(sums[4])}
+
+
+def draw_figures(values: list, n_valid: int) -> dict:
+    """An importance draw's figures (``selection.DRAW_FIGURES`` read on the host): the effective
+    sample size of the Horvitz-Thompson weights w = 1 / pi, (sum w)^2 / sum w^2, the largest
+    weight, the fraction of valid tokens kept with certainty (pi = 1), and the squared coefficient
+    of variation of the scores, m2 / m1^2 - 1 (m1, m2: the mean score and squared score over valid
+    tokens), from which the variance gain over uniform sampling at kept fraction f is predicted:
+    (1 - f) (1 + cv2) / (1 - f (1 + cv2)) while no token is capped."""
+    ess, max_w, n_certain, m1, m2 = values
+    return {
+        "ess": ess,
+        "max_weight": max_w,
+        "certain_fraction": n_certain / n_valid if n_valid else 0.0,
+        "score_cv2": m2 / (m1 * m1) - 1.0 if m1 > 0 else math.nan,
+    }
+
+
+def resolve(m: dict) -> dict:
+    """A call's figures with those left on the device read (a new dict; ``m`` itself when it has
+    none left there)."""
+    if "_sums" not in m and "_draw" not in m:
+        return m
+    m = dict(m)
+    if "_sums" in m:
+        host = m.pop("_sums").values()
+        m.update(averages(add_partials(host, len(host)), m["tokens_total"]))
+    if "_draw" in m:
+        m.update(draw_figures(m.pop("_draw").values(), m["tokens_total"]))
+    return m
+
+
+def auto_figures(state: auto_mod.AutoState, fraction: float | str) -> dict:
+    """An auto gate's figures: the fraction this call ran (``auto_fraction``, 1.0 for the plain loss
+    too, with ``auto_plain``), the current choice, the noise scale (NaN before the first estimate)
+    and the step times of the last probe window (``step_ms_<candidate>``)."""
+    b = state.noise_scale()
+    out = {
+        "auto_fraction": 1.0 if fraction == auto_mod.PLAIN else float(fraction),
+        "auto_plain": fraction == auto_mod.PLAIN,
+        "auto_choice": 1.0 if state.choice == auto_mod.PLAIN else float(state.choice),
+        "auto_choice_plain": state.choice == auto_mod.PLAIN,
+        "noise_scale": math.nan if b is None else b,
+    }
+    for c, t in state.step_seconds.items():
+        out[f"step_ms_{'plain' if c == auto_mod.PLAIN else round(100 * c)}"] = 1e3 * t
+    return out
+
+
+def as_scalars(figures: dict, prefix: str = "cggr/") -> dict:
+    """The numeric figures of a ``metrics()`` dict but its ``step``, keys under ``prefix``."""
+    return {prefix + k: v for k, v in figures.items()
+            if k != "step" and isinstance(v, numbers.Real) and not isinstance(v, bool)}

@@ -1,0 +1,282 @@
+"""The gated forward: count, score, ratio, select and the loss of the selected rows, around the
+call's one host read.
+
+For a selected row r with target t (class weights w, 1 without ``weight``; smoothing eps):
+
+    ce_r = (1 - eps) * w_t * (lse_r - x_rt) + (eps / V) * (sum_v w_v * lse_r - sum_v w_v x_rv)
+
+Reductions over the K selected rows S of the n valid ones:
+
+    mean:  sum_S ce_r / sum_S w_t          (K = 0: NaN, as torch gives for an all-ignored batch)
+    sum:   sum_S ce_r * n / K               (so Hugging Face's sum / num_items_in_batch weighs as mean)
+    none:  ce_r on selected rows, exact 0 elsewhere
+
+``selection='importance'`` draws S with inclusion probabilities pi_r and weighs each drawn row by
+1 / pi_r (Horvitz-Thompson), an unbiased estimate of the plain loss (pi held constant):
+
+    mean:  (1 / n) sum_S ce_r / pi_r        (class weights: sum_S ce_r / pi_r / sum_valid w_t)
+    sum:   sum_S ce_r / pi_r
+    none:  ce_r / pi_r on drawn rows, exact 0 elsewhere
+
+``gated_forward`` returns the loss, the call's figures and the ``BackwardPlan`` that the autograd
+Functions (``functions.py``) replay the gradient from.
+"""
+
+from __future__ import annotations
+
+import math
+import numbers
+from dataclasses import dataclass
+from typing import ClassVar
+
+import torch
+from torch import Tensor
+
+from . import difficulty, figures, kernels, selection
+from .config import GateConfig, check_zero_floor
+from .kernels.spec import SCORINGS, check_reduction, target_masks
+from .schedule import Scheduler, tokens_to_keep
+
+
+@dataclass(frozen=True)
+class LossSpec:
+    """The ``F.cross_entropy`` arguments that shape the loss."""
+
+    ignore_index: int = -100
+    reduction: str = "mean"
+    label_smoothing: float = 0.0
+    weight: Tensor | None = None
+
+    def __post_init__(self) -> None:
+        # NumPy scalars and other number types mean what torch takes them to mean
+        if isinstance(self.ignore_index, numbers.Integral) and not isinstance(self.ignore_index, bool):
+            object.__setattr__(self, "ignore_index", int(self.ignore_index))
+        if isinstance(self.label_smoothing, numbers.Real) and not isinstance(self.label_smoothing, bool):
+            object.__setattr__(self, "label_smoothing", float(self.label_smoothing))
+
+    def check(self, vocab: int) -> None:
+        check_reduction(self.reduction)
+        ls = self.label_smoothing
+        if not isinstance(ls, numbers.Real) or isinstance(ls, bool) or not 0.0 <= ls <= 1.0:
+            raise ValueError(f"cggr_hook: label_smoothing={ls!r} must be a number in [0, 1]")
+        if isinstance(self.ignore_index, bool) or not isinstance(self.ignore_index, numbers.Integral):
+            raise ValueError(f"cggr_hook: ignore_index={self.ignore_index!r} must be an int")
+        w = self.weight
+        if w is not None and (not isinstance(w, Tensor) or w.dim() != 1 or w.numel() != vocab or not w.is_floating_point()):
+            shape = tuple(w.shape) if isinstance(w, Tensor) else type(w).__name__
+            raise ValueError(f"cggr_hook: weight of shape {shape} must be a float tensor of shape ({vocab},), one weight per class")
+
+
+@dataclass(frozen=True)
+class NoiseProbe:
+    """Where an auto gate's noise-measuring call sends the head's gradient noise (``auto.py``): every
+    row's |p - y|^2 (fp32 (N,)), from which the head backward estimates it, and the gate's state,
+    looked up when the backward runs."""
+
+    sq: Tensor
+    scheduler: Scheduler
+    key: str
+
+
+@dataclass
+class BackwardPlan:
+    """What the forward decided that the backward replays the gradient from."""
+
+    lse: Tensor  # (N,) fp32
+    row_scale: Tensor  # (N,) fp32, d loss / d ce_r: 0 off the selection ('none': 1 on it)
+    rows: Tensor | None = None  # (K,) int64 ascending, the selected rows (when asked for)
+    order: Tensor | None = None  # (N,) int64 whose first K rows are the selected ones, when known
+    noise: NoiseProbe | None = None  # min_tokens_ratio='auto' on a step that measures the noise
+
+
+@dataclass
+class GatedForward:
+    """``gated_forward``'s result."""
+
+    loss: Tensor  # reduced loss (scalar) or (N,) with zeros at unselected rows
+    figures: dict  # the call's figures (``figures.py``; some still on the device)
+    plan: BackwardPlan
+
+
+class HostRead:
+    """A small device tensor for the host. ``now=True`` (the call's own read) starts the copy at
+    once, without blocking, into pinned memory, on a side stream of the tensor's device that waits
+    only for the kernels queued so far: the compute stream goes on with the next kernel instead of
+    waiting for the copy engine (kernels/NOTES.md). ``now=False`` (figures read only if somebody
+    asks) just marks, with an event, when the kernels that wrote it are done. The event sits on the
+    stream of the tensor's device, whichever device is current; ``values()`` waits for that event
+    alone."""
+
+    # one side stream per device for the calls' host reads (made on first use)
+    _copy_streams: ClassVar[dict] = {}
+
+    def __init__(self, t: Tensor, now: bool = True) -> None:
+        self._event = None
+        self._host = t
+        if t.is_cuda:
+            self._event = torch.cuda.Event()
+            stream = torch.cuda.current_stream(t.device)
+            if now:
+                side = HostRead._copy_stream(t.device)
+                side.wait_stream(stream)
+                with torch.cuda.stream(side):
+                    self._host = t.to("cpu", non_blocking=True)
+                t.record_stream(side)  # the allocator keeps t's memory until the copy is done
+                stream = side
+            self._event.record(stream)
+
+    def values(self) -> list:
+        if self._event is not None:
+            self._event.synchronize()
+        return self._host.tolist()
+
+    @staticmethod
+    def _copy_stream(device: torch.device) -> torch.cuda.Stream:
+        idx = device.index if device.index is not None else torch.cuda.current_device()
+        stream = HostRead._copy_streams.get(idx)
+        if stream is None:
+            stream = HostRead._copy_streams[idx] = torch.cuda.Stream(device=idx)
+        return stream
+
+
+def _valid_and_bad(host: list) -> tuple[int, int]:
+    """(valid, bad) target counts from ``kernels.target_counts``'s (P, 2) partials read row by row."""
+    return sum(host[0::2]), sum(host[1::2])
+
+
+def _generator(device: torch.device, seed: int, step: int, call: int) -> torch.Generator:
+    g = torch.Generator(device=device)
+    # a function of (seed, step, call) alone (the hash of a tuple of ints is not salted): a
+    # resumed run draws what the uninterrupted one drew
+    g.manual_seed(hash((seed, step, call)) & ((1 << 63) - 1))
+    return g
+
+
+def _horvitz_thompson(draw: selection.Draw, targets: Tensor, n_valid: int, vocab: int, spec: LossSpec) -> Tensor:
+    """fp32 (N,) factor of each drawn row, 0 elsewhere: 1 / pi_r, over the plain loss's
+    normaliser for 'mean' (n, or the valid rows' summed class weight), so that the weighted sum
+    of the drawn rows' cross entropies is an unbiased estimate of the plain loss."""
+    factor = draw.inv_pi
+    if spec.reduction == "mean":
+        if spec.weight is None:
+            factor = factor / n_valid
+        else:
+            valid, safe = kernels.reference.safe_targets(targets, spec.ignore_index, vocab)
+            total = torch.where(valid, spec.weight.to(device=targets.device, dtype=torch.float64)[safe], 0.0).sum()
+            factor = factor / total
+    out = torch.zeros(targets.numel(), dtype=torch.float32, device=targets.device)
+    return out.index_put_((draw.rows,), factor.float())
+
+
+def gated_forward(logits: Tensor, targets: Tensor, *, config: GateConfig, scheduler: Scheduler, key: str,
+                  spec: LossSpec, seq: int | tuple[Tensor, int] | None = None,
+                  param_ids: frozenset[int] = frozenset(), need_rows: bool = False) -> GatedForward:
+    """Score, select and compute the loss of rows of ``logits`` (B, T, V) with ``targets`` (B*T,).
+
+    ``scheduler`` and ``key``: the step counter and the gate's name in it (its ratio, its running
+    confidence); ``param_ids``: the gated model's parameters, whose optimizer's next step counts;
+    ``seq``: the sequences of the rows for ``sequence_aware`` (``selection.rank_rows``);
+    ``need_rows``: also list the selected rows (a gradient over K rows needs them).
+
+    Work on the device, in order: the scoring pass over the logits (``kernels.row_stats``), the
+    difficulty and the metric sums (``difficulty.score_rows``), the difficulty order
+    (``selection.rank_rows``), then one launch for the loss of the selected rows and every row's
+    gradient scale (``kernels.selected_loss``). The host needs k, hence the number of valid tokens,
+    and reads it once (the call's one host synchronisation). Where the ratio cannot depend on the
+    logits (no dynamic threshold, not sequence_aware), that read is of target counts taken before
+    the scoring pass and waits for nothing else, so the host stays ahead of the device; the metric
+    averages then stay on the device until ``metrics()`` asks. Otherwise the read follows the
+    scoring pass and brings the valid and bad-target counts, the confidence and the metric sums
+    (and sequence_aware's kept ranks) together.
+    """
+    if spec.label_smoothing:
+        check_zero_floor(config, float(spec.label_smoothing))  # before any work
+    scoring = SCORINGS[config.scoring]
+    strategy = selection.SELECTIONS[config.selection]
+    V = logits.shape[-1]
+    N = targets.numel()
+    dev = logits.device
+    ignore_index = spec.ignore_index
+    auto = config.min_tokens_ratio == "auto"
+    # the host's one read is of target counts queued before the scoring pass, when the ratio cannot
+    # depend on what that pass finds
+    counts_first = (auto or not config.dynamic_threshold) and not strategy.per_sequence
+    counts = HostRead(kernels.target_counts(targets, V, ignore_index).reshape(-1)) if counts_first else None
+    # an auto gate's noise-measuring step needs every row's gradient norm, whatever the scoring
+    probe = auto and scheduler.auto_state(key).measures_noise()
+    stats = kernels.row_stats(logits, targets, ignore_index, spec.weight, with_wsum=spec.label_smoothing > 0,
+                              with_p2=scoring.needs_p2sum or probe)
+    step, call = scheduler.step_count, scheduler.calls_in_step
+    gen = _generator(dev, config.seed, step, call) if scoring.random or strategy.draws else None
+    diff, partial = difficulty.score_rows(stats, targets, V, ignore_index, config.scoring, gen, spec.label_smoothing)
+    valid = None
+    if strategy.per_sequence:
+        valid, _ = target_masks(targets, V, ignore_index)
+    ranking = selection.rank_rows(diff, valid, config, seq)
+
+    keep_ranks = None
+    if counts is not None:
+        n_valid, n_bad = _valid_and_bad(counts.values())  # the one host synchronisation of the call
+        sums = None
+    else:
+        n_part = partial.numel()
+        to_host = partial.reshape(-1)
+        if ranking.keep_ranks is not None:
+            to_host = torch.cat([to_host, ranking.keep_ranks.double()])
+        host = to_host.tolist()  # the one host synchronisation of the call
+        sums = figures.add_partials(host, n_part)
+        n_valid, n_bad = int(sums[0]), int(sums[1])
+        if ranking.keep_ranks is not None:
+            keep_ranks = [int(r) for r in host[n_part:]]
+    if n_bad:
+        raise ValueError(
+            f"cggr_hook: target has {n_bad} value(s) outside [0, {V}) that are not ignore_index={ignore_index}; "
+            f"targets must be class indices below the vocabulary size {V} or ignore_index"
+        )
+    confidence = sums[2] / n_valid if sums is not None and n_valid else math.nan
+
+    ratio, step, call = scheduler.begin_call(config, key, confidence, param_ids)
+    k = tokens_to_keep(ratio, n_valid)
+    n_sel = selection.count_selected(config, k, N, keep_ranks)
+    draw = row_weight = None
+    if strategy.weighted and 0 < k < n_valid:
+        draw = selection.importance_draw(ranking, diff, n_valid, k, config.importance_floor, gen,
+                                         uniform=scoring.random)
+        rows, threshold = draw.rows, 1
+        sel_key = torch.ones_like(ranking.rank).index_fill_(0, rows, 0)
+        row_weight = _horvitz_thompson(draw, targets, n_valid, V, spec)
+    else:
+        sel_key, threshold, rows = selection.selection_as_key(ranking, n_valid, k, n_sel, config, gen)
+        if need_rows and rows is None:
+            rows = selection.choose_rows(ranking, n_valid, k, n_sel, config, gen)
+    loss, row_scale = kernels.selected_loss(stats, targets, V, sel_key, threshold, n_sel, n_valid, spec.reduction,
+                                            float(spec.label_smoothing), spec.weight, row_weight)
+    noise = None
+    if auto:
+        state = scheduler.auto_state(key)
+        state.add_tokens(n_valid)
+        # the estimate needs every row at one shared scale: the plain mean or sum, no class weights
+        if probe and n_sel == n_valid >= 2 and spec.weight is None and spec.reduction != "none":
+            noise = NoiseProbe(difficulty.gradnorm_sq(stats, V, float(spec.label_smoothing)), scheduler, key)
+
+    values = {
+        "step": step + 1,  # the optimizer step this loss belongs to, counting from 1
+        "token_ratio": n_sel / n_valid if n_valid else 0.0,
+        "tokens_selected": n_sel,
+        "tokens_total": n_valid,
+        "selection": config.selection,
+        "scoring": config.scoring,
+    }
+    if sums is not None:
+        values.update(figures.averages(sums, n_valid))
+    else:
+        # read when metrics() asks, once the kernels of this stream have written them
+        values["_sums"] = HostRead(partial.reshape(-1), now=False)
+    if draw is not None:
+        values["_draw"] = HostRead(draw.figures, now=False)
+    if auto:
+        values.update(figures.auto_figures(scheduler.auto_state(key), ratio))
+    # top-k (and every strategy at k = 0 or k >= n valid) selects the first k rows of the
+    # difficulty order: the dense gradient schedules its rows by it (zero rows first)
+    order = ranking.order if sel_key is ranking.rank else None
+    return GatedForward(loss, values, BackwardPlan(stats.lse, row_scale, rows, order, noise))

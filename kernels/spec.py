@@ -1,0 +1,90 @@
+"""What every backend computes, by name: the tables and rules the reference (``reference.py``), the
+Triton launchers (``scoring.py``, ``gated_ce.py``) and the gate's options (``cggr_hook.config``) read.
+
+- ``RowStats``: the per-row statistics of one pass over the logits;
+- ``SCORINGS``: the scoring modes (a new mode is a row here, its formula in ``reference.DIFFICULTY``
+  and its branch in the Triton difficulty kernel);
+- ``REDUCTIONS``: the loss reductions;
+- ``SUM_FIELDS``: the per-row sums that travel to the host;
+- ``target_masks``: which targets are valid (in [0, V) and not ``ignore_index``) and which are bad.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import NamedTuple, Optional
+
+from torch import Tensor
+
+
+class RowStats(NamedTuple):
+    """Per-row statistics of one pass over the logits, each an fp32 (N,) tensor."""
+
+    lse: Tensor  # log-sum-exp of the row
+    entropy: Tensor  # H = -sum p log p
+    p_top1: Tensor  # largest probability
+    p_top2: Tensor  # second largest probability (0 when V = 1)
+    nll: Tensor  # lse - x_target, 0 where the target is ignored
+    wsum: Optional[Tensor] = None  # sum_v w_v x_v, only when label smoothing asks for it
+    p2sum: Optional[Tensor] = None  # sum_v p_v^2, only when gradnorm scoring asks for it
+
+
+@dataclass(frozen=True)
+class Scoring:
+    """A scoring mode: how a row's difficulty is read off its statistics (``reference.DIFFICULTY``)."""
+
+    name: str
+    code: int  # MODE of the Triton difficulty kernel
+    # when a score of 0 means a zero gradient, so that importance sampling may give such rows no
+    # floor (``importance_floor=0``): "always", "unsmoothed" (without label smoothing) or "never"
+    zero_is_no_gradient: str
+    needs_p2sum: bool = False  # the scoring pass also sums p^2 (``row_stats(with_p2=True)``)
+    random: bool = False  # uniform draws stand in for the score (a control arm)
+
+
+# in the order the options list them
+SCORINGS: dict[str, Scoring] = {s.name: s for s in (
+    Scoring("combined", 3, "unsmoothed"),
+    Scoring("entropy", 0, "never"),  # a confidently wrong token scores 0
+    Scoring("margin", 1, "never"),
+    Scoring("loss", 2, "unsmoothed"),  # 0 only for a one-hot prediction of the target
+    Scoring("gradnorm", 5, "always", needs_p2sum=True),
+    Scoring("random", 4, "always", random=True),  # draws uniformly: no row goes undrawn
+)}
+
+# reduction -> REDUCTION of the Triton loss kernel
+REDUCTIONS: dict[str, int] = {"mean": 0, "sum": 1, "none": 2}
+
+# columns of the per-row sums that travel to the host: valid rows, bad targets (neither ignored nor
+# in [0, V)), and over valid rows the top-1 probability, the entropy and the difficulty
+SUM_FIELDS = ("n_valid", "n_bad", "p_top1", "entropy", "difficulty")
+
+
+def scoring(name: str) -> Scoring:
+    """The scoring mode ``name`` (a ValueError for an unknown one: GateConfig validates user input,
+    this guards internal misuse)."""
+    mode = SCORINGS.get(name)
+    if mode is None:
+        raise ValueError(f"cggr_hook: unknown scoring {name!r}")
+    return mode
+
+
+def check_reduction(reduction: str) -> None:
+    if reduction not in REDUCTIONS:
+        *first, last = (repr(r) for r in REDUCTIONS)
+        raise ValueError(f"cggr_hook: reduction={reduction!r} is not valid; use {', '.join(first)} or {last}")
+
+
+def check_weight(weight: Tensor, vocab: int) -> None:
+    """One class weight per class (the Triton launchers' check; user input is checked with its shape
+    and dtype before it gets here)."""
+    if weight.numel() != vocab:
+        raise ValueError(f"cggr_hook: weight has {weight.numel()} entries for {vocab} classes")
+
+
+def target_masks(targets: Tensor, vocab: int, ignore_index: int) -> tuple[Tensor, Tensor]:
+    """(valid, bad) masks of the targets: valid = in [0, V) and not ``ignore_index``; bad = neither.
+    (The Triton kernels apply the same rule, ``scoring._target_masks``.)"""
+    not_ignored = targets != ignore_index
+    in_range = (targets >= 0) & (targets < vocab)
+    return not_ignored & in_range, not_ignored & ~in_range
