@@ -375,45 +375,71 @@ def baselines(group: str, dtype_name: str) -> tuple[str, ...]:
     return (FP32_BASELINE, lowp_key(dtype_name)) if group == "loss" else (HEAD_BASELINE,)
 
 
-def build_rows(I: Inputs, peers: dict, dtype_name: str) -> list[Row]:
-    """Every row of one vocabulary size, in table order. Objects are built on a row's first call."""
-    import cggr_hook
+def _fixed_ratio(loss_cls, r, **kw):
+    """A loss of the original configuration at a fixed ratio (combined scoring, top-k)."""
+    return loss_cls(scoring="combined", selection="topk", min_tokens_ratio=r, warmup_steps=0,
+                    dynamic_threshold=False, **kw)
 
-    t, logits, work = I.targets, I.logits, I.work
-    h, W, head = I.h, I.W, I.head
-    rows: list[Row] = []
 
-    def ce(x):
-        return F.cross_entropy(x, t, ignore_index=IGNORE_INDEX)
+@dataclass
+class _Rows:
+    """What every row definition reads: the inputs of one vocabulary size, the peers, the dtype."""
 
-    def fixed_ratio(loss_cls, r, **kw):
-        return loss_cls(scoring="combined", selection="topk", min_tokens_ratio=r, warmup_steps=0,
-                        dynamic_threshold=False, **kw)
+    I: Inputs
+    peers: dict
+    dtype_name: str
 
-    def peer_row(key, label, group, peer, make, **kw):
+    def ce(self, x):
+        return F.cross_entropy(x, self.I.targets, ignore_index=IGNORE_INDEX)
+
+    def peer_row(self, key, label, group, peer, make, **kw) -> Row:
         if not peer.available:
             return Row(key, label.format(v=""), group, unavailable=peer.why)
         return Row(key, label.format(v=f" {peer.version}"), group, fn=_LazyFn(make), **kw)
 
-    # ---- loss level, on logits (N, V)
-    rows.append(Row(
+    def check_head_full(self, loss, what, strict=True) -> str:
+        I = self.I
+        ref, gh, gw = I.head_ref()
+        eh, ew = _rel_err(I.h.grad, gh), _rel_err(I.W.grad, gw)
+        detail = f"loss {loss:.6f} vs torch {ref:.6f}; dh rel err {eh:.2e}, dW rel err {ew:.2e}"
+        ok = _close(loss, ref, LOSS_RTOL_FP32) and eh <= GRAD_RTOL and ew <= GRAD_RTOL
+        if strict:
+            _expect(ok, f"{what}: does not match torch: {detail}")
+        return detail if ok else f"MISMATCH: {detail}"
+
+
+# ---- loss level, on logits (N, V)
+def _torch_fp32_row(c: _Rows) -> list[Row]:
+    I, logits = c.I, c.I.logits
+    return [Row(
         "loss/torch_fp32", "torch cross_entropy, fp32-upcast logits (HF)", "loss",
-        fn=_fwd_bwd(lambda: ce(logits.float())), grads=(logits,),
+        fn=_fwd_bwd(lambda: c.ce(logits.float())), grads=(logits,),
         check=lambda loss: _check_full_loss(I, loss, logits.grad, "torch fp32", strict=True),
-    ))
-    rows.append(Row(
-        lowp_key(dtype_name), f"torch cross_entropy, {dtype_name} logits", "loss",
-        fn=_fwd_bwd(lambda: ce(logits)), grads=(logits,),
+    )]
+
+
+def _torch_lowp_row(c: _Rows) -> list[Row]:
+    I, logits = c.I, c.I.logits
+    return [Row(
+        lowp_key(c.dtype_name), f"torch cross_entropy, {c.dtype_name} logits", "loss",
+        fn=_fwd_bwd(lambda: c.ce(logits)), grads=(logits,),
         check=lambda loss: f"loss {loss:.6f} (on fp32-upcast logits {I.loss_ref()[0]:.6f})",
-    ))
+    )]
+
+
+def _cggr_loss_rows(c: _Rows) -> list[Row]:
+    import cggr_hook
+
+    I, t = c.I, c.I.targets
+    rows = []
     for r in RATIOS:
         for inplace in (False, True):
-            x = work if inplace else logits
+            x = I.work if inplace else I.logits
             what = f"cggr_hook CGGRLoss {_pct(r)}%" + (" (gradient in place)" if inplace else "")
 
             def make(r=r, inplace=inplace, x=x):
-                crit = fixed_ratio(cggr_hook.CGGRLoss, r, ignore_index=IGNORE_INDEX, reduction="mean",
-                                   inplace_backward=inplace)
+                crit = _fixed_ratio(cggr_hook.CGGRLoss, r, ignore_index=IGNORE_INDEX, reduction="mean",
+                                    inplace_backward=inplace)
                 return _fwd_bwd(lambda: crit(x, t))
 
             def check(loss, r=r, x=x, what=what):
@@ -425,83 +451,115 @@ def build_rows(I: Inputs, peers: dict, dtype_name: str) -> list[Row]:
                 f"loss/cggr_hook_{_pct(r)}" + ("_inplace" if inplace else ""), what, "loss", ours=True,
                 fn=_LazyFn(make), grads=(x,), setup=I.refill_work if inplace else None, check=check,
             ))
+    return rows
 
-    orig, liger, cce = peers["cggr"], peers["liger"], peers["cce"]
+
+def _cggr050_loss_row(c: _Rows) -> list[Row]:
+    orig, logits, t = c.peers["cggr"], c.I.logits, c.I.targets
 
     def make_orig():
-        crit = fixed_ratio(orig.obj, 0.25)
+        crit = _fixed_ratio(orig.obj, 0.25)
         return _fwd_bwd(lambda: crit(logits, t))
 
-    rows.append(peer_row("loss/cggr050_25", "cggr{v} CGGRLoss 25% (combined, topk)", "loss", orig, make_orig,
-                         grads=(logits,), check=lambda loss: f"loss {loss:.6f}"))
+    return [c.peer_row("loss/cggr050_25", "cggr{v} CGGRLoss 25% (combined, topk)", "loss", orig, make_orig,
+                       grads=(logits,), check=lambda loss: f"loss {loss:.6f}")]
+
+
+def _liger_ce_row(c: _Rows) -> list[Row]:
+    I, liger, work, t = c.I, c.peers["liger"], c.I.work, c.I.targets
 
     def make_liger_ce():
         crit = liger.obj["ce"](ignore_index=IGNORE_INDEX)
         return _fwd_bwd(lambda: crit(work, t))
 
-    rows.append(peer_row("loss/liger_ce", "Liger{v} cross entropy (gradient in place)", "loss", liger,
-                         make_liger_ce, grads=(work,), setup=I.refill_work,
-                         check=lambda loss: _check_full_loss(I, loss, work.grad, "liger ce", strict=False,
-                                                             out_dtype=work.dtype)))
+    return [c.peer_row("loss/liger_ce", "Liger{v} cross entropy (gradient in place)", "loss", liger,
+                       make_liger_ce, grads=(work,), setup=I.refill_work,
+                       check=lambda loss: _check_full_loss(I, loss, work.grad, "liger ce", strict=False,
+                                                           out_dtype=work.dtype))]
 
-    # ---- LM head + loss, on hidden states (N, D) and the head's weight (V, D)
-    hw = (h, W)
 
-    def check_head_full(loss, what, strict=True):
-        ref, gh, gw = I.head_ref()
-        eh, ew = _rel_err(h.grad, gh), _rel_err(W.grad, gw)
-        detail = f"loss {loss:.6f} vs torch {ref:.6f}; dh rel err {eh:.2e}, dW rel err {ew:.2e}"
-        ok = _close(loss, ref, LOSS_RTOL_FP32) and eh <= GRAD_RTOL and ew <= GRAD_RTOL
-        if strict:
-            _expect(ok, f"{what}: does not match torch: {detail}")
-        return detail if ok else f"MISMATCH: {detail}"
-
-    rows.append(Row(
+# ---- LM head + loss, on hidden states (N, D) and the head's weight (V, D)
+def _torch_head_row(c: _Rows) -> list[Row]:
+    h, W = c.I.h, c.I.W
+    return [Row(
         HEAD_BASELINE, "LM head + torch cross_entropy (fp32 upcast)", "head",
-        fn=_fwd_bwd(lambda: ce(F.linear(h, W).float())), grads=hw,
-        check=lambda loss: check_head_full(loss, "torch head"),
-    ))
+        fn=_fwd_bwd(lambda: c.ce(F.linear(h, W).float())), grads=(h, W),
+        check=lambda loss: c.check_head_full(loss, "torch head"),
+    )]
+
+
+def _gated_head_rows(c: _Rows) -> list[Row]:
+    I, h, W, head = c.I, c.I.h, c.I.W, c.I.head
+    rows = []
     for r in RATIOS:
         what = f"LM head gated by cggr_hook.enable, {_pct(r)}%"
 
         def check(loss, r=r, what=what):
             if r == 1.0:
-                return check_head_full(loss, what)
+                return c.check_head_full(loss, what)
             note = _check_gated(I, loss, h.grad, r, what)
             _expect(W.grad is not None and bool(torch.isfinite(W.grad).all()), f"{what}: dW missing or not finite")
             return note
 
         rows.append(Row(
             f"head/cggr_hook_{_pct(r)}", what, "head", ours=True,
-            fn=_fwd_bwd(lambda: ce(head(h).float())), grads=hw, check=check,
+            fn=_fwd_bwd(lambda: c.ce(head(h).float())), grads=(h, W), check=check,
             context=lambda r=r: _gated(head, r),
         ))
+    return rows
+
+
+def _matmul_row(c: _Rows) -> list[Row]:
+    I, h, W = c.I, c.I.h, c.I.W
 
     def bare():
         torch.autograd.backward(F.linear(h, W), I.gout)
 
-    rows.append(Row("head/matmul", "bare LM-head matmul forward + backward", "head", fn=bare, grads=hw))
+    return [Row("head/matmul", "bare LM-head matmul forward + backward", "head", fn=bare, grads=(h, W))]
+
+
+def _cggr050_head_row(c: _Rows) -> list[Row]:
+    orig, h, W, t = c.peers["cggr"], c.I.h, c.I.W, c.I.targets
 
     def make_orig_head():
-        crit = fixed_ratio(orig.obj, 0.25)
+        crit = _fixed_ratio(orig.obj, 0.25)
         return _fwd_bwd(lambda: crit(F.linear(h, W), t))
 
-    rows.append(peer_row("head/cggr050_25", "LM head + cggr{v} CGGRLoss 25%", "head", orig, make_orig_head,
-                         grads=hw, check=lambda loss: f"loss {loss:.6f}"))
+    return [c.peer_row("head/cggr050_25", "LM head + cggr{v} CGGRLoss 25%", "head", orig, make_orig_head,
+                       grads=(h, W), check=lambda loss: f"loss {loss:.6f}")]
+
+
+def _liger_flce_row(c: _Rows) -> list[Row]:
+    liger, h, W, t = c.peers["liger"], c.I.h, c.I.W, c.I.targets
 
     def make_flce():
         crit = liger.obj["flce"](ignore_index=IGNORE_INDEX)
         return _fwd_bwd(lambda: crit(W, h, t))
 
-    rows.append(peer_row("head/liger_flce", "Liger{v} fused linear cross entropy", "head", liger, make_flce,
-                         grads=hw, check=lambda loss: check_head_full(loss, "liger flce", strict=False)))
+    return [c.peer_row("head/liger_flce", "Liger{v} fused linear cross entropy", "head", liger, make_flce,
+                       grads=(h, W), check=lambda loss: c.check_head_full(loss, "liger flce", strict=False))]
+
+
+def _cce_row(c: _Rows) -> list[Row]:
+    cce, h, W, t = c.peers["cce"], c.I.h, c.I.W, c.I.targets
 
     def make_cce():
         return _fwd_bwd(lambda: cce.obj(h, W, t, ignore_index=IGNORE_INDEX))
 
-    rows.append(peer_row("head/cce", "cut-cross-entropy{v} linear_cross_entropy", "head", cce, make_cce,
-                         grads=hw, check=lambda loss: check_head_full(loss, "cce", strict=False)))
-    return rows
+    return [c.peer_row("head/cce", "cut-cross-entropy{v} linear_cross_entropy", "head", cce, make_cce,
+                       grads=(h, W), check=lambda loss: c.check_head_full(loss, "cce", strict=False))]
+
+
+# every row definition, in table order
+ROWS = (_torch_fp32_row, _torch_lowp_row, _cggr_loss_rows, _cggr050_loss_row, _liger_ce_row,
+        _torch_head_row, _gated_head_rows, _matmul_row, _cggr050_head_row, _liger_flce_row, _cce_row)
+
+
+def build_rows(I: Inputs, peers: dict, dtype_name: str) -> list[Row]:
+    """Every row of one vocabulary size, in table order (``ROWS``). Objects are built on a row's
+    first call."""
+    c = _Rows(I, peers, dtype_name)
+    return [row for define in ROWS for row in define(c)]
 
 
 class _LazyFn:
