@@ -11,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -37,6 +38,7 @@ def _finite_pos(x):
     return isinstance(x, (int, float)) and math.isfinite(x) and x > 0
 
 
+@pytest.mark.slow
 def test_bench_quick_writes_every_row(tmp_path):
     out = tmp_path / "bench.json"
     proc = _run(["-m", "cggr_hook.bench", "--quick", "--json", str(out)])
@@ -112,6 +114,7 @@ def test_bench_guard_refuses_a_wrong_result():
     assert res.status == "ok" and _finite_pos(res.ms), res
 
 
+@pytest.mark.slow
 def test_throughput_smoke(tmp_path):
     out = tmp_path / "tp"
     proc = _run(["examples/throughput_benchmark.py", "--preset", "smoke", "--out", str(out)])

@@ -19,6 +19,7 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("wrapper", ["ddp", "fsdp"])
 def test_two_process_gated_training(wrapper):
     env = dict(os.environ, OMP_NUM_THREADS="1")

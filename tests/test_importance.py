@@ -259,6 +259,7 @@ def test_triton_backend_matches_the_torch_backend_draw_by_draw(scoring, monkeypa
 # --------------------------------------------------------------------------------------------------
 # unbiasedness
 # --------------------------------------------------------------------------------------------------
+@pytest.mark.slow
 @pytest.mark.parametrize("scoring, floor", [("gradnorm", 0.0), ("gradnorm", 0.2), ("loss", 0.5)])
 def test_mean_gradient_over_draws_is_the_plain_gradient(scoring, floor):
     logits, targets = inputs(B=2, T=10, V=7, seed=12, scale=3.0)

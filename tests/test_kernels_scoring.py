@@ -85,6 +85,7 @@ def test_row_stats_matches_reference(V, dtype, layout, block, triton_backend):
         torch.testing.assert_close(got.entropy, torch.zeros_like(got.entropy), atol=1e-6, rtol=0)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("layout", ["contiguous", "shifted"])
 def test_row_stats_vocab_32001(dtype, layout):
@@ -95,6 +96,7 @@ def test_row_stats_vocab_32001(dtype, layout):
     assert_stats_close(got, want, rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_row_stats_vocab_strided_32001():
     gen = torch.Generator().manual_seed(2)
     x = make_logits(1, 2, 32001, torch.float16, "vocab_strided", gen=gen)
