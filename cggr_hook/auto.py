@@ -164,8 +164,11 @@ class AutoState:
             self._acc = None
             if calls:
                 new = [trace / calls, g2 / calls]
-                self.noise = new if self.noise is None else [
-                    NOISE_MOMENTUM * a + (1 - NOISE_MOMENTUM) * b for a, b in zip(self.noise, new)]
+                self.noise = (
+                    new
+                    if self.noise is None
+                    else [NOISE_MOMENTUM * a + (1 - NOISE_MOMENTUM) * b for a, b in zip(self.noise, new)]
+                )
         self.choice = choose(self.step_seconds, self.noise_scale(), self.tokens)
         self.decisions += 1
 
@@ -181,17 +184,29 @@ class AutoState:
     # --- checkpoints --------------------------------------------------------------------------------------
     def state_dict(self) -> dict:
         acc = None if self._acc is None else self._acc.tolist()
-        return dict(steps=self.steps, window_start=self.window_start, choice=self.choice,
-                    step_seconds={_key(c): t for c, t in self.step_seconds.items()}, noise=self.noise,
-                    tokens=self.tokens, decisions=self.decisions,
-                    times={_key(c): list(ts) for c, ts in self._times.items()}, acc=acc)
+        return dict(
+            steps=self.steps,
+            window_start=self.window_start,
+            choice=self.choice,
+            step_seconds={_key(c): t for c, t in self.step_seconds.items()},
+            noise=self.noise,
+            tokens=self.tokens,
+            decisions=self.decisions,
+            times={_key(c): list(ts) for c, ts in self._times.items()},
+            acc=acc,
+        )
 
     @classmethod
     def from_state(cls, state: dict) -> "AutoState":
-        s = cls(steps=int(state["steps"]), window_start=int(state["window_start"]), choice=_candidate(state["choice"]),
-                step_seconds={_candidate(c): float(t) for c, t in state["step_seconds"].items()},
-                noise=None if state["noise"] is None else [float(v) for v in state["noise"]],
-                tokens=float(state["tokens"]), decisions=int(state["decisions"]))
+        s = cls(
+            steps=int(state["steps"]),
+            window_start=int(state["window_start"]),
+            choice=_candidate(state["choice"]),
+            step_seconds={_candidate(c): float(t) for c, t in state["step_seconds"].items()},
+            noise=None if state["noise"] is None else [float(v) for v in state["noise"]],
+            tokens=float(state["tokens"]),
+            decisions=int(state["decisions"]),
+        )
         s._times = {_candidate(c): [float(t) for t in ts] for c, ts in state.get("times", {}).items()}
         if state.get("acc") is not None:
             s._acc = torch.tensor(state["acc"], dtype=torch.float64)

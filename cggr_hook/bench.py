@@ -281,8 +281,14 @@ def _close(got: float, want: float, rtol: float, out_dtype: torch.dtype = torch.
     return math.isfinite(got) and abs(got - want) <= rtol * max(abs(want), 1.0) + rounding
 
 
-def _check_full_loss(I: Inputs, loss: float, grad: Optional[torch.Tensor], what: str, strict: bool,
-                     out_dtype: torch.dtype = torch.float32) -> str:
+def _check_full_loss(
+    I: Inputs,
+    loss: float,
+    grad: Optional[torch.Tensor],
+    what: str,
+    strict: bool,
+    out_dtype: torch.dtype = torch.float32,
+) -> str:
     """A full (100%) loss against torch's; strict: raise on a mismatch, else only report it.
     ``out_dtype``: the dtype the loss comes back in (its rounding is allowed on top of rtol)."""
     ref32, gref, refl = I.loss_ref()
@@ -307,8 +313,10 @@ def _check_gated(I: Inputs, loss: float, grad: torch.Tensor, ratio: float, what:
     _expect(rows == k, f"{what}: {rows} rows have a gradient, expected k = {k} of {I.n_valid} valid")
     ignored = I.targets == IGNORE_INDEX
     if bool(ignored.any()):
-        _expect(not bool((grad.reshape(grad.shape[0], -1)[ignored] != 0).any()),
-                f"{what}: ignore_index rows have a gradient")
+        _expect(
+            not bool((grad.reshape(grad.shape[0], -1)[ignored] != 0).any()),
+            f"{what}: ignore_index rows have a gradient",
+        )
     _expect(bool(torch.isfinite(grad).all()), f"{what}: non-finite gradient")
     return f"loss {loss:.6f}; {rows} rows with gradient = k"
 
@@ -377,8 +385,9 @@ def baselines(group: str, dtype_name: str) -> tuple[str, ...]:
 
 def _fixed_ratio(loss_cls, r, **kw):
     """A loss of the original configuration at a fixed ratio (combined scoring, top-k)."""
-    return loss_cls(scoring="combined", selection="topk", min_tokens_ratio=r, warmup_steps=0,
-                    dynamic_threshold=False, **kw)
+    return loss_cls(
+        scoring="combined", selection="topk", min_tokens_ratio=r, warmup_steps=0, dynamic_threshold=False, **kw
+    )
 
 
 @dataclass
@@ -411,20 +420,30 @@ class _Rows:
 # ---- loss level, on logits (N, V)
 def _torch_fp32_row(c: _Rows) -> list[Row]:
     I, logits = c.I, c.I.logits
-    return [Row(
-        "loss/torch_fp32", "torch cross_entropy, fp32-upcast logits (HF)", "loss",
-        fn=_fwd_bwd(lambda: c.ce(logits.float())), grads=(logits,),
-        check=lambda loss: _check_full_loss(I, loss, logits.grad, "torch fp32", strict=True),
-    )]
+    return [
+        Row(
+            "loss/torch_fp32",
+            "torch cross_entropy, fp32-upcast logits (HF)",
+            "loss",
+            fn=_fwd_bwd(lambda: c.ce(logits.float())),
+            grads=(logits,),
+            check=lambda loss: _check_full_loss(I, loss, logits.grad, "torch fp32", strict=True),
+        )
+    ]
 
 
 def _torch_lowp_row(c: _Rows) -> list[Row]:
     I, logits = c.I, c.I.logits
-    return [Row(
-        lowp_key(c.dtype_name), f"torch cross_entropy, {c.dtype_name} logits", "loss",
-        fn=_fwd_bwd(lambda: c.ce(logits)), grads=(logits,),
-        check=lambda loss: f"loss {loss:.6f} (on fp32-upcast logits {I.loss_ref()[0]:.6f})",
-    )]
+    return [
+        Row(
+            lowp_key(c.dtype_name),
+            f"torch cross_entropy, {c.dtype_name} logits",
+            "loss",
+            fn=_fwd_bwd(lambda: c.ce(logits)),
+            grads=(logits,),
+            check=lambda loss: f"loss {loss:.6f} (on fp32-upcast logits {I.loss_ref()[0]:.6f})",
+        )
+    ]
 
 
 def _cggr_loss_rows(c: _Rows) -> list[Row]:
@@ -438,8 +457,9 @@ def _cggr_loss_rows(c: _Rows) -> list[Row]:
             what = f"cggr_hook CGGRLoss {_pct(r)}%" + (" (gradient in place)" if inplace else "")
 
             def make(r=r, inplace=inplace, x=x):
-                crit = _fixed_ratio(cggr_hook.CGGRLoss, r, ignore_index=IGNORE_INDEX, reduction="mean",
-                                    inplace_backward=inplace)
+                crit = _fixed_ratio(
+                    cggr_hook.CGGRLoss, r, ignore_index=IGNORE_INDEX, reduction="mean", inplace_backward=inplace
+                )
                 return _fwd_bwd(lambda: crit(x, t))
 
             def check(loss, r=r, x=x, what=what):
@@ -447,10 +467,18 @@ def _cggr_loss_rows(c: _Rows) -> list[Row]:
                     return _check_full_loss(I, loss, x.grad, what, strict=True)
                 return _check_gated(I, loss, x.grad, r, what)
 
-            rows.append(Row(
-                f"loss/cggr_hook_{_pct(r)}" + ("_inplace" if inplace else ""), what, "loss", ours=True,
-                fn=_LazyFn(make), grads=(x,), setup=I.refill_work if inplace else None, check=check,
-            ))
+            rows.append(
+                Row(
+                    f"loss/cggr_hook_{_pct(r)}" + ("_inplace" if inplace else ""),
+                    what,
+                    "loss",
+                    ours=True,
+                    fn=_LazyFn(make),
+                    grads=(x,),
+                    setup=I.refill_work if inplace else None,
+                    check=check,
+                )
+            )
     return rows
 
 
@@ -461,8 +489,17 @@ def _cggr050_loss_row(c: _Rows) -> list[Row]:
         crit = _fixed_ratio(orig.obj, 0.25)
         return _fwd_bwd(lambda: crit(logits, t))
 
-    return [c.peer_row("loss/cggr050_25", "cggr{v} CGGRLoss 25% (combined, topk)", "loss", orig, make_orig,
-                       grads=(logits,), check=lambda loss: f"loss {loss:.6f}")]
+    return [
+        c.peer_row(
+            "loss/cggr050_25",
+            "cggr{v} CGGRLoss 25% (combined, topk)",
+            "loss",
+            orig,
+            make_orig,
+            grads=(logits,),
+            check=lambda loss: f"loss {loss:.6f}",
+        )
+    ]
 
 
 def _liger_ce_row(c: _Rows) -> list[Row]:
@@ -472,20 +509,33 @@ def _liger_ce_row(c: _Rows) -> list[Row]:
         crit = liger.obj["ce"](ignore_index=IGNORE_INDEX)
         return _fwd_bwd(lambda: crit(work, t))
 
-    return [c.peer_row("loss/liger_ce", "Liger{v} cross entropy (gradient in place)", "loss", liger,
-                       make_liger_ce, grads=(work,), setup=I.refill_work,
-                       check=lambda loss: _check_full_loss(I, loss, work.grad, "liger ce", strict=False,
-                                                           out_dtype=work.dtype))]
+    return [
+        c.peer_row(
+            "loss/liger_ce",
+            "Liger{v} cross entropy (gradient in place)",
+            "loss",
+            liger,
+            make_liger_ce,
+            grads=(work,),
+            setup=I.refill_work,
+            check=lambda loss: _check_full_loss(I, loss, work.grad, "liger ce", strict=False, out_dtype=work.dtype),
+        )
+    ]
 
 
 # ---- LM head + loss, on hidden states (N, D) and the head's weight (V, D)
 def _torch_head_row(c: _Rows) -> list[Row]:
     h, W = c.I.h, c.I.W
-    return [Row(
-        HEAD_BASELINE, "LM head + torch cross_entropy (fp32 upcast)", "head",
-        fn=_fwd_bwd(lambda: c.ce(F.linear(h, W).float())), grads=(h, W),
-        check=lambda loss: c.check_head_full(loss, "torch head"),
-    )]
+    return [
+        Row(
+            HEAD_BASELINE,
+            "LM head + torch cross_entropy (fp32 upcast)",
+            "head",
+            fn=_fwd_bwd(lambda: c.ce(F.linear(h, W).float())),
+            grads=(h, W),
+            check=lambda loss: c.check_head_full(loss, "torch head"),
+        )
+    ]
 
 
 def _gated_head_rows(c: _Rows) -> list[Row]:
@@ -501,11 +551,18 @@ def _gated_head_rows(c: _Rows) -> list[Row]:
             _expect(W.grad is not None and bool(torch.isfinite(W.grad).all()), f"{what}: dW missing or not finite")
             return note
 
-        rows.append(Row(
-            f"head/cggr_hook_{_pct(r)}", what, "head", ours=True,
-            fn=_fwd_bwd(lambda: c.ce(head(h).float())), grads=(h, W), check=check,
-            context=lambda r=r: _gated(head, r),
-        ))
+        rows.append(
+            Row(
+                f"head/cggr_hook_{_pct(r)}",
+                what,
+                "head",
+                ours=True,
+                fn=_fwd_bwd(lambda: c.ce(head(h).float())),
+                grads=(h, W),
+                check=check,
+                context=lambda r=r: _gated(head, r),
+            )
+        )
     return rows
 
 
@@ -525,8 +582,17 @@ def _cggr050_head_row(c: _Rows) -> list[Row]:
         crit = _fixed_ratio(orig.obj, 0.25)
         return _fwd_bwd(lambda: crit(F.linear(h, W), t))
 
-    return [c.peer_row("head/cggr050_25", "LM head + cggr{v} CGGRLoss 25%", "head", orig, make_orig_head,
-                       grads=(h, W), check=lambda loss: f"loss {loss:.6f}")]
+    return [
+        c.peer_row(
+            "head/cggr050_25",
+            "LM head + cggr{v} CGGRLoss 25%",
+            "head",
+            orig,
+            make_orig_head,
+            grads=(h, W),
+            check=lambda loss: f"loss {loss:.6f}",
+        )
+    ]
 
 
 def _liger_flce_row(c: _Rows) -> list[Row]:
@@ -536,8 +602,17 @@ def _liger_flce_row(c: _Rows) -> list[Row]:
         crit = liger.obj["flce"](ignore_index=IGNORE_INDEX)
         return _fwd_bwd(lambda: crit(W, h, t))
 
-    return [c.peer_row("head/liger_flce", "Liger{v} fused linear cross entropy", "head", liger, make_flce,
-                       grads=(h, W), check=lambda loss: c.check_head_full(loss, "liger flce", strict=False))]
+    return [
+        c.peer_row(
+            "head/liger_flce",
+            "Liger{v} fused linear cross entropy",
+            "head",
+            liger,
+            make_flce,
+            grads=(h, W),
+            check=lambda loss: c.check_head_full(loss, "liger flce", strict=False),
+        )
+    ]
 
 
 def _cce_row(c: _Rows) -> list[Row]:
@@ -546,13 +621,33 @@ def _cce_row(c: _Rows) -> list[Row]:
     def make_cce():
         return _fwd_bwd(lambda: cce.obj(h, W, t, ignore_index=IGNORE_INDEX))
 
-    return [c.peer_row("head/cce", "cut-cross-entropy{v} linear_cross_entropy", "head", cce, make_cce,
-                       grads=(h, W), check=lambda loss: c.check_head_full(loss, "cce", strict=False))]
+    return [
+        c.peer_row(
+            "head/cce",
+            "cut-cross-entropy{v} linear_cross_entropy",
+            "head",
+            cce,
+            make_cce,
+            grads=(h, W),
+            check=lambda loss: c.check_head_full(loss, "cce", strict=False),
+        )
+    ]
 
 
 # every row definition, in table order
-ROWS = (_torch_fp32_row, _torch_lowp_row, _cggr_loss_rows, _cggr050_loss_row, _liger_ce_row,
-        _torch_head_row, _gated_head_rows, _matmul_row, _cggr050_head_row, _liger_flce_row, _cce_row)
+ROWS = (
+    _torch_fp32_row,
+    _torch_lowp_row,
+    _cggr_loss_rows,
+    _cggr050_loss_row,
+    _liger_ce_row,
+    _torch_head_row,
+    _gated_head_rows,
+    _matmul_row,
+    _cggr050_head_row,
+    _liger_flce_row,
+    _cce_row,
+)
 
 
 def build_rows(I: Inputs, peers: dict, dtype_name: str) -> list[Row]:
@@ -676,8 +771,10 @@ def load_peers() -> dict[str, Peer]:
     try:
         from liger_kernel.transformers import LigerCrossEntropyLoss, LigerFusedLinearCrossEntropyLoss
 
-        peers["liger"] = Peer({"ce": LigerCrossEntropyLoss, "flce": LigerFusedLinearCrossEntropyLoss},
-                              _version("liger-kernel") or _version("liger_kernel"))
+        peers["liger"] = Peer(
+            {"ce": LigerCrossEntropyLoss, "flce": LigerFusedLinearCrossEntropyLoss},
+            _version("liger-kernel") or _version("liger_kernel"),
+        )
     except Exception as e:
         peers["liger"] = Peer(why=f"not installed ({type(e).__name__}: {e}; {hint.format('liger-kernel==0.8.5')})")
 
@@ -749,9 +846,13 @@ def render(meta: dict, results: list[Result]) -> str:
         out.append("")
     checks = meta.get("timer_check")
     if checks:
-        out.append("Timer cross-check (torch low-precision CE row timed both ways): " + ", ".join(
-            f"V={c['vocab']}: do_bench {c['do_bench_ms']:.3f} ms, event loop {c['event_loop_ms']:.3f} ms"
-            for c in checks))
+        out.append(
+            "Timer cross-check (torch low-precision CE row timed both ways): "
+            + ", ".join(
+                f"V={c['vocab']}: do_bench {c['do_bench_ms']:.3f} ms, event loop {c['event_loop_ms']:.3f} ms"
+                for c in checks
+            )
+        )
         out.append("")
     missing = [f"{k}: {v}" for k, v in meta["peers"].items() if v.startswith("not installed")]
     if missing:
@@ -788,8 +889,11 @@ def _meta(args, device, dtype_name, peers) -> dict:
         "dtype": dtype_name,
         "ignore_fraction": IGNORE_FRACTION,
         "logit_scale": LOGIT_SCALE,
-        "timer": ("triton.testing.do_bench(return_mode='median'); rows refilling their logits buffer: "
-                  "the same method with the refill outside the timed region") if device.type == "cuda"
+        "timer": (
+            "triton.testing.do_bench(return_mode='median'); rows refilling their logits buffer: "
+            "the same method with the refill outside the timed region"
+        )
+        if device.type == "cuda"
         else "time.perf_counter median",
         "warmup_ms": args.warmup_ms,
         "rep_ms": args.rep_ms,
@@ -817,8 +921,12 @@ def parse_args(argv=None):
     p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     p.add_argument("--json", metavar="PATH", help="write all figures to this JSON file")
     p.add_argument("--quick", action="store_true", help="tiny sizes and short timing: a smoke run (CPU is fine)")
-    p.add_argument("--only", nargs="+", metavar="PATTERN",
-                   help="rows whose key or label contains any PATTERN (case-insensitive), plus their baselines")
+    p.add_argument(
+        "--only",
+        nargs="+",
+        metavar="PATTERN",
+        help="rows whose key or label contains any PATTERN (case-insensitive), plus their baselines",
+    )
     p.add_argument("--warmup-ms", type=float, default=None, help="warm-up time per row (default 100, quick 5)")
     p.add_argument("--rep-ms", type=float, default=None, help="timed time per row (default 500, quick 20)")
     p.add_argument("--seed", type=int, default=0)
@@ -827,8 +935,10 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if not args.quick and args.device is None and not torch.cuda.is_available():
         # the full sizes are GPU figures (minutes a row on a CPU): without a GPU, a smoke run
-        print("[bench] no CUDA device: running the --quick smoke sizes (pass --device cpu for full sizes)",
-              file=sys.stderr)
+        print(
+            "[bench] no CUDA device: running the --quick smoke sizes (pass --device cpu for full sizes)",
+            file=sys.stderr,
+        )
         args.quick = True
     big, small = dict(vocab=[32000, 128256], tokens=8192, hidden=2048), dict(vocab=[1000, 2048], tokens=256, hidden=64)
     for k, v in (small if args.quick else big).items():
@@ -867,8 +977,11 @@ def main(argv=None) -> int:
         for row in rows:
             res = run_row(row, I, device, args.warmup_ms, args.rep_ms, args.force)
             results.append(res)
-            print(f"[bench] V={vocab} {row.key}: {res.status} {_fmt(res.ms, '.3f')} ms "
-                  f"{_fmt(res.extra_peak_mib, '.1f')} MiB {res.check or res.error or ''}", file=sys.stderr)
+            print(
+                f"[bench] V={vocab} {row.key}: {res.status} {_fmt(res.ms, '.3f')} ms "
+                f"{_fmt(res.extra_peak_mib, '.1f')} MiB {res.check or res.error or ''}",
+                file=sys.stderr,
+            )
             if row.ours and res.status != "ok":
                 failed.append(f"V={vocab} {row.key}: {res.status}: {res.check or res.error}")
             if row.key == lowp_key(args.dtype) and res.status == "ok" and device.type == "cuda":

@@ -32,9 +32,7 @@ def _python_scalar(value: Any) -> Any:
 
 
 def _wrong_type(name: str, value: Any, kind: str, fix: str) -> None:
-    raise ValueError(
-        f"cggr_hook: {name}={value!r} is a {type(value).__name__}, not {kind}: {fix}"
-    )
+    raise ValueError(f"cggr_hook: {name}={value!r} is a {type(value).__name__}, not {kind}: {fix}")
 
 
 def _real(name: str, value: Any, fix: str) -> float:
@@ -75,12 +73,19 @@ def zero_floor_is_biased(scoring: str, label_smoothing: float = 0.0) -> bool:
 
 
 def check_zero_floor(config: "GateConfig", label_smoothing: float = 0.0) -> None:
-    if config.selection == "importance" and config.importance_floor == 0.0 and zero_floor_is_biased(
-            config.scoring, label_smoothing):
-        _fail("importance_floor", config.importance_floor,
-              f"with scoring={config.scoring!r}" + (f" and label_smoothing={label_smoothing}" if label_smoothing else "")
-              + " a score of 0 does not mean a zero gradient, so such tokens could never be drawn and the "
-              "loss would be biased: give a floor > 0 (e.g. 0.2) or scoring='gradnorm'")
+    if (
+        config.selection == "importance"
+        and config.importance_floor == 0.0
+        and zero_floor_is_biased(config.scoring, label_smoothing)
+    ):
+        _fail(
+            "importance_floor",
+            config.importance_floor,
+            f"with scoring={config.scoring!r}"
+            + (f" and label_smoothing={label_smoothing}" if label_smoothing else "")
+            + " a score of 0 does not mean a zero gradient, so such tokens could never be drawn and the "
+            "loss would be biased: give a floor > 0 (e.g. 0.2) or scoring='gradnorm'",
+        )
 
 
 @dataclass(frozen=True)
@@ -172,9 +177,16 @@ class GateConfig:
         if not (0.0 <= a <= 1.0):  # NaN fails this too
             _fail("importance_floor", self.importance_floor, fix)
         seed = _whole("seed", self.seed, "give an integer")
-        for name, value in (("min_tokens_ratio", r), ("warmup_steps", w), ("dynamic_threshold", d),
-                            ("threshold_sensitivity", s), ("num_strata", n), ("min_tokens_per_sequence", m),
-                            ("importance_floor", a), ("seed", seed)):
+        for name, value in (
+            ("min_tokens_ratio", r),
+            ("warmup_steps", w),
+            ("dynamic_threshold", d),
+            ("threshold_sensitivity", s),
+            ("num_strata", n),
+            ("min_tokens_per_sequence", m),
+            ("importance_floor", a),
+            ("seed", seed),
+        ):
             object.__setattr__(self, name, value)
         check_zero_floor(self)
 
@@ -194,8 +206,16 @@ class GateConfig:
 # named configurations: "seed" is the original CGGR package's (hard top-k selection by the combined
 # score, a curriculum from every token down to 25% over 1000 steps, the dynamic threshold)
 PRESETS = {
-    "seed": dict(scoring="combined", selection="topk", min_tokens_ratio=0.25, warmup_steps=1000,
-                 dynamic_threshold=True, threshold_sensitivity=0.5, num_strata=4, min_tokens_per_sequence=1),
+    "seed": dict(
+        scoring="combined",
+        selection="topk",
+        min_tokens_ratio=0.25,
+        warmup_steps=1000,
+        dynamic_threshold=True,
+        threshold_sensitivity=0.5,
+        num_strata=4,
+        min_tokens_per_sequence=1,
+    ),
 }
 
 

@@ -34,16 +34,28 @@ def noise_for(scoring: str, n: int, device: torch.device, generator: torch.Gener
     return torch.rand(n, generator=generator, device=device, dtype=torch.float32)
 
 
-def difficulty(stats: RowStats, scoring: str, vocab: int, valid: Tensor,
-               generator: torch.Generator | None = None, label_smoothing: float = 0.0) -> Tensor:
+def difficulty(
+    stats: RowStats,
+    scoring: str,
+    vocab: int,
+    valid: Tensor,
+    generator: torch.Generator | None = None,
+    label_smoothing: float = 0.0,
+) -> Tensor:
     """fp32 (N,) difficulty of every row; -inf where ``valid`` is False (the definition above)."""
     noise = noise_for(scoring, valid.numel(), valid.device, generator)
     return reference.difficulty(stats, scoring, vocab, valid, noise, label_smoothing)
 
 
-def score_rows(stats: RowStats, targets: Tensor, vocab: int, ignore_index: int, scoring: str,
-               generator: torch.Generator | None = None,
-               label_smoothing: float = 0.0) -> tuple[Tensor, Tensor]:
+def score_rows(
+    stats: RowStats,
+    targets: Tensor,
+    vocab: int,
+    ignore_index: int,
+    scoring: str,
+    generator: torch.Generator | None = None,
+    label_smoothing: float = 0.0,
+) -> tuple[Tensor, Tensor]:
     """The difficulty of every row (valid = target in [0, V) and not ``ignore_index``) and the
     float64 (P, 5) partial sums the host reads: valid rows, bad targets, and over valid rows the
     top-1 probability, entropy and difficulty (``kernels.spec.SUM_FIELDS``). On CUDA one kernel

@@ -76,5 +76,8 @@ def auto_figures(state: auto_mod.AutoState, fraction: float | str) -> dict:
 
 def as_scalars(figures: dict, prefix: str = "cggr/") -> dict:
     """The numeric figures of a ``metrics()`` dict but its ``step``, keys under ``prefix``."""
-    return {prefix + k: v for k, v in figures.items()
-            if k != "step" and isinstance(v, numbers.Real) and not isinstance(v, bool)}
+    return {
+        prefix + k: v
+        for k, v in figures.items()
+        if k != "step" and isinstance(v, numbers.Real) and not isinstance(v, bool)
+    }

@@ -50,8 +50,17 @@ class GatedCrossEntropy(torch.autograd.Function):
         spec: LossSpec = ctx.spec
         out = logits if not saved else torch.empty_like(logits)
         # one launch: every row is written, selected rows scaled by row_scale * grad_output
-        kernels.ce_grad_dense_(kernels.as_rows(logits), targets.reshape(-1), plan.lse, plan.row_scale, spec.weight,
-                               float(spec.label_smoothing), kernels.as_rows(out), grad_output, plan.order)
+        kernels.ce_grad_dense_(
+            kernels.as_rows(logits),
+            targets.reshape(-1),
+            plan.lse,
+            plan.row_scale,
+            spec.weight,
+            float(spec.label_smoothing),
+            kernels.as_rows(out),
+            grad_output,
+            plan.order,
+        )
         return out, None, None, None, None
 
 
@@ -74,8 +83,18 @@ class GatedHeadCrossEntropy(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, hidden: Tensor, weight: Tensor, bias: Tensor | None, head_out: Tensor, targets: Tensor,
-                ce_rows: Tensor, ce_shape: torch.Size, fwd: GatedForward, spec: LossSpec) -> Tensor:
+    def forward(
+        ctx,
+        hidden: Tensor,
+        weight: Tensor,
+        bias: Tensor | None,
+        head_out: Tensor,
+        targets: Tensor,
+        ce_rows: Tensor,
+        ce_shape: torch.Size,
+        fwd: GatedForward,
+        spec: LossSpec,
+    ) -> Tensor:
         ctx.plan, ctx.spec, ctx.has_bias = fwd.plan, spec, bias is not None
         ctx.save_for_backward(hidden, weight, bias, head_out, targets, ce_rows)
         if spec.reduction == "none":
@@ -95,8 +114,16 @@ class GatedHeadCrossEntropy(torch.autograd.Function):
         else:
             scale = _row_scale(plan, grad_output, spec.reduction)
         compute_dtype = head_out.dtype  # the dtype the head's matmul ran in (autocast included)
-        G = kernels.ce_grad_rows(kernels.as_rows(head_out), targets, plan.lse, plan.rows, scale, spec.weight,
-                                 float(spec.label_smoothing), compute_dtype)  # (K, V)
+        G = kernels.ce_grad_rows(
+            kernels.as_rows(head_out),
+            targets,
+            plan.lse,
+            plan.rows,
+            scale,
+            spec.weight,
+            float(spec.label_smoothing),
+            compute_dtype,
+        )  # (K, V)
         D = hidden.shape[-1]
         h2 = hidden.reshape(-1, D)
         grad_h = grad_w = grad_b = None

@@ -60,8 +60,9 @@ class _GateHook:
 class Gate:
     """The handle ``enable`` returns: one model's gate. ``remove()`` disables it."""
 
-    def __init__(self, registry: Registry, gate_id: int, model: nn.Module, root: nn.Module, head: nn.Module,
-                 config: GateConfig) -> None:
+    def __init__(
+        self, registry: Registry, gate_id: int, model: nn.Module, root: nn.Module, head: nn.Module, config: GateConfig
+    ) -> None:
         self._registry = registry  # the owner: remove() asks it, the hooks read its pause flag
         self.id = gate_id  # what the head's tap holds (HeadCall.gate_id): the registry finds the gate by it
         self._model = weakref.ref(model)
@@ -94,8 +95,9 @@ class Gate:
         self._head_hook = _GateHook(torch.compiler.disable(self._on_head_forward))
         self._handle = head.register_forward_hook(self._head_hook, prepend=True)
         # on the model: follows a head replaced after enable, and turns TRL's fused LM head off
-        self._root_handle = root.register_forward_pre_hook(_GateHook(torch.compiler.disable(self._on_root_forward)),
-                                                           with_kwargs=True)
+        self._root_handle = root.register_forward_pre_hook(
+            _GateHook(torch.compiler.disable(self._on_root_forward)), with_kwargs=True
+        )
         self._fused_handle = None  # the forward hook that rebuilds TRL's fused output (made on first use)
         self._trl_checks = [trl_fused.UNIFORM_CHECKS]  # backward passes that check TRL's loss weighs tokens equally
         self._undo_loss = hf_loss.install(root, torch.compiler.disable(self._would_gate))
@@ -136,17 +138,32 @@ class Gate:
         called = head_mod.called_module(module)
         # the narrow backward only where output == F.linear(hidden, weight, bias) is known; a global
         # forward hook runs before ours and may have changed the output
-        narrow = (not self.through_logits and head_mod.not_plain_reason(called) is None
-                  and not torch.nn.modules.module._global_forward_hooks)
-        call = head_mod.HeadCall(gate_id=self.id, head=called, hidden=args[0], output=output, narrow=narrow,
-                                 weight=called.weight if narrow else None, bias=called.bias if narrow else None)
+        narrow = (
+            not self.through_logits
+            and head_mod.not_plain_reason(called) is None
+            and not torch.nn.modules.module._global_forward_hooks
+        )
+        call = head_mod.HeadCall(
+            gate_id=self.id,
+            head=called,
+            hidden=args[0],
+            output=output,
+            narrow=narrow,
+            weight=called.weight if narrow else None,
+            bias=called.bias if narrow else None,
+        )
         return head_mod.tap_output(call)
 
     # the forward pre-hook on the model
     def _on_root_forward(self, module: nn.Module, args: tuple, kwargs: dict) -> Any:
         # a deep copy of the model carries this hook along: it acts on the model it was put on only
-        if not (self.enabled and module is self.root() and module.training and torch.is_grad_enabled()
-                and not self._registry.paused_here()):
+        if not (
+            self.enabled
+            and module is self.root()
+            and module.training
+            and torch.is_grad_enabled()
+            and not self._registry.paused_here()
+        ):
             return None
         self.follow_head(module)
         if kwargs.get("fused_lm_head") is True:
@@ -164,10 +181,14 @@ class Gate:
         if slot is self.head:
             return
         if slot is None or head_mod.base_linear(slot) is None:
-            self._registry.warn_once(f"moved:{id(self)}", (
-                f"cggr_hook: the LM head of {type(root).__name__} at {self.head_path!r} was replaced after enable by "
-                f"{type(slot).__name__}, which is not a head cggr_hook can gate: the loss is the plain one. "
-                "Call cggr_hook.disable(model), then cggr_hook.enable(model, head=...) on the model as it is now"))
+            self._registry.warn_once(
+                f"moved:{id(self)}",
+                (
+                    f"cggr_hook: the LM head of {type(root).__name__} at {self.head_path!r} was replaced after enable by "
+                    f"{type(slot).__name__}, which is not a head cggr_hook can gate: the loss is the plain one. "
+                    "Call cggr_hook.disable(model), then cggr_hook.enable(model, head=...) on the model as it is now"
+                ),
+            )
             return
         with self._registry.lock:
             self._handle.remove()
@@ -182,14 +203,16 @@ class Gate:
         builds TRL's output from the gated loss of the head's logits."""
         if not trl_fused.available():
             self._registry.warn_once(
-                "trl", "cggr_hook: a fused_lm_head=True forward without trl's FusedCausalLMOutput: not gated")
+                "trl", "cggr_hook: a fused_lm_head=True forward without trl's FusedCausalLMOutput: not gated"
+            )
             return None
         labels, shift = kwargs.get("labels"), kwargs.get("shift_labels")
         if labels is None and shift is None:
             return None
         if self._fused_handle is None:
-            self._fused_handle = root.register_forward_hook(_GateHook(torch.compiler.disable(self._on_root_output)),
-                                                            with_kwargs=True)
+            self._fused_handle = root.register_forward_hook(
+                _GateHook(torch.compiler.disable(self._on_root_output)), with_kwargs=True
+            )
         kwargs = dict(kwargs)
         stash = tuple(kwargs.pop(k, None) for k in ("labels", "shift_labels", "num_items_in_batch"))
         kwargs["fused_lm_head"] = False
@@ -222,16 +245,25 @@ class Gate:
 
     def runs_plain(self) -> bool:
         """Whether ``min_tokens_ratio='auto'`` runs the current step as the plain loss."""
-        return (self.config.min_tokens_ratio == "auto"
-                and self._registry.scheduler.auto_state(self.key).candidate() == auto_mod.PLAIN)
+        return (
+            self.config.min_tokens_ratio == "auto"
+            and self._registry.scheduler.auto_state(self.key).candidate() == auto_mod.PLAIN
+        )
 
     def _would_gate(self, logits: Tensor) -> bool:
         """Whether a cross entropy on these logits would be gated now (Hugging Face loss fast path)."""
         node = getattr(logits, "grad_fn", None)
-        return (self.enabled and torch.is_grad_enabled() and not self._registry.paused_here()
-                and logits.device.type != "meta" and self._registry.holds(self)
-                and isinstance(node, head_mod.HeadTap._backward_cls)
-                and not node.call.consumed and node.call.gate_id == self.id and not self.runs_plain())
+        return (
+            self.enabled
+            and torch.is_grad_enabled()
+            and not self._registry.paused_here()
+            and logits.device.type != "meta"
+            and self._registry.holds(self)
+            and isinstance(node, head_mod.HeadTap._backward_cls)
+            and not node.call.consumed
+            and node.call.gate_id == self.id
+            and not self.runs_plain()
+        )
 
     # the optimizer steps, through the scheduler's step hook (registry.observe_step)
     def refresh_params(self) -> bool:
@@ -276,27 +308,37 @@ class Gate:
         head = f"{self.head_path or '(the model itself)'} ({type(self.head).__name__})"
         n = self._steps_unproven
         if self._gated:
-            what = (f"{self._gated} gated loss(es) were computed, but no optimizer that stepped holds a parameter "
-                    f"of {name}: cggr_hook.enable was given a module the optimizer does not see (a copy, or the model "
-                    "before a wrapper replaced its parameters), so the curriculum never advances. Fix: call "
-                    "cggr_hook.enable on the model whose parameters the optimizer updates")
+            what = (
+                f"{self._gated} gated loss(es) were computed, but no optimizer that stepped holds a parameter "
+                f"of {name}: cggr_hook.enable was given a module the optimizer does not see (a copy, or the model "
+                "before a wrapper replaced its parameters), so the curriculum never advances. Fix: call "
+                "cggr_hook.enable on the model whose parameters the optimizer updates"
+            )
         elif self._taps:
-            what = (f"its LM head {head} ran in training forwards, yet no loss was computed with "
-                    "torch.nn.functional.cross_entropy on its logits: a custom or fused loss (a fused linear cross "
-                    "entropy kernel, a loss written by hand) or a loss on changed logits (a soft-cap, a scale) takes "
-                    "the plain path. Fix: compute the loss with F.cross_entropy or nn.CrossEntropyLoss on the head's "
-                    "logits, or use cggr_hook.CGGRLoss on them")
+            what = (
+                f"its LM head {head} ran in training forwards, yet no loss was computed with "
+                "torch.nn.functional.cross_entropy on its logits: a custom or fused loss (a fused linear cross "
+                "entropy kernel, a loss written by hand) or a loss on changed logits (a soft-cap, a scale) takes "
+                "the plain path. Fix: compute the loss with F.cross_entropy or nn.CrossEntropyLoss on the head's "
+                "logits, or use cggr_hook.CGGRLoss on them"
+            )
         elif self._head_calls:
-            what = (f"its LM head {head} ran only in eval mode or without grad. cggr_hook gates training-mode "
-                    "forwards with grad enabled: call model.train() before training")
+            what = (
+                f"its LM head {head} ran only in eval mode or without grad. cggr_hook gates training-mode "
+                "forwards with grad enabled: call model.train() before training"
+            )
         else:
-            what = (f"its LM head {head} was never called: a fused loss path computes the logits from the head's "
-                    "weight without calling the module, the head was replaced after enable by something that is "
-                    "not a head, or it is not the module that produces the logits. Fix: call cggr_hook.enable on "
-                    "the model as it is trained (after wrapping it), pass head= the module whose output is the "
-                    "logits, or compute the loss with cggr_hook.CGGRLoss")
-        return (f"cggr_hook: {n} optimizer steps with a gate enabled on {name} and none followed a gated loss: {what}. "
-                "Until then every loss is the plain one (this warning is given once)")
+            what = (
+                f"its LM head {head} was never called: a fused loss path computes the logits from the head's "
+                "weight without calling the module, the head was replaced after enable by something that is "
+                "not a head, or it is not the module that produces the logits. Fix: call cggr_hook.enable on "
+                "the model as it is trained (after wrapping it), pass head= the module whose output is the "
+                "logits, or compute the loss with cggr_hook.CGGRLoss"
+            )
+        return (
+            f"cggr_hook: {n} optimizer steps with a gate enabled on {name} and none followed a gated loss: {what}. "
+            "Until then every loss is the plain one (this warning is given once)"
+        )
 
     # the lifecycle
     def remove(self) -> None:
@@ -341,8 +383,10 @@ class Gate:
 def _remove_hooks(module: nn.Module, match: Any) -> None:
     """Remove the forward hooks and forward pre-hooks of ``module`` for which ``match(fn)`` holds,
     with their entries in the tables that record how each hook is called."""
-    for table, extras in ((module._forward_hooks, ("_forward_hooks_with_kwargs", "_forward_hooks_always_called")),
-                          (module._forward_pre_hooks, ("_forward_pre_hooks_with_kwargs",))):
+    for table, extras in (
+        (module._forward_hooks, ("_forward_hooks_with_kwargs", "_forward_hooks_always_called")),
+        (module._forward_pre_hooks, ("_forward_pre_hooks_with_kwargs",)),
+    ):
         for key in [k for k, fn in table.items() if match(fn)]:
             del table[key]
             for name in extras:

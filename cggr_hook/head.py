@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+
 # --------------------------------------------------------------------------------------------------
 # finding the head
 # --------------------------------------------------------------------------------------------------
@@ -107,7 +108,8 @@ def _is_modules_to_save(module: nn.Module) -> bool:
     """PEFT's ``ModulesToSaveWrapper`` (``modules_to_save=[...]``): it calls a trainable copy of the
     wrapped module, or the original when adapters are off."""
     return isinstance(module._modules.get("modules_to_save"), nn.ModuleDict) and isinstance(
-        module._modules.get("original_module"), nn.Module)
+        module._modules.get("original_module"), nn.Module
+    )
 
 
 def called_module(module: nn.Module) -> nn.Module:
@@ -200,7 +202,9 @@ def find_head(model: nn.Module, head: nn.Module | str | None = None) -> nn.Modul
             try:
                 found = model.get_submodule(head)
             except AttributeError as e:
-                raise ValueError(f"cggr_hook.enable: head={head!r} names no submodule of {type(model).__name__}; {_HOW_TO_NAME}") from e
+                raise ValueError(
+                    f"cggr_hook.enable: head={head!r} names no submodule of {type(model).__name__}; {_HOW_TO_NAME}"
+                ) from e
         else:
             found = head
             if not isinstance(found, nn.Module) or module_path(model, found) is None:
@@ -251,12 +255,15 @@ def find_head(model: nn.Module, head: nn.Module | str | None = None) -> nn.Modul
     where = ""
     if stacked:
         shown = ", ".join(repr(n) for n in stacked[:3]) + (", ..." if len(stacked) > 3 else "")
-        where = (f"; the nn.Linear of vocabulary width {vocab} ({shown}) sit inside stacks of layers "
-                 "(nn.ModuleList) and are layers' projections, not a head")
+        where = (
+            f"; the nn.Linear of vocabulary width {vocab} ({shown}) sit inside stacks of layers "
+            "(nn.ModuleList) and are layers' projections, not a head"
+        )
     raise ValueError(
         f"cggr_hook.enable: found no LM head in {type(model).__name__} (no get_output_embeddings(), no .lm_head, "
         f"no nn.Linear of vocabulary width outside its layers{where}). "
-        + _NO_HEAD_MODULE.format(emb=_embedding_name(model, vocab)) + f". Otherwise {_HOW_TO_NAME}"
+        + _NO_HEAD_MODULE.format(emb=_embedding_name(model, vocab))
+        + f". Otherwise {_HOW_TO_NAME}"
     )
 
 

@@ -35,7 +35,7 @@ try:
     from transformers import TrainerCallback
 except ModuleNotFoundError as e:  # a clear way out instead of a bare missing module
     raise ModuleNotFoundError(
-        f'cggr_hook.hf needs transformers (and accelerate for its Trainer), which are not installed ({e}); '
+        f"cggr_hook.hf needs transformers (and accelerate for its Trainer), which are not installed ({e}); "
         'install them with: pip install "cggr_hook[hf]"',
         name=e.name,
     ) from e

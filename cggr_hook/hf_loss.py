@@ -38,11 +38,26 @@ class GatedCausalLMLoss:
         self.original = original
         self.would_gate = would_gate
 
-    def __call__(self, logits: Tensor, labels: Tensor, vocab_size: int, num_items_in_batch: Any = None,
-                 ignore_index: int = -100, shift_labels: Tensor | None = None, **kwargs: Any) -> Tensor:
+    def __call__(
+        self,
+        logits: Tensor,
+        labels: Tensor,
+        vocab_size: int,
+        num_items_in_batch: Any = None,
+        ignore_index: int = -100,
+        shift_labels: Tensor | None = None,
+        **kwargs: Any,
+    ) -> Tensor:
         if not self.would_gate(logits):
-            return self.original(logits, labels, vocab_size, num_items_in_batch=num_items_in_batch,
-                                 ignore_index=ignore_index, shift_labels=shift_labels, **kwargs)
+            return self.original(
+                logits,
+                labels,
+                vocab_size,
+                num_items_in_batch=num_items_in_batch,
+                ignore_index=ignore_index,
+                shift_labels=shift_labels,
+                **kwargs,
+            )
         if shift_labels is None:
             labels = F.pad(labels, (0, 1), value=ignore_index)
             shift_labels = labels[..., 1:].contiguous()
@@ -69,6 +84,7 @@ def install(root: nn.Module, would_gate: Callable[[Tensor], bool]) -> Callable[[
         return None
     try:
         from transformers.loss.loss_utils import ForCausalLMLoss
+
         current = root.loss_function
     except (ImportError, AttributeError, KeyError):
         return None

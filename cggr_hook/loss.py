@@ -35,24 +35,48 @@ class CGGRLoss(torch.nn.Module):
         logits-sized buffer); the logits must not be read after ``backward()``.
     """
 
-    def __init__(self, scoring: str = "combined", selection: str = "topk", min_tokens_ratio: float = 0.25,
-                 warmup_steps: int = 1000, dynamic_threshold: bool = True, threshold_sensitivity: float = 0.5,
-                 num_strata: int = 4, min_tokens_per_sequence: int = 1, seed: int = 0,
-                 importance_floor: float = GateConfig.importance_floor, *,
-                 ignore_index: int = -100, reduction: str = "mean", label_smoothing: float = 0.0,
-                 weight: Tensor | None = None, inplace_backward: bool = False, **unknown: Any) -> None:
+    def __init__(
+        self,
+        scoring: str = "combined",
+        selection: str = "topk",
+        min_tokens_ratio: float = 0.25,
+        warmup_steps: int = 1000,
+        dynamic_threshold: bool = True,
+        threshold_sensitivity: float = 0.5,
+        num_strata: int = 4,
+        min_tokens_per_sequence: int = 1,
+        seed: int = 0,
+        importance_floor: float = GateConfig.importance_floor,
+        *,
+        ignore_index: int = -100,
+        reduction: str = "mean",
+        label_smoothing: float = 0.0,
+        weight: Tensor | None = None,
+        inplace_backward: bool = False,
+        **unknown: Any,
+    ) -> None:
         if unknown:  # a ValueError naming them, as enable() and GateConfig give, not Python's TypeError
             known = OPTION_NAMES + ("ignore_index", "reduction", "label_smoothing", "weight", "inplace_backward")
-            raise ValueError(f"cggr_hook.CGGRLoss: unknown option(s) {', '.join(sorted(unknown))}; "
-                             f"the options are {', '.join(known)}")
+            raise ValueError(
+                f"cggr_hook.CGGRLoss: unknown option(s) {', '.join(sorted(unknown))}; "
+                f"the options are {', '.join(known)}"
+            )
         super().__init__()
-        self.config = GateConfig(scoring=scoring, selection=selection, min_tokens_ratio=min_tokens_ratio,
-                                 warmup_steps=warmup_steps, dynamic_threshold=dynamic_threshold,
-                                 threshold_sensitivity=threshold_sensitivity, num_strata=num_strata,
-                                 min_tokens_per_sequence=min_tokens_per_sequence, seed=seed,
-                                 importance_floor=importance_floor)
-        self.spec = LossSpec(ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing,
-                             weight=None)
+        self.config = GateConfig(
+            scoring=scoring,
+            selection=selection,
+            min_tokens_ratio=min_tokens_ratio,
+            warmup_steps=warmup_steps,
+            dynamic_threshold=dynamic_threshold,
+            threshold_sensitivity=threshold_sensitivity,
+            num_strata=num_strata,
+            min_tokens_per_sequence=min_tokens_per_sequence,
+            seed=seed,
+            importance_floor=importance_floor,
+        )
+        self.spec = LossSpec(
+            ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing, weight=None
+        )
         check_reduction(reduction)
         self.register_buffer("weight", weight, persistent=False)
         self.inplace_backward = bool(inplace_backward)
@@ -97,8 +121,15 @@ class CGGRLoss(torch.nn.Module):
         seq = logits.shape[1] if logits.dim() == 3 else None
         targets = targets.to(device=logits.device, dtype=torch.long)
         with torch.no_grad():
-            fwd = gated_forward(kernels.as_rows(logits.detach()), targets.reshape(-1), config=self.config,
-                                scheduler=self.scheduler, key="loss", spec=spec, seq=seq)
+            fwd = gated_forward(
+                kernels.as_rows(logits.detach()),
+                targets.reshape(-1),
+                config=self.config,
+                scheduler=self.scheduler,
+                key="loss",
+                spec=spec,
+                seq=seq,
+            )
         self._metrics = fwd.figures
         return GatedCrossEntropy.apply(logits, targets, fwd, spec, self.inplace_backward)
 

@@ -62,9 +62,13 @@ class LossSpec:
         if isinstance(self.ignore_index, bool) or not isinstance(self.ignore_index, numbers.Integral):
             raise ValueError(f"cggr_hook: ignore_index={self.ignore_index!r} must be an int")
         w = self.weight
-        if w is not None and (not isinstance(w, Tensor) or w.dim() != 1 or w.numel() != vocab or not w.is_floating_point()):
+        if w is not None and (
+            not isinstance(w, Tensor) or w.dim() != 1 or w.numel() != vocab or not w.is_floating_point()
+        ):
             shape = tuple(w.shape) if isinstance(w, Tensor) else type(w).__name__
-            raise ValueError(f"cggr_hook: weight of shape {shape} must be a float tensor of shape ({vocab},), one weight per class")
+            raise ValueError(
+                f"cggr_hook: weight of shape {shape} must be a float tensor of shape ({vocab},), one weight per class"
+            )
 
 
 @dataclass(frozen=True)
@@ -168,9 +172,18 @@ def _horvitz_thompson(draw: selection.Draw, targets: Tensor, n_valid: int, vocab
     return out.index_put_((draw.rows,), factor.float())
 
 
-def gated_forward(logits: Tensor, targets: Tensor, *, config: GateConfig, scheduler: Scheduler, key: str,
-                  spec: LossSpec, seq: int | tuple[Tensor, int] | None = None,
-                  param_ids: frozenset[int] = frozenset(), need_rows: bool = False) -> GatedForward:
+def gated_forward(
+    logits: Tensor,
+    targets: Tensor,
+    *,
+    config: GateConfig,
+    scheduler: Scheduler,
+    key: str,
+    spec: LossSpec,
+    seq: int | tuple[Tensor, int] | None = None,
+    param_ids: frozenset[int] = frozenset(),
+    need_rows: bool = False,
+) -> GatedForward:
     """Score, select and compute the loss of rows of ``logits`` (B, T, V) with ``targets`` (B*T,).
 
     ``scheduler`` and ``key``: the step counter and the gate's name in it (its ratio, its running
@@ -204,8 +217,14 @@ def gated_forward(logits: Tensor, targets: Tensor, *, config: GateConfig, schedu
     counts = HostRead(kernels.target_counts(targets, V, ignore_index).reshape(-1)) if counts_first else None
     # an auto gate's noise-measuring step needs every row's gradient norm, whatever the scoring
     probe = auto and scheduler.auto_state(key).measures_noise()
-    stats = kernels.row_stats(logits, targets, ignore_index, spec.weight, with_wsum=spec.label_smoothing > 0,
-                              with_p2=scoring.needs_p2sum or probe)
+    stats = kernels.row_stats(
+        logits,
+        targets,
+        ignore_index,
+        spec.weight,
+        with_wsum=spec.label_smoothing > 0,
+        with_p2=scoring.needs_p2sum or probe,
+    )
     step, call = scheduler.step_count, scheduler.calls_in_step
     gen = _generator(dev, config.seed, step, call) if scoring.random or strategy.draws else None
     diff, partial = difficulty.score_rows(stats, targets, V, ignore_index, config.scoring, gen, spec.label_smoothing)
@@ -240,8 +259,9 @@ def gated_forward(logits: Tensor, targets: Tensor, *, config: GateConfig, schedu
     n_sel = selection.count_selected(config, k, N, keep_ranks)
     draw = row_weight = None
     if strategy.weighted and 0 < k < n_valid:
-        draw = selection.importance_draw(ranking, diff, n_valid, k, config.importance_floor, gen,
-                                         uniform=scoring.random)
+        draw = selection.importance_draw(
+            ranking, diff, n_valid, k, config.importance_floor, gen, uniform=scoring.random
+        )
         rows, threshold = draw.rows, 1
         sel_key = torch.ones_like(ranking.rank).index_fill_(0, rows, 0)
         row_weight = _horvitz_thompson(draw, targets, n_valid, V, spec)
@@ -249,8 +269,19 @@ def gated_forward(logits: Tensor, targets: Tensor, *, config: GateConfig, schedu
         sel_key, threshold, rows = selection.selection_as_key(ranking, n_valid, k, n_sel, config, gen)
         if need_rows and rows is None:
             rows = selection.choose_rows(ranking, n_valid, k, n_sel, config, gen)
-    loss, row_scale = kernels.selected_loss(stats, targets, V, sel_key, threshold, n_sel, n_valid, spec.reduction,
-                                            float(spec.label_smoothing), spec.weight, row_weight)
+    loss, row_scale = kernels.selected_loss(
+        stats,
+        targets,
+        V,
+        sel_key,
+        threshold,
+        n_sel,
+        n_valid,
+        spec.reduction,
+        float(spec.label_smoothing),
+        spec.weight,
+        row_weight,
+    )
     noise = None
     if auto:
         state = scheduler.auto_state(key)

@@ -86,8 +86,15 @@ class Registry:
             self._figures[root] = _Figures(self.scheduler.generation, gate.root, dict(values), next(self._recorded))
 
     # --- enable / disable ---------------------------------------------------------------------------
-    def enable(self, model: nn.Module, config: GateConfig | None = None, *, head: nn.Module | str | None = None,
-               preset: str | None = None, **options: Any) -> Gate:
+    def enable(
+        self,
+        model: nn.Module,
+        config: GateConfig | None = None,
+        *,
+        head: nn.Module | str | None = None,
+        preset: str | None = None,
+        **options: Any,
+    ) -> Gate:
         """Gate ``model``'s loss from now on; returns its ``Gate`` (``.remove()`` undoes it).
 
         Finds the LM head (``head=`` overrides), registers a forward hook on it, wraps
@@ -275,8 +282,10 @@ class Registry:
         ``avg_difficulty``, ``selection``, ``scoring``.
         """
         if model is not None and not isinstance(model, nn.Module):
-            raise ValueError(f"cggr_hook.metrics: model must be the torch.nn.Module given to enable(), got "
-                             f"{type(model).__name__}; or call metrics() for the last gated call of any model")
+            raise ValueError(
+                f"cggr_hook.metrics: model must be the torch.nn.Module given to enable(), got "
+                f"{type(model).__name__}; or call metrics() for the last gated call of any model"
+            )
         with self.lock:
             if model is None:
                 record = max(self._figures.values(), key=lambda r: r.order, default=None)

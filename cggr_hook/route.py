@@ -37,9 +37,16 @@ if TYPE_CHECKING:
 _MATMULS = ("MmBackward", "AddmmBackward", "BmmBackward", "BaddbmmBackward", "MvBackward", "LinearBackward")
 
 
-def _cross_entropy_args(input: Tensor, target: Tensor, weight: Tensor | None = None, size_average: Any = None,
-                        ignore_index: int = -100, reduce: Any = None, reduction: str = "mean",
-                        label_smoothing: float = 0.0) -> tuple:
+def _cross_entropy_args(
+    input: Tensor,
+    target: Tensor,
+    weight: Tensor | None = None,
+    size_average: Any = None,
+    ignore_index: int = -100,
+    reduce: Any = None,
+    reduction: str = "mean",
+    label_smoothing: float = 0.0,
+) -> tuple:
     """A call's arguments bound as ``F.cross_entropy``'s signature binds them."""
     return input, target, weight, size_average, ignore_index, reduce, reduction, label_smoothing
 
@@ -61,8 +68,12 @@ class Route:
 
     def __call__(self, wrapped: Any, instance: Any, args: tuple, kwargs: dict) -> Any:
         registry = self.registry
-        if (getattr(self._local, "in_handler", False) or not registry.any_gate() or registry.paused_here()
-                or not torch.is_grad_enabled()):
+        if (
+            getattr(self._local, "in_handler", False)
+            or not registry.any_gate()
+            or registry.paused_here()
+            or not torch.is_grad_enabled()
+        ):
             return wrapped(*args, **kwargs)
         if args and _is_fake(args[0]):
             # torch.compile is tracing with fake tensors: no autograd graph to trace back to the head.
@@ -80,7 +91,8 @@ class Route:
         registry = self.registry
         try:
             x, target, weight, size_average, ignore_index, reduce, reduction, label_smoothing = _cross_entropy_args(
-                *args, **kwargs)
+                *args, **kwargs
+            )
         except TypeError:
             return None  # let the original report the bad call
         if not isinstance(x, Tensor) or not isinstance(target, Tensor) or x.grad_fn is None or x.dim() < 1:
@@ -97,17 +109,21 @@ class Route:
         if call.consumed or gate is None or not gate.enabled or x.device != call.output.device:
             return None
         if target.is_floating_point() and tuple(target.shape) == tuple(x.shape):
-            registry.warn_once("soft", "cggr_hook: cross_entropy with probability targets is not gated; the plain loss is used")
+            registry.warn_once(
+                "soft", "cggr_hook: cross_entropy with probability targets is not gated; the plain loss is used"
+            )
             return None
         if not tr.exact:
-            registry.warn_once("cast", "cggr_hook: the loss input is a lossy cast of the LM head's logits; the plain loss is used")
+            registry.warn_once(
+                "cast", "cggr_hook: the loss input is a lossy cast of the LM head's logits; the plain loss is used"
+            )
             return None
         if size_average is not None or reduce is not None:
             reduction = torch.nn._reduction.legacy_get_string(size_average, reduce, emit_warning=False)
 
         # validate before any work
         V = x.shape[class_dim]
-        expected = tuple(x.shape[:class_dim]) + tuple(x.shape[class_dim + 1:])
+        expected = tuple(x.shape[:class_dim]) + tuple(x.shape[class_dim + 1 :])
         if tuple(target.shape) != expected:
             raise ValueError(
                 f"cggr_hook: target of shape {tuple(target.shape)} does not match input of shape {tuple(x.shape)}; "
@@ -122,9 +138,16 @@ class Route:
             # min_tokens_ratio='auto' runs this step as the plain loss: the original function, whose
             # optimizer step still counts (and times the plain candidate)
             scheduler.plain_call(gate.key, gate.param_ids)
-            registry.record(gate, dict(step=scheduler.step_count + 1, token_ratio=1.0, selection="plain",
-                                       scoring=gate.config.scoring,
-                                       **figures.auto_figures(scheduler.auto_state(gate.key), auto_mod.PLAIN)))
+            registry.record(
+                gate,
+                dict(
+                    step=scheduler.step_count + 1,
+                    token_ratio=1.0,
+                    selection="plain",
+                    scoring=gate.config.scoring,
+                    **figures.auto_figures(scheduler.auto_state(gate.key), auto_mod.PLAIN),
+                ),
+            )
             gate.on_plain_choice()  # the watchdog: this loss is the gate's own choice
             return None
 
@@ -147,8 +170,9 @@ class Route:
             head_out = out.detach()
             with torch.no_grad():
                 fwd = gated_forward(kernels.as_rows(head_out), t_head, seq=seq, need_rows=True, **options)
-            loss = GatedHeadCrossEntropy.apply(call.hidden, call.weight, call.bias, head_out, t_head, tr.rows,
-                                               target.shape, fwd, spec)
+            loss = GatedHeadCrossEntropy.apply(
+                call.hidden, call.weight, call.bias, head_out, t_head, tr.rows, target.shape, fwd, spec
+            )
         registry.record(gate, fwd.figures)
         _consume(call, gate)
         return loss
@@ -181,18 +205,26 @@ class Route:
         if ops is None:
             return
         if any(m in ops for m in _MATMULS):
-            self.registry.warn_once("ops:" + ops, (
-                f"cggr_hook: this cross_entropy input is computed from the gated module's output through further "
-                f"layers ({ops}): the module gated as the LM head is not the one that produces the logits, and the "
-                "loss is the plain one. Pass head= the module whose output is the logits; if the logits come from a "
-                "weight without a head module (h @ wte.weight.T), add an nn.Linear head that shares the weight or "
-                "use cggr_hook.CGGRLoss"))
+            self.registry.warn_once(
+                "ops:" + ops,
+                (
+                    f"cggr_hook: this cross_entropy input is computed from the gated module's output through further "
+                    f"layers ({ops}): the module gated as the LM head is not the one that produces the logits, and the "
+                    "loss is the plain one. Pass head= the module whose output is the logits; if the logits come from a "
+                    "weight without a head module (h @ wte.weight.T), add an nn.Linear head that shares the weight or "
+                    "use cggr_hook.CGGRLoss"
+                ),
+            )
             return
-        self.registry.warn_once("ops:" + ops, (
-            f"cggr_hook: this cross_entropy input is computed from the LM head's logits through {ops}, "
-            "which is not a reshape, slice or widening cast; it gets the plain loss. Gating covers the "
-            "head's own logits (a soft-capped or rescaled loss input is not gated); if the gated module is not "
-            "the one that produces the logits, pass head= the one that does"))
+        self.registry.warn_once(
+            "ops:" + ops,
+            (
+                f"cggr_hook: this cross_entropy input is computed from the LM head's logits through {ops}, "
+                "which is not a reshape, slice or widening cast; it gets the plain loss. Gating covers the "
+                "head's own logits (a soft-capped or rescaled loss input is not gated); if the gated module is not "
+                "the one that produces the logits, pass head= the one that does"
+            ),
+        )
 
 
 def _consume(call: HeadCall, gate: Gate) -> None:

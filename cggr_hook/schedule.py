@@ -118,8 +118,9 @@ class Scheduler:
             if param_ids is not self._pending_ids:
                 self._pending_ids = self._pending_ids | param_ids
 
-    def begin_call(self, config: GateConfig, key: str, confidence: float,
-                   param_ids: frozenset[int] = frozenset()) -> tuple[float, int, int]:
+    def begin_call(
+        self, config: GateConfig, key: str, confidence: float, param_ids: frozenset[int] = frozenset()
+    ) -> tuple[float, int, int]:
         """Ratio for one gated call (curriculum, then dynamic), updating the running confidence;
         ``param_ids``: the gated model's parameters, whose optimizer's next step counts.
 
@@ -205,7 +206,9 @@ class Scheduler:
     def load_state_dict(self, state: dict) -> None:
         missing = {"step_count", "calls_in_step", "confidence_avg"} - set(state)
         if missing:
-            raise ValueError(f"cggr_hook: scheduler state lacks {sorted(missing)}; pass a dict from scheduler.state_dict()")
+            raise ValueError(
+                f"cggr_hook: scheduler state lacks {sorted(missing)}; pass a dict from scheduler.state_dict()"
+            )
         with self._lock:
             self.step_count = int(state["step_count"])
             self.calls_in_step = int(state["calls_in_step"])

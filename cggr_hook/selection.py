@@ -42,12 +42,15 @@ class Selection:
 
 
 # in the order the options list them
-SELECTIONS: dict[str, Selection] = {s.name: s for s in (
-    Selection("topk"),
-    Selection("stratified", draws=True),
-    Selection("sequence_aware", per_sequence=True),
-    Selection("importance", draws=True, weighted=True),
-)}
+SELECTIONS: dict[str, Selection] = {
+    s.name: s
+    for s in (
+        Selection("topk"),
+        Selection("stratified", draws=True),
+        Selection("sequence_aware", per_sequence=True),
+        Selection("importance", draws=True, weighted=True),
+    )
+}
 
 
 @dataclass
@@ -143,13 +146,15 @@ def strata_quotas(n_valid: int, k: int, num_strata: int) -> list[int]:
     return quotas
 
 
-def _topk(ranking: Ranking, n_valid: int, k: int, n_selected: int, config: GateConfig,
-          generator: torch.Generator | None) -> Tensor:
+def _topk(
+    ranking: Ranking, n_valid: int, k: int, n_selected: int, config: GateConfig, generator: torch.Generator | None
+) -> Tensor:
     return ranking.order[:k]
 
 
-def _stratified(ranking: Ranking, n_valid: int, k: int, n_selected: int, config: GateConfig,
-                generator: torch.Generator | None) -> Tensor:
+def _stratified(
+    ranking: Ranking, n_valid: int, k: int, n_selected: int, config: GateConfig, generator: torch.Generator | None
+) -> Tensor:
     order = ranking.order
     dev = order.device
     sizes = strata_sizes(n_valid, config.num_strata)
@@ -176,8 +181,9 @@ def _stratified(ranking: Ranking, n_valid: int, k: int, n_selected: int, config:
     return _first_marked(order[:n_valid][grouped], take, k)
 
 
-def _sequence_aware(ranking: Ranking, n_valid: int, k: int, n_selected: int, config: GateConfig,
-                    generator: torch.Generator | None) -> Tensor:
+def _sequence_aware(
+    ranking: Ranking, n_valid: int, k: int, n_selected: int, config: GateConfig, generator: torch.Generator | None
+) -> Tensor:
     mark = (ranking.rank < k) | ranking.keep
     return _first_marked(torch.arange(ranking.order.numel(), device=ranking.order.device), mark, n_selected)
 
@@ -187,8 +193,9 @@ def _sequence_aware(ranking: Ranking, n_valid: int, k: int, n_selected: int, con
 _CHOOSERS = {"topk": _topk, "stratified": _stratified, "sequence_aware": _sequence_aware}
 
 
-def choose_rows(ranking: Ranking, n_valid: int, k: int, n_selected: int, config: GateConfig,
-                generator: torch.Generator | None) -> Tensor:
+def choose_rows(
+    ranking: Ranking, n_valid: int, k: int, n_selected: int, config: GateConfig, generator: torch.Generator | None
+) -> Tensor:
     """Selected rows, ascending, int64 of length ``n_selected`` (= count_selected(...))."""
     order = ranking.order
     if k <= 0:
@@ -203,8 +210,9 @@ def choose_rows(ranking: Ranking, n_valid: int, k: int, n_selected: int, config:
     return torch.sort(rows).values
 
 
-def selection_as_key(ranking: Ranking, n_valid: int, k: int, n_selected: int, config: GateConfig,
-                     generator: torch.Generator | None) -> tuple[Tensor, int, Tensor | None]:
+def selection_as_key(
+    ranking: Ranking, n_valid: int, k: int, n_selected: int, config: GateConfig, generator: torch.Generator | None
+) -> tuple[Tensor, int, Tensor | None]:
     """(key, threshold, rows): the selected rows are those with ``key < threshold``, which is how
     the loss kernel reads a selection; ``rows`` is ``choose_rows``'s list where building the key
     needed it, else None (top-k needs no new work: its key is the rank in the difficulty order)."""
@@ -271,8 +279,9 @@ def inclusion_probabilities(scores: Tensor, k: int, floor: float) -> tuple[Tenso
     return pi, m
 
 
-def systematic_draw(pi: Tensor, m: Tensor, k: int, generator: torch.Generator | None,
-                    keys: Tensor | None = None) -> Tensor:
+def systematic_draw(
+    pi: Tensor, m: Tensor, k: int, generator: torch.Generator | None, keys: Tensor | None = None
+) -> Tensor:
     """Exactly k positions of ``pi`` (float64 (n,), sum k, each <= 1) with inclusion probability
     exactly pi_i: systematic sampling over a random order. The points u, u + 1, ..., u + k - 1
     (u uniform in [0, 1)) fall on the cumulative sum of pi; a position of length pi_i <= 1 holds
@@ -294,8 +303,15 @@ def systematic_draw(pi: Tensor, m: Tensor, k: int, generator: torch.Generator | 
     return perm[hit]
 
 
-def importance_draw(ranking: Ranking, diff: Tensor, n_valid: int, k: int, floor: float,
-                    generator: torch.Generator | None, uniform: bool = False) -> Draw:
+def importance_draw(
+    ranking: Ranking,
+    diff: Tensor,
+    n_valid: int,
+    k: int,
+    floor: float,
+    generator: torch.Generator | None,
+    uniform: bool = False,
+) -> Draw:
     """Draw k of the n valid rows with pi = ``inclusion_probabilities`` of their difficulty (the
     score s >= 0; ``uniform``: every s equal, pi = k / n). ``ranking.order`` lists the valid rows
     first, by descending difficulty, which is the order water-filling needs. 1 <= k < n."""
@@ -313,6 +329,7 @@ def importance_draw(ranking: Ranking, diff: Tensor, n_valid: int, k: int, floor:
     rows, ix = torch.sort(sorted_rows[pos])
     inv_pi = (1.0 / pi[pos])[ix]
     s = scores.double().clamp(max=_FLT_MAX)
-    figures = torch.stack([inv_pi.sum() ** 2 / (inv_pi * inv_pi).sum(), inv_pi.max(), m.double(), s.mean(),
-                           (s * s).mean()])
+    figures = torch.stack(
+        [inv_pi.sum() ** 2 / (inv_pi * inv_pi).sum(), inv_pi.max(), m.double(), s.mean(), (s * s).mean()]
+    )
     return Draw(rows, inv_pi, figures)

@@ -28,7 +28,9 @@ Shape = tuple[int, ...]
 @dataclass
 class Trace:
     call: HeadCall
-    rows: Tensor | None  # (N_ce,) int64 (None once the call is consumed): the head-output row of every cross-entropy row, in the loss's order
+    rows: (
+        Tensor | None
+    )  # (N_ce,) int64 (None once the call is consumed): the head-output row of every cross-entropy row, in the loss's order
     exact: bool  # every dtype change on the way is exact (an upcast), so head rows hold the same values
 
 
@@ -129,7 +131,7 @@ def _replay_permute(node: Any, R: Tensor, vdim: int, V: int, inp: Shape, out: Sh
 
 def _unsqueezed_shape(node: Any, out: Shape) -> Shape:
     d = _signed(node._saved_dim) % len(out)
-    return out[:d] + out[d + 1:]
+    return out[:d] + out[d + 1 :]
 
 
 def _replay_unsqueeze(node: Any, R: Tensor, vdim: int, V: int, inp: Shape, out: Shape) -> tuple[Tensor, int] | None:
@@ -230,7 +232,8 @@ def trace(x: Tensor, class_dim: int) -> Trace | None:
             return None
         R, vdim = replayed
         if tuple(s for j, s in enumerate(R.shape) if j != vdim) != tuple(
-                s for j, s in enumerate(out_shape) if j != vdim):
+            s for j, s in enumerate(out_shape) if j != vdim
+        ):
             return None
     if vdim != class_dim:
         return None
@@ -273,7 +276,7 @@ def _trace_compiled(x: Tensor, class_dim: int, node: Any) -> Trace | None:
     step = max(1, (1 << 24) // max(V, 1))  # rows per chunk: at most 16M elements of temporaries
     same = torch.ones((), dtype=torch.bool, device=out.device)
     for a in range(0, rows.numel(), step):
-        same &= (H[rows[a:a + step]].to(X.dtype) == X[a:a + step]).all()
+        same &= (H[rows[a : a + step]].to(X.dtype) == X[a : a + step]).all()
     if not bool(same):
         return None
     return Trace(call, rows, True)

@@ -72,7 +72,8 @@ class _EqualShares(torch.autograd.Function):
                     "cggr_hook: TRL's loss weighs the fused head's log_probs token by token (SFTTrainer with "
                     "loss_type='dft', or a DPO, KTO, GRPO or RLOO trainer), which a gated loss cannot serve: gating "
                     "covers SFTTrainer's default loss_type='nll'. Call cggr_hook.disable(model) for this trainer, or "
-                    "train with loss_type='nll'")
+                    "train with loss_type='nll'"
+                )
         return grad, None
 
 
@@ -83,16 +84,22 @@ def _metric_fields(x: Tensor, y: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
     entropy = torch.empty(ys.shape, dtype=torch.float32, device=x.device)
     top1 = torch.empty(ys.shape, dtype=torch.bool, device=x.device)
     for a in range(0, xs.shape[0], _CHUNK_ROWS):
-        rows = xs[a:a + _CHUNK_ROWS].float()
+        rows = xs[a : a + _CHUNK_ROWS].float()
         logp = torch.log_softmax(rows, -1)
-        entropy[a:a + _CHUNK_ROWS] = -(logp.exp() * logp).nan_to_num().sum(-1)
-        top1[a:a + _CHUNK_ROWS] = rows.argmax(-1) == ys[a:a + _CHUNK_ROWS]
+        entropy[a : a + _CHUNK_ROWS] = -(logp.exp() * logp).nan_to_num().sum(-1)
+        top1[a : a + _CHUNK_ROWS] = rows.argmax(-1) == ys[a : a + _CHUNK_ROWS]
     m = mask.reshape(-1)
     return (entropy * m).view(mask.shape), (top1 & m).view(mask.shape)
 
 
-def fused_output(output: Any, labels: Tensor | None, shift_labels: Tensor | None, num_items_in_batch: Any,
-                 sum_loss: Callable[[Tensor, Tensor], tuple[Tensor, bool]], checks_left: list) -> Any:
+def fused_output(
+    output: Any,
+    labels: Tensor | None,
+    shift_labels: Tensor | None,
+    num_items_in_batch: Any,
+    sum_loss: Callable[[Tensor, Tensor], tuple[Tensor, bool]],
+    checks_left: list,
+) -> Any:
     """TRL's ``FusedCausalLMOutput`` for an unfused forward's ``output`` (with ``.logits``).
 
     ``sum_loss(x, y)``: ``F.cross_entropy(x, y, reduction='sum')`` through the gate, and whether it

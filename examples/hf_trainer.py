@@ -59,10 +59,18 @@ def main(argv=None):
     p.add_argument("--max-bytes", type=int, default=1_000_000)
     p.add_argument("--eval-rows", type=int, default=64, help="held-out rows to evaluate (0: all)")
     p.add_argument("--lr", type=float, default=3e-3)
-    p.add_argument("--warmup-steps", type=int, default=None,
-                   help="cggr_hook curriculum length, from every token down to --min-tokens-ratio")
-    p.add_argument("--min-tokens-ratio", type=float, default=None,
-                   help="fraction of tokens the gate keeps (default: the package's, every token)")
+    p.add_argument(
+        "--warmup-steps",
+        type=int,
+        default=None,
+        help="cggr_hook curriculum length, from every token down to --min-tokens-ratio",
+    )
+    p.add_argument(
+        "--min-tokens-ratio",
+        type=float,
+        default=None,
+        help="fraction of tokens the gate keeps (default: the package's, every token)",
+    )
     p.add_argument("--plain", action="store_true", help="no gating")
     p.add_argument("--cache-dir", default=None)
     p.add_argument("--output-dir", default=None, help="Trainer output dir (default: a temporary one)")
@@ -78,10 +86,17 @@ def main(argv=None):
 
     torch.manual_seed(args.seed)
     config = LlamaConfig(
-        vocab_size=corpus.vocab_size, hidden_size=args.d_model, intermediate_size=4 * args.d_model,
-        num_hidden_layers=args.layers, num_attention_heads=4, num_key_value_heads=4,
-        max_position_embeddings=args.seq_len, tie_word_embeddings=True,
-        bos_token_id=None, eos_token_id=0, pad_token_id=None,
+        vocab_size=corpus.vocab_size,
+        hidden_size=args.d_model,
+        intermediate_size=4 * args.d_model,
+        num_hidden_layers=args.layers,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=args.seq_len,
+        tie_word_embeddings=True,
+        bos_token_id=None,
+        eos_token_id=0,
+        pad_token_id=None,
     )
     model = LlamaForCausalLM(config)
 
@@ -125,8 +140,10 @@ def main(argv=None):
         cggr_hook.enable(model, **options)  # CGGR: gate the loss of every training step from here on
 
     result = trainer.train()
-    print(f"train: {result.global_step} optimizer steps, loss {result.training_loss:.4f}"
-          + ("" if args.plain else f" (gated), scheduler step count {cggr_hook.scheduler.step_count}"))
+    print(
+        f"train: {result.global_step} optimizer steps, loss {result.training_loss:.4f}"
+        + ("" if args.plain else f" (gated), scheduler step count {cggr_hook.scheduler.step_count}")
+    )
 
     metrics = trainer.evaluate()  # eval mode: plain loss over every token of eval_ds
     print(f"eval: loss {metrics['eval_loss']:.4f} over {len(eval_ds)} x {args.seq_len} held-out tokens")

@@ -103,8 +103,11 @@ def load_data(args):
     """(train stream, held-out stream, vocabulary size): 1-D int64 token tensors."""
     if args.data == "random":
         g = torch.Generator().manual_seed(1234)
-        return (torch.randint(0, args.vocab_size, (200_000,), generator=g),
-                torch.randint(0, args.vocab_size, (20_000,), generator=g), args.vocab_size)
+        return (
+            torch.randint(0, args.vocab_size, (200_000,), generator=g),
+            torch.randint(0, args.vocab_size, (20_000,), generator=g),
+            args.vocab_size,
+        )
     import stdlib_text
 
     corpus = stdlib_text.load_corpus(vocab_size=args.vocab_size, max_bytes=args.max_bytes, cache_dir=args.cache_dir)
@@ -132,8 +135,10 @@ def loss_of(model, seq, shift: bool):
 def evaluate(model, data, args, shift: bool):
     model.eval()  # eval mode: the gate steps aside and this is the plain loss over every token
     gen = torch.Generator().manual_seed(4321)
-    losses = [loss_of(model, get_batch(data, args.batch_size, args.block_size, gen).to(args.device), shift).item()
-              for _ in range(args.eval_batches)]
+    losses = [
+        loss_of(model, get_batch(data, args.batch_size, args.block_size, gen).to(args.device), shift).item()
+        for _ in range(args.eval_batches)
+    ]
     model.train()
     return sum(losses) / len(losses)
 
@@ -154,10 +159,18 @@ def main(argv=None):
     p.add_argument("--eval-every", type=int, default=20)
     p.add_argument("--shift", action="store_true", help="compute the shifted loss in the loop, not in the model")
     p.add_argument("--plain", action="store_true", help="leave gating off (the script as it was)")
-    p.add_argument("--min-tokens-ratio", type=float, default=None,
-                   help="fraction of tokens the gate keeps (default: the package's, every token)")
-    p.add_argument("--warmup-steps", type=int, default=None,
-                   help="curriculum length for cggr_hook, from every token down to --min-tokens-ratio")
+    p.add_argument(
+        "--min-tokens-ratio",
+        type=float,
+        default=None,
+        help="fraction of tokens the gate keeps (default: the package's, every token)",
+    )
+    p.add_argument(
+        "--warmup-steps",
+        type=int,
+        default=None,
+        help="curriculum length for cggr_hook, from every token down to --min-tokens-ratio",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
@@ -169,15 +182,20 @@ def main(argv=None):
 
     if not args.plain:
         cggr_hook.enable(model)  # CGGR: the one added line; the rest of the script is unchanged
-        options = {k: v for k, v in (("min_tokens_ratio", args.min_tokens_ratio),
-                                      ("warmup_steps", args.warmup_steps)) if v is not None}
+        options = {
+            k: v
+            for k, v in (("min_tokens_ratio", args.min_tokens_ratio), ("warmup_steps", args.warmup_steps))
+            if v is not None
+        }
         if options:  # optional: enable() again updates the gate's options
             cggr_hook.enable(model, **options)
 
     gen = torch.Generator().manual_seed(args.seed)
-    print(f"{'plain' if args.plain else 'gated'} run: {sum(q.numel() for q in model.parameters()) / 1e6:.2f}M parameters, "
-          f"vocab {vocab}, {args.steps} steps of {args.batch_size} x {args.block_size} tokens on {args.device}"
-          + (", loss shifted in the loop" if args.shift else ""))
+    print(
+        f"{'plain' if args.plain else 'gated'} run: {sum(q.numel() for q in model.parameters()) / 1e6:.2f}M parameters, "
+        f"vocab {vocab}, {args.steps} steps of {args.batch_size} x {args.block_size} tokens on {args.device}"
+        + (", loss shifted in the loop" if args.shift else "")
+    )
     print(f"step {0:4d}  val {evaluate(model, val_data, args, args.shift):.4f}")
     t0 = time.perf_counter()
     for step in range(1, args.steps + 1):

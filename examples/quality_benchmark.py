@@ -87,35 +87,110 @@ except ImportError:  # a checkout that was not pip-installed
     import cggr_hook
 
 GPU_ARMS = [
-    "plain", "full", "random25", "random50", "topk25", "stratified25",
-    "imp-gradnorm25", "imp-gradnorm50", "imp-gradnorm50-f0.5", "imp-loss50", "default", "seed", "auto",
+    "plain",
+    "full",
+    "random25",
+    "random50",
+    "topk25",
+    "stratified25",
+    "imp-gradnorm25",
+    "imp-gradnorm50",
+    "imp-gradnorm50-f0.5",
+    "imp-loss50",
+    "default",
+    "seed",
+    "auto",
 ]
-_HEAD_HEAVY = dict(layers=6, d_model=512, heads=8, ffn=1536, vocab_size=131072, seq_len=512, sources="python",
-                   max_bytes=None, max_heldout_bytes=8_000_000, eval_tokens=1_000_000, eval_points=8,
-                   arms=list(GPU_ARMS), seeds=[0, 1, 2])
+_HEAD_HEAVY = dict(
+    layers=6,
+    d_model=512,
+    heads=8,
+    ffn=1536,
+    vocab_size=131072,
+    seq_len=512,
+    sources="python",
+    max_bytes=None,
+    max_heldout_bytes=8_000_000,
+    eval_tokens=1_000_000,
+    eval_points=8,
+    arms=list(GPU_ARMS),
+    seeds=[0, 1, 2],
+)
 PRESETS = {
     "smoke": dict(
-        layers=1, d_model=32, heads=2, ffn=64, vocab_size=512, seq_len=32, batch_size=8, budget=4.0,
-        regime="scratch", sources="stdlib", max_bytes=150_000, max_heldout_bytes=12_000, eval_tokens=4096,
-        eval_points=3, lr=3e-3, arms=["plain", "default", "random25"], seeds=[0], parallel=1,
+        layers=1,
+        d_model=32,
+        heads=2,
+        ffn=64,
+        vocab_size=512,
+        seq_len=32,
+        batch_size=8,
+        budget=4.0,
+        regime="scratch",
+        sources="stdlib",
+        max_bytes=150_000,
+        max_heldout_bytes=12_000,
+        eval_tokens=4096,
+        eval_points=3,
+        lr=3e-3,
+        arms=["plain", "default", "random25"],
+        seeds=[0],
+        parallel=1,
     ),
     "cpu": dict(
-        layers=2, d_model=128, heads=4, ffn=512, vocab_size=4096, seq_len=128, batch_size=16, budget=30.0,
-        regime="scratch", sources="stdlib", max_bytes=3_000_000, max_heldout_bytes=150_000, eval_tokens=65536,
-        eval_points=6, lr=2e-3, arms=["plain", "default", "imp-gradnorm50", "random50"], seeds=[0], parallel=1,
+        layers=2,
+        d_model=128,
+        heads=4,
+        ffn=512,
+        vocab_size=4096,
+        seq_len=128,
+        batch_size=16,
+        budget=30.0,
+        regime="scratch",
+        sources="stdlib",
+        max_bytes=3_000_000,
+        max_heldout_bytes=150_000,
+        eval_tokens=65536,
+        eval_points=6,
+        lr=2e-3,
+        arms=["plain", "default", "imp-gradnorm50", "random50"],
+        seeds=[0],
+        parallel=1,
     ),
     "scratch-small": dict(_HEAD_HEAVY, batch_size=8, budget=30.0, regime="scratch", lr=1e-3, parallel=4),
     "scratch-large": dict(_HEAD_HEAVY, batch_size=64, budget=45.0, regime="scratch", lr=1e-3, parallel=1),
-    "finetune-small": dict(_HEAD_HEAVY, batch_size=8, budget=30.0, regime="finetune", lr=3e-4, parallel=4,
-                           finetune_share=0.5, base_seconds=90.0, base_batch_size=64, base_lr=1e-3),
-    "finetune-large": dict(_HEAD_HEAVY, batch_size=64, budget=30.0, regime="finetune", lr=3e-4, parallel=1,
-                           finetune_share=0.5, base_seconds=90.0, base_batch_size=64, base_lr=1e-3),
+    "finetune-small": dict(
+        _HEAD_HEAVY,
+        batch_size=8,
+        budget=30.0,
+        regime="finetune",
+        lr=3e-4,
+        parallel=4,
+        finetune_share=0.5,
+        base_seconds=90.0,
+        base_batch_size=64,
+        base_lr=1e-3,
+    ),
+    "finetune-large": dict(
+        _HEAD_HEAVY,
+        batch_size=64,
+        budget=30.0,
+        regime="finetune",
+        lr=3e-4,
+        parallel=1,
+        finetune_share=0.5,
+        base_seconds=90.0,
+        base_batch_size=64,
+        base_lr=1e-3,
+    ),
 }
 FRACTION_GRID = (0.25, 0.5, 0.75, 1.0)
 # settings that may differ between the invocations whose results --merge combines
 RUN_LOCAL = {"seeds", "arms", "out", "parallel", "device", "threads", "cache_dir", "merge", "timing_only"}
 # the finetune regime's settings where a preset (a scratch one, --regime finetune) has none
-FINETUNE_DEFAULTS = dict(finetune_share=0.5, base_seconds=90.0, base_lr=1e-3)  # kept fractions timed for arms whose fraction moves
+FINETUNE_DEFAULTS = dict(
+    finetune_share=0.5, base_seconds=90.0, base_lr=1e-3
+)  # kept fractions timed for arms whose fraction moves
 
 FIXED_RE = re.compile(r"^(topk|stratified|seqaware|random|entropy|margin|loss|combined)(\d+(?:\.\d+)?)(-warm)?$")
 IMP_RE = re.compile(r"^imp-(gradnorm|loss|entropy|margin|combined|random)(\d+(?:\.\d+)?)(?:-f(\d*\.?\d+))?$")
@@ -137,8 +212,13 @@ def arm_options(name: str, steps: int = 1000, warmup_frac: float = 0.3) -> dict 
     m = IMP_RE.match(name)
     if m:
         scoring, pct, floor = m.group(1), float(m.group(2)), m.group(3)
-        opts = dict(scoring=scoring, selection="importance", min_tokens_ratio=_fraction(name, pct),
-                    warmup_steps=0, dynamic_threshold=False)
+        opts = dict(
+            scoring=scoring,
+            selection="importance",
+            min_tokens_ratio=_fraction(name, pct),
+            warmup_steps=0,
+            dynamic_threshold=False,
+        )
         if floor is not None:
             opts["importance_floor"] = float(floor)
         return opts
@@ -202,9 +282,16 @@ def build_model(args, vocab_size: int, seed: int):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     cfg = LlamaConfig(
-        vocab_size=vocab_size, hidden_size=args.d_model, intermediate_size=args.ffn or 4 * args.d_model,
-        num_hidden_layers=args.layers, num_attention_heads=args.heads, num_key_value_heads=args.heads,
-        max_position_embeddings=args.seq_len, tie_word_embeddings=True, bos_token_id=None, eos_token_id=0,
+        vocab_size=vocab_size,
+        hidden_size=args.d_model,
+        intermediate_size=args.ffn or 4 * args.d_model,
+        num_hidden_layers=args.layers,
+        num_attention_heads=args.heads,
+        num_key_value_heads=args.heads,
+        max_position_embeddings=args.seq_len,
+        tie_word_embeddings=True,
+        bos_token_id=None,
+        eos_token_id=0,
         pad_token_id=None,
     )
     torch.manual_seed(seed)
@@ -231,7 +318,7 @@ def heldout_loss(model, heldout: torch.Tensor, batch_size: int, device) -> float
     total = torch.zeros((), dtype=torch.float64, device=device)
     count = 0
     for start in range(0, heldout.shape[0], batch_size):
-        x = heldout[start:start + batch_size].to(device, non_blocking=True)
+        x = heldout[start : start + batch_size].to(device, non_blocking=True)
         with autocast(device):
             logits = model(input_ids=x).logits
         V = logits.shape[-1]
@@ -280,8 +367,11 @@ def gate_for(model, opts: dict | None, seed: int):
 
 def load_data(args):
     corpus = stdlib_text.load_corpus(
-        vocab_size=args.vocab_size, max_bytes=args.max_bytes, max_heldout_bytes=args.max_heldout_bytes,
-        cache_dir=args.cache_dir, sources=args.sources,
+        vocab_size=args.vocab_size,
+        max_bytes=args.max_bytes,
+        max_heldout_bytes=args.max_heldout_bytes,
+        cache_dir=args.cache_dir,
+        sources=args.sources,
         finetune_share=args.finetune_share if args.regime == "finetune" else 0.0,
     )
     return corpus
@@ -296,15 +386,29 @@ def data_for(corpus, args, part: str | None):
 
 
 def base_path(args, corpus) -> Path:
-    spec = json.dumps(dict(corpus=corpus.info["key"], model=model_spec(args), seconds=args.base_seconds,
-                           batch=args.base_batch_size, lr=args.base_lr), sort_keys=True)
+    spec = json.dumps(
+        dict(
+            corpus=corpus.info["key"],
+            model=model_spec(args),
+            seconds=args.base_seconds,
+            batch=args.base_batch_size,
+            lr=args.base_lr,
+        ),
+        sort_keys=True,
+    )
     cache = Path(args.cache_dir).expanduser() if args.cache_dir else stdlib_text.default_cache_dir()
     return cache / f"base-{hashlib.sha1(spec.encode()).hexdigest()[:16]}.pt"
 
 
 def model_spec(args) -> dict:
-    return dict(layers=args.layers, d_model=args.d_model, heads=args.heads, ffn=args.ffn, vocab=args.vocab_size,
-                seq_len=args.seq_len)
+    return dict(
+        layers=args.layers,
+        d_model=args.d_model,
+        heads=args.heads,
+        ffn=args.ffn,
+        vocab=args.vocab_size,
+        seq_len=args.seq_len,
+    )
 
 
 def train_base(args, corpus, device) -> dict:
@@ -313,7 +417,9 @@ def train_base(args, corpus, device) -> dict:
     path = base_path(args, corpus)
     if path.exists():
         info = torch.load(path, map_location="cpu", weights_only=False)
-        print(f"base model: {path} (cached, {info['steps']} steps, pretrain val {info['pretrain_val']:.3f})", flush=True)
+        print(
+            f"base model: {path} (cached, {info['steps']} steps, pretrain val {info['pretrain_val']:.3f})", flush=True
+        )
         return info
     pre, pre_held = data_for(corpus, args, "pretrain")
     model = build_model(args, corpus.vocab_size, 1234).to(device).train()
@@ -334,8 +440,11 @@ def train_base(args, corpus, device) -> dict:
     epochs = steps * args.base_batch_size * args.seq_len / pre.train_tokens.numel()
     info = dict(state=model.state_dict(), steps=steps, seconds=seconds, epochs=epochs, pretrain_val=val)
     torch.save(info, path)
-    print(f"base model: {steps} plain steps in {seconds:.0f} s ({epochs:.2f} epochs of the pretraining domain), "
-          f"held-out loss there {val:.3f} -> {path}", flush=True)
+    print(
+        f"base model: {steps} plain steps in {seconds:.0f} s ({epochs:.2f} epochs of the pretraining domain), "
+        f"held-out loss there {val:.3f} -> {path}",
+        flush=True,
+    )
     del model, opt
     return info
 
@@ -344,8 +453,9 @@ def train_base(args, corpus, device) -> dict:
 # timing phase: each arm's step alone on the device
 
 
-def time_steps(args, corpus, device, opts: dict | None, fraction: float | None, repeats: int = 3,
-               warm: int = 4, steps: int = 8) -> float:
+def time_steps(
+    args, corpus, device, opts: dict | None, fraction: float | None, repeats: int = 3, warm: int = 4, steps: int = 8
+) -> float:
     """Median seconds of one training step of an arm at a fixed kept fraction (the arm's own
     scoring and selection), timed in chunks of ``steps`` steps after ``warm`` untimed ones."""
     model = build_model(args, corpus.vocab_size, 0).to(device).train()
@@ -483,8 +593,14 @@ def run_job(job: dict) -> dict:
                 fraction = m["tokens_selected"] / m["tokens_total"] if moving else fixed_fraction
                 fractions.append(m["tokens_selected"] / m["tokens_total"])
                 if "ess" in m:
-                    draws.append(dict(ess_ratio=m["ess"] / max(m["tokens_selected"], 1), max_weight=m["max_weight"],
-                                      certain=m["certain_fraction"], cv2=m["score_cv2"]))
+                    draws.append(
+                        dict(
+                            ess_ratio=m["ess"] / max(m["tokens_selected"], 1),
+                            max_weight=m["max_weight"],
+                            certain=m["certain_fraction"],
+                            cv2=m["score_cv2"],
+                        )
+                    )
         clock += step_seconds(timing, fraction)
         while targets and clock >= targets[0] - 1e-9:
             targets.pop(0)
@@ -493,10 +609,17 @@ def run_job(job: dict) -> dict:
         cggr_hook.disable(model)
     tokens = step * args.batch_size * args.seq_len
     result = dict(
-        arm=arm, seed=seed, options=opts, curve=curve, steps=step, final_val=curve[-1]["val"],
+        arm=arm,
+        seed=seed,
+        options=opts,
+        curve=curve,
+        steps=step,
+        final_val=curve[-1]["val"],
         kept_fraction=statistics.fmean(fractions) if fractions else 1.0,
         step_ms=1e3 * statistics.fmean(step_seconds(timing, f) for f in (fractions or [fixed_fraction])),
-        tokens=tokens, epochs=tokens / train.train_tokens.numel(), predicted=prediction,
+        tokens=tokens,
+        epochs=tokens / train.train_tokens.numel(),
+        predicted=prediction,
         draws={k: statistics.fmean(d[k] for d in draws) for k in draws[0]} if draws else None,
         wall_seconds=time.perf_counter() - wall0,
     )
@@ -551,11 +674,17 @@ def summarize(runs: list[dict], arms: list[str]) -> dict:
                 d_control.append(r["final_val"] - ctl["final_val"])
         draws = [r["draws"] for r in rs if r.get("draws")]
         out[arm] = dict(
-            seeds=len(rs), final_val=stats([r["final_val"] for r in rs]),
-            delta_plain=stats(d_plain), delta_control=stats(d_control), control=control,
-            time_to_plain=stats(reach), reached_plain=sum(t is not None for t in reach),
-            steps=stats([r["steps"] for r in rs]), step_ms=stats([r["step_ms"] for r in rs]),
-            kept=stats([r["kept_fraction"] for r in rs]), epochs=stats([r["epochs"] for r in rs]),
+            seeds=len(rs),
+            final_val=stats([r["final_val"] for r in rs]),
+            delta_plain=stats(d_plain),
+            delta_control=stats(d_control),
+            control=control,
+            time_to_plain=stats(reach),
+            reached_plain=sum(t is not None for t in reach),
+            steps=stats([r["steps"] for r in rs]),
+            step_ms=stats([r["step_ms"] for r in rs]),
+            kept=stats([r["kept_fraction"] for r in rs]),
+            epochs=stats([r["epochs"] for r in rs]),
             rho25=stats([r["predicted"].get("rho25") for r in rs]),
             rho50=stats([r["predicted"].get("rho50") for r in rs]),
             cv2=stats([r["predicted"]["score_cv2"] for r in rs]),
@@ -584,7 +713,8 @@ def fmt(s: dict | None, digits: int = 3, signed: bool = False) -> str:
 
 def markdown_table(summary: dict, header: str) -> str:
     lines = [
-        header, "",
+        header,
+        "",
         "| arm | seeds | kept | step ms | speed | steps | epochs | final val | Δ vs plain | Δ vs random control "
         "| time to plain's final | rho25 / rho50 predicted | ESS / k |",
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
@@ -597,8 +727,11 @@ def markdown_table(summary: dict, header: str) -> str:
             if s["reached_plain"] < s["seeds"]:
                 ttr += f" ({s['reached_plain']}/{s['seeds']} seeds)"
         ctl = "n/a" if s["delta_control"] is None else f"{fmt(s['delta_control'], signed=True)} ({s['control']})"
-        rho = "n/a" if s["rho25"] is None else f"{s['rho25']['mean']:.2f} / " + (
-            f"{s['rho50']['mean']:.2f}" if s["rho50"] else "n/a")
+        rho = (
+            "n/a"
+            if s["rho25"] is None
+            else f"{s['rho25']['mean']:.2f} / " + (f"{s['rho50']['mean']:.2f}" if s["rho50"] else "n/a")
+        )
         ess = "n/a" if s["ess_ratio"] is None else f"{s['ess_ratio']['mean']:.2f}"
         lines.append(
             f"| {arm} | {s['seeds']} | {s['kept']['mean']:.2f} | {s['step_ms']['mean']:.1f} | "
@@ -634,21 +767,26 @@ def conclusion(summary: dict) -> str:
         return "No plain arm to compare with: run --arms plain ... for a verdict."
     best = min(gated, key=lambda a: gated[a]["delta_plain"]["mean"])
     d = gated[best]["delta_plain"]["mean"]
-    text = (f"Verdict at equal wall-clock: {'gating paid here' if d <= 0 else 'gating did not pay here'}: "
-            f"the best gated arm, {best}, ended {d:+.3f} nats against plain")
+    text = (
+        f"Verdict at equal wall-clock: {'gating paid here' if d <= 0 else 'gating did not pay here'}: "
+        f"the best gated arm, {best}, ended {d:+.3f} nats against plain"
+    )
     if "default" in gated and best != "default":
         dd = gated["default"]
         ctl = dd["delta_control"]
-        text += (f"; the default gate (`cggr_hook.enable(model)`) ended {dd['delta_plain']['mean']:+.3f}"
-                 + (f" and {ctl['mean']:+.3f} against its random control ({dd['control']})" if ctl else ""))
+        text += f"; the default gate (`cggr_hook.enable(model)`) ended {dd['delta_plain']['mean']:+.3f}" + (
+            f" and {ctl['mean']:+.3f} against its random control ({dd['control']})" if ctl else ""
+        )
     full = next((a for a in FULL_ARMS if a in gated), None)
     sampled = {a: s for a, s in gated.items() if s["kept"]["mean"] < 0.999}
     if full and sampled:
         f_val = gated[full]["final_val"]["mean"]
         b = min(sampled, key=lambda a: sampled[a]["final_val"]["mean"])
         gap = sampled[b]["final_val"]["mean"] - f_val
-        text += (f". Against every token through the same kernels ({full}), the best arm that drops tokens, {b}, "
-                 f"ended {gap:+.3f}: dropping tokens {'paid' if gap <= 0 else 'did not pay'} on top of the faster loss")
+        text += (
+            f". Against every token through the same kernels ({full}), the best arm that drops tokens, {b}, "
+            f"ended {gap:+.3f}: dropping tokens {'paid' if gap <= 0 else 'did not pay'} on top of the faster loss"
+        )
     return text + "."
 
 
@@ -703,15 +841,23 @@ def write_results(result: dict, out: Path) -> str:
         f"{result['n_params'] / 1e6:.1f}M parameters; {a['batch_size']} x {a['seq_len']} tokens a step; "
         f"{a['budget']:g} s a run (virtual clock); AdamW peak lr {a['lr']:g}, cosine over the budget; "
         f"seeds {', '.join(map(str, seeds))} (each arm's in the seeds column); held-out: {result['heldout_tokens']:,} tokens"
-        + (f"; base model: {result['base']['steps']} plain steps, {result['base']['epochs']:.2f} epochs of the "
-           f"pretraining domain" if result.get("base") else "") + "."
+        + (
+            f"; base model: {result['base']['steps']} plain steps, {result['base']['epochs']:.2f} epochs of the "
+            f"pretraining domain"
+            if result.get("base")
+            else ""
+        )
+        + "."
     )
     table = markdown_table(summary, header)
     verdict = conclusion(summary)
     (out / "results.md").write_text(table + "\n" + verdict + "\n")
     result["conclusion"] = verdict
-    result["files"] = ["results.md", "results.json", plot_curves(runs, arms, out, f"{a['preset']}: held-out loss, "
-                                                                  f"mean of {len(seeds)} seed(s)")]
+    result["files"] = [
+        "results.md",
+        "results.json",
+        plot_curves(runs, arms, out, f"{a['preset']}: held-out loss, mean of {len(seeds)} seed(s)"),
+    ]
     with open(out / "results.json", "w") as f:
         json.dump(result, f, indent=1, default=str)
     return table + "\n" + verdict
@@ -728,7 +874,9 @@ def merge(paths: list[str], out: Path) -> int:
         raise SystemExit(f"--merge: results of one preset only, got {sorted(presets)}")
     first = results[0]["args"]
     for path, r in zip(paths, results):
-        differ = sorted(k for k in set(first) | set(r["args"]) if k not in RUN_LOCAL and first.get(k) != r["args"].get(k))
+        differ = sorted(
+            k for k in set(first) | set(r["args"]) if k not in RUN_LOCAL and first.get(k) != r["args"].get(k)
+        )
         if differ:
             raise SystemExit(f"--merge: {path} was run with other settings ({', '.join(differ)}) than {paths[0]}")
         plain = r["timings"].get("plain", {}).get("plain")
@@ -757,10 +905,12 @@ def merge(paths: list[str], out: Path) -> int:
 
 
 def parse_args(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0],
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    p.add_argument("--preset", choices=sorted(PRESETS), default=None, help="default: cpu without CUDA, "
-                   "finetune-large with it")
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.ArgumentDefaultsHelpFormatter
+    )
+    p.add_argument(
+        "--preset", choices=sorted(PRESETS), default=None, help="default: cpu without CUDA, finetune-large with it"
+    )
     p.add_argument("--arms", nargs="+", default=None, help=f"arm names (GPU presets: {' '.join(GPU_ARMS)})")
     p.add_argument("--seeds", nargs="+", type=int, default=None)
     p.add_argument("--budget", type=float, default=None, help="seconds of (virtual) training an arm")
@@ -776,12 +926,18 @@ def parse_args(argv=None):
     p.add_argument("--base-seconds", type=float, default=None, help="finetune: plain training of the base model")
     p.add_argument("--base-lr", type=float, default=None, help="finetune: the base model's peak learning rate")
     p.add_argument("--base-batch-size", type=int, default=None, help="finetune: the base model's batch size")
-    p.add_argument("--sources", choices=stdlib_text.SOURCES, default=None,
-                   help="stdlib: the standard library's sources; python: every Python source of the machine")
-    p.add_argument("--finetune-share", type=float, default=None,
-                   help="finetune: share of the packages that form the new domain")
-    p.add_argument("--timing-only", action="store_true",
-                   help="time every arm's step alone on the device, print the table and stop")
+    p.add_argument(
+        "--sources",
+        choices=stdlib_text.SOURCES,
+        default=None,
+        help="stdlib: the standard library's sources; python: every Python source of the machine",
+    )
+    p.add_argument(
+        "--finetune-share", type=float, default=None, help="finetune: share of the packages that form the new domain"
+    )
+    p.add_argument(
+        "--timing-only", action="store_true", help="time every arm's step alone on the device, print the table and stop"
+    )
     p.add_argument("--warmup-frac", type=float, default=0.3, help="curriculum share of the -warm arms")
     p.add_argument("--eval-points", type=int, default=None)
     p.add_argument("--eval-tokens", type=int, default=None, help="held-out tokens evaluated (the first ones)")
@@ -789,13 +945,22 @@ def parse_args(argv=None):
     p.add_argument("--max-bytes", type=int, default=None, help="training-text byte budget (0: every file)")
     p.add_argument("--max-heldout-bytes", type=int, default=None, help="held-out byte budget (0: every file)")
     p.add_argument("--parallel", type=int, default=None, help="training runs at once (the timing is not shared)")
-    p.add_argument("--cache-dir", default=None, help="tokenizer, token and base-model cache "
-                   "(default $CGGR_HOOK_CACHE, else $XDG_CACHE_HOME/cggr_hook, else ~/.cache/cggr_hook)")
+    p.add_argument(
+        "--cache-dir",
+        default=None,
+        help="tokenizer, token and base-model cache "
+        "(default $CGGR_HOOK_CACHE, else $XDG_CACHE_HOME/cggr_hook, else ~/.cache/cggr_hook)",
+    )
     p.add_argument("--out", default="runs/quality", help="output folder")
     p.add_argument("--device", default=None, help="default: cuda if available, else cpu")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
-    p.add_argument("--merge", nargs="+", default=None, metavar="RESULTS",
-                   help="only combine these results.json files (or folders) of one preset into --out")
+    p.add_argument(
+        "--merge",
+        nargs="+",
+        default=None,
+        metavar="RESULTS",
+        help="only combine these results.json files (or folders) of one preset into --out",
+    )
     args = p.parse_args(argv)
     if args.merge:
         return args
@@ -840,10 +1005,13 @@ def main(argv=None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     device_name = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or "cpu")
     n_params = sum(p.numel() for p in build_model(args, corpus.vocab_size, 0).parameters())
-    print(f"preset {args.preset} ({args.regime}) on {device_name}: {args.layers} layers, d={args.d_model}, "
-          f"V={corpus.vocab_size}, {n_params / 1e6:.1f}M parameters, {args.batch_size} x {args.seq_len} tokens a "
-          f"step, {args.budget:g} s an arm, seeds {args.seeds}; training stream {train.train_tokens.numel():,} tokens, "
-          f"held-out {held.numel():,} tokens", flush=True)
+    print(
+        f"preset {args.preset} ({args.regime}) on {device_name}: {args.layers} layers, d={args.d_model}, "
+        f"V={corpus.vocab_size}, {n_params / 1e6:.1f}M parameters, {args.batch_size} x {args.seq_len} tokens a "
+        f"step, {args.budget:g} s an arm, seeds {args.seeds}; training stream {train.train_tokens.numel():,} tokens, "
+        f"held-out {held.numel():,} tokens",
+        flush=True,
+    )
 
     # timing: every arm alone on the device; the estimated step count sizes -warm curricula
     timings = timing_phase(args, train, device, {a: arm_options(a) for a in arms})
@@ -854,8 +1022,10 @@ def main(argv=None) -> int:
             ms = 1e3 * min(t.values())
             speed = f"{plain / min(t.values()):.2f}x" if plain else "n/a"
             print(f"| {a} | {ms:.1f} | {args.batch_size * args.seq_len / (ms / 1e3):,.0f} | {speed} |")
-        print(f"\n{device_name}, {args.preset}: {args.batch_size} x {args.seq_len} tokens a step "
-              "(an arm whose fraction moves: its fastest fraction)")
+        print(
+            f"\n{device_name}, {args.preset}: {args.batch_size} x {args.seq_len} tokens a step "
+            "(an arm whose fraction moves: its fastest fraction)"
+        )
         return 0
     arm_opts = {}
     for a in arms:
@@ -865,18 +1035,29 @@ def main(argv=None) -> int:
     path = None
     if base is not None:
         path = str(base_path(args, corpus))
-    jobs = [dict(args=job_args, arm=a, seed=s, opts=arm_opts[a], timing=timings[a], base=path)
-            for s in args.seeds for a in arms]
+    jobs = [
+        dict(args=job_args, arm=a, seed=s, opts=arm_opts[a], timing=timings[a], base=path)
+        for s in args.seeds
+        for a in arms
+    ]
     runs = []
     result = dict(
-        args=job_args, arm_order=arms, timings={a: {str(k): v for k, v in t.items()} for a, t in timings.items()},
-        n_params=n_params, corpus=corpus.info, heldout_tokens=int(held.numel()),
+        args=job_args,
+        arm_order=arms,
+        timings={a: {str(k): v for k, v in t.items()} for a, t in timings.items()},
+        n_params=n_params,
+        corpus=corpus.info,
+        heldout_tokens=int(held.numel()),
         base={k: v for k, v in base.items() if k != "state"} if base else None,
-        environment=dict(python=platform.python_version(), torch=torch.__version__,
-                         transformers=__import__("transformers").__version__,
-                         cggr_hook=getattr(cggr_hook, "__version__", None), device=device_name,
-                         threads=torch.get_num_threads(),
-                         defaults=dict(vars(cggr_hook.GateConfig())) if hasattr(cggr_hook, "GateConfig") else None),
+        environment=dict(
+            python=platform.python_version(),
+            torch=torch.__version__,
+            transformers=__import__("transformers").__version__,
+            cggr_hook=getattr(cggr_hook, "__version__", None),
+            device=device_name,
+            threads=torch.get_num_threads(),
+            defaults=dict(vars(cggr_hook.GateConfig())) if hasattr(cggr_hook, "GateConfig") else None,
+        ),
         runs=runs,
     )
 
@@ -904,8 +1085,10 @@ def main(argv=None) -> int:
         finished(run_job(job))
     print()
     print(write_results(result, out))
-    print(f"wrote {out / 'results.md'}, {out / 'results.json'}, {out / 'val_loss_vs_time.png'} in "
-          f"{time.perf_counter() - wall0:.0f} s")
+    print(
+        f"wrote {out / 'results.md'}, {out / 'results.json'}, {out / 'val_loss_vs_time.png'} in "
+        f"{time.perf_counter() - wall0:.0f} s"
+    )
     return 0
 
 

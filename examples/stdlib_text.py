@@ -184,7 +184,9 @@ class Corpus:
         if name is None:
             return self
         if name not in self.parts:
-            raise ValueError(f"no part {name!r}: build the corpus with finetune_share > 0 (parts: {sorted(self.parts)})")
+            raise ValueError(
+                f"no part {name!r}: build the corpus with finetune_share > 0 (parts: {sorted(self.parts)})"
+            )
         train, held = self.parts[name]
         return Corpus(train, held, self.vocab_size, self.tokenizer_path, dict(self.info, part=name))
 
@@ -192,7 +194,9 @@ class Corpus:
         """The training stream cut into non-overlapping ``(n, seq_len)`` int64 rows."""
         n = self.train_tokens.numel() // seq_len
         if n == 0:
-            raise ValueError(f"the training stream ({self.train_tokens.numel()} tokens) is shorter than seq_len={seq_len}")
+            raise ValueError(
+                f"the training stream ({self.train_tokens.numel()} tokens) is shorter than seq_len={seq_len}"
+            )
         return self.train_tokens[: n * seq_len].view(n, seq_len).long()
 
     def heldout_sequences(self, seq_len: int) -> torch.Tensor:
@@ -200,12 +204,12 @@ class Corpus:
         fewer than ``seq_len`` tokens)."""
         n = self.heldout_tokens.numel() // seq_len
         if n == 0:
-            raise ValueError(f"the held-out stream ({self.heldout_tokens.numel()} tokens) is shorter than seq_len={seq_len}")
+            raise ValueError(
+                f"the held-out stream ({self.heldout_tokens.numel()} tokens) is shorter than seq_len={seq_len}"
+            )
         return self.heldout_tokens[: n * seq_len].view(n, seq_len).long()
 
-    def batches(
-        self, batch_size: int, seq_len: int, seed: int = 0, steps: int | None = None
-    ) -> Iterator[torch.Tensor]:
+    def batches(self, batch_size: int, seq_len: int, seed: int = 0, steps: int | None = None) -> Iterator[torch.Tensor]:
         """``(batch_size, seq_len)`` int64 training batches in a seeded, deterministic order.
 
         Epochs of a seeded permutation of the non-overlapping rows; the same (seed, sizes) give the
@@ -241,15 +245,19 @@ def site_roots() -> list[Path]:
     return roots
 
 
-def list_site_files(root: Path, include_tests: bool = False,
-                    max_file_bytes: int = MAX_FILE_BYTES) -> list[tuple[str, int]]:
+def list_site_files(
+    root: Path, include_tests: bool = False, max_file_bytes: int = MAX_FILE_BYTES
+) -> list[tuple[str, int]]:
     """``(relative path, size)`` of every ``.py`` file of installed packages under ``root`` (test
     folders skipped unless asked for, files over ``max_file_bytes`` skipped), sorted by path."""
     found: list[tuple[str, int]] = []
     for dirpath, dirnames, filenames in os.walk(root):
         skip = {"__pycache__"} | (set() if include_tests else TEST_DIR_NAMES)
-        dirnames[:] = sorted(d for d in dirnames if d not in skip and not d.startswith(".")
-                             and not d.endswith((".dist-info", ".egg-info")))
+        dirnames[:] = sorted(
+            d
+            for d in dirnames
+            if d not in skip and not d.startswith(".") and not d.endswith((".dist-info", ".egg-info"))
+        )
         for name in filenames:
             if not name.endswith(".py"):
                 continue
@@ -264,7 +272,9 @@ def list_site_files(root: Path, include_tests: bool = False,
     return found
 
 
-def list_source_files(sources: str = "stdlib", include_tests: bool = False) -> tuple[dict[str, Path], list[tuple[str, int]]]:
+def list_source_files(
+    sources: str = "stdlib", include_tests: bool = False
+) -> tuple[dict[str, Path], list[tuple[str, int]]]:
     """(roots by tag, files): files are ``('<tag>/<relative path>', size)``, sorted; tags are
     ``stdlib`` and, for ``sources='python'``, ``site<i>`` for each packages folder."""
     if sources not in SOURCES:
@@ -325,8 +335,10 @@ def load_corpus(
     if not files:
         raise RuntimeError(f"no .py files found under {[str(r) for r in roots.values()]}")
     h = hashlib.sha1()
-    h.update(f"v{FORMAT_VERSION}\n{sources}\n{finetune_share}\n{tokenizer_bytes}\n{heldout_every}\n"
-             f"{max_bytes}\n{max_heldout_bytes}\n".encode())
+    h.update(
+        f"v{FORMAT_VERSION}\n{sources}\n{finetune_share}\n{tokenizer_bytes}\n{heldout_every}\n"
+        f"{max_bytes}\n{max_heldout_bytes}\n".encode()
+    )
     for rel, size in files:
         h.update(f"{rel}\t{size}\n".encode())
     key = f"{sources}-v{vocab_size}-{h.hexdigest()[:16]}"
@@ -393,8 +405,9 @@ def load_corpus(
         os.replace(tmp, tok_path)
     t1 = time.perf_counter()
     eos_id = tok.token_to_id(EOS)
-    streams = {name: tuple(_encode(tok, [texts[r] for r in group], eos_id) for group in pair)
-               for name, pair in groups.items()}
+    streams = {
+        name: tuple(_encode(tok, [texts[r] for r in group], eos_id) for group in pair) for name, pair in groups.items()
+    }
     train_ids = torch.cat([streams["pretrain"][0], streams["finetune"][0]])
     held_ids = torch.cat([streams["pretrain"][1], streams["finetune"][1]])
     parts = streams if finetune_share > 0 else {}
@@ -421,18 +434,34 @@ def main() -> None:
     p.add_argument("--max-bytes", type=int, default=None, help="training-split byte budget (default: all)")
     p.add_argument("--max-heldout-bytes", type=int, default=None)
     p.add_argument("--include-tests", action="store_true")
-    p.add_argument("--sources", choices=SOURCES, default="stdlib",
-                   help="stdlib: the standard library; python: it and every installed package")
-    p.add_argument("--finetune-share", type=float, default=0.0,
-                   help="share of the packages set apart as a fine-tuning domain (0: none)")
-    p.add_argument("--cache-dir", default=None,
-                   help="default: $CGGR_HOOK_CACHE, else $XDG_CACHE_HOME/cggr_hook, else ~/.cache/cggr_hook")
+    p.add_argument(
+        "--sources",
+        choices=SOURCES,
+        default="stdlib",
+        help="stdlib: the standard library; python: it and every installed package",
+    )
+    p.add_argument(
+        "--finetune-share",
+        type=float,
+        default=0.0,
+        help="share of the packages set apart as a fine-tuning domain (0: none)",
+    )
+    p.add_argument(
+        "--cache-dir",
+        default=None,
+        help="default: $CGGR_HOOK_CACHE, else $XDG_CACHE_HOME/cggr_hook, else ~/.cache/cggr_hook",
+    )
     args = p.parse_args()
     t0 = time.perf_counter()
     corpus = load_corpus(
-        args.vocab_size, args.max_bytes, args.max_heldout_bytes,
-        include_tests=args.include_tests, cache_dir=args.cache_dir, verbose=True,
-        sources=args.sources, finetune_share=args.finetune_share,
+        args.vocab_size,
+        args.max_bytes,
+        args.max_heldout_bytes,
+        include_tests=args.include_tests,
+        cache_dir=args.cache_dir,
+        verbose=True,
+        sources=args.sources,
+        finetune_share=args.finetune_share,
     )
     info = dict(corpus.info, seconds=round(time.perf_counter() - t0, 2))
     print(json.dumps(info, indent=2))

@@ -65,31 +65,72 @@ IGNORE_INDEX = -100
 
 SHAPES = {
     "llama1b": dict(
-        arch="llama", vocab_size=128256, hidden_size=2048, num_hidden_layers=16, num_attention_heads=32,
-        num_key_value_heads=8, head_dim=64, intermediate_size=8192, rms_norm_eps=1e-5,
-        max_position_embeddings=131072, tie_word_embeddings=True,
+        arch="llama",
+        vocab_size=128256,
+        hidden_size=2048,
+        num_hidden_layers=16,
+        num_attention_heads=32,
+        num_key_value_heads=8,
+        head_dim=64,
+        intermediate_size=8192,
+        rms_norm_eps=1e-5,
+        max_position_embeddings=131072,
+        tie_word_embeddings=True,
     ),
     "gemma270m": dict(
-        arch="gemma3", vocab_size=262144, hidden_size=640, num_hidden_layers=18, num_attention_heads=4,
-        num_key_value_heads=1, head_dim=256, intermediate_size=2048, sliding_window=512,
-        query_pre_attn_scalar=256, rms_norm_eps=1e-6, max_position_embeddings=32768, tie_word_embeddings=True,
+        arch="gemma3",
+        vocab_size=262144,
+        hidden_size=640,
+        num_hidden_layers=18,
+        num_attention_heads=4,
+        num_key_value_heads=1,
+        head_dim=256,
+        intermediate_size=2048,
+        sliding_window=512,
+        query_pre_attn_scalar=256,
+        rms_norm_eps=1e-6,
+        max_position_embeddings=32768,
+        tie_word_embeddings=True,
     ),
     # a small model at a small batch (16 x 256 tokens): where a call's fixed cost is most of a step
     "small": dict(
-        arch="llama", vocab_size=32768, hidden_size=256, num_hidden_layers=4, num_attention_heads=4,
-        num_key_value_heads=4, head_dim=64, intermediate_size=1024, max_position_embeddings=2048,
+        arch="llama",
+        vocab_size=32768,
+        hidden_size=256,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        head_dim=64,
+        intermediate_size=1024,
+        max_position_embeddings=2048,
         tie_word_embeddings=True,
     ),
     # tiny versions of both, for the smoke preset
     "smoke_llama": dict(
-        arch="llama", vocab_size=1000, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
-        num_key_value_heads=2, head_dim=16, intermediate_size=128, max_position_embeddings=256,
+        arch="llama",
+        vocab_size=1000,
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,
+        intermediate_size=128,
+        max_position_embeddings=256,
         tie_word_embeddings=True,
     ),
     "smoke_gemma": dict(
-        arch="gemma3", vocab_size=1000, hidden_size=64, num_hidden_layers=2, num_attention_heads=2,
-        num_key_value_heads=1, head_dim=32, intermediate_size=128, sliding_window=32,
-        query_pre_attn_scalar=32, max_position_embeddings=256, tie_word_embeddings=True,
+        arch="gemma3",
+        vocab_size=1000,
+        hidden_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        head_dim=32,
+        intermediate_size=128,
+        sliding_window=32,
+        query_pre_attn_scalar=32,
+        max_position_embeddings=256,
+        tie_word_embeddings=True,
     ),
 }
 PRESETS = {
@@ -343,12 +384,22 @@ def main(argv=None) -> int:
     else:
         name = f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
     meta = {
-        "device_name": name, "torch": torch.__version__, "cuda": torch.version.cuda, "triton": _version("triton"),
-        "transformers": _version("transformers"), "cggr_hook": getattr(cggr_hook, "__version__", "?"),
+        "device_name": name,
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda,
+        "triton": _version("triton"),
+        "transformers": _version("transformers"),
+        "cggr_hook": getattr(cggr_hook, "__version__", "?"),
         "python": platform.python_version(),
         "date": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC"),
-        "preset": args.preset, "shapes": args.shapes, "variants": args.variants, "batch": args.batch,
-        "seq": args.seq, "steps": args.steps, "warmup": args.warmup, "seed": args.seed,
+        "preset": args.preset,
+        "shapes": args.shapes,
+        "variants": args.variants,
+        "batch": args.batch,
+        "seq": args.seq,
+        "steps": args.steps,
+        "warmup": args.warmup,
+        "seed": args.seed,
     }
 
     records = []
@@ -362,9 +413,12 @@ def main(argv=None) -> int:
             rec = run_variant(shape, variant, args, device, batches, hf_loss0)
             if variant == "hf" and rec["status"] == "ok":
                 hf_loss0 = rec.get("first_loss")
-            print(f"[throughput] {shape} {variant}: {rec['status']} {_f(rec.get('step_ms'), '.1f')} ms/step "
-                  f"{_f(rec.get('tokens_per_s'), '.0f')} tokens/s {rec.get('check') or rec.get('error') or ''}",
-                  file=sys.stderr, flush=True)
+            print(
+                f"[throughput] {shape} {variant}: {rec['status']} {_f(rec.get('step_ms'), '.1f')} ms/step "
+                f"{_f(rec.get('tokens_per_s'), '.0f')} tokens/s {rec.get('check') or rec.get('error') or ''}",
+                file=sys.stderr,
+                flush=True,
+            )
             records.append(rec)
         del batches
 

@@ -61,9 +61,18 @@ def make_model(vocab_size: int, d_model: int = 32, layers: int = 2, seed: int = 
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    cfg = LlamaConfig(vocab_size=vocab_size, hidden_size=d_model, intermediate_size=2 * d_model,
-                      num_hidden_layers=layers, num_attention_heads=4, num_key_value_heads=2,
-                      max_position_embeddings=64, tie_word_embeddings=False, pad_token_id=0, eos_token_id=1)
+    cfg = LlamaConfig(
+        vocab_size=vocab_size,
+        hidden_size=d_model,
+        intermediate_size=2 * d_model,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=64,
+        tie_word_embeddings=False,
+        pad_token_id=0,
+        eos_token_id=1,
+    )
     return LlamaForCausalLM(cfg)
 
 
@@ -84,25 +93,53 @@ def make_dataset(kind: str, n: int = 64, seed: int = 0):
     return Dataset.from_list(rows)
 
 
-def make_trainer(model, tokenizer, data: str, max_steps: int, output_dir: str, lora: bool = False,
-                 batch_size: int = 8, lr: float = 3e-3, callbacks=None, **config):
+def make_trainer(
+    model,
+    tokenizer,
+    data: str,
+    max_steps: int,
+    output_dir: str,
+    lora: bool = False,
+    batch_size: int = 8,
+    lr: float = 3e-3,
+    callbacks=None,
+    **config,
+):
     """An SFTTrainer on ``make_dataset(data)``; ``config``: more SFTConfig fields."""
     from trl import SFTConfig, SFTTrainer
 
     args = SFTConfig(
-        output_dir=output_dir, max_steps=max_steps, per_device_train_batch_size=batch_size, learning_rate=lr,
-        logging_steps=max(1, max_steps // 4), save_strategy="no", report_to="none", use_cpu=True,
-        max_length=32, dataset_num_proc=None, assistant_only_loss=data == "conversations",
-        completion_only_loss=data == "completions" or None, seed=0, disable_tqdm=True, **config,
+        output_dir=output_dir,
+        max_steps=max_steps,
+        per_device_train_batch_size=batch_size,
+        learning_rate=lr,
+        logging_steps=max(1, max_steps // 4),
+        save_strategy="no",
+        report_to="none",
+        use_cpu=True,
+        max_length=32,
+        dataset_num_proc=None,
+        assistant_only_loss=data == "conversations",
+        completion_only_loss=data == "completions" or None,
+        seed=0,
+        disable_tqdm=True,
+        **config,
     )
     peft_config = None
     if lora:
         from peft import LoraConfig
 
-        peft_config = LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0,
-                                 modules_to_save=["lm_head"])
-    return SFTTrainer(model=model, args=args, train_dataset=make_dataset(data), processing_class=tokenizer,
-                      peft_config=peft_config, callbacks=callbacks)
+        peft_config = LoraConfig(
+            r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], lora_dropout=0.0, modules_to_save=["lm_head"]
+        )
+    return SFTTrainer(
+        model=model,
+        args=args,
+        train_dataset=make_dataset(data),
+        processing_class=tokenizer,
+        peft_config=peft_config,
+        callbacks=callbacks,
+    )
 
 
 def main(argv=None):
@@ -124,8 +161,12 @@ def main(argv=None):
         result = trainer.train()
     logs = [e for e in trainer.state.log_history if "loss" in e]
     for e in logs:
-        extra = f"  kept {e['cggr/token_ratio']:.2f} of {e['cggr/tokens_total']} tokens" if "cggr/token_ratio" in e else ""
-        print(f"step {e['step']:3d}  loss {e['loss']:.3f}  token accuracy {e.get('mean_token_accuracy', float('nan')):.2f}{extra}")
+        extra = (
+            f"  kept {e['cggr/token_ratio']:.2f} of {e['cggr/tokens_total']} tokens" if "cggr/token_ratio" in e else ""
+        )
+        print(
+            f"step {e['step']:3d}  loss {e['loss']:.3f}  token accuracy {e.get('mean_token_accuracy', float('nan')):.2f}{extra}"
+        )
     print(f"train loss {result.training_loss:.3f}; gated optimizer steps counted: {cggr_hook.scheduler.step_count}")
     cggr_hook.disable()
     return trainer

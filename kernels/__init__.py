@@ -27,15 +27,33 @@ from torch import Tensor
 from . import reference
 from .spec import RowStats
 
-__all__ = ["RowStats", "as_rows", "backend_for", "force_backend", "forced_backend", "target_counts", "row_stats",
-           "row_difficulty", "difficulty_rank", "selected_loss", "ce_grad_rows", "ce_grad_dense_"]
+__all__ = [
+    "RowStats",
+    "as_rows",
+    "backend_for",
+    "force_backend",
+    "forced_backend",
+    "target_counts",
+    "row_stats",
+    "row_difficulty",
+    "difficulty_rank",
+    "selected_loss",
+    "ce_grad_rows",
+    "ce_grad_dense_",
+]
 
 BACKENDS = ("torch", "triton")
 
 # the Triton module of each kernel, imported on first use: importing cggr_hook never imports triton
-_TRITON_MODULES = {"target_counts": "scoring", "row_stats": "scoring", "row_difficulty": "scoring",
-                   "difficulty_rank": "ranking", "selected_loss": "gated_ce", "ce_grad_rows": "gated_ce",
-                   "ce_grad_dense_": "gated_ce"}
+_TRITON_MODULES = {
+    "target_counts": "scoring",
+    "row_stats": "scoring",
+    "row_difficulty": "scoring",
+    "difficulty_rank": "ranking",
+    "selected_loss": "gated_ce",
+    "ce_grad_rows": "gated_ce",
+    "ce_grad_dense_": "gated_ce",
+}
 
 
 class _Choice:
@@ -134,8 +152,14 @@ def target_counts(targets: Tensor, vocab: int, ignore_index: int) -> Tensor:
     return _run("target_counts", targets, targets, vocab, ignore_index)
 
 
-def row_stats(logits: Tensor, targets: Tensor, ignore_index: int, weight: Tensor | None = None,
-              with_wsum: bool = False, with_p2: bool = False) -> RowStats:
+def row_stats(
+    logits: Tensor,
+    targets: Tensor,
+    ignore_index: int,
+    weight: Tensor | None = None,
+    with_wsum: bool = False,
+    with_p2: bool = False,
+) -> RowStats:
     """Per-row lse, entropy, top-1/top-2 probabilities, target NLL (and sum_v w_v x_v, sum_v p_v^2).
 
     logits: (B, T, V) any float dtype, any strides; targets: (B*T,) int64. Outputs fp32 (B*T,).
@@ -143,8 +167,15 @@ def row_stats(logits: Tensor, targets: Tensor, ignore_index: int, weight: Tensor
     return _run("row_stats", logits, logits, targets, ignore_index, weight, with_wsum, with_p2)
 
 
-def row_difficulty(stats: RowStats, targets: Tensor, vocab: int, ignore_index: int, scoring: str,
-                   noise: Tensor | None = None, label_smoothing: float = 0.0) -> tuple[Tensor, Tensor]:
+def row_difficulty(
+    stats: RowStats,
+    targets: Tensor,
+    vocab: int,
+    ignore_index: int,
+    scoring: str,
+    noise: Tensor | None = None,
+    label_smoothing: float = 0.0,
+) -> tuple[Tensor, Tensor]:
     """fp32 (N,) difficulty of every row (-inf where the target is not valid) and float64 (P, 5)
     partial sums of ``spec.SUM_FIELDS`` that the host adds up."""
     return _run("row_difficulty", stats.lse, stats, targets, vocab, ignore_index, scoring, noise, label_smoothing)
@@ -159,25 +190,64 @@ def difficulty_rank(diff: Tensor) -> tuple[Tensor, Tensor]:
     return _run("difficulty_rank", diff, diff)
 
 
-def selected_loss(stats: RowStats, targets: Tensor, vocab: int, sel_key: Tensor, sel_k: int, n_selected: int,
-                  n_valid: int, reduction: str, label_smoothing: float,
-                  weight: Tensor | None, row_weight: Tensor | None = None) -> tuple[Tensor, Tensor]:
+def selected_loss(
+    stats: RowStats,
+    targets: Tensor,
+    vocab: int,
+    sel_key: Tensor,
+    sel_k: int,
+    n_selected: int,
+    n_valid: int,
+    reduction: str,
+    label_smoothing: float,
+    weight: Tensor | None,
+    row_weight: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
     """(loss, row_scale): the gated loss of the rows with ``sel_key < sel_k`` and d loss / d ce_r
     of every row, fp32 (N,); ``row_weight`` (fp32 (N,)): each selected row's own factor in place
     of the reduction's (``reference.selected_loss``)."""
-    return _run("selected_loss", stats.lse, stats, targets, vocab, sel_key, sel_k, n_selected, n_valid, reduction,
-                label_smoothing, weight, row_weight)
+    return _run(
+        "selected_loss",
+        stats.lse,
+        stats,
+        targets,
+        vocab,
+        sel_key,
+        sel_k,
+        n_selected,
+        n_valid,
+        reduction,
+        label_smoothing,
+        weight,
+        row_weight,
+    )
 
 
-def ce_grad_rows(logits: Tensor, targets: Tensor, lse: Tensor, rows: Tensor, scale: Tensor,
-                 weight: Tensor | None, label_smoothing: float, out_dtype: torch.dtype) -> Tensor:
+def ce_grad_rows(
+    logits: Tensor,
+    targets: Tensor,
+    lse: Tensor,
+    rows: Tensor,
+    scale: Tensor,
+    weight: Tensor | None,
+    label_smoothing: float,
+    out_dtype: torch.dtype,
+) -> Tensor:
     """(K, V) gradient of the selected rows ``rows`` (int64, K), row k scaled by ``scale[k]``."""
     return _run("ce_grad_rows", logits, logits, targets, lse, rows, scale, weight, label_smoothing, out_dtype)
 
 
-def ce_grad_dense_(logits: Tensor, targets: Tensor, lse: Tensor, row_scale: Tensor,
-                   weight: Tensor | None, label_smoothing: float, out: Tensor,
-                   grad_output: Tensor | None = None, order: Tensor | None = None) -> Tensor:
+def ce_grad_dense_(
+    logits: Tensor,
+    targets: Tensor,
+    lse: Tensor,
+    row_scale: Tensor,
+    weight: Tensor | None,
+    label_smoothing: float,
+    out: Tensor,
+    grad_output: Tensor | None = None,
+    order: Tensor | None = None,
+) -> Tensor:
     """Dense (B, T, V) gradient into ``out`` (may be ``logits``): row r scaled by
     ``row_scale[r] * grad_output`` (one element or (N,)), zeros where ``row_scale`` is 0.
     ``order``: a permutation of the rows whose reverse Triton's programs follow (the selected rows
@@ -185,7 +255,10 @@ def ce_grad_dense_(logits: Tensor, targets: Tensor, lse: Tensor, row_scale: Tens
     if order is not None and logits.dim() == 3:  # (other shapes: the backend's own shape error)
         n_rows = logits.shape[0] * logits.shape[1]
         if order.dim() != 1 or order.numel() != n_rows or order.dtype != torch.int64:
-            raise ValueError(f"cggr_hook: order must be an int64 permutation of the {n_rows} rows, got "
-                             f"{order.dtype} of shape {tuple(order.shape)}")
-    return _run("ce_grad_dense_", logits, logits, targets, lse, row_scale, weight, label_smoothing, out, grad_output,
-                order)
+            raise ValueError(
+                f"cggr_hook: order must be an int64 permutation of the {n_rows} rows, got "
+                f"{order.dtype} of shape {tuple(order.shape)}"
+            )
+    return _run(
+        "ce_grad_dense_", logits, logits, targets, lse, row_scale, weight, label_smoothing, out, grad_output, order
+    )

@@ -52,8 +52,22 @@ LOG2E = tl.constexpr(1.4426950408889634)  # exp(x) = exp2(x * LOG2E)
 
 
 @triton.jit
-def _grad_block(x, cols, tgt, lse, scale, w_ptr, wt, wsum_ptr, mask, c_main, c_smooth, eps,
-                HAS_WEIGHT: tl.constexpr, HAS_SMOOTH: tl.constexpr):
+def _grad_block(
+    x,
+    cols,
+    tgt,
+    lse,
+    scale,
+    w_ptr,
+    wt,
+    wsum_ptr,
+    mask,
+    c_main,
+    c_smooth,
+    eps,
+    HAS_WEIGHT: tl.constexpr,
+    HAS_SMOOTH: tl.constexpr,
+):
     """scale * gradient of one block ``cols`` of a row (fp32)."""
     # exp through exp2: one flush-to-zero ex2 instruction an element, where tl.exp adds three to
     # keep results below 2^-126 (~1e-38): such probabilities become exact zeros
@@ -73,9 +87,29 @@ def _grad_block(x, cols, tgt, lse, scale, w_ptr, wt, wsum_ptr, mask, c_main, c_s
 
 
 @triton.jit
-def _write_row(x_row, o_row, keep, col0, col1, V, stride_v, stride_ov, tgt, lse, scale, w_ptr, wsum_ptr, c_main,
-               c_smooth, eps, HAS_WEIGHT: tl.constexpr, HAS_SMOOTH: tl.constexpr, UNIT_STRIDE_V: tl.constexpr,
-               UNIT_STRIDE_OV: tl.constexpr, BLOCK_V: tl.constexpr):
+def _write_row(
+    x_row,
+    o_row,
+    keep,
+    col0,
+    col1,
+    V,
+    stride_v,
+    stride_ov,
+    tgt,
+    lse,
+    scale,
+    w_ptr,
+    wsum_ptr,
+    c_main,
+    c_smooth,
+    eps,
+    HAS_WEIGHT: tl.constexpr,
+    HAS_SMOOTH: tl.constexpr,
+    UNIT_STRIDE_V: tl.constexpr,
+    UNIT_STRIDE_OV: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+):
     """Columns [col0, col1) of row ``o_row`` of the output (col0 a multiple of BLOCK_V, col1 one
     too or V): scale * the gradient of row ``x_row`` where ``keep``; else zeros, with the row never
     read and no arithmetic (stores only)."""
@@ -93,8 +127,9 @@ def _write_row(x_row, o_row, keep, col0, col1, V, stride_v, stride_ov, tgt, lse,
             else:
                 ptrs = x_row + cols.to(tl.int64) * stride_v
             x = tl.load(ptrs, mask=mask, other=0.0).to(tl.float32)
-            g = _grad_block(x, cols, tgt, lse, scale, w_ptr, wt, wsum_ptr, mask, c_main, c_smooth,
-                            eps, HAS_WEIGHT, HAS_SMOOTH)
+            g = _grad_block(
+                x, cols, tgt, lse, scale, w_ptr, wt, wsum_ptr, mask, c_main, c_smooth, eps, HAS_WEIGHT, HAS_SMOOTH
+            )
             if UNIT_STRIDE_OV:
                 optrs = o_row + cols
             else:
@@ -113,12 +148,32 @@ def _write_row(x_row, o_row, keep, col0, col1, V, stride_v, stride_ov, tgt, lse,
 
 @triton.jit
 def _ce_grad_rows_kernel(
-    x_ptr, tgt_ptr, lse_ptr, rows_ptr, scale_ptr, w_ptr, wsum_ptr, out_ptr,
-    T, V,
-    stride_b, stride_t, stride_v, stride_tgt, stride_lse, stride_rows, stride_scale, stride_out,
-    c_main, c_smooth, eps,
-    HAS_WEIGHT: tl.constexpr, HAS_SMOOTH: tl.constexpr, UNIT_STRIDE_V: tl.constexpr,
-    BLOCK_V: tl.constexpr, CHUNK: tl.constexpr,
+    x_ptr,
+    tgt_ptr,
+    lse_ptr,
+    rows_ptr,
+    scale_ptr,
+    w_ptr,
+    wsum_ptr,
+    out_ptr,
+    T,
+    V,
+    stride_b,
+    stride_t,
+    stride_v,
+    stride_tgt,
+    stride_lse,
+    stride_rows,
+    stride_scale,
+    stride_out,
+    c_main,
+    c_smooth,
+    eps,
+    HAS_WEIGHT: tl.constexpr,
+    HAS_SMOOTH: tl.constexpr,
+    UNIT_STRIDE_V: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    CHUNK: tl.constexpr,
 ):
     # program = (output row k, chunk of CHUNK columns), the chunks of a row side by side
     pid = tl.program_id(0).to(tl.int64)
@@ -131,20 +186,64 @@ def _ce_grad_rows_kernel(
     tgt = tl.load(tgt_ptr + row * stride_tgt).to(tl.int64)
     lse = tl.load(lse_ptr + row * stride_lse).to(tl.float32)
     scale = tl.load(scale_ptr + k * stride_scale).to(tl.float32)
-    _write_row(x_ptr + (b * stride_b + t * stride_t), out_ptr + k * stride_out, (tgt >= 0) & (tgt < V), col0,
-               tl.minimum(col0 + CHUNK, V), V, stride_v, 1, tgt, lse, scale, w_ptr, wsum_ptr, c_main, c_smooth,
-               eps, HAS_WEIGHT, HAS_SMOOTH, UNIT_STRIDE_V, True, BLOCK_V)
+    _write_row(
+        x_ptr + (b * stride_b + t * stride_t),
+        out_ptr + k * stride_out,
+        (tgt >= 0) & (tgt < V),
+        col0,
+        tl.minimum(col0 + CHUNK, V),
+        V,
+        stride_v,
+        1,
+        tgt,
+        lse,
+        scale,
+        w_ptr,
+        wsum_ptr,
+        c_main,
+        c_smooth,
+        eps,
+        HAS_WEIGHT,
+        HAS_SMOOTH,
+        UNIT_STRIDE_V,
+        True,
+        BLOCK_V,
+    )
 
 
 @triton.jit
 def _ce_grad_dense_kernel(
-    x_ptr, tgt_ptr, lse_ptr, scale_ptr, gout_ptr, w_ptr, wsum_ptr, out_ptr, order_ptr,
-    T, V,
-    stride_b, stride_t, stride_v, stride_tgt, stride_lse, stride_scale, stride_gout,
-    stride_ob, stride_ot, stride_ov,
-    c_main, c_smooth, eps,
-    HAS_WEIGHT: tl.constexpr, HAS_SMOOTH: tl.constexpr, UNIT_STRIDE_V: tl.constexpr,
-    UNIT_STRIDE_OV: tl.constexpr, HAS_ORDER: tl.constexpr, BLOCK_V: tl.constexpr, CHUNK: tl.constexpr,
+    x_ptr,
+    tgt_ptr,
+    lse_ptr,
+    scale_ptr,
+    gout_ptr,
+    w_ptr,
+    wsum_ptr,
+    out_ptr,
+    order_ptr,
+    T,
+    V,
+    stride_b,
+    stride_t,
+    stride_v,
+    stride_tgt,
+    stride_lse,
+    stride_scale,
+    stride_gout,
+    stride_ob,
+    stride_ot,
+    stride_ov,
+    c_main,
+    c_smooth,
+    eps,
+    HAS_WEIGHT: tl.constexpr,
+    HAS_SMOOTH: tl.constexpr,
+    UNIT_STRIDE_V: tl.constexpr,
+    UNIT_STRIDE_OV: tl.constexpr,
+    HAS_ORDER: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    CHUNK: tl.constexpr,
 ):
     # program = (row slot i, chunk of CHUNK columns), the chunks of a row side by side
     pid = tl.program_id(0).to(tl.int64)
@@ -163,10 +262,29 @@ def _ce_grad_dense_kernel(
     scale = row_scale * tl.load(gout_ptr + row * stride_gout).to(tl.float32)
     tgt = tl.load(tgt_ptr + row * stride_tgt).to(tl.int64)
     lse = tl.load(lse_ptr + row * stride_lse).to(tl.float32)
-    _write_row(x_ptr + (b * stride_b + t * stride_t), out_ptr + (b * stride_ob + t * stride_ot),
-               (row_scale != 0) & (tgt >= 0) & (tgt < V), col0, tl.minimum(col0 + CHUNK, V), V, stride_v, stride_ov,
-               tgt, lse, scale, w_ptr, wsum_ptr, c_main, c_smooth, eps, HAS_WEIGHT, HAS_SMOOTH, UNIT_STRIDE_V,
-               UNIT_STRIDE_OV, BLOCK_V)
+    _write_row(
+        x_ptr + (b * stride_b + t * stride_t),
+        out_ptr + (b * stride_ob + t * stride_ot),
+        (row_scale != 0) & (tgt >= 0) & (tgt < V),
+        col0,
+        tl.minimum(col0 + CHUNK, V),
+        V,
+        stride_v,
+        stride_ov,
+        tgt,
+        lse,
+        scale,
+        w_ptr,
+        wsum_ptr,
+        c_main,
+        c_smooth,
+        eps,
+        HAS_WEIGHT,
+        HAS_SMOOTH,
+        UNIT_STRIDE_V,
+        UNIT_STRIDE_OV,
+        BLOCK_V,
+    )
 
 
 def _weight_args(weight: Tensor | None, V: int, label_smoothing: float, like: Tensor):
@@ -184,8 +302,16 @@ def _consts(label_smoothing: float, V: int):
     return 1.0 - eps, eps / V, eps
 
 
-def ce_grad_rows(logits: Tensor, targets: Tensor, lse: Tensor, rows: Tensor, scale: Tensor,
-                 weight: Tensor | None, label_smoothing: float, out_dtype: torch.dtype) -> Tensor:
+def ce_grad_rows(
+    logits: Tensor,
+    targets: Tensor,
+    lse: Tensor,
+    rows: Tensor,
+    scale: Tensor,
+    weight: Tensor | None,
+    label_smoothing: float,
+    out_dtype: torch.dtype,
+) -> Tensor:
     """Compact gradient (K, V) in ``out_dtype``: row k is ``scale[k]`` times the gradient of row
     ``rows[k]``'s cross entropy (logits (B, T, V), any strides; rows int64 (K,)). A row whose
     target is outside [0, V) gets zeros."""
@@ -202,19 +328,49 @@ def ce_grad_rows(logits: Tensor, targets: Tensor, lse: Tensor, rows: Tensor, sca
     sb, st, sv = logits.stride()
     chunk, n_chunks = _chunk(V, block_v)
     _ce_grad_rows_kernel[(K * n_chunks,)](
-        logits, targets, lse, rows, scale, w, wsum, out,
-        T, V, sb, st, sv, targets.stride(0), lse.stride(0), rows.stride(0), scale.stride(0), out.stride(0),
-        c_main, c_smooth, eps,
-        HAS_WEIGHT=weight is not None, HAS_SMOOTH=bool(label_smoothing), UNIT_STRIDE_V=(sv == 1),
-        BLOCK_V=block_v, CHUNK=chunk, num_warps=_num_warps(block_v),
+        logits,
+        targets,
+        lse,
+        rows,
+        scale,
+        w,
+        wsum,
+        out,
+        T,
+        V,
+        sb,
+        st,
+        sv,
+        targets.stride(0),
+        lse.stride(0),
+        rows.stride(0),
+        scale.stride(0),
+        out.stride(0),
+        c_main,
+        c_smooth,
+        eps,
+        HAS_WEIGHT=weight is not None,
+        HAS_SMOOTH=bool(label_smoothing),
+        UNIT_STRIDE_V=(sv == 1),
+        BLOCK_V=block_v,
+        CHUNK=chunk,
+        num_warps=_num_warps(block_v),
         enable_fp_fusion=True,  # FMA contraction, as the shapes were chosen (NOTES.md)
     )
     return out
 
 
-def ce_grad_dense_(logits: Tensor, targets: Tensor, lse: Tensor, row_scale: Tensor,
-                   weight: Tensor | None, label_smoothing: float, out: Tensor,
-                   grad_output: Tensor | None = None, order: Tensor | None = None) -> Tensor:
+def ce_grad_dense_(
+    logits: Tensor,
+    targets: Tensor,
+    lse: Tensor,
+    row_scale: Tensor,
+    weight: Tensor | None,
+    label_smoothing: float,
+    out: Tensor,
+    grad_output: Tensor | None = None,
+    order: Tensor | None = None,
+) -> Tensor:
     """Dense gradient written into ``out`` (B, T, V), which may be ``logits`` itself: row r gets
     ``row_scale[r] * grad_output`` times its cross-entropy gradient where ``row_scale[r] != 0``
     and exact zeros elsewhere (also where the target is outside [0, V)); a row whose scale is 0 is
@@ -244,12 +400,37 @@ def ce_grad_dense_(logits: Tensor, targets: Tensor, lse: Tensor, row_scale: Tens
         raise ValueError(f"cggr_hook: grad_output has {g_out.numel()} elements for {N} rows")
     chunk, n_chunks = _chunk(V, block_v)
     _ce_grad_dense_kernel[(N * n_chunks,)](
-        logits, targets, lse, row_scale, g_out, w, wsum, out, order.contiguous() if order is not None else lse,
-        T, V, sb, st, sv, targets.stride(0), lse.stride(0), row_scale.stride(0),
-        0 if g_out.numel() == 1 else g_out.stride(0), ob, ot, ov,
-        c_main, c_smooth, eps,
-        HAS_WEIGHT=weight is not None, HAS_SMOOTH=bool(label_smoothing), UNIT_STRIDE_V=(sv == 1),
-        UNIT_STRIDE_OV=(ov == 1), HAS_ORDER=order is not None, BLOCK_V=block_v, CHUNK=chunk,
+        logits,
+        targets,
+        lse,
+        row_scale,
+        g_out,
+        w,
+        wsum,
+        out,
+        order.contiguous() if order is not None else lse,
+        T,
+        V,
+        sb,
+        st,
+        sv,
+        targets.stride(0),
+        lse.stride(0),
+        row_scale.stride(0),
+        0 if g_out.numel() == 1 else g_out.stride(0),
+        ob,
+        ot,
+        ov,
+        c_main,
+        c_smooth,
+        eps,
+        HAS_WEIGHT=weight is not None,
+        HAS_SMOOTH=bool(label_smoothing),
+        UNIT_STRIDE_V=(sv == 1),
+        UNIT_STRIDE_OV=(ov == 1),
+        HAS_ORDER=order is not None,
+        BLOCK_V=block_v,
+        CHUNK=chunk,
         num_warps=_num_warps(block_v),
         enable_fp_fusion=True,  # FMA contraction, as the shapes were chosen (NOTES.md)
     )
@@ -265,9 +446,28 @@ LOSS_WARPS = 16
 
 @triton.jit
 def _selected_loss_kernel(
-    nll_ptr, lse_ptr, wsum_row_ptr, tgt_ptr, w_ptr, w_total_ptr, key_ptr, rw_ptr, loss_ptr, scale_ptr,
-    N, V, stride_tgt, sel_k, c_main, c_smooth, w_total, factor,
-    REDUCTION: tl.constexpr, HAS_WEIGHT: tl.constexpr, HAS_SMOOTH: tl.constexpr, HAS_ROW_WEIGHT: tl.constexpr,
+    nll_ptr,
+    lse_ptr,
+    wsum_row_ptr,
+    tgt_ptr,
+    w_ptr,
+    w_total_ptr,
+    key_ptr,
+    rw_ptr,
+    loss_ptr,
+    scale_ptr,
+    N,
+    V,
+    stride_tgt,
+    sel_k,
+    c_main,
+    c_smooth,
+    w_total,
+    factor,
+    REDUCTION: tl.constexpr,
+    HAS_WEIGHT: tl.constexpr,
+    HAS_SMOOTH: tl.constexpr,
+    HAS_ROW_WEIGHT: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     offs = tl.arange(0, BLOCK)
@@ -325,9 +525,19 @@ def _selected_loss_kernel(
         tl.store(loss_ptr, total * factor)
 
 
-def selected_loss(stats, targets: Tensor, vocab: int, sel_key: Tensor, sel_k: int, n_selected: int,
-                  n_valid: int, reduction: str, label_smoothing: float,
-                  weight: Tensor | None, row_weight: Tensor | None = None) -> tuple[Tensor, Tensor]:
+def selected_loss(
+    stats,
+    targets: Tensor,
+    vocab: int,
+    sel_key: Tensor,
+    sel_k: int,
+    n_selected: int,
+    n_valid: int,
+    reduction: str,
+    label_smoothing: float,
+    weight: Tensor | None,
+    row_weight: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
     """The gated loss of the selected rows (``sel_key < sel_k``) and ``row_scale`` (N,), each
     selected row weighted by ``row_weight`` when given: see ``reference.selected_loss``. One
     program, one launch; sums in a fixed order."""
@@ -348,14 +558,34 @@ def selected_loss(stats, targets: Tensor, vocab: int, sel_key: Tensor, sel_k: in
         raise ValueError("cggr_hook: label smoothing needs the statistics' wsum (row_stats(with_wsum=True))")
     factor = n_valid / n_selected if n_selected else 0.0
     if row_weight is not None and (row_weight.numel() != N or row_weight.dtype != torch.float32):
-        raise ValueError(f"cggr_hook: row_weight must be fp32 of {N} rows, got {row_weight.dtype} of shape "
-                         f"{tuple(row_weight.shape)}")
+        raise ValueError(
+            f"cggr_hook: row_weight must be fp32 of {N} rows, got {row_weight.dtype} of shape {tuple(row_weight.shape)}"
+        )
     _selected_loss_kernel[(1,)](
-        stats.nll, stats.lse, stats.wsum if ls else stats.lse, targets,
-        weight if has_weight else stats.lse, w_total_t, sel_key.contiguous(),
-        row_weight.contiguous() if row_weight is not None else stats.lse, loss, row_scale,
-        N, vocab, targets.stride(0), int(sel_k), 1.0 - ls, ls / vocab, float(vocab), factor,
-        REDUCTION=REDUCTIONS[reduction], HAS_WEIGHT=has_weight, HAS_SMOOTH=bool(ls),
-        HAS_ROW_WEIGHT=row_weight is not None, BLOCK=LOSS_BLOCK, num_warps=LOSS_WARPS, enable_fp_fusion=False,
+        stats.nll,
+        stats.lse,
+        stats.wsum if ls else stats.lse,
+        targets,
+        weight if has_weight else stats.lse,
+        w_total_t,
+        sel_key.contiguous(),
+        row_weight.contiguous() if row_weight is not None else stats.lse,
+        loss,
+        row_scale,
+        N,
+        vocab,
+        targets.stride(0),
+        int(sel_k),
+        1.0 - ls,
+        ls / vocab,
+        float(vocab),
+        factor,
+        REDUCTION=REDUCTIONS[reduction],
+        HAS_WEIGHT=has_weight,
+        HAS_SMOOTH=bool(ls),
+        HAS_ROW_WEIGHT=row_weight is not None,
+        BLOCK=LOSS_BLOCK,
+        num_warps=LOSS_WARPS,
+        enable_fp_fusion=False,
     )
     return loss, row_scale

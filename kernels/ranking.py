@@ -79,6 +79,7 @@ def difficulty_rank(diff: Tensor) -> tuple[Tensor, Tensor]:
     rank = torch.empty(N, dtype=torch.int64, device=d.device)
     order = torch.empty(N, dtype=torch.int64, device=d.device)
     if N:
-        _rank_kernel[(triton.cdiv(N, BLOCK_R),)](d, rank, order, N, BLOCK_R=BLOCK_R, BLOCK_J=BLOCK_J,
-                                                   num_warps=NUM_WARPS)
+        _rank_kernel[(triton.cdiv(N, BLOCK_R),)](
+            d, rank, order, N, BLOCK_R=BLOCK_R, BLOCK_J=BLOCK_J, num_warps=NUM_WARPS
+        )
     return order, rank

@@ -15,9 +15,24 @@ from torch import Tensor
 from . import spec
 from .spec import SUM_FIELDS, RowStats, check_reduction, target_masks
 
-__all__ = ["RowStats", "SUM_FIELDS", "DIFFICULTY", "safe_targets", "row_stats", "inv_log_vocab", "gradnorm_constants",
-           "gradnorm_sq", "difficulty", "row_difficulty", "target_counts", "difficulty_rank", "selected_rows",
-           "selected_loss", "ce_grad_rows", "ce_grad_dense_"]
+__all__ = [
+    "RowStats",
+    "SUM_FIELDS",
+    "DIFFICULTY",
+    "safe_targets",
+    "row_stats",
+    "inv_log_vocab",
+    "gradnorm_constants",
+    "gradnorm_sq",
+    "difficulty",
+    "row_difficulty",
+    "target_counts",
+    "difficulty_rank",
+    "selected_rows",
+    "selected_loss",
+    "ce_grad_rows",
+    "ce_grad_dense_",
+]
 
 # fp32 elements per chunk of temporaries (64 MiB)
 _CHUNK_ELEMENTS = 1 << 24
@@ -45,8 +60,14 @@ def safe_targets(targets: Tensor, ignore_index: int, vocab: int) -> tuple[Tensor
     return valid, torch.where(valid, targets, torch.zeros_like(targets))
 
 
-def row_stats(logits: Tensor, targets: Tensor, ignore_index: int, weight: Tensor | None = None,
-              with_wsum: bool = False, with_p2: bool = False) -> RowStats:
+def row_stats(
+    logits: Tensor,
+    targets: Tensor,
+    ignore_index: int,
+    weight: Tensor | None = None,
+    with_wsum: bool = False,
+    with_p2: bool = False,
+) -> RowStats:
     """One pass over each row.
 
     Returns fp32 (N,) vectors: ``lse`` = log sum_v exp x_v; ``entropy`` = sum_v p_v (lse - x_v);
@@ -126,13 +147,15 @@ DIFFICULTY = {
     "margin": lambda stats, vocab, noise, eps: 1.0 - (stats.p_top1 - stats.p_top2),
     "loss": lambda stats, vocab, noise, eps: stats.nll,
     "combined": lambda stats, vocab, noise, eps: (
-        (stats.entropy + stats.nll) * inv_log_vocab(vocab) + (1.0 - (stats.p_top1 - stats.p_top2))),
+        (stats.entropy + stats.nll) * inv_log_vocab(vocab) + (1.0 - (stats.p_top1 - stats.p_top2))
+    ),
     "random": _random,
 }
 
 
-def difficulty(stats: RowStats, scoring: str, vocab: int, valid: Tensor, noise: Tensor | None = None,
-               label_smoothing: float = 0.0) -> Tensor:
+def difficulty(
+    stats: RowStats, scoring: str, vocab: int, valid: Tensor, noise: Tensor | None = None, label_smoothing: float = 0.0
+) -> Tensor:
     """fp32 (N,) difficulty of every row, larger = harder; -inf where ``valid`` is False, +inf
     where it is NaN. ``noise`` (fp32 (N,)) is the difficulty of ``random`` scoring.
 
@@ -146,8 +169,15 @@ def difficulty(stats: RowStats, scoring: str, vocab: int, valid: Tensor, noise: 
     return d.masked_fill(~valid, -math.inf)
 
 
-def row_difficulty(stats: RowStats, targets: Tensor, vocab: int, ignore_index: int, scoring: str,
-                   noise: Tensor | None = None, label_smoothing: float = 0.0) -> tuple[Tensor, Tensor]:
+def row_difficulty(
+    stats: RowStats,
+    targets: Tensor,
+    vocab: int,
+    ignore_index: int,
+    scoring: str,
+    noise: Tensor | None = None,
+    label_smoothing: float = 0.0,
+) -> tuple[Tensor, Tensor]:
     """Difficulty of every row (``difficulty``) and the sums the host needs, in one place.
 
     Returns (fp32 (N,) difficulty, float64 (P, 5) partial sums): the columns are ``SUM_FIELDS``
@@ -175,8 +205,9 @@ def difficulty_rank(diff: Tensor) -> tuple[Tensor, Tensor]:
 
     (The difficulty maps NaN to +inf and -0 to +0; a NaN given here ranks as +inf too.)"""
     N = diff.numel()
-    order = torch.sort(diff.nan_to_num(nan=math.inf, posinf=math.inf, neginf=-math.inf), descending=True,
-                       stable=True).indices
+    order = torch.sort(
+        diff.nan_to_num(nan=math.inf, posinf=math.inf, neginf=-math.inf), descending=True, stable=True
+    ).indices
     rank = torch.empty_like(order).scatter_(0, order, torch.arange(N, device=diff.device))
     return order, rank
 
@@ -188,9 +219,19 @@ def selected_rows(sel_key: Tensor, sel_k: int, n_selected: int) -> Tensor:
     return torch.sort(outside, stable=True).indices[:n_selected]
 
 
-def selected_loss(stats: RowStats, targets: Tensor, vocab: int, sel_key: Tensor, sel_k: int, n_selected: int,
-                  n_valid: int, reduction: str, label_smoothing: float,
-                  weight: Tensor | None, row_weight: Tensor | None = None) -> tuple[Tensor, Tensor]:
+def selected_loss(
+    stats: RowStats,
+    targets: Tensor,
+    vocab: int,
+    sel_key: Tensor,
+    sel_k: int,
+    n_selected: int,
+    n_valid: int,
+    reduction: str,
+    label_smoothing: float,
+    weight: Tensor | None,
+    row_weight: Tensor | None = None,
+) -> tuple[Tensor, Tensor]:
     """The gated loss over the selected rows (``sel_key < sel_k``, ``n_selected`` of them) and
     ``row_scale``, d loss / d ce_r of every row (0 off the selection). Selected rows have valid
     targets; ``stats.wsum`` is needed with label smoothing.
@@ -242,8 +283,9 @@ def selected_loss(stats: RowStats, targets: Tensor, vocab: int, sel_key: Tensor,
     return loss, row_scale
 
 
-def _row_grad(x: Tensor, lse: Tensor, tgt: Tensor, scale: Tensor, weight: Tensor | None,
-              label_smoothing: float) -> Tensor:
+def _row_grad(
+    x: Tensor, lse: Tensor, tgt: Tensor, scale: Tensor, weight: Tensor | None, label_smoothing: float
+) -> Tensor:
     """scale * d loss / d x for rows x (K, V) fp32:
     (1 - eps) w_t (p - onehot_t) + (eps / V) (sum(w) p - w)."""
     V = x.shape[1]
@@ -261,8 +303,16 @@ def _row_grad(x: Tensor, lse: Tensor, tgt: Tensor, scale: Tensor, weight: Tensor
     return g * scale[:, None]
 
 
-def ce_grad_rows(logits: Tensor, targets: Tensor, lse: Tensor, rows: Tensor, scale: Tensor,
-                 weight: Tensor | None, label_smoothing: float, out_dtype: torch.dtype) -> Tensor:
+def ce_grad_rows(
+    logits: Tensor,
+    targets: Tensor,
+    lse: Tensor,
+    rows: Tensor,
+    scale: Tensor,
+    weight: Tensor | None,
+    label_smoothing: float,
+    out_dtype: torch.dtype,
+) -> Tensor:
     """Compact gradient (K, V) in ``out_dtype``: row k is ``scale[k]`` times the gradient of
     row ``rows[k]``'s cross entropy. Selected rows have valid targets."""
     B, T, V = logits.shape
@@ -275,9 +325,17 @@ def ce_grad_rows(logits: Tensor, targets: Tensor, lse: Tensor, rows: Tensor, sca
     return out
 
 
-def ce_grad_dense_(logits: Tensor, targets: Tensor, lse: Tensor, row_scale: Tensor,
-                   weight: Tensor | None, label_smoothing: float, out: Tensor,
-                   grad_output: Tensor | None = None, order: Tensor | None = None) -> Tensor:
+def ce_grad_dense_(
+    logits: Tensor,
+    targets: Tensor,
+    lse: Tensor,
+    row_scale: Tensor,
+    weight: Tensor | None,
+    label_smoothing: float,
+    out: Tensor,
+    grad_output: Tensor | None = None,
+    order: Tensor | None = None,
+) -> Tensor:
     """Dense gradient written into ``out`` (B, T, V), which may be ``logits`` itself (in place):
     row r gets ``row_scale[r] * grad_output`` times its cross-entropy gradient where
     ``row_scale[r] != 0`` and exact zeros elsewhere; a row whose scale is 0 is never read.

@@ -36,8 +36,17 @@ except ImportError:  # pragma: no cover - older Triton
 from . import launch, spec
 from .spec import RowStats, check_weight
 
-__all__ = ["row_stats", "load_path", "row_difficulty", "target_counts", "MAX_BLOCK_V", "NUM_WARPS", "DIFFICULTY_BLOCK",
-           "COUNT_BLOCK", "COUNT_PROGRAMS"]
+__all__ = [
+    "row_stats",
+    "load_path",
+    "row_difficulty",
+    "target_counts",
+    "MAX_BLOCK_V",
+    "NUM_WARPS",
+    "DIFFICULTY_BLOCK",
+    "COUNT_BLOCK",
+    "COUNT_PROGRAMS",
+]
 
 # Launch shape of the plain-load path: the largest block of a row read per loop iteration, and the
 # warps of one program (one row). One warp a row keeps each iteration's block reductions inside the
@@ -94,8 +103,22 @@ def _stats_init(BLOCK_V: tl.constexpr):
 
 
 @triton.jit
-def _stats_step(x, cols, V, m, t2, s, a, ws, s2, w_ptr, HAS_WEIGHT: tl.constexpr, WITH_WSUM: tl.constexpr,
-                WITH_P2: tl.constexpr, BLOCK_V: tl.constexpr):
+def _stats_step(
+    x,
+    cols,
+    V,
+    m,
+    t2,
+    s,
+    a,
+    ws,
+    s2,
+    w_ptr,
+    HAS_WEIGHT: tl.constexpr,
+    WITH_WSUM: tl.constexpr,
+    WITH_P2: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+):
     """Fold one block ``x`` (fp32, -inf past the end of the row) into the running row state."""
     if WITH_WSUM:
         mask = cols < V
@@ -130,9 +153,27 @@ def _stats_step(x, cols, V, m, t2, s, a, ws, s2, w_ptr, HAS_WEIGHT: tl.constexpr
 
 
 @triton.jit
-def _stats_store(m, t2, s, a, ws, s2, x_row, row, N, V, tgt_ptr, stride_tgt, stride_v, ignore_index, out_ptr,
-                 WITH_WSUM: tl.constexpr, WITH_P2: tl.constexpr, HAS_TOP2: tl.constexpr,
-                 UNIT_STRIDE_V: tl.constexpr):
+def _stats_store(
+    m,
+    t2,
+    s,
+    a,
+    ws,
+    s2,
+    x_row,
+    row,
+    N,
+    V,
+    tgt_ptr,
+    stride_tgt,
+    stride_v,
+    ignore_index,
+    out_ptr,
+    WITH_WSUM: tl.constexpr,
+    WITH_P2: tl.constexpr,
+    HAS_TOP2: tl.constexpr,
+    UNIT_STRIDE_V: tl.constexpr,
+):
     """The row's statistics from its final state, and the target's NLL (one more logit read)."""
     # every logit -inf: the max stayed at -FLT_MAX (and s is not NaN: a NaN logit wins)
     no_mass = (m == -3.4028234663852886e38) & (s == s)
@@ -176,11 +217,24 @@ def _stats_store(m, t2, s, a, ws, s2, x_row, row, N, V, tgt_ptr, stride_tgt, str
 
 @triton.jit
 def _row_stats_kernel(
-    x_ptr, tgt_ptr, w_ptr, out_ptr,
-    N, T, V,
-    stride_b, stride_t, stride_v, stride_tgt, ignore_index,
-    HAS_WEIGHT: tl.constexpr, WITH_WSUM: tl.constexpr, WITH_P2: tl.constexpr, HAS_TOP2: tl.constexpr,
-    UNIT_STRIDE_V: tl.constexpr, BLOCK_V: tl.constexpr,
+    x_ptr,
+    tgt_ptr,
+    w_ptr,
+    out_ptr,
+    N,
+    T,
+    V,
+    stride_b,
+    stride_t,
+    stride_v,
+    stride_tgt,
+    ignore_index,
+    HAS_WEIGHT: tl.constexpr,
+    WITH_WSUM: tl.constexpr,
+    WITH_P2: tl.constexpr,
+    HAS_TOP2: tl.constexpr,
+    UNIT_STRIDE_V: tl.constexpr,
+    BLOCK_V: tl.constexpr,
 ):
     """Any layout: plain loads, the next block's in flight (in registers) while one is reduced."""
     row = tl.program_id(0).to(tl.int64)
@@ -197,19 +251,53 @@ def _row_stats_kernel(
         x = x_next.to(tl.float32)
         # the next block's load is in flight while this one is reduced (past the end: no load)
         x_next = _load_block(x_row, cols + BLOCK_V, V, stride_v, UNIT_STRIDE_V)
-        m, t2, s, a, ws, s2 = _stats_step(x, cols, V, m, t2, s, a, ws, s2, w_ptr, HAS_WEIGHT, WITH_WSUM, WITH_P2,
-                                          BLOCK_V)
-    _stats_store(m, t2, s, a, ws, s2, x_row, row, N, V, tgt_ptr, stride_tgt, stride_v, ignore_index, out_ptr,
-                 WITH_WSUM, WITH_P2, HAS_TOP2, UNIT_STRIDE_V)
+        m, t2, s, a, ws, s2 = _stats_step(
+            x, cols, V, m, t2, s, a, ws, s2, w_ptr, HAS_WEIGHT, WITH_WSUM, WITH_P2, BLOCK_V
+        )
+    _stats_store(
+        m,
+        t2,
+        s,
+        a,
+        ws,
+        s2,
+        x_row,
+        row,
+        N,
+        V,
+        tgt_ptr,
+        stride_tgt,
+        stride_v,
+        ignore_index,
+        out_ptr,
+        WITH_WSUM,
+        WITH_P2,
+        HAS_TOP2,
+        UNIT_STRIDE_V,
+    )
 
 
 @triton.jit
 def _row_stats_tma_kernel(
-    x_desc, x_ptr, tgt_ptr, w_ptr, out_ptr,
-    N, T, V, V_FULL,
-    stride_b, stride_t, stride_tgt, ignore_index,
-    HAS_WEIGHT: tl.constexpr, WITH_WSUM: tl.constexpr, WITH_P2: tl.constexpr, HAS_TOP2: tl.constexpr,
-    BLOCK_V: tl.constexpr, STAGES: tl.constexpr,
+    x_desc,
+    x_ptr,
+    tgt_ptr,
+    w_ptr,
+    out_ptr,
+    N,
+    T,
+    V,
+    V_FULL,
+    stride_b,
+    stride_t,
+    stride_tgt,
+    ignore_index,
+    HAS_WEIGHT: tl.constexpr,
+    WITH_WSUM: tl.constexpr,
+    WITH_P2: tl.constexpr,
+    HAS_TOP2: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+    STAGES: tl.constexpr,
 ):
     """Aligned layouts (``load_path``): the blocks come through a tensor descriptor, ``STAGES``
     of them in flight in shared memory (the copy engine of the SM moves them, no registers
@@ -226,15 +314,36 @@ def _row_stats_tma_kernel(
 
     for start in tl.range(0, V_FULL, BLOCK_V, num_stages=STAGES):
         x = x_desc.load([b, t, start]).reshape(BLOCK_V).to(tl.float32)
-        m, t2, s, a, ws, s2 = _stats_step(x, start + offs, V, m, t2, s, a, ws, s2, w_ptr, HAS_WEIGHT, WITH_WSUM,
-                                          WITH_P2, BLOCK_V)
+        m, t2, s, a, ws, s2 = _stats_step(
+            x, start + offs, V, m, t2, s, a, ws, s2, w_ptr, HAS_WEIGHT, WITH_WSUM, WITH_P2, BLOCK_V
+        )
     if V_FULL < V:
         cols = V_FULL + offs
         x = tl.where(cols < V, x_desc.load([b, t, V_FULL]).reshape(BLOCK_V).to(tl.float32), float("-inf"))
-        m, t2, s, a, ws, s2 = _stats_step(x, cols, V, m, t2, s, a, ws, s2, w_ptr, HAS_WEIGHT, WITH_WSUM, WITH_P2,
-                                          BLOCK_V)
-    _stats_store(m, t2, s, a, ws, s2, x_row, row, N, V, tgt_ptr, stride_tgt, 1, ignore_index, out_ptr,
-                 WITH_WSUM, WITH_P2, HAS_TOP2, True)
+        m, t2, s, a, ws, s2 = _stats_step(
+            x, cols, V, m, t2, s, a, ws, s2, w_ptr, HAS_WEIGHT, WITH_WSUM, WITH_P2, BLOCK_V
+        )
+    _stats_store(
+        m,
+        t2,
+        s,
+        a,
+        ws,
+        s2,
+        x_row,
+        row,
+        N,
+        V,
+        tgt_ptr,
+        stride_tgt,
+        1,
+        ignore_index,
+        out_ptr,
+        WITH_WSUM,
+        WITH_P2,
+        HAS_TOP2,
+        True,
+    )
 
 
 # The descriptor path: bytes of a row per block, blocks in flight a program, the dtypes it serves
@@ -282,8 +391,14 @@ def _descriptor_strides(logits: Tensor) -> tuple[int, int, int]:
     return sb, st, sv
 
 
-def row_stats(logits: Tensor, targets: Tensor, ignore_index: int, weight: Tensor | None = None,
-              with_wsum: bool = False, with_p2: bool = False) -> RowStats:
+def row_stats(
+    logits: Tensor,
+    targets: Tensor,
+    ignore_index: int,
+    weight: Tensor | None = None,
+    with_wsum: bool = False,
+    with_p2: bool = False,
+) -> RowStats:
     """Per-row lse, entropy, top-1/top-2 probabilities, target NLL (and sum_v w_v x_v, sum_v p_v^2).
 
     logits: (B, T, V) fp32/bf16/fp16, any strides; targets: (B*T,) integer. Outputs fp32 (B*T,).
@@ -314,21 +429,49 @@ def row_stats(logits: Tensor, targets: Tensor, ignore_index: int, weight: Tensor
             db, dt, _ = _descriptor_strides(logits)
             desc = TensorDescriptor(logits, [B, T, V], [db, dt, 1], [1, 1, block_v])
             _row_stats_tma_kernel[(N,)](
-                desc, logits, targets, weight if has_weight else logits, out,
-                N, T, V, V // block_v * block_v, sb, st, targets.stride(0), int(ignore_index),
-                **flags, BLOCK_V=block_v, STAGES=TMA_STAGES, num_warps=1,
+                desc,
+                logits,
+                targets,
+                weight if has_weight else logits,
+                out,
+                N,
+                T,
+                V,
+                V // block_v * block_v,
+                sb,
+                st,
+                targets.stride(0),
+                int(ignore_index),
+                **flags,
+                BLOCK_V=block_v,
+                STAGES=TMA_STAGES,
+                num_warps=1,
                 enable_fp_fusion=True,  # FMA contraction, as the shapes were chosen (NOTES.md)
             )
         else:
             block_v = _block_v(V)
             _row_stats_kernel[(N,)](
-                logits, targets, weight if has_weight else logits, out,
-                N, T, V, sb, st, sv, targets.stride(0), int(ignore_index),
-                **flags, UNIT_STRIDE_V=(sv == 1), BLOCK_V=block_v, num_warps=_num_warps(block_v),
+                logits,
+                targets,
+                weight if has_weight else logits,
+                out,
+                N,
+                T,
+                V,
+                sb,
+                st,
+                sv,
+                targets.stride(0),
+                int(ignore_index),
+                **flags,
+                UNIT_STRIDE_V=(sv == 1),
+                BLOCK_V=block_v,
+                num_warps=_num_warps(block_v),
                 enable_fp_fusion=True,  # FMA contraction, as the shapes were chosen (NOTES.md)
             )
-    return RowStats(out[0], out[1], out[2], out[3], out[4], out[5] if with_wsum else None,
-                    out[n_out - 1] if with_p2 else None)
+    return RowStats(
+        out[0], out[1], out[2], out[3], out[4], out[5] if with_wsum else None, out[n_out - 1] if with_p2 else None
+    )
 
 
 # Rows of the difficulty pass handled by one program; its partial sums are one row of the
@@ -338,9 +481,25 @@ DIFFICULTY_BLOCK = 1024
 
 @triton.jit
 def _row_difficulty_kernel(
-    lse_ptr, ent_ptr, p1_ptr, p2_ptr, nll_ptr, noise_ptr, p2sum_ptr, tgt_ptr, d_ptr, part_ptr,
-    N, V, stride_tgt, ignore_index, inv_log_v, c_y, c_0,
-    MODE: tl.constexpr, BLOCK: tl.constexpr,
+    lse_ptr,
+    ent_ptr,
+    p1_ptr,
+    p2_ptr,
+    nll_ptr,
+    noise_ptr,
+    p2sum_ptr,
+    tgt_ptr,
+    d_ptr,
+    part_ptr,
+    N,
+    V,
+    stride_tgt,
+    ignore_index,
+    inv_log_v,
+    c_y,
+    c_0,
+    MODE: tl.constexpr,
+    BLOCK: tl.constexpr,
 ):
     pid = tl.program_id(0)
     rows = pid * BLOCK + tl.arange(0, BLOCK)
@@ -385,8 +544,15 @@ def _row_difficulty_kernel(
     tl.store(part + 4, tl.sum(tl.where(valid, d, 0.0).to(tl.float64), axis=0))
 
 
-def row_difficulty(stats: RowStats, targets: Tensor, vocab: int, ignore_index: int, scoring: str,
-                   noise: Tensor | None = None, label_smoothing: float = 0.0) -> tuple[Tensor, Tensor]:
+def row_difficulty(
+    stats: RowStats,
+    targets: Tensor,
+    vocab: int,
+    ignore_index: int,
+    scoring: str,
+    noise: Tensor | None = None,
+    label_smoothing: float = 0.0,
+) -> tuple[Tensor, Tensor]:
     """Difficulty of every row and the partial sums for the host (see ``reference.row_difficulty``).
 
     stats: fp32 (N,) vectors of ``row_stats``; targets (N,) integer. Returns (fp32 (N,), float64
@@ -411,9 +577,23 @@ def row_difficulty(stats: RowStats, targets: Tensor, vocab: int, ignore_index: i
     p2sum_arg = stats.p2sum.contiguous() if stats.p2sum is not None else vecs[0]
     c_y, c_0 = gradnorm_constants(vocab, label_smoothing)
     _row_difficulty_kernel[(n_prog,)](
-        *vecs, noise_arg, p2sum_arg, targets, d, part,
-        N, vocab, targets.stride(0), int(ignore_index), inv_log_vocab(vocab), c_y, c_0,
-        MODE=mode.code, BLOCK=DIFFICULTY_BLOCK, num_warps=4, enable_fp_fusion=False,
+        *vecs,
+        noise_arg,
+        p2sum_arg,
+        targets,
+        d,
+        part,
+        N,
+        vocab,
+        targets.stride(0),
+        int(ignore_index),
+        inv_log_vocab(vocab),
+        c_y,
+        c_0,
+        MODE=mode.code,
+        BLOCK=DIFFICULTY_BLOCK,
+        num_warps=4,
+        enable_fp_fusion=False,
     )
     return d, part
 
@@ -451,6 +631,7 @@ def target_counts(targets: Tensor, vocab: int, ignore_index: int) -> Tensor:
         return torch.zeros(1, 2, dtype=torch.int64, device=targets.device)
     n_prog = min(triton.cdiv(N, COUNT_BLOCK), COUNT_PROGRAMS)
     part = torch.empty(n_prog, 2, dtype=torch.int64, device=targets.device)
-    _target_counts_kernel[(n_prog,)](targets, part, N, vocab, targets.stride(0), int(ignore_index),
-                                     BLOCK=COUNT_BLOCK, num_warps=4)
+    _target_counts_kernel[(n_prog,)](
+        targets, part, N, vocab, targets.stride(0), int(ignore_index), BLOCK=COUNT_BLOCK, num_warps=4
+    )
     return part

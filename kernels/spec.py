@@ -43,14 +43,17 @@ class Scoring:
 
 
 # in the order the options list them
-SCORINGS: dict[str, Scoring] = {s.name: s for s in (
-    Scoring("combined", 3, "unsmoothed"),
-    Scoring("entropy", 0, "never"),  # a confidently wrong token scores 0
-    Scoring("margin", 1, "never"),
-    Scoring("loss", 2, "unsmoothed"),  # 0 only for a one-hot prediction of the target
-    Scoring("gradnorm", 5, "always", needs_p2sum=True),
-    Scoring("random", 4, "always", random=True),  # draws uniformly: no row goes undrawn
-)}
+SCORINGS: dict[str, Scoring] = {
+    s.name: s
+    for s in (
+        Scoring("combined", 3, "unsmoothed"),
+        Scoring("entropy", 0, "never"),  # a confidently wrong token scores 0
+        Scoring("margin", 1, "never"),
+        Scoring("loss", 2, "unsmoothed"),  # 0 only for a one-hot prediction of the target
+        Scoring("gradnorm", 5, "always", needs_p2sum=True),
+        Scoring("random", 4, "always", random=True),  # draws uniformly: no row goes undrawn
+    )
+}
 
 # reduction -> REDUCTION of the Triton loss kernel
 REDUCTIONS: dict[str, int] = {"mean": 0, "sum": 1, "none": 2}

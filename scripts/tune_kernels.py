@@ -72,8 +72,11 @@ def sweep_vocab(N: int, V: int, log) -> dict:
     row("zero_ (write)", ms(lambda: y.zero_()), nbytes)
     sums = torch.empty(N, device=dev, dtype=torch.float32)
     for bv, nw in [(2048, 4), (4096, 4), (4096, 8), (8192, 8)]:
-        row(f"read-only row sums {bv}x{nw}",
-            ms(lambda: _read_rows_kernel[(N,)](x, sums, V, x.stride(0), BLOCK_V=bv, num_warps=nw)), nbytes)
+        row(
+            f"read-only row sums {bv}x{nw}",
+            ms(lambda: _read_rows_kernel[(N,)](x, sums, V, x.stride(0), BLOCK_V=bv, num_warps=nw)),
+            nbytes,
+        )
 
     # ---- row_stats launch shapes (shipped kernel)
     want = scoring.row_stats(x3, t, -100)
@@ -98,8 +101,11 @@ def sweep_vocab(N: int, V: int, log) -> dict:
             got = scoring.row_stats(x3, t, -100)
             for f in ("lse", "entropy", "p_top1", "p_top2", "nll"):
                 close(getattr(got, f), getattr(want, f), f"row_stats tma {nbytes_block}B x{stages} {f}")
-            row(f"row_stats descriptor {nbytes_block} B a block x {stages} stages",
-                ms(lambda: scoring.row_stats(x3, t, -100)), nbytes)
+            row(
+                f"row_stats descriptor {nbytes_block} B a block x {stages} stages",
+                ms(lambda: scoring.row_stats(x3, t, -100)),
+                nbytes,
+            )
         except Exception as e:
             log(f"| {V} | row_stats tma {nbytes_block}x{stages} | failed: {type(e).__name__}: {str(e)[:200]} | |")
     scoring.TMA_BLOCK_BYTES, scoring.TMA_STAGES = shipped_tma
@@ -121,16 +127,26 @@ def sweep_vocab(N: int, V: int, log) -> dict:
         try:
             got = gated_ce.ce_grad_dense_(x3, t, lse, scale, None, 0.0, y.unsqueeze(0))
             close(got.float(), want_dense.float(), f"dense {bv}x{nw}", rtol=1e-2, atol=1e-6)
-            row(f"dense grad 25% {bv}x{nw}",
+            row(
+                f"dense grad 25% {bv}x{nw}",
                 ms(lambda: gated_ce.ce_grad_dense_(x3, t, lse, scale, None, 0.0, y.unsqueeze(0))),
-                nbytes + nbytes * k / N)
-            row(f"dense grad 0% (zeros) {bv}x{nw}",
-                ms(lambda: gated_ce.ce_grad_dense_(x3, t, lse, none, None, 0.0, y.unsqueeze(0))), nbytes)
-            row(f"dense grad 100% {bv}x{nw}",
-                ms(lambda: gated_ce.ce_grad_dense_(x3, t, lse, full, None, 0.0, y.unsqueeze(0))), 2 * nbytes)
-            row(f"compact rows 25% {bv}x{nw}",
+                nbytes + nbytes * k / N,
+            )
+            row(
+                f"dense grad 0% (zeros) {bv}x{nw}",
+                ms(lambda: gated_ce.ce_grad_dense_(x3, t, lse, none, None, 0.0, y.unsqueeze(0))),
+                nbytes,
+            )
+            row(
+                f"dense grad 100% {bv}x{nw}",
+                ms(lambda: gated_ce.ce_grad_dense_(x3, t, lse, full, None, 0.0, y.unsqueeze(0))),
+                2 * nbytes,
+            )
+            row(
+                f"compact rows 25% {bv}x{nw}",
                 ms(lambda: gated_ce.ce_grad_rows(x3, t, lse, rows, rscale, None, 0.0, torch.bfloat16)),
-                2 * nbytes * k / N)
+                2 * nbytes * k / N,
+            )
         except Exception as e:
             log(f"| {V} | grad {bv}x{nw} | failed: {type(e).__name__}: {str(e)[:200]} | |")
     gated_ce.MAX_BLOCK_V, gated_ce.NUM_WARPS = shipped
@@ -140,13 +156,14 @@ def sweep_vocab(N: int, V: int, log) -> dict:
     order = torch.cat([sel, torch.nonzero(~keep).flatten()])
     got = gated_ce.ce_grad_dense_(x3, t, lse, scale, None, 0.0, y.unsqueeze(0), None, order)
     close(got.float(), want_dense.float(), "dense ordered", rtol=0, atol=0)
-    row("dense grad 25% shipped, selected rows last",
+    row(
+        "dense grad 25% shipped, selected rows last",
         ms(lambda: gated_ce.ce_grad_dense_(x3, t, lse, scale, None, 0.0, y.unsqueeze(0), None, order)),
-        nbytes + nbytes * k / N)
+        nbytes + nbytes * k / N,
+    )
 
     # ---- the whole call, and its pieces as the call launches them
-    crit = cggr_hook.CGGRLoss(min_tokens_ratio=0.25, warmup_steps=0, dynamic_threshold=False,
-                              inplace_backward=True)
+    crit = cggr_hook.CGGRLoss(min_tokens_ratio=0.25, warmup_steps=0, dynamic_threshold=False, inplace_backward=True)
     work = x.clone().requires_grad_(True)
 
     def call():
@@ -187,18 +204,27 @@ def chunk_sweep(N: int, V: int, log) -> dict:
     want = gated_ce.ce_grad_dense_(x, t, lse, scale, None, 0.0, torch.empty_like(x), None, order)
     want_rows = gated_ce.ce_grad_rows(x, t, lse, rows, rscale, None, 0.0, torch.bfloat16)
     cases = {
-        "dense 25%, selected rows last": (lambda: gated_ce.ce_grad_dense_(x, t, lse, scale, None, 0.0, y, None, order),
-                                          nbytes + nbytes * k / N),
+        "dense 25%, selected rows last": (
+            lambda: gated_ce.ce_grad_dense_(x, t, lse, scale, None, 0.0, y, None, order),
+            nbytes + nbytes * k / N,
+        ),
         "dense 100%": (lambda: gated_ce.ce_grad_dense_(x, t, lse, full, None, 0.0, y), 2 * nbytes),
-        "compact rows 25%": (lambda: gated_ce.ce_grad_rows(x, t, lse, rows, rscale, None, 0.0, torch.bfloat16),
-                             2 * nbytes * k / N),
+        "compact rows 25%": (
+            lambda: gated_ce.ce_grad_rows(x, t, lse, rows, rscale, None, 0.0, torch.bfloat16),
+            2 * nbytes * k / N,
+        ),
     }
     for cb in CHUNK_SWEEP:
         gated_ce.CHUNK_BLOCKS = cb
         got = gated_ce.ce_grad_dense_(x, t, lse, scale, None, 0.0, y, None, order)
         close(got.float(), want.float(), f"dense chunk {cb}", rtol=0, atol=0)
-        close(gated_ce.ce_grad_rows(x, t, lse, rows, rscale, None, 0.0, torch.bfloat16).float(), want_rows.float(),
-              f"rows chunk {cb}", rtol=0, atol=0)
+        close(
+            gated_ce.ce_grad_rows(x, t, lse, rows, rscale, None, 0.0, torch.bfloat16).float(),
+            want_rows.float(),
+            f"rows chunk {cb}",
+            rtol=0,
+            atol=0,
+        )
         for name, (fn, nb) in cases.items():
             t_ms = ms(fn)
             out[f"{name}/{cb}"] = t_ms
@@ -240,8 +266,16 @@ def row_stats_paths(N: int, V: int, log) -> dict:
     return out
 
 
-RANK_SHAPES = [(16, 256, 4), (8, 512, 4), (8, 1024, 4), (4, 1024, 4), (16, 512, 4), (16, 512, 8), (32, 256, 8),
-               (8, 256, 2)]
+RANK_SHAPES = [
+    (16, 256, 4),
+    (8, 512, 4),
+    (8, 1024, 4),
+    (4, 1024, 4),
+    (16, 512, 4),
+    (16, 512, 8),
+    (32, 256, 8),
+    (8, 256, 2),
+]
 
 
 def rank_sweep(log) -> dict:
@@ -341,8 +375,11 @@ def timeline(N: int, V: int, path: str, log, iters: int = 40) -> None:
         ev = json.load(f)["traceEvents"]
     os.remove(trace)
     kern = sorted((e for e in ev if e.get("cat") in ("kernel", "gpu_memset", "gpu_memcpy")), key=lambda e: e["ts"])
-    launch = {e["args"]["correlation"]: e["ts"] for e in ev
-              if e.get("cat") in ("cuda_runtime", "cuda_driver") and "correlation" in e.get("args", {})}
+    launch = {
+        e["args"]["correlation"]: e["ts"]
+        for e in ev
+        if e.get("cat") in ("cuda_runtime", "cuda_driver") and "correlation" in e.get("args", {})
+    }
     # a call starts with the flush: the one fill kernel that runs for tens of microseconds
     starts = [i for i, e in enumerate(kern) if "fill" in e["name"].lower() and e["dur"] > 30]
     cycles = []
@@ -361,8 +398,10 @@ def timeline(N: int, V: int, path: str, log, iters: int = 40) -> None:
     cyc = statistics.median(c[0] for c in cycles)
     busy = statistics.median(c[1] for c in cycles)
     mid = sorted(cycles, key=lambda c: c[0])[len(cycles) // 2]
-    log(f"timeline V={V}: {cyc:.0f} us a call (flush included), kernels {busy:.0f} us, idle {cyc - busy:.0f} us, "
-        f"{len(mid[2]) - 1} kernels a call")
+    log(
+        f"timeline V={V}: {cyc:.0f} us a call (flush included), kernels {busy:.0f} us, idle {cyc - busy:.0f} us, "
+        f"{len(mid[2]) - 1} kernels a call"
+    )
     with open(path, "a") as f:
         f.write(f"V = {V}, N = {N}: median cycle {cyc:.0f} us, kernels {busy:.0f} us over {len(cycles)} calls\n")
         f.write("  idle_us   dur_us  start-launch_us  kernel\n")
@@ -407,6 +446,7 @@ def host_profile(N: int, path: str, log) -> None:
     scale = torch.zeros(N, device="cuda")
     out = torch.empty_like(x)
     x3, o3 = x.detach().unsqueeze(0), out.unsqueeze(0)
+
     def per_call_us(fn, n):
         for _ in range(20):
             fn()
@@ -419,8 +459,9 @@ def host_profile(N: int, path: str, log) -> None:
         return (t1 - t0) / n * 1e6, (time.perf_counter() - t0) / n * 1e6
 
     for inplace in (False, True):
-        crit = cggr_hook.CGGRLoss(min_tokens_ratio=0.25, warmup_steps=0, dynamic_threshold=False,
-                                  inplace_backward=inplace)
+        crit = cggr_hook.CGGRLoss(
+            min_tokens_ratio=0.25, warmup_steps=0, dynamic_threshold=False, inplace_backward=inplace
+        )
         w = x.detach().clone().requires_grad_(True)
 
         def call():
@@ -497,8 +538,18 @@ def main(argv=None) -> int:
         timeline(a.tokens, V, os.path.join(a.out, "timeline.txt"), log)
     profile_call(a.tokens, a.vocab[0], os.path.join(a.out, "profile.txt"))
     with open(os.path.join(a.out, "tune.json"), "w") as f:
-        json.dump({"device": torch.cuda.get_device_name(), "results": results, "row_stats_paths": paths, "chunks": chunks, "rank": ranks,
-                   "selected_loss": losses}, f, indent=1)
+        json.dump(
+            {
+                "device": torch.cuda.get_device_name(),
+                "results": results,
+                "row_stats_paths": paths,
+                "chunks": chunks,
+                "rank": ranks,
+                "selected_loss": losses,
+            },
+            f,
+            indent=1,
+        )
     with open(os.path.join(a.out, "tune.md"), "w") as f:
         f.write("\n".join(lines) + "\n")
     return 0

@@ -30,8 +30,9 @@ def shifted_loss(model: nn.Module, idx: torch.Tensor, **kw) -> torch.Tensor:
     return F.cross_entropy(logits[:, :-1].reshape(-1, V), idx[:, 1:].reshape(-1), **kw)
 
 
-def reference_difficulty(logits: torch.Tensor, targets: torch.Tensor, scoring: str,
-                         ignore_index: int = -100) -> torch.Tensor:
+def reference_difficulty(
+    logits: torch.Tensor, targets: torch.Tensor, scoring: str, ignore_index: int = -100
+) -> torch.Tensor:
     """Difficulty of rows (N, V), float64, -inf where ignored: written from the definitions."""
     x = logits.detach().double()
     V = x.shape[-1]
@@ -48,8 +49,9 @@ def reference_difficulty(logits: torch.Tensor, targets: torch.Tensor, scoring: s
     return torch.where(valid, d, torch.full_like(d, -math.inf))
 
 
-def reference_topk_rows(logits: torch.Tensor, targets: torch.Tensor, ratio: float, scoring: str = "combined",
-                        ignore_index: int = -100) -> torch.Tensor:
+def reference_topk_rows(
+    logits: torch.Tensor, targets: torch.Tensor, ratio: float, scoring: str = "combined", ignore_index: int = -100
+) -> torch.Tensor:
     """The k hardest valid rows, k = max(1, floor(ratio * n + 0.5)); ties by lower index."""
     d = reference_difficulty(logits, targets, scoring, ignore_index)
     n = int((targets != ignore_index).sum())
@@ -60,8 +62,14 @@ def reference_topk_rows(logits: torch.Tensor, targets: torch.Tensor, ratio: floa
     return torch.tensor(sorted(order[:k]), dtype=torch.long)
 
 
-def masked_reference_loss(logits: torch.Tensor, targets: torch.Tensor, rows: torch.Tensor, reduction: str = "mean",
-                          ignore_index: int = -100, **kw) -> torch.Tensor:
+def masked_reference_loss(
+    logits: torch.Tensor,
+    targets: torch.Tensor,
+    rows: torch.Tensor,
+    reduction: str = "mean",
+    ignore_index: int = -100,
+    **kw,
+) -> torch.Tensor:
     """The gated loss's definition, built from torch's own per-token cross entropy (autograd-able):
     mean over selected rows (weighted as torch weighs), sum times valid / selected, or per-row with
     zeros elsewhere."""
@@ -142,8 +150,17 @@ def start_held_reader(monkeypatch, module, name: str, reader, hold_s: float = 20
     return thread, release
 
 
-def check_gated_gradients(make_model, forward, ids, ratio: float, vocab: int, head_route: str | None = None,
-                          rtol: float = 1e-4, atol: float = 1e-6, **enable) -> dict:
+def check_gated_gradients(
+    make_model,
+    forward,
+    ids,
+    ratio: float,
+    vocab: int,
+    head_route: str | None = None,
+    rtol: float = 1e-4,
+    atol: float = 1e-6,
+    **enable,
+) -> dict:
     """Gate a fresh ``make_model()`` and compare its shifted loss and every trainable parameter's
     gradient with the same loss built by hand on a second ``make_model()`` (it must build the same
     model every time): at ``ratio`` 1.0 the plain

@@ -104,7 +104,7 @@ def test_windows_repeat_every_interval_steps():
     # noiseless figures: the choice is the fastest fraction, so a run of 1.0 marks a window
     seen, _ = drive(state, 2 * auto.INTERVAL + 20, TIMES, noise=(0.0, 1.0))
     assert state.choice == 0.25
-    starts = [i for i in range(len(seen) - 3) if seen[i:i + 3] == [1.0, 1.0, 1.0] and (i == 0 or seen[i - 1] != 1.0)]
+    starts = [i for i in range(len(seen) - 3) if seen[i : i + 3] == [1.0, 1.0, 1.0] and (i == 0 or seen[i - 1] != 1.0)]
     assert starts[:3] == [0, auto.INTERVAL, 2 * auto.INTERVAL]
     assert state.decisions == 3
 
@@ -135,8 +135,12 @@ def per_token_head_grads(model, idx):
     logits = model(idx)[:, :-1]
     V = logits.shape[-1]
     x, t = logits.reshape(-1, V), idx[:, 1:].reshape(-1)
-    return torch.stack([torch.autograd.grad(F.cross_entropy(x[i:i + 1], t[i:i + 1]), model.lm_head.weight,
-                                            retain_graph=True)[0] for i in range(len(t))])
+    return torch.stack(
+        [
+            torch.autograd.grad(F.cross_entropy(x[i : i + 1], t[i : i + 1]), model.lm_head.weight, retain_graph=True)[0]
+            for i in range(len(t))
+        ]
+    )
 
 
 def test_one_calls_noise_figures_equal_the_direct_computation():

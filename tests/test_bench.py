@@ -28,9 +28,10 @@ def _run(args, timeout=240):
     env = dict(os.environ)
     env.setdefault("OMP_NUM_THREADS", "1")  # tiny tensors: threads only contend on a shared CPU
     env["PYTHONUNBUFFERED"] = "1"
-    proc = subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True,
-                          timeout=timeout)
-    assert proc.returncode == 0, f"exit {proc.returncode}\nstdout:\n{proc.stdout[-4000:]}\nstderr:\n{proc.stderr[-4000:]}"
+    proc = subprocess.run([sys.executable, *args], cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    assert proc.returncode == 0, (
+        f"exit {proc.returncode}\nstdout:\n{proc.stdout[-4000:]}\nstderr:\n{proc.stderr[-4000:]}"
+    )
     return proc
 
 
@@ -75,8 +76,14 @@ def test_bench_only_keeps_the_baselines():
     I = bench.Inputs(16, 32, 8, torch.bfloat16, torch.device("cpu"), 0)
     rows = bench.build_rows(I, bench.load_peers(), "bf16")
     keys = [r.key for r in bench.select_rows(rows, ["in place"], "bf16")]
-    assert keys == ["loss/torch_fp32", "loss/torch_bf16", "loss/cggr_hook_25_inplace",
-                    "loss/cggr_hook_50_inplace", "loss/cggr_hook_100_inplace", "loss/liger_ce"]
+    assert keys == [
+        "loss/torch_fp32",
+        "loss/torch_bf16",
+        "loss/cggr_hook_25_inplace",
+        "loss/cggr_hook_50_inplace",
+        "loss/cggr_hook_100_inplace",
+        "loss/liger_ce",
+    ]
     keys = [r.key for r in bench.select_rows(rows, ["head/cggr_hook_25"], "bf16")]
     assert keys == ["head/torch", "head/cggr_hook_25"]
 
@@ -91,7 +98,12 @@ def test_bench_guard_refuses_a_wrong_result():
         return F.cross_entropy(x, t, ignore_index=bench.IGNORE_INDEX)
 
     not_gated = bench.Row(
-        "loss/fake_25", "full loss posing as 25%", "loss", ours=True, fn=bench._fwd_bwd(full), grads=(x,),
+        "loss/fake_25",
+        "full loss posing as 25%",
+        "loss",
+        ours=True,
+        fn=bench._fwd_bwd(full),
+        grads=(x,),
         check=lambda loss: bench._check_gated(I, loss, x.grad, 0.25, "fake 25%"),
     )
     res = bench.run_row(not_gated, I, cpu, 1.0, 1.0, force=False)
@@ -99,15 +111,23 @@ def test_bench_guard_refuses_a_wrong_result():
     assert "expected k" in res.check
 
     off = bench.Row(
-        "loss/fake_100", "loss off by 10%", "loss", ours=True, fn=bench._fwd_bwd(lambda: 1.1 * full()), grads=(x,),
+        "loss/fake_100",
+        "loss off by 10%",
+        "loss",
+        ours=True,
+        fn=bench._fwd_bwd(lambda: 1.1 * full()),
+        grads=(x,),
         check=lambda loss: bench._check_full_loss(I, loss, x.grad, "fake 100%", strict=True),
     )
     res = bench.run_row(off, I, cpu, 1.0, 1.0, force=False)
     assert res.status == "wrong result" and res.ms is None, res
 
     right = bench.Row(
-        "loss/plain", "the plain loss, fp32", "loss",
-        fn=bench._fwd_bwd(lambda: F.cross_entropy(x.float(), t, ignore_index=bench.IGNORE_INDEX)), grads=(x,),
+        "loss/plain",
+        "the plain loss, fp32",
+        "loss",
+        fn=bench._fwd_bwd(lambda: F.cross_entropy(x.float(), t, ignore_index=bench.IGNORE_INDEX)),
+        grads=(x,),
         check=lambda loss: bench._check_full_loss(I, loss, x.grad, "plain", strict=True),
     )
     res = bench.run_row(right, I, cpu, 1.0, 1.0, force=False)

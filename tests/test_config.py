@@ -33,9 +33,16 @@ def test_defaults_keep_every_token_and_sample_by_gradient_norm_below_that():
 
 def test_seed_preset_is_the_original_packages_options():
     c = GateConfig.preset("seed")
-    spelled = GateConfig(scoring="combined", selection="topk", min_tokens_ratio=0.25, warmup_steps=1000,
-                         dynamic_threshold=True, threshold_sensitivity=0.5, num_strata=4,
-                         min_tokens_per_sequence=1)
+    spelled = GateConfig(
+        scoring="combined",
+        selection="topk",
+        min_tokens_ratio=0.25,
+        warmup_steps=1000,
+        dynamic_threshold=True,
+        threshold_sensitivity=0.5,
+        num_strata=4,
+        min_tokens_per_sequence=1,
+    )
     assert c == spelled
     assert GateConfig.preset("seed", min_tokens_ratio=0.5) == spelled.replace(min_tokens_ratio=0.5)
     with pytest.raises(ValueError, match="preset"):
@@ -53,9 +60,19 @@ def test_enable_with_a_preset_starts_from_it_and_refuses_a_config_beside_it():
         cggr_hook.enable(model, preset="nope")
 
 
-@pytest.mark.parametrize("field", ["scoring", "selection", "min_tokens_ratio", "warmup_steps",
-                                   "dynamic_threshold", "threshold_sensitivity", "num_strata",
-                                   "min_tokens_per_sequence"])
+@pytest.mark.parametrize(
+    "field",
+    [
+        "scoring",
+        "selection",
+        "min_tokens_ratio",
+        "warmup_steps",
+        "dynamic_threshold",
+        "threshold_sensitivity",
+        "num_strata",
+        "min_tokens_per_sequence",
+    ],
+)
 def test_config_is_frozen(field):
     c = GateConfig()
     before = getattr(c, field)
@@ -88,34 +105,37 @@ def test_min_tokens_ratio_accepts_the_interval_and_stores_a_float(ratio):
     assert c.min_tokens_ratio == float(ratio)
 
 
-@pytest.mark.parametrize("option, value", [
-    ("scoring", "confidence"),
-    ("scoring", "Entropy"),
-    ("selection", "top_k"),
-    ("selection", "random"),
-    ("min_tokens_ratio", 0),
-    ("min_tokens_ratio", 0.0),
-    ("min_tokens_ratio", -0.1),
-    ("min_tokens_ratio", 1.5),
-    ("min_tokens_ratio", math.nan),
-    ("min_tokens_ratio", math.inf),
-    ("min_tokens_ratio", True),
-    ("min_tokens_ratio", "0.25"),
-    ("warmup_steps", -1),
-    ("warmup_steps", 1.5),
-    ("warmup_steps", True),
-    ("threshold_sensitivity", 2),
-    ("threshold_sensitivity", -0.5),
-    ("num_strata", 0),
-    ("num_strata", 2.0),
-    ("min_tokens_per_sequence", -1),
-    ("dynamic_threshold", "yes"),
-    ("importance_floor", -0.1),
-    ("importance_floor", 1.01),
-    ("importance_floor", math.nan),
-    ("importance_floor", True),
-    ("importance_floor", "0.2"),
-])
+@pytest.mark.parametrize(
+    "option, value",
+    [
+        ("scoring", "confidence"),
+        ("scoring", "Entropy"),
+        ("selection", "top_k"),
+        ("selection", "random"),
+        ("min_tokens_ratio", 0),
+        ("min_tokens_ratio", 0.0),
+        ("min_tokens_ratio", -0.1),
+        ("min_tokens_ratio", 1.5),
+        ("min_tokens_ratio", math.nan),
+        ("min_tokens_ratio", math.inf),
+        ("min_tokens_ratio", True),
+        ("min_tokens_ratio", "0.25"),
+        ("warmup_steps", -1),
+        ("warmup_steps", 1.5),
+        ("warmup_steps", True),
+        ("threshold_sensitivity", 2),
+        ("threshold_sensitivity", -0.5),
+        ("num_strata", 0),
+        ("num_strata", 2.0),
+        ("min_tokens_per_sequence", -1),
+        ("dynamic_threshold", "yes"),
+        ("importance_floor", -0.1),
+        ("importance_floor", 1.01),
+        ("importance_floor", math.nan),
+        ("importance_floor", True),
+        ("importance_floor", "0.2"),
+    ],
+)
 def test_bad_value_is_a_value_error_naming_the_option(option, value):
     with pytest.raises(ValueError) as err:
         GateConfig(**{option: value})

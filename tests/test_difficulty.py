@@ -137,9 +137,7 @@ def test_ignored_rows_are_minus_inf_in_every_mode(mode):
     assert bool(torch.isfinite(d[valid]).all())
 
 
-
-@pytest.mark.parametrize("mode", [
-    "entropy", "margin", "loss", "combined"])
+@pytest.mark.parametrize("mode", ["entropy", "margin", "loss", "combined"])
 def test_nan_difficulty_becomes_plus_inf(mode):
     logits, targets = random_case(2, 4, 9, seed=2)
     logits[0, 1, 3] = math.nan
@@ -156,8 +154,12 @@ def test_nan_difficulty_becomes_plus_inf(mode):
 
 def test_nan_in_hand_made_stats_becomes_plus_inf():
     st = RowStats(
-        lse=torch.zeros(3), entropy=torch.tensor([math.nan, 0.2, 0.3]), p_top1=torch.tensor([0.5, math.nan, 0.4]),
-        p_top2=torch.tensor([0.1, 0.1, 0.1]), nll=torch.tensor([0.3, 0.2, math.nan]))
+        lse=torch.zeros(3),
+        entropy=torch.tensor([math.nan, 0.2, 0.3]),
+        p_top1=torch.tensor([0.5, math.nan, 0.4]),
+        p_top2=torch.tensor([0.1, 0.1, 0.1]),
+        nll=torch.tensor([0.3, 0.2, math.nan]),
+    )
     valid = torch.ones(3, dtype=torch.bool)
     assert difficulty(st, "entropy", 4, valid).tolist()[0] == math.inf
     assert difficulty(st, "margin", 4, valid).tolist()[1] == math.inf
@@ -241,7 +243,7 @@ def test_row_stats_ignored_rows_have_zero_nll():
     assert bool((st.nll[targets != -100] > 0).all())
 
 
-@pytest.mark.parametrize("ignore_index", [-1, 7, 10 ** 6, -(2 ** 40)])
+@pytest.mark.parametrize("ignore_index", [-1, 7, 10**6, -(2**40)])
 def test_ignore_index_outside_the_vocabulary_is_never_an_address(ignore_index):
     V = 7
     logits, targets = random_case(3, 4, V, seed=4, n_ignored=5, ignore_index=ignore_index)
@@ -283,11 +285,13 @@ def test_tied_maximum_counts_twice(V):
 
 def test_minus_inf_logits_give_no_nan():
     V = 6
-    x = torch.tensor([
-        [0.0, -math.inf, 1.0, -math.inf, 2.0, 0.5],
-        [3.0, -math.inf, -math.inf, -math.inf, -math.inf, -math.inf],  # a single finite logit
-        [-math.inf, -math.inf, 1.0, 1.0, -math.inf, -math.inf],  # a tie between the finite ones
-    ])
+    x = torch.tensor(
+        [
+            [0.0, -math.inf, 1.0, -math.inf, 2.0, 0.5],
+            [3.0, -math.inf, -math.inf, -math.inf, -math.inf, -math.inf],  # a single finite logit
+            [-math.inf, -math.inf, 1.0, 1.0, -math.inf, -math.inf],  # a tie between the finite ones
+        ]
+    )
     targets = torch.tensor([2, 0, 3])
     st = stats_of(x[None], targets)
     for name in ("lse", "entropy", "p_top1", "p_top2", "nll"):
@@ -404,7 +408,7 @@ def test_gradnorm_times_hidden_norm_is_the_head_weight_gradient_norm():
     stats = reference.row_stats(logits.detach().float().unsqueeze(0), targets, -100, with_p2=True)
     s = difficulty(stats, "gradnorm", V, torch.ones(N, dtype=torch.bool)).double()
     for i in range(N):
-        (gw,) = torch.autograd.grad(F.cross_entropy(logits[i:i + 1], targets[i:i + 1]), W, retain_graph=True)
+        (gw,) = torch.autograd.grad(F.cross_entropy(logits[i : i + 1], targets[i : i + 1]), W, retain_graph=True)
         assert float(gw.norm()) == pytest.approx(float(s[i] * h[i].norm()), rel=1e-5)
 
 

@@ -33,7 +33,11 @@ def run_example(script: str, args: list[str], cache: Path, timeout: float = 180)
     env.update(CGGR_HOOK_CACHE=str(cache), OMP_NUM_THREADS="1", MPLBACKEND="Agg", TOKENIZERS_PARALLELISM="false")
     proc = subprocess.run(
         [sys.executable, str(EXAMPLES / script), *args],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout,
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
     )
     assert proc.returncode == 0, (
         f"{script} {' '.join(args)} exited {proc.returncode}\n--- stdout\n{proc.stdout[-4000:]}\n--- stderr\n{proc.stderr[-4000:]}"
@@ -97,15 +101,21 @@ def test_python_sources_dedupe_and_split_by_package(tmp_path, monkeypatch):
     roots, files = stdlib_text.list_source_files("python")
     keys = [k for k, _ in files]
     assert not any("/tests/" in k or k.endswith("big.py") for k in keys)
-    assert stdlib_text.domain_of("site0/alpha/mod1.py") == "alpha" and stdlib_text.domain_of("stdlib/pkg/m1.py") == "stdlib"
+    assert (
+        stdlib_text.domain_of("site0/alpha/mod1.py") == "alpha"
+        and stdlib_text.domain_of("stdlib/pkg/m1.py") == "stdlib"
+    )
     assert stdlib_text.domain_of("site0/six.py") == "six"
     assert not stdlib_text.in_finetune_part("stdlib", 1.0) and stdlib_text.in_finetune_part("alpha", 1.0)
     share = 0.5
-    tuned = {d for d in ("alpha", "beta", "gamma", "delta", "epsilon", "zeta") if stdlib_text.in_finetune_part(d, share)}
+    tuned = {
+        d for d in ("alpha", "beta", "gamma", "delta", "epsilon", "zeta") if stdlib_text.in_finetune_part(d, share)
+    }
     assert 0 < len(tuned) < 6  # this share splits these packages (a fixed hash: the same everywhere)
 
-    corpus = stdlib_text.load_corpus(vocab_size=300, cache_dir=tmp_path / "cache", sources="python",
-                                     finetune_share=share, heldout_every=4)
+    corpus = stdlib_text.load_corpus(
+        vocab_size=300, cache_dir=tmp_path / "cache", sources="python", finetune_share=share, heldout_every=4
+    )
     info = corpus.info
     assert info["duplicates_dropped"] == 6  # the six copies of one file
     assert set(info["finetune_packages"]) == tuned
@@ -113,24 +123,33 @@ def test_python_sources_dedupe_and_split_by_package(tmp_path, monkeypatch):
     assert torch.equal(torch.cat([pre.train_tokens, tune.train_tokens]), corpus.train_tokens)
     assert torch.equal(torch.cat([pre.heldout_tokens, tune.heldout_tokens]), corpus.heldout_tokens)
     assert tune.train_tokens.numel() > 0 and tune.heldout_tokens.numel() > 0
-    again = stdlib_text.load_corpus(vocab_size=300, cache_dir=tmp_path / "cache", sources="python",
-                                    finetune_share=share, heldout_every=4)
+    again = stdlib_text.load_corpus(
+        vocab_size=300, cache_dir=tmp_path / "cache", sources="python", finetune_share=share, heldout_every=4
+    )
     assert again.info["cached"] and torch.equal(again.part("finetune").train_tokens, tune.train_tokens)
     with pytest.raises(ValueError, match="finetune_share"):
-        stdlib_text.load_corpus(vocab_size=300, cache_dir=tmp_path / "cache", sources="python",
-                                heldout_every=4).part("finetune")
+        stdlib_text.load_corpus(vocab_size=300, cache_dir=tmp_path / "cache", sources="python", heldout_every=4).part(
+            "finetune"
+        )
 
 
 def test_quality_benchmark_arms_clock_and_figures():
     qb = _import_example("quality_benchmark")
     assert qb.arm_options("plain") is None and qb.arm_options("default") == {}
     assert qb.arm_options("topk25") == dict(
-        scoring="combined", selection="topk", min_tokens_ratio=0.25, warmup_steps=0, dynamic_threshold=False)
+        scoring="combined", selection="topk", min_tokens_ratio=0.25, warmup_steps=0, dynamic_threshold=False
+    )
     warm = qb.arm_options("seqaware25-warm", 200, 0.3)
     assert warm["selection"] == "sequence_aware" and warm["warmup_steps"] == 60 and warm["dynamic_threshold"]
     imp = qb.arm_options("imp-gradnorm50-f0.5")
-    assert imp == dict(scoring="gradnorm", selection="importance", min_tokens_ratio=0.5, warmup_steps=0,
-                       dynamic_threshold=False, importance_floor=0.5)
+    assert imp == dict(
+        scoring="gradnorm",
+        selection="importance",
+        min_tokens_ratio=0.5,
+        warmup_steps=0,
+        dynamic_threshold=False,
+        importance_floor=0.5,
+    )
     assert "importance_floor" not in qb.arm_options("imp-loss25")
     for bad in ("topk", "imp-gradnorm", "imp-foo25", "random0", "topk150"):
         with pytest.raises(SystemExit):
@@ -153,10 +172,20 @@ def test_quality_benchmark_arms_clock_and_figures():
     assert qb.time_to_reach(5.5, xs, ys) == pytest.approx(15.0) and qb.time_to_reach(4.0, xs, ys) is None
 
     def run(arm, seed, final, opts, ms=10.0):
-        return dict(arm=arm, seed=seed, options=opts, final_val=final, steps=100, step_ms=ms, plain_step_ms=10.0,
-                    kept_fraction=0.5,
-                    epochs=0.1, predicted={"score_cv2": 0.1, "rho25": 1.2, "rho50": 1.5}, draws=None,
-                    curve=[dict(seconds=0.0, val=9.0), dict(seconds=10.0, val=final)])
+        return dict(
+            arm=arm,
+            seed=seed,
+            options=opts,
+            final_val=final,
+            steps=100,
+            step_ms=ms,
+            plain_step_ms=10.0,
+            kept_fraction=0.5,
+            epochs=0.1,
+            predicted={"score_cv2": 0.1, "rho25": 1.2, "rho50": 1.5},
+            draws=None,
+            curve=[dict(seconds=0.0, val=9.0), dict(seconds=10.0, val=final)],
+        )
 
     runs = [run("plain", s, 5.0 + s, None) for s in (0, 1)]
     runs += [run("random50", s, 5.2 + s, qb.arm_options("random50"), 8.0) for s in (0, 1)]
@@ -164,7 +193,8 @@ def test_quality_benchmark_arms_clock_and_figures():
     summary = qb.summarize(runs, ["plain", "random50", "imp-gradnorm50"])
     imp_s = summary["imp-gradnorm50"]
     assert imp_s["delta_plain"]["mean"] == pytest.approx(-0.09) and imp_s["delta_plain"]["std"] == pytest.approx(
-        0.0141421, rel=1e-4)  # paired by seed: the seeds' own spread (1.0) cancels
+        0.0141421, rel=1e-4
+    )  # paired by seed: the seeds' own spread (1.0) cancels
     assert imp_s["delta_control"]["mean"] == pytest.approx(-0.29) and imp_s["control"] == "random50"
     assert imp_s["speed"] == pytest.approx(2.0) and imp_s["reached_plain"] == 2
     assert "gating paid here" in qb.conclusion(summary) and "imp-gradnorm50" in qb.conclusion(summary)
@@ -174,8 +204,11 @@ def test_quality_benchmark_arms_clock_and_figures():
 def test_quality_benchmark_smoke_and_merge(tmp_path, cache_dir):
     out = tmp_path / "quality"
     arms = ["plain", "default", "random25", "imp-gradnorm50"]
-    stdout = run_example("quality_benchmark.py", ["--preset", "smoke", "--arms", *arms, "--budget", "1.5",
-                                                  "--seeds", "0", "--out", str(out)], cache_dir)
+    stdout = run_example(
+        "quality_benchmark.py",
+        ["--preset", "smoke", "--arms", *arms, "--budget", "1.5", "--seeds", "0", "--out", str(out)],
+        cache_dir,
+    )
     table = (out / "results.md").read_text()
     assert table.strip() in stdout.replace("\r", "")
     for arm in arms:
@@ -193,49 +226,102 @@ def test_quality_benchmark_smoke_and_merge(tmp_path, cache_dir):
 
     # a second call with another seed, merged: one table over both
     out2 = tmp_path / "quality2"
-    run_example("quality_benchmark.py", ["--preset", "smoke", "--arms", "plain", "random25", "--budget", "1.5",
-                                         "--seeds", "1", "--out", str(out2)], cache_dir)
+    run_example(
+        "quality_benchmark.py",
+        ["--preset", "smoke", "--arms", "plain", "random25", "--budget", "1.5", "--seeds", "1", "--out", str(out2)],
+        cache_dir,
+    )
     merged = tmp_path / "merged"
-    run_example("quality_benchmark.py", ["--merge", str(out), str(out2 / "results.json"), "--out", str(merged)],
-                cache_dir)
+    run_example(
+        "quality_benchmark.py", ["--merge", str(out), str(out2 / "results.json"), "--out", str(merged)], cache_dir
+    )
     m = json.loads((merged / "results.json").read_text())
     assert m["summary"]["plain"]["seeds"] == 2 and m["summary"]["default"]["seeds"] == 1
     assert "| default | 1 |" in (merged / "results.md").read_text()  # each arm's seed count is shown
     # runs made with other settings are not merged into one table
     out3 = tmp_path / "quality3"
-    run_example("quality_benchmark.py", ["--preset", "smoke", "--arms", "plain", "--budget", "1.5", "--batch-size",
-                                         "4", "--seeds", "2", "--out", str(out3)], cache_dir)
-    proc = subprocess.run([sys.executable, str(EXAMPLES / "quality_benchmark.py"), "--merge", str(out), str(out3),
-                           "--out", str(tmp_path / "m2")], capture_output=True, text=True, cwd=ROOT)
+    run_example(
+        "quality_benchmark.py",
+        [
+            "--preset",
+            "smoke",
+            "--arms",
+            "plain",
+            "--budget",
+            "1.5",
+            "--batch-size",
+            "4",
+            "--seeds",
+            "2",
+            "--out",
+            str(out3),
+        ],
+        cache_dir,
+    )
+    proc = subprocess.run(
+        [
+            sys.executable,
+            str(EXAMPLES / "quality_benchmark.py"),
+            "--merge",
+            str(out),
+            str(out3),
+            "--out",
+            str(tmp_path / "m2"),
+        ],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
     assert proc.returncode != 0 and "batch_size" in proc.stderr
 
 
 @pytest.mark.slow
 def test_legacy_loop(cache_dir):
-    out = run_example("legacy_loop.py", ["--steps", "6", "--eval-every", "3", "--eval-batches", "2", *SMALL_TEXT],
-                      cache_dir)
+    out = run_example(
+        "legacy_loop.py", ["--steps", "6", "--eval-every", "3", "--eval-batches", "2", *SMALL_TEXT], cache_dir
+    )
     assert "gated run" in out and "final val" in out and "scheduler step count 6" in out
-    out = run_example("legacy_loop.py", ["--shift", "--data", "random", "--steps", "4", "--eval-every", "2",
-                                         "--eval-batches", "2", "--min-tokens-ratio", "0.5", "--warmup-steps", "2"],
-                      cache_dir)
+    out = run_example(
+        "legacy_loop.py",
+        [
+            "--shift",
+            "--data",
+            "random",
+            "--steps",
+            "4",
+            "--eval-every",
+            "2",
+            "--eval-batches",
+            "2",
+            "--min-tokens-ratio",
+            "0.5",
+            "--warmup-steps",
+            "2",
+        ],
+        cache_dir,
+    )
     assert "loss shifted in the loop" in out and "final val" in out
 
 
 @pytest.mark.slow
 def test_hf_trainer(cache_dir):
-    out = run_example("hf_trainer.py", ["--max-steps", "4", "--eval-rows", "8", "--batch-size", "4", *SMALL_TEXT],
-                      cache_dir)
+    out = run_example(
+        "hf_trainer.py", ["--max-steps", "4", "--eval-rows", "8", "--batch-size", "4", *SMALL_TEXT], cache_dir
+    )
     assert "train: 4 optimizer steps" in out
     assert "scheduler step count 4" in out
     assert "(identical)" in out
 
 
-@pytest.mark.parametrize("env, expected", [
-    ({}, ("home", ".cache", "cggr_hook")),
-    ({"XDG_CACHE_HOME": "xdg"}, ("xdg", "cggr_hook")),
-    ({"XDG_CACHE_HOME": "relative"}, ("home", ".cache", "cggr_hook")),  # the XDG rule: a relative path is ignored
-    ({"XDG_CACHE_HOME": "xdg", "CGGR_HOOK_CACHE": "own"}, ("own",)),
-])
+@pytest.mark.parametrize(
+    "env, expected",
+    [
+        ({}, ("home", ".cache", "cggr_hook")),
+        ({"XDG_CACHE_HOME": "xdg"}, ("xdg", "cggr_hook")),
+        ({"XDG_CACHE_HOME": "relative"}, ("home", ".cache", "cggr_hook")),  # the XDG rule: a relative path is ignored
+        ({"XDG_CACHE_HOME": "xdg", "CGGR_HOOK_CACHE": "own"}, ("own",)),
+    ],
+)
 def test_the_corpus_cache_honours_xdg_cache_home(tmp_path, monkeypatch, env, expected):
     stdlib_text = _import_example("stdlib_text")
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
@@ -267,8 +353,14 @@ def test_readme_cpu_torchrun_command(wrapper):
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     env = dict(os.environ, OMP_NUM_THREADS="1")
-    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--master_port", str(port), *args],
-                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--master_port", str(port), *args],
+        cwd=ROOT,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     assert f"{wrapper}: 2 x cpu" in proc.stdout and "cggr25" in proc.stdout, proc.stdout
     assert "returned a view tensor" not in proc.stderr, proc.stderr[-4000:]

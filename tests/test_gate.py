@@ -267,15 +267,29 @@ def test_metrics_have_the_seed_keys():
     cggr_hook.enable(model, **FIXED)
     shifted_loss(model, _idx())
     m = cggr_hook.metrics()
-    assert set(m) == {"step", "token_ratio", "tokens_selected", "tokens_total", "avg_confidence", "avg_entropy",
-                      "avg_difficulty", "selection", "scoring"}
+    assert set(m) == {
+        "step",
+        "token_ratio",
+        "tokens_selected",
+        "tokens_total",
+        "avg_confidence",
+        "avg_entropy",
+        "avg_difficulty",
+        "selection",
+        "scoring",
+    }
     assert m["tokens_total"] == 27 and m["tokens_selected"] == 7
     assert 0 < m["avg_confidence"] <= 1 and m["avg_entropy"] > 0
 
 
-@pytest.mark.parametrize("options", [dict(dynamic_threshold=True, selection="sequence_aware"),
-                                     dict(dynamic_threshold=False, selection="topk"),
-                                     dict(dynamic_threshold=False, selection="stratified")])
+@pytest.mark.parametrize(
+    "options",
+    [
+        dict(dynamic_threshold=True, selection="sequence_aware"),
+        dict(dynamic_threshold=False, selection="topk"),
+        dict(dynamic_threshold=False, selection="stratified"),
+    ],
+)
 def test_one_host_read_per_gated_step(monkeypatch, options):
     """Forward + backward of a gated step reads device values once (one .tolist()), nothing else;
     where the ratio does not depend on the logits the metric averages stay on the device until
@@ -466,6 +480,7 @@ def test_watchdog_custom_loss_that_is_not_cross_entropy():
 
 def test_watchdog_head_never_called():
     """A fused path that reads the head's weight without calling the module."""
+
     def loss_of(model, idx):
         h = torch.tanh(model.mix(model.emb(idx)))
         logits = F.linear(h, model.lm_head.weight)

@@ -39,7 +39,9 @@ def test_triton_loss_matches_torch_backend_on_cuda(monkeypatch, V, reduction):
     logits = (torch.randn(4, 1023, V, device="cuda", generator=g) * 3).to(torch.bfloat16)
     targets = torch.randint(0, V, (4, 1023), device="cuda", generator=g)
     targets[:, :50] = -100
-    out = both_backends(monkeypatch, logits, targets, min_tokens_ratio=0.25, label_smoothing=0.1, reduction=reduction, **FIXED)
+    out = both_backends(
+        monkeypatch, logits, targets, min_tokens_ratio=0.25, label_smoothing=0.1, reduction=reduction, **FIXED
+    )
     (lt, gt, mt), (lr, gr, mr) = out["triton"], out["torch"]
     assert mt["tokens_selected"] == mr["tokens_selected"]
     # fp32 sums over a whole row (the smoothing term) round differently in each backend
@@ -90,9 +92,15 @@ def test_descriptor_path_with_small_blocks_on_cuda(monkeypatch):
             torch.testing.assert_close(getattr(got, name), getattr(want, name), rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("options", [dict(selection="sequence_aware"), dict(selection="topk", dynamic_threshold=False),
-                                     dict(selection="stratified", dynamic_threshold=False),
-                                     dict(selection="importance", scoring="gradnorm", dynamic_threshold=False)])
+@pytest.mark.parametrize(
+    "options",
+    [
+        dict(selection="sequence_aware"),
+        dict(selection="topk", dynamic_threshold=False),
+        dict(selection="stratified", dynamic_threshold=False),
+        dict(selection="importance", scoring="gradnorm", dynamic_threshold=False),
+    ],
+)
 def test_one_host_sync_per_gated_step(monkeypatch, options):
     """One host wait per gated call: a synchronising read (dynamic ratio, sequence_aware) or, where
     the ratio does not depend on the logits, one wait for the target counts' event."""
@@ -138,8 +146,15 @@ def test_fixed_ratio_forward_does_not_wait_for_the_scoring_pass():
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 def test_hf_llama_gated_on_cuda_under_autocast(dtype):
     transformers = pytest.importorskip("transformers")
-    cfg = transformers.LlamaConfig(vocab_size=3001, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=True)
+    cfg = transformers.LlamaConfig(
+        vocab_size=3001,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=True,
+    )
     torch.manual_seed(0)
     model = transformers.LlamaForCausalLM(cfg).cuda().train()
     ref = copy.deepcopy(model)
@@ -266,8 +281,17 @@ def test_importance_sampling_matches_torch_backend_on_cuda(monkeypatch, V, reduc
     logits = (torch.randn(4, 1023, V, device="cuda", generator=g) * 3).to(torch.bfloat16)
     targets = torch.randint(0, V, (4, 1023), device="cuda", generator=g)
     targets[:, :50] = -100
-    out = both_backends(monkeypatch, logits, targets, scoring="gradnorm", selection="importance",
-                        min_tokens_ratio=0.25, label_smoothing=0.1, reduction=reduction, **FIXED)
+    out = both_backends(
+        monkeypatch,
+        logits,
+        targets,
+        scoring="gradnorm",
+        selection="importance",
+        min_tokens_ratio=0.25,
+        label_smoothing=0.1,
+        reduction=reduction,
+        **FIXED,
+    )
     (lt, gt, mt), (lr, gr, mr) = out["triton"], out["torch"]
     assert mt["tokens_selected"] == mr["tokens_selected"] == round(0.25 * 4 * 973)
     assert mt["ess"] == pytest.approx(mr["ess"], rel=1e-3)

@@ -28,11 +28,25 @@ ORIGINAL_CE = F.cross_entropy
 def _hf(family: str, vocab: int = 61):
     T = transformers
     torch.manual_seed(0)
-    small = dict(vocab_size=vocab, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                 num_attention_heads=4, num_key_value_heads=2)
+    small = dict(
+        vocab_size=vocab,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
     if family == "gpt2":
-        cfg = T.GPT2Config(vocab_size=vocab, n_embd=32, n_layer=2, n_head=4, n_positions=64,
-                           resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0)
+        cfg = T.GPT2Config(
+            vocab_size=vocab,
+            n_embd=32,
+            n_layer=2,
+            n_head=4,
+            n_positions=64,
+            resid_pdrop=0.0,
+            embd_pdrop=0.0,
+            attn_pdrop=0.0,
+        )
         model = T.GPT2LMHeadModel(cfg)
     elif family == "llama":
         model = T.LlamaForCausalLM(T.LlamaConfig(**small, tie_word_embeddings=False))
@@ -75,7 +89,10 @@ def test_hf_labels_loss_is_gated_with_exact_gradients(family, num_items):
     if num_items:
         kw["num_items_in_batch"] = torch.tensor(n_valid + 5)
     out = model(input_ids=ids, labels=labels, **kw)
-    assert "GatedHead" in type(out.loss.grad_fn.next_functions[0][0]).__name__ or "GatedHead" in type(out.loss.grad_fn).__name__
+    assert (
+        "GatedHead" in type(out.loss.grad_fn.next_functions[0][0]).__name__
+        or "GatedHead" in type(out.loss.grad_fn).__name__
+    )
     out.loss.backward()
 
     X = ref(input_ids=ids).logits.float().reshape(-1, 61)
@@ -240,6 +257,7 @@ def test_trace_rejects_what_is_not_the_heads_logits():
 def test_lossy_cast_keeps_the_plain_loss_with_a_warning():
     model = TinyLM()
     from cggr_hook.registry import registry
+
     registry.reset()
     cggr_hook.enable(model, **FIXED)
     idx = torch.randint(0, 37, (2, 7))
@@ -329,6 +347,7 @@ def _with_head(make_head):
     def make():
         torch.manual_seed(0)
         return WithHead(make_head()).train()
+
     return make
 
 
@@ -357,8 +376,9 @@ def test_plain_linear_and_subclass_keeping_its_forward_take_the_head_route():
 def test_parametrized_weight_norm_head_gets_exact_gradients(ratio):
     from torch.nn.utils.parametrizations import weight_norm
 
-    check_gated_gradients(_with_head(lambda: weight_norm(nn.Linear(16, 37))), _call, IDS, ratio, 37,
-                          head_route="logits")
+    check_gated_gradients(
+        _with_head(lambda: weight_norm(nn.Linear(16, 37))), _call, IDS, ratio, 37, head_route="logits"
+    )
 
 
 @pytest.mark.parametrize("ratio", [1.0, 0.3])
@@ -367,8 +387,9 @@ def test_old_style_weight_norm_head_takes_the_head_route_with_exact_gradients(ra
     weight the forward used, and the gradient reaches weight_g and weight_v."""
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)
-        grads = check_gated_gradients(_with_head(lambda: torch.nn.utils.weight_norm(nn.Linear(16, 37))), _call, IDS,
-                                      ratio, 37, head_route="head")
+        grads = check_gated_gradients(
+            _with_head(lambda: torch.nn.utils.weight_norm(nn.Linear(16, 37))), _call, IDS, ratio, 37, head_route="head"
+        )
     assert {"lm_head.weight_g", "lm_head.weight_v"} <= set(grads)
 
 
@@ -385,7 +406,8 @@ def test_hook_that_changes_the_heads_output_before_the_tap_goes_through_the_logi
     """A global forward hook runs before the head's own hooks: the output the tap sees is not the
     affine map any more, so the call takes the route through the logits."""
     handle = torch.nn.modules.module.register_module_forward_hook(
-        lambda m, a, out: out * 2.0 if isinstance(m, nn.Linear) and m.out_features == 37 else None)
+        lambda m, a, out: out * 2.0 if isinstance(m, nn.Linear) and m.out_features == 37 else None
+    )
     try:
         check_gated_gradients(_with_head(lambda: nn.Linear(16, 37)), _call, IDS, 0.5, 37, head_route="logits")
     finally:
@@ -410,10 +432,15 @@ class NanoGPT(nn.Module):
 
     def __init__(self, vocab: int = 256, dim: int = 64, layers: int = 2) -> None:
         super().__init__()
-        self.transformer = nn.ModuleDict(dict(
-            wte=nn.Embedding(vocab, dim),
-            h=nn.ModuleList(nn.ModuleDict(dict(c_fc=nn.Linear(dim, 4 * dim), c_proj=nn.Linear(4 * dim, dim)))
-                            for _ in range(layers))))
+        self.transformer = nn.ModuleDict(
+            dict(
+                wte=nn.Embedding(vocab, dim),
+                h=nn.ModuleList(
+                    nn.ModuleDict(dict(c_fc=nn.Linear(dim, 4 * dim), c_proj=nn.Linear(4 * dim, dim)))
+                    for _ in range(layers)
+                ),
+            )
+        )
 
     def forward(self, idx):
         x = self.transformer.wte(idx)

@@ -26,18 +26,38 @@ class Rows(torch.utils.data.Dataset):
 
 def _model():
     torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(vocab_size=97, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                   num_attention_heads=4, num_key_value_heads=2)
+    cfg = transformers.LlamaConfig(
+        vocab_size=97,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
     return transformers.LlamaForCausalLM(cfg)
 
 
 def _trainer(model, out, max_steps, **kw):
     args = transformers.TrainingArguments(
-        output_dir=str(out), max_steps=max_steps, per_device_train_batch_size=4, gradient_accumulation_steps=2,
-        learning_rate=1e-3, logging_steps=1, save_steps=3, save_strategy="steps", report_to=[], use_cpu=True,
-        eval_strategy="no", disable_tqdm=True, seed=0, data_seed=0, **kw)
-    return transformers.Trainer(model=model, args=args, train_dataset=Rows(64), eval_dataset=Rows(8, seed=1),
-                                callbacks=[CGGRCallback()])
+        output_dir=str(out),
+        max_steps=max_steps,
+        per_device_train_batch_size=4,
+        gradient_accumulation_steps=2,
+        learning_rate=1e-3,
+        logging_steps=1,
+        save_steps=3,
+        save_strategy="steps",
+        report_to=[],
+        use_cpu=True,
+        eval_strategy="no",
+        disable_tqdm=True,
+        seed=0,
+        data_seed=0,
+        **kw,
+    )
+    return transformers.Trainer(
+        model=model, args=args, train_dataset=Rows(64), eval_dataset=Rows(8, seed=1), callbacks=[CGGRCallback()]
+    )
 
 
 def test_trainer_gates_logs_and_checkpoints(tmp_path):
@@ -91,11 +111,25 @@ def test_resume_restores_the_scheduler(tmp_path):
 # --------------------------------------------------------------------------------------------------
 def _reporting_trainer(model, out, max_steps, attach=True, **kw):
     args = transformers.TrainingArguments(
-        output_dir=str(out), max_steps=max_steps, per_device_train_batch_size=4, gradient_accumulation_steps=2,
-        learning_rate=1e-3, logging_steps=1, save_steps=2, save_strategy="steps", report_to=["tensorboard"],
-        use_cpu=True, eval_strategy="no", disable_tqdm=True, seed=0, data_seed=0, **kw)
-    trainer = transformers.Trainer(model=model, args=args, train_dataset=Rows(64),
-                                   callbacks=None if attach else [CGGRCallback()])
+        output_dir=str(out),
+        max_steps=max_steps,
+        per_device_train_batch_size=4,
+        gradient_accumulation_steps=2,
+        learning_rate=1e-3,
+        logging_steps=1,
+        save_steps=2,
+        save_strategy="steps",
+        report_to=["tensorboard"],
+        use_cpu=True,
+        eval_strategy="no",
+        disable_tqdm=True,
+        seed=0,
+        data_seed=0,
+        **kw,
+    )
+    trainer = transformers.Trainer(
+        model=model, args=args, train_dataset=Rows(64), callbacks=None if attach else [CGGRCallback()]
+    )
     if attach:
         CGGRCallback.attach(trainer)  # what the README shows
     return trainer
@@ -115,8 +149,7 @@ def test_readme_trainer_puts_the_figures_into_tensorboard_and_checkpoints(tmp_pa
     cggr_hook.enable(model, warmup_steps=2, min_tokens_ratio=0.25, dynamic_threshold=False)
     _reporting_trainer(model, tmp_path / "out", max_steps=4).train()
     scalars = _scalars(tmp_path / "tb")  # the TensorBoard reporter files training logs under train/
-    for tag in ("cggr/token_ratio", "cggr/tokens_selected", "cggr/tokens_total", "cggr/avg_confidence",
-                "cggr/step"):
+    for tag in ("cggr/token_ratio", "cggr/tokens_selected", "cggr/tokens_total", "cggr/avg_confidence", "cggr/step"):
         assert [s for s, _ in scalars.get("train/" + tag, [])] == [1, 2, 3, 4], (tag, sorted(scalars))
     # cggr/step is the Trainer's own step, and the curriculum ran down to 25%
     assert [v for _, v in scalars["train/cggr/step"]] == [1, 2, 3, 4]

@@ -151,7 +151,7 @@ def test_systematic_draw_takes_exactly_k_distinct_rows_at_the_given_frequencies(
     sd = torch.sqrt(pi * (1 - pi) / draws).float()
     assert bool((freq[: int(m)] == 1.0).all())
     z = (freq - pi.float()).abs() / sd.clamp(min=1e-9)
-    assert float(z[int(m):].max()) < 4.5, (freq, pi)
+    assert float(z[int(m) :].max()) < 4.5, (freq, pi)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -169,8 +169,16 @@ def test_each_draw_is_the_horvitz_thompson_loss_of_k_valid_rows(reduction, weigh
     V = logits.shape[-1]
     weight = torch.rand(V, generator=torch.Generator().manual_seed(5)) + 0.5 if weighted else None
     floor = 0.2
-    crit = CGGRLoss(scoring="gradnorm", selection="importance", min_tokens_ratio=ratio, importance_floor=floor,
-                    reduction=reduction, weight=weight, label_smoothing=smoothing, **FIXED)
+    crit = CGGRLoss(
+        scoring="gradnorm",
+        selection="importance",
+        min_tokens_ratio=ratio,
+        importance_floor=floor,
+        reduction=reduction,
+        weight=weight,
+        label_smoothing=smoothing,
+        **FIXED,
+    )
     t = targets.reshape(-1)
     valid = t >= 0
     n = int(valid.sum())
@@ -242,8 +250,7 @@ def test_triton_backend_matches_the_torch_backend_draw_by_draw(scoring, monkeypa
     results = {}
     for backend in ("torch", "triton"):
         force_backend(backend)
-        crit = CGGRLoss(scoring=scoring, selection="importance", min_tokens_ratio=0.4, label_smoothing=0.05,
-                        **FIXED)
+        crit = CGGRLoss(scoring=scoring, selection="importance", min_tokens_ratio=0.4, label_smoothing=0.05, **FIXED)
         out = []
         for _ in range(2):
             logits.grad = None
@@ -286,8 +293,15 @@ def test_mean_gradient_over_draws_is_the_plain_gradient(scoring, floor):
 
 def test_mean_gated_loss_of_a_hugging_face_model_is_the_plain_loss():
     transformers = pytest.importorskip("transformers")
-    cfg = transformers.LlamaConfig(vocab_size=61, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
-                                   num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=32)
+    cfg = transformers.LlamaConfig(
+        vocab_size=61,
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=2,
+        max_position_embeddings=32,
+    )
     torch.manual_seed(0)
     model = transformers.LlamaForCausalLM(cfg).train()
     with torch.no_grad():  # confident on some tokens, unsure on others: scores that vary
@@ -295,8 +309,9 @@ def test_mean_gated_loss_of_a_hugging_face_model_is_the_plain_loss():
     ids = torch.randint(0, 61, (2, 16), generator=torch.Generator().manual_seed(1))
     with torch.no_grad():
         plain = float(model(input_ids=ids, labels=ids).loss)
-    cggr_hook.enable(model, scoring="loss", selection="importance", min_tokens_ratio=0.25, importance_floor=0.3,
-                     **FIXED)
+    cggr_hook.enable(
+        model, scoring="loss", selection="importance", min_tokens_ratio=0.25, importance_floor=0.3, **FIXED
+    )
     losses = torch.tensor([model(input_ids=ids, labels=ids).loss.item() for _ in range(600)], dtype=torch.float64)
     m = cggr_hook.metrics()
     assert m["selection"] == "importance" and m["score_cv2"] > 0.1
@@ -381,12 +396,24 @@ def test_a_zero_floor_with_a_score_that_can_be_zero_off_a_zero_gradient_is_refus
 def test_a_zero_floor_with_label_smoothing_needs_gradnorm():
     logits, targets = inputs(seed=3)
     for scoring in ("loss", "combined"):
-        crit = CGGRLoss(scoring=scoring, selection="importance", importance_floor=0.0, min_tokens_ratio=0.5,
-                        label_smoothing=0.1, **FIXED)
+        crit = CGGRLoss(
+            scoring=scoring,
+            selection="importance",
+            importance_floor=0.0,
+            min_tokens_ratio=0.5,
+            label_smoothing=0.1,
+            **FIXED,
+        )
         with pytest.raises(ValueError, match="label_smoothing"):
             crit(logits, targets)
-    CGGRLoss(scoring="gradnorm", selection="importance", importance_floor=0.0, min_tokens_ratio=0.5,
-             label_smoothing=0.1, **FIXED)(logits, targets)
+    CGGRLoss(
+        scoring="gradnorm",
+        selection="importance",
+        importance_floor=0.0,
+        min_tokens_ratio=0.5,
+        label_smoothing=0.1,
+        **FIXED,
+    )(logits, targets)
 
 
 def test_a_confidently_wrong_token_is_drawn_by_every_allowed_zero_floor_scoring():

@@ -36,8 +36,15 @@ EXAMPLES = Path(__file__).resolve().parents[1] / "examples"
 
 def _llama(vocab: int = V):
     torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2, tie_word_embeddings=False)
+    cfg = transformers.LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        tie_word_embeddings=False,
+    )
     return transformers.LlamaForCausalLM(cfg).train()
 
 
@@ -56,6 +63,7 @@ def _peft_model(**kw):
         base = _llama()
         torch.manual_seed(1)
         return peft.get_peft_model(base, _lora(**kw)).train()
+
     return make
 
 
@@ -75,8 +83,9 @@ def test_lora_on_the_head_gates_the_lora_layer_with_exact_gradients(ratio):
     head = cggr_hook.enable(model).head
     assert head is model.base_model.model.lm_head and isinstance(head, peft.tuners.lora.LoraLayer)
     cggr_hook.disable(model)
-    grads = check_gated_gradients(_peft_model(target_modules=["q_proj", "lm_head"]), _logits, IDS, ratio, V,
-                                  head_route="logits")
+    grads = check_gated_gradients(
+        _peft_model(target_modules=["q_proj", "lm_head"]), _logits, IDS, ratio, V, head_route="logits"
+    )
     assert any("lm_head.lora_B" in n for n in grads)
 
 
@@ -181,6 +190,7 @@ def _bnb_model(kind: str, vocab: int = 64, dim: int = 32):
         head = head.to("cpu")
         torch.manual_seed(1)
         return HeadOn(head, vocab, dim).train()
+
     return make
 
 
@@ -270,8 +280,11 @@ def test_sft_trainer_is_gated_with_exact_gradients(tmp_path, data):
     loss.backward()
     m = cggr_hook.metrics()
     assert m["tokens_total"] == int((t != -100).sum())
-    X = ref(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1].reshape(-1, len(
-        trainer.processing_class))
+    X = (
+        ref(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        .logits[:, :-1]
+        .reshape(-1, len(trainer.processing_class))
+    )
     rows = reference_topk_rows(X.detach(), t, 0.3)
     assert m["tokens_selected"] == len(rows)
     expected = masked_reference_loss(X, t, rows)
@@ -365,9 +378,16 @@ def test_lightning_with_gradient_accumulation(precision):
     gate = cggr_hook.enable(module, min_tokens_ratio=0.5, **FIXED)
     assert gate.head is module.net.lm_head
     data = torch.utils.data.TensorDataset(torch.randint(0, 37, (16, 9), generator=torch.Generator().manual_seed(0)))
-    trainer = lightning.Trainer(max_steps=3, accumulate_grad_batches=2, accelerator="cpu", precision=precision,
-                                logger=False, enable_checkpointing=False, enable_progress_bar=False,
-                                enable_model_summary=False)
+    trainer = lightning.Trainer(
+        max_steps=3,
+        accumulate_grad_batches=2,
+        accelerator="cpu",
+        precision=precision,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+    )
     trainer.fit(module, torch.utils.data.DataLoader(data, batch_size=2))
     assert cggr_hook.scheduler.step_count == 3
     assert cggr_hook.metrics()["tokens_selected"] == 8  # half of 2 x 8 tokens

@@ -4,7 +4,6 @@ Without CUDA the kernels run under Triton's interpreter (conftest sets TRITON_IN
 CPU cases stay small; the ``gpu`` cases run at full size on a CUDA device.
 """
 
-
 import pytest
 import torch
 
@@ -61,7 +60,7 @@ def tol(dtype):
     if dtype == torch.float32:
         return dict(rtol=1e-5, atol=1e-6)
     if dtype == torch.bfloat16:
-        return dict(rtol=2 ** -7, atol=1e-6)
+        return dict(rtol=2**-7, atol=1e-6)
     return dict(rtol=2e-3, atol=1e-6)
 
 
@@ -75,9 +74,16 @@ def assert_grad_close(got, want, dtype):
 
 # every vocabulary size, dtype and layout with the plain loss; every loss option on a few of them
 CASES = [(V, dtype, layout, LOSS_OPTIONS[0]) for V in (1, 2, 3, 127) for dtype in DTYPES for layout in LAYOUTS]
-CASES += [(V, dtype, layout, options) for options in LOSS_OPTIONS[1:] for V, dtype, layout in
-          [(1, torch.float32, "contiguous"), (3, torch.bfloat16, "vocab_strided"), (127, torch.float16, "shifted"),
-           (127, torch.bfloat16, "vocab_strided")]]
+CASES += [
+    (V, dtype, layout, options)
+    for options in LOSS_OPTIONS[1:]
+    for V, dtype, layout in [
+        (1, torch.float32, "contiguous"),
+        (3, torch.bfloat16, "vocab_strided"),
+        (127, torch.float16, "shifted"),
+        (127, torch.bfloat16, "vocab_strided"),
+    ]
+]
 
 
 def case_id(case):
@@ -128,8 +134,16 @@ def test_ce_grad_rows_empty_launches_nothing(monkeypatch):
     monkeypatch.setattr(gated_ce, "_ce_grad_rows_kernel", NoLaunch())
     x = torch.randn(2, 3, 9, device=DEVICE)
     empty = torch.zeros(0, dtype=torch.long, device=DEVICE)
-    got = K.ce_grad_rows(x, torch.zeros(6, dtype=torch.long, device=DEVICE), lse_of(x), empty,
-                         torch.zeros(0, device=DEVICE), None, 0.0, torch.bfloat16)
+    got = K.ce_grad_rows(
+        x,
+        torch.zeros(6, dtype=torch.long, device=DEVICE),
+        lse_of(x),
+        empty,
+        torch.zeros(0, device=DEVICE),
+        None,
+        0.0,
+        torch.bfloat16,
+    )
     assert got.shape == (0, 9) and got.dtype == torch.bfloat16
 
 
@@ -160,8 +174,9 @@ def test_gradient_is_the_cross_entropy_gradient():
     xr = x.reshape(4, V).clone().requires_grad_(True)
     loss = torch.nn.functional.cross_entropy(xr, tg, weight=w, label_smoothing=0.1, reduction="sum")
     loss.backward()
-    got = K.ce_grad_rows(x, tg, lse_of(x), torch.arange(4, device=DEVICE), torch.ones(4, device=DEVICE),
-                         w, 0.1, torch.float32)
+    got = K.ce_grad_rows(
+        x, tg, lse_of(x), torch.arange(4, device=DEVICE), torch.ones(4, device=DEVICE), w, 0.1, torch.float32
+    )
     torch.testing.assert_close(got, xr.grad, rtol=1e-5, atol=1e-6)
 
 
@@ -272,8 +287,15 @@ def test_ce_grad_dense_vocab_32001():
 
 def test_ce_grad_dense_empty_batch():
     x = torch.randn(0, 3, 7, device=DEVICE)
-    out = K.ce_grad_dense_(x, torch.zeros(0, dtype=torch.long, device=DEVICE), torch.zeros(0, device=DEVICE),
-                           torch.zeros(0, device=DEVICE), None, 0.0, x)
+    out = K.ce_grad_dense_(
+        x,
+        torch.zeros(0, dtype=torch.long, device=DEVICE),
+        torch.zeros(0, device=DEVICE),
+        torch.zeros(0, device=DEVICE),
+        None,
+        0.0,
+        x,
+    )
     assert out is x
 
 
@@ -323,16 +345,17 @@ def test_gated_ce_full_size_gpu(options):
     got = K.ce_grad_rows(x, tg, lse, rows, scale, w, eps, torch.bfloat16)
     want = reference.ce_grad_rows(x, tg, lse, rows, scale, w, eps, torch.bfloat16)
     # on the GPU both round fp32 -> bf16 to nearest; exp differs by a few fp32 ulps
-    torch.testing.assert_close(got.float(), want.float(), rtol=2 ** -7, atol=1e-6)
+    torch.testing.assert_close(got.float(), want.float(), rtol=2**-7, atol=1e-6)
     del got
     row_scale = torch.zeros(N, device="cuda")
     row_scale[rows] = scale
     want = reference.ce_grad_dense_(x, tg, lse, row_scale, w, eps, torch.empty_like(x))
     K.ce_grad_dense_(x, tg, lse, row_scale, w, eps, x)
-    torch.testing.assert_close(x.float(), want.float(), rtol=2 ** -7, atol=1e-6)
+    torch.testing.assert_close(x.float(), want.float(), rtol=2**-7, atol=1e-6)
 
 
 # --------------------------------------------------------------------------- the selected rows' loss
+
 
 def loss_inputs(N, V, seed, with_wsum):
     gen = torch.Generator().manual_seed(seed)

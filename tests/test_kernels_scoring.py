@@ -112,10 +112,10 @@ def test_tied_maxima_count_twice(dtype, block):
     gen = torch.Generator().manual_seed(3)
     x = make_logits(1, 8, V, torch.float32, "contiguous", gen=gen).clone()
     cases = [
-        (0, [3, 4]),      # neighbours in one block
-        (1, [0, 126]),    # first and last column (the last is in the ragged tail block)
-        (2, [5, 21]),     # same lane, blocks 0 and 1 of a 16-wide block
-        (3, [7, 64]),     # different lanes, different blocks
+        (0, [3, 4]),  # neighbours in one block
+        (1, [0, 126]),  # first and last column (the last is in the ragged tail block)
+        (2, [5, 21]),  # same lane, blocks 0 and 1 of a 16-wide block
+        (3, [7, 64]),  # different lanes, different blocks
         (4, [2, 50, 90]),  # three times
     ]
     for r, cols in cases:
@@ -148,12 +148,12 @@ def test_negative_infinity_logits(dtype, block):
     gen = torch.Generator().manual_seed(4)
     x = make_logits(1, 6, V, torch.float32, "contiguous", gen=gen).clone()
     ninf = float("-inf")
-    x[0, 0, ::3] = ninf            # scattered -inf
-    x[0, 1, :40] = ninf            # the first blocks entirely -inf
-    x[0, 2, 1:] = ninf             # a single finite logit: p_top1 = 1, entropy 0
-    x[0, 3, 10] = ninf             # the target logit is -inf: nll = inf
-    x[0, 4, :] = ninf              # every logit -inf: NaN, as in the reference
-    x[0, 5, 100:] = ninf           # the ragged tail -inf
+    x[0, 0, ::3] = ninf  # scattered -inf
+    x[0, 1, :40] = ninf  # the first blocks entirely -inf
+    x[0, 2, 1:] = ninf  # a single finite logit: p_top1 = 1, entropy 0
+    x[0, 3, 10] = ninf  # the target logit is -inf: nll = inf
+    x[0, 4, :] = ninf  # every logit -inf: NaN, as in the reference
+    x[0, 5, 100:] = ninf  # the ragged tail -inf
     x = x.to(dtype)
     tg = torch.tensor([3, 60, 0, 10, 0, 1], device=DEVICE)
     with nan_empty():
@@ -181,8 +181,9 @@ def test_row_of_only_negative_infinity(V, block):
         got = K.row_stats(x, tg, -100, None, True, True)
     want = reference.row_stats(x, tg, -100, None, True, True)
     for name in FIELDS + ("wsum", "p2sum"):
-        torch.testing.assert_close(getattr(got, name), getattr(want, name), rtol=1e-5, atol=2e-6,
-                                   equal_nan=True, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(
+            getattr(got, name), getattr(want, name), rtol=1e-5, atol=2e-6, equal_nan=True, msg=lambda m: f"{name}: {m}"
+        )
     assert torch.isnan(got.p2sum[1]) and not torch.isnan(got.p2sum[[0, 3]]).any()
     assert got.lse[1] == float("-inf") and got.nll[2] == 0.0
     assert torch.isnan(got.entropy[1]) and torch.isnan(got.p_top1[1]) and torch.isnan(got.nll[1])
@@ -204,8 +205,9 @@ def test_nan_logit_makes_its_row_nan(V, block):
     tg = torch.tensor([0, -100, V - 1, 0, 0], device=DEVICE)
     got, want = run(x, tg, with_wsum=True)
     for name in FIELDS + ("wsum", "p2sum"):
-        torch.testing.assert_close(getattr(got, name), getattr(want, name), rtol=1e-5, atol=2e-6,
-                                   equal_nan=True, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(
+            getattr(got, name), getattr(want, name), rtol=1e-5, atol=2e-6, equal_nan=True, msg=lambda m: f"{name}: {m}"
+        )
     for name in ("lse", "entropy", "p_top1", "p2sum"):
         assert torch.isnan(getattr(got, name)[:3]).all(), name
     assert not torch.isnan(torch.stack(got[:5])[:, 3:]).any()
@@ -234,12 +236,12 @@ def test_both_load_paths_match_reference(path, V, dtype, block, monkeypatch):
     gen = torch.Generator().manual_seed(V * 3 + len(path))
     x = aligned_view(2, 4, V, dtype, gen)
     ninf = float("-inf")
-    x[0, 0, (V - 1) // 2:] = 30.0         # tied maxima (V > 1): p_top2 == p_top1
+    x[0, 0, (V - 1) // 2 :] = 30.0  # tied maxima (V > 1): p_top2 == p_top1
     x[0, 1, ::3] = ninf
     x[0, 2, : V // 2] = ninf
-    x[0, 3] = ninf                        # every logit -inf
+    x[0, 3] = ninf  # every logit -inf
     x[1, 0, V - 1] = float("nan")
-    x[1, 1, max(V - 5, 1):] = ninf
+    x[1, 1, max(V - 5, 1) :] = ninf
     assert scoring.load_path(x) == path
     w = (torch.rand(V, generator=gen) + 0.5).to(DEVICE)
     tg = torch.tensor([0, V - 1, -100, 0, 0, V, V // 2, 1 % V], device=DEVICE)
@@ -372,14 +374,14 @@ def test_row_stats_int64_offsets_gpu():
     tg = torch.randint(0, V, (N,), device="cuda")
     got = K.row_stats(x, tg, -100)  # the descriptor path on Hopper and newer
     rows = torch.arange(N - 64, N, device="cuda")
-    want = reference.row_stats(x[:, N - 64:], tg[rows], -100)
+    want = reference.row_stats(x[:, N - 64 :], tg[rows], -100)
     for name in FIELDS:
         torch.testing.assert_close(getattr(got, name)[rows], getattr(want, name), rtol=2e-5, atol=2e-5)
     del x
     # vocabulary the slow dimension: column j of row r sits at j * N + r
     xt = torch.randn(V, 1, N, device="cuda", dtype=torch.bfloat16).permute(1, 2, 0)
     got = K.row_stats(xt, tg, -100)
-    want = reference.row_stats(xt[:, N - 64:], tg[rows], -100)
+    want = reference.row_stats(xt[:, N - 64 :], tg[rows], -100)
     for name in FIELDS:
         torch.testing.assert_close(getattr(got, name)[rows], getattr(want, name), rtol=2e-5, atol=2e-5)
 

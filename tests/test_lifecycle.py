@@ -27,8 +27,14 @@ FIXED = dict(preset="seed", warmup_steps=0, dynamic_threshold=False)
 def _llama(vocab=61):
     transformers = pytest.importorskip("transformers")
     torch.manual_seed(0)
-    cfg = transformers.LlamaConfig(vocab_size=vocab, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
-                                   num_attention_heads=4, num_key_value_heads=2)
+    cfg = transformers.LlamaConfig(
+        vocab_size=vocab,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
     return transformers.LlamaForCausalLM(cfg).train()
 
 
@@ -54,8 +60,12 @@ def _step(model, vocab, seed=0):
 
 
 def _nothing_installed() -> bool:
-    return (F.cross_entropy is ORIGINAL_CE and not patch.installed() and len(_global_optimizer_post_hooks) == 0
-            and not cggr_hook.scheduler.attached)
+    return (
+        F.cross_entropy is ORIGINAL_CE
+        and not patch.installed()
+        and len(_global_optimizer_post_hooks) == 0
+        and not cggr_hook.scheduler.attached
+    )
 
 
 # --------------------------------------------------------------------------------------------------

@@ -148,8 +148,17 @@ def test_metrics_keys():
     crit = CGGRLoss()
     crit(logits, targets)
     m = crit.get_metrics()
-    assert set(m) == {"step", "token_ratio", "tokens_selected", "tokens_total", "avg_confidence", "avg_entropy",
-                      "avg_difficulty", "selection", "scoring"}
+    assert set(m) == {
+        "step",
+        "token_ratio",
+        "tokens_selected",
+        "tokens_total",
+        "avg_confidence",
+        "avg_entropy",
+        "avg_difficulty",
+        "selection",
+        "scoring",
+    }
     assert all(isinstance(m[k], (int, float)) for k in m if k not in ("selection", "scoring"))
     assert 0 < m["token_ratio"] <= 1
 
@@ -161,12 +170,15 @@ def test_seed_quick_start_runs_unchanged():
     dataloader = [torch.randint(0, 50, (4, 12)) for _ in range(3)]
 
     from cggr_hook import CGGRLoss as SeedLoss
-    criterion = SeedLoss(scoring='combined', selection='stratified', min_tokens_ratio=0.25, warmup_steps=1000)
+
+    criterion = SeedLoss(scoring="combined", selection="stratified", min_tokens_ratio=0.25, warmup_steps=1000)
     for batch in dataloader:
         input_ids, targets = batch[:, :-1], batch[:, 1:]
         logits = model(input_ids)
         loss = criterion(logits, targets)
-        loss.backward(); optimizer.step(); criterion.step()
+        loss.backward()
+        optimizer.step()
+        criterion.step()
     assert criterion.step_count == 3
     assert math.isfinite(loss.item())
 

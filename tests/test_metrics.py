@@ -118,11 +118,17 @@ def test_scalars_are_prefixed_numbers():
     cggr_hook.enable(model, **FIXED)
     shifted_loss(model, _idx())
     s = cggr_hook.scalars(model)
-    assert set(s) == {"cggr/token_ratio", "cggr/tokens_selected", "cggr/tokens_total", "cggr/avg_confidence",
-                      "cggr/avg_entropy", "cggr/avg_difficulty"}
+    assert set(s) == {
+        "cggr/token_ratio",
+        "cggr/tokens_selected",
+        "cggr/tokens_total",
+        "cggr/avg_confidence",
+        "cggr/avg_entropy",
+        "cggr/avg_difficulty",
+    }
     assert all(isinstance(v, (int, float)) for v in s.values())
     assert s["cggr/tokens_total"] == 16
-    assert set(cggr_hook.scalars(model, prefix="")) == {k[len("cggr/"):] for k in s}
+    assert set(cggr_hook.scalars(model, prefix="")) == {k[len("cggr/") :] for k in s}
 
 
 def test_scalars_carry_the_importance_figures_too():
@@ -155,4 +161,3 @@ def test_scalars_reach_a_tensorboard_event_file(tmp_path):
     assert "cggr/token_ratio" in events.Tags()["scalars"]
     assert [e.step for e in events.Scalars("cggr/tokens_total")] == [1, 2, 3]
     assert all(e.value == 16 for e in events.Scalars("cggr/tokens_total"))
-

@@ -35,8 +35,11 @@ def _outcome(fn):
 # --------------------------------------------------------------------------------------------------
 # target dtypes: what the original function accepts, the gated one accepts, and the reverse
 # --------------------------------------------------------------------------------------------------
-REJECTED = [(dtype, layout) for dtype in (torch.int32, torch.int16, torch.int8, torch.bool, torch.float32, torch.float64)
-            for layout in ("rows", "class_dim_1")] + [(torch.uint8, "class_dim_1")]
+REJECTED = [
+    (dtype, layout)
+    for dtype in (torch.int32, torch.int16, torch.int8, torch.bool, torch.float32, torch.float64)
+    for layout in ("rows", "class_dim_1")
+] + [(torch.uint8, "class_dim_1")]
 
 
 @pytest.mark.parametrize("dtype, layout", REJECTED)
@@ -125,8 +128,14 @@ def test_a_meta_model_gets_the_plain_loss():
 
 def test_a_meta_hugging_face_model_gets_the_plain_loss():
     transformers = pytest.importorskip("transformers")
-    cfg = transformers.LlamaConfig(vocab_size=61, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
-                                   num_attention_heads=4, num_key_value_heads=2)
+    cfg = transformers.LlamaConfig(
+        vocab_size=61,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
     with torch.device("meta"):
         model = transformers.LlamaForCausalLM(cfg)
     cggr_hook.enable(model, **FIXED)
@@ -144,25 +153,28 @@ def test_cggr_loss_on_meta_logits_is_a_clear_error():
 # --------------------------------------------------------------------------------------------------
 # option types: real-valued scalars as torch takes them; anything else named in the message
 # --------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("option, value, stored", [
-    ("min_tokens_ratio", np.float32(0.5), 0.5),
-    ("min_tokens_ratio", np.float64(0.3), 0.3),
-    ("min_tokens_ratio", torch.tensor(0.5), 0.5),
-    ("min_tokens_ratio", torch.tensor(0.5, dtype=torch.float64), 0.5),
-    ("min_tokens_ratio", np.array(0.5), 0.5),
-    ("min_tokens_ratio", np.int64(1), 1.0),
-    ("threshold_sensitivity", np.float32(0.25), 0.25),
-    ("threshold_sensitivity", torch.tensor(0.25), 0.25),
-    ("warmup_steps", np.int64(100), 100),
-    ("warmup_steps", torch.tensor(100), 100),
-    ("num_strata", np.int32(3), 3),
-    ("min_tokens_per_sequence", torch.tensor(2), 2),
-    ("seed", np.uint8(7), 7),
-    ("importance_floor", np.float32(0.5), 0.5),
-    ("importance_floor", torch.tensor(0.5), 0.5),
-    ("dynamic_threshold", np.bool_(False), False),
-    ("dynamic_threshold", torch.tensor(False), False),
-])
+@pytest.mark.parametrize(
+    "option, value, stored",
+    [
+        ("min_tokens_ratio", np.float32(0.5), 0.5),
+        ("min_tokens_ratio", np.float64(0.3), 0.3),
+        ("min_tokens_ratio", torch.tensor(0.5), 0.5),
+        ("min_tokens_ratio", torch.tensor(0.5, dtype=torch.float64), 0.5),
+        ("min_tokens_ratio", np.array(0.5), 0.5),
+        ("min_tokens_ratio", np.int64(1), 1.0),
+        ("threshold_sensitivity", np.float32(0.25), 0.25),
+        ("threshold_sensitivity", torch.tensor(0.25), 0.25),
+        ("warmup_steps", np.int64(100), 100),
+        ("warmup_steps", torch.tensor(100), 100),
+        ("num_strata", np.int32(3), 3),
+        ("min_tokens_per_sequence", torch.tensor(2), 2),
+        ("seed", np.uint8(7), 7),
+        ("importance_floor", np.float32(0.5), 0.5),
+        ("importance_floor", torch.tensor(0.5), 0.5),
+        ("dynamic_threshold", np.bool_(False), False),
+        ("dynamic_threshold", torch.tensor(False), False),
+    ],
+)
 def test_real_valued_scalars_are_accepted_as_torch_accepts_them(option, value, stored):
     config = cggr_hook.GateConfig(**{option: value})
     got = getattr(config, option)
@@ -173,17 +185,20 @@ def test_real_valued_scalars_are_accepted_as_torch_accepts_them(option, value, s
     assert hash(config) == hash(cggr_hook.GateConfig(**{option: stored}))
 
 
-@pytest.mark.parametrize("option, value, kind", [
-    ("min_tokens_ratio", "0.3", "str"),
-    ("min_tokens_ratio", torch.tensor([0.3, 0.4]), "Tensor"),
-    ("min_tokens_ratio", 0.3 + 0j, "complex"),
-    ("min_tokens_ratio", None, "NoneType"),
-    ("warmup_steps", 10.0, "float"),
-    ("warmup_steps", torch.tensor(10.0), "Tensor"),
-    ("num_strata", "4", "str"),
-    ("dynamic_threshold", 1, "int"),
-    ("scoring", 3, "int"),
-])
+@pytest.mark.parametrize(
+    "option, value, kind",
+    [
+        ("min_tokens_ratio", "0.3", "str"),
+        ("min_tokens_ratio", torch.tensor([0.3, 0.4]), "Tensor"),
+        ("min_tokens_ratio", 0.3 + 0j, "complex"),
+        ("min_tokens_ratio", None, "NoneType"),
+        ("warmup_steps", 10.0, "float"),
+        ("warmup_steps", torch.tensor(10.0), "Tensor"),
+        ("num_strata", "4", "str"),
+        ("dynamic_threshold", 1, "int"),
+        ("scoring", 3, "int"),
+    ],
+)
 def test_a_value_of_the_wrong_type_is_named_with_its_type(option, value, kind):
     with pytest.raises(ValueError) as err:
         cggr_hook.GateConfig(**{option: value})
@@ -196,8 +211,14 @@ def test_a_ratio_out_of_range_still_blames_the_range():
         cggr_hook.GateConfig(min_tokens_ratio=np.float32(1.5))
 
 
-@pytest.mark.parametrize("make", [lambda: cggr_hook.CGGRLoss(bogus=1), lambda: cggr_hook.GateConfig(bogus=1),
-                                  lambda: cggr_hook.enable(TinyLM(), bogus=1)])
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: cggr_hook.CGGRLoss(bogus=1),
+        lambda: cggr_hook.GateConfig(bogus=1),
+        lambda: cggr_hook.enable(TinyLM(), bogus=1),
+    ],
+)
 def test_an_unknown_option_is_a_value_error_everywhere(make):
     with pytest.raises(ValueError, match="bogus"):
         make()

@@ -26,22 +26,25 @@ def expected_k(r_decimal: str, n: int) -> int:
 # --------------------------------------------------------------------------------------------------
 # curriculum
 # --------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("min_ratio, warmup, step, expected", [
-    (0.25, 1000, 0, 1.0),
-    (0.25, 1000, 1, 1.0 - 0.75 / 1000),
-    (0.25, 1000, 500, 0.625),
-    (0.25, 1000, 999, 1.0 - 0.999 * 0.75),
-    (0.25, 1000, 1000, 0.25),
-    (0.25, 1000, 1001, 0.25),
-    (0.25, 1000, 10 ** 6, 0.25),
-    (0.3, 7, 3, 1.0 - 3 / 7 * 0.7),
-    (0.3, 7, 8, 0.3),
-    (1.0, 13, 5, 1.0),
-    (0.5, 0, 0, 0.5),
-    (0.5, 0, 17, 0.5),
-    (0.1, 1, 0, 1.0),
-    (0.1, 1, 1, 0.1),
-])
+@pytest.mark.parametrize(
+    "min_ratio, warmup, step, expected",
+    [
+        (0.25, 1000, 0, 1.0),
+        (0.25, 1000, 1, 1.0 - 0.75 / 1000),
+        (0.25, 1000, 500, 0.625),
+        (0.25, 1000, 999, 1.0 - 0.999 * 0.75),
+        (0.25, 1000, 1000, 0.25),
+        (0.25, 1000, 1001, 0.25),
+        (0.25, 1000, 10**6, 0.25),
+        (0.3, 7, 3, 1.0 - 3 / 7 * 0.7),
+        (0.3, 7, 8, 0.3),
+        (1.0, 13, 5, 1.0),
+        (0.5, 0, 0, 0.5),
+        (0.5, 0, 17, 0.5),
+        (0.1, 1, 0, 1.0),
+        (0.1, 1, 1, 0.1),
+    ],
+)
 def test_curriculum_ratio_formula(min_ratio, warmup, step, expected):
     c = GateConfig(min_tokens_ratio=min_ratio, warmup_steps=warmup)
     assert curriculum_ratio(step, c) == pytest.approx(expected, abs=1e-12)
@@ -103,15 +106,18 @@ def test_tokens_to_keep_is_monotone_in_ratio_and_count():
         assert ks == sorted(ks)
 
 
-@pytest.mark.parametrize("r, noisy, n, k", [
-    (0.45, 0.45000000000000007, 10, 5),
-    (0.25, 1 - 0.75, 10, 3),
-    (0.25, 1 - 0.75, 6, 2),
-    (0.25, 1 - 3 * 0.25, 2, 1),
-    (0.3, 0.1 + 0.2, 5, 2),
-    (0.7, 1 - 0.3, 15, 11),
-    (0.625, 1 - 0.5 * 0.75, 12, 8),
-])
+@pytest.mark.parametrize(
+    "r, noisy, n, k",
+    [
+        (0.45, 0.45000000000000007, 10, 5),
+        (0.25, 1 - 0.75, 10, 3),
+        (0.25, 1 - 0.75, 6, 2),
+        (0.25, 1 - 3 * 0.25, 2, 1),
+        (0.3, 0.1 + 0.2, 5, 2),
+        (0.7, 1 - 0.3, 15, 11),
+        (0.625, 1 - 0.5 * 0.75, 12, 8),
+    ],
+)
 def test_float_noise_in_the_ratio_does_not_move_k(r, noisy, n, k):
     assert tokens_to_keep(r, n) == k
     assert tokens_to_keep(noisy, n) == k
@@ -123,7 +129,7 @@ def test_float_noise_away_from_half_integers_does_not_move_k():
         r = float(dec)
         for n in range(1, 120, 2):
             exact = Fraction(dec) * n
-            if abs(exact - math.floor(exact) - Fraction(1, 2)) < Fraction(1, 10 ** 6):
+            if abs(exact - math.floor(exact) - Fraction(1, 2)) < Fraction(1, 10**6):
                 continue  # the half-integer cases: see the test below
             want = expected_k(dec, n)
             for noisy in (r, math.nextafter(r, 2.0), math.nextafter(r, -1.0), r * (1 + 4e-16), r * (1 - 4e-16)):
@@ -134,14 +140,17 @@ def _after_warmup(min_ratio: float) -> float:
     return curriculum_ratio(10, GateConfig(min_tokens_ratio=min_ratio, warmup_steps=10))
 
 
-@pytest.mark.parametrize("ratio, r_decimal, n", [
-    (_after_warmup(0.45), "0.45", 30),   # curriculum gives 0.44999999999999996: k 13, not 14
-    (_after_warmup(0.1), "0.1", 15),     # curriculum gives 0.09999999999999998: k 1, not 2
-    (0.29, "0.29", 50),                  # 0.29 * 50 == 14.499999999999998: k 14, not 15
-    (math.nextafter(0.25, 0.0), "0.25", 6),
-    (curriculum_ratio(88, GateConfig.preset("seed")), "0.934", 250),  # the seed options, step 88: k 233, not 234
-], ids=["curriculum-0.45-n30", "curriculum-0.1-n15", "direct-0.29-n50", "ulp-below-0.25-n6",
-        "defaults-step88-n250"])
+@pytest.mark.parametrize(
+    "ratio, r_decimal, n",
+    [
+        (_after_warmup(0.45), "0.45", 30),  # curriculum gives 0.44999999999999996: k 13, not 14
+        (_after_warmup(0.1), "0.1", 15),  # curriculum gives 0.09999999999999998: k 1, not 2
+        (0.29, "0.29", 50),  # 0.29 * 50 == 14.499999999999998: k 14, not 15
+        (math.nextafter(0.25, 0.0), "0.25", 6),
+        (curriculum_ratio(88, GateConfig.preset("seed")), "0.934", 250),  # the seed options, step 88: k 233, not 234
+    ],
+    ids=["curriculum-0.45-n30", "curriculum-0.1-n15", "direct-0.29-n50", "ulp-below-0.25-n6", "defaults-step88-n250"],
+)
 def test_float_noise_at_half_integers_does_not_move_k(ratio, r_decimal, n):
     assert tokens_to_keep(ratio, n) == expected_k(r_decimal, n)
 

@@ -101,8 +101,9 @@ def test_ignored_rows_are_never_selected_even_at_k_equal_n_valid(selection, n, n
 @pytest.mark.parametrize("selection", ["topk", "stratified", "sequence_aware"])
 def test_k_zero_selects_nothing(selection):
     diff, valid = make_inputs(6, 6)
-    rows, n_sel = run(diff, valid, GateConfig(selection=selection), 0, seq_len=3,
-                      generator=torch.Generator().manual_seed(0))
+    rows, n_sel = run(
+        diff, valid, GateConfig(selection=selection), 0, seq_len=3, generator=torch.Generator().manual_seed(0)
+    )
     assert rows == [] and n_sel == 0
 
 
@@ -166,12 +167,16 @@ def largest_remainder(n, k, S):
     return q, shares, sizes
 
 
-@pytest.mark.parametrize("n, k, S, expected", [
-    (40, 9, 4, [3, 3, 2, 1]),
-    (6, 2, 3, [1, 1, 0]),
-    (9, 4, 3, [2, 1, 1]),
-    (50, 5, 5, [2, 1, 1, 1, 0]),
-], ids=["n40-k9-S4", "n6-k2-S3", "n9-k4-S3", "n50-k5-S5"])
+@pytest.mark.parametrize(
+    "n, k, S, expected",
+    [
+        (40, 9, 4, [3, 3, 2, 1]),
+        (6, 2, 3, [1, 1, 0]),
+        (9, 4, 3, [2, 1, 1]),
+        (50, 5, 5, [2, 1, 1, 1, 0]),
+    ],
+    ids=["n40-k9-S4", "n6-k2-S3", "n9-k4-S3", "n50-k5-S5"],
+)
 def test_strata_quotas_are_the_largest_remainder_apportionment(n, k, S, expected):
     q, shares, _ = largest_remainder(n, k, S)
     assert q == expected  # the expectation above, checked against the independent rule
@@ -196,7 +201,7 @@ def per_bucket_counts(diff, valid, rows, S):
     bucket_of = {}
     pos = 0
     for b, size in enumerate(sizes):
-        for i in ordered[pos:pos + size]:
+        for i in ordered[pos : pos + size]:
             bucket_of[i] = b
         pos += size
     counts = [0] * len(sizes)
@@ -253,7 +258,7 @@ def test_stratified_samples_inside_buckets_uniformly_enough():
     quotas = selection.strata_quotas(24, 6, 3)
     ordered = hardest_first(diff, valid)
     for b, q in enumerate(quotas):
-        bucket = set(ordered[8 * b:8 * (b + 1)])
+        bucket = set(ordered[8 * b : 8 * (b + 1)])
         if q:
             assert bucket <= seen, b
         else:
@@ -272,7 +277,9 @@ def seq_aware_expected(diff, valid, k, m, L):
     return sorted(chosen)
 
 
-@pytest.mark.parametrize("n, L, n_ignored", [(15, 5, 0), (21, 7, 6), (23, 5, 4), (60, 12, 20), (9, 1, 3), (11, None, 2)])
+@pytest.mark.parametrize(
+    "n, L, n_ignored", [(15, 5, 0), (21, 7, 6), (23, 5, 4), (60, 12, 20), (9, 1, 3), (11, None, 2)]
+)
 @pytest.mark.parametrize("m", [1, 2, 3])
 def test_sequence_aware_is_topk_plus_each_sequences_hardest(n, L, n_ignored, m):
     diff, valid = make_inputs(n, n_ignored, seed=n + m)
@@ -309,8 +316,8 @@ def test_sequence_without_valid_rows_contributes_nothing():
     L, n_seq = 5, 4
     diff = torch.rand(L * n_seq, generator=g)
     valid = torch.ones(L * n_seq, dtype=torch.bool)
-    valid[L:2 * L] = False  # sequence 1 is all padding
-    valid[3 * L + 1:] = False  # sequence 3 has one valid row
+    valid[L : 2 * L] = False  # sequence 1 is all padding
+    valid[3 * L + 1 :] = False  # sequence 3 has one valid row
     diff = torch.where(valid, diff, torch.full_like(diff, NEG_INF))
     cfg = GateConfig(selection="sequence_aware", min_tokens_per_sequence=2)
     for k in (1, 3, 6):

@@ -135,8 +135,14 @@ def test_hf_activation_checkpointing(name):
     import warnings
 
     transformers = pytest.importorskip("transformers")
-    cfg = transformers.LlamaConfig(vocab_size=53, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
-                                   num_attention_heads=4, num_key_value_heads=2)
+    cfg = transformers.LlamaConfig(
+        vocab_size=53,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
     torch.manual_seed(0)
     model = transformers.LlamaForCausalLM(cfg).train()
     ref = copy.deepcopy(model)
@@ -177,8 +183,12 @@ def test_resumed_run_selects_what_the_uninterrupted_run_selects(selection):
             if s == snapshot_at:
                 buf = io.BytesIO()
                 torch.save(cggr_hook.scheduler.state_dict(), buf)
-                saved = dict(model=copy.deepcopy(model.state_dict()), opt=copy.deepcopy(opt.state_dict()),
-                             sched=buf.getvalue(), step=s)
+                saved = dict(
+                    model=copy.deepcopy(model.state_dict()),
+                    opt=copy.deepcopy(opt.state_dict()),
+                    sched=buf.getvalue(),
+                    step=s,
+                )
             opt.zero_grad()
             per_row = shifted_loss(model, _idx(s), reduction="none")
             selected.append(torch.nonzero(per_row).flatten().tolist())
@@ -254,8 +264,14 @@ def test_compiled_hf_model_with_labels_is_gated():
     cross entropy is a graph break, the row map is recovered across the compiled region."""
     transformers = pytest.importorskip("transformers")
     torch._dynamo.reset()
-    cfg = transformers.LlamaConfig(vocab_size=53, hidden_size=32, intermediate_size=48, num_hidden_layers=1,
-                                   num_attention_heads=4, num_key_value_heads=2)
+    cfg = transformers.LlamaConfig(
+        vocab_size=53,
+        hidden_size=32,
+        intermediate_size=48,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+    )
     torch.manual_seed(0)
     model = transformers.LlamaForCausalLM(cfg).train()
     ref = copy.deepcopy(model)
