@@ -40,20 +40,19 @@ import math
 import statistics
 import time
 from dataclasses import dataclass, field
-from typing import Union
 
 import torch
 from torch import Tensor
 
 PLAIN = "plain"
 FRACTIONS = (1.0, 0.75, 0.5, 0.25)
-CANDIDATES: tuple[Union[float, str], ...] = (*FRACTIONS, PLAIN)
+CANDIDATES: tuple[float | str, ...] = (*FRACTIONS, PLAIN)
 PROBE_STEPS = 3
 INTERVAL = 500
 MARGIN = 0.03
 NOISE_MOMENTUM = 0.5  # weight of the earlier windows' noise figures in the running average
 
-Candidate = Union[float, str]
+Candidate = float | str
 
 
 def sampling_noise(f: float, noise_scale: float, n: float) -> float:
@@ -197,7 +196,7 @@ class AutoState:
         )
 
     @classmethod
-    def from_state(cls, state: dict) -> "AutoState":
+    def from_state(cls, state: dict) -> AutoState:
         s = cls(
             steps=int(state["steps"]),
             window_start=int(state["window_start"]),
@@ -214,7 +213,7 @@ class AutoState:
 
 
 def _key(c: Candidate) -> str:
-    return c if c == PLAIN else repr(float(c))
+    return PLAIN if c == PLAIN else repr(float(c))
 
 
 def _candidate(c) -> Candidate:

@@ -28,6 +28,9 @@ Ratios are row time / baseline time from the same run (below 1: faster): loss ro
 torch rows, head rows against LM head + torch cross entropy.
 """
 
+# The inputs are freed (None) between vocabulary sizes, and the peers are optional imports:
+# pyright: reportOptionalMemberAccess=false, reportArgumentType=false, reportOptionalCall=false, reportMissingImports=false
+
 from __future__ import annotations
 
 import argparse
@@ -44,8 +47,9 @@ import statistics
 import sys
 import time
 import traceback
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -154,7 +158,7 @@ def time_ms(fn, setup, grads, device, warmup_ms, rep_ms) -> tuple[float, str]:
     return _event_loop_median(fn, setup, warmup_ms, rep_ms, grads, device), "event_loop"
 
 
-def extra_peak_mib(fn, setup, grads, device) -> Optional[float]:
+def extra_peak_mib(fn, setup, grads, device) -> float | None:
     """Peak memory of one ``fn()`` above what was allocated before it (inputs included there)."""
     if device.type != "cuda":
         return None
@@ -282,12 +286,7 @@ def _close(got: float, want: float, rtol: float, out_dtype: torch.dtype = torch.
 
 
 def _check_full_loss(
-    I: Inputs,
-    loss: float,
-    grad: Optional[torch.Tensor],
-    what: str,
-    strict: bool,
-    out_dtype: torch.dtype = torch.float32,
+    I: Inputs, loss: float, grad: torch.Tensor | None, what: str, strict: bool, out_dtype: torch.dtype = torch.float32
 ) -> str:
     """A full (100%) loss against torch's; strict: raise on a mismatch, else only report it.
     ``out_dtype``: the dtype the loss comes back in (its rounding is allowed on top of rtol)."""
@@ -332,12 +331,12 @@ class Row:
     label: str
     group: str  # "loss" | "head"
     ours: bool = False  # a cggr_hook row: its failure fails the command
-    fn: Optional[Callable[[], Any]] = None  # forward + backward, returns the loss
+    fn: Callable[[], Any] | None = None  # forward + backward, returns the loss
     grads: tuple = ()
-    setup: Optional[Callable[[], None]] = None  # per-run, outside the timed region
-    check: Optional[Callable[[Any], str]] = None  # after the first run: raises CheckFailed, or notes
+    setup: Callable[[], None] | None = None  # per-run, outside the timed region
+    check: Callable[[Any], str] | None = None  # after the first run: raises CheckFailed, or notes
     context: Callable[[], Any] = contextlib.nullcontext  # around all runs of the row
-    unavailable: Optional[str] = None  # peer not installed: listed, not run
+    unavailable: str | None = None  # peer not installed: listed, not run
 
 
 @dataclass
@@ -347,12 +346,12 @@ class Result:
     label: str
     group: str
     status: str = "ok"  # ok | not installed | wrong result | error
-    ms: Optional[float] = None
-    extra_peak_mib: Optional[float] = None
-    timer: Optional[str] = None
-    loss: Optional[float] = None
-    check: Optional[str] = None
-    error: Optional[str] = None
+    ms: float | None = None
+    extra_peak_mib: float | None = None
+    timer: str | None = None
+    loss: float | None = None
+    check: str | None = None
+    error: str | None = None
     ratio: dict = field(default_factory=dict)
 
 
@@ -360,7 +359,7 @@ def _pct(r: float) -> str:
     return f"{round(r * 100)}"
 
 
-def _loss_value(out) -> Optional[float]:
+def _loss_value(out) -> float | None:
     return float(out.detach().float()) if isinstance(out, torch.Tensor) else None
 
 
@@ -681,7 +680,7 @@ def _gated(module: nn.Module, ratio: float):
         cggr_hook.disable(module)
 
 
-def select_rows(rows: list[Row], only: Optional[list[str]], dtype_name: str) -> list[Row]:
+def select_rows(rows: list[Row], only: list[str] | None, dtype_name: str) -> list[Row]:
     """Rows matching any --only pattern (substring of key or label), plus the baselines they need."""
     if not only:
         return rows
@@ -738,15 +737,15 @@ def run_row(row: Row, I: Inputs, device, warmup_ms, rep_ms, force: bool) -> Resu
 @dataclass
 class Peer:
     obj: Any = None
-    version: Optional[str] = None
-    why: Optional[str] = None
+    version: str | None = None
+    why: str | None = None
 
     @property
     def available(self) -> bool:
         return self.obj is not None
 
 
-def _version(dist: str) -> Optional[str]:
+def _version(dist: str) -> str | None:
     try:
         return importlib.metadata.version(dist)
     except importlib.metadata.PackageNotFoundError:
@@ -801,7 +800,7 @@ def add_ratios(results: list[Result], dtype_name: str) -> None:
                 r.ratio[b] = r.ms / base.ms
 
 
-def _fmt(x: Optional[float], spec: str) -> str:
+def _fmt(x: float | None, spec: str) -> str:
     return "-" if x is None or not math.isfinite(x) else format(x, spec)
 
 

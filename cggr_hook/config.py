@@ -72,7 +72,7 @@ def zero_floor_is_biased(scoring: str, label_smoothing: float = 0.0) -> bool:
     return True
 
 
-def check_zero_floor(config: "GateConfig", label_smoothing: float = 0.0) -> None:
+def check_zero_floor(config: GateConfig, label_smoothing: float = 0.0) -> None:
     if (
         config.selection == "importance"
         and config.importance_floor == 0.0
@@ -190,13 +190,13 @@ class GateConfig:
             object.__setattr__(self, name, value)
         check_zero_floor(self)
 
-    def replace(self, **options: Any) -> "GateConfig":
+    def replace(self, **options: Any) -> GateConfig:
         """A copy with ``options`` changed; an unknown option name is a ValueError."""
         check_option_names(options)
         return dataclasses.replace(self, **options)
 
     @classmethod
-    def preset(cls, name: str, **options: Any) -> "GateConfig":
+    def preset(cls, name: str, **options: Any) -> GateConfig:
         """A named configuration (``PRESETS``) with ``options`` changed."""
         if name not in PRESETS:
             raise ValueError(f"cggr_hook: preset={name!r} is not valid: choose one of {', '.join(PRESETS)}")
@@ -205,7 +205,7 @@ class GateConfig:
 
 # named configurations: "seed" is the original CGGR package's (hard top-k selection by the combined
 # score, a curriculum from every token down to 25% over 1000 steps, the dynamic threshold)
-PRESETS = {
+PRESETS: dict[str, dict[str, Any]] = {
     "seed": dict(
         scoring="combined",
         selection="topk",

@@ -11,6 +11,8 @@ The gradient is exactly the gradient of the gated loss: unselected rows get exac
 
 from __future__ import annotations
 
+from typing import cast
+
 import torch
 from torch import Tensor
 
@@ -106,11 +108,12 @@ class GatedHeadCrossEntropy(torch.autograd.Function):
         hidden, weight, bias, head_out, targets, ce_rows = ctx.saved_tensors
         plan: BackwardPlan = ctx.plan
         spec: LossSpec = ctx.spec
+        rows = cast(Tensor, plan.rows)  # the head route always asks for the selected rows (need_rows)
         if spec.reduction == "none":
             # the loss's rows back to head rows
             g = torch.zeros(targets.numel(), dtype=torch.float32, device=grad_output.device)
             g[ce_rows] = grad_output.reshape(-1).float()
-            scale = g[plan.rows] * plan.row_scale[plan.rows]
+            scale = g[rows] * plan.row_scale[rows]
         else:
             scale = _row_scale(plan, grad_output, spec.reduction)
         compute_dtype = head_out.dtype  # the dtype the head's matmul ran in (autocast included)
@@ -118,7 +121,7 @@ class GatedHeadCrossEntropy(torch.autograd.Function):
             kernels.as_rows(head_out),
             targets,
             plan.lse,
-            plan.rows,
+            rows,
             scale,
             spec.weight,
             float(spec.label_smoothing),
@@ -129,13 +132,13 @@ class GatedHeadCrossEntropy(torch.autograd.Function):
         grad_h = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:
             grad_h = torch.zeros_like(h2)
-            if plan.rows.numel():
-                grad_h[plan.rows] = (G @ weight.to(compute_dtype)).to(h2.dtype)
+            if rows.numel():
+                grad_h[rows] = (G @ weight.to(compute_dtype)).to(h2.dtype)
             grad_h = grad_h.view(hidden.shape)
         if ctx.needs_input_grad[1] or plan.noise is not None:
-            gw = G.t() @ h2[plan.rows].to(compute_dtype)  # (V, D): the head weight's gradient
+            gw = G.t() @ h2[rows].to(compute_dtype)  # (V, D): the head weight's gradient
             if plan.noise is not None:
-                _measure_head_noise(plan.noise, plan.rows, gw, scale, h2)
+                _measure_head_noise(plan.noise, rows, gw, scale, h2)
             if ctx.needs_input_grad[1]:
                 grad_w = gw.to(weight.dtype)
         if ctx.has_bias and ctx.needs_input_grad[2]:

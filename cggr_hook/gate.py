@@ -100,7 +100,7 @@ class Gate:
         )
         self._fused_handle = None  # the forward hook that rebuilds TRL's fused output (made on first use)
         self._trl_checks = [trl_fused.UNIFORM_CHECKS]  # backward passes that check TRL's loss weighs tokens equally
-        self._undo_loss = hf_loss.install(root, torch.compiler.disable(self._would_gate))
+        self._undo_loss = hf_loss.install(root, torch.compiler.disable(self._would_gate))  # pyright: ignore[reportArgumentType]
         self.enabled = True
         # a model dropped without disable() takes its gate with it, and the last one the patch and
         # the optimizer hook (sweeps and notebooks re-create models all the time); nothing here
@@ -149,8 +149,8 @@ class Gate:
             hidden=args[0],
             output=output,
             narrow=narrow,
-            weight=called.weight if narrow else None,
-            bias=called.bias if narrow else None,
+            weight=called.weight if narrow else None,  # pyright: ignore[reportArgumentType]
+            bias=called.bias if narrow else None,  # pyright: ignore[reportArgumentType]
         )
         return head_mod.tap_output(call)
 
@@ -260,8 +260,8 @@ class Gate:
             and logits.device.type != "meta"
             and self._registry.holds(self)
             and isinstance(node, head_mod.HeadTap._backward_cls)
-            and not node.call.consumed
-            and node.call.gate_id == self.id
+            and not node.call.consumed  # pyright: ignore[reportOptionalMemberAccess]
+            and node.call.gate_id == self.id  # pyright: ignore[reportOptionalMemberAccess]
             and not self.runs_plain()
         )
 

@@ -24,7 +24,7 @@ def unwrap(model: nn.Module) -> nn.Module:
     for _ in range(8):
         if isinstance(m, (nn.parallel.DistributedDataParallel, nn.DataParallel)):
             m = m.module
-        elif hasattr(m, "_orig_mod") and isinstance(getattr(m, "_orig_mod"), nn.Module):
+        elif hasattr(m, "_orig_mod") and isinstance(m._orig_mod, nn.Module):
             m = m._orig_mod  # torch.compile's OptimizedModule
         else:
             break
@@ -116,7 +116,7 @@ def called_module(module: nn.Module) -> nn.Module:
     """The module whose output ``module``'s forward returns unchanged, as it would be called now:
     for PEFT's ``modules_to_save`` wrapper, the active adapter's copy (or the original module when
     adapters are disabled); for every other module, itself."""
-    m = module
+    m: Any = module
     for _ in range(4):
         if not _is_modules_to_save(m):
             return m

@@ -65,7 +65,7 @@ class CGGRCallback(TrainerCallback):
         self._warned = False
 
     @classmethod
-    def attach(cls, trainer: Any, resume_from: str | None = None) -> "CGGRCallback":
+    def attach(cls, trainer: Any, resume_from: str | None = None) -> CGGRCallback:
         """Put a CGGRCallback first among ``trainer``'s callbacks, ahead of the reporters, so that
         TensorBoard, W&B and every other reporter log ``cggr/*`` too; returns it. A CGGRCallback
         already given in ``callbacks=[...]`` is moved there rather than added twice."""
@@ -102,7 +102,7 @@ class CGGRCallback(TrainerCallback):
             state.log_history[-1].update(figures)
 
     def on_save(self, args, state, control, **kwargs):
-        folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+        folder = os.path.join(args.output_dir, f"checkpoint-{state.global_step}")  # pyright: ignore[reportCallIssue, reportArgumentType]
         if state.is_world_process_zero and os.path.isdir(folder):
             torch.save(scheduler.state_dict(), os.path.join(folder, STATE_FILE))
 
@@ -121,12 +121,12 @@ class CGGRCallback(TrainerCallback):
         # the Trainer has already restored its own state from the checkpoint it resumes
         if state.global_step <= 0:
             return
-        folder = self.resume_from or os.path.join(args.output_dir, f"checkpoint-{state.global_step}")
+        folder = self.resume_from or os.path.join(args.output_dir, f"checkpoint-{state.global_step}")  # pyright: ignore[reportCallIssue, reportArgumentType]
         path = os.path.join(folder, STATE_FILE)
         if os.path.isfile(path):
             scheduler.load_state_dict(torch.load(path, weights_only=True))
         else:
-            warnings.warn(
+            warnings.warn(  # noqa: B028 - points at the callback, where the resume happens
                 f"cggr_hook: resuming at step {state.global_step} without {path}; the curriculum continues "
                 f"from step {state.global_step} and the confidence average restarts. Pass "
                 "CGGRCallback(resume_from='<checkpoint folder>') when the checkpoint is elsewhere",

@@ -17,7 +17,8 @@ from __future__ import annotations
 import copy
 import sys
 import weakref
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -68,7 +69,7 @@ class GatedCausalLMLoss:
         if reduction == "sum":
             if torch.is_tensor(num_items_in_batch):
                 num_items_in_batch = num_items_in_batch.to(loss.device)
-            loss = loss / num_items_in_batch
+            loss = loss / num_items_in_batch  # pyright: ignore[reportOperatorIssue]
         return loss
 
     def __reduce__(self) -> tuple:
@@ -97,14 +98,14 @@ def install(root: nn.Module, would_gate: Callable[[Tensor], bool]) -> Callable[[
     root_ref = weakref.ref(root)
 
     causal_lm_loss = GatedCausalLMLoss(ForCausalLMLoss, would_gate)
-    root.loss_function = causal_lm_loss
+    root.loss_function = causal_lm_loss  # pyright: ignore[reportAttributeAccessIssue, reportArgumentType]
 
     def undo() -> None:
         root = root_ref()
         if root is None or root.__dict__.get("_loss_function") is not causal_lm_loss:
             return  # replaced since: leave the newer choice alone
         if had_own:
-            root._loss_function = previous
+            root._loss_function = previous  # pyright: ignore[reportArgumentType]
         else:
             del root._loss_function
 

@@ -7,7 +7,7 @@ gradient of the logits, exact zeros on the unselected rows.
 
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor
@@ -116,7 +116,8 @@ class CGGRLoss(torch.nn.Module):
                 "cggr_hook.CGGRLoss: logits and targets on the meta device have no values to score and select "
                 "by; compute the loss on real tensors, or use torch.nn.functional.cross_entropy for a meta run"
             )
-        spec = LossSpec(self.spec.ignore_index, self.spec.reduction, self.spec.label_smoothing, self.weight)
+        weight = cast("Tensor | None", self.weight)  # a buffer (None without class weights)
+        spec = LossSpec(self.spec.ignore_index, self.spec.reduction, self.spec.label_smoothing, weight)
         spec.check(logits.shape[-1])
         seq = logits.shape[1] if logits.dim() == 3 else None
         targets = targets.to(device=logits.device, dtype=torch.long)

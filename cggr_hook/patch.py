@@ -8,7 +8,8 @@ result by calling the original whenever the call is not a gated one.
 from __future__ import annotations
 
 import warnings
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch.nn.functional as F
 import wrapt
@@ -38,7 +39,7 @@ def uninstall() -> None:
     if _installed is None:
         return
     if F.cross_entropy is _installed:
-        setattr(F, "cross_entropy", _installed.__wrapped__)
+        F.cross_entropy = _installed.__wrapped__
     else:
         # another library patched on top of ours: removing ours would drop theirs; ours is a
         # pass-through once no gate is enabled, so it stays inside theirs

@@ -14,8 +14,9 @@ import itertools
 import threading
 import warnings
 import weakref
+from collections.abc import Iterator
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from torch import nn
@@ -75,7 +76,7 @@ class Registry:
 
     def holds(self, gate: Gate) -> bool:
         """Whether ``gate`` is its model's registered gate."""
-        return self._gates.get(gate.root()) is gate
+        return self._gates.get(gate.root()) is gate  # pyright: ignore[reportArgumentType]
 
     def record(self, gate: Gate, values: dict) -> None:
         """A gated call's figures (``figures.py``), as ``metrics()`` will give them."""

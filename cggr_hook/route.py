@@ -17,7 +17,7 @@ not known to be the plain affine map or its parameters are sharded, to
 from __future__ import annotations
 
 import threading
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import Tensor
@@ -78,7 +78,9 @@ class Route:
         if args and _is_fake(args[0]):
             # torch.compile is tracing with fake tensors: no autograd graph to trace back to the head.
             # Breaking the graph here makes the call run eagerly, where it can be gated.
-            raise torch._dynamo.exc.Unsupported("cggr_hook: a cross entropy runs eagerly while a gate is enabled")
+            raise torch._dynamo.exc.Unsupported(  # pyright: ignore[reportAttributeAccessIssue]
+                "cggr_hook: a cross entropy runs eagerly while a gate is enabled"
+            )
         self._local.in_handler = True
         try:
             gated_loss = self._gated_loss(args, kwargs)
@@ -119,7 +121,9 @@ class Route:
             )
             return None
         if size_average is not None or reduce is not None:
-            reduction = torch.nn._reduction.legacy_get_string(size_average, reduce, emit_warning=False)
+            reduction = torch.nn._reduction.legacy_get_string(  # pyright: ignore[reportAttributeAccessIssue]
+                size_average, reduce, emit_warning=False
+            )
 
         # validate before any work
         V = x.shape[class_dim]
@@ -152,26 +156,45 @@ class Route:
             return None
 
         out = call.output
-        options = dict(config=gate.config, scheduler=scheduler, key=gate.key, spec=spec, param_ids=gate.param_ids)
+        rows = cast(Tensor, tr.rows)  # the head row of every loss row (None only once consumed)
         if gate.through_logits or not call.narrow:
             # gated loss on the loss input itself; its gradient flows back through the logits' graph
             xr = x.movedim(class_dim, -1) if class_dim != x.dim() - 1 else x
-            seq = (tr.rows // out.shape[-2], out.numel() // (out.shape[-2] * V)) if out.dim() >= 3 else None
+            seq = (rows // out.shape[-2], out.numel() // (out.shape[-2] * V)) if out.dim() >= 3 else None
             targets = target.to(device=x.device, dtype=torch.long)
             with torch.no_grad():
-                fwd = gated_forward(kernels.as_rows(xr.detach()), targets.reshape(-1), seq=seq, **options)
+                fwd = gated_forward(
+                    kernels.as_rows(xr.detach()),
+                    targets.reshape(-1),
+                    config=gate.config,
+                    scheduler=scheduler,
+                    key=gate.key,
+                    spec=spec,
+                    seq=seq,
+                    param_ids=gate.param_ids,
+                )
             loss = GatedCrossEntropy.apply(xr, targets, fwd, spec, False)
         else:
             # targets in head-row order, rows the loss does not read ignored
             n_head_rows = out.numel() // max(V, 1)
             t_head = torch.full((n_head_rows,), ignore_index, dtype=torch.long, device=out.device)
-            t_head[tr.rows] = target.reshape(-1).to(device=out.device, dtype=torch.long)
+            t_head[rows] = target.reshape(-1).to(device=out.device, dtype=torch.long)
             seq = out.shape[-2] if out.dim() >= 3 else None
             head_out = out.detach()
             with torch.no_grad():
-                fwd = gated_forward(kernels.as_rows(head_out), t_head, seq=seq, need_rows=True, **options)
+                fwd = gated_forward(
+                    kernels.as_rows(head_out),
+                    t_head,
+                    config=gate.config,
+                    scheduler=scheduler,
+                    key=gate.key,
+                    spec=spec,
+                    seq=seq,
+                    param_ids=gate.param_ids,
+                    need_rows=True,
+                )
             loss = GatedHeadCrossEntropy.apply(
-                call.hidden, call.weight, call.bias, head_out, t_head, tr.rows, target.shape, fwd, spec
+                call.hidden, call.weight, call.bias, head_out, t_head, rows, target.shape, fwd, spec
             )
         registry.record(gate, fwd.figures)
         _consume(call, gate)
@@ -230,5 +253,5 @@ class Route:
 def _consume(call: HeadCall, gate: Gate) -> None:
     """Later cross entropies on this head call get the plain loss; drop what the tap held."""
     call.consumed = True
-    call.hidden = call.output = call.weight = call.bias = None
+    call.hidden = call.output = call.weight = call.bias = None  # pyright: ignore[reportAttributeAccessIssue]
     gate.on_gated_loss()

@@ -25,7 +25,8 @@ from __future__ import annotations
 
 import math
 import threading
-from typing import Any, Iterable
+from collections.abc import Callable, Iterable
+from typing import Any, cast
 
 import torch
 from torch.optim.optimizer import register_optimizer_step_post_hook
@@ -42,7 +43,7 @@ def curriculum_ratio(step: int, config: GateConfig) -> float:
         progress = 1.0
     else:
         progress = min(1.0, step / config.warmup_steps)
-    return 1.0 - progress * (1.0 - config.min_tokens_ratio)
+    return 1.0 - progress * (1.0 - cast(float, config.min_tokens_ratio))
 
 
 def dynamic_ratio(r: float, confidence: float, average: float | None, sensitivity: float) -> float:
@@ -84,7 +85,7 @@ class Scheduler:
         # called on every optimizer step the hook sees, as observer(optimizer, pending, counted);
         # returning True counts a step the rule above did not (gate.py: parameters a model gained
         # after enable, and the watchdog)
-        self.step_observer = None
+        self.step_observer: Callable[[torch.optim.Optimizer, bool, bool], bool] | None = None
         # counts resets and loaded states: figures recorded before one are of another run
         self.generation = 0
         self.auto: dict[str, AutoState] = {}  # min_tokens_ratio='auto': each gate's state, by key

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, cast
 
 import torch
 from torch import Tensor
@@ -63,7 +63,7 @@ class Ranking:
     keep_ranks: Tensor | None = None  # (S*m,) ``rank`` of the kept rows, padded with N: synced with the stats
 
 
-def rank_rows(diff: Tensor, valid: Tensor, config: GateConfig, seq: int | tuple[Tensor, int] | None) -> Ranking:
+def rank_rows(diff: Tensor, valid: Tensor | None, config: GateConfig, seq: int | tuple[Tensor, int] | None) -> Ranking:
     """The difficulty order of the rows (and, for ``sequence_aware``, the rows each sequence keeps).
 
     ``seq`` says which sequence each row belongs to, for ``sequence_aware``: an int (rows per
@@ -89,7 +89,7 @@ def rank_rows(diff: Tensor, valid: Tensor, config: GateConfig, seq: int | tuple[
     starts = torch.cumsum(counts, 0) - counts
     pos_in_seq = torch.empty_like(order)
     pos_in_seq[by_seq] = torch.arange(N, device=dev) - starts[seq_id[by_seq]]
-    keep = valid & (pos_in_seq < m)
+    keep = cast(Tensor, valid) & (pos_in_seq < m)
     # a fixed-size vector (n_seq * m) of the kept rows' global ranks, padded with N; rows not kept
     # scatter into one spare slot past the end (no boolean indexing: that would sync)
     spare = n_seq * m
@@ -184,7 +184,7 @@ def _stratified(
 def _sequence_aware(
     ranking: Ranking, n_valid: int, k: int, n_selected: int, config: GateConfig, generator: torch.Generator | None
 ) -> Tensor:
-    mark = (ranking.rank < k) | ranking.keep
+    mark = (ranking.rank < k) | cast(Tensor, ranking.keep)
     return _first_marked(torch.arange(ranking.order.numel(), device=ranking.order.device), mark, n_selected)
 
 

@@ -11,8 +11,9 @@ the head's logits, and the loss stays the plain one.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -45,7 +46,7 @@ def _signed(v: int) -> int:
 # A row replay takes R, the row-index tensor shaped as the operation's input with the vocabulary dim
 # (at vdim) of size 1, and returns it shaped as the operation's output, with the vocabulary dim's new
 # place; or None where the operation does not keep whole rows of the vocabulary.
-Replay = Callable[[Any, Tensor, int, int, Shape, Shape], Optional[tuple[Tensor, int]]]
+Replay = Callable[[Any, Tensor, int, int, Shape, Shape], tuple[Tensor, int] | None]
 
 
 @dataclass(frozen=True)
@@ -208,7 +209,7 @@ def trace(x: Tensor, class_dim: int) -> Trace | None:
         node = nxt[0][0]
     else:
         return None
-    call: HeadCall = node.call
+    call: HeadCall = node.call  # pyright: ignore[reportAttributeAccessIssue]
     if call.consumed:
         return Trace(call, None, False)
     head_out = call.output
@@ -290,13 +291,13 @@ def tap_behind(x: Tensor, max_nodes: int = 64) -> str | None:
     if start is None:
         return None
     seen = {id(start)}
-    frontier = [(start, ())]
+    frontier: list[tuple[Any, tuple[str, ...]]] = [(start, ())]
     visited = 0
     while frontier and visited < max_nodes:
         node, path = frontier.pop(0)
         visited += 1
         if isinstance(node, HeadTap._backward_cls):
-            return None if node.call.consumed else " <- ".join(path) or "(none)"
+            return None if node.call.consumed else " <- ".join(path) or "(none)"  # pyright: ignore[reportAttributeAccessIssue]
         for nxt, _ in node.next_functions:
             if nxt is not None and id(nxt) not in seen:
                 seen.add(id(nxt))

@@ -25,7 +25,8 @@ the head (a soft-cap) give TRL's own plain values, with the gate's warning.
 from __future__ import annotations
 
 import sys
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -109,7 +110,7 @@ def fused_output(
     cls = _output_class()
     logits = output.logits
     if shift_labels is None:
-        x, y = logits[:, :-1], labels[:, 1:]
+        x, y = logits[:, :-1], labels[:, 1:]  # pyright: ignore[reportOptionalSubscript]
     else:
         x, y = logits, shift_labels
     y = y.to(x.device)

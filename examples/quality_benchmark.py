@@ -246,7 +246,7 @@ def _fraction(name: str, pct: float) -> float:
     return pct / 100.0
 
 
-def arm_config(opts: dict | None) -> "cggr_hook.GateConfig | None":
+def arm_config(opts: dict | None) -> cggr_hook.GateConfig | None:
     if opts is None:
         return None
     opts = dict(opts)

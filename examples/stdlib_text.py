@@ -37,9 +37,9 @@ import json
 import os
 import sysconfig
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
 
 import torch
 
@@ -178,7 +178,7 @@ class Corpus:
 
         return Tokenizer.from_file(str(self.tokenizer_path))
 
-    def part(self, name: str | None) -> "Corpus":
+    def part(self, name: str | None) -> Corpus:
         """The corpus of one domain (``'pretrain'`` or ``'finetune'``), sharing the tokenizer;
         the whole corpus for None."""
         if name is None:

@@ -16,6 +16,9 @@ slot is written once). O(N^2) compares: used up to ``MAX_ROWS`` rows, past which
 on the device (``kernels.difficulty_rank`` switches; both give the same order).
 """
 
+# Triton launches (kernel[grid](..., num_warps=...)) and @triton.jit bodies are not Python that pyright can type:
+# pyright: reportCallIssue=false, reportArgumentType=false, reportOperatorIssue=false, reportGeneralTypeIssues=false
+
 from __future__ import annotations
 
 import torch

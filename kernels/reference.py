@@ -101,7 +101,7 @@ def row_stats(
             wsum[a:b] = (x * w).sum(-1) if w is not None else x.sum(-1)
         if p2sum is not None:
             p2sum[a:b] = (p * p).sum(-1)
-    return RowStats(*out, wsum, p2sum)
+    return RowStats(*out, wsum, p2sum)  # pyright: ignore[reportCallIssue]
 
 
 def inv_log_vocab(vocab: int) -> float:
@@ -259,7 +259,7 @@ def selected_loss(
         w_sum = wf.sum()
     row_loss = (1.0 - ls) * w_t * stats.nll[rows]
     if ls:
-        row_loss = row_loss + (ls / vocab) * (w_sum * stats.lse[rows] - stats.wsum[rows])
+        row_loss = row_loss + (ls / vocab) * (w_sum * stats.lse[rows] - stats.wsum[rows])  # pyright: ignore[reportOptionalSubscript]
     row_scale = torch.zeros(N, dtype=torch.float32, device=dev)
     check_reduction(reduction)
     if row_weight is not None:

@@ -12,7 +12,7 @@ Triton launchers (``scoring.py``, ``gated_ce.py``) and the gate's options (``cgg
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import NamedTuple, Optional
+from typing import NamedTuple
 
 from torch import Tensor
 
@@ -25,8 +25,8 @@ class RowStats(NamedTuple):
     p_top1: Tensor  # largest probability
     p_top2: Tensor  # second largest probability (0 when V = 1)
     nll: Tensor  # lse - x_target, 0 where the target is ignored
-    wsum: Optional[Tensor] = None  # sum_v w_v x_v, only when label smoothing asks for it
-    p2sum: Optional[Tensor] = None  # sum_v p_v^2, only when gradnorm scoring asks for it
+    wsum: Tensor | None = None  # sum_v w_v x_v, only when label smoothing asks for it
+    p2sum: Tensor | None = None  # sum_v p_v^2, only when gradnorm scoring asks for it
 
 
 @dataclass(frozen=True)

@@ -254,7 +254,7 @@ def row_stats_paths(N: int, V: int, log) -> dict:
             scoring.USE_TMA = use_tma
             path = scoring.load_path(x)
             results[path] = scoring.row_stats(x, t, -100)
-            t_ms = ms(lambda: scoring.row_stats(x, t, -100))
+            t_ms = ms(lambda x=x: scoring.row_stats(x, t, -100))
             out[f"{dtype}/{path}"] = t_ms
             log(f"| {V} | {str(dtype).split('.')[-1]} | {path} | {t_ms:.3f} | {nbytes / t_ms / 1e6:.0f} |")
         scoring.USE_TMA = True

@@ -203,7 +203,7 @@ def test_a_gated_loop_runs_the_probe_window_and_the_plain_candidate_is_the_plain
     with torch.no_grad():
         plain = F.cross_entropy(model(idx)[:, :-1].reshape(-1, 37), idx[:, 1:].reshape(-1))
     fractions, nodes = [], []
-    for step in range(n_window + 2):
+    for _ in range(n_window + 2):
         loss = F.cross_entropy(model(idx)[:, :-1].reshape(-1, 37), idx[:, 1:].reshape(-1))
         nodes.append(type(loss.grad_fn).__name__)
         m = cggr_hook.metrics(model)

@@ -183,7 +183,7 @@ def test_compiled_model_matches_eager_without_recompiling():
     cggr_hook.enable(ref, **FIXED)
     compiled = torch.compile(model)
     counts = []
-    for step in range(3):
+    for _ in range(3):
         idx = torch.randint(0, 1000, (4, 65), device="cuda")
         la = F.cross_entropy(compiled(idx)[:, :-1].reshape(-1, 1000), idx[:, 1:].reshape(-1))
         lb = F.cross_entropy(ref(idx)[:, :-1].reshape(-1, 1000), idx[:, 1:].reshape(-1))

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import copy
-import warnings
 import os
 import socket
+import warnings
 
 import pytest
 import torch

@@ -19,7 +19,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 import transformers
-import trl
+import trl  # noqa: F401 - installed by the integrations extra: a missing one fails here
 from torch import nn
 
 import cggr_hook

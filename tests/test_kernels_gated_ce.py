@@ -8,9 +8,9 @@ import pytest
 import torch
 
 import cggr_hook.kernels as K
+from cggr_hook.kernels import force_backend, gated_ce, reference
+
 from common import DEVICE, make_logits, nan_empty
-from cggr_hook.kernels import gated_ce, reference
-from cggr_hook.kernels import force_backend
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 LAYOUTS = ["contiguous", "shifted", "vocab_strided"]

@@ -12,9 +12,9 @@ import pytest
 import torch
 
 import cggr_hook.kernels as K
+from cggr_hook.kernels import force_backend, ranking, reference
+
 from common import DEVICE
-from cggr_hook.kernels import ranking, reference
-from cggr_hook.kernels import force_backend
 
 
 @pytest.fixture(autouse=True)

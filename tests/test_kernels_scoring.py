@@ -10,9 +10,9 @@ import pytest
 import torch
 
 import cggr_hook.kernels as K
+from cggr_hook.kernels import force_backend, reference, scoring
+
 from common import DEVICE, make_logits, nan_empty
-from cggr_hook.kernels import reference, scoring
-from cggr_hook.kernels import force_backend
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 LAYOUTS = ["contiguous", "shifted", "vocab_strided"]

@@ -7,8 +7,7 @@ from fractions import Fraction
 import pytest
 import torch
 
-from cggr_hook import GateConfig
-from cggr_hook import selection
+from cggr_hook import GateConfig, selection
 
 NEG_INF = -math.inf
 
