@@ -19,6 +19,7 @@ from torch import nn
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import cggr_hook  # noqa: E402
+
 from common import TinyLM, masked_reference_loss, reference_topk_rows  # noqa: E402
 
 V = 37
@@ -51,7 +52,9 @@ def run(wrapper: str, device: torch.device) -> None:
     model = TinyLM().to(device)
     ref = copy.deepcopy(model)
     if wrapper == "ddp":
-        wrapped = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        wrapped = nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None
+        )
     else:
         from torch.distributed.fsdp import fully_shard
 
@@ -69,8 +72,13 @@ def run(wrapper: str, device: torch.device) -> None:
         expected = reference_grads(ref, idx, 0.3)
         for name, p in model.named_parameters():
             got = full(p.grad)
-            torch.testing.assert_close(got, expected[name.replace("module.", "")], rtol=1e-4, atol=1e-6,
-                                       msg=f"{wrapper} rank {rank} step {step} {name}")
+            torch.testing.assert_close(
+                got,
+                expected[name.replace("module.", "")],
+                rtol=1e-4,
+                atol=1e-6,
+                msg=f"{wrapper} rank {rank} step {step} {name}",
+            )
         opt.step()
         opt.zero_grad()
     counts = [None] * dist.get_world_size()
