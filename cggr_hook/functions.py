@@ -11,7 +11,7 @@ The gradient is exactly the gradient of the gated loss: unselected rows get exac
 
 from __future__ import annotations
 
-from typing import cast
+from typing import Any, cast
 
 import torch
 from torch import Tensor
@@ -96,8 +96,16 @@ class GatedHeadCrossEntropy(torch.autograd.Function):
         ce_shape: torch.Size,
         fwd: GatedForward,
         spec: LossSpec,
+        fsdp_owner: Any = None,
+        tapped: Tensor | None = None,
+        call: Any = None,
     ) -> Tensor:
         ctx.plan, ctx.spec, ctx.has_bias = fwd.plan, spec, bias is not None
+        # under FSDP2 the tapped logits are an input only so that a gradient reaches them: the hooks
+        # FSDP2 puts on module outputs (its pre-backward: gather again, queue the final reduce-scatter)
+        # run on it; the tap passes that zero marker on to nothing (HeadTap.backward)
+        ctx.fsdp_owner, ctx.call = fsdp_owner, call
+        ctx.tapped_meta = None if tapped is None else (tapped.shape, tapped.dtype, tapped.device)
         ctx.save_for_backward(hidden, weight, bias, head_out, targets, ce_rows)
         if spec.reduction == "none":
             return fwd.loss[ce_rows].view(ce_shape)
@@ -105,6 +113,12 @@ class GatedHeadCrossEntropy(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_output: Tensor):
+        if ctx.fsdp_owner is not None:
+            # FSDP2 may have freed the gathered weight after the forward, and its own pre-backward
+            # hook, on the logits, never runs here (no gradient goes through them): gather it again
+            # (a no-op where it is still gathered). FSDP2's post-backward then reduce-scatters the
+            # weight's gradient and frees it, as after the head's own backward.
+            ctx.fsdp_owner.unshard()
         hidden, weight, bias, head_out, targets, ce_rows = ctx.saved_tensors
         plan: BackwardPlan = ctx.plan
         spec: LossSpec = ctx.spec
@@ -143,4 +157,9 @@ class GatedHeadCrossEntropy(torch.autograd.Function):
                 grad_w = gw.to(weight.dtype)
         if ctx.has_bias and ctx.needs_input_grad[2]:
             grad_b = G.float().sum(0).to(bias.dtype)
-        return grad_h, grad_w, grad_b, None, None, None, None, None, None
+        grad_tapped = None
+        if ctx.tapped_meta is not None:
+            shape, dtype, device = ctx.tapped_meta
+            grad_tapped = torch.zeros((), dtype=dtype, device=device).expand(shape)  # no memory of its own
+            ctx.call.sentinel = grad_tapped
+        return grad_h, grad_w, grad_b, None, None, None, None, None, None, None, grad_tapped, None

@@ -78,11 +78,15 @@ class Gate:
         self.key = f"{type(root).__name__}:{d_in}x{d_out}"
         # the model's parameters: an optimizer that holds one of them steps the gated model
         self.param_ids = frozenset(id(p) for p in root.parameters())
+        # FSDP2 (fully_shard) gathers the head's weight for its forward and may free it after; the
+        # selected-rows head backward has it gathered again (its FSDPModule's unshard()) and hands
+        # the weight's gradient to FSDP2's reduce-scatter as the head's own backward would
+        self.fsdp_owner = _fsdp_owner(root, head)
         # the gradient takes the ordinary path through the logits and the head, not the selected-rows
-        # head backward: sharded parameters (FSDP2 / DTensor) are gathered by their wrapper's own
-        # autograd hooks. Heads whose output is not known to be the plain affine map take that path
-        # call by call (HeadCall.narrow).
-        self.through_logits = _is_sharded(root, head)
+        # head backward: a weight sharded otherwise (a DTensor not under FSDP2: tensor parallelism)
+        # is gathered by its wrapper's own autograd ops. Heads whose output is not known to be the
+        # plain affine map take that path call by call (HeadCall.narrow).
+        self.through_logits = _is_sharded(root, head) and self.fsdp_owner is None
         # what the watchdog reads: head forwards, tapped (training, grad) forwards, gated losses
         self._head_calls = self._taps = self._gated = self._gated_since_step = 0
         self._steps_unproven = 0
@@ -142,6 +146,7 @@ class Gate:
             not self.through_logits
             and head_mod.not_plain_reason(called) is None
             and not torch.nn.modules.module._global_forward_hooks
+            and not _is_dtensor(called.weight)  # FSDP2 hands the forward a gathered, plain weight
         )
         call = head_mod.HeadCall(
             gate_id=self.id,
@@ -151,6 +156,7 @@ class Gate:
             narrow=narrow,
             weight=called.weight if narrow else None,  # pyright: ignore[reportArgumentType]
             bias=called.bias if narrow else None,  # pyright: ignore[reportArgumentType]
+            fsdp_owner=self.fsdp_owner if narrow else None,
         )
         return head_mod.tap_output(call)
 
@@ -194,7 +200,8 @@ class Gate:
             self._handle.remove()
             self.head = slot
             self._handle = slot.register_forward_hook(self._head_hook, prepend=True)
-            self.through_logits = _is_sharded(root, slot)
+            self.fsdp_owner = _fsdp_owner(root, slot)
+            self.through_logits = _is_sharded(root, slot) and self.fsdp_owner is None
 
     def _unfuse(self, root: nn.Module, args: tuple, kwargs: dict) -> Any:
         """TRL's fused LM head (``model(..., labels=..., fused_lm_head=True)``) computes
@@ -393,15 +400,41 @@ def _remove_hooks(module: nn.Module, match: Any) -> None:
                 getattr(module, name, {}).pop(key, None)
 
 
-def _is_sharded(root: nn.Module, head: nn.Module) -> bool:
+def _is_dtensor(t: Any) -> bool:
     try:
         from torch.distributed.tensor import DTensor
     except ImportError:  # a torch without distributed support
         return False
-    if isinstance(getattr(head_mod.base_linear(head), "weight", None), DTensor):
+    return isinstance(t, DTensor)
+
+
+def _is_sharded(root: nn.Module, head: nn.Module) -> bool:
+    """Whether the head's weight is sharded (a DTensor) or the model is under FSDP2."""
+    if _is_dtensor(getattr(head_mod.base_linear(head), "weight", None)):
         return True
     try:
         from torch.distributed.fsdp import FSDPModule
     except ImportError:
         return False
     return any(isinstance(m, FSDPModule) for m in root.modules())
+
+
+def _fsdp_owner(root: nn.Module, head: nn.Module) -> Any:
+    """The FSDP2 module whose parameter group holds the head's weight: the head itself when it was
+    given to ``fully_shard``, else its nearest ancestor that was (None without FSDP2). A weight
+    tied to a module sharded in another group (an embedding given its own ``fully_shard``) is not
+    found this way; FSDP2 itself assigns a tied weight to one group only."""
+    try:
+        from torch.distributed.fsdp import FSDPModule
+    except ImportError:
+        return None
+    path = head_mod.module_path(root, head)
+    if path is None:
+        return None
+    chain = [root]
+    for name in path.split(".") if path else []:
+        chain.append(getattr(chain[-1], name))
+    for m in reversed(chain):
+        if isinstance(m, FSDPModule):
+            return m
+    return None

@@ -8,6 +8,7 @@ again from a cross entropy's input.
 
 from __future__ import annotations
 
+import weakref
 from dataclasses import dataclass
 from typing import Any
 
@@ -284,6 +285,11 @@ class HeadCall:
     narrow: bool = True
     weight: Tensor | None = None  # the weight and bias the forward used (read at the call: a
     bias: Tensor | None = None  # weight a pre-hook computes, as old-style weight_norm does, is that one)
+    fsdp_owner: Any = None  # the FSDPModule that gathers ``weight``: the gated backward gathers it again
+    tapped: Any = None  # weak reference to the tap's result (the logits the model returns)
+    # under FSDP2: the zero gradient the gated backward hands the tapped logits, only so that the
+    # hooks FSDP2 put on a module's outputs run; the tap passes nothing on for it
+    sentinel: Any = None
 
 
 class HeadTap(torch.autograd.Function):
@@ -304,9 +310,13 @@ class HeadTap(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad: Tensor):
+        if grad is ctx.call.sentinel:  # the gated loss's marker (FSDP2's output hooks have run): no gradient
+            return None, None
         # other consumers of the logits (an auxiliary loss) take the ordinary path through the head
         return grad, None
 
 
 def tap_output(call: HeadCall) -> Tensor:
-    return HeadTap.apply(call.output, call)
+    tapped = HeadTap.apply(call.output, call)
+    call.tapped = weakref.ref(tapped)
+    return tapped

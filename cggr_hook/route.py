@@ -193,8 +193,20 @@ class Route:
                     param_ids=gate.param_ids,
                     need_rows=True,
                 )
+            tapped = call.tapped() if call.fsdp_owner is not None and call.tapped is not None else None
             loss = GatedHeadCrossEntropy.apply(
-                call.hidden, call.weight, call.bias, head_out, t_head, rows, target.shape, fwd, spec
+                call.hidden,
+                call.weight,
+                call.bias,
+                head_out,
+                t_head,
+                rows,
+                target.shape,
+                fwd,
+                spec,
+                call.fsdp_owner,
+                tapped,
+                call,
             )
         registry.record(gate, fwd.figures)
         _consume(call, gate)
@@ -253,5 +265,5 @@ class Route:
 def _consume(call: HeadCall, gate: Gate) -> None:
     """Later cross entropies on this head call get the plain loss; drop what the tap held."""
     call.consumed = True
-    call.hidden = call.output = call.weight = call.bias = None  # pyright: ignore[reportAttributeAccessIssue]
+    call.hidden = call.output = call.weight = call.bias = call.fsdp_owner = None  # pyright: ignore[reportAttributeAccessIssue]
     gate.on_gated_loss()

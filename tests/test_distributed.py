@@ -20,7 +20,7 @@ def _free_port() -> int:
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("wrapper", ["ddp", "fsdp"])
+@pytest.mark.parametrize("wrapper", ["ddp", "fsdp", "fsdp_tied"])
 def test_two_process_gated_training(wrapper):
     env = dict(os.environ, OMP_NUM_THREADS="1")
     proc = subprocess.run(

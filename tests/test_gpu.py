@@ -319,3 +319,39 @@ def test_gradnorm_difficulty_matches_reference_on_cuda():
     d, _ = K.row_difficulty(stats, t, V, -100, "gradnorm", None, 0.1)
     d_ref, _ = reference.row_difficulty(stats, t, V, -100, "gradnorm", None, 0.1)
     torch.testing.assert_close(d, d_ref, rtol=1e-6, atol=1e-7)
+
+
+def test_fsdp2_world_size_one_runs_the_head_backward_over_the_selected_rows():
+    """FSDP2 over NCCL on one GPU: the gated head backward gathers the resharded head weight again
+    and multiplies the selected rows only (tests/dist/worker.py checks the matmul shapes and the
+    gradients against the reference), with the head in its own group and tied to the embedding."""
+    import os
+    import socket
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    worker = Path(__file__).parent / "dist" / "worker.py"
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--nproc_per_node",
+            "1",
+            "--master_port",
+            str(port),
+            str(worker),
+            "fsdp",
+            "fsdp_tied",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env=dict(os.environ),
+    )
+    assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
+    assert "fsdp ok (cuda" in proc.stdout and "fsdp_tied ok (cuda" in proc.stdout

@@ -16,6 +16,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import cggr_hook  # noqa: E402
@@ -42,6 +43,20 @@ def reference_grads(model: nn.Module, idx: torch.Tensor, ratio: float) -> dict:
     return grads
 
 
+class RecordMatmuls(TorchDispatchMode):
+    """The shapes of every matrix product run inside the block."""
+
+    def __init__(self):
+        super().__init__()
+        self.shapes = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func in (torch.ops.aten.mm.default, torch.ops.aten.addmm.default):
+            a, b = args[-2], args[-1]
+            self.shapes.append((*a.shape, b.shape[-1]))
+        return func(*args, **(kwargs or {}))
+
+
 def full(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if hasattr(t, "full_tensor") else t
 
@@ -50,6 +65,8 @@ def run(wrapper: str, device: torch.device) -> None:
     rank = dist.get_rank()
     torch.manual_seed(0)
     model = TinyLM().to(device)
+    if wrapper == "fsdp_tied":  # the head's weight is the embedding's, as in most LMs
+        model.lm_head.weight = model.emb.weight
     ref = copy.deepcopy(model)
     if wrapper == "ddp":
         wrapped = nn.parallel.DistributedDataParallel(
@@ -58,8 +75,9 @@ def run(wrapper: str, device: torch.device) -> None:
     else:
         from torch.distributed.fsdp import fully_shard
 
-        fully_shard(model.lm_head)
-        fully_shard(model)
+        if wrapper == "fsdp":
+            fully_shard(model.lm_head)  # its own group: its weight is freed after forward
+        fully_shard(model)  # fsdp_tied: the tied weight in the root's group
         wrapped = model
     gate = cggr_hook.enable(wrapped, preset="seed", warmup_steps=0, dynamic_threshold=False, min_tokens_ratio=0.3)
     assert gate.head is model.lm_head
@@ -68,7 +86,14 @@ def run(wrapper: str, device: torch.device) -> None:
         idx = local_batch(rank, step).to(device)
         logits = wrapped(idx)
         loss = F.cross_entropy(logits[:, :-1].reshape(-1, V), idx[:, 1:].reshape(-1))
-        loss.backward()
+        # both wrappers take the selected-rows head backward: its matmuls run over the k gated
+        # rows only (FSDP2 gathers the resharded head weight again for it)
+        assert type(loss.grad_fn).__name__ == "GatedHeadCrossEntropyBackward", type(loss.grad_fn).__name__
+        with RecordMatmuls() as seen:
+            loss.backward()
+        k = cggr_hook.metrics()["tokens_selected"]
+        head_mms = [s for s in seen.shapes if V in s]
+        assert head_mms and all(k in s for s in head_mms), (wrapper, k, head_mms)
         expected = reference_grads(ref, idx, 0.3)
         for name, p in model.named_parameters():
             got = full(p.grad)
