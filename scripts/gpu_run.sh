@@ -10,6 +10,7 @@
 #   BENCH_ARGS        extra flags of python -m cggr_hook.bench          (e.g. "--vocab 128256")
 #   THROUGHPUT_ARGS   extra flags of examples/throughput_benchmark.py   (e.g. "--shapes gemma270m")
 #   TUNE_ARGS         extra flags of scripts/tune_kernels.py              (e.g. "--quick")
+#   HOST_ARGS         extra flags of scripts/host_time.py (step "host": a call's host time)
 #   QUALITY_ARGS      flags of examples/quality_benchmark.py for the "quality" step (e.g.
 #                     "--preset finetune-small --seeds 0"); "quality_timing" times every arm of
 #                     the presets in QUALITY_TIMING_PRESETS (default "scratch-small scratch-large")
@@ -23,6 +24,7 @@
 #   gpu_tests.log         python -m pytest tests -q -x -m gpu
 #   bench.json, bench.md  python -m cggr_hook.bench
 #   throughput.md, throughput/throughput.json   examples/throughput_benchmark.py
+#   host_time.{md,json,log}  scripts/host_time.py
 #   quality_timing.md, quality/results.{md,json}, quality/val_loss_vs_time.png
 #                         examples/quality_benchmark.py (its corpus and base models are cached
 #                         in .cache/cggr_hook, which a warm machine keeps between calls)
@@ -89,6 +91,9 @@ for step in $STEPS; do
         run bench "${BENCH_TIMEOUT:-300}" \
             "python -m cggr_hook.bench --json '$OUT/bench.json' ${BENCH_ARGS:-} | tee '$OUT/bench.md'"
         ;;
+    host)
+        run host "${HOST_TIMEOUT:-180}" "python scripts/host_time.py --out '$OUT' ${HOST_ARGS:-} | tee '$OUT/host_time.log'"
+        ;;
     tune)
         run tune "${TUNE_TIMEOUT:-300}" "python scripts/tune_kernels.py --out '$OUT/tune' ${TUNE_ARGS:-}"
         ;;
@@ -106,7 +111,7 @@ for step in $STEPS; do
             "python examples/throughput_benchmark.py --out '$OUT/throughput' ${THROUGHPUT_ARGS:-} | tee '$OUT/throughput.md'"
         ;;
     *)
-        echo "=== unknown step '$step' (tests, tune, bench, throughput, quality_timing, quality)"
+        echo "=== unknown step '$step' (tests, tune, bench, host, throughput, quality_timing, quality)"
         summary+=("$step=unknown")
         ;;
     esac
