@@ -16,6 +16,10 @@ Variants, each on a fresh model and optimizer (same seed, so the same initial we
 * ``hf``: ``model(input_ids, labels=input_ids).loss``, the library's own loss (fp32-upcast logits);
 * ``cggr25`` / ``cggr50`` / ``cggr100``: the same call after
   ``cggr_hook.enable(model, min_tokens_ratio=r, warmup_steps=0, dynamic_threshold=False)``;
+* ``cggrauto``: the same call after ``cggr_hook.enable(model, min_tokens_ratio='auto')``: the
+  gate times every candidate fraction (and the plain loss) for a few steps, then keeps the one with
+  the most expected progress per second; its probe steps are added to the warm-up, so the timed
+  steps run its choice, which the table names;
 * ``no_head``: the decoder alone with a trivial loss on its last hidden state, no LM head, no
   cross entropy: the ceiling for anything saved on the head side.
 
@@ -59,8 +63,11 @@ except ImportError:  # a checkout that was not pip-installed
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     import cggr_hook
 
-VARIANTS = ("hf", "cggr25", "cggr50", "cggr100", "no_head")
+VARIANTS = ("hf", "cggr25", "cggr50", "cggr100", "cggrauto", "no_head")
 GATED = {"cggr25": 0.25, "cggr50": 0.5, "cggr100": 1.0}
+AUTO = "cggrauto"
+# an auto gate's probe window (every candidate for a few steps) runs before its timed steps
+AUTO_PROBE_STEPS = len(cggr_hook.auto.CANDIDATES) * (cggr_hook.auto.PROBE_STEPS + 1)
 IGNORE_INDEX = -100
 
 SHAPES = {
@@ -214,7 +221,7 @@ def k_of(ratio: float, n: int) -> int:
 def check_gated(variant, loss0, batch, seq, hf_loss0):
     """Problems with a gated variant's first step, as a list of strings (empty: fine)."""
     problems = []
-    r = GATED[variant]
+    r = GATED.get(variant, 1.0)  # auto's first step keeps every token (its probe starts at 1.0)
     if not math.isfinite(loss0):
         problems.append(f"loss {loss0} is not finite")
     try:
@@ -241,8 +248,12 @@ def run_variant(shape, variant, args, device, batches, hf_loss0):
         rec["model_class"] = type(model).__name__
         rec["attn_implementation"] = getattr(model.config, "_attn_implementation", None)
         rec["params_m"] = sum(p.numel() for p in model.parameters()) / 1e6
+        gated = variant in GATED or variant == AUTO
         if variant in GATED:
             cggr_hook.enable(model, min_tokens_ratio=GATED[variant], warmup_steps=0, dynamic_threshold=False)
+        elif variant == AUTO:
+            cggr_hook.enable(model, min_tokens_ratio="auto")
+        warmup = args.warmup + (AUTO_PROBE_STEPS if variant == AUTO else 0)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
             torch.cuda.reset_peak_memory_stats(device)
@@ -250,17 +261,17 @@ def run_variant(shape, variant, args, device, batches, hf_loss0):
 
         timer = Timer(device)
         losses, times = [], []
-        for i in range(args.warmup + args.steps):
+        for i in range(warmup + args.steps):
             ids = batches[i % len(batches)]
             timer.start()
             loss = train_step(model, opt, ids, variant)
             t = timer.stop()
             losses.append(loss)
-            if i >= args.warmup:
+            if i >= warmup:
                 times.append(t)
             if i == 0:
                 rec["first_loss"] = float(loss)
-                if variant in GATED:
+                if gated:
                     problems = check_gated(variant, rec["first_loss"], args.batch, args.seq, hf_loss0)
                     if problems:
                         rec["status"] = "check failed"
@@ -275,6 +286,10 @@ def run_variant(shape, variant, args, device, batches, hf_loss0):
         rec["step_ms"] = statistics.median(ms)
         rec["tokens_per_s"] = args.batch * args.seq / (rec["step_ms"] / 1e3)
         rec["last_loss"] = float(losses[-1])
+        if variant == AUTO:
+            m = cggr_hook.metrics()
+            rec["auto"] = {k: v for k, v in m.items() if k.startswith(("auto_", "noise_scale", "step_ms_"))}
+            rec["auto_choice"] = "plain" if m.get("auto_choice_plain") else m.get("auto_choice")
         if not all(math.isfinite(float(x)) for x in losses):
             rec["status"] = "check failed"
             rec["check"] = "non-finite loss during training"
@@ -283,7 +298,7 @@ def run_variant(shape, variant, args, device, batches, hf_loss0):
         rec["error"] = f"{type(e).__name__}: {e}"[:500]
         print(f"[throughput] {shape} {variant} failed:\n{traceback.format_exc()}", file=sys.stderr)
     finally:
-        if model is not None and variant in GATED:
+        if model is not None and (variant in GATED or variant == AUTO):
             try:
                 cggr_hook.disable(model)
             except Exception as e:
@@ -336,6 +351,8 @@ def render(meta, records) -> str:
                 status += f": {r['check']}"
             if r.get("error"):
                 status += f": {r['error']}"
+            if r.get("auto_choice") is not None:
+                status += f" (its choice: {r['auto_choice']})"
             out.append(
                 f"| {r['variant']} | {_f(r.get('step_ms'), '.1f')} | {_f(tps and tps / 1e3, '.1f')}k | "
                 f"{_f(ratio, '.3f')} | {_f(peak, '.2f')} | {_f(pratio, '.2f')} | {_f(r.get('first_loss'), '.4f')} | "

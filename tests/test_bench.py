@@ -144,13 +144,16 @@ def test_throughput_smoke(tmp_path):
     assert len(shapes) == 2
     for shape in shapes:
         by = {r["variant"]: r for r in recs if r["shape"] == shape}
-        assert set(by) == {"hf", "cggr25", "cggr50", "cggr100", "no_head"}
+        assert set(by) == {"hf", "cggr25", "cggr50", "cggr100", "cggrauto", "no_head"}
         for r in by.values():
             assert r["status"] == "ok", r
             assert _finite_pos(r["step_ms"]) and _finite_pos(r["tokens_per_s"]), r
             assert math.isfinite(r["first_loss"]) and math.isfinite(r["last_loss"]), r
         # same seed, same weights and data: the 100% gate's first loss is hf's
         assert abs(by["cggr100"]["first_loss"] - by["hf"]["first_loss"]) < 1e-3
+        # auto's first step keeps every token too; after its probe window it names its choice
+        assert abs(by["cggrauto"]["first_loss"] - by["hf"]["first_loss"]) < 1e-3
+        assert by["cggrauto"]["auto_choice"] in (0.25, 0.5, 0.75, 1.0, "plain"), by["cggrauto"]
     assert "| cggr25 |" in proc.stdout and "vs hf" in proc.stdout
 
 
