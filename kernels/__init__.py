@@ -208,7 +208,7 @@ def importance_draw(
 ) -> ImportanceDraw:
     """Draw k of the ``n_valid`` valid rows with inclusion probabilities pi by water-filling over
     their difficulty ``diff`` (fp32 (N,)), systematic sampling over the random order ``perm`` (int64
-    (N,), a permutation of the rows) from u (float64 (1,), uniform in [0, 1)); ``order`` and
+    (n_valid,), a permutation of the valid rows' ordinals: the j-th valid row in row order is j) from u (float64 (1,), uniform in [0, 1)); ``order`` and
     ``rank`` are ``difficulty_rank``'s. Returns the rows ascending (k,), 1 / pi of each (k,),
     ``row_weight`` (1 / pi) / ``norm`` fp32 (N,) (an int, or a float64 0-d device tensor), the
     selection key int64 (N,) (``key < 1``) and float64 (5,) ``spec.DRAW_FIGURES``
@@ -216,9 +216,9 @@ def importance_draw(
     N = diff.numel()
     if not 1 <= k < n_valid <= N:
         raise ValueError(f"cggr_hook: importance_draw needs 1 <= k < n_valid <= N, got k={k}, n_valid={n_valid}, N={N}")
-    for name, t in (("order", order), ("rank", rank), ("perm", perm)):
-        if t.dim() != 1 or t.numel() != N or t.dtype != torch.int64:
-            raise ValueError(f"cggr_hook: {name} must be int64 of {N} rows, got {t.dtype} of shape {tuple(t.shape)}")
+    for name, t, size in (("order", order, N), ("rank", rank, N), ("perm", perm, n_valid)):
+        if t.dim() != 1 or t.numel() != size or t.dtype != torch.int64:
+            raise ValueError(f"cggr_hook: {name} must be int64 of {size} rows, got {t.dtype} of shape {tuple(t.shape)}")
     if u.numel() != 1 or u.dtype != torch.float64:
         raise ValueError(f"cggr_hook: u must be one float64, got {u.dtype} of shape {tuple(u.shape)}")
     return _run("importance_draw", diff, diff, order, rank, perm, u, n_valid, k, float(floor), bool(uniform), norm)

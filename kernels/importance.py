@@ -1,13 +1,15 @@
 """Triton importance draw: water-filling, the systematic draw and the Horvitz-Thompson weights in
 one launch (``reference.importance_draw`` defines what it computes).
 
-One program walks the rows in blocks of ``BLOCK``, four passes with running carries:
+One program walks the rows in blocks of ``BLOCK``, five passes with running carries:
 
+0. every row in row order: the valid ones (``rank < n``) listed ascending by a running count, so
+   that the j-th valid row is found from j (``perm`` orders the valid rows by these ordinals);
 1. the valid rows in difficulty order (``order[:n]``): the sum of the scores (and of their squares,
    for the figures);
 2. the same rows backwards: the tails sum_{i >= j} q_i by a reversed block scan, and m, the first
    j < k with (k - j) q_j <= tail_j, with rest = tail_m;
-3. every row in the random order ``perm``: the running sum of pi over the uncertain rows from m
+3. the valid rows in the random order ``perm``: the running sum of pi over the uncertain rows from m
    (the last one's end set to k) and F = min(ceil(cum - u), k), the points below it, stored by
    position, and each row's position in ``perm``;
 4. every row in row order: drawn when certain or when F rose at its position; its key, its
@@ -17,8 +19,8 @@ One program walks the rows in blocks of ``BLOCK``, four passes with running carr
 A row's pi is a function of its own score (and of m, rest and the sums), so passes 3 and 4 compute
 it from ``diff`` where they need it; certain and valid come from ``rank``. Running sums enter each
 block as its first (forward) or last (backward) element before the block scan, which under the
-interpreter is exactly the sequential sum the reference takes. Pass 4 reads what pass 3 wrote at
-other rows' places, after a barrier (one program: the whole block of threads). The work is
+interpreter is exactly the sequential sum the reference takes. Passes 3 and 4 read what the pass
+before them wrote at other rows' places, after a barrier (one program: the whole block of threads). The work is
 O(N / BLOCK) iterations of a latency-bound walk; the point is one launch instead of ~90 small ones.
 """
 
@@ -79,6 +81,7 @@ def _importance_kernel(
     perm_ptr,
     u_ptr,
     norm_ptr,
+    vrows_ptr,
     F_ptr,
     pos_ptr,
     rows_ptr,
@@ -103,6 +106,17 @@ def _importance_kernel(
     one_minus_a = 1.0 - floor
     a_over_n = floor / nf
     share_u = 1.0 / nf
+
+    # 0. the valid rows, ascending
+    n_seen = tl.zeros([], tl.int32)
+    for start in range(0, N, BLOCK):
+        r = start + idx
+        inb = r < N
+        valid = inb & (tl.load(rank_ptr + r, mask=inb, other=N) < n)
+        v = valid.to(tl.int32)
+        tl.store(vrows_ptr + n_seen + tl.cumsum(v, 0) - 1, r, mask=valid)
+        n_seen += tl.sum(v)
+    tl.debug_barrier()
 
     # 1. the sum of the scores, sequential through the blocks
     total = zero
@@ -140,16 +154,16 @@ def _importance_kernel(
     spread = left / (n - m).to(tl.float64)
     n_unc = n - m
 
-    # 3. the random order: running pi of the uncertain rows from m, F by position
+    # 3. the random order of the valid rows: running pi of the uncertain ones from m, F by position
     u = tl.load(u_ptr)
     cum_carry = m.to(tl.float64)
     cnt_carry = tl.zeros([], tl.int32)
-    for start in range(0, N, BLOCK):
+    for start in range(0, n, BLOCK):
         i = start + idx
-        inb = i < N
-        r = tl.load(perm_ptr + i, mask=inb, other=0)
+        inb = i < n
+        r = tl.load(vrows_ptr + tl.load(perm_ptr + i, mask=inb, other=0), mask=inb, other=0)
         rk = tl.load(rank_ptr + r, mask=inb, other=N)
-        unc = inb & (rk < n) & (rk >= m)
+        unc = inb & (rk >= m)
         s = tl.where(unc, _score(tl.load(diff_ptr + r, mask=unc, other=0.0), UNIFORM), 0.0)
         q = _share(s, total, share_u, one_minus_a, a_over_n)
         pi = tl.where(rest > 0, tl.minimum(c * q, 1.0), spread)
@@ -225,7 +239,8 @@ def importance_draw(
     dev = diff.device
     if N >= 2**31:
         raise ValueError(f"cggr_hook: importance_draw indexes in int32 and takes fewer than 2^31 rows, got {N}")
-    work = torch.empty(2 * N, dtype=torch.int32, device=dev)  # F by position, then each row's position
+    # the valid rows ascending, F by position in ``perm``, each valid row's position there
+    work = torch.empty(N + 2 * n_valid, dtype=torch.int32, device=dev)
     rows = torch.empty(k, dtype=torch.int64, device=dev)
     inv_pi = torch.empty(k, dtype=torch.float64, device=dev)
     row_weight = torch.empty(N, dtype=torch.float32, device=dev)
@@ -241,8 +256,9 @@ def importance_draw(
         perm.contiguous(),
         u,
         norm if norm_tensor else u,
-        work[:N],
-        work[N:],
+        work[:n_valid],
+        work[n_valid : 2 * n_valid],
+        work[2 * n_valid :],
         rows,
         inv_pi,
         row_weight,

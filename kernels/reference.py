@@ -423,25 +423,25 @@ def inclusion_probabilities(scores: Tensor, k: int, floor: float) -> tuple[Tenso
 
 
 def systematic_hits(
-    pi: Tensor, certain: Tensor, uncertain: Tensor, m: Tensor, k: int, perm: Tensor, u: Tensor
+    pi: Tensor, certain: Tensor, uncertain: Tensor, m: Tensor, k: int, walk: Tensor, u: Tensor
 ) -> Tensor:
     """bool (N,): the rows that systematic sampling draws, exactly k with probability exactly pi.
 
     The m ``certain`` rows (pi = 1) hold the points u, u + 1, ..., u + m - 1 (u in [0, 1), float64
-    (1,)); the ``uncertain`` rows follow in the order ``perm`` (a permutation of the N rows; the
-    other rows there take no room), each spanning its pi on the line from m: cum_i = m + the pi of
+    (1,)); the ``uncertain`` rows follow in the random order ``walk`` (int64 rows, each uncertain
+    one once; the other rows there take no room), each spanning its pi on the line from m: cum_i = m + the pi of
     the uncertain rows up to i in that order, the last uncertain row's end set to k. A row holds
     the points in (cum_prev, cum], with F(c) = min(ceil(c - u), k) the points below c: it is drawn
     when F(cum) > F(cum_prev). A length pi <= 1 holds at most one point, with probability pi.
     """
-    unc = uncertain[perm]
-    x = torch.where(unc, pi[perm], 0.0)
+    unc = uncertain[walk]
+    x = torch.where(unc, pi[walk], 0.0)
     x[0] += m.double()
     cum = x.cumsum(0)
     cum = torch.where(unc.cumsum(0) == uncertain.sum(), float(k), cum)
     F = (cum - u).ceil().clamp(max=k).long()
     F_prev = torch.cat([m.view(1), F[:-1]])
-    hit = torch.empty_like(unc).scatter_(0, perm, unc & (F > F_prev))
+    hit = torch.zeros_like(uncertain).scatter_(0, walk, unc & (F > F_prev))
     return certain | hit
 
 
@@ -464,8 +464,9 @@ def importance_draw(
         q_i = (1 - a) s_i / sum s + a / n,    pi_i = min(1, c q_i),    sum pi = k
 
     (``water_level``: the m hardest rows are certain, pi = 1), then systematic sampling
-    (``systematic_hits``) over the uncertain rows in the random order ``perm`` (int64 (N,), a
-    permutation of the rows) with the start u (float64 (1,), uniform in [0, 1)).
+    (``systematic_hits``) over the valid rows in the random order ``perm`` (int64 (n,), a
+    permutation of 0..n-1: the valid rows by their ordinals, the j-th valid row in row order being
+    j) with the start u (float64 (1,), uniform in [0, 1)).
 
     Returns ``ImportanceDraw``: the rows ascending, 1 / pi of each, ``row_weight`` = (1 / pi_r) /
     ``norm`` on the drawn rows (an int, or a float64 0-d device tensor), the key (0 on the drawn
@@ -480,7 +481,8 @@ def importance_draw(
     s = torch.where(valid, importance_scores(diff, uniform), 0.0)
     pi = uncapped_probabilities(importance_shares(s, total, n, floor), m, rest, n, k)
     pi = torch.where(certain, 1.0, torch.where(uncertain, pi, 0.0))
-    drawn = systematic_hits(pi, certain, uncertain, m, k, perm, u)
+    valid_rows = torch.sort((~valid).to(torch.int8), stable=True).indices[:n]
+    drawn = systematic_hits(pi, certain, uncertain, m, k, valid_rows[perm], u)
     w = 1.0 / torch.where(drawn, pi, 1.0)
     rows = torch.sort((~drawn).to(torch.int8), stable=True).indices[:k]
     inv_pi = w[rows]
