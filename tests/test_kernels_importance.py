@@ -53,7 +53,7 @@ def difficulties(N, n_ignored, case, seed):
     return d.to(DEVICE)
 
 
-def draw_both(d, k, floor, uniform=False, norm=1, seed=0):
+def draw_both(d, k, floor, uniform=False, norm: int | torch.Tensor = 1, seed=0):
     """The Triton draw and the reference draw from the same random numbers."""
     n = int((d > -math.inf).sum())
     order, rank = reference.difficulty_rank(d)
