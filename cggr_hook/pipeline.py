@@ -156,20 +156,17 @@ def _generator(device: torch.device, seed: int, step: int, call: int) -> torch.G
     return g
 
 
-def _horvitz_thompson(draw: selection.Draw, targets: Tensor, n_valid: int, vocab: int, spec: LossSpec) -> Tensor:
-    """fp32 (N,) factor of each drawn row, 0 elsewhere: 1 / pi_r, over the plain loss's
-    normaliser for 'mean' (n, or the valid rows' summed class weight), so that the weighted sum
-    of the drawn rows' cross entropies is an unbiased estimate of the plain loss."""
-    factor = draw.inv_pi
-    if spec.reduction == "mean":
-        if spec.weight is None:
-            factor = factor / n_valid
-        else:
-            valid, safe = kernels.reference.safe_targets(targets, spec.ignore_index, vocab)
-            total = torch.where(valid, spec.weight.to(device=targets.device, dtype=torch.float64)[safe], 0.0).sum()
-            factor = factor / total
-    out = torch.zeros(targets.numel(), dtype=torch.float32, device=targets.device)
-    return out.index_put_((draw.rows,), factor.float())
+def _horvitz_thompson_norm(targets: Tensor, n_valid: int, vocab: int, spec: LossSpec) -> int | Tensor:
+    """What a drawn row's 1 / pi_r is divided by in its ``row_weight``: the plain loss's normaliser
+    for 'mean' (n, or the valid rows' summed class weight, a float64 device scalar), 1 for 'sum'
+    and 'none', so that the weighted sum of the drawn rows' cross entropies is an unbiased estimate
+    of the plain loss."""
+    if spec.reduction != "mean":
+        return 1
+    if spec.weight is None:
+        return n_valid
+    valid, safe = kernels.reference.safe_targets(targets, spec.ignore_index, vocab)
+    return torch.where(valid, spec.weight.to(device=targets.device, dtype=torch.float64)[safe], 0.0).sum()
 
 
 def gated_forward(
@@ -259,12 +256,13 @@ def gated_forward(
     n_sel = selection.count_selected(config, k, N, keep_ranks)
     draw = row_weight = None
     if strategy.weighted and 0 < k < n_valid:
+        # the rows, their Horvitz-Thompson factors, the key the loss kernel reads and the figures,
+        # in one launch after the random order's sort
+        norm = _horvitz_thompson_norm(targets, n_valid, V, spec)
         draw = selection.importance_draw(
-            ranking, diff, n_valid, k, config.importance_floor, gen, uniform=scoring.random
+            ranking, diff, n_valid, k, config.importance_floor, gen, uniform=scoring.random, norm=norm
         )
-        rows, threshold = draw.rows, 1
-        sel_key = torch.ones_like(ranking.rank).index_fill_(0, rows, 0)
-        row_weight = _horvitz_thompson(draw, targets, n_valid, V, spec)
+        rows, threshold, sel_key, row_weight = draw.rows, 1, draw.key, draw.row_weight
     else:
         sel_key, threshold, rows = selection.selection_as_key(ranking, n_valid, k, n_sel, config, gen)
         if need_rows and rows is None:

@@ -18,7 +18,6 @@ and the same ones on every device. Ignored rows carry difficulty -inf and sort a
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, cast
 
@@ -233,22 +232,8 @@ def _first_marked(candidates: Tensor, mark: Tensor, count: int) -> Tensor:
 # --------------------------------------------------------------------------------------------------
 # importance sampling
 # --------------------------------------------------------------------------------------------------
-_FLT_MAX = 3.4028234663852886e38
-
-
-@dataclass
-class Draw:
-    """k rows drawn by ``importance_draw``."""
-
-    rows: Tensor  # (k,) int64, ascending
-    inv_pi: Tensor  # (k,) float64, 1 / pi of each drawn row (the Horvitz-Thompson weight), rows' order
-    figures: Tensor  # float64 (5,): ``DRAW_FIGURES``
-
-
-# what ``Draw.figures`` holds: the effective sample size (sum w)^2 / sum w^2 and the largest weight
-# w = 1 / pi over the drawn rows, how many rows were certain (pi = 1), and over the n valid rows
-# the mean score and mean squared score (the variance gain the scores predict needs both)
-DRAW_FIGURES = ("ess", "max_weight", "n_certain", "score_mean", "score_sq_mean")
+Draw = kernels.ImportanceDraw  # k rows drawn by ``importance_draw``: rows, inv_pi, row_weight, key, figures
+DRAW_FIGURES = kernels.spec.DRAW_FIGURES
 
 
 def inclusion_probabilities(scores: Tensor, k: int, floor: float) -> tuple[Tensor, Tensor]:
@@ -260,47 +245,30 @@ def inclusion_probabilities(scores: Tensor, k: int, floor: float) -> tuple[Tenso
     true, and at j = k - 1 always is); the rest get c q_i with c = (k - m) / sum_{i >= m} q_i.
     Where that tail is all zero (a = 0 and fewer than k positive scores) its rows share the
     remaining k - m uniformly. Requires 1 <= k < n. Returns (pi float64 (n,), m 0-d int64), no
-    host synchronisation.
+    host synchronisation (``kernels.reference.inclusion_probabilities``, what the draw computes).
     """
-    n = scores.numel()
-    dev = scores.device
-    s = scores.double().clamp(max=_FLT_MAX)  # +inf (NaN logits) -> a huge, still summable score
-    total = s.sum()
-    share = torch.where(total > 0, s / total, torch.full_like(s, 1.0 / n))
-    q = (1.0 - floor) * share + floor / n
-    tail = q.flip(0).cumsum(0).flip(0)  # tail[j] = sum_{i >= j} q_i
-    j = torch.arange(k, device=dev)
-    fits = (k - j) * q[:k] <= tail[:k]
-    m = fits.to(torch.int32).argmax()  # the first j that fits
-    rest = tail.gather(0, m.view(1)).squeeze(0)  # (indexing with a device scalar would read it on the host)
-    left = k - m.double()  # what the uncapped rows share
-    spread = torch.where(rest > 0, (left / rest * q).clamp(max=1.0), left / (n - m.double()))
-    pi = torch.where(torch.arange(n, device=dev) < m, torch.ones_like(q), spread)
-    return pi, m
+    return kernels.reference.inclusion_probabilities(scores, k, floor)
 
 
 def systematic_draw(
     pi: Tensor, m: Tensor, k: int, generator: torch.Generator | None, keys: Tensor | None = None
 ) -> Tensor:
     """Exactly k positions of ``pi`` (float64 (n,), sum k, each <= 1) with inclusion probability
-    exactly pi_i: systematic sampling over a random order. The points u, u + 1, ..., u + k - 1
-    (u uniform in [0, 1)) fall on the cumulative sum of pi; a position of length pi_i <= 1 holds
-    at most one point, and holds one with probability pi_i. The m certain positions (pi = 1, the
-    first m) go first, so each spans exactly one unit; the others follow in a random order (by
-    ``keys``, uniform in [0, 1), drawn here when not given), which spreads the joint inclusions.
-    No host synchronisation."""
+    exactly pi_i, ascending: systematic sampling over a random order. The m certain positions
+    (pi = 1, the first m) take the points u, ..., u + m - 1 (u uniform in [0, 1)); the others follow
+    in a random order (by ``keys``, uniform in [0, 1), drawn here when not given), which spreads
+    the joint inclusions, and a position spanning pi_i <= 1 of the line holds at most one of the
+    points u + j, with probability pi_i (``kernels.reference.systematic_hits``). No host
+    synchronisation."""
     n = pi.numel()
     dev = pi.device
     if keys is None:
         keys = torch.rand(n, generator=generator, device=dev)
-    key = keys - 2.0 * (torch.arange(n, device=dev) < m)
-    perm = torch.sort(key).indices
-    cum = pi[perm].cumsum(0)
-    cum = cum * (k / cum[-1])  # the sum is k up to rounding; make the last point fall inside
+    perm = torch.sort(keys, stable=True).indices
     u = torch.rand(1, generator=generator, device=dev, dtype=torch.float64)
-    points = u + torch.arange(k, device=dev, dtype=torch.float64)
-    hit = torch.searchsorted(cum, points, right=True).clamp_(max=n - 1)
-    return perm[hit]
+    certain = torch.arange(n, device=dev) < m
+    drawn = kernels.reference.systematic_hits(pi, certain, ~certain, m, k, perm, u)
+    return torch.sort((~drawn).to(torch.int8), stable=True).indices[:k]
 
 
 def importance_draw(
@@ -311,25 +279,22 @@ def importance_draw(
     floor: float,
     generator: torch.Generator | None,
     uniform: bool = False,
+    norm: int | Tensor = 1,
 ) -> Draw:
     """Draw k of the n valid rows with pi = ``inclusion_probabilities`` of their difficulty (the
-    score s >= 0; ``uniform``: every s equal, pi = k / n). ``ranking.order`` lists the valid rows
-    first, by descending difficulty, which is the order water-filling needs. 1 <= k < n."""
-    sorted_rows = ranking.order[:n_valid]
-    scores = diff[sorted_rows]
-    if uniform:
-        scores = torch.ones_like(scores)
-    pi, m = inclusion_probabilities(scores, k, floor)
-    # the random order is keyed by the rows' order (the j-th valid row gets the j-th key), not by
-    # their places in the difficulty order: scores equal up to rounding (the two backends) may
-    # swap places there without changing the draw
-    valid = diff != -math.inf
-    keys = torch.rand(n_valid, generator=generator, device=diff.device)
-    pos = systematic_draw(pi, m, k, generator, keys[(torch.cumsum(valid, 0) - 1)[sorted_rows]])
-    rows, ix = torch.sort(sorted_rows[pos])
-    inv_pi = (1.0 / pi[pos])[ix]
-    s = scores.double().clamp(max=_FLT_MAX)
-    figures = torch.stack(
-        [inv_pi.sum() ** 2 / (inv_pi * inv_pi).sum(), inv_pi.max(), m.double(), s.mean(), (s * s).mean()]
-    )
-    return Draw(rows, inv_pi, figures)
+    score s >= 0; ``uniform``: every s equal, pi = k / n), by systematic sampling over the rows in
+    a random order, each drawn row weighted (1 / pi) / ``norm`` (``kernels.importance_draw``, one
+    launch). ``ranking.order`` lists the valid rows first, by descending difficulty, which is the
+    order water-filling needs. 1 <= k < n.
+
+    The random numbers: a uniform key per valid row, fp32 (n,), the j-th valid row in row order
+    taking the j-th key, whose stable ascending sort is the random order (a row's key goes with the
+    row, not with its place in the difficulty order: scores equal up to rounding, as two backends
+    give them, may swap places there without changing the draw; ignored rows take none, so the draw
+    does not depend on how many there are), then the start u, float64 (1,), both from
+    ``generator``."""
+    dev = diff.device
+    keys = torch.rand(n_valid, generator=generator, device=dev)
+    perm = torch.sort(keys, stable=True).indices
+    u = torch.rand(1, generator=generator, device=dev, dtype=torch.float64)
+    return kernels.importance_draw(diff, ranking.order, ranking.rank, perm, u, n_valid, k, floor, uniform, norm)

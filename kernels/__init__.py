@@ -1,13 +1,14 @@
 """Row kernels of the gated loss, behind one dispatch point (installed as ``cggr_hook.kernels``).
 
 Every caller goes through the functions here, in the order of the data flow (target_counts ->
-row_stats -> row_difficulty -> difficulty_rank -> selected_loss -> a gradient kernel). Each runs
+row_stats -> row_difficulty -> difficulty_rank -> [importance_draw] -> selected_loss -> a gradient
+kernel). Each runs
 the function of the same name in the backend ``backend_for`` picks for its tensors:
 
 - ``CGGR_HOOK_BACKEND=torch`` or ``=triton`` forces one; the variable is read once, at the first
   kernel call, and ``force_backend`` changes the choice later (Triton on a CPU tensor needs
   ``TRITON_INTERPRET=1``, Triton's interpreter, which is how CI tests the kernels);
-- otherwise CUDA tensors take Triton (``scoring``, ``ranking``, ``gated_ce``) and every other
+- otherwise CUDA tensors take Triton (``scoring``, ``ranking``, ``importance``, ``gated_ce``) and every other
   device the PyTorch reference (``reference``).
 
 What every backend computes, by name (scoring modes, reductions, the per-row statistics), is in
@@ -25,10 +26,11 @@ import torch
 from torch import Tensor
 
 from . import reference
-from .spec import RowStats
+from .spec import ImportanceDraw, RowStats
 
 __all__ = [
     "RowStats",
+    "ImportanceDraw",
     "as_rows",
     "backend_for",
     "force_backend",
@@ -37,6 +39,7 @@ __all__ = [
     "row_stats",
     "row_difficulty",
     "difficulty_rank",
+    "importance_draw",
     "selected_loss",
     "ce_grad_rows",
     "ce_grad_dense_",
@@ -50,6 +53,7 @@ _TRITON_MODULES = {
     "row_stats": "scoring",
     "row_difficulty": "scoring",
     "difficulty_rank": "ranking",
+    "importance_draw": "importance",
     "selected_loss": "gated_ce",
     "ce_grad_rows": "gated_ce",
     "ce_grad_dense_": "gated_ce",
@@ -188,6 +192,36 @@ def difficulty_rank(diff: Tensor) -> tuple[Tensor, Tensor]:
     if backend_for(diff) == "triton" and diff.numel() > _triton("difficulty_rank").MAX_ROWS:
         return reference.difficulty_rank(diff)
     return _run("difficulty_rank", diff, diff)
+
+
+def importance_draw(
+    diff: Tensor,
+    order: Tensor,
+    rank: Tensor,
+    perm: Tensor,
+    u: Tensor,
+    n_valid: int,
+    k: int,
+    floor: float,
+    uniform: bool = False,
+    norm: int | Tensor = 1,
+) -> ImportanceDraw:
+    """Draw k of the ``n_valid`` valid rows with inclusion probabilities pi by water-filling over
+    their difficulty ``diff`` (fp32 (N,)), systematic sampling over the random order ``perm`` (int64
+    (n_valid,), a permutation of the valid rows' ordinals: the j-th valid row in row order is j) from u (float64 (1,), uniform in [0, 1)); ``order`` and
+    ``rank`` are ``difficulty_rank``'s. Returns the rows ascending (k,), 1 / pi of each (k,),
+    ``row_weight`` (1 / pi) / ``norm`` fp32 (N,) (an int, or a float64 0-d device tensor), the
+    selection key int64 (N,) (``key < 1``) and float64 (5,) ``spec.DRAW_FIGURES``
+    (``reference.importance_draw``). No host synchronisation."""
+    N = diff.numel()
+    if not 1 <= k < n_valid <= N:
+        raise ValueError(f"cggr_hook: importance_draw needs 1 <= k < n_valid <= N, got k={k}, n_valid={n_valid}, N={N}")
+    for name, t, size in (("order", order, N), ("rank", rank, N), ("perm", perm, n_valid)):
+        if t.dim() != 1 or t.numel() != size or t.dtype != torch.int64:
+            raise ValueError(f"cggr_hook: {name} must be int64 of {size} rows, got {t.dtype} of shape {tuple(t.shape)}")
+    if u.numel() != 1 or u.dtype != torch.float64:
+        raise ValueError(f"cggr_hook: u must be one float64, got {u.dtype} of shape {tuple(u.shape)}")
+    return _run("importance_draw", diff, diff, order, rank, perm, u, n_valid, k, float(floor), bool(uniform), norm)
 
 
 def selected_loss(

@@ -32,6 +32,13 @@ __all__ = [
     "selected_loss",
     "ce_grad_rows",
     "ce_grad_dense_",
+    "importance_scores",
+    "importance_shares",
+    "water_level",
+    "uncapped_probabilities",
+    "inclusion_probabilities",
+    "systematic_hits",
+    "importance_draw",
 ]
 
 # fp32 elements per chunk of temporaries (64 MiB)
@@ -355,3 +362,139 @@ def ce_grad_dense_(
     out[drop // T, drop % T] = 0
     out[sel // T, sel % T] = g
     return out
+
+
+# --------------------------------------------------------------------------------------------------
+# importance sampling
+# --------------------------------------------------------------------------------------------------
+# Running sums are sequential (torch's CPU cumsum), each block's carry entering with its first
+# element: the order of additions the Triton kernel's block scans follow under the interpreter, so
+# the two backends draw the same rows bit for bit on the CPU.
+_FLT_MAX = 3.4028234663852886e38
+
+
+def importance_scores(diff: Tensor, uniform: bool) -> Tensor:
+    """float64 score of each row: its difficulty with +inf (NaN logits) as the largest float, a
+    huge but still summable score; every score 1 with ``uniform``."""
+    if uniform:
+        return torch.ones_like(diff, dtype=torch.float64)
+    return diff.double().clamp(max=_FLT_MAX)
+
+
+def importance_shares(s: Tensor, total: Tensor, n: int, floor: float) -> Tensor:
+    """q = (1 - a) s / sum s + a / n (a = ``floor``; s / sum s is 1 / n when every score is 0)."""
+    share = torch.where(total > 0, s / total, torch.full_like(s, 1.0 / n))
+    return (1.0 - floor) * share + floor / n
+
+
+def water_level(scores: Tensor, k: int, floor: float) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(total, q, m, rest) of water-filling over ``scores`` (float64 (n,), descending): the sum of
+    the scores, the shares q, the number m of certain rows (0-d int64) and rest = sum_{i >= m} q_i.
+
+    m is the first j < k with (k - j) q_j <= tail_j = sum_{i >= j} q_i (that condition, once true,
+    stays true, and at j = k - 1 always is: taken there whatever the rounding). 1 <= k < n."""
+    n = scores.numel()
+    total = scores.cumsum(0)[-1]
+    q = importance_shares(scores, total, n, floor)
+    tail = q.flip(0).cumsum(0).flip(0)
+    j = torch.arange(k, device=scores.device)
+    fits = ((k - j) * q[:k] <= tail[:k]) | (j == k - 1)
+    m = fits.to(torch.int32).argmax()  # the first j that fits
+    rest = tail.gather(0, m.view(1)).squeeze(0)  # (indexing with a device scalar would read it on the host)
+    return total, q, m, rest
+
+
+def uncapped_probabilities(q: Tensor, m: Tensor, rest: Tensor, n: int, k: int) -> Tensor:
+    """pi = min(1, c q) with c = (k - m) / rest for the rows past the m certain ones; where rest is
+    0 (a = 0 and fewer than k positive scores) they share the remaining k - m uniformly."""
+    left = k - m.double()
+    return torch.where(rest > 0, (left / rest * q).clamp(max=1.0), left / (n - m.double()))
+
+
+def inclusion_probabilities(scores: Tensor, k: int, floor: float) -> tuple[Tensor, Tensor]:
+    """Water-filling: pi_i = min(1, c q_i) with sum pi = k, for ``scores`` (n,) >= 0 sorted
+    descending (any float dtype; +inf: a certain row). The first m rows (``water_level``) have
+    pi = 1. Returns (pi float64 (n,), m 0-d int64); no host synchronisation. 1 <= k < n."""
+    s = importance_scores(scores, False)
+    n = s.numel()
+    _, q, m, rest = water_level(s, k, floor)
+    pi = uncapped_probabilities(q, m, rest, n, k)
+    return torch.where(torch.arange(n, device=s.device) < m, torch.ones_like(q), pi), m
+
+
+def systematic_hits(
+    pi: Tensor, certain: Tensor, uncertain: Tensor, m: Tensor, k: int, walk: Tensor, u: Tensor
+) -> Tensor:
+    """bool (N,): the rows that systematic sampling draws, exactly k with probability exactly pi.
+
+    The m ``certain`` rows (pi = 1) hold the points u, u + 1, ..., u + m - 1 (u in [0, 1), float64
+    (1,)); the ``uncertain`` rows follow in the random order ``walk`` (int64 rows, each uncertain
+    one once; the other rows there take no room), each spanning its pi on the line from m: cum_i = m + the pi of
+    the uncertain rows up to i in that order, the last uncertain row's end set to k. A row holds
+    the points in (cum_prev, cum], with F(c) = min(ceil(c - u), k) the points below c: it is drawn
+    when F(cum) > F(cum_prev). A length pi <= 1 holds at most one point, with probability pi.
+    """
+    unc = uncertain[walk]
+    x = torch.where(unc, pi[walk], 0.0)
+    x[0] += m.double()
+    cum = x.cumsum(0)
+    cum = torch.where(unc.cumsum(0) == uncertain.sum(), float(k), cum)
+    F = (cum - u).ceil().clamp(max=k).long()
+    F_prev = torch.cat([m.view(1), F[:-1]])
+    hit = torch.zeros_like(uncertain).scatter_(0, walk, unc & (F > F_prev))
+    return certain | hit
+
+
+def importance_draw(
+    diff: Tensor,
+    order: Tensor,
+    rank: Tensor,
+    perm: Tensor,
+    u: Tensor,
+    n_valid: int,
+    k: int,
+    floor: float,
+    uniform: bool,
+    norm: int | Tensor,
+) -> spec.ImportanceDraw:
+    """Draw k of the n = ``n_valid`` valid rows (the first n of ``order``, the difficulty order:
+    ``rank[r] < n``) with inclusion probabilities pi by water-filling over their scores
+    (``importance_scores`` of ``diff`` (N,) fp32; ``uniform``: every score 1) and the floor a:
+
+        q_i = (1 - a) s_i / sum s + a / n,    pi_i = min(1, c q_i),    sum pi = k
+
+    (``water_level``: the m hardest rows are certain, pi = 1), then systematic sampling
+    (``systematic_hits``) over the valid rows in the random order ``perm`` (int64 (n,), a
+    permutation of 0..n-1: the valid rows by their ordinals, the j-th valid row in row order being
+    j) with the start u (float64 (1,), uniform in [0, 1)).
+
+    Returns ``ImportanceDraw``: the rows ascending, 1 / pi of each, ``row_weight`` = (1 / pi_r) /
+    ``norm`` on the drawn rows (an int, or a float64 0-d device tensor), the key (0 on the drawn
+    rows, 1 elsewhere) and ``DRAW_FIGURES``. No host synchronisation; 1 <= k < n <= N.
+    """
+    n = n_valid
+    s_sorted = importance_scores(diff[order[:n]], uniform)
+    total, _, m, rest = water_level(s_sorted, k, floor)
+    valid = rank < n
+    certain = rank < m
+    uncertain = valid & ~certain
+    s = torch.where(valid, importance_scores(diff, uniform), 0.0)
+    pi = uncapped_probabilities(importance_shares(s, total, n, floor), m, rest, n, k)
+    pi = torch.where(certain, 1.0, torch.where(uncertain, pi, 0.0))
+    valid_rows = torch.sort((~valid).to(torch.int8), stable=True).indices[:n]
+    drawn = systematic_hits(pi, certain, uncertain, m, k, valid_rows[perm], u)
+    w = 1.0 / torch.where(drawn, pi, 1.0)
+    rows = torch.sort((~drawn).to(torch.int8), stable=True).indices[:k]
+    inv_pi = w[rows]
+    row_weight = torch.where(drawn, w / norm, 0.0).float()
+    key = (~drawn).long()
+    figures = torch.stack(
+        [
+            inv_pi.sum() ** 2 / (inv_pi * inv_pi).sum(),
+            inv_pi.max(),
+            m.double(),
+            total / n,
+            (s_sorted * s_sorted).sum() / n,
+        ]
+    )
+    return spec.ImportanceDraw(rows, inv_pi, row_weight, key, figures)

@@ -6,7 +6,8 @@ Triton launchers (``scoring.py``, ``gated_ce.py``) and the gate's options (``cgg
   and its branch in the Triton difficulty kernel);
 - ``REDUCTIONS``: the loss reductions;
 - ``SUM_FIELDS``: the per-row sums that travel to the host;
-- ``target_masks``: which targets are valid (in [0, V) and not ``ignore_index``) and which are bad.
+- ``target_masks``: which targets are valid (in [0, V) and not ``ignore_index``) and which are bad;
+- ``ImportanceDraw`` and ``DRAW_FIGURES``: what an importance draw returns.
 """
 
 from __future__ import annotations
@@ -57,6 +58,23 @@ SCORINGS: dict[str, Scoring] = {
 
 # reduction -> REDUCTION of the Triton loss kernel
 REDUCTIONS: dict[str, int] = {"mean": 0, "sum": 1, "none": 2}
+
+
+class ImportanceDraw(NamedTuple):
+    """k rows drawn with inclusion probabilities pi (``reference.importance_draw``)."""
+
+    rows: Tensor  # (k,) int64, ascending
+    inv_pi: Tensor  # (k,) float64, 1 / pi of each drawn row (the Horvitz-Thompson weight), rows' order
+    row_weight: Tensor  # (N,) fp32, (1 / pi_r) / norm on drawn rows, 0 elsewhere
+    key: Tensor  # (N,) int64, 0 on drawn rows and 1 elsewhere: the selection is ``key < 1``
+    figures: Tensor  # float64 (5,): ``DRAW_FIGURES``
+
+
+# what ``ImportanceDraw.figures`` holds: the effective sample size (sum w)^2 / sum w^2 and the
+# largest weight w = 1 / pi over the drawn rows, how many rows were certain (pi = 1), and over the
+# n valid rows the mean score and mean squared score (the variance gain the scores predict needs both)
+DRAW_FIGURES = ("ess", "max_weight", "n_certain", "score_mean", "score_sq_mean")
+
 
 # columns of the per-row sums that travel to the host: valid rows, bad targets (neither ignored nor
 # in [0, V)), and over valid rows the top-1 probability, the entropy and the difficulty

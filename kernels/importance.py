@@ -1,0 +1,277 @@
+"""Triton importance draw: water-filling, the systematic draw and the Horvitz-Thompson weights in
+one launch (``reference.importance_draw`` defines what it computes).
+
+One program walks the rows in blocks of ``BLOCK``, five passes with running carries:
+
+0. every row in row order: the valid ones (``rank < n``) listed ascending by a running count, so
+   that the j-th valid row is found from j (``perm`` orders the valid rows by these ordinals);
+1. the valid rows in difficulty order (``order[:n]``): the sum of the scores (and of their squares,
+   for the figures);
+2. the same rows backwards: the tails sum_{i >= j} q_i by a reversed block scan, and m, the first
+   j < k with (k - j) q_j <= tail_j, with rest = tail_m;
+3. the valid rows in the random order ``perm``: the running sum of pi over the uncertain rows from m
+   (the last one's end set to k) and F = min(ceil(cum - u), k), the points below it, stored by
+   position, and each row's position in ``perm``;
+4. every row in row order: drawn when certain or when F rose at its position; its key, its
+   ``row_weight``, and the drawn rows compacted in ascending order by a running count, with 1 / pi
+   and the figures' sums.
+
+A row's pi is a function of its own score (and of m, rest and the sums), so passes 3 and 4 compute
+it from ``diff`` where they need it; certain and valid come from ``rank``. Running sums enter each
+block as its first (forward) or last (backward) element before the block scan, which under the
+interpreter is exactly the sequential sum the reference takes. Passes 3 and 4 read what the pass
+before them wrote at other rows' places, after a barrier (one program: the whole block of threads). The work is
+O(N / BLOCK) iterations of a latency-bound walk; the point is one launch instead of ~90 small ones.
+"""
+
+# Triton launches (kernel[grid](..., num_warps=...)) and @triton.jit bodies are not Python that pyright can type:
+# pyright: reportCallIssue=false, reportArgumentType=false, reportOperatorIssue=false, reportGeneralTypeIssues=false
+# pyright: reportAttributeAccessIssue=false
+
+from __future__ import annotations
+
+import struct
+
+import torch
+import triton
+import triton.language as tl
+from torch import Tensor
+
+from .spec import ImportanceDraw
+
+__all__ = ["importance_draw", "BLOCK", "NUM_WARPS"]
+
+# rows a loop iteration and the warps of the one program (not swept on a device yet)
+BLOCK = 1024
+NUM_WARPS = 4
+
+_FLT_MAX: tl.constexpr = tl.constexpr(3.4028234663852886e38)  # an fp32 value: exact as a constant
+_NO_ROW: tl.constexpr = tl.constexpr(2147483647)
+
+
+@triton.jit
+def _score(d, UNIFORM: tl.constexpr):
+    if UNIFORM:
+        return tl.full(d.shape, 1.0, tl.float64)
+    else:
+        return tl.minimum(d.to(tl.float64), _FLT_MAX)
+
+
+@triton.jit
+def _share(s, total, share_u, one_minus_a, a_over_n):
+    share = tl.where(total > 0, s / tl.where(total > 0, total, 1.0), share_u)
+    return one_minus_a * share + a_over_n
+
+
+@triton.jit
+def _last(x, idx, BLOCK: tl.constexpr):
+    return tl.sum(tl.where(idx == BLOCK - 1, x, 0))
+
+
+@triton.jit
+def _first(x, idx):
+    return tl.sum(tl.where(idx == 0, x, 0))
+
+
+@triton.jit
+def _importance_kernel(
+    diff_ptr,
+    order_ptr,
+    rank_ptr,
+    perm_ptr,
+    u_ptr,
+    norm_ptr,
+    vrows_ptr,
+    F_ptr,
+    pos_ptr,
+    rows_ptr,
+    inv_pi_ptr,
+    row_weight_ptr,
+    key_ptr,
+    fig_ptr,
+    N,
+    n,
+    k,
+    norm_int,
+    FLOOR_BITS: tl.constexpr,
+    UNIFORM: tl.constexpr,
+    NORM_TENSOR: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    idx = tl.arange(0, BLOCK)
+    zero = tl.zeros([], tl.float64)
+    floor = tl.full([], FLOOR_BITS, tl.int64).to(tl.float64, bitcast=True)
+    nf = zero + n
+    kf = zero + k
+    one_minus_a = 1.0 - floor
+    a_over_n = floor / nf
+    share_u = 1.0 / nf
+
+    # 0. the valid rows, ascending
+    n_seen = tl.zeros([], tl.int32)
+    for start in range(0, N, BLOCK):
+        r = start + idx
+        inb = r < N
+        valid = inb & (tl.load(rank_ptr + r, mask=inb, other=N) < n)
+        v = valid.to(tl.int32)
+        tl.store(vrows_ptr + n_seen + tl.cumsum(v, 0) - 1, r, mask=valid)
+        n_seen += tl.sum(v)
+    tl.debug_barrier()
+
+    # 1. the sum of the scores, sequential through the blocks
+    total = zero
+    sq = zero
+    for start in range(0, n, BLOCK):
+        j = start + idx
+        inb = j < n
+        r = tl.load(order_ptr + j, mask=inb, other=0)
+        s = tl.where(inb, _score(tl.load(diff_ptr + r, mask=inb, other=0.0), UNIFORM), 0.0)
+        sq += tl.sum(s * s)
+        run = tl.cumsum(tl.where(idx == 0, s + total, s), 0)
+        total = _last(run, idx, BLOCK)
+
+    # 2. tails from the end, and m: the first j < k that fits (j = k - 1 always does)
+    m = tl.zeros([], tl.int32) + (k - 1)
+    rest = zero
+    carry = zero
+    n_blocks = tl.cdiv(n, BLOCK)
+    for b in range(0, n_blocks):
+        j = (n_blocks - 1 - b) * BLOCK + idx
+        inb = j < n
+        r = tl.load(order_ptr + j, mask=inb, other=0)
+        s = tl.where(inb, _score(tl.load(diff_ptr + r, mask=inb, other=0.0), UNIFORM), 0.0)
+        q = tl.where(inb, _share(s, total, share_u, one_minus_a, a_over_n), 0.0)
+        tail = tl.cumsum(tl.where(idx == BLOCK - 1, q + carry, q), 0, reverse=True)
+        carry = _first(tail, idx)
+        fits = (j < k) & (((k - j).to(tl.float64) * q <= tail) | (j == k - 1))
+        jm = tl.min(tl.where(fits, j, _NO_ROW))
+        found = jm < _NO_ROW
+        rest = tl.where(found, tl.sum(tl.where(j == jm, tail, 0.0)), rest)
+        m = tl.where(found, jm, m)
+
+    left = (k - m).to(tl.float64)
+    c = left / tl.where(rest > 0, rest, 1.0)
+    spread = left / (n - m).to(tl.float64)
+    n_unc = n - m
+
+    # 3. the random order of the valid rows: running pi of the uncertain ones from m, F by position
+    u = tl.load(u_ptr)
+    cum_carry = m.to(tl.float64)
+    cnt_carry = tl.zeros([], tl.int32)
+    for start in range(0, n, BLOCK):
+        i = start + idx
+        inb = i < n
+        r = tl.load(vrows_ptr + tl.load(perm_ptr + i, mask=inb, other=0), mask=inb, other=0)
+        rk = tl.load(rank_ptr + r, mask=inb, other=N)
+        unc = inb & (rk >= m)
+        s = tl.where(unc, _score(tl.load(diff_ptr + r, mask=unc, other=0.0), UNIFORM), 0.0)
+        q = _share(s, total, share_u, one_minus_a, a_over_n)
+        pi = tl.where(rest > 0, tl.minimum(c * q, 1.0), spread)
+        x = tl.where(unc, pi, 0.0)
+        cum = tl.cumsum(tl.where(idx == 0, x + cum_carry, x), 0)
+        cum_carry = _last(cum, idx, BLOCK)
+        cnt = cnt_carry + tl.cumsum(unc.to(tl.int32), 0)
+        cnt_carry = _last(cnt, idx, BLOCK)
+        cum = tl.where(cnt == n_unc, kf, cum)
+        F = tl.minimum(tl.ceil(cum - u), kf).to(tl.int32)
+        tl.store(F_ptr + i, F, mask=inb)
+        tl.store(pos_ptr + r, i, mask=inb)
+    tl.debug_barrier()
+
+    # 4. row order: drawn rows, their keys and weights, compacted ascending
+    if NORM_TENSOR:
+        norm = tl.load(norm_ptr).to(tl.float64)
+    else:
+        norm = zero + norm_int
+    n_drawn = tl.zeros([], tl.int32)
+    sum_w = zero
+    sum_w2 = zero
+    max_w = zero
+    for start in range(0, N, BLOCK):
+        r = start + idx
+        inb = r < N
+        rk = tl.load(rank_ptr + r, mask=inb, other=N)
+        certain = inb & (rk < m)
+        unc = inb & (rk < n) & (rk >= m)
+        p = tl.load(pos_ptr + r, mask=unc, other=0)
+        F = tl.load(F_ptr + p, mask=unc, other=0)
+        F_prev = tl.load(F_ptr + p - 1, mask=unc & (p > 0), other=m)
+        drawn = certain | (unc & (F > F_prev))
+        s = tl.where(unc, _score(tl.load(diff_ptr + r, mask=unc, other=0.0), UNIFORM), 0.0)
+        q = _share(s, total, share_u, one_minus_a, a_over_n)
+        pi = tl.where(certain, 1.0, tl.where(rest > 0, tl.minimum(c * q, 1.0), spread))
+        w = tl.where(drawn, 1.0 / tl.where(drawn, pi, 1.0), 0.0)
+        tl.store(row_weight_ptr + r, (w / norm).to(tl.float32), mask=inb)
+        tl.store(key_ptr + r, tl.where(drawn, 0, 1).to(tl.int64), mask=inb)
+        d = drawn.to(tl.int32)
+        slot = n_drawn + tl.cumsum(d, 0) - 1
+        keep = drawn & (slot < k)
+        tl.store(rows_ptr + slot, r.to(tl.int64), mask=keep)
+        tl.store(inv_pi_ptr + slot, w, mask=keep)
+        n_drawn += tl.sum(d)
+        sum_w += tl.sum(w)
+        sum_w2 += tl.sum(w * w)
+        max_w = tl.maximum(max_w, tl.max(w))
+
+    f = tl.arange(0, 8)
+    fig = tl.where(f == 0, sum_w * sum_w / sum_w2, max_w)
+    fig = tl.where(f == 2, m.to(tl.float64), fig)
+    fig = tl.where(f == 3, total / nf, fig)
+    fig = tl.where(f == 4, sq / nf, fig)
+    tl.store(fig_ptr + f, fig, mask=f < 5)
+
+
+def importance_draw(
+    diff: Tensor,
+    order: Tensor,
+    rank: Tensor,
+    perm: Tensor,
+    u: Tensor,
+    n_valid: int,
+    k: int,
+    floor: float,
+    uniform: bool,
+    norm: int | Tensor,
+) -> ImportanceDraw:
+    """k rows drawn from the ``n_valid`` valid ones, their weights, key and figures: see
+    ``reference.importance_draw``. One program, one launch."""
+    N = diff.numel()
+    dev = diff.device
+    if N >= 2**31:
+        raise ValueError(f"cggr_hook: importance_draw indexes in int32 and takes fewer than 2^31 rows, got {N}")
+    # the valid rows ascending, F by position in ``perm``, each valid row's position there
+    work = torch.empty(N + 2 * n_valid, dtype=torch.int32, device=dev)
+    rows = torch.empty(k, dtype=torch.int64, device=dev)
+    inv_pi = torch.empty(k, dtype=torch.float64, device=dev)
+    row_weight = torch.empty(N, dtype=torch.float32, device=dev)
+    key = torch.empty(N, dtype=torch.int64, device=dev)
+    figures = torch.empty(5, dtype=torch.float64, device=dev)
+    norm_tensor = isinstance(norm, Tensor)
+    # fp64 bits as a compile-time int: a float argument would reach the kernel as fp32
+    floor_bits = struct.unpack("<q", struct.pack("<d", float(floor)))[0]
+    _importance_kernel[(1,)](
+        diff.contiguous(),
+        order.contiguous(),
+        rank.contiguous(),
+        perm.contiguous(),
+        u,
+        norm if norm_tensor else u,
+        work[:n_valid],
+        work[n_valid : 2 * n_valid],
+        work[2 * n_valid :],
+        rows,
+        inv_pi,
+        row_weight,
+        key,
+        figures,
+        N,
+        n_valid,
+        k,
+        1 if norm_tensor else int(norm),
+        FLOOR_BITS=floor_bits,
+        UNIFORM=bool(uniform),
+        NORM_TENSOR=norm_tensor,
+        BLOCK=BLOCK,
+        num_warps=NUM_WARPS,
+    )
+    return ImportanceDraw(rows, inv_pi, row_weight, key, figures)
