@@ -576,7 +576,7 @@ def run_job(job: dict) -> dict:
     targets = [budget * (i + 1) / args.eval_points for i in range(args.eval_points)]
     curve = [dict(seconds=0.0, step=0, val=heldout_loss(model, held, args.eval_batch_size, device))]
     batches = train.batches(args.batch_size, args.seq_len, seed=seed)
-    clock, step, fractions, draws = 0.0, 0, [], []
+    clock, step, fractions, draws, plain_steps = 0.0, 0, [], [], 0
     wall0 = time.perf_counter()
     while clock < budget - 1e-9:
         for group in opt.param_groups:
@@ -589,6 +589,7 @@ def run_job(job: dict) -> dict:
             if m.get("auto_plain"):  # the auto ratio ran this step as the plain loss
                 fraction = "plain"
                 fractions.append(1.0)
+                plain_steps += 1
             elif m.get("tokens_total"):
                 fraction = m["tokens_selected"] / m["tokens_total"] if moving else fixed_fraction
                 fractions.append(m["tokens_selected"] / m["tokens_total"])
@@ -605,6 +606,11 @@ def run_job(job: dict) -> dict:
         while targets and clock >= targets[0] - 1e-9:
             targets.pop(0)
             curve.append(dict(seconds=clock, step=step, val=heldout_loss(model, held, args.eval_batch_size, device)))
+    auto_state = None
+    if gate is not None and is_auto(opts):  # what the auto ratio measured and chose, as it stands at the end
+        m = cggr_hook.metrics()
+        auto_state = {k: v for k, v in m.items() if k.startswith(("auto_", "step_ms_", "noise_scale"))}
+        auto_state["plain_steps"] = plain_steps
     if gate is not None:
         cggr_hook.disable(model)
     tokens = step * args.batch_size * args.seq_len
@@ -622,6 +628,7 @@ def run_job(job: dict) -> dict:
         predicted=prediction,
         draws={k: statistics.fmean(d[k] for d in draws) for k in draws[0]} if draws else None,
         wall_seconds=time.perf_counter() - wall0,
+        auto=auto_state,
     )
     del model, opt
     if device.type == "cuda":
