@@ -14,9 +14,10 @@ rate is proportional to 1 / (1 + N(f) / |G|^2); per second, to that over the mea
 
 **Candidates**: the gated fractions ``FRACTIONS`` and ``PLAIN``, the plain loss with the gate out
 of the way (the original ``F.cross_entropy``), which keeps every token like 1.0 and can be the
-faster of the two where a call's fixed cost outweighs what the gate's kernels save. A fraction
-below 1.0 is chosen only if it promises ``MARGIN`` more progress per second than the better of
-the two full-token candidates; otherwise that one is.
+faster of the two where a call's fixed cost outweighs what the gate's kernels save. 1.0 is
+preferred to the plain loss only where its steps are ``MARGIN`` faster, and a fraction below 1.0
+is chosen only if it promises ``MARGIN`` more progress per second than the better of the two
+full-token candidates; otherwise that one is.
 
 **Schedule**: a probe window runs ``PROBE_STEPS`` optimizer steps at each candidate (1.0 first:
 its steps measure the noise); a candidate's step time is the median wall-clock time between
@@ -47,7 +48,7 @@ from torch import Tensor
 PLAIN = "plain"
 FRACTIONS = (1.0, 0.75, 0.5, 0.25)
 CANDIDATES: tuple[float | str, ...] = (*FRACTIONS, PLAIN)
-PROBE_STEPS = 3
+PROBE_STEPS = 5  # a candidate's time: the median of its last four steps
 INTERVAL = 500
 MARGIN = 0.03
 NOISE_MOMENTUM = 0.5  # weight of the earlier windows' noise figures in the running average
@@ -78,7 +79,11 @@ def choose(step_seconds: dict, noise_scale: float | None, n: float, margin: floa
     full = [c for c in (1.0, PLAIN) if c in step_seconds]
     if not full:
         raise ValueError("cggr_hook: auto needs the step time of 1.0 or plain")
-    best_full = min(full, key=lambda c: (step_seconds[c], c == 1.0))  # a tie goes to plain
+    # the plain loss is what the user runs without the gate: 1.0 replaces it only where its steps
+    # are faster by the margin (step times measured over a few steps are noisy to a few %)
+    if len(full) == 2 and step_seconds[1.0] >= step_seconds[PLAIN] * (1.0 - margin):
+        full = [PLAIN]
+    best_full = min(full, key=lambda c: step_seconds[c])
     if noise_scale is None:
         return best_full
     rate_full = progress_rate(1.0, step_seconds[best_full], noise_scale, n)

@@ -18,8 +18,8 @@ import torch
 from torch import Tensor, nn
 
 from . import auto as auto_mod
+from . import figures, hf_loss, trl_fused
 from . import head as head_mod
-from . import hf_loss, trl_fused
 from .config import GateConfig
 from .schedule import optimizer_holds
 
@@ -138,6 +138,12 @@ class Gate:
             return None
         if not isinstance(output, Tensor) or not output.requires_grad or not args or not isinstance(args[0], Tensor):
             return None
+        if self.runs_plain():
+            # min_tokens_ratio='auto' runs this step as the plain loss: the head's output goes on as
+            # it is, untapped (nothing held, no node in the graph), so the step costs what it costs
+            # without the gate; it still counts, and times the plain candidate
+            self.run_plain()
+            return None
         self._taps += 1
         called = head_mod.called_module(module)
         # the narrow backward only where output == F.linear(hidden, weight, bias) is known; a global
@@ -249,6 +255,24 @@ class Gate:
     def on_plain_choice(self) -> None:
         """``min_tokens_ratio='auto'`` ran this call as the plain loss: the watchdog counts it as gated."""
         self._gated_since_step += 1
+
+    def run_plain(self) -> None:
+        """Book a call that ``min_tokens_ratio='auto'`` runs as the plain loss: its optimizer step
+        counts (and times the plain candidate), ``metrics()`` says so, and the watchdog sees the
+        gate's own choice."""
+        scheduler = self._registry.scheduler
+        scheduler.plain_call(self.key, self.param_ids)
+        self._registry.record(
+            self,
+            dict(
+                step=scheduler.step_count + 1,
+                token_ratio=1.0,
+                selection="plain",
+                scoring=self.config.scoring,
+                **figures.auto_figures(scheduler.auto_state(self.key), auto_mod.PLAIN),
+            ),
+        )
+        self.on_plain_choice()
 
     def runs_plain(self) -> bool:
         """Whether ``min_tokens_ratio='auto'`` runs the current step as the plain loss."""

@@ -22,8 +22,7 @@ from typing import TYPE_CHECKING, Any, cast
 import torch
 from torch import Tensor
 
-from . import auto as auto_mod
-from . import figures, kernels, patch
+from . import kernels, patch
 from . import trace as trace_mod
 from .functions import GatedCrossEntropy, GatedHeadCrossEntropy
 from .head import HeadCall
@@ -139,20 +138,9 @@ class Route:
         spec.check(V)
         scheduler = registry.scheduler
         if gate.runs_plain():
-            # min_tokens_ratio='auto' runs this step as the plain loss: the original function, whose
-            # optimizer step still counts (and times the plain candidate)
-            scheduler.plain_call(gate.key, gate.param_ids)
-            registry.record(
-                gate,
-                dict(
-                    step=scheduler.step_count + 1,
-                    token_ratio=1.0,
-                    selection="plain",
-                    scoring=gate.config.scoring,
-                    **figures.auto_figures(scheduler.auto_state(gate.key), auto_mod.PLAIN),
-                ),
-            )
-            gate.on_plain_choice()  # the watchdog: this loss is the gate's own choice
+            # min_tokens_ratio='auto' runs this step as the plain loss (the head's forward hook
+            # leaves such a step's logits untapped; these were tapped before the step's choice)
+            gate.run_plain()
             return None
 
         out = call.output

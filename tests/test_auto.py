@@ -32,9 +32,10 @@ TIMES = {1.0: 0.100, 0.75: 0.080, 0.5: 0.060, 0.25: 0.050, PLAIN: 0.110}
 @pytest.mark.parametrize("B, n", [(10.0, 32768), (3000.0, 32768), (3e5, 32768), (50.0, 4096), (0.0, 100)])
 def test_choose_takes_the_fraction_the_model_of_progress_says(B, n):
     rates = {c: rate(1.0 if c == PLAIN else c, t, B, n) for c, t in TIMES.items()}
-    full = max(rates[1.0], rates[PLAIN])
     best = max((c for c in TIMES if c not in (1.0, PLAIN)), key=rates.get)
-    want = best if rates[best] > full * (1 + auto.MARGIN) else (1.0 if rates[1.0] > rates[PLAIN] else PLAIN)
+    one_wins = TIMES[1.0] < TIMES[PLAIN] * (1 - auto.MARGIN)
+    full = rates[1.0] if one_wins else rates[PLAIN]
+    want = best if rates[best] > full * (1 + auto.MARGIN) else (1.0 if one_wins else PLAIN)
     assert auto.choose(TIMES, B, n) == want
 
 
@@ -48,6 +49,11 @@ def test_choose_keeps_every_token_where_no_fraction_pays():
     # a fraction within the margin does not move the choice off the full tokens
     times = {1.0: 0.100, 0.5: 0.0985, PLAIN: 0.2}
     assert auto.choose(times, 0.0, 32768) == 1.0
+    # 1.0 replaces the plain loss only where it is faster by the margin (a tie, or a few % from
+    # the timing's noise, keeps the user's own loss)
+    assert auto.choose({1.0: 0.0990, 0.5: 0.09, PLAIN: 0.100}, 1e6, 32768) == PLAIN
+    assert auto.choose({1.0: 0.0960, 0.5: 0.09, PLAIN: 0.100}, 1e6, 32768) == 1.0
+    assert auto.choose({1.0: 0.100, PLAIN: 0.100}, None, 32768) == PLAIN
     # no noise estimate yet: the faster full-token candidate
     assert auto.choose(TIMES, None, 32768) == 1.0
     assert auto.choose({1.0: 0.2, 0.5: 0.01, PLAIN: 0.1}, None, 32768) == PLAIN
@@ -102,7 +108,7 @@ def test_the_first_step_of_a_run_is_not_timed():
 def test_windows_repeat_every_interval_steps():
     state = AutoState()
     # noiseless figures: the choice is the fastest fraction, so a run of 1.0 marks a window
-    seen, _ = drive(state, 2 * auto.INTERVAL + 20, TIMES, noise=(0.0, 1.0))
+    seen, _ = drive(state, 2 * auto.INTERVAL + auto.PROBE_STEPS * len(auto.CANDIDATES), TIMES, noise=(0.0, 1.0))
     assert state.choice == 0.25
     starts = [i for i in range(len(seen) - 3) if seen[i : i + 3] == [1.0, 1.0, 1.0] and (i == 0 or seen[i - 1] != 1.0)]
     assert starts[:3] == [0, auto.INTERVAL, 2 * auto.INTERVAL]
@@ -202,9 +208,12 @@ def test_a_gated_loop_runs_the_probe_window_and_the_plain_candidate_is_the_plain
     idx = torch.randint(0, 37, (4, 12), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         plain = F.cross_entropy(model(idx)[:, :-1].reshape(-1, 37), idx[:, 1:].reshape(-1))
-    fractions, nodes = [], []
+    fractions, nodes, tapped = [], [], []
     for _ in range(n_window + 2):
-        loss = F.cross_entropy(model(idx)[:, :-1].reshape(-1, 37), idx[:, 1:].reshape(-1))
+        logits = model(idx)
+        tapped.append(type(logits.grad_fn).__name__ == "HeadTapBackward")
+        loss = F.cross_entropy(logits[:, :-1].reshape(-1, 37), idx[:, 1:].reshape(-1))
+        del logits
         nodes.append(type(loss.grad_fn).__name__)
         m = cggr_hook.metrics(model)
         fractions.append("plain" if m["auto_plain"] else m["auto_fraction"])
@@ -219,6 +228,8 @@ def test_a_gated_loop_runs_the_probe_window_and_the_plain_candidate_is_the_plain
     assert cggr_hook.scheduler.step_count == n_window + 2  # plain steps count too
     # the plain candidate's loss is the original function's node; the others the gate's
     assert all((node == "GatedHeadCrossEntropyBackward") == (f != "plain") for node, f in zip(nodes, fractions))
+    # a plain step's logits are the head's own output, untapped: nothing of the gate in its graph
+    assert tapped == [f != "plain" for f in fractions]
     state = cggr_hook.scheduler.auto[key]
     assert state.decisions == 1 and set(state.step_seconds) == set(auto.CANDIDATES)
     m = cggr_hook.metrics(model)
