@@ -167,7 +167,7 @@ PRESETS = {
         lr=3e-4,
         parallel=4,
         finetune_share=0.5,
-        base_seconds=90.0,
+        base_steps=800,
         base_batch_size=64,
         base_lr=1e-3,
     ),
@@ -179,7 +179,7 @@ PRESETS = {
         lr=3e-4,
         parallel=1,
         finetune_share=0.5,
-        base_seconds=90.0,
+        base_steps=800,
         base_batch_size=64,
         base_lr=1e-3,
     ),
@@ -188,9 +188,7 @@ FRACTION_GRID = (0.25, 0.5, 0.75, 1.0)
 # settings that may differ between the invocations whose results --merge combines
 RUN_LOCAL = {"seeds", "arms", "out", "parallel", "device", "threads", "cache_dir", "merge", "timing_only"}
 # the finetune regime's settings where a preset (a scratch one, --regime finetune) has none
-FINETUNE_DEFAULTS = dict(
-    finetune_share=0.5, base_seconds=90.0, base_lr=1e-3
-)  # kept fractions timed for arms whose fraction moves
+FINETUNE_DEFAULTS = dict(finetune_share=0.5, base_seconds=90.0, base_lr=1e-3)
 
 FIXED_RE = re.compile(r"^(topk|stratified|seqaware|random|entropy|margin|loss|combined)(\d+(?:\.\d+)?)(-warm)?$")
 IMP_RE = re.compile(r"^imp-(gradnorm|loss|entropy|margin|combined|random)(\d+(?:\.\d+)?)(?:-f(\d*\.?\d+))?$")
@@ -390,7 +388,8 @@ def base_path(args, corpus) -> Path:
         dict(
             corpus=corpus.info["key"],
             model=model_spec(args),
-            seconds=args.base_seconds,
+            seconds=None if args.base_steps else args.base_seconds,
+            steps=args.base_steps,
             batch=args.base_batch_size,
             lr=args.base_lr,
         ),
@@ -413,7 +412,9 @@ def model_spec(args) -> dict:
 
 def train_base(args, corpus, device) -> dict:
     """The finetune regime's starting point: plain training on the pretraining domain for
-    --base-seconds of wall-clock (cached by corpus, model shape and budget)."""
+    --base-steps steps (the learning-rate schedule over steps: the same base on every machine, up
+    to the device's rounding), or else --base-seconds of wall-clock; cached by corpus, model shape
+    and budget."""
     path = base_path(args, corpus)
     if path.exists():
         info = torch.load(path, map_location="cpu", weights_only=False)
@@ -428,10 +429,14 @@ def train_base(args, corpus, device) -> dict:
     steps, t0 = 0, time.perf_counter()
     while True:
         elapsed = time.perf_counter() - t0
-        if elapsed >= args.base_seconds:
+        if (steps >= args.base_steps) if args.base_steps else (elapsed >= args.base_seconds):
             break
         for group in opt.param_groups:
-            group["lr"] = lr_at(elapsed, args.base_seconds, args.base_lr)
+            group["lr"] = (
+                lr_at(steps, args.base_steps, args.base_lr)
+                if args.base_steps
+                else lr_at(elapsed, args.base_seconds, args.base_lr)
+            )
         train_step(model, opt, next(batches).to(device, non_blocking=True), device)
         steps += 1
     sync(device)
@@ -870,6 +875,11 @@ def write_results(result: dict, out: Path) -> str:
     return table + "\n" + verdict
 
 
+def _base_id(base: dict) -> str:
+    """What tells two base models apart in results.json: their steps and held-out loss."""
+    return f"{base['steps']} steps, pretrain val {base['pretrain_val']:.4f}"
+
+
 def merge(paths: list[str], out: Path) -> int:
     """Combine the runs of several results.json files of one preset into one table."""
     results = []
@@ -886,6 +896,12 @@ def merge(paths: list[str], out: Path) -> int:
         )
         if differ:
             raise SystemExit(f"--merge: {path} was run with other settings ({', '.join(differ)}) than {paths[0]}")
+        if r.get("base") and results[0].get("base") and _base_id(r["base"]) != _base_id(results[0]["base"]):
+            raise SystemExit(
+                f"--merge: {path} started from another base model ({_base_id(r['base'])}) than {paths[0]} "
+                f"({_base_id(results[0]['base'])}): runs from different bases are not comparable; merge each "
+                "base's files apart"
+            )
         plain = r["timings"].get("plain", {}).get("plain")
         for run in r["runs"]:
             run.setdefault("plain_step_ms", 1e3 * plain if plain else None)
@@ -931,6 +947,12 @@ def parse_args(argv=None):
     p.add_argument("--lr", type=float, default=None, help="peak learning rate")
     p.add_argument("--regime", choices=("scratch", "finetune"), default=None)
     p.add_argument("--base-seconds", type=float, default=None, help="finetune: plain training of the base model")
+    p.add_argument(
+        "--base-steps",
+        type=int,
+        default=None,
+        help="finetune: plain steps of the base model (the GPU presets: 800; without it, --base-seconds)",
+    )
     p.add_argument("--base-lr", type=float, default=None, help="finetune: the base model's peak learning rate")
     p.add_argument("--base-batch-size", type=int, default=None, help="finetune: the base model's batch size")
     p.add_argument(

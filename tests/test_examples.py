@@ -273,6 +273,20 @@ def test_quality_benchmark_smoke_and_merge(tmp_path, cache_dir):
         cwd=ROOT,
     )
     assert proc.returncode != 0 and "batch_size" in proc.stderr
+    # runs that started from different base models (the finetune regime) are not merged either:
+    # their deltas would pair runs of different starting points
+    for i, (src, base) in enumerate([(out / "results.json", 800), (out2 / "results.json", 805)]):
+        r = json.loads(src.read_text())
+        r["base"] = dict(steps=base, seconds=90.0, epochs=0.5, pretrain_val=2.8)
+        (tmp_path / f"b{i}.json").write_text(json.dumps(r))
+    proc = subprocess.run(
+        [sys.executable, str(EXAMPLES / "quality_benchmark.py"), "--merge", str(tmp_path / "b0.json")]
+        + [str(tmp_path / "b1.json"), "--out", str(tmp_path / "m3")],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
+    assert proc.returncode != 0 and "another base model (805 steps" in proc.stderr, proc.stderr
 
 
 @pytest.mark.slow
