@@ -496,7 +496,7 @@ def timing_phase(args, corpus, device, arm_opts: dict) -> dict:
     timings = {}
     first = next(iter(arm_opts.values()))
     time_steps(args, corpus, device, first, None, repeats=1)  # start-up costs land in no arm's figure
-    for arm, opts in arm_opts.items():
+    for arm, opts in sorted(arm_opts.items(), key=lambda kv: kv[0] != "plain"):  # plain first
         if opts is None:
             fractions = [None]
         elif fraction_moves(opts):
@@ -504,8 +504,12 @@ def timing_phase(args, corpus, device, arm_opts: dict) -> dict:
         else:
             fractions = [arm_config(opts).min_tokens_ratio]
         timings[arm] = {("plain" if f is None else f): time_steps(args, corpus, device, opts, f) for f in fractions}
-        if is_auto(opts):  # the auto ratio may run a step as the plain loss
-            timings[arm]["plain"] = time_steps(args, corpus, device, None, None)
+        if is_auto(opts):
+            # the auto ratio may run a step as the plain loss: that step is the plain arm's, so it
+            # costs what the plain arm's steps cost (timed once: two timings of one short step can
+            # differ by a fifth)
+            plain = timings.get("plain", {}).get("plain")
+            timings[arm]["plain"] = plain if plain is not None else time_steps(args, corpus, device, None, None)
         shown = ", ".join(f"{k}: {1e3 * v:.1f} ms" for k, v in timings[arm].items())
         print(f"timing {arm}: {shown}", flush=True)
     return timings
