@@ -17,6 +17,7 @@
 #   TESTS_TIMEOUT, TUNE_TIMEOUT, BENCH_TIMEOUT, THROUGHPUT_TIMEOUT   seconds per section (default
 #                     180, 300, 300, 300; 0: none)
 #   INSTALL=0         skip the two pip installs (the project is installed already)
+#   COMMIT            the commit the files are at, for the log (the device's .git can be stale)
 #
 # Every section runs even when an earlier one failed; the exit codes are listed at the end.
 # Files written (6, one folder deep at most):
@@ -53,7 +54,8 @@ run() {
     record "$name" $? $((SECONDS - t0))
 }
 
-echo "=== gpu_run.sh at $(git rev-parse --short HEAD 2>/dev/null || echo '?') ($(date -u '+%Y-%m-%d %H:%M UTC')), OUT=$OUT, STEPS=$STEPS"
+# the device's copy of the tree may carry a .git older than its files: name the commit with COMMIT=
+echo "=== gpu_run.sh at ${COMMIT:-$(git rev-parse --short HEAD 2>/dev/null || echo '?') (its .git; COMMIT= names it)} ($(date -u '+%Y-%m-%d %H:%M UTC')), OUT=$OUT, STEPS=$STEPS"
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader || echo "nvidia-smi failed"
 
 if [ "${INSTALL:-1}" = 1 ]; then
