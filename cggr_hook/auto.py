@@ -19,10 +19,14 @@ preferred to the plain loss only where its steps are ``MARGIN`` faster, and a fr
 is chosen only if it promises ``MARGIN`` more progress per second than the better of the two
 full-token candidates; otherwise that one is.
 
-**Schedule**: a probe window runs ``PROBE_STEPS`` optimizer steps at each candidate (1.0 first:
-its steps measure the noise); a candidate's step time is the median wall-clock time between
+**Schedule**: a probe window runs up to ``PROBE_STEPS`` optimizer steps at each candidate, in the
+order of ``CANDIDATES``: 1.0 first (its steps measure the noise), the plain loss, then the
+fractions from the largest; a candidate's step time is the median wall-clock time between
 optimizer steps of its run, the first step of each run left out (it pays for compilation and the
-switch). Then the choice runs until the next window, ``INTERVAL`` steps after the last one began.
+switch). A fraction whose first timed step is no faster than the faster full-token candidate is
+left after it: with a noisier gradient and no faster step it cannot promise more progress per
+second, so where dropping tokens does not pay the window costs few gated steps. Then the choice
+runs until the next window, ``INTERVAL`` steps after the last one began.
 
 **Noise on the head**: token i's gradient on the head weight is g_i = (p_i - y_i) h_i^T, of norm
 s_i ||h_i|| (s_i the gradnorm score). From one call's n tokens, S = mean_i |g_i|^2 estimates
@@ -47,7 +51,9 @@ from torch import Tensor
 
 PLAIN = "plain"
 FRACTIONS = (1.0, 0.75, 0.5, 0.25)
-CANDIDATES: tuple[float | str, ...] = (*FRACTIONS, PLAIN)
+# the probe order: the full-token candidates first (1.0's steps measure the noise), so that a
+# fraction's first timed step can be held against them
+CANDIDATES: tuple[float | str, ...] = (1.0, PLAIN, 0.75, 0.5, 0.25)
 PROBE_STEPS = 5  # a candidate's time: the median of its last four steps
 INTERVAL = 500
 MARGIN = 0.03
@@ -112,6 +118,8 @@ class AutoState:
 
     steps: int = 0  # counted optimizer steps of this gate so far
     window_start: int = 0  # the step at which the current (or last) probe window began
+    probe: int = 0  # the candidate being probed (index into CANDIDATES); len(CANDIDATES): none
+    probe_steps: int = 0  # steps of that candidate so far in this window
     choice: Candidate = 1.0  # what runs outside the probe windows
     step_seconds: dict = field(default_factory=dict)  # candidate -> median seconds a step (last measured)
     noise: list | None = None  # running [tr Sigma, |G|^2]
@@ -123,14 +131,14 @@ class AutoState:
     _step_tokens: int = 0  # valid tokens of the gated calls of the current step
 
     # --- which candidate the current step runs --------------------------------------------------
+    def in_window(self) -> bool:
+        return self.probe < len(CANDIDATES)
+
     def candidate(self) -> Candidate:
-        k = self.steps - self.window_start
-        if 0 <= k < PROBE_STEPS * len(CANDIDATES):
-            return CANDIDATES[k // PROBE_STEPS]
-        return self.choice
+        return CANDIDATES[self.probe] if self.in_window() else self.choice
 
     def measures_noise(self) -> bool:
-        return self.candidate() == 1.0 and self.steps - self.window_start < PROBE_STEPS
+        return self.in_window() and CANDIDATES[self.probe] == 1.0
 
     # --- what the calls of a step report -------------------------------------------------------------
     def add_tokens(self, n: int) -> None:
@@ -145,19 +153,30 @@ class AutoState:
     def on_step(self, now: float | None = None) -> None:
         now = time.perf_counter() if now is None else now
         c = self.candidate()
-        k = self.steps - self.window_start
-        in_window = 0 <= k < PROBE_STEPS * len(CANDIDATES)
-        if in_window and k % PROBE_STEPS and self._last is not None:  # not the first step of a run
+        in_window = self.in_window()
+        if in_window and self.probe_steps and self._last is not None:  # not the first step of a run
             self._times.setdefault(c, []).append(now - self._last)
         if self._step_tokens:
             self.tokens = self._step_tokens if not self.tokens else 0.9 * self.tokens + 0.1 * self._step_tokens
         self._step_tokens = 0
         self._last = now
         self.steps += 1
-        if in_window and self.steps - self.window_start == PROBE_STEPS * len(CANDIDATES):
-            self._decide()
+        if in_window:
+            self.probe_steps += 1
+            if self.probe_steps >= PROBE_STEPS or self._cannot_win(c):
+                self.probe, self.probe_steps = self.probe + 1, 0
+                if not self.in_window():
+                    self._decide()
         elif self.steps - self.window_start >= INTERVAL:
-            self.window_start = self.steps
+            self.window_start, self.probe, self.probe_steps = self.steps, 0, 0
+
+    def _cannot_win(self, c: Candidate) -> bool:
+        """Whether fraction ``c``'s timed steps so far are no faster than the faster full-token
+        candidate's in this window (then its noisier gradient cannot buy more progress per second)."""
+        if c in (1.0, PLAIN) or not self._times.get(c):
+            return False
+        full = [statistics.median(self._times[f]) for f in (1.0, PLAIN) if self._times.get(f)]
+        return bool(full) and statistics.median(self._times[c]) >= min(full)
 
     def _decide(self) -> None:
         for c, ts in self._times.items():
@@ -191,6 +210,8 @@ class AutoState:
         return dict(
             steps=self.steps,
             window_start=self.window_start,
+            probe=self.probe,
+            probe_steps=self.probe_steps,
             choice=self.choice,
             step_seconds={_key(c): t for c, t in self.step_seconds.items()},
             noise=self.noise,
@@ -205,6 +226,8 @@ class AutoState:
         s = cls(
             steps=int(state["steps"]),
             window_start=int(state["window_start"]),
+            probe=int(state["probe"]),
+            probe_steps=int(state["probe_steps"]),
             choice=_candidate(state["choice"]),
             step_seconds={_candidate(c): float(t) for c, t in state["step_seconds"].items()},
             noise=None if state["noise"] is None else [float(v) for v in state["noise"]],

@@ -4,6 +4,7 @@ training loop that runs it."""
 
 from __future__ import annotations
 
+import itertools
 import math
 
 import pytest
@@ -98,11 +99,33 @@ def test_a_probe_window_runs_every_candidate_then_the_choice():
 def test_the_first_step_of_a_run_is_not_timed():
     state = AutoState()
     now = 0.0
-    for i in range(auto.PROBE_STEPS * len(auto.CANDIDATES)):
-        first = i % auto.PROBE_STEPS == 0
-        now += 10.0 if first else 0.1  # compilation and switching land on the first step
+    times = {1.0: 0.10, 0.75: 0.08, 0.5: 0.06, 0.25: 0.05, PLAIN: 0.11}
+    while state.decisions == 0:
+        first = state.probe_steps == 0
+        # compilation and switching land on the first step of each candidate's run
+        now += 10.0 if first else times[state.candidate()]
         state.on_step(now)
-    assert all(t == pytest.approx(0.1) for t in state.step_seconds.values())
+    assert state.step_seconds == pytest.approx(times)
+
+
+def test_a_fraction_no_faster_than_every_token_is_left_after_one_timed_step():
+    """Where dropping tokens makes no step faster (a small batch, a CPU), each fraction runs two
+    steps (its first, untimed, and one timed) instead of PROBE_STEPS, and the choice keeps every
+    token: the window costs few gated steps."""
+    state = AutoState()
+    times = {1.0: 0.030, PLAIN: 0.022, 0.75: 0.029, 0.5: 0.028, 0.25: 0.023}
+    seen, _ = drive(state, 40, times)
+    full = [1.0] * auto.PROBE_STEPS + [PLAIN] * auto.PROBE_STEPS
+    assert seen[: len(full) + 6] == full + [0.75, 0.75, 0.5, 0.5, 0.25, 0.25]
+    assert state.decisions == 1 and state.choice == PLAIN
+    assert seen[len(full) + 6 :] == [PLAIN] * (40 - len(full) - 6)
+    assert set(state.step_seconds) == set(auto.CANDIDATES)  # each was timed, once at least
+    # a fraction faster than the full-token candidates runs its whole probe
+    state = AutoState()
+    times = {1.0: 0.030, PLAIN: 0.040, 0.75: 0.029, 0.5: 0.031, 0.25: 0.020}
+    seen, _ = drive(state, 4 * auto.PROBE_STEPS + 2, times)
+    assert seen.count(0.75) == auto.PROBE_STEPS and seen.count(0.5) == 2 and seen.count(0.25) == auto.PROBE_STEPS
+    assert state.decisions == 1
 
 
 def test_windows_repeat_every_interval_steps():
@@ -208,8 +231,9 @@ def test_a_gated_loop_runs_the_probe_window_and_the_plain_candidate_is_the_plain
     idx = torch.randint(0, 37, (4, 12), generator=torch.Generator().manual_seed(2))
     with torch.no_grad():
         plain = F.cross_entropy(model(idx)[:, :-1].reshape(-1, 37), idx[:, 1:].reshape(-1))
-    fractions, nodes, tapped = [], [], []
+    fractions, nodes, tapped, probing = [], [], [], []
     for _ in range(n_window + 2):
+        probing.append(cggr_hook.scheduler.auto_state(key).in_window())
         logits = model(idx)
         tapped.append(type(logits.grad_fn).__name__ == "HeadTapBackward")
         loss = F.cross_entropy(logits[:, :-1].reshape(-1, 37), idx[:, 1:].reshape(-1))
@@ -224,7 +248,12 @@ def test_a_gated_loop_runs_the_probe_window_and_the_plain_candidate_is_the_plain
         loss.backward()
         opt.step()
         opt.zero_grad()
-    assert fractions[:n_window] == [c for c in auto.CANDIDATES for _ in range(auto.PROBE_STEPS)]
+    # the candidates in their order; a fraction no faster than every token leaves after two steps
+    n_probe = probing.index(False)
+    assert not any(probing[n_probe:])
+    runs = [(c, len(list(g))) for c, g in itertools.groupby(fractions[:n_probe])]
+    assert [c for c, _ in runs] == list(auto.CANDIDATES)
+    assert all(n == auto.PROBE_STEPS if c in (1.0, "plain") else 2 <= n <= auto.PROBE_STEPS for c, n in runs)
     assert cggr_hook.scheduler.step_count == n_window + 2  # plain steps count too
     # the plain candidate's loss is the original function's node; the others the gate's
     assert all((node == "GatedHeadCrossEntropyBackward") == (f != "plain") for node, f in zip(nodes, fractions))
