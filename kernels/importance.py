@@ -14,7 +14,8 @@ One program walks the rows in blocks of ``BLOCK``, five passes with running carr
    position, and each row's position in ``perm``;
 4. every row in row order: drawn when certain or when F rose at its position; its key, its
    ``row_weight``, and the drawn rows compacted in ascending order by a running count, with 1 / pi
-   and the figures' sums.
+   and the figures' sums (and, only where rounding drew fewer than k, one more pass that fills the
+   remaining slots with the first undrawn rows, as the reference's compaction does).
 
 A row's pi is a function of its own score (and of m, rest and the sums), so passes 3 and 4 compute
 it from ``diff`` where they need it; certain and valid come from ``rank``. Running sums enter each
@@ -212,6 +213,22 @@ def _importance_kernel(
         sum_w += tl.sum(w)
         sum_w2 += tl.sum(w * w)
         max_w = tl.maximum(max_w, tl.max(w))
+
+    # fewer than k drawn only where rounding let one row's span hold two points (|error| ~1e-16
+    # of the line): the missing slots take the first undrawn rows (key 1: weight and gradient
+    # zero), as the reference's compaction does, so that no slot is left unwritten
+    if n_drawn < k:
+        tl.debug_barrier()
+        n_fill = tl.zeros([], tl.int32)
+        for start in range(0, N, BLOCK):
+            r = start + idx
+            inb = r < N
+            und = inb & (tl.load(key_ptr + r, mask=inb, other=0) == 1)
+            slot = n_drawn + n_fill + tl.cumsum(und.to(tl.int32), 0) - 1
+            put = und & (slot < k)
+            tl.store(rows_ptr + slot, r.to(tl.int64), mask=put)
+            tl.store(inv_pi_ptr + slot, tl.full([BLOCK], 1.0, tl.float64), mask=put)
+            n_fill += tl.sum(und.to(tl.int32))
 
     f = tl.arange(0, 8)
     fig = tl.where(f == 0, sum_w * sum_w / sum_w2, max_w)

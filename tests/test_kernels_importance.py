@@ -215,3 +215,25 @@ def test_kernel_draws_at_the_inclusion_probabilities():
     assert bool((freq[certain] == 1.0).all()) and bool((freq[pi == 0] == 0).all())
     z = (freq - pi).abs()[~certain & (pi > 0)] / sd[~certain & (pi > 0)]
     assert float(z.max()) < 4.5, (freq, pi)
+
+
+def test_a_draw_short_of_k_fills_its_slots_with_undrawn_rows(blocks):
+    """Rounding can, about once in 1e16 draws, let one row's span hold two points, so that k - 1
+    rows are drawn. Forced here with u = 1 (the points then start one unit late): every slot of
+    ``rows`` is still written, with the first undrawn rows (key 1, weight zero, 1 / pi taken as 1),
+    the same on both backends; nothing is left for the head backward to read out of bounds."""
+    d = difficulties(70, 9, "random", 3)
+    n = int((d > -math.inf).sum())
+    k = 20
+    order, rank = reference.difficulty_rank(d)
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(1)).to(DEVICE)
+    u = torch.ones(1, dtype=torch.float64, device=DEVICE)
+    got = K.importance_draw(d, order, rank, perm, u, n, k, 0.2, False, 1)
+    want = reference.importance_draw(d, order, rank, perm, u, n, k, 0.2, False, 1)
+    drawn = torch.nonzero(want.key == 0).flatten()
+    assert drawn.numel() == k - 1  # the forced short draw
+    filler = torch.nonzero(want.key == 1).flatten()[: k - drawn.numel()]
+    assert torch.equal(want.rows.sort().values, torch.cat([drawn, filler]).sort().values)
+    assert torch.equal(got.rows, want.rows) and torch.equal(got.key, want.key)
+    torch.testing.assert_close(got.inv_pi, want.inv_pi, rtol=1e-12, atol=0)
+    assert bool((got.row_weight[filler] == 0).all()) and bool((got.inv_pi[-1:] == 1.0).all())
