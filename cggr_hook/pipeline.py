@@ -148,6 +148,14 @@ def _valid_and_bad(host: list) -> tuple[int, int]:
     return sum(host[0::2]), sum(host[1::2])
 
 
+def _keeps_every_row(config: GateConfig, scheduler: Scheduler, key: str) -> bool:
+    """Whether this call keeps every valid row, known before the counts: a fixed ratio of 1.0 (the
+    curriculum then stays at 1.0; the dynamic threshold could move it) or an auto step at 1.0."""
+    if config.min_tokens_ratio == "auto":
+        return scheduler.auto_state(key).candidate() == 1.0
+    return config.min_tokens_ratio >= 1.0 and not config.dynamic_threshold
+
+
 def _generator(device: torch.device, seed: int, step: int, call: int) -> torch.Generator:
     g = torch.Generator(device=device)
     # a function of (seed, step, call) alone (the hash of a tuple of ints is not salted): a
@@ -225,10 +233,15 @@ def gated_forward(
     step, call = scheduler.step_count, scheduler.calls_in_step
     gen = _generator(dev, config.seed, step, call) if scoring.random or strategy.draws else None
     diff, partial = difficulty.score_rows(stats, targets, V, ignore_index, config.scoring, gen, spec.label_smoothing)
-    valid = None
-    if strategy.per_sequence:
-        valid, _ = target_masks(targets, V, ignore_index)
-    ranking = selection.rank_rows(diff, valid, config, seq)
+    # where this call keeps every valid row whatever the counts say (a fixed ratio of 1.0, or an auto
+    # step at 1.0), the selection needs no difficulty order
+    every_row = not strategy.per_sequence and _keeps_every_row(config, scheduler, key)
+    ranking = None
+    if not every_row:
+        valid = None
+        if strategy.per_sequence:
+            valid, _ = target_masks(targets, V, ignore_index)
+        ranking = selection.rank_rows(diff, valid, config, seq)
 
     keep_ranks = None
     if counts is not None:
@@ -237,12 +250,12 @@ def gated_forward(
     else:
         n_part = partial.numel()
         to_host = partial.reshape(-1)
-        if ranking.keep_ranks is not None:
+        if ranking is not None and ranking.keep_ranks is not None:
             to_host = torch.cat([to_host, ranking.keep_ranks.double()])
         host = to_host.tolist()  # the one host synchronisation of the call
         sums = figures.add_partials(host, n_part)
         n_valid, n_bad = int(sums[0]), int(sums[1])
-        if ranking.keep_ranks is not None:
+        if ranking is not None and ranking.keep_ranks is not None:
             keep_ranks = [int(r) for r in host[n_part:]]
     if n_bad:
         raise ValueError(
@@ -255,7 +268,11 @@ def gated_forward(
     k = tokens_to_keep(ratio, n_valid)
     n_sel = selection.count_selected(config, k, N, keep_ranks)
     draw = row_weight = None
-    if strategy.weighted and 0 < k < n_valid:
+    if ranking is None and k < n_valid:  # not expected (the ratio is 1.0): rank after all
+        ranking = selection.rank_rows(diff, None, config, seq)
+    if ranking is None:
+        sel_key, threshold, rows = selection.every_valid_row(diff, n_valid, need_rows)
+    elif strategy.weighted and 0 < k < n_valid:
         # the rows, their Horvitz-Thompson factors, the key the loss kernel reads and the figures,
         # in one launch after the random order's sort
         norm = _horvitz_thompson_norm(targets, n_valid, V, spec)
@@ -307,5 +324,5 @@ def gated_forward(
         values.update(figures.auto_figures(scheduler.auto_state(key), ratio))
     # top-k (and every strategy at k = 0 or k >= n valid) selects the first k rows of the
     # difficulty order: the dense gradient schedules its rows by it (zero rows first)
-    order = ranking.order if sel_key is ranking.rank else None
+    order = ranking.order if ranking is not None and sel_key is ranking.rank else None
     return GatedForward(loss, values, BackwardPlan(stats.lse, row_scale, rows, order, noise))

@@ -222,6 +222,17 @@ def selection_as_key(
     return key, 1, rows
 
 
+def every_valid_row(diff: Tensor, n_valid: int, need_rows: bool) -> tuple[Tensor, int, Tensor | None]:
+    """``selection_as_key``'s (key, threshold, rows) where every valid row is kept (k = n valid),
+    without the difficulty order: key 0 on the valid rows (difficulty > -inf), 1 on the ignored
+    ones, threshold 1, and the valid rows ascending where ``need_rows``. The same rows as the
+    order's first n, so the same loss and gradient; it spares the order (``kernels.difficulty_rank``:
+    one Triton launch up to 8192 rows, a sort and a scatter past that)."""
+    key = (diff == float("-inf")).to(torch.int64)
+    rows = _first_marked(torch.arange(diff.numel(), device=diff.device), key == 0, n_valid) if need_rows else None
+    return key, 1, rows
+
+
 def _first_marked(candidates: Tensor, mark: Tensor, count: int) -> Tensor:
     """The ``count`` candidates where ``mark`` is True, without a data-dependent size (no sync)."""
     key = torch.where(mark, torch.zeros_like(candidates), torch.ones_like(candidates))

@@ -343,3 +343,56 @@ def test_count_selected_for_other_selections_is_k():
     cfg = GateConfig(selection="sequence_aware")
     # kept ranks below k are already in the top k; n_rows is padding
     assert selection.count_selected(cfg, 3, 10, [0, 2, 3, 9, 10, 10]) == 3 + 2
+
+
+@pytest.mark.parametrize("selection_name", ["topk", "stratified", "importance"])
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_every_row_kept_needs_no_difficulty_order(monkeypatch, selection_name, backend):
+    """At a fixed ratio of 1.0 (the default) the gate keeps every valid row whatever the batch, so
+    it computes no difficulty order (a launch up to 8192 rows, a sort and a scatter past that): the loss
+    and gradients are the plain ones, through the logits and through the head's narrowed backward
+    (its rows: the valid ones ascending); below 1.0 the order is computed."""
+    import torch.nn.functional as F
+
+    import cggr_hook
+    from cggr_hook import kernels
+
+    from common import DEVICE, TinyLM
+
+    kernels.force_backend(backend)
+    calls = []
+    real = kernels.difficulty_rank
+    monkeypatch.setattr(kernels, "difficulty_rank", lambda d: calls.append(d.numel()) or real(d))
+    g = torch.Generator().manual_seed(7)
+    logits = torch.randn(3, 11, 29, generator=g).to(DEVICE).requires_grad_()
+    targets = torch.randint(0, 29, (3, 11), generator=g)
+    targets[0, :4] = -100
+    targets[2, 7] = -100
+    targets = targets.to(DEVICE)
+    opts = dict(scoring="gradnorm", selection=selection_name, warmup_steps=0, dynamic_threshold=False)
+    loss = cggr_hook.CGGRLoss(min_tokens_ratio=1.0, **opts)(logits, targets)
+    loss.backward()
+    ref = logits.detach().clone().requires_grad_()
+    plain = F.cross_entropy(ref.reshape(-1, 29), targets.reshape(-1))
+    plain.backward()
+    assert calls == []
+    torch.testing.assert_close(loss, plain, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(logits.grad, ref.grad, rtol=1e-5, atol=1e-6)
+
+    torch.manual_seed(0)
+    model = TinyLM(vocab=29, dim=8).to(DEVICE)
+    twin = TinyLM(vocab=29, dim=8).to(DEVICE)
+    twin.load_state_dict(model.state_dict())
+    idx = torch.randint(0, 29, (3, 12), generator=g).to(DEVICE)
+    cggr_hook.enable(model, min_tokens_ratio=1.0, **opts)
+    try:
+        F.cross_entropy(model(idx)[:, :-1].reshape(-1, 29), idx[:, 1:].reshape(-1)).backward()
+    finally:
+        cggr_hook.disable(model)
+    F.cross_entropy(twin(idx)[:, :-1].reshape(-1, 29), idx[:, 1:].reshape(-1)).backward()
+    assert calls == []
+    for p, q in zip(model.parameters(), twin.parameters()):
+        torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-6)
+
+    cggr_hook.CGGRLoss(min_tokens_ratio=0.5, **opts)(logits, targets)
+    assert calls == [33]
