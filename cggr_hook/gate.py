@@ -179,6 +179,12 @@ class Gate:
             return None
         self.follow_head(module)
         if kwargs.get("fused_lm_head") is True:
+            if self.runs_plain():
+                # min_tokens_ratio='auto' runs this step as the plain loss: TRL's own fused head, as
+                # without the gate (its head is not called, so the step is booked here)
+                if kwargs.get("labels") is not None or kwargs.get("shift_labels") is not None:
+                    self.run_plain()
+                return None
             return self._unfuse(module, args, kwargs)
         return None
 

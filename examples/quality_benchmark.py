@@ -879,8 +879,13 @@ def write_results(result: dict, out: Path) -> str:
     return table + "\n" + verdict
 
 
-def _base_id(base: dict) -> str:
-    """What tells two base models apart in results.json: their steps and held-out loss."""
+def _base_id(result: dict) -> str:
+    """What tells two base models apart in results.json: a base of a fixed number of steps
+    (``--base-steps``) is the same on every machine up to the device's rounding, so its steps;
+    one timed in seconds, its steps and its held-out loss."""
+    base = result["base"]
+    if result["args"].get("base_steps"):
+        return f"{base['steps']} steps"
     return f"{base['steps']} steps, pretrain val {base['pretrain_val']:.4f}"
 
 
@@ -900,10 +905,10 @@ def merge(paths: list[str], out: Path) -> int:
         )
         if differ:
             raise SystemExit(f"--merge: {path} was run with other settings ({', '.join(differ)}) than {paths[0]}")
-        if r.get("base") and results[0].get("base") and _base_id(r["base"]) != _base_id(results[0]["base"]):
+        if r.get("base") and results[0].get("base") and _base_id(r) != _base_id(results[0]):
             raise SystemExit(
-                f"--merge: {path} started from another base model ({_base_id(r['base'])}) than {paths[0]} "
-                f"({_base_id(results[0]['base'])}): runs from different bases are not comparable; merge each "
+                f"--merge: {path} started from another base model ({_base_id(r)}) than {paths[0]} "
+                f"({_base_id(results[0])}): runs from different bases are not comparable; merge each "
                 "base's files apart"
             )
         plain = r["timings"].get("plain", {}).get("plain")
@@ -1000,6 +1005,8 @@ def parse_args(argv=None):
     cuda = torch.cuda.is_available()
     args.preset = args.preset or ("finetune-large" if cuda else "cpu")
     preset = dict(PRESETS[args.preset])
+    if args.base_seconds is not None and args.base_steps is None:
+        preset.pop("base_steps", None)  # a base timed in seconds, as asked, not the preset's steps
     for k, v in preset.items():
         if getattr(args, k, None) is None:
             setattr(args, k, copy.deepcopy(v))

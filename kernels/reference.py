@@ -374,11 +374,12 @@ _FLT_MAX = 3.4028234663852886e38
 
 
 def importance_scores(diff: Tensor, uniform: bool) -> Tensor:
-    """float64 score of each row: its difficulty with +inf (NaN logits) as the largest float, a
-    huge but still summable score; every score 1 with ``uniform``."""
+    """float64 score of each row: its difficulty with +inf (NaN logits) and NaN as the largest
+    float, a huge but still summable score, as the Triton kernel's min(d, FLT_MAX) gives; every
+    score 1 with ``uniform``."""
     if uniform:
         return torch.ones_like(diff, dtype=torch.float64)
-    return diff.double().clamp(max=_FLT_MAX)
+    return diff.double().nan_to_num(nan=_FLT_MAX).clamp(max=_FLT_MAX)
 
 
 def importance_shares(s: Tensor, total: Tensor, n: int, floor: float) -> Tensor:

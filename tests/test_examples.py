@@ -287,6 +287,19 @@ def test_quality_benchmark_smoke_and_merge(tmp_path, cache_dir):
         cwd=ROOT,
     )
     assert proc.returncode != 0 and "another base model (805 steps" in proc.stderr, proc.stderr
+    # a base of a fixed number of steps is the same base on every machine, up to the device's
+    # rounding of its held-out loss: those merge
+    for i, val in enumerate([2.8, 2.8003]):
+        r = json.loads((tmp_path / f"b{i}.json").read_text())
+        r["base"] = dict(steps=800, seconds=88.0 + i, epochs=0.5, pretrain_val=val)
+        r["args"]["base_steps"] = 800
+        (tmp_path / f"s{i}.json").write_text(json.dumps(r))
+    run_example(
+        "quality_benchmark.py",
+        ["--merge", str(tmp_path / "s0.json"), str(tmp_path / "s1.json"), "--out", str(tmp_path / "m4")],
+        cache_dir,
+    )
+    assert json.loads((tmp_path / "m4" / "results.json").read_text())["summary"]["plain"]["seeds"] == 2
 
 
 @pytest.mark.slow

@@ -313,6 +313,31 @@ def test_sft_trainer_at_ratio_one_equals_trls_own_loss(tmp_path):
         assert trainer._metrics["train"][mode] == pytest.approx(ref_trainer._metrics["train"][mode], rel=1e-5)
 
 
+def test_sft_trainer_auto_plain_step_runs_trls_own_fused_head(tmp_path):
+    """min_tokens_ratio='auto' on a step it runs as the plain loss: TRL's fused head as without the
+    gate (the head module is not called, no full logits), TRL's own loss and gradients, the step
+    booked as plain."""
+    from cggr_hook import auto
+
+    trainer, ref_trainer, model, ref, batch = _sft_pair(tmp_path, "completions", 1.0, gate=False)
+    key = cggr_hook.enable(model, min_tokens_ratio="auto").key
+    state = cggr_hook.scheduler.auto_state(key)
+    state.choice, state.probe = auto.PLAIN, len(auto.CANDIDATES)  # past the probe window, plain chosen
+    calls = []
+    model.get_output_embeddings().register_forward_hook(lambda *a: calls.append(1))
+    loss = trainer.compute_loss(model, dict(batch))
+    loss.backward()
+    expected = ref_trainer.compute_loss(ref, dict(batch))
+    expected.backward()
+    assert calls == []  # TRL's fused path computes from the weight without calling the head
+    torch.testing.assert_close(loss, expected, rtol=0, atol=0)
+    got = dict(model.named_parameters())
+    for name, p in ref.named_parameters():
+        torch.testing.assert_close(got[name].grad, p.grad, rtol=0, atol=0, msg=name)
+    m = cggr_hook.metrics()
+    assert m["selection"] == "plain" and m["auto_plain"] is True
+
+
 def test_sft_trainer_dft_loss_is_a_clear_error(tmp_path):
     """A loss that weighs TRL's log_probs per token cannot be served by a gated loss: the first
     backward raises before any step."""

@@ -237,3 +237,14 @@ def test_a_draw_short_of_k_fills_its_slots_with_undrawn_rows(blocks):
     assert torch.equal(got.rows, want.rows) and torch.equal(got.key, want.key)
     torch.testing.assert_close(got.inv_pi, want.inv_pi, rtol=1e-12, atol=0)
     assert bool((got.row_weight[filler] == 0).all()) and bool((got.inv_pi[-1:] == 1.0).all())
+
+
+def test_a_nan_difficulty_is_the_largest_score_on_both_backends(blocks):
+    """The scoring maps NaN to +inf before the draw, but the draw itself agrees with its reference
+    on a NaN too: the largest float, as +inf is (a certain row)."""
+    d = difficulties(40, 5, "random", 4)
+    d[torch.nonzero(d > -math.inf).flatten()[3]] = math.nan
+    got, want, n, rank = draw_both(d, 9, 0.0)
+    assert_same_draw(got, want)
+    check_draw(got, n, 9, rank, 1)
+    assert int(got.figures[2]) >= 1  # the NaN row is certain
