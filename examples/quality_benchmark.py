@@ -771,6 +771,22 @@ def markdown_table(summary: dict, header: str) -> str:
     return "\n".join(lines) + "\n"
 
 
+def auto_choices(runs: list[dict]) -> str:
+    """A line per auto run: what it chose at the end and how many of its steps ran as the plain
+    loss (empty where no run recorded it)."""
+    lines = []
+    for r in runs:
+        a = r.get("auto")
+        if not a:
+            continue
+        choice = "the plain loss" if a.get("auto_choice_plain") else f"{a.get('auto_choice')} of the tokens"
+        lines.append(
+            f"- {r['arm']}, seed {r['seed']}: chose {choice}; {a.get('plain_steps', 0)} of its {r['steps']} steps "
+            "ran as the plain loss"
+        )
+    return "\n\nWhat the auto ratio chose:\n\n" + "\n".join(lines) + "\n" if lines else ""
+
+
 FULL_ARMS = ("full", "random100")  # every token through the gate's kernels
 
 
@@ -865,7 +881,7 @@ def write_results(result: dict, out: Path) -> str:
         )
         + "."
     )
-    table = markdown_table(summary, header)
+    table = markdown_table(summary, header) + auto_choices(runs)
     verdict = conclusion(summary)
     (out / "results.md").write_text(table + "\n" + verdict + "\n")
     result["conclusion"] = verdict

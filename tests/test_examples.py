@@ -200,6 +200,19 @@ def test_quality_benchmark_arms_clock_and_figures():
     assert "gating paid here" in qb.conclusion(summary) and "imp-gradnorm50" in qb.conclusion(summary)
 
 
+def test_quality_table_says_what_the_auto_ratio_chose():
+    qb = _import_example("quality_benchmark")
+    runs = [
+        dict(arm="plain", seed=0, steps=216, auto=None),
+        dict(arm="auto", seed=0, steps=210, auto=dict(auto_choice=1.0, auto_choice_plain=True, plain_steps=199)),
+        dict(arm="auto", seed=1, steps=395, auto=dict(auto_choice=1.0, auto_choice_plain=False, plain_steps=0)),
+    ]
+    text = qb.auto_choices(runs)
+    assert "auto, seed 0: chose the plain loss; 199 of its 210 steps ran as the plain loss" in text
+    assert "auto, seed 1: chose 1.0 of the tokens; 0 of its 395 steps" in text
+    assert qb.auto_choices(runs[:1]) == ""
+
+
 @pytest.mark.slow
 def test_quality_benchmark_smoke_and_merge(tmp_path, cache_dir):
     out = tmp_path / "quality"
