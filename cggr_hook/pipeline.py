@@ -151,9 +151,10 @@ def _valid_and_bad(host: list) -> tuple[int, int]:
 def _keeps_every_row(config: GateConfig, scheduler: Scheduler, key: str) -> bool:
     """Whether this call keeps every valid row, known before the counts: a fixed ratio of 1.0 (the
     curriculum then stays at 1.0; the dynamic threshold could move it) or an auto step at 1.0."""
-    if config.min_tokens_ratio == "auto":
+    ratio = config.min_tokens_ratio
+    if isinstance(ratio, str):  # 'auto'
         return scheduler.auto_state(key).candidate() == 1.0
-    return config.min_tokens_ratio >= 1.0 and not config.dynamic_threshold
+    return ratio >= 1.0 and not config.dynamic_threshold
 
 
 def _generator(device: torch.device, seed: int, step: int, call: int) -> torch.Generator:
