@@ -23,10 +23,12 @@ full-token candidates; otherwise that one is.
 order of ``CANDIDATES``: 1.0 first (its steps measure the noise), the plain loss, then the
 fractions from the largest; a candidate's step time is the median wall-clock time between
 optimizer steps of its run, the first step of each run left out (it pays for compilation and the
-switch). A fraction whose first timed step is no faster than the faster full-token candidate is
-left after it: with a noisier gradient and no faster step it cannot promise more progress per
-second, so where dropping tokens does not pay the window costs few gated steps. Then the choice
-runs until the next window, ``INTERVAL`` steps after the last one began.
+switch). A fraction whose first two timed steps are both no faster than the faster full-token
+candidate is left after them: with a noisier gradient and no faster step it cannot promise more
+progress per second, so where dropping tokens does not pay the window costs few gated steps. Then
+the choice runs until the next window, ``INTERVAL`` steps after the last one began. The choice
+follows measured time: a repeated or resumed run can choose otherwise (a resumed run's first step
+is not timed, so a fraction's probe can run a step longer there).
 
 **Noise on the head**: token i's gradient on the head weight is g_i = (p_i - y_i) h_i^T, of norm
 s_i ||h_i|| (s_i the gradnorm score). From one call's n tokens, S = mean_i |g_i|^2 estimates
@@ -55,6 +57,7 @@ FRACTIONS = (1.0, 0.75, 0.5, 0.25)
 # fraction's first timed step can be held against them
 CANDIDATES: tuple[float | str, ...] = (1.0, PLAIN, 0.75, 0.5, 0.25)
 PROBE_STEPS = 5  # a candidate's time: the median of its last four steps
+LEAVE_AFTER = 2  # timed steps of a fraction before it may be left as no faster than every token
 INTERVAL = 500
 MARGIN = 0.03
 NOISE_MOMENTUM = 0.5  # weight of the earlier windows' noise figures in the running average
@@ -171,12 +174,15 @@ class AutoState:
             self.window_start, self.probe, self.probe_steps = self.steps, 0, 0
 
     def _cannot_win(self, c: Candidate) -> bool:
-        """Whether fraction ``c``'s timed steps so far are no faster than the faster full-token
-        candidate's in this window (then its noisier gradient cannot buy more progress per second)."""
-        if c in (1.0, PLAIN) or not self._times.get(c):
+        """Whether fraction ``c``'s two timed steps so far are both no faster than the faster
+        full-token candidate's median in this window (then its noisier gradient cannot buy more
+        progress per second). The faster of two, so that one slow step (an evaluation, a checkpoint
+        between two optimizer steps) does not end a fraction's probe."""
+        times = self._times.get(c)
+        if c in (1.0, PLAIN) or not times or len(times) < LEAVE_AFTER:
             return False
         full = [statistics.median(self._times[f]) for f in (1.0, PLAIN) if self._times.get(f)]
-        return bool(full) and statistics.median(self._times[c]) >= min(full)
+        return bool(full) and min(times) >= min(full)
 
     def _decide(self) -> None:
         for c, ts in self._times.items():
@@ -223,11 +229,15 @@ class AutoState:
 
     @classmethod
     def from_state(cls, state: dict) -> AutoState:
+        if "probe" in state:
+            probe, probe_steps = int(state["probe"]), int(state["probe_steps"])
+        else:
+            probe, probe_steps = _probe_of_0_1_0(int(state["steps"]) - int(state["window_start"]))
         s = cls(
             steps=int(state["steps"]),
             window_start=int(state["window_start"]),
-            probe=int(state["probe"]),
-            probe_steps=int(state["probe_steps"]),
+            probe=probe,
+            probe_steps=probe_steps,
             choice=_candidate(state["choice"]),
             step_seconds={_candidate(c): float(t) for c, t in state["step_seconds"].items()},
             noise=None if state["noise"] is None else [float(v) for v in state["noise"]],
@@ -238,6 +248,15 @@ class AutoState:
         if state.get("acc") is not None:
             s._acc = torch.tensor(state["acc"], dtype=torch.float64)
         return s
+
+
+def _probe_of_0_1_0(k: int) -> tuple[int, int]:
+    """(probe, probe_steps) of a 0.1.0 state ``k`` steps into its window: that version ran three
+    steps of each of 1.0, 0.75, 0.5, 0.25 and plain, in that order."""
+    old_order, old_steps = (1.0, 0.75, 0.5, 0.25, PLAIN), 3
+    if 0 <= k < old_steps * len(old_order):
+        return CANDIDATES.index(old_order[k // old_steps]), k % old_steps
+    return len(CANDIDATES), 0
 
 
 def _key(c: Candidate) -> str:

@@ -32,6 +32,7 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
+from . import auto as auto_mod
 from . import difficulty, figures, kernels, selection
 from .config import GateConfig, check_zero_floor
 from .kernels.spec import SCORINGS, check_reduction, target_masks
@@ -152,8 +153,8 @@ def _keeps_every_row(config: GateConfig, scheduler: Scheduler, key: str) -> bool
     """Whether this call keeps every valid row, known before the counts: a fixed ratio of 1.0 (the
     curriculum then stays at 1.0; the dynamic threshold could move it) or an auto step at 1.0."""
     ratio = config.min_tokens_ratio
-    if isinstance(ratio, str):  # 'auto'
-        return scheduler.auto_state(key).candidate() == 1.0
+    if isinstance(ratio, str):  # 'auto': 1.0, or the plain candidate where there is no plain path (CGGRLoss)
+        return scheduler.auto_state(key).candidate() in (1.0, auto_mod.PLAIN)
     return ratio >= 1.0 and not config.dynamic_threshold
 
 

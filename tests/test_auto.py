@@ -108,24 +108,57 @@ def test_the_first_step_of_a_run_is_not_timed():
     assert state.step_seconds == pytest.approx(times)
 
 
-def test_a_fraction_no_faster_than_every_token_is_left_after_one_timed_step():
-    """Where dropping tokens makes no step faster (a small batch, a CPU), each fraction runs two
-    steps (its first, untimed, and one timed) instead of PROBE_STEPS, and the choice keeps every
+def test_a_fraction_no_faster_than_every_token_is_left_after_two_timed_steps():
+    """Where dropping tokens makes no step faster (a small batch, a CPU), each fraction runs three
+    steps (its first, untimed, and two timed) instead of PROBE_STEPS, and the choice keeps every
     token: the window costs few gated steps."""
     state = AutoState()
     times = {1.0: 0.030, PLAIN: 0.022, 0.75: 0.029, 0.5: 0.028, 0.25: 0.023}
     seen, _ = drive(state, 40, times)
     full = [1.0] * auto.PROBE_STEPS + [PLAIN] * auto.PROBE_STEPS
-    assert seen[: len(full) + 6] == full + [0.75, 0.75, 0.5, 0.5, 0.25, 0.25]
+    short = [c for c in (0.75, 0.5, 0.25) for _ in range(auto.LEAVE_AFTER + 1)]
+    assert seen[: len(full) + len(short)] == full + short
     assert state.decisions == 1 and state.choice == PLAIN
-    assert seen[len(full) + 6 :] == [PLAIN] * (40 - len(full) - 6)
-    assert set(state.step_seconds) == set(auto.CANDIDATES)  # each was timed, once at least
+    assert seen[len(full) + len(short) :] == [PLAIN] * (40 - len(full) - len(short))
+    assert set(state.step_seconds) == set(auto.CANDIDATES)  # each was timed
     # a fraction faster than the full-token candidates runs its whole probe
     state = AutoState()
     times = {1.0: 0.030, PLAIN: 0.040, 0.75: 0.029, 0.5: 0.031, 0.25: 0.020}
-    seen, _ = drive(state, 4 * auto.PROBE_STEPS + 2, times)
-    assert seen.count(0.75) == auto.PROBE_STEPS and seen.count(0.5) == 2 and seen.count(0.25) == auto.PROBE_STEPS
-    assert state.decisions == 1
+    seen, _ = drive(state, 4 * auto.PROBE_STEPS + auto.LEAVE_AFTER + 1, times)
+    assert seen.count(0.75) == auto.PROBE_STEPS and seen.count(0.25) == auto.PROBE_STEPS
+    assert seen.count(0.5) == auto.LEAVE_AFTER + 1 and state.decisions == 1
+
+
+def test_one_slow_step_does_not_end_a_fractions_probe():
+    """An evaluation or a checkpoint between two optimizer steps makes one step look slow: the
+    fraction is left only when both of its first two timed steps are no faster than every token,
+    so it still runs its probe and can be chosen."""
+    state = AutoState()
+    times = {1.0: 0.10, PLAIN: 0.12, 0.75: 0.08, 0.5: 0.05, 0.25: 0.06}
+    seen, now = [], 0.0
+    while state.decisions == 0:
+        c = state.candidate()
+        seen.append(c)
+        state.add_tokens(1000)
+        if state.measures_noise():
+            state.add_noise(torch.tensor((0.0, 1.0), dtype=torch.float64))  # no noise: the fastest wins
+        slow = c == 0.5 and state.probe_steps == 1  # its first timed step
+        now += 0.2 if slow else times[c]
+        state.on_step(now)
+    assert seen.count(0.5) == auto.PROBE_STEPS
+    assert state.step_seconds[0.5] == pytest.approx(0.05) and state.choice == 0.5
+
+
+def test_a_state_saved_by_0_1_0_loads_at_the_same_place_in_its_window():
+    """0.1.0 saved no probe position (its window ran three steps of 1.0, 0.75, 0.5, 0.25, plain in
+    that order): its state loads at the candidate it was running, or outside the window."""
+    base = dict(choice=1.0, step_seconds={}, noise=None, tokens=0.0, decisions=0, times={}, acc=None)
+    s = AutoState.from_state(dict(base, steps=7, window_start=0))  # 0.1.0: the third step of 0.5
+    assert s.candidate() == 0.5 and s.probe_steps == 1
+    s = AutoState.from_state(dict(base, steps=13, window_start=0))  # the second step of plain
+    assert s.candidate() == PLAIN and s.probe_steps == 1
+    s = AutoState.from_state(dict(base, steps=520, window_start=500, choice=0.25))  # past the window
+    assert not s.in_window() and s.candidate() == 0.25
 
 
 def test_windows_repeat_every_interval_steps():

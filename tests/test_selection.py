@@ -396,3 +396,25 @@ def test_every_row_kept_needs_no_difficulty_order(monkeypatch, selection_name, b
 
     cggr_hook.CGGRLoss(min_tokens_ratio=0.5, **opts)(logits, targets)
     assert calls == [33]
+
+
+def test_cggrloss_auto_plain_candidate_keeps_every_row_without_an_order(monkeypatch):
+    """CGGRLoss has no plain path: under min_tokens_ratio='auto' its plain candidate runs as every
+    token through the gate, and needs no difficulty order either (else its steps, timed for the
+    plain candidate, would carry work the plain loss does not)."""
+    import cggr_hook
+    from cggr_hook import auto, kernels
+
+    calls = []
+    real = kernels.difficulty_rank
+    monkeypatch.setattr(kernels, "difficulty_rank", lambda d: calls.append(d.numel()) or real(d))
+    crit = cggr_hook.CGGRLoss(min_tokens_ratio="auto")
+    logits = torch.randn(2, 5, 7)
+    targets = torch.randint(0, 7, (2, 5))
+    seen = []
+    for _ in range(auto.PROBE_STEPS * 2):  # 1.0's steps, then the plain candidate's
+        seen.append(crit.scheduler.auto_state("loss").candidate())
+        crit(logits, targets)
+        crit.step()
+    assert seen == [1.0] * auto.PROBE_STEPS + [auto.PLAIN] * auto.PROBE_STEPS
+    assert calls == []
