@@ -32,7 +32,6 @@ from typing import ClassVar
 import torch
 from torch import Tensor
 
-from . import auto as auto_mod
 from . import difficulty, figures, kernels, selection
 from .config import GateConfig, check_zero_floor
 from .kernels.spec import SCORINGS, check_reduction, target_masks
@@ -149,15 +148,6 @@ def _valid_and_bad(host: list) -> tuple[int, int]:
     return sum(host[0::2]), sum(host[1::2])
 
 
-def _keeps_every_row(config: GateConfig, scheduler: Scheduler, key: str) -> bool:
-    """Whether this call keeps every valid row, known before the counts: a fixed ratio of 1.0 (the
-    curriculum then stays at 1.0; the dynamic threshold could move it) or an auto step at 1.0."""
-    ratio = config.min_tokens_ratio
-    if isinstance(ratio, str):  # 'auto': 1.0, or the plain candidate where there is no plain path (CGGRLoss)
-        return scheduler.auto_state(key).candidate() in (1.0, auto_mod.PLAIN)
-    return ratio >= 1.0 and not config.dynamic_threshold
-
-
 def _generator(device: torch.device, seed: int, step: int, call: int) -> torch.Generator:
     g = torch.Generator(device=device)
     # a function of (seed, step, call) alone (the hash of a tuple of ints is not salted): a
@@ -235,9 +225,9 @@ def gated_forward(
     step, call = scheduler.step_count, scheduler.calls_in_step
     gen = _generator(dev, config.seed, step, call) if scoring.random or strategy.draws else None
     diff, partial = difficulty.score_rows(stats, targets, V, ignore_index, config.scoring, gen, spec.label_smoothing)
-    # where this call keeps every valid row whatever the counts say (a fixed ratio of 1.0, or an auto
-    # step at 1.0), the selection needs no difficulty order
-    every_row = not strategy.per_sequence and _keeps_every_row(config, scheduler, key)
+    # where this call keeps every valid row whatever the counts say, the selection needs no
+    # difficulty order
+    every_row = not strategy.per_sequence and scheduler.keeps_every_row(config, key)
     ranking = None
     if not every_row:
         valid = None

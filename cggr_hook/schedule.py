@@ -119,6 +119,15 @@ class Scheduler:
             if param_ids is not self._pending_ids:
                 self._pending_ids = self._pending_ids | param_ids
 
+    def keeps_every_row(self, config: GateConfig, key: str) -> bool:
+        """Whether ``begin_call`` will return a ratio of 1.0 for this gate's next call whatever its
+        batch: a fixed ratio of 1.0 (its curriculum stays at 1.0; the dynamic threshold could move
+        it), or an auto step at 1.0 or plain."""
+        ratio = config.min_tokens_ratio
+        if isinstance(ratio, str):  # 'auto'
+            return self.auto_state(key).candidate() in (1.0, PLAIN)
+        return ratio >= 1.0 and not config.dynamic_threshold
+
     def begin_call(
         self, config: GateConfig, key: str, confidence: float, param_ids: frozenset[int] = frozenset()
     ) -> tuple[float, int, int]:

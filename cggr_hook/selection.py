@@ -229,8 +229,7 @@ def every_valid_row(diff: Tensor, n_valid: int, need_rows: bool) -> tuple[Tensor
     order's first n, so the same loss and gradient; it spares the order (``kernels.difficulty_rank``:
     one Triton launch up to 8192 rows, a sort and a scatter past that)."""
     key = (diff == float("-inf")).to(torch.int64)
-    rows = _first_marked(torch.arange(diff.numel(), device=diff.device), key == 0, n_valid) if need_rows else None
-    return key, 1, rows
+    return key, 1, kernels.reference.selected_rows(key, 1, n_valid) if need_rows else None
 
 
 def _first_marked(candidates: Tensor, mark: Tensor, count: int) -> Tensor:
