@@ -17,7 +17,9 @@ of the way (the original ``F.cross_entropy``), which keeps every token like 1.0 
 faster of the two where a call's fixed cost outweighs what the gate's kernels save. 1.0 is
 preferred to the plain loss only where its steps are ``MARGIN`` faster, and a fraction below 1.0
 is chosen only if it promises ``MARGIN`` more progress per second than the better of the two
-full-token candidates; otherwise that one is.
+full-token candidates; otherwise that one is. The default gate (a fixed ratio of 1.0 with
+``plain_when_faster``) runs this policy over ``FULL_TOKENS`` alone: the same loss either way, so
+the faster one, with no noise to measure.
 
 **Schedule**: a probe window runs up to ``PROBE_STEPS`` optimizer steps at each candidate, in the
 order of ``CANDIDATES``: 1.0 first (its steps measure the noise), the plain loss, then the
@@ -47,6 +49,7 @@ import math
 import statistics
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -56,6 +59,10 @@ FRACTIONS = (1.0, 0.75, 0.5, 0.25)
 # the probe order: the full-token candidates first (1.0's steps measure the noise), so that a
 # fraction's first timed step can be held against them
 CANDIDATES: tuple[float | str, ...] = (1.0, PLAIN, 0.75, 0.5, 0.25)
+# every token either way: the plain loss or the gate's kernels, whichever runs faster
+# (``plain_when_faster`` at a fixed ratio of 1.0). Same loss, so no noise to measure; the plain
+# loss first, so that the kernels' probe can be cut short where they are no faster
+FULL_TOKENS: tuple[float | str, ...] = (PLAIN, 1.0)
 PROBE_STEPS = 5  # a candidate's time: the median of its last four steps
 LEAVE_AFTER = 2  # timed steps of a fraction before it may be left as no faster than every token
 INTERVAL = 500
@@ -119,9 +126,10 @@ class AutoState:
     step times and noise, the current choice. Everything but the device accumulator is plain data
     and goes into ``Scheduler.state_dict()``."""
 
+    candidates: tuple = CANDIDATES  # what the probe windows run, in order (``GateConfig.auto_candidates``)
     steps: int = 0  # counted optimizer steps of this gate so far
     window_start: int = 0  # the step at which the current (or last) probe window began
-    probe: int = 0  # the candidate being probed (index into CANDIDATES); len(CANDIDATES): none
+    probe: int = 0  # the candidate being probed (index into candidates); len(candidates): none
     probe_steps: int = 0  # steps of that candidate so far in this window
     choice: Candidate = 1.0  # what runs outside the probe windows
     step_seconds: dict = field(default_factory=dict)  # candidate -> median seconds a step (last measured)
@@ -130,22 +138,36 @@ class AutoState:
     decisions: int = 0
     _times: dict = field(default_factory=dict)  # candidate -> step times of the current window
     _last: float | None = None  # wall clock at the last counted step
+    device: torch.device | None = None  # where the gate's calls run (a CUDA device: steps timed there)
+    _mark: Any = None  # CUDA: an event recorded at the last counted step of the window
+    _marked: list = field(default_factory=list)  # CUDA: (candidate, start, end) events not yet read
     _acc: Tensor | None = None  # device [tr Sigma sum, |G|^2 sum, calls] of the current window's 1.0 steps
     _step_tokens: int = 0  # valid tokens of the gated calls of the current step
 
     # --- which candidate the current step runs --------------------------------------------------
     def in_window(self) -> bool:
-        return self.probe < len(CANDIDATES)
+        return self.probe < len(self.candidates)
 
     def candidate(self) -> Candidate:
-        return CANDIDATES[self.probe] if self.in_window() else self.choice
+        return self.candidates[self.probe] if self.in_window() else self.choice
 
     def measures_noise(self) -> bool:
-        return self.in_window() and CANDIDATES[self.probe] == 1.0
+        """Whether this step's calls measure the head's gradient noise: the 1.0 steps of a window,
+        where a fraction below 1.0 is a candidate (only a fraction's choice needs the noise)."""
+        return self.in_window() and self.candidates[self.probe] == 1.0 and self.has_fractions()
+
+    def has_fractions(self) -> bool:
+        """Whether a fraction below 1.0 is a candidate (else the choice is between the gate's
+        kernels and the plain loss, the same loss, and the noise plays no part)."""
+        return any(c != PLAIN and c < 1.0 for c in self.candidates)
 
     # --- what the calls of a step report -------------------------------------------------------------
     def add_tokens(self, n: int) -> None:
         self._step_tokens += n
+
+    def add_call(self, device: torch.device) -> None:
+        """A call of the gate ran on ``device`` (gated or plain): where its steps are timed."""
+        self.device = device
 
     def add_noise(self, parts: Tensor) -> None:
         """One call's (tr Sigma, |G|^2) (``noise_parts``), kept on the device until the decision."""
@@ -154,11 +176,24 @@ class AutoState:
 
     # --- an optimizer step was counted -----------------------------------------------------------------
     def on_step(self, now: float | None = None) -> None:
+        """An optimizer step was counted. A step's time is the time between two counted steps: on
+        a CUDA device the time between events recorded on its stream at each (the device's own
+        timeline: the host may run steps ahead of the device where nothing waits, which its clock
+        would count as fast), else the host's wall clock."""
         now = time.perf_counter() if now is None else now
         c = self.candidate()
         in_window = self.in_window()
-        if in_window and self.probe_steps and self._last is not None:  # not the first step of a run
+        mark = None
+        if in_window and self.device is not None and self.device.type == "cuda":
+            mark = torch.cuda.Event(enable_timing=True)
+            mark.record(torch.cuda.current_stream(self.device))
+        timed = in_window and self.probe_steps  # not the first step of a run
+        if timed and mark is not None:
+            if self._mark is not None:
+                self._marked.append((c, self._mark, mark))
+        elif timed and self._last is not None:
             self._times.setdefault(c, []).append(now - self._last)
+        self._mark = mark
         if self._step_tokens:
             self.tokens = self._step_tokens if not self.tokens else 0.9 * self.tokens + 0.1 * self._step_tokens
         self._step_tokens = 0
@@ -174,17 +209,39 @@ class AutoState:
             self.window_start, self.probe, self.probe_steps = self.steps, 0, 0
 
     def _cannot_win(self, c: Candidate) -> bool:
-        """Whether fraction ``c``'s two timed steps so far are both no faster than the faster
-        full-token candidate's median in this window (then its noisier gradient cannot buy more
-        progress per second). The faster of two, so that one slow step (an evaluation, a checkpoint
-        between two optimizer steps) does not end a fraction's probe."""
-        times = self._times.get(c)
-        if c in (1.0, PLAIN) or not times or len(times) < LEAVE_AFTER:
+        """Whether candidate ``c``'s two timed steps so far already rule it out: a fraction's, both
+        no faster than the faster full-token candidate's median in this window (then its noisier
+        gradient cannot buy more progress per second); 1.0's, both short of the ``MARGIN`` it must
+        beat the plain loss's median by. The faster of two, so that one slow step (an evaluation, a
+        checkpoint between two optimizer steps) does not end a probe. The plain loss, what the
+        user runs without the gate, always gets its whole probe."""
+        if c == PLAIN:
             return False
+        self._read_marks(wait=False)
+        times = self._times.get(c)
+        if not times or len(times) < LEAVE_AFTER:
+            return False
+        if c == 1.0:
+            plain = self._times.get(PLAIN)
+            return bool(plain) and min(times) >= statistics.median(plain) * (1.0 - MARGIN)
         full = [statistics.median(self._times[f]) for f in (1.0, PLAIN) if self._times.get(f)]
         return bool(full) and min(times) >= min(full)
 
+    def _read_marks(self, wait: bool) -> None:
+        """Step times from the CUDA events recorded so far, in order: those the device has passed
+        (``wait``: all of them, waiting for the last; the window's decision does, once)."""
+        if wait and self._marked:
+            self._marked[-1][2].synchronize()  # the device has then passed every earlier mark too
+        while self._marked:
+            c, start, end = self._marked[0]
+            if not wait and not end.query():
+                return
+            self._times.setdefault(c, []).append(start.elapsed_time(end) / 1e3)
+            self._marked.pop(0)
+
     def _decide(self) -> None:
+        self._read_marks(wait=True)
+        self._mark = None
         for c, ts in self._times.items():
             self.step_seconds[c] = statistics.median(ts)
         self._times = {}
@@ -212,8 +269,10 @@ class AutoState:
 
     # --- checkpoints --------------------------------------------------------------------------------------
     def state_dict(self) -> dict:
+        self._read_marks(wait=True)
         acc = None if self._acc is None else self._acc.tolist()
         return dict(
+            candidates=[_key(c) for c in self.candidates],
             steps=self.steps,
             window_start=self.window_start,
             probe=self.probe,
@@ -234,6 +293,8 @@ class AutoState:
         else:
             probe, probe_steps = _probe_of_0_1_0(int(state["steps"]) - int(state["window_start"]))
         s = cls(
+            # a state without its candidates is 0.1.0's, whose auto probed them all
+            candidates=tuple(_candidate(c) for c in state.get("candidates", CANDIDATES)),
             steps=int(state["steps"]),
             window_start=int(state["window_start"]),
             probe=probe,

@@ -8,6 +8,7 @@ import numbers
 from dataclasses import dataclass
 from typing import Any
 
+from . import auto as auto_mod
 from .kernels.spec import SCORINGS as _SCORING_MODES
 from .selection import SELECTIONS as _STRATEGIES
 
@@ -92,10 +93,11 @@ def check_zero_floor(config: GateConfig, label_smoothing: float = 0.0) -> None:
 class GateConfig:
     """Options of a gate (the option names of the original CGGR package).
 
-    The defaults keep every token (``min_tokens_ratio=1.0``: the plain loss, exactly, through the
-    gate's kernels) and draw by importance sampling on the gradient-norm score once a smaller
-    fraction is asked for: an unbiased estimate of the plain loss. They are what the quality
-    benchmark found best at equal wall-clock (README, "Does it train better?"). The original
+    The defaults keep every token (``min_tokens_ratio=1.0``: the plain loss, exactly), through the
+    gate's kernels or through the plain loss itself, whichever the gate timed faster on this run
+    (``plain_when_faster``), and draw by importance sampling on the gradient-norm score once a
+    smaller fraction is asked for: an unbiased estimate of the plain loss. They are what the
+    quality benchmark found best at equal wall-clock (README, "Does it train better?"). The original
     package's configuration (combined scoring, top-k, a curriculum to 25%, the dynamic threshold)
     is ``GateConfig.preset("seed")``, or ``cggr_hook.enable(model, preset="seed")``.
 
@@ -124,6 +126,14 @@ class GateConfig:
     seed: seeds the draws of ``random`` scoring, ``stratified`` and ``importance`` sampling, which
         are a function of (seed, optimizer step, call within the step), so a resumed run draws the
         same tokens.
+    plain_when_faster: where every token is kept (a fixed ratio of 1.0 without the dynamic
+        threshold), time a few steps through the gate's kernels and a few through the plain
+        ``F.cross_entropy`` (``auto.PROBE_STEPS`` each, again every ``auto.INTERVAL`` steps) and
+        run the faster: the same loss either way, so where the gate's fixed cost outweighs what its
+        kernels save (short steps, a small vocabulary), the run is not slowed. Under
+        ``min_tokens_ratio='auto'``, whether the plain loss is one of its candidates. False: every
+        step through the gate's kernels (their memory saving every step: a plain step holds
+        Hugging Face's fp32 copy of the logits).
     """
 
     scoring: str = "gradnorm"
@@ -136,6 +146,7 @@ class GateConfig:
     min_tokens_per_sequence: int = 1
     seed: int = 0
     importance_floor: float = 0.2
+    plain_when_faster: bool = True
 
     def __post_init__(self) -> None:
         # NumPy scalars and 0-d tensors are taken as the numbers they hold, as torch takes them, and
@@ -177,6 +188,7 @@ class GateConfig:
         if not (0.0 <= a <= 1.0):  # NaN fails this too
             _fail("importance_floor", self.importance_floor, fix)
         seed = _whole("seed", self.seed, "give an integer")
+        pwf = _flag("plain_when_faster", self.plain_when_faster, "give True or False")
         for name, value in (
             ("min_tokens_ratio", r),
             ("warmup_steps", w),
@@ -186,9 +198,25 @@ class GateConfig:
             ("min_tokens_per_sequence", m),
             ("importance_floor", a),
             ("seed", seed),
+            ("plain_when_faster", pwf),
         ):
             object.__setattr__(self, name, value)
         check_zero_floor(self)
+
+    @property
+    def auto_candidates(self) -> tuple | None:
+        """What the gate chooses among by measured step time (``auto.py``), in probe order, or None
+        where the kept fraction is the configured one: every candidate of ``'auto'``; at a fixed
+        ratio of 1.0 (no dynamic threshold, which could lower it) with ``plain_when_faster``, the
+        gate's kernels and the plain loss, which compute the same loss. Without
+        ``plain_when_faster`` no candidate is the plain loss."""
+        if self.min_tokens_ratio == "auto":
+            cands = auto_mod.CANDIDATES
+        elif self.min_tokens_ratio >= 1.0 and not self.dynamic_threshold and self.plain_when_faster:
+            return auto_mod.FULL_TOKENS
+        else:
+            return None
+        return cands if self.plain_when_faster else tuple(c for c in cands if c != auto_mod.PLAIN)
 
     def replace(self, **options: Any) -> GateConfig:
         """A copy with ``options`` changed; an unknown option name is a ValueError."""

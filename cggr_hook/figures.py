@@ -59,16 +59,18 @@ def resolve(m: dict) -> dict:
 
 def auto_figures(state: auto_mod.AutoState, fraction: float | str) -> dict:
     """An auto gate's figures: the fraction this call ran (``auto_fraction``, 1.0 for the plain loss
-    too, with ``auto_plain``), the current choice, the noise scale (NaN before the first estimate)
-    and the step times of the last probe window (``step_ms_<candidate>``)."""
-    b = state.noise_scale()
+    too, with ``auto_plain``), the current choice, the noise scale where a fraction below 1.0 is a
+    candidate (NaN before the first estimate) and the step times of the last probe window
+    (``step_ms_<candidate>``)."""
     out = {
         "auto_fraction": 1.0 if fraction == auto_mod.PLAIN else float(fraction),
         "auto_plain": fraction == auto_mod.PLAIN,
         "auto_choice": 1.0 if state.choice == auto_mod.PLAIN else float(state.choice),
         "auto_choice_plain": state.choice == auto_mod.PLAIN,
-        "noise_scale": math.nan if b is None else b,
     }
+    if state.has_fractions():
+        b = state.noise_scale()
+        out["noise_scale"] = math.nan if b is None else b
     for c, t in state.step_seconds.items():
         out[f"step_ms_{'plain' if c == auto_mod.PLAIN else round(100 * c)}"] = 1e3 * t
     return out

@@ -139,10 +139,10 @@ class Gate:
         if not isinstance(output, Tensor) or not output.requires_grad or not args or not isinstance(args[0], Tensor):
             return None
         if self.runs_plain():
-            # min_tokens_ratio='auto' runs this step as the plain loss: the head's output goes on as
+            # the timed choice (auto, plain_when_faster) runs this step as the plain loss: the head's output goes on as
             # it is, untapped (nothing held, no node in the graph), so the step costs what it costs
             # without the gate; it still counts, and times the plain candidate
-            self.run_plain()
+            self.run_plain(output.device)
             return None
         self._taps += 1
         called = head_mod.called_module(module)
@@ -180,10 +180,12 @@ class Gate:
         self.follow_head(module)
         if kwargs.get("fused_lm_head") is True:
             if self.runs_plain():
-                # min_tokens_ratio='auto' runs this step as the plain loss: TRL's own fused head, as
+                # the timed choice (auto, plain_when_faster) runs this step as the plain loss: TRL's own fused head, as
                 # without the gate (its head is not called, so the step is booked here)
-                if kwargs.get("labels") is not None or kwargs.get("shift_labels") is not None:
-                    self.run_plain()
+                labels = kwargs.get("labels")
+                labels = labels if labels is not None else kwargs.get("shift_labels")
+                if isinstance(labels, Tensor):
+                    self.run_plain(labels.device)
                 return None
             return self._unfuse(module, args, kwargs)
         return None
@@ -259,15 +261,17 @@ class Gate:
         self._gated_since_step += 1
 
     def on_plain_choice(self) -> None:
-        """``min_tokens_ratio='auto'`` ran this call as the plain loss: the watchdog counts it as gated."""
+        """The timed choice (``GateConfig.auto_candidates``) ran this call as the plain loss: the
+        watchdog counts it as gated."""
         self._gated_since_step += 1
 
-    def run_plain(self) -> None:
-        """Book a call that ``min_tokens_ratio='auto'`` runs as the plain loss: its optimizer step
+    def run_plain(self, device: torch.device) -> None:
+        """Book a call that the timed choice (``GateConfig.auto_candidates``) runs as the plain loss: its optimizer step
         counts (and times the plain candidate), ``metrics()`` says so, and the watchdog sees the
         gate's own choice."""
         scheduler = self._registry.scheduler
         scheduler.plain_call(self.key, self.param_ids)
+        scheduler.auto_state(self.key, self.config.auto_candidates).add_call(device)
         self._registry.record(
             self,
             dict(
@@ -275,17 +279,16 @@ class Gate:
                 token_ratio=1.0,
                 selection="plain",
                 scoring=self.config.scoring,
-                **figures.auto_figures(scheduler.auto_state(self.key), auto_mod.PLAIN),
+                **figures.auto_figures(scheduler.auto_state(self.key, self.config.auto_candidates), auto_mod.PLAIN),
             ),
         )
         self.on_plain_choice()
 
     def runs_plain(self) -> bool:
-        """Whether ``min_tokens_ratio='auto'`` runs the current step as the plain loss."""
-        return (
-            self.config.min_tokens_ratio == "auto"
-            and self._registry.scheduler.auto_state(self.key).candidate() == auto_mod.PLAIN
-        )
+        """Whether the timed choice (``min_tokens_ratio='auto'``, or the default's ``plain_when_faster``)
+        runs the current step as the plain loss."""
+        cands = self.config.auto_candidates
+        return cands is not None and self._registry.scheduler.auto_state(self.key, cands).candidate() == auto_mod.PLAIN
 
     def _would_gate(self, logits: Tensor) -> bool:
         """Whether a cross entropy on these logits would be gated now (Hugging Face loss fast path)."""

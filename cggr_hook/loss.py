@@ -12,8 +12,9 @@ from typing import Any, cast
 import torch
 from torch import Tensor
 
+from . import auto as auto_mod
 from . import figures as figures_mod
-from . import kernels
+from . import kernels, patch
 from .config import OPTION_NAMES, GateConfig
 from .functions import GatedCrossEntropy
 from .kernels.spec import check_reduction
@@ -33,6 +34,10 @@ class CGGRLoss(torch.nn.Module):
 
     inplace_backward: write the gradient into the logits' buffer during backward (no second
         logits-sized buffer); the logits must not be read after ``backward()``.
+
+    Where the timed choice runs a step as the plain loss (``min_tokens_ratio='auto'``, or a fixed
+    1.0 with ``plain_when_faster``: ``GateConfig.auto_candidates``), the call returns torch's own
+    ``F.cross_entropy`` of the rows; ``.step()`` times the candidates.
     """
 
     def __init__(
@@ -48,6 +53,7 @@ class CGGRLoss(torch.nn.Module):
         seed: int = 0,
         importance_floor: float = GateConfig.importance_floor,
         *,
+        plain_when_faster: bool = GateConfig.plain_when_faster,
         ignore_index: int = -100,
         reduction: str = "mean",
         label_smoothing: float = 0.0,
@@ -73,6 +79,7 @@ class CGGRLoss(torch.nn.Module):
             min_tokens_per_sequence=min_tokens_per_sequence,
             seed=seed,
             importance_floor=importance_floor,
+            plain_when_faster=plain_when_faster,
         )
         self.spec = LossSpec(
             ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing, weight=None
@@ -121,6 +128,9 @@ class CGGRLoss(torch.nn.Module):
         spec.check(logits.shape[-1])
         seq = logits.shape[1] if logits.dim() == 3 else None
         targets = targets.to(device=logits.device, dtype=torch.long)
+        cands = self.config.auto_candidates
+        if cands is not None and self.scheduler.auto_state("loss", cands).candidate() == auto_mod.PLAIN:
+            return self._plain_loss(logits, targets, spec)
         with torch.no_grad():
             fwd = gated_forward(
                 kernels.as_rows(logits.detach()),
@@ -133,6 +143,29 @@ class CGGRLoss(torch.nn.Module):
             )
         self._metrics = fwd.figures
         return GatedCrossEntropy.apply(logits, targets, fwd, spec, self.inplace_backward)
+
+    def _plain_loss(self, logits: Tensor, targets: Tensor, spec: LossSpec) -> Tensor:
+        """A step that the timed choice (``config.auto_candidates``) runs as the plain loss: torch's
+        own ``F.cross_entropy`` (the original, whether or not a gate has patched it) on the rows."""
+        V = logits.shape[-1]
+        self.scheduler.plain_call("loss")
+        self.scheduler.auto_state("loss").add_call(logits.device)
+        self._metrics = dict(
+            step=self.scheduler.step_count + 1,
+            token_ratio=1.0,
+            selection="plain",
+            scoring=self.config.scoring,
+            **figures_mod.auto_figures(self.scheduler.auto_state("loss"), auto_mod.PLAIN),
+        )
+        loss = patch.original_cross_entropy()(
+            logits.reshape(-1, V),
+            targets.reshape(-1),
+            weight=spec.weight,
+            ignore_index=spec.ignore_index,
+            reduction=spec.reduction,
+            label_smoothing=spec.label_smoothing,
+        )
+        return loss.view(targets.shape) if spec.reduction == "none" else loss
 
     def extra_repr(self) -> str:
         return f"{self.config}, reduction={self.spec.reduction!r}"

@@ -207,13 +207,14 @@ def gated_forward(
     N = targets.numel()
     dev = logits.device
     ignore_index = spec.ignore_index
-    auto = config.min_tokens_ratio == "auto"
+    cands = config.auto_candidates
+    auto = cands is not None  # the fraction is chosen by measured step time (auto.py)
     # the host's one read is of target counts queued before the scoring pass, when the ratio cannot
     # depend on what that pass finds
     counts_first = (auto or not config.dynamic_threshold) and not strategy.per_sequence
     counts = HostRead(kernels.target_counts(targets, V, ignore_index).reshape(-1)) if counts_first else None
     # an auto gate's noise-measuring step needs every row's gradient norm, whatever the scoring
-    probe = auto and scheduler.auto_state(key).measures_noise()
+    probe = auto and scheduler.auto_state(key, cands).measures_noise()
     stats = kernels.row_stats(
         logits,
         targets,
@@ -291,8 +292,9 @@ def gated_forward(
     )
     noise = None
     if auto:
-        state = scheduler.auto_state(key)
+        state = scheduler.auto_state(key, cands)
         state.add_tokens(n_valid)
+        state.add_call(dev)
         # the estimate needs every row at one shared scale: the plain mean or sum, no class weights
         if probe and n_sel == n_valid >= 2 and spec.weight is None and spec.reduction != "none":
             noise = NoiseProbe(difficulty.gradnorm_sq(stats, V, float(spec.label_smoothing)), scheduler, key)
@@ -313,7 +315,7 @@ def gated_forward(
     if draw is not None:
         values["_draw"] = HostRead(draw.figures, now=False)
     if auto:
-        values.update(figures.auto_figures(scheduler.auto_state(key), ratio))
+        values.update(figures.auto_figures(scheduler.auto_state(key, cands), ratio))
     # top-k (and every strategy at k = 0 or k >= n valid) selects the first k rows of the
     # difficulty order: the dense gradient schedules its rows by it (zero rows first)
     order = ranking.order if ranking is not None and sel_key is ranking.rank else None

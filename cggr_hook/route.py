@@ -138,9 +138,9 @@ class Route:
         spec.check(V)
         scheduler = registry.scheduler
         if gate.runs_plain():
-            # min_tokens_ratio='auto' runs this step as the plain loss (the head's forward hook
+            # the timed choice (auto, plain_when_faster) runs this step as the plain loss (the head's forward hook
             # leaves such a step's logits untapped; these were tapped before the step's choice)
-            gate.run_plain()
+            gate.run_plain(x.device)
             return None
 
         out = call.output

@@ -31,7 +31,7 @@ from typing import Any, cast
 import torch
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
-from .auto import PLAIN, AutoState
+from .auto import CANDIDATES, PLAIN, AutoState
 from .config import GateConfig
 
 EMA_MOMENTUM = 0.9
@@ -97,17 +97,19 @@ class Scheduler:
         ``min_tokens_ratio='auto'`` the fraction the gate ``key`` runs now (1.0 for the plain loss,
         1.0 before its first call)."""
         config = config or GateConfig()
-        if config.min_tokens_ratio == "auto":
+        if config.auto_candidates is not None:
             c = self.auto[key].candidate() if key in self.auto else 1.0
             return 1.0 if c == PLAIN else float(c)
         return curriculum_ratio(self.step_count, config)
 
-    def auto_state(self, key: str) -> AutoState:
-        """The auto-ratio state of the gate ``key`` (made on first use)."""
+    def auto_state(self, key: str, candidates: tuple | None = None) -> AutoState:
+        """The auto-ratio state of the gate ``key`` (made on first use). ``candidates``: the gate's
+        ``config.auto_candidates``; a state kept for other candidates (the gate's options changed,
+        or a checkpoint of another configuration was loaded) starts afresh with these."""
         with self._lock:
             state = self.auto.get(key)
-            if state is None:
-                state = self.auto[key] = AutoState()
+            if state is None or (candidates is not None and state.candidates != candidates):
+                state = self.auto[key] = AutoState(candidates=candidates or CANDIDATES)
             return state
 
     def plain_call(self, key: str, param_ids: frozenset[int] = frozenset()) -> None:
@@ -122,11 +124,11 @@ class Scheduler:
     def keeps_every_row(self, config: GateConfig, key: str) -> bool:
         """Whether ``begin_call`` will return a ratio of 1.0 for this gate's next call whatever its
         batch: a fixed ratio of 1.0 (its curriculum stays at 1.0; the dynamic threshold could move
-        it), or an auto step at 1.0 or plain."""
-        ratio = config.min_tokens_ratio
-        if isinstance(ratio, str):  # 'auto'
-            return self.auto_state(key).candidate() in (1.0, PLAIN)
-        return ratio >= 1.0 and not config.dynamic_threshold
+        it), or a step that the timed choice (``config.auto_candidates``) runs at 1.0 or plain."""
+        cands = config.auto_candidates
+        if cands is not None:
+            return self.auto_state(key, cands).candidate() in (1.0, PLAIN)
+        return config.min_tokens_ratio >= 1.0 and not config.dynamic_threshold
 
     def begin_call(
         self, config: GateConfig, key: str, confidence: float, param_ids: frozenset[int] = frozenset()
@@ -137,13 +139,14 @@ class Scheduler:
         Returns (ratio, step, call index within the step); the last two seed the call's draws.
         """
         with self._lock:
-            if config.min_tokens_ratio == "auto":
-                c = self.auto_state(key).candidate()
+            cands = config.auto_candidates
+            if cands is not None:
+                c = self.auto_state(key, cands).candidate()
                 r = 1.0 if c == PLAIN else float(c)
                 self._auto_in_step.add(key)
             else:
                 r = curriculum_ratio(self.step_count, config)
-            if config.dynamic_threshold and config.min_tokens_ratio != "auto":
+            if config.dynamic_threshold and cands is None:
                 average = self.confidence_avg.get(key)
                 r = dynamic_ratio(r, confidence, average, config.threshold_sensitivity)
                 if math.isfinite(confidence):

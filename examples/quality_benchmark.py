@@ -28,8 +28,13 @@ then already predicted confidently: where an unbiased sampler can drop work at l
   tokens gains. (``random100`` is the same thing.)
 * ``auto``: ``min_tokens_ratio='auto'``, the gate's own choice of fraction (it times its steps on
   the wall clock, so it trains alone, after the arms that share the device).
-* ``default``: ``cggr_hook.enable(model)`` with no options (whatever the defaults are); ``seed``:
-  ``enable(model, preset="seed")``, the original package's configuration.
+* ``default``: ``cggr_hook.enable(model)`` with no options (whatever the defaults are: every
+  token, through the gate's kernels or the plain loss, whichever it timed faster on the wall
+  clock, so it trains alone like ``auto``); ``seed``: ``enable(model, preset="seed")``, the
+  original package's configuration.
+
+Every arm at a fixed fraction (``full``, ``random100``, ...) sets ``plain_when_faster=False``: its
+steps all run through the gate's kernels, which is what it measures.
 * ``random25``, ``random50``: a random fraction of the tokens, plain mean over them: the control.
 * ``topk25``, ``stratified25``, ``seqaware25``, ``entropy25``, ``margin25``, ``loss25``: hard-token
   selection at a fixed ratio (combined scoring for the first three); ``-warm`` adds the package's
@@ -204,7 +209,7 @@ def arm_options(name: str, steps: int = 1000, warmup_frac: float = 0.3) -> dict 
     if name == "seed":
         return {"preset": "seed"}
     if name == "full":
-        return dict(min_tokens_ratio=1.0, warmup_steps=0, dynamic_threshold=False)
+        return dict(min_tokens_ratio=1.0, warmup_steps=0, dynamic_threshold=False, plain_when_faster=False)
     if name == "auto":
         return dict(min_tokens_ratio="auto")
     m = IMP_RE.match(name)
@@ -216,6 +221,7 @@ def arm_options(name: str, steps: int = 1000, warmup_frac: float = 0.3) -> dict 
             min_tokens_ratio=_fraction(name, pct),
             warmup_steps=0,
             dynamic_threshold=False,
+            plain_when_faster=False,
         )
         if floor is not None:
             opts["importance_floor"] = float(floor)
@@ -230,7 +236,7 @@ def arm_options(name: str, steps: int = 1000, warmup_frac: float = 0.3) -> dict 
     kind, pct, warm = m.group(1), float(m.group(2)), bool(m.group(3))
     selection = {"stratified": "stratified", "seqaware": "sequence_aware"}.get(kind, "topk")
     scoring = kind if kind in ("random", "entropy", "margin", "loss") else "combined"
-    opts = dict(scoring=scoring, selection=selection, min_tokens_ratio=_fraction(name, pct))
+    opts = dict(scoring=scoring, selection=selection, min_tokens_ratio=_fraction(name, pct), plain_when_faster=False)
     if warm:
         opts.update(warmup_steps=max(1, round(warmup_frac * steps)), dynamic_threshold=True)
     else:
@@ -253,8 +259,10 @@ def arm_config(opts: dict | None) -> cggr_hook.GateConfig | None:
 
 
 def is_auto(opts: dict | None) -> bool:
+    """Whether an arm chooses what it runs by measured step time (``'auto'``, and the default's
+    choice between the gate's kernels and the plain loss)."""
     cfg = arm_config(opts)
-    return cfg is not None and cfg.min_tokens_ratio == "auto"
+    return cfg is not None and cfg.auto_candidates is not None
 
 
 def fraction_moves(opts: dict | None) -> bool:
@@ -466,7 +474,8 @@ def time_steps(
     model = build_model(args, corpus.vocab_size, 0).to(device).train()
     opt = make_optimizer(model, 1e-5, device)
     if opts is not None:
-        fixed = dict(opts, warmup_steps=0, dynamic_threshold=False)
+        # every step of the timing through the gate's kernels at that fraction
+        fixed = dict(opts, warmup_steps=0, dynamic_threshold=False, plain_when_faster=False)
         if fraction is not None:
             fixed["min_tokens_ratio"] = fraction
         gate_for(model, fixed, 0)
@@ -499,6 +508,8 @@ def timing_phase(args, corpus, device, arm_opts: dict) -> dict:
     for arm, opts in sorted(arm_opts.items(), key=lambda kv: kv[0] != "plain"):  # plain first
         if opts is None:
             fractions = [None]
+        elif is_auto(opts):
+            fractions = sorted(c for c in arm_config(opts).auto_candidates if c != "plain")
         elif fraction_moves(opts):
             fractions = list(FRACTION_GRID)
         else:

@@ -14,12 +14,17 @@ Shapes (random init, bf16 weights, tied embeddings, ``attn_implementation='sdpa'
 Variants, each on a fresh model and optimizer (same seed, so the same initial weights and data):
 
 * ``hf``: ``model(input_ids, labels=input_ids).loss``, the library's own loss (fp32-upcast logits);
-* ``cggr25`` / ``cggr50`` / ``cggr100``: the same call after
-  ``cggr_hook.enable(model, min_tokens_ratio=r, warmup_steps=0, dynamic_threshold=False)``;
+* ``cggr25`` / ``cggr50`` / ``cggr100``: the same call after ``cggr_hook.enable(model,
+  min_tokens_ratio=r, warmup_steps=0, dynamic_threshold=False, plain_when_faster=False)``: every
+  step through the gate's kernels;
+* ``cggrdefault``: the same call after ``cggr_hook.enable(model)``: every token, through the gate's
+  kernels or the plain loss, whichever it timed faster;
 * ``cggrauto``: the same call after ``cggr_hook.enable(model, min_tokens_ratio='auto')``: the
   gate times every candidate fraction (and the plain loss) for a few steps, then keeps the one with
-  the most expected progress per second; its probe steps are added to the warm-up, so the timed
-  steps run its choice, which the table names;
+  the most expected progress per second;
+
+  the probe steps of these two are added to the warm-up, so the timed steps run the choice, which
+  the table names;
 * ``no_head``: the decoder alone with a trivial loss on its last hidden state, no LM head, no
   cross entropy: the ceiling for anything saved on the head side.
 
@@ -63,11 +68,14 @@ except ImportError:  # a checkout that was not pip-installed
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     import cggr_hook
 
-VARIANTS = ("hf", "cggr25", "cggr50", "cggr100", "cggrauto", "no_head")
+VARIANTS = ("hf", "cggr25", "cggr50", "cggr100", "cggrdefault", "cggrauto", "no_head")
 GATED = {"cggr25": 0.25, "cggr50": 0.5, "cggr100": 1.0}
-AUTO = "cggrauto"
-# an auto gate's probe window (every candidate for a few steps) runs before its timed steps
-AUTO_PROBE_STEPS = len(cggr_hook.auto.CANDIDATES) * (cggr_hook.auto.PROBE_STEPS + 1)
+# the variants that choose by measured step time: their enable() options
+TIMED = {"cggrdefault": {}, "cggrauto": {"min_tokens_ratio": "auto"}}
+# their probe windows (every candidate for a few steps) run before the timed steps
+PROBE_STEPS = {
+    v: len(cggr_hook.GateConfig(**o).auto_candidates) * (cggr_hook.auto.PROBE_STEPS + 1) for v, o in TIMED.items()
+}
 IGNORE_INDEX = -100
 
 SHAPES = {
@@ -221,7 +229,7 @@ def k_of(ratio: float, n: int) -> int:
 def check_gated(variant, loss0, batch, seq, hf_loss0):
     """Problems with a gated variant's first step, as a list of strings (empty: fine)."""
     problems = []
-    r = GATED.get(variant, 1.0)  # auto's first step keeps every token (its probe starts at 1.0)
+    r = GATED.get(variant, 1.0)  # auto's and the default's first step keep every token
     if not math.isfinite(loss0):
         problems.append(f"loss {loss0} is not finite")
     try:
@@ -230,10 +238,11 @@ def check_gated(variant, loss0, batch, seq, hf_loss0):
         m = {}
         problems.append(f"cggr_hook.metrics() raised {type(e).__name__}: {e}")
     n = batch * (seq - 1)
-    if m.get("tokens_total") != n:
-        problems.append(f"gate saw tokens_total={m.get('tokens_total')}, expected {n} (was the loss gated?)")
-    if m.get("tokens_selected") != k_of(r, n):
-        problems.append(f"gate kept tokens_selected={m.get('tokens_selected')}, expected k={k_of(r, n)}")
+    if not m.get("auto_plain"):  # (the default's probe starts with the plain loss: no gate figures)
+        if m.get("tokens_total") != n:
+            problems.append(f"gate saw tokens_total={m.get('tokens_total')}, expected {n} (was the loss gated?)")
+        if m.get("tokens_selected") != k_of(r, n):
+            problems.append(f"gate kept tokens_selected={m.get('tokens_selected')}, expected k={k_of(r, n)}")
     if r == 1.0 and hf_loss0 is not None and not abs(loss0 - hf_loss0) <= 1e-3 * max(1.0, abs(hf_loss0)):
         problems.append(f"first loss {loss0:.6f} != hf's {hf_loss0:.6f}")
     return problems
@@ -248,12 +257,18 @@ def run_variant(shape, variant, args, device, batches, hf_loss0):
         rec["model_class"] = type(model).__name__
         rec["attn_implementation"] = getattr(model.config, "_attn_implementation", None)
         rec["params_m"] = sum(p.numel() for p in model.parameters()) / 1e6
-        gated = variant in GATED or variant == AUTO
+        gated = variant in GATED or variant in TIMED
         if variant in GATED:
-            cggr_hook.enable(model, min_tokens_ratio=GATED[variant], warmup_steps=0, dynamic_threshold=False)
-        elif variant == AUTO:
-            cggr_hook.enable(model, min_tokens_ratio="auto")
-        warmup = args.warmup + (AUTO_PROBE_STEPS if variant == AUTO else 0)
+            cggr_hook.enable(
+                model,
+                min_tokens_ratio=GATED[variant],
+                warmup_steps=0,
+                dynamic_threshold=False,
+                plain_when_faster=False,
+            )
+        elif variant in TIMED:
+            cggr_hook.enable(model, **TIMED[variant])
+        warmup = args.warmup + PROBE_STEPS.get(variant, 0)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
             torch.cuda.reset_peak_memory_stats(device)
@@ -286,7 +301,7 @@ def run_variant(shape, variant, args, device, batches, hf_loss0):
         rec["step_ms"] = statistics.median(ms)
         rec["tokens_per_s"] = args.batch * args.seq / (rec["step_ms"] / 1e3)
         rec["last_loss"] = float(losses[-1])
-        if variant == AUTO:
+        if variant in TIMED:
             m = cggr_hook.metrics()
             rec["auto"] = {k: v for k, v in m.items() if k.startswith(("auto_", "noise_scale", "step_ms_"))}
             rec["auto_choice"] = "plain" if m.get("auto_choice_plain") else m.get("auto_choice")
@@ -298,7 +313,7 @@ def run_variant(shape, variant, args, device, batches, hf_loss0):
         rec["error"] = f"{type(e).__name__}: {e}"[:500]
         print(f"[throughput] {shape} {variant} failed:\n{traceback.format_exc()}", file=sys.stderr)
     finally:
-        if model is not None and (variant in GATED or variant == AUTO):
+        if model is not None and (variant in GATED or variant in TIMED):
             try:
                 cggr_hook.disable(model)
             except Exception as e:

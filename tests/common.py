@@ -171,7 +171,10 @@ def check_gated_gradients(
 
     model, ref = make_model(), make_model()
     # the original configuration (hard top-k), which the masked reference is written for
-    enable = dict(dict(preset="seed", warmup_steps=0, dynamic_threshold=False, min_tokens_ratio=ratio), **enable)
+    enable = dict(
+        dict(preset="seed", warmup_steps=0, dynamic_threshold=False, plain_when_faster=False, min_tokens_ratio=ratio),
+        **enable,
+    )
     cggr_hook.enable(model, **enable)
     t = ids[:, 1:].reshape(-1)
     loss = F.cross_entropy(forward(model, ids)[:, :-1].reshape(-1, vocab), t)

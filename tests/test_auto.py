@@ -304,3 +304,186 @@ def test_auto_is_a_valid_ratio_and_other_strings_are_not():
     assert cggr_hook.GateConfig(min_tokens_ratio="auto").min_tokens_ratio == "auto"
     with pytest.raises(ValueError, match="min_tokens_ratio"):
         cggr_hook.GateConfig(min_tokens_ratio="half")
+
+
+# --------------------------------------------------------------------------------------------------
+# the default: every token, through the gate's kernels or the plain loss, whichever is faster
+# --------------------------------------------------------------------------------------------------
+def test_which_configurations_choose_by_step_time():
+    C = cggr_hook.GateConfig
+    assert C().auto_candidates == (PLAIN, 1.0)  # the default: the user's own loss first
+    assert C(min_tokens_ratio=1.0, warmup_steps=500).auto_candidates == (PLAIN, 1.0)  # r stays 1.0
+    assert C(plain_when_faster=False).auto_candidates is None
+    assert C(dynamic_threshold=True).auto_candidates is None  # the threshold can lower r below 1.0
+    assert C(min_tokens_ratio=0.5).auto_candidates is None  # a fraction changes the loss: never swapped
+    assert C(min_tokens_ratio="auto").auto_candidates == auto.CANDIDATES
+    assert C(min_tokens_ratio="auto", plain_when_faster=False).auto_candidates == (1.0, 0.75, 0.5, 0.25)
+    for bad in (1, "yes", None):
+        with pytest.raises(ValueError, match="plain_when_faster"):
+            C(plain_when_faster=bad)
+
+
+@pytest.mark.parametrize(
+    "one, plain, want, one_steps",
+    [
+        (0.10, 0.08, PLAIN, 1 + auto.LEAVE_AFTER),  # slower: left after two timed steps
+        (0.06, 0.08, 1.0, auto.PROBE_STEPS),  # faster by more than the margin: its whole probe
+        (0.079, 0.08, PLAIN, 1 + auto.LEAVE_AFTER),  # faster, but within the margin
+    ],
+)
+def test_full_token_candidates_take_the_faster_without_measuring_noise(one, plain, want, one_steps):
+    state = AutoState(candidates=auto.FULL_TOKENS)
+    seen, now = [], 0.0
+    while len(seen) < auto.PROBE_STEPS + one_steps + 3:
+        seen.append(state.candidate())
+        assert not state.measures_noise()  # same loss either way: no fraction needs the noise
+        state.add_tokens(1000)
+        now += {1.0: one, PLAIN: plain}[seen[-1]]
+        state.on_step(now)
+    n_window = auto.PROBE_STEPS + one_steps
+    assert seen[:n_window] == [PLAIN] * auto.PROBE_STEPS + [1.0] * one_steps
+    assert state.decisions == 1 and state.noise is None
+    assert seen[n_window:] == [want] * 3
+
+
+def test_a_state_of_other_candidates_starts_afresh_and_its_candidates_survive_a_checkpoint():
+    from cggr_hook.schedule import Scheduler
+
+    s = Scheduler()
+    st = s.auto_state("m", auto.FULL_TOKENS)
+    drive(st, 3, {1.0: 0.1, PLAIN: 0.1})
+    t = Scheduler()
+    t.load_state_dict(s.state_dict())
+    assert t.auto["m"].candidates == auto.FULL_TOKENS and t.auto["m"].probe_steps == 3
+    assert t.auto_state("m", auto.FULL_TOKENS) is t.auto["m"]
+    # the gate now asks for 'auto' (its options changed): its probe starts again over all of them
+    fresh = t.auto_state("m", auto.CANDIDATES)
+    assert fresh.candidates == auto.CANDIDATES and fresh.steps == 0 and fresh.probe_steps == 0
+
+
+def test_the_default_gate_runs_the_plain_loss_then_the_kernels_and_keeps_the_loss():
+    torch.manual_seed(0)
+    model = TinyLM(vocab=37, dim=16)
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)  # weights fixed: every step's loss comparable
+    key = cggr_hook.enable(model).key
+    idx = torch.randint(0, 37, (4, 12), generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        plain = F.cross_entropy(model(idx)[:, :-1].reshape(-1, 37), idx[:, 1:].reshape(-1))
+    nodes, ran = [], []
+    state = cggr_hook.scheduler.auto_state(key, auto.FULL_TOKENS)
+    while state.decisions == 0 or len(ran) < 2 * auto.PROBE_STEPS + 2:
+        logits = model(idx)
+        loss = F.cross_entropy(logits[:, :-1].reshape(-1, 37), idx[:, 1:].reshape(-1))
+        m = cggr_hook.metrics(model)
+        ran.append(PLAIN if m["auto_plain"] else m["auto_fraction"])
+        nodes.append(type(loss.grad_fn).__name__)
+        if m["auto_plain"]:
+            assert torch.equal(loss.detach(), plain)  # the original function's result, bit for bit
+        else:
+            assert m["tokens_selected"] == m["tokens_total"] == 44
+            torch.testing.assert_close(loss.detach(), plain)
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+        state = cggr_hook.scheduler.auto[key]
+    # the plain loss first (the user's own steps), then the gate's kernels for 3 to 5 steps
+    runs = [(c, len(list(g))) for c, g in itertools.groupby(ran)]
+    assert runs[0] == (PLAIN, auto.PROBE_STEPS) and runs[1][0] == 1.0
+    assert 1 + auto.LEAVE_AFTER <= runs[1][1] <= auto.PROBE_STEPS
+    assert all((n == "GatedHeadCrossEntropyBackward") == (c == 1.0) for n, c in zip(nodes, ran))
+    assert state.decisions == 1 and set(state.step_seconds) == {1.0, PLAIN} and state.noise is None
+    n_window = auto.PROBE_STEPS + runs[1][1]
+    assert ran[n_window:] == [state.choice] * (len(ran) - n_window)
+    m = cggr_hook.metrics(model)
+    assert "step_ms_plain" in m and "step_ms_100" in m
+
+
+def test_without_plain_when_faster_every_step_runs_the_gates_kernels():
+    model = TinyLM(vocab=37, dim=16)
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    cggr_hook.enable(model, plain_when_faster=False)
+    idx = torch.randint(0, 37, (2, 9), generator=torch.Generator().manual_seed(3))
+    for _ in range(auto.PROBE_STEPS * 2 + 2):
+        loss = F.cross_entropy(model(idx)[:, :-1].reshape(-1, 37), idx[:, 1:].reshape(-1))
+        assert type(loss.grad_fn).__name__ == "GatedHeadCrossEntropyBackward"
+        assert "auto_plain" not in cggr_hook.metrics(model)
+        loss.backward()
+        opt.step()
+    assert cggr_hook.scheduler.auto == {}
+
+
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_cggrloss_plain_step_is_torchs_loss_and_gradient(reduction):
+    w = torch.rand(7) + 0.5
+    crit = cggr_hook.CGGRLoss(
+        min_tokens_ratio=1.0,
+        warmup_steps=0,
+        dynamic_threshold=False,
+        reduction=reduction,
+        label_smoothing=0.1,
+        weight=w,
+    )
+    logits = torch.randn(2, 5, 7)
+    targets = torch.randint(0, 7, (2, 5))
+    targets[0, 1] = -100
+    assert crit.scheduler.auto_state("loss", auto.FULL_TOKENS).candidate() == PLAIN  # the plain loss first
+    x = logits.detach().requires_grad_()
+    loss = crit(x, targets)
+    assert crit.get_metrics()["auto_plain"] and crit.get_metrics()["selection"] == "plain"
+    y = logits.detach().requires_grad_()
+    ref = F.cross_entropy(y.reshape(-1, 7), targets.reshape(-1), weight=w, reduction=reduction, label_smoothing=0.1)
+    ref = ref.view(targets.shape) if reduction == "none" else ref
+    assert loss.shape == ref.shape and torch.equal(loss.detach(), ref.detach())
+    g = torch.randn_like(ref)
+    loss.backward(g)
+    ref.backward(g)
+    assert torch.equal(x.grad, y.grad)
+
+
+def test_the_default_reports_no_noise_scale_it_never_measures():
+    from cggr_hook import figures
+
+    assert "noise_scale" not in figures.auto_figures(AutoState(candidates=auto.FULL_TOKENS), 1.0)
+    assert math.isnan(figures.auto_figures(AutoState(), 1.0)["noise_scale"])  # 'auto' before its estimate
+
+
+def test_on_a_cuda_device_steps_are_timed_on_the_devices_timeline(monkeypatch):
+    """The host can run plain steps ahead of the device (nothing in them waits): its clock would
+    call them fast. On a CUDA device a step's time is read from events recorded on the device's
+    stream at each counted step, waited for once, at the window's decision."""
+    device_clock = {"now": 0.0}
+    waits = []
+
+    class FakeEvent:
+        def __init__(self, enable_timing=False):
+            assert enable_timing
+            self.t = None
+
+        def record(self, stream=None):
+            self.t = device_clock["now"]
+
+        def query(self):
+            return False  # the device is behind: nothing is read before the decision
+
+        def synchronize(self):
+            waits.append(self)
+
+        def elapsed_time(self, end):
+            return 1e3 * (end.t - self.t)  # ms, as torch gives
+
+    monkeypatch.setattr(torch.cuda, "Event", FakeEvent)
+    monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: None)
+    state = AutoState(candidates=auto.FULL_TOKENS)
+    state.add_call(torch.device("cuda", 0))
+    device_step = {1.0: 0.060, PLAIN: 0.100}  # the gate's kernels are faster on the device
+    host_step = {1.0: 0.060, PLAIN: 0.010}  # but the host queues plain steps ahead of it
+    host = 0.0
+    while state.decisions == 0:
+        c = state.candidate()
+        device_clock["now"] += device_step[c]
+        host += host_step[c]
+        state.on_step(host)
+    assert state.step_seconds == pytest.approx(device_step)
+    assert state.choice == 1.0
+    assert len(waits) == 1  # one wait, at the decision, for the last mark; the others are read then
+    assert state._marked == [] and state._mark is None

@@ -144,7 +144,7 @@ def test_throughput_smoke(tmp_path):
     assert len(shapes) == 2
     for shape in shapes:
         by = {r["variant"]: r for r in recs if r["shape"] == shape}
-        assert set(by) == {"hf", "cggr25", "cggr50", "cggr100", "cggrauto", "no_head"}
+        assert set(by) == {"hf", "cggr25", "cggr50", "cggr100", "cggrdefault", "cggrauto", "no_head"}
         for r in by.values():
             assert r["status"] == "ok", r
             assert _finite_pos(r["step_ms"]) and _finite_pos(r["tokens_per_s"]), r
@@ -154,6 +154,9 @@ def test_throughput_smoke(tmp_path):
         # auto's first step keeps every token too; after its probe window it names its choice
         assert abs(by["cggrauto"]["first_loss"] - by["hf"]["first_loss"]) < 1e-3
         assert by["cggrauto"]["auto_choice"] in (0.25, 0.5, 0.75, 1.0, "plain"), by["cggrauto"]
+        # the default keeps every token: its first step is the gate's kernels, its choice 1.0 or plain
+        assert abs(by["cggrdefault"]["first_loss"] - by["hf"]["first_loss"]) < 1e-3
+        assert by["cggrdefault"]["auto_choice"] in (1.0, "plain"), by["cggrdefault"]
     assert "| cggr25 |" in proc.stdout and "vs hf" in proc.stdout
 
 

@@ -137,8 +137,17 @@ def test_quality_benchmark_arms_clock_and_figures():
     qb = _import_example("quality_benchmark")
     assert qb.arm_options("plain") is None and qb.arm_options("default") == {}
     assert qb.arm_options("topk25") == dict(
-        scoring="combined", selection="topk", min_tokens_ratio=0.25, warmup_steps=0, dynamic_threshold=False
+        scoring="combined",
+        selection="topk",
+        min_tokens_ratio=0.25,
+        warmup_steps=0,
+        dynamic_threshold=False,
+        plain_when_faster=False,
     )
+    # a fixed arm runs every step through the gate's kernels; the default and auto choose by time
+    assert qb.arm_options("full")["plain_when_faster"] is False
+    assert qb.is_auto(qb.arm_options("default")) and qb.is_auto(qb.arm_options("auto"))
+    assert not qb.is_auto(qb.arm_options("random100")) and not qb.is_auto(qb.arm_options("full"))
     warm = qb.arm_options("seqaware25-warm", 200, 0.3)
     assert warm["selection"] == "sequence_aware" and warm["warmup_steps"] == 60 and warm["dynamic_threshold"]
     imp = qb.arm_options("imp-gradnorm50-f0.5")
@@ -148,6 +157,7 @@ def test_quality_benchmark_arms_clock_and_figures():
         min_tokens_ratio=0.5,
         warmup_steps=0,
         dynamic_threshold=False,
+        plain_when_faster=False,
         importance_floor=0.5,
     )
     assert "importance_floor" not in qb.arm_options("imp-loss25")

@@ -20,7 +20,7 @@ from common import TinyLM, masked_reference_loss, reference_topk_rows, shifted_l
 ORIGINAL_CE = F.cross_entropy
 # a fixed ratio of the original configuration (hard top-k by the combined score): the references are
 # written for it
-FIXED = dict(preset="seed", warmup_steps=0, dynamic_threshold=False)
+FIXED = dict(preset="seed", warmup_steps=0, dynamic_threshold=False, plain_when_faster=False)
 
 
 def _pair(seed=0, **kw):
@@ -286,8 +286,8 @@ def test_metrics_have_the_seed_keys():
     "options",
     [
         dict(dynamic_threshold=True, selection="sequence_aware"),
-        dict(dynamic_threshold=False, selection="topk"),
-        dict(dynamic_threshold=False, selection="stratified"),
+        dict(dynamic_threshold=False, selection="topk", plain_when_faster=False),
+        dict(dynamic_threshold=False, selection="stratified", plain_when_faster=False),
     ],
 )
 def test_one_host_read_per_gated_step(monkeypatch, options):

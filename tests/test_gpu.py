@@ -16,7 +16,7 @@ from cggr_hook.kernels import force_backend
 from common import TinyLM, masked_reference_loss, reference_topk_rows
 
 pytestmark = pytest.mark.gpu
-FIXED = dict(warmup_steps=0, dynamic_threshold=False)
+FIXED = dict(warmup_steps=0, dynamic_threshold=False, plain_when_faster=False)
 # the hard top-k selection the references in common.py compute (the defaults draw by importance)
 TOPK25 = dict(scoring="combined", selection="topk", min_tokens_ratio=0.25, **FIXED)
 
@@ -357,3 +357,27 @@ def test_fsdp2_world_size_one_runs_the_head_backward_over_the_selected_rows():
     )
     assert proc.returncode == 0, proc.stdout[-4000:] + proc.stderr[-4000:]
     assert "fsdp ok (cuda" in proc.stdout and "fsdp_tied ok (cuda" in proc.stdout
+
+
+def test_default_gate_times_both_full_token_paths_on_the_device():
+    """The default (every token, ``plain_when_faster``) on a CUDA model: a window of the gate's
+    kernels then the plain loss, timed by events on the device's stream, read at the decision;
+    every step's loss is the plain loss."""
+    from cggr_hook import auto
+
+    torch.manual_seed(0)
+    model = TinyLM(vocab=5000, dim=64).cuda()
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    key = cggr_hook.enable(model).key
+    idx = torch.randint(0, 5000, (4, 256), device="cuda")
+    with torch.no_grad():
+        plain = F.cross_entropy(model(idx)[:, :-1].reshape(-1, 5000), idx[:, 1:].reshape(-1))
+    for _ in range(2 * auto.PROBE_STEPS + 1):
+        loss = F.cross_entropy(model(idx)[:, :-1].reshape(-1, 5000), idx[:, 1:].reshape(-1))
+        torch.testing.assert_close(loss.detach(), plain, rtol=1e-5, atol=1e-5)
+        loss.backward()
+        opt.step()
+    state = cggr_hook.scheduler.auto[key]
+    assert state.decisions == 1 and state.device.type == "cuda" and state._marked == []
+    assert set(state.step_seconds) == {1.0, auto.PLAIN} and all(0 < t < 1 for t in state.step_seconds.values())
+    assert state.choice in (1.0, auto.PLAIN)

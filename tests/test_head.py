@@ -21,7 +21,7 @@ from common import TinyLM, check_gated_gradients, masked_reference_loss, referen
 transformers = pytest.importorskip("transformers")
 # a fixed ratio of the original configuration (hard top-k by the combined score): the references are
 # written for it
-FIXED = dict(preset="seed", warmup_steps=0, dynamic_threshold=False)
+FIXED = dict(preset="seed", warmup_steps=0, dynamic_threshold=False, plain_when_faster=False)
 ORIGINAL_CE = F.cross_entropy
 
 
@@ -493,7 +493,9 @@ def test_gated_module_that_is_not_the_head_warns_that_it_is_not():
     """A module named as the head whose output reaches the loss through further layers: the loss
     is plain, and the warning says the module is not the head (not that the logits were rescaled)."""
     model = NanoGPT(layers=1)
-    cggr_hook.enable(model, head="transformer.h.0.c_fc", warmup_steps=0, dynamic_threshold=False)
+    cggr_hook.enable(
+        model, head="transformer.h.0.c_fc", warmup_steps=0, dynamic_threshold=False, plain_when_faster=False
+    )
     idx = torch.randint(0, 256, (2, 9))
     with pytest.warns(RuntimeWarning, match="is not the one that produces the logits"):
         loss = F.cross_entropy(model(idx)[:, :-1].reshape(-1, 256), idx[:, 1:].reshape(-1))

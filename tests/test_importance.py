@@ -18,7 +18,7 @@ import cggr_hook
 from cggr_hook import CGGRLoss, selection
 from cggr_hook.kernels import force_backend
 
-FIXED = dict(warmup_steps=0, dynamic_threshold=False)
+FIXED = dict(warmup_steps=0, dynamic_threshold=False, plain_when_faster=False)
 
 
 # --------------------------------------------------------------------------------------------------

@@ -13,7 +13,7 @@ from cggr_hook.kernels import force_backend
 
 from common import masked_reference_loss, reference_topk_rows, start_held_reader
 
-FIXED = dict(warmup_steps=0, dynamic_threshold=False)
+FIXED = dict(warmup_steps=0, dynamic_threshold=False, plain_when_faster=False)
 
 
 def _inputs(B=3, T=11, V=29, dtype=torch.float32, ignore_frac=0.2, seed=0, ignore_index=-100):
