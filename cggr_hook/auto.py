@@ -22,15 +22,19 @@ full-token candidates; otherwise that one is. The default gate (a fixed ratio of
 the faster one, with no noise to measure.
 
 **Schedule**: a probe window runs up to ``PROBE_STEPS`` optimizer steps at each candidate, in the
-order of ``CANDIDATES``: 1.0 first (its steps measure the noise), the plain loss, then the
-fractions from the largest; a candidate's step time is the median wall-clock time between
-optimizer steps of its run, the first step of each run left out (it pays for compilation and the
-switch). A fraction whose first two timed steps are both no faster than the faster full-token
-candidate is left after them: with a noisier gradient and no faster step it cannot promise more
-progress per second, so where dropping tokens does not pay the window costs few gated steps. Then
-the choice runs until the next window, ``INTERVAL`` steps after the last one began. The choice
-follows measured time: a repeated or resumed run can choose otherwise (a resumed run's first step
-is not timed, so a fraction's probe can run a step longer there).
+order of its candidates: for ``'auto'`` (``CANDIDATES``) 1.0 first (its steps measure the noise),
+the plain loss, then the fractions from the largest; for the default (``FULL_TOKENS``) the plain
+loss, then 1.0. A candidate's step time is the median time between optimizer steps of its run,
+the first step of each run left out (it pays for compilation and the switch): on a CUDA device
+the time between events recorded on the device's stream at each step (read once, at the
+window's decision: the host can queue steps ahead of the device where nothing waits), elsewhere
+the wall clock. A fraction whose first two timed steps are both no faster than the faster
+full-token candidate is left after them: with a noisier gradient and no faster step it cannot
+promise more progress per second, so where dropping tokens does not pay the window costs few
+gated steps; likewise 1.0 after the plain loss, where its two timed steps are not ``MARGIN``
+faster. Then the choice runs until the next window, ``INTERVAL`` steps after the last one began.
+The choice follows measured time: a repeated or resumed run can choose otherwise (a resumed run's
+first step is not timed, so a probe can run a step longer there).
 
 **Noise on the head**: token i's gradient on the head weight is g_i = (p_i - y_i) h_i^T, of norm
 s_i ||h_i|| (s_i the gradnorm score). From one call's n tokens, S = mean_i |g_i|^2 estimates
@@ -64,7 +68,7 @@ CANDIDATES: tuple[float | str, ...] = (1.0, PLAIN, 0.75, 0.5, 0.25)
 # loss first, so that the kernels' probe can be cut short where they are no faster
 FULL_TOKENS: tuple[float | str, ...] = (PLAIN, 1.0)
 PROBE_STEPS = 5  # a candidate's time: the median of its last four steps
-LEAVE_AFTER = 2  # timed steps of a fraction before it may be left as no faster than every token
+LEAVE_AFTER = 2  # timed steps of a fraction (or of 1.0 after plain) before it may be left as not faster
 INTERVAL = 500
 MARGIN = 0.03
 NOISE_MOMENTUM = 0.5  # weight of the earlier windows' noise figures in the running average
@@ -122,9 +126,10 @@ def noise_parts(per_token_sq: Tensor, mean_grad_sq: Tensor, n: int) -> Tensor:
 
 @dataclass
 class AutoState:
-    """One gate's auto-ratio state (``Scheduler.auto[key]``): the probe schedule, the measured
-    step times and noise, the current choice. Everything but the device accumulator is plain data
-    and goes into ``Scheduler.state_dict()``."""
+    """One gate's timed-choice state (``Scheduler.auto_state``): its candidates, the probe
+    schedule, the measured step times and noise, the current choice. The step times and noise not
+    yet read off the device (CUDA events, a device accumulator) are read into plain data for
+    ``Scheduler.state_dict()`` and copies; the events themselves are not kept."""
 
     candidates: tuple = CANDIDATES  # what the probe windows run, in order (``GateConfig.auto_candidates``)
     steps: int = 0  # counted optimizer steps of this gate so far
@@ -268,6 +273,15 @@ class AutoState:
         return max(trace, 0.0) / g2
 
     # --- checkpoints --------------------------------------------------------------------------------------
+    def __getstate__(self) -> dict:
+        """A copy or pickle (``CGGRLoss`` in ``torch.save(model)``, a deep copy of a model) takes the
+        step times read so far; the CUDA events of the window belong to this process (the next
+        step of the copy is not timed, as after a resume)."""
+        self._read_marks(wait=True)
+        state = dict(self.__dict__)
+        state["_mark"], state["_marked"] = None, []
+        return state
+
     def state_dict(self) -> dict:
         self._read_marks(wait=True)
         acc = None if self._acc is None else self._acc.tolist()

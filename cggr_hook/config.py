@@ -127,9 +127,9 @@ class GateConfig:
         are a function of (seed, optimizer step, call within the step), so a resumed run draws the
         same tokens.
     plain_when_faster: where every token is kept (a fixed ratio of 1.0 without the dynamic
-        threshold), time a few steps through the gate's kernels and a few through the plain
-        ``F.cross_entropy`` (``auto.PROBE_STEPS`` each, again every ``auto.INTERVAL`` steps) and
-        run the faster: the same loss either way, so where the gate's fixed cost outweighs what its
+        threshold), time a few steps of the plain ``F.cross_entropy`` and a few through the gate's
+        kernels (``auto.PROBE_STEPS`` at most each, again every ``auto.INTERVAL`` steps) and run
+        the faster: the same loss either way, so where the gate's fixed cost outweighs what its
         kernels save (short steps, a small vocabulary), the run is not slowed. Under
         ``min_tokens_ratio='auto'``, whether the plain loss is one of its candidates. False: every
         step through the gate's kernels (their memory saving every step: a plain step holds
@@ -210,9 +210,10 @@ class GateConfig:
         ratio of 1.0 (no dynamic threshold, which could lower it) with ``plain_when_faster``, the
         gate's kernels and the plain loss, which compute the same loss. Without
         ``plain_when_faster`` no candidate is the plain loss."""
-        if self.min_tokens_ratio == "auto":
+        r = self.min_tokens_ratio
+        if isinstance(r, str):  # 'auto'
             cands = auto_mod.CANDIDATES
-        elif self.min_tokens_ratio >= 1.0 and not self.dynamic_threshold and self.plain_when_faster:
+        elif r >= 1.0 and not self.dynamic_threshold and self.plain_when_faster:
             return auto_mod.FULL_TOKENS
         else:
             return None

@@ -74,7 +74,9 @@ def _measure_head_noise(noise: NoiseProbe, rows: Tensor, grad_w: Tensor, scale: 
     h = hidden[rows].float()
     per_token = (noise.sq[rows] * h.pow(2).sum(-1)).mean()
     mean_grad = grad_w.float() / (scale[0] * n)
-    noise.scheduler.auto_state(noise.key).add_noise(auto_mod.noise_parts(per_token, mean_grad.pow(2).sum(), n))
+    noise.scheduler.auto_state(noise.key, noise.candidates).add_noise(
+        auto_mod.noise_parts(per_token, mean_grad.pow(2).sum(), n)
+    )
 
 
 class GatedHeadCrossEntropy(torch.autograd.Function):

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import threading
 import weakref
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
 import torch
 from torch import Tensor, nn
@@ -20,6 +20,7 @@ from torch import Tensor, nn
 from . import auto as auto_mod
 from . import figures, hf_loss, trl_fused
 from . import head as head_mod
+from . import trace as trace_mod
 from .config import GateConfig
 from .schedule import optimizer_holds
 
@@ -28,6 +29,7 @@ if TYPE_CHECKING:
 
 # optimizer steps after which a gate that has not yet been part of a counted step warns (the watchdog)
 WATCHDOG_STEPS = 3
+MAX_PLAIN_OUTPUTS = 8  # a plain step's head outputs remembered for the loss that books it
 
 
 class _InertHook:
@@ -91,6 +93,8 @@ class Gate:
         self._head_calls = self._taps = self._gated = self._gated_since_step = 0
         self._steps_unproven = 0
         self._proven = False  # a counted optimizer step followed a gated loss of this model
+        # a plain step's head outputs (weakly), until a cross entropy on one books the step
+        self._plain_outputs: list[weakref.ref] = []
         self._local = threading.local()  # .unfused: the TRL forward this thread runs unfused
         # opaque to torch.compile: a compiled model breaks its graph at the head's hook, so the tap
         # is a real autograd node at run time rather than traced away. Prepended, so that no other
@@ -138,13 +142,16 @@ class Gate:
             return None
         if not isinstance(output, Tensor) or not output.requires_grad or not args or not isinstance(args[0], Tensor):
             return None
-        if self.runs_plain():
-            # the timed choice (auto, plain_when_faster) runs this step as the plain loss: the head's output goes on as
-            # it is, untapped (nothing held, no node in the graph), so the step costs what it costs
-            # without the gate; it still counts, and times the plain candidate
-            self.run_plain(output.device)
-            return None
         self._taps += 1
+        if self.runs_plain():
+            # the timed choice (auto, plain_when_faster) runs this step as the plain loss: the head's
+            # output goes on as it is, untapped (nothing held, no node in the graph), so the step costs
+            # what it costs without the gate. A cross entropy on it books the step (claim_plain): a
+            # forward whose logits no F.cross_entropy reads (a custom loss) books nothing, so the
+            # watchdog still sees that nothing would be gated
+            self._plain_outputs = [r for r in self._plain_outputs[-(MAX_PLAIN_OUTPUTS - 1) :] if r() is not None]
+            self._plain_outputs.append(weakref.ref(output))
+            return None
         called = head_mod.called_module(module)
         # the narrow backward only where output == F.linear(hidden, weight, bias) is known; a global
         # forward hook runs before ours and may have changed the output
@@ -270,8 +277,9 @@ class Gate:
         counts (and times the plain candidate), ``metrics()`` says so, and the watchdog sees the
         gate's own choice."""
         scheduler = self._registry.scheduler
-        scheduler.plain_call(self.key, self.param_ids)
-        scheduler.auto_state(self.key, self.config.auto_candidates).add_call(device)
+        cands = cast(tuple, self.config.auto_candidates)
+        scheduler.plain_call(self.key, cands, self.param_ids)
+        scheduler.auto_state(self.key, cands).add_call(device)
         self._registry.record(
             self,
             dict(
@@ -279,10 +287,24 @@ class Gate:
                 token_ratio=1.0,
                 selection="plain",
                 scoring=self.config.scoring,
-                **figures.auto_figures(scheduler.auto_state(self.key, self.config.auto_candidates), auto_mod.PLAIN),
+                **figures.auto_figures(scheduler.auto_state(self.key, cands), auto_mod.PLAIN),
             ),
         )
         self.on_plain_choice()
+
+    def has_plain_outputs(self) -> bool:
+        return bool(self._plain_outputs)
+
+    def claim_plain(self, x: Tensor) -> bool:
+        """Whether the cross-entropy input ``x`` is computed from a head output of this gate's plain
+        step (through the reshapes, slices and casts a loss takes); if so the step is booked."""
+        for ref in self._plain_outputs:
+            out = ref()
+            if out is not None and out.grad_fn is not None and trace_mod.reaches(x, out.grad_fn):
+                self._plain_outputs.remove(ref)  # one booking per forward
+                self.run_plain(x.device)
+                return True
+        return False
 
     def runs_plain(self) -> bool:
         """Whether the timed choice (``min_tokens_ratio='auto'``, or the default's ``plain_when_faster``)
@@ -324,6 +346,7 @@ class Gate:
 
     def step_counted(self) -> None:
         self._gated_since_step = 0
+        self._plain_outputs = []
 
     def watch(self, optimizer: torch.optim.Optimizer, counted: bool) -> None:
         """The watchdog: warn once if WATCHDOG_STEPS optimizer steps pass before any counted step

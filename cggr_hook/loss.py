@@ -18,7 +18,7 @@ from . import kernels, patch
 from .config import OPTION_NAMES, GateConfig
 from .functions import GatedCrossEntropy
 from .kernels.spec import check_reduction
-from .pipeline import LossSpec, gated_forward
+from .pipeline import LossSpec, check_targets, gated_forward
 from .schedule import Scheduler
 
 __all__ = ["CGGRLoss", "LossSpec"]
@@ -146,16 +146,22 @@ class CGGRLoss(torch.nn.Module):
 
     def _plain_loss(self, logits: Tensor, targets: Tensor, spec: LossSpec) -> Tensor:
         """A step that the timed choice (``config.auto_candidates``) runs as the plain loss: torch's
-        own ``F.cross_entropy`` (the original, whether or not a gate has patched it) on the rows."""
+        own ``F.cross_entropy`` (the original, whether or not a gate has patched it) on the rows,
+        after the gated steps' check of the targets (so that both reject the same input, with the
+        same error, where torch would raise a device-side assert), returned in fp32 as the gated
+        steps' loss is. ``inplace_backward`` does not apply to it (torch's own gradient)."""
         V = logits.shape[-1]
-        self.scheduler.plain_call("loss")
-        self.scheduler.auto_state("loss").add_call(logits.device)
+        check_targets(targets.reshape(-1), V, spec.ignore_index)
+        cands = cast(tuple, self.config.auto_candidates)
+        self.scheduler.plain_call("loss", cands)
+        state = self.scheduler.auto_state("loss", cands)
+        state.add_call(logits.device)
         self._metrics = dict(
             step=self.scheduler.step_count + 1,
             token_ratio=1.0,
             selection="plain",
             scoring=self.config.scoring,
-            **figures_mod.auto_figures(self.scheduler.auto_state("loss"), auto_mod.PLAIN),
+            **figures_mod.auto_figures(state, auto_mod.PLAIN),
         )
         loss = patch.original_cross_entropy()(
             logits.reshape(-1, V),
@@ -165,6 +171,7 @@ class CGGRLoss(torch.nn.Module):
             reduction=spec.reduction,
             label_smoothing=spec.label_smoothing,
         )
+        loss = loss.float()
         return loss.view(targets.shape) if spec.reduction == "none" else loss
 
     def extra_repr(self) -> str:

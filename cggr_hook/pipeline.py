@@ -80,6 +80,7 @@ class NoiseProbe:
     sq: Tensor
     scheduler: Scheduler
     key: str
+    candidates: tuple
 
 
 @dataclass
@@ -146,6 +147,21 @@ class HostRead:
 def _valid_and_bad(host: list) -> tuple[int, int]:
     """(valid, bad) target counts from ``kernels.target_counts``'s (P, 2) partials read row by row."""
     return sum(host[0::2]), sum(host[1::2])
+
+
+def _raise_if_bad(n_bad: int, vocab: int, ignore_index: int) -> None:
+    if n_bad:
+        raise ValueError(
+            f"cggr_hook: target has {n_bad} value(s) outside [0, {vocab}) that are not ignore_index={ignore_index}; "
+            f"targets must be class indices below the vocabulary size {vocab} or ignore_index"
+        )
+
+
+def check_targets(targets: Tensor, vocab: int, ignore_index: int) -> None:
+    """The gated forward's check of the targets, alone (one host read): a ValueError for a value
+    outside [0, vocab) that is not ``ignore_index``, as ``gated_forward`` gives."""
+    counts = HostRead(kernels.target_counts(targets, vocab, ignore_index).reshape(-1))
+    _raise_if_bad(_valid_and_bad(counts.values())[1], vocab, ignore_index)
 
 
 def _generator(device: torch.device, seed: int, step: int, call: int) -> torch.Generator:
@@ -250,11 +266,7 @@ def gated_forward(
         n_valid, n_bad = int(sums[0]), int(sums[1])
         if ranking is not None and ranking.keep_ranks is not None:
             keep_ranks = [int(r) for r in host[n_part:]]
-    if n_bad:
-        raise ValueError(
-            f"cggr_hook: target has {n_bad} value(s) outside [0, {V}) that are not ignore_index={ignore_index}; "
-            f"targets must be class indices below the vocabulary size {V} or ignore_index"
-        )
+    _raise_if_bad(n_bad, V, ignore_index)
     confidence = sums[2] / n_valid if sums is not None and n_valid else math.nan
 
     ratio, step, call = scheduler.begin_call(config, key, confidence, param_ids)
@@ -297,7 +309,7 @@ def gated_forward(
         state.add_call(dev)
         # the estimate needs every row at one shared scale: the plain mean or sum, no class weights
         if probe and n_sel == n_valid >= 2 and spec.weight is None and spec.reduction != "none":
-            noise = NoiseProbe(difficulty.gradnorm_sq(stats, V, float(spec.label_smoothing)), scheduler, key)
+            noise = NoiseProbe(difficulty.gradnorm_sq(stats, V, float(spec.label_smoothing)), scheduler, key, cands)
 
     values = {
         "step": step + 1,  # the optimizer step this loss belongs to, counting from 1

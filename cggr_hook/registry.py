@@ -19,7 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-from torch import nn
+from torch import Tensor, nn
 
 from . import figures as figures_mod
 from . import head as head_mod
@@ -73,6 +73,13 @@ class Registry:
         """The registered gate ``Gate.id == gate_id`` (what a head's tap holds), or None."""
         with self.lock:
             return next((g for g in self._gates.values() if g.id == gate_id), None)
+
+    def claim_plain(self, x: Tensor) -> bool:
+        """Whether a gate's plain step produced the logits behind the cross-entropy input ``x``
+        (``Gate.claim_plain``: that gate then books the step)."""
+        with self.lock:
+            gates = [g for g in self._gates.values() if g.enabled and g.has_plain_outputs()]
+        return any(g.claim_plain(x) for g in gates)
 
     def holds(self, gate: Gate) -> bool:
         """Whether ``gate`` is its model's registered gate."""

@@ -103,7 +103,8 @@ class Route:
         class_dim = 0 if x.dim() == 1 else 1
         tr = trace_mod.trace(x, class_dim)
         if tr is None:
-            self._warn_not_traced(x)
+            if not registry.claim_plain(x):  # the head's logits on a step run as the plain loss
+                self._warn_not_traced(x)
             return None
         call = tr.call
         gate = registry.gate_with_id(call.gate_id)

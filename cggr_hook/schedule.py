@@ -88,8 +88,9 @@ class Scheduler:
         self.step_observer: Callable[[torch.optim.Optimizer, bool, bool], bool] | None = None
         # counts resets and loaded states: figures recorded before one are of another run
         self.generation = 0
-        self.auto: dict[str, AutoState] = {}  # min_tokens_ratio='auto': each gate's state, by key
-        self._auto_in_step: set[str] = set()  # the auto gates with a call since the last counted step
+        # the timed choices ('auto', plain_when_faster): each gate's state, by auto_key
+        self.auto: dict[str, AutoState] = {}
+        self._auto_in_step: set[str] = set()  # the states with a call since the last counted step
 
     # --- the ratio ---------------------------------------------------------------------------------
     def ratio(self, config: GateConfig | None = None, key: str | None = None) -> float:
@@ -97,27 +98,30 @@ class Scheduler:
         ``min_tokens_ratio='auto'`` the fraction the gate ``key`` runs now (1.0 for the plain loss,
         1.0 before its first call)."""
         config = config or GateConfig()
-        if config.auto_candidates is not None:
-            c = self.auto[key].candidate() if key in self.auto else 1.0
+        cands = config.auto_candidates
+        if cands is not None:
+            state = self.auto.get(auto_key(key or "", cands))
+            c = state.candidate() if state is not None else cands[0]
             return 1.0 if c == PLAIN else float(c)
         return curriculum_ratio(self.step_count, config)
 
-    def auto_state(self, key: str, candidates: tuple | None = None) -> AutoState:
-        """The auto-ratio state of the gate ``key`` (made on first use). ``candidates``: the gate's
-        ``config.auto_candidates``; a state kept for other candidates (the gate's options changed,
-        or a checkpoint of another configuration was loaded) starts afresh with these."""
+    def auto_state(self, key: str, candidates: tuple = CANDIDATES) -> AutoState:
+        """The timed-choice state of the gate ``key`` choosing among ``candidates`` (its
+        ``config.auto_candidates``), made on first use. Kept under ``auto_key(key, candidates)``:
+        a gate's default choice and an ``'auto'`` run of a model of the same kind keep apart."""
         with self._lock:
-            state = self.auto.get(key)
-            if state is None or (candidates is not None and state.candidates != candidates):
-                state = self.auto[key] = AutoState(candidates=candidates or CANDIDATES)
+            k = auto_key(key, candidates)
+            state = self.auto.get(k)
+            if state is None or state.candidates != candidates:
+                state = self.auto[k] = AutoState(candidates=candidates)
             return state
 
-    def plain_call(self, key: str, param_ids: frozenset[int] = frozenset()) -> None:
-        """An auto gate's call that its policy runs as the plain loss: the optimizer step after it
-        still counts (and times the plain candidate)."""
+    def plain_call(self, key: str, candidates: tuple, param_ids: frozenset[int] = frozenset()) -> None:
+        """A call that the timed choice (``candidates``) runs as the plain loss: the optimizer step
+        after it still counts (and times the plain candidate)."""
         with self._lock:
             self._pending = True
-            self._auto_in_step.add(key)
+            self._auto_in_step.add(auto_key(key, candidates))
             if param_ids is not self._pending_ids:
                 self._pending_ids = self._pending_ids | param_ids
 
@@ -128,7 +132,7 @@ class Scheduler:
         cands = config.auto_candidates
         if cands is not None:
             return self.auto_state(key, cands).candidate() in (1.0, PLAIN)
-        return config.min_tokens_ratio >= 1.0 and not config.dynamic_threshold
+        return cast(float, config.min_tokens_ratio) >= 1.0 and not config.dynamic_threshold
 
     def begin_call(
         self, config: GateConfig, key: str, confidence: float, param_ids: frozenset[int] = frozenset()
@@ -143,7 +147,7 @@ class Scheduler:
             if cands is not None:
                 c = self.auto_state(key, cands).candidate()
                 r = 1.0 if c == PLAIN else float(c)
-                self._auto_in_step.add(key)
+                self._auto_in_step.add(auto_key(key, cands))
             else:
                 r = curriculum_ratio(self.step_count, config)
             if config.dynamic_threshold and cands is None:
@@ -260,6 +264,14 @@ class Scheduler:
 
     def __repr__(self) -> str:
         return f"Scheduler(step_count={self.step_count}, attached={self.attached})"
+
+
+def auto_key(key: str, candidates: tuple) -> str:
+    """Where ``Scheduler.auto`` keeps gate ``key``'s state for ``candidates``: the key itself for
+    every candidate of ``'auto'`` (as 0.1.0 saved it), else the key and the candidates."""
+    if candidates == CANDIDATES:
+        return key
+    return key + "/" + ",".join(PLAIN if c == PLAIN else repr(float(c)) for c in candidates)
 
 
 def optimizer_holds(optimizer: torch.optim.Optimizer, param_ids: Iterable[int]) -> bool:

@@ -188,6 +188,24 @@ def _exact_cast(src: torch.dtype, dst: torch.dtype) -> bool:
     return src == dst or _FLOAT_RANK.get(dst, 0) > _FLOAT_RANK.get(src, 9)
 
 
+def reaches(x: Tensor, node: Any) -> bool:
+    """Whether ``x`` is computed from the output whose autograd node is ``node`` through the
+    operations of ``OPS`` alone (reshapes, slices, casts: what a loss does to the logits, and what
+    a gated step can follow back to its tap)."""
+    cur = x.grad_fn
+    for _ in range(MAX_TRACE_DEPTH):
+        if cur is None:
+            return False
+        if cur is node:
+            return True
+        op = OPS.get(type(cur).__name__)
+        nxt = cur.next_functions
+        if op is None or not nxt or (len(nxt) != 1 and not op.any_inputs):
+            return False
+        cur = nxt[0][0]
+    return False
+
+
 def trace(x: Tensor, class_dim: int) -> Trace | None:
     """Map the cross-entropy input ``x`` (class dim ``class_dim``) back to a tapped head call."""
     node = x.grad_fn

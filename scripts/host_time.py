@@ -67,13 +67,16 @@ def _cases(args, dev):
         return run
 
     def loss_case(**kw):
-        crit = cggr_hook.CGGRLoss(warmup_steps=0, dynamic_threshold=False, **kw)
+        # plain_when_faster=False: every call through the gate's kernels, which is what is measured
+        crit = cggr_hook.CGGRLoss(warmup_steps=0, dynamic_threshold=False, plain_when_faster=False, **kw)
         return fwd_bwd(lambda: crit(logits, targets)), contextlib.nullcontext
 
     def head_case(ratio):
         @contextlib.contextmanager
         def gated():
-            cggr_hook.enable(model, min_tokens_ratio=ratio, warmup_steps=0, dynamic_threshold=False)
+            cggr_hook.enable(
+                model, min_tokens_ratio=ratio, warmup_steps=0, dynamic_threshold=False, plain_when_faster=False
+            )
             model.train()
             try:
                 yield

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import pickle
 
 import pytest
 import torch
@@ -346,19 +347,25 @@ def test_full_token_candidates_take_the_faster_without_measuring_noise(one, plai
     assert seen[n_window:] == [want] * 3
 
 
-def test_a_state_of_other_candidates_starts_afresh_and_its_candidates_survive_a_checkpoint():
-    from cggr_hook.schedule import Scheduler
+def test_a_gates_default_and_auto_states_are_kept_apart_and_survive_a_checkpoint():
+    """Two gates of one key (two models of one kind, or one gate whose options change) choosing
+    among different candidates each keep their own state: neither resets the other's probe."""
+    from cggr_hook.schedule import Scheduler, auto_key
 
     s = Scheduler()
-    st = s.auto_state("m", auto.FULL_TOKENS)
-    drive(st, 3, {1.0: 0.1, PLAIN: 0.1})
+    default = s.auto_state("m", auto.FULL_TOKENS)
+    full = s.auto_state("m", auto.CANDIDATES)
+    assert default is not full and set(s.auto) == {"m", "m/plain,1.0"} == {
+        auto_key("m", c) for c in (auto.CANDIDATES, auto.FULL_TOKENS)
+    }
+    for _ in range(3):  # interleaved: each advances alone
+        default.on_step()
+        full.on_step()
+        assert s.auto_state("m", auto.FULL_TOKENS) is default and s.auto_state("m", auto.CANDIDATES) is full
     t = Scheduler()
     t.load_state_dict(s.state_dict())
-    assert t.auto["m"].candidates == auto.FULL_TOKENS and t.auto["m"].probe_steps == 3
-    assert t.auto_state("m", auto.FULL_TOKENS) is t.auto["m"]
-    # the gate now asks for 'auto' (its options changed): its probe starts again over all of them
-    fresh = t.auto_state("m", auto.CANDIDATES)
-    assert fresh.candidates == auto.CANDIDATES and fresh.steps == 0 and fresh.probe_steps == 0
+    assert t.auto_state("m", auto.FULL_TOKENS).candidates == auto.FULL_TOKENS
+    assert t.auto_state("m", auto.FULL_TOKENS).probe_steps == 3 == t.auto_state("m", auto.CANDIDATES).probe_steps
 
 
 def test_the_default_gate_runs_the_plain_loss_then_the_kernels_and_keeps_the_loss():
@@ -385,7 +392,7 @@ def test_the_default_gate_runs_the_plain_loss_then_the_kernels_and_keeps_the_los
         loss.backward()
         opt.step()
         opt.zero_grad()
-        state = cggr_hook.scheduler.auto[key]
+        state = cggr_hook.scheduler.auto_state(key, auto.FULL_TOKENS)
     # the plain loss first (the user's own steps), then the gate's kernels for 3 to 5 steps
     runs = [(c, len(list(g))) for c, g in itertools.groupby(ran)]
     assert runs[0] == (PLAIN, auto.PROBE_STEPS) and runs[1][0] == 1.0
@@ -475,6 +482,17 @@ def test_on_a_cuda_device_steps_are_timed_on_the_devices_timeline(monkeypatch):
     monkeypatch.setattr(torch.cuda, "current_stream", lambda device=None: None)
     state = AutoState(candidates=auto.FULL_TOKENS)
     state.add_call(torch.device("cuda", 0))
+    # a copy inside the window (a deep copy, a pickle of a model holding a CGGRLoss) reads the
+    # events so far and leaves them behind: they cannot be pickled
+    for _ in range(3):
+        device_clock["now"] += 0.1
+        state.on_step()
+    twin = pickle.loads(pickle.dumps(state))
+    assert twin._mark is None and twin._marked == [] and twin.probe_steps == 3
+    assert twin._times[PLAIN] == pytest.approx([0.1, 0.1]) and len(waits) == 1  # the first step untimed
+    waits.clear()
+    state = AutoState(candidates=auto.FULL_TOKENS)
+    state.add_call(torch.device("cuda", 0))
     device_step = {1.0: 0.060, PLAIN: 0.100}  # the gate's kernels are faster on the device
     host_step = {1.0: 0.060, PLAIN: 0.010}  # but the host queues plain steps ahead of it
     host = 0.0
@@ -487,3 +505,18 @@ def test_on_a_cuda_device_steps_are_timed_on_the_devices_timeline(monkeypatch):
     assert state.choice == 1.0
     assert len(waits) == 1  # one wait, at the decision, for the last mark; the others are read then
     assert state._marked == [] and state._mark is None
+
+
+@pytest.mark.parametrize("bad", [7, -1, -5])
+def test_cggrloss_plain_step_rejects_the_targets_a_gated_step_rejects(bad):
+    crit = cggr_hook.CGGRLoss(min_tokens_ratio=1.0, warmup_steps=0, dynamic_threshold=False)
+    assert crit.scheduler.auto_state("loss", auto.FULL_TOKENS).candidate() == PLAIN
+    logits = torch.randn(2, 5, 7, dtype=torch.bfloat16)
+    targets = torch.randint(0, 7, (2, 5))
+    assert crit(logits, targets).dtype == torch.float32  # as a gated step's loss
+    targets[1, 2] = bad
+    with pytest.raises(ValueError, match=r"target has 1 value\(s\) outside \[0, 7\)"):
+        crit(logits, targets)
+    gated = cggr_hook.CGGRLoss(min_tokens_ratio=1.0, warmup_steps=0, dynamic_threshold=False, plain_when_faster=False)
+    with pytest.raises(ValueError, match=r"target has 1 value\(s\) outside \[0, 7\)"):
+        gated(logits, targets)

@@ -478,6 +478,42 @@ def test_watchdog_custom_loss_that_is_not_cross_entropy():
     assert "ran in training forwards" in msg and "CGGRLoss" in msg
 
 
+def _custom_loss(model, idx):
+    logits = model(idx)
+    return -torch.log_softmax(logits[:, :-1], -1).gather(-1, idx[:, 1:, None]).mean()
+
+
+def test_watchdog_custom_loss_under_the_defaults_choice_of_the_plain_loss():
+    """The default's plain steps are booked by a cross entropy on the head's logits, not by the
+    head's forward: with a loss written by hand nothing is booked, so the watchdog still warns and
+    the gate stays on the plain loss (its first candidate), untapped."""
+    model = TinyLM()
+    gate = cggr_hook.enable(model)
+    with pytest.warns(RuntimeWarning, match="optimizer steps with a gate enabled") as rec:
+        _steps(model, _custom_loss, 4)
+    msgs = [str(w.message) for w in rec if "optimizer steps with a gate enabled" in str(w.message)]
+    assert len(msgs) == 1 and "ran in training forwards" in msgs[0]
+    assert cggr_hook.scheduler.step_count == 0 and gate.runs_plain()
+    assert type(model(_idx()).grad_fn).__name__ != "HeadTapBackward"
+
+
+def test_the_defaults_plain_step_is_booked_once_per_forward_by_its_cross_entropy():
+    from cggr_hook import auto
+
+    model = TinyLM()
+    key = cggr_hook.enable(model).key
+    opt = torch.optim.SGD(model.parameters(), lr=0.01)
+    logits = model(_idx())
+    loss = F.cross_entropy(logits[:, :-1].reshape(-1, 37), _idx()[:, 1:].reshape(-1))
+    again = F.cross_entropy(logits[:, 1:].reshape(-1, 37), _idx()[:, :-1].reshape(-1))  # a second loss
+    assert cggr_hook.metrics(model)["auto_plain"]
+    (loss + again).backward()
+    opt.step()
+    assert cggr_hook.scheduler.step_count == 1  # counted: a plain loss of the gated head was booked
+    state = cggr_hook.scheduler.auto_state(key, auto.FULL_TOKENS)
+    assert state.steps == 1 and state.probe_steps == 1  # one step of the plain candidate
+
+
 def test_watchdog_head_never_called():
     """A fused path that reads the head's weight without calling the module."""
 

@@ -377,7 +377,7 @@ def test_default_gate_times_both_full_token_paths_on_the_device():
         torch.testing.assert_close(loss.detach(), plain, rtol=1e-5, atol=1e-5)
         loss.backward()
         opt.step()
-    state = cggr_hook.scheduler.auto[key]
+    state = cggr_hook.scheduler.auto_state(key, auto.FULL_TOKENS)
     assert state.decisions == 1 and state.device.type == "cuda" and state._marked == []
     assert set(state.step_seconds) == {1.0, auto.PLAIN} and all(0 < t < 1 for t in state.step_seconds.values())
     assert state.choice in (1.0, auto.PLAIN)

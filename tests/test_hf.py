@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import os
 
 import pytest
@@ -196,3 +197,29 @@ def test_hf_module_names_the_extra_when_transformers_is_missing(monkeypatch):
     monkeypatch.setitem(sys.modules, "transformers", None)  # what an environment without it gives
     with pytest.raises(ModuleNotFoundError, match=r'pip install "cggr_hook\[hf\]"'):
         importlib.import_module("cggr_hook.hf")
+
+
+def test_default_gate_books_hugging_faces_plain_steps_and_gates_its_kernels_steps():
+    """A Llama trained with ``labels=``: the default's plain steps are Hugging Face's own loss (its
+    cross entropy books them), then the gate's kernels run, then the faster one; the loss is the
+    plain loss throughout."""
+    from cggr_hook import auto
+
+    model = _model().train()
+    ref = copy.deepcopy(model)
+    key = cggr_hook.enable(model).key
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    ids = torch.randint(0, 97, (2, 11), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        want = ref(input_ids=ids, labels=ids).loss
+    ran = []
+    for _ in range(2 * auto.PROBE_STEPS + 1):
+        loss = model(input_ids=ids, labels=ids).loss
+        ran.append("plain" if cggr_hook.metrics(model)["auto_plain"] else type(loss.grad_fn).__name__)
+        torch.testing.assert_close(loss.detach(), want)
+        loss.backward()
+        opt.step()
+    state = cggr_hook.scheduler.auto_state(key, auto.FULL_TOKENS)
+    assert cggr_hook.scheduler.step_count == len(ran) and state.decisions == 1
+    assert ran[: auto.PROBE_STEPS] == ["plain"] * auto.PROBE_STEPS
+    assert ran[auto.PROBE_STEPS] != "plain"  # the gate's kernels next

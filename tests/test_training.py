@@ -290,6 +290,29 @@ def test_compiled_hf_model_with_labels_is_gated():
             torch.testing.assert_close(p.grad, q.grad, msg=n)
 
 
+def test_compiled_hf_model_under_the_default_books_its_plain_steps():
+    """The default's plain steps are booked by Hugging Face's cross entropy on the compiled model's
+    logits: the probe advances to the gate's kernels."""
+    transformers = pytest.importorskip("transformers")
+    from cggr_hook import auto
+
+    torch._dynamo.reset()
+    cfg = transformers.LlamaConfig(
+        vocab_size=53, hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=4
+    )
+    torch.manual_seed(0)
+    model = transformers.LlamaForCausalLM(cfg).train()
+    key = cggr_hook.enable(model).key
+    compiled = torch.compile(model, backend="aot_eager")
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    ids = torch.randint(0, 53, (2, 10), generator=torch.Generator().manual_seed(0))
+    for _ in range(auto.PROBE_STEPS + 1):
+        compiled(input_ids=ids, labels=ids).loss.backward()
+        opt.step()
+    assert cggr_hook.scheduler.step_count == auto.PROBE_STEPS + 1
+    assert cggr_hook.scheduler.auto_state(key, auto.FULL_TOKENS).candidate() == 1.0  # the kernels' turn
+
+
 def test_compiled_region_that_changes_logits_is_not_gated():
     """A compiled step that edits one logit between the head and the loss: the row map would fit
     at a few columns, but the input is not the head's logits, so the loss is the plain one."""
