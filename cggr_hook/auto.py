@@ -213,6 +213,18 @@ class AutoState:
         elif self.steps - self.window_start >= INTERVAL:
             self.window_start, self.probe, self.probe_steps = self.steps, 0, 0
 
+    def no_gated_loss(self) -> None:
+        """A step ran a gated candidate, but no loss of it was gated (the gate left its cross
+        entropy to the plain loss): the plain loss runs until the next window, ``INTERVAL`` counted
+        steps from now (without the plain candidate, 1.0 still: the choice has no other)."""
+        if self.candidate() == PLAIN:
+            return
+        self._read_marks(wait=True)
+        self._times, self._mark, self._acc = {}, None, None
+        self.window_start, self.probe, self.probe_steps = self.steps, len(self.candidates), 0
+        self.choice = PLAIN if PLAIN in self.candidates else 1.0
+        self.decisions += 1
+
     def _cannot_win(self, c: Candidate) -> bool:
         """Whether candidate ``c``'s two timed steps so far already rule it out: a fraction's, both
         no faster than the faster full-token candidate's median in this window (then its noisier

@@ -457,7 +457,12 @@ def _cggr_loss_rows(c: _Rows) -> list[Row]:
 
             def make(r=r, inplace=inplace, x=x):
                 crit = _fixed_ratio(
-                    cggr_hook.CGGRLoss, r, ignore_index=IGNORE_INDEX, reduction="mean", inplace_backward=inplace
+                    cggr_hook.CGGRLoss,
+                    r,
+                    ignore_index=IGNORE_INDEX,
+                    reduction="mean",
+                    inplace_backward=inplace,
+                    plain_when_faster=False,  # every call through the gate's kernels, which is what is timed
                 )
                 return _fwd_bwd(lambda: crit(x, t))
 
@@ -672,7 +677,7 @@ class _LazyFn:
 def _gated(module: nn.Module, ratio: float):
     import cggr_hook
 
-    cggr_hook.enable(module, min_tokens_ratio=ratio, warmup_steps=0, dynamic_threshold=False)
+    cggr_hook.enable(module, min_tokens_ratio=ratio, warmup_steps=0, dynamic_threshold=False, plain_when_faster=False)
     try:
         module.train()
         yield

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 import numbers
+from typing import Any
 
 from . import auto as auto_mod
 from .kernels.spec import SUM_FIELDS
@@ -43,12 +44,25 @@ def draw_figures(values: list, n_valid: int) -> dict:
     }
 
 
+def plain_figures(step: int, scoring: str, state: auto_mod.AutoState, valid: Any = None) -> dict:
+    """The figures of a call that the timed choice ran as the plain loss: every token kept
+    (``token_ratio`` 1.0, and ``tokens_selected`` = ``tokens_total`` from ``valid``, a
+    ``pipeline.HostRead`` of the valid targets' count read when asked, where the call's targets
+    are known) and the choice's figures; no averages (the plain loss computes none)."""
+    m = dict(step=step, token_ratio=1.0, selection="plain", scoring=scoring, **auto_figures(state, auto_mod.PLAIN))
+    if valid is not None:
+        m["_valid"] = valid
+    return m
+
+
 def resolve(m: dict) -> dict:
     """A call's figures with those left on the device read (a new dict; ``m`` itself when it has
     none left there)."""
-    if "_sums" not in m and "_draw" not in m:
+    if "_sums" not in m and "_draw" not in m and "_valid" not in m:
         return m
     m = dict(m)
+    if "_valid" in m:
+        m["tokens_total"] = m["tokens_selected"] = int(m.pop("_valid").values()[0])
     if "_sums" in m:
         host = m.pop("_sums").values()
         m.update(averages(add_partials(host, len(host)), m["tokens_total"]))

@@ -29,7 +29,7 @@ if TYPE_CHECKING:
 
 # optimizer steps after which a gate that has not yet been part of a counted step warns (the watchdog)
 WATCHDOG_STEPS = 3
-MAX_PLAIN_OUTPUTS = 8  # a plain step's head outputs remembered for the loss that books it
+MAX_PLAIN_OUTPUTS = 4  # a plain step's head outputs remembered for the loss that books it
 
 
 class _InertHook:
@@ -93,8 +93,11 @@ class Gate:
         self._head_calls = self._taps = self._gated = self._gated_since_step = 0
         self._steps_unproven = 0
         self._proven = False  # a counted optimizer step followed a gated loss of this model
-        # a plain step's head outputs (weakly), until a cross entropy on one books the step
-        self._plain_outputs: list[weakref.ref] = []
+        # the autograd nodes of a plain step's head outputs, until a cross entropy on one books the
+        # step (the output tensor itself may be gone by then: a loss on logits[:, :-1].reshape(...)
+        # of an unnamed output); after backward a node holds nothing
+        self._plain_outputs: list[Any] = []
+        self._taps_since_step = 0  # tapped forwards since this model's last optimizer step
         self._local = threading.local()  # .unfused: the TRL forward this thread runs unfused
         # opaque to torch.compile: a compiled model breaks its graph at the head's hook, so the tap
         # is a real autograd node at run time rather than traced away. Prepended, so that no other
@@ -143,14 +146,15 @@ class Gate:
         if not isinstance(output, Tensor) or not output.requires_grad or not args or not isinstance(args[0], Tensor):
             return None
         self._taps += 1
+        self._taps_since_step += 1
         if self.runs_plain():
             # the timed choice (auto, plain_when_faster) runs this step as the plain loss: the head's
             # output goes on as it is, untapped (nothing held, no node in the graph), so the step costs
             # what it costs without the gate. A cross entropy on it books the step (claim_plain): a
             # forward whose logits no F.cross_entropy reads (a custom loss) books nothing, so the
             # watchdog still sees that nothing would be gated
-            self._plain_outputs = [r for r in self._plain_outputs[-(MAX_PLAIN_OUTPUTS - 1) :] if r() is not None]
-            self._plain_outputs.append(weakref.ref(output))
+            self._taps_since_step -= 1  # not tapped
+            self._plain_outputs = self._plain_outputs[-(MAX_PLAIN_OUTPUTS - 1) :] + [output.grad_fn]
             return None
         called = head_mod.called_module(module)
         # the narrow backward only where output == F.linear(hidden, weight, bias) is known; a global
@@ -272,24 +276,17 @@ class Gate:
         watchdog counts it as gated."""
         self._gated_since_step += 1
 
-    def run_plain(self, device: torch.device) -> None:
-        """Book a call that the timed choice (``GateConfig.auto_candidates``) runs as the plain loss: its optimizer step
-        counts (and times the plain candidate), ``metrics()`` says so, and the watchdog sees the
-        gate's own choice."""
+    def run_plain(self, device: torch.device, valid: Any = None) -> None:
+        """Book a call that the timed choice (``GateConfig.auto_candidates``) runs as the plain loss:
+        its optimizer step counts (and times the plain candidate), ``metrics()`` says so (``valid``:
+        a ``pipeline.HostRead`` of its valid targets' count, where known), and the watchdog sees
+        the gate's own choice."""
         scheduler = self._registry.scheduler
         cands = cast(tuple, self.config.auto_candidates)
         scheduler.plain_call(self.key, cands, self.param_ids)
-        scheduler.auto_state(self.key, cands).add_call(device)
-        self._registry.record(
-            self,
-            dict(
-                step=scheduler.step_count + 1,
-                token_ratio=1.0,
-                selection="plain",
-                scoring=self.config.scoring,
-                **figures.auto_figures(scheduler.auto_state(self.key, cands), auto_mod.PLAIN),
-            ),
-        )
+        state = scheduler.auto_state(self.key, cands)
+        state.add_call(device)
+        self._registry.record(self, figures.plain_figures(scheduler.step_count + 1, self.config.scoring, state, valid))
         self.on_plain_choice()
 
     def has_plain_outputs(self) -> bool:
@@ -297,12 +294,11 @@ class Gate:
 
     def claim_plain(self, x: Tensor) -> bool:
         """Whether the cross-entropy input ``x`` is computed from a head output of this gate's plain
-        step (through the reshapes, slices and casts a loss takes); if so the step is booked."""
-        for ref in self._plain_outputs:
-            out = ref()
-            if out is not None and out.grad_fn is not None and trace_mod.reaches(x, out.grad_fn):
-                self._plain_outputs.remove(ref)  # one booking per forward
-                self.run_plain(x.device)
+        step (through the reshapes, slices and casts a loss takes); the caller then books the step
+        (``run_plain``), once per forward."""
+        for i, node in enumerate(self._plain_outputs):
+            if trace_mod.reaches(x, node):
+                del self._plain_outputs[i]
                 return True
         return False
 
@@ -346,7 +342,19 @@ class Gate:
 
     def step_counted(self) -> None:
         self._gated_since_step = 0
-        self._plain_outputs = []
+
+    def after_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Every optimizer step of this model's parameters: a timed choice (``'auto'``, the
+        default's) whose step tapped the head but had no gated loss (a soft-capped or rescaled
+        loss input, probability targets, a lossy cast: what the gate leaves to the plain loss)
+        cannot gate there, so it runs the plain loss until its next window instead of tapping
+        every forward for a probe that no counted step would advance."""
+        if not optimizer_holds(optimizer, self.param_ids):
+            return
+        cands = self.config.auto_candidates
+        if cands is not None and self._taps_since_step and not self._gated_since_step:
+            self._registry.scheduler.auto_state(self.key, cands).no_gated_loss()
+        self._taps_since_step = 0
 
     def watch(self, optimizer: torch.optim.Optimizer, counted: bool) -> None:
         """The watchdog: warn once if WATCHDOG_STEPS optimizer steps pass before any counted step

@@ -18,7 +18,7 @@ from . import kernels, patch
 from .config import OPTION_NAMES, GateConfig
 from .functions import GatedCrossEntropy
 from .kernels.spec import check_reduction
-from .pipeline import LossSpec, check_targets, gated_forward
+from .pipeline import HostRead, LossSpec, check_targets, gated_forward
 from .schedule import Scheduler
 
 __all__ = ["CGGRLoss", "LossSpec"]
@@ -148,25 +148,23 @@ class CGGRLoss(torch.nn.Module):
         """A step that the timed choice (``config.auto_candidates``) runs as the plain loss: torch's
         own ``F.cross_entropy`` (the original, whether or not a gate has patched it) on the rows,
         after the gated steps' check of the targets (so that both reject the same input, with the
-        same error, where torch would raise a device-side assert), returned in fp32 as the gated
-        steps' loss is. ``inplace_backward`` does not apply to it (torch's own gradient)."""
+        same error, where torch would raise a device-side assert), on fp32 logits, as the gated
+        steps compute it (torch's loss of bf16 logits is bf16-accurate, and its dtype bf16).
+        ``inplace_backward`` does not apply to it (torch's own gradient)."""
         V = logits.shape[-1]
         check_targets(targets.reshape(-1), V, spec.ignore_index)
         cands = cast(tuple, self.config.auto_candidates)
         self.scheduler.plain_call("loss", cands)
         state = self.scheduler.auto_state("loss", cands)
         state.add_call(logits.device)
-        self._metrics = dict(
-            step=self.scheduler.step_count + 1,
-            token_ratio=1.0,
-            selection="plain",
-            scoring=self.config.scoring,
-            **figures_mod.auto_figures(state, auto_mod.PLAIN),
-        )
+        valid = HostRead((targets != spec.ignore_index).sum().reshape(1), now=False)
+        self._metrics = figures_mod.plain_figures(self.scheduler.step_count + 1, self.config.scoring, state, valid)
+        # in fp32, as the gated steps compute it (torch's loss of bf16 logits is bf16-accurate)
+        x = logits if logits.dtype in (torch.float32, torch.float64) else logits.float()
         loss = patch.original_cross_entropy()(
-            logits.reshape(-1, V),
+            x.reshape(-1, V),
             targets.reshape(-1),
-            weight=spec.weight,
+            weight=None if spec.weight is None else spec.weight.to(x.dtype),
             ignore_index=spec.ignore_index,
             reduction=spec.reduction,
             label_smoothing=spec.label_smoothing,

@@ -74,12 +74,12 @@ class Registry:
         with self.lock:
             return next((g for g in self._gates.values() if g.id == gate_id), None)
 
-    def claim_plain(self, x: Tensor) -> bool:
-        """Whether a gate's plain step produced the logits behind the cross-entropy input ``x``
-        (``Gate.claim_plain``: that gate then books the step)."""
+    def claim_plain(self, x: Tensor) -> Gate | None:
+        """The gate whose plain step produced the logits behind the cross-entropy input ``x``
+        (``Gate.claim_plain``), or None."""
         with self.lock:
             gates = [g for g in self._gates.values() if g.enabled and g.has_plain_outputs()]
-        return any(g.claim_plain(x) for g in gates)
+        return next((g for g in gates if g.claim_plain(x)), None)
 
     def holds(self, gate: Gate) -> bool:
         """Whether ``gate`` is its model's registered gate."""
@@ -215,6 +215,7 @@ class Registry:
                     extra = True
         for g in gates:
             g.watch(optimizer, counted or extra)
+            g.after_step(optimizer)
         if counted or extra:
             for g in gates:
                 g.step_counted()

@@ -16,6 +16,7 @@ not known to be the plain affine map or its parameters are sharded, to
 
 from __future__ import annotations
 
+import numbers
 import threading
 from typing import TYPE_CHECKING, Any, cast
 
@@ -26,7 +27,7 @@ from . import kernels, patch
 from . import trace as trace_mod
 from .functions import GatedCrossEntropy, GatedHeadCrossEntropy
 from .head import HeadCall
-from .pipeline import LossSpec, gated_forward
+from .pipeline import HostRead, LossSpec, gated_forward
 
 if TYPE_CHECKING:
     from .gate import Gate
@@ -103,7 +104,10 @@ class Route:
         class_dim = 0 if x.dim() == 1 else 1
         tr = trace_mod.trace(x, class_dim)
         if tr is None:
-            if not registry.claim_plain(x):  # the head's logits on a step run as the plain loss
+            plain = registry.claim_plain(x)  # the head's logits on a step run as the plain loss
+            if plain is not None:
+                plain.run_plain(x.device, _valid_count(target, ignore_index))
+            else:
                 self._warn_not_traced(x)
             return None
         call = tr.call
@@ -249,6 +253,14 @@ class Route:
                 "the one that produces the logits, pass head= the one that does"
             ),
         )
+
+
+def _valid_count(target: Any, ignore_index: Any) -> HostRead | None:
+    """The count of a plain step's valid targets, left on the device until ``metrics()`` asks
+    (None for probability targets or arguments the plain loss will reject)."""
+    if not isinstance(target, Tensor) or target.is_floating_point() or not isinstance(ignore_index, numbers.Integral):
+        return None
+    return HostRead((target != int(ignore_index)).sum().reshape(1), now=False)
 
 
 def _consume(call: HeadCall, gate: Gate) -> None:

@@ -190,14 +190,17 @@ def _exact_cast(src: torch.dtype, dst: torch.dtype) -> bool:
 
 def reaches(x: Tensor, node: Any) -> bool:
     """Whether ``x`` is computed from the output whose autograd node is ``node`` through the
-    operations of ``OPS`` alone (reshapes, slices, casts: what a loss does to the logits, and what
-    a gated step can follow back to its tap)."""
+    operations of ``OPS`` (reshapes, slices, casts: what a loss does to the logits), or is the
+    output of a torch.compile'd region that takes that output in (its operations compiled away;
+    whether the gate can follow them is for a gated step to find, ``_trace_compiled``)."""
     cur = x.grad_fn
     for _ in range(MAX_TRACE_DEPTH):
         if cur is None:
             return False
         if cur is node:
             return True
+        if type(cur).__name__ == "CompiledFunctionBackward":
+            return any(n is node for n, _ in cur.next_functions)
         op = OPS.get(type(cur).__name__)
         nxt = cur.next_functions
         if op is None or not nxt or (len(nxt) != 1 and not op.any_inputs):

@@ -506,12 +506,76 @@ def test_the_defaults_plain_step_is_booked_once_per_forward_by_its_cross_entropy
     logits = model(_idx())
     loss = F.cross_entropy(logits[:, :-1].reshape(-1, 37), _idx()[:, 1:].reshape(-1))
     again = F.cross_entropy(logits[:, 1:].reshape(-1, 37), _idx()[:, :-1].reshape(-1))  # a second loss
-    assert cggr_hook.metrics(model)["auto_plain"]
+    m = cggr_hook.metrics(model)
+    assert m["auto_plain"] and m["token_ratio"] == 1.0
+    assert m["tokens_selected"] == m["tokens_total"] == _idx()[:, 1:].numel()  # logging code keeps its keys
     (loss + again).backward()
     opt.step()
     assert cggr_hook.scheduler.step_count == 1  # counted: a plain loss of the gated head was booked
     state = cggr_hook.scheduler.auto_state(key, auto.FULL_TOKENS)
     assert state.steps == 1 and state.probe_steps == 1  # one step of the plain candidate
+
+
+def _default_steps(model, loss_of, n, opt=None):
+    opt = opt or torch.optim.SGD(model.parameters(), lr=0.0)
+    for s in range(n):
+        loss_of(model, _idx(seed=s)).backward()
+        opt.step()
+        opt.zero_grad()
+
+
+def test_the_defaults_plain_step_is_booked_when_the_head_output_is_not_kept():
+    """``F.cross_entropy(model(x)[:, :-1].reshape(-1, V), ...)``: the reshape copies the slice and
+    nothing keeps the head's output, only its autograd node; the step is still booked."""
+    from cggr_hook import auto
+
+    model = TinyLM()
+    key = cggr_hook.enable(model).key
+    _default_steps(model, lambda m, i: F.cross_entropy(m(i)[:, :-1].reshape(-1, 37), i[:, 1:].reshape(-1)), 7)
+    assert cggr_hook.scheduler.step_count == 7
+    assert cggr_hook.scheduler.auto_state(key, auto.FULL_TOKENS).steps == 7
+
+
+def test_two_default_models_stepped_in_turn_each_book_their_steps():
+    from cggr_hook import auto
+
+    a, b = TinyLM(), TinyLM(dim=8)  # other head shapes: other keys
+    ka, kb = cggr_hook.enable(a).key, cggr_hook.enable(b).key
+    oa, ob = torch.optim.SGD(a.parameters(), lr=0.0), torch.optim.SGD(b.parameters(), lr=0.0)
+    for s in range(6):
+        idx = _idx(seed=s)
+        la, lb = a(idx), b(idx)  # both forwards first, then each loss and its optimizer's step
+        F.cross_entropy(la[:, :-1].reshape(-1, 37), idx[:, 1:].reshape(-1)).backward()
+        oa.step()
+        F.cross_entropy(lb[:, :-1].reshape(-1, 37), idx[:, 1:].reshape(-1)).backward()
+        ob.step()
+    assert cggr_hook.scheduler.auto_state(ka, auto.FULL_TOKENS).steps == 6
+    assert cggr_hook.scheduler.auto_state(kb, auto.FULL_TOKENS).steps == 6
+
+
+@pytest.mark.parametrize("kind", ["lossy cast", "probability targets"])
+def test_a_loss_the_gate_leaves_plain_sends_the_default_back_to_the_plain_loss(kind):
+    """Booked as plain steps (a cross entropy on the head's logits), but not gated at 1.0 (the
+    gate leaves a lossy cast and probability targets to the plain loss): after the first such
+    step the default runs the plain loss, untapped, instead of tapping every forward for a probe
+    that never advances."""
+    from cggr_hook import auto
+
+    def loss_of(m, i):
+        x = m(i)[:, :-1].reshape(-1, 37)
+        if kind == "lossy cast":
+            return F.cross_entropy(x.to(torch.bfloat16), i[:, 1:].reshape(-1)).float()
+        return F.cross_entropy(x, F.one_hot(i[:, 1:].reshape(-1), 37).float())
+
+    model = TinyLM()
+    key = cggr_hook.enable(model).key
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        _default_steps(model, loss_of, auto.PROBE_STEPS + 4)
+    state = cggr_hook.scheduler.auto_state(key, auto.FULL_TOKENS)
+    assert state.choice == auto.PLAIN and not state.in_window() and state.decisions == 1
+    assert type(model(_idx()).grad_fn).__name__ != "HeadTapBackward"  # untapped again
+    assert cggr_hook.scheduler.step_count == auto.PROBE_STEPS + 3  # every step but the one at 1.0
 
 
 def test_watchdog_head_never_called():
