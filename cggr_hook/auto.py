@@ -148,6 +148,7 @@ class AutoState:
     _marked: list = field(default_factory=list)  # CUDA: (candidate, start, end) events not yet read
     _acc: Tensor | None = None  # device [tr Sigma sum, |G|^2 sum, calls] of the current window's 1.0 steps
     _step_tokens: int = 0  # valid tokens of the gated calls of the current step
+    _ungated: int = 0  # optimizer steps in a row whose gated candidate gated no loss
 
     # --- which candidate the current step runs --------------------------------------------------
     def in_window(self) -> bool:
@@ -186,6 +187,7 @@ class AutoState:
         timeline: the host may run steps ahead of the device where nothing waits, which its clock
         would count as fast), else the host's wall clock."""
         now = time.perf_counter() if now is None else now
+        self._ungated = 0
         c = self.candidate()
         in_window = self.in_window()
         mark = None
@@ -214,16 +216,26 @@ class AutoState:
             self.window_start, self.probe, self.probe_steps = self.steps, 0, 0
 
     def no_gated_loss(self) -> None:
-        """A step ran a gated candidate, but no loss of it was gated (the gate left its cross
-        entropy to the plain loss): the plain loss runs until the next window, ``INTERVAL`` counted
-        steps from now (without the plain candidate, 1.0 still: the choice has no other)."""
-        if self.candidate() == PLAIN:
+        """An optimizer step ran a gated candidate, but no loss of it was gated (the gate left its
+        cross entropy to the plain loss: a lossy cast, probability targets, a loss the gate cannot
+        follow; such a step is not counted, so nothing else would move on). After ``LEAVE_AFTER``
+        such steps in a row with no counted step between them, the candidate is left: the probe
+        goes on to the next one (the window's measurements kept), and a choice outside the window
+        falls back to the plain loss until the next window. One such step (an auxiliary loss now
+        and then) changes nothing."""
+        c = self.candidate()
+        if c == PLAIN:
             return
-        self._read_marks(wait=True)
-        self._times, self._mark, self._acc = {}, None, None
-        self.window_start, self.probe, self.probe_steps = self.steps, len(self.candidates), 0
-        self.choice = PLAIN if PLAIN in self.candidates else 1.0
-        self.decisions += 1
+        self._ungated += 1
+        if self._ungated < LEAVE_AFTER:
+            return
+        self._ungated = 0
+        if self.in_window():
+            self.probe, self.probe_steps, self._mark = self.probe + 1, 0, None
+            if not self.in_window():
+                self._decide()
+        elif PLAIN in self.candidates:
+            self.choice = PLAIN
 
     def _cannot_win(self, c: Candidate) -> bool:
         """Whether candidate ``c``'s two timed steps so far already rule it out: a fraction's, both

@@ -29,7 +29,6 @@ if TYPE_CHECKING:
 
 # optimizer steps after which a gate that has not yet been part of a counted step warns (the watchdog)
 WATCHDOG_STEPS = 3
-MAX_PLAIN_OUTPUTS = 4  # a plain step's head outputs remembered for the loss that books it
 
 
 class _InertHook:
@@ -93,10 +92,6 @@ class Gate:
         self._head_calls = self._taps = self._gated = self._gated_since_step = 0
         self._steps_unproven = 0
         self._proven = False  # a counted optimizer step followed a gated loss of this model
-        # the autograd nodes of a plain step's head outputs, until a cross entropy on one books the
-        # step (the output tensor itself may be gone by then: a loss on logits[:, :-1].reshape(...)
-        # of an unnamed output); after backward a node holds nothing
-        self._plain_outputs: list[Any] = []
         self._taps_since_step = 0  # tapped forwards since this model's last optimizer step
         self._local = threading.local()  # .unfused: the TRL forward this thread runs unfused
         # opaque to torch.compile: a compiled model breaks its graph at the head's hook, so the tap
@@ -149,12 +144,14 @@ class Gate:
         self._taps_since_step += 1
         if self.runs_plain():
             # the timed choice (auto, plain_when_faster) runs this step as the plain loss: the head's
-            # output goes on as it is, untapped (nothing held, no node in the graph), so the step costs
-            # what it costs without the gate. A cross entropy on it books the step (claim_plain): a
-            # forward whose logits no F.cross_entropy reads (a custom loss) books nothing, so the
-            # watchdog still sees that nothing would be gated
+            # output goes on as it is, untapped (no node in the graph), so the step costs what it
+            # costs without the gate. Its autograd node carries a mark (node metadata: nothing here
+            # holds the graph) by which a cross entropy on it books the step (route.py): a forward
+            # whose logits no F.cross_entropy reads (a custom loss) books nothing, so the watchdog
+            # still sees that nothing would be gated
             self._taps_since_step -= 1  # not tapped
-            self._plain_outputs = self._plain_outputs[-(MAX_PLAIN_OUTPUTS - 1) :] + [output.grad_fn]
+            if output.grad_fn is not None:
+                trace_mod.mark_plain(output.grad_fn, self.id)
             return None
         called = head_mod.called_module(module)
         # the narrow backward only where output == F.linear(hidden, weight, bias) is known; a global
@@ -288,19 +285,6 @@ class Gate:
         state.add_call(device)
         self._registry.record(self, figures.plain_figures(scheduler.step_count + 1, self.config.scoring, state, valid))
         self.on_plain_choice()
-
-    def has_plain_outputs(self) -> bool:
-        return bool(self._plain_outputs)
-
-    def claim_plain(self, x: Tensor) -> bool:
-        """Whether the cross-entropy input ``x`` is computed from a head output of this gate's plain
-        step (through the reshapes, slices and casts a loss takes); the caller then books the step
-        (``run_plain``), once per forward."""
-        for i, node in enumerate(self._plain_outputs):
-            if trace_mod.reaches(x, node):
-                del self._plain_outputs[i]
-                return True
-        return False
 
     def runs_plain(self) -> bool:
         """Whether the timed choice (``min_tokens_ratio='auto'``, or the default's ``plain_when_faster``)

@@ -12,8 +12,9 @@ checkpoints.
 - Logs: every Trainer log entry of a training step gains ``cggr/<figure>`` (``token_ratio``,
   ``tokens_selected``, ``tokens_total``, ``avg_confidence``, ``avg_entropy``, ``avg_difficulty``: the
   model's last gated call, ``cggr_hook.scalars(model)``; a step that the default or ``'auto'``
-  ran as the plain loss has ``token_ratio`` and the choice's figures, ``auto_fraction``,
-  ``auto_choice``, ``step_ms_<candidate>``, and no token counts) and ``cggr/step`` (the Trainer's step);
+  ran as the plain loss has ``token_ratio``, the token counts and the choice's figures,
+  ``auto_fraction``, ``auto_choice``, ``step_ms_<candidate>``, and no averages) and ``cggr/step``
+  (the Trainer's step);
   ``state.log_history`` gets them too. The Trainer calls its reporters (TensorBoard, W&B, ...) before
   the callbacks given as ``callbacks=[...]``, in one shared log entry: only a callback that runs
   before them puts figures into what they write. ``attach(trainer)`` puts it first (and moves one

@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from . import figures as figures_mod
 from . import head as head_mod
 from . import patch
+from . import trace as trace_mod
 from .config import GateConfig, make_config
 from .gate import Gate
 from .route import Route
@@ -76,10 +77,9 @@ class Registry:
 
     def claim_plain(self, x: Tensor) -> Gate | None:
         """The gate whose plain step produced the logits behind the cross-entropy input ``x``
-        (``Gate.claim_plain``), or None."""
-        with self.lock:
-            gates = [g for g in self._gates.values() if g.enabled and g.has_plain_outputs()]
-        return next((g for g in gates if g.claim_plain(x)), None)
+        (``trace.claim_plain``: once per forward), or None."""
+        gate_id = trace_mod.claim_plain(x)
+        return None if gate_id is None else self.gate_with_id(gate_id)
 
     def holds(self, gate: Gate) -> bool:
         """Whether ``gate`` is its model's registered gate."""

@@ -145,7 +145,7 @@ class Route:
         if gate.runs_plain():
             # the timed choice (auto, plain_when_faster) runs this step as the plain loss (the head's forward hook
             # leaves such a step's logits untapped; these were tapped before the step's choice)
-            gate.run_plain(x.device)
+            gate.run_plain(x.device, _valid_count(target, ignore_index))
             return None
 
         out = call.output

@@ -188,25 +188,49 @@ def _exact_cast(src: torch.dtype, dst: torch.dtype) -> bool:
     return src == dst or _FLOAT_RANK.get(dst, 0) > _FLOAT_RANK.get(src, 9)
 
 
-def reaches(x: Tensor, node: Any) -> bool:
-    """Whether ``x`` is computed from the output whose autograd node is ``node`` through the
-    operations of ``OPS`` (reshapes, slices, casts: what a loss does to the logits), or is the
-    output of a torch.compile'd region that takes that output in (its operations compiled away;
-    whether the gate can follow them is for a gated step to find, ``_trace_compiled``)."""
+PLAIN_MARK = "cggr_hook.plain"  # node metadata key: a plain step's head output, by gate id
+
+
+class _PlainMark:
+    """What a plain step's head output carries in its autograd node's metadata: the gate's id and
+    whether a cross entropy has booked that forward yet."""
+
+    __slots__ = ("gate_id", "booked")
+
+    def __init__(self, gate_id: int) -> None:
+        self.gate_id, self.booked = gate_id, False
+
+
+def mark_plain(node: Any, gate_id: int) -> None:
+    """Mark the autograd node of a head output that a gate left untapped (a plain step)."""
+    node.metadata[PLAIN_MARK] = _PlainMark(gate_id)
+
+
+def claim_plain(x: Tensor) -> int | None:
+    """The gate id of the plain step's head output that ``x`` is computed from through the
+    operations of ``OPS`` (reshapes, slices, casts: what a loss does to the logits) or a
+    torch.compile'd region that takes it in, the first time that output is claimed; else None."""
     cur = x.grad_fn
     for _ in range(MAX_TRACE_DEPTH):
         if cur is None:
-            return False
-        if cur is node:
-            return True
+            return None
+        candidates = [cur]
         if type(cur).__name__ == "CompiledFunctionBackward":
-            return any(n is node for n, _ in cur.next_functions)
+            candidates += [n for n, _ in cur.next_functions if n is not None]
+        for node in candidates:
+            metadata = getattr(node, "metadata", None)
+            mark = metadata.get(PLAIN_MARK) if isinstance(metadata, dict) else None
+            if mark is not None:
+                if mark.booked:
+                    return None
+                mark.booked = True
+                return mark.gate_id
         op = OPS.get(type(cur).__name__)
         nxt = cur.next_functions
         if op is None or not nxt or (len(nxt) != 1 and not op.any_inputs):
-            return False
+            return None
         cur = nxt[0][0]
-    return False
+    return None
 
 
 def trace(x: Tensor, class_dim: int) -> Trace | None:

@@ -536,6 +536,25 @@ def test_the_defaults_plain_step_is_booked_when_the_head_output_is_not_kept():
     assert cggr_hook.scheduler.auto_state(key, auto.FULL_TOKENS).steps == 7
 
 
+def test_a_plain_step_forward_never_backpropagated_leaves_nothing_alive():
+    """The default's plain step marks its head output's autograd node; nothing of the gate holds
+    the graph, so a forward whose output is dropped (a batch skipped after an error, a metric
+    computed with grad on) frees its activations as it would without the gate."""
+    import gc
+    import weakref
+
+    model = TinyLM()
+    cggr_hook.enable(model)
+    h = torch.randn(3, 10, 16, requires_grad=True)
+    act = torch.tanh(h)  # saved by the head's matmul for its backward
+    alive = weakref.ref(act)
+    out = model.lm_head(act)
+    assert type(out.grad_fn).__name__ != "HeadTapBackward"  # a plain step: untapped
+    del act, out
+    gc.collect()
+    assert alive() is None
+
+
 def test_two_default_models_stepped_in_turn_each_book_their_steps():
     from cggr_hook import auto
 
@@ -575,7 +594,30 @@ def test_a_loss_the_gate_leaves_plain_sends_the_default_back_to_the_plain_loss(k
     state = cggr_hook.scheduler.auto_state(key, auto.FULL_TOKENS)
     assert state.choice == auto.PLAIN and not state.in_window() and state.decisions == 1
     assert type(model(_idx()).grad_fn).__name__ != "HeadTapBackward"  # untapped again
-    assert cggr_hook.scheduler.step_count == auto.PROBE_STEPS + 3  # every step but the one at 1.0
+    # every step but the two at 1.0 whose loss was not gated (the second sends it back to plain)
+    assert cggr_hook.scheduler.step_count == auto.PROBE_STEPS + 4 - auto.LEAVE_AFTER
+
+
+def test_an_occasional_loss_the_gate_leaves_plain_does_not_end_the_probe():
+    """An auxiliary loss on the logits now and then (here a KL term, every fourth step) is a step
+    with no gated loss; alone it changes nothing: the window measures both candidates."""
+    from cggr_hook import auto
+
+    def loss_of(m, i):
+        x = m(i)[:, :-1].reshape(-1, 37)
+        if loss_of.calls % 4 == 3:
+            out = F.kl_div(x.log_softmax(-1), torch.full_like(x, 1 / 37), reduction="batchmean")
+        else:
+            out = F.cross_entropy(x, i[:, 1:].reshape(-1))
+        loss_of.calls += 1
+        return out
+
+    loss_of.calls = 0
+    model = TinyLM()
+    key = cggr_hook.enable(model).key
+    _default_steps(model, loss_of, 3 * auto.PROBE_STEPS)
+    state = cggr_hook.scheduler.auto_state(key, auto.FULL_TOKENS)
+    assert state.decisions == 1 and set(state.step_seconds) == {1.0, auto.PLAIN}
 
 
 def test_watchdog_head_never_called():
