@@ -284,7 +284,10 @@ class AutoState:
                     if self.noise is None
                     else [NOISE_MOMENTUM * a + (1 - NOISE_MOMENTUM) * b for a, b in zip(self.noise, new)]
                 )
-        self.choice = choose(self.step_seconds, self.noise_scale(), self.tokens)
+        if any(c in self.step_seconds for c in (1.0, PLAIN)):
+            self.choice = choose(self.step_seconds, self.noise_scale(), self.tokens)
+        else:  # every token was never timed (its steps gated no loss): nothing to hold a fraction against
+            self.choice = PLAIN if PLAIN in self.candidates else 1.0
         self.decisions += 1
 
     def noise_scale(self) -> float | None:

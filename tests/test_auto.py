@@ -521,3 +521,27 @@ def test_cggrloss_plain_step_rejects_the_targets_a_gated_step_rejects(bad):
     gated = cggr_hook.CGGRLoss(min_tokens_ratio=1.0, warmup_steps=0, dynamic_threshold=False, plain_when_faster=False)
     with pytest.raises(ValueError, match=r"target has 1 value\(s\) outside \[0, 7\)"):
         gated(logits, targets)
+
+
+def test_a_window_whose_full_token_candidates_were_never_timed_decides_without_raising():
+    """``'auto'`` without the plain candidate, whose 1.0 steps gated no loss (a warm-up with
+    another loss): the probe moves past 1.0 untimed and times the fractions, and the decision,
+    which has no full-token time to hold them against, falls back to 1.0 instead of raising in
+    the user's ``optimizer.step()``."""
+    state = AutoState(candidates=(1.0, 0.75, 0.5, 0.25))
+    for _ in range(auto.LEAVE_AFTER):
+        state.no_gated_loss()
+    assert state.candidate() == 0.75
+    now = 0.0
+    while state.decisions == 0:
+        now += 0.05
+        state.on_step(now)
+    assert state.choice == 1.0 and 1.0 not in state.step_seconds
+    # with the plain candidate, the plain loss
+    state = AutoState(candidates=auto.CANDIDATES)
+    state.probe = 2  # the fractions' turn, neither full-token candidate timed
+    now = 0.0
+    while state.decisions == 0:
+        now += 0.05
+        state.on_step(now)
+    assert state.choice == PLAIN
