@@ -801,6 +801,11 @@ def auto_choices(runs: list[dict]) -> str:
 FULL_ARMS = ("full", "random100")  # every token through the gate's kernels
 
 
+# a final loss this close to plain's (or within twice the paired deltas' spread over seeds) is no
+# verdict either way: two timings of one short step differ by a fifth, and the step counts with them
+LEVEL_NATS = 0.005
+
+
 def conclusion(summary: dict) -> str:
     """What a user should take from the table, in a sentence or two: whether gating paid against
     plain, and whether dropping tokens paid against keeping them all through the same kernels."""
@@ -810,10 +815,12 @@ def conclusion(summary: dict) -> str:
         return "No plain arm to compare with: run --arms plain ... for a verdict."
     best = min(gated, key=lambda a: gated[a]["delta_plain"]["mean"])
     d = gated[best]["delta_plain"]["mean"]
-    text = (
-        f"Verdict at equal wall-clock: {'gating paid here' if d <= 0 else 'gating did not pay here'}: "
-        f"the best gated arm, {best}, ended {d:+.3f} nats against plain"
-    )
+    noise = max(2 * (gated[best]["delta_plain"].get("std") or 0.0), LEVEL_NATS)
+    if abs(d) <= noise:
+        verdict = f"level with plain here (within {noise:.3f} nats)"
+    else:
+        verdict = "gating paid here" if d < 0 else "gating did not pay here"
+    text = f"Verdict at equal wall-clock: {verdict}: the best gated arm, {best}, ended {d:+.3f} nats against plain"
     if "default" in gated and best != "default":
         dd = gated["default"]
         ctl = dd["delta_control"]

@@ -208,6 +208,11 @@ def test_quality_benchmark_arms_clock_and_figures():
     assert imp_s["delta_control"]["mean"] == pytest.approx(-0.29) and imp_s["control"] == "random50"
     assert imp_s["speed"] == pytest.approx(2.0) and imp_s["reached_plain"] == 2
     assert "gating paid here" in qb.conclusion(summary) and "imp-gradnorm50" in qb.conclusion(summary)
+    # a best arm within the noise of plain is no verdict either way
+    level = [run("plain", s, 5.0 + s, None) for s in (0, 1)]
+    level += [run("default", s, 4.998 + s, {}, 10.0) for s in (0, 1)]
+    text = qb.conclusion(qb.summarize(level, ["plain", "default"]))
+    assert "level with plain here" in text and "paid" not in text
 
 
 def test_quality_table_says_what_the_auto_ratio_chose():
