@@ -313,17 +313,17 @@ class AutoState:
         self._read_marks(wait=True)
         acc = None if self._acc is None else self._acc.tolist()
         return dict(
-            candidates=[_key(c) for c in self.candidates],
+            candidates=[candidate_key(c) for c in self.candidates],
             steps=self.steps,
             window_start=self.window_start,
             probe=self.probe,
             probe_steps=self.probe_steps,
             choice=self.choice,
-            step_seconds={_key(c): t for c, t in self.step_seconds.items()},
+            step_seconds={candidate_key(c): t for c, t in self.step_seconds.items()},
             noise=self.noise,
             tokens=self.tokens,
             decisions=self.decisions,
-            times={_key(c): list(ts) for c, ts in self._times.items()},
+            times={candidate_key(c): list(ts) for c, ts in self._times.items()},
             acc=acc,
         )
 
@@ -361,7 +361,8 @@ def _probe_of_0_1_0(k: int) -> tuple[int, int]:
     return len(CANDIDATES), 0
 
 
-def _key(c: Candidate) -> str:
+def candidate_key(c: Candidate) -> str:
+    """A candidate as a string: 'plain', or the fraction's repr (state dicts, ``schedule.auto_key``)."""
     return PLAIN if c == PLAIN else repr(float(c))
 
 

@@ -46,11 +46,13 @@ def draw_figures(values: list, n_valid: int) -> dict:
 
 def plain_figures(step: int, scoring: str, state: auto_mod.AutoState, valid: Any = None) -> dict:
     """The figures of a call that the timed choice ran as the plain loss: every token kept
-    (``token_ratio`` 1.0, and ``tokens_selected`` = ``tokens_total`` from ``valid``, a
-    ``pipeline.HostRead`` of the valid targets' count read when asked, where the call's targets
-    are known) and the choice's figures; no averages (the plain loss computes none)."""
+    (``token_ratio`` 1.0, and ``tokens_selected`` = ``tokens_total`` = ``valid``, the valid
+    targets' count where the call's targets are known: an int, or a ``pipeline.HostRead`` read
+    when asked) and the choice's figures; no averages (the plain loss computes none)."""
     m = dict(step=step, token_ratio=1.0, selection="plain", scoring=scoring, **auto_figures(state, auto_mod.PLAIN))
-    if valid is not None:
+    if isinstance(valid, int):
+        m["tokens_total"] = m["tokens_selected"] = valid
+    elif valid is not None:
         m["_valid"] = valid
     return m
 

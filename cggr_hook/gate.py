@@ -140,8 +140,7 @@ class Gate:
             return None
         if not isinstance(output, Tensor) or not output.requires_grad or not args or not isinstance(args[0], Tensor):
             return None
-        self._taps += 1
-        self._taps_since_step += 1
+        self._taps += 1  # a training forward (the watchdog's diagnosis)
         if self.runs_plain():
             # the timed choice (auto, plain_when_faster) runs this step as the plain loss: the head's
             # output goes on as it is, untapped (no node in the graph), so the step costs what it
@@ -149,10 +148,10 @@ class Gate:
             # holds the graph) by which a cross entropy on it books the step (route.py): a forward
             # whose logits no F.cross_entropy reads (a custom loss) books nothing, so the watchdog
             # still sees that nothing would be gated
-            self._taps_since_step -= 1  # not tapped
             if output.grad_fn is not None:
                 trace_mod.mark_plain(output.grad_fn, self.id)
             return None
+        self._taps_since_step += 1
         called = head_mod.called_module(module)
         # the narrow backward only where output == F.linear(hidden, weight, bias) is known; a global
         # forward hook runs before ours and may have changed the output
@@ -279,10 +278,7 @@ class Gate:
         a ``pipeline.HostRead`` of its valid targets' count, where known), and the watchdog sees
         the gate's own choice."""
         scheduler = self._registry.scheduler
-        cands = cast(tuple, self.config.auto_candidates)
-        scheduler.plain_call(self.key, cands, self.param_ids)
-        state = scheduler.auto_state(self.key, cands)
-        state.add_call(device)
+        state = scheduler.plain_call(self.key, cast(tuple, self.config.auto_candidates), device, self.param_ids)
         self._registry.record(self, figures.plain_figures(scheduler.step_count + 1, self.config.scoring, state, valid))
         self.on_plain_choice()
 

@@ -18,7 +18,7 @@ from . import kernels, patch
 from .config import OPTION_NAMES, GateConfig
 from .functions import GatedCrossEntropy
 from .kernels.spec import check_reduction
-from .pipeline import HostRead, LossSpec, check_targets, gated_forward
+from .pipeline import LossSpec, check_targets, gated_forward
 from .schedule import Scheduler
 
 __all__ = ["CGGRLoss", "LossSpec"]
@@ -152,13 +152,9 @@ class CGGRLoss(torch.nn.Module):
         steps compute it (torch's loss of bf16 logits is bf16-accurate, and its dtype bf16).
         ``inplace_backward`` does not apply to it (torch's own gradient)."""
         V = logits.shape[-1]
-        check_targets(targets.reshape(-1), V, spec.ignore_index)
-        cands = cast(tuple, self.config.auto_candidates)
-        self.scheduler.plain_call("loss", cands)
-        state = self.scheduler.auto_state("loss", cands)
-        state.add_call(logits.device)
-        valid = HostRead((targets != spec.ignore_index).sum().reshape(1), now=False)
-        self._metrics = figures_mod.plain_figures(self.scheduler.step_count + 1, self.config.scoring, state, valid)
+        n_valid = check_targets(targets.reshape(-1), V, spec.ignore_index)
+        state = self.scheduler.plain_call("loss", cast(tuple, self.config.auto_candidates), logits.device)
+        self._metrics = figures_mod.plain_figures(self.scheduler.step_count + 1, self.config.scoring, state, n_valid)
         # in fp32, as the gated steps compute it (torch's loss of bf16 logits is bf16-accurate)
         x = logits if logits.dtype in (torch.float32, torch.float64) else logits.float()
         loss = patch.original_cross_entropy()(

@@ -157,11 +157,13 @@ def _raise_if_bad(n_bad: int, vocab: int, ignore_index: int) -> None:
         )
 
 
-def check_targets(targets: Tensor, vocab: int, ignore_index: int) -> None:
+def check_targets(targets: Tensor, vocab: int, ignore_index: int) -> int:
     """The gated forward's check of the targets, alone (one host read): a ValueError for a value
-    outside [0, vocab) that is not ``ignore_index``, as ``gated_forward`` gives."""
-    counts = HostRead(kernels.target_counts(targets, vocab, ignore_index).reshape(-1))
-    _raise_if_bad(_valid_and_bad(counts.values())[1], vocab, ignore_index)
+    outside [0, vocab) that is not ``ignore_index``, as ``gated_forward`` gives; else the number of
+    valid targets."""
+    n_valid, n_bad = _valid_and_bad(HostRead(kernels.target_counts(targets, vocab, ignore_index).reshape(-1)).values())
+    _raise_if_bad(n_bad, vocab, ignore_index)
+    return n_valid
 
 
 def _generator(device: torch.device, seed: int, step: int, call: int) -> torch.Generator:

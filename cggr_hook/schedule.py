@@ -31,7 +31,7 @@ from typing import Any, cast
 import torch
 from torch.optim.optimizer import register_optimizer_step_post_hook
 
-from .auto import CANDIDATES, PLAIN, AutoState
+from .auto import CANDIDATES, PLAIN, AutoState, candidate_key
 from .config import GateConfig
 
 EMA_MOMENTUM = 0.9
@@ -116,14 +116,20 @@ class Scheduler:
                 state = self.auto[k] = AutoState(candidates=candidates)
             return state
 
-    def plain_call(self, key: str, candidates: tuple, param_ids: frozenset[int] = frozenset()) -> None:
-        """A call that the timed choice (``candidates``) runs as the plain loss: the optimizer step
-        after it still counts (and times the plain candidate)."""
+    def plain_call(
+        self, key: str, candidates: tuple, device: torch.device, param_ids: frozenset[int] = frozenset()
+    ) -> AutoState:
+        """A call on ``device`` that the timed choice (``candidates``) runs as the plain loss: the
+        optimizer step after it still counts (and times the plain candidate there). Returns the
+        choice's state."""
         with self._lock:
             self._pending = True
             self._auto_in_step.add(auto_key(key, candidates))
             if param_ids is not self._pending_ids:
                 self._pending_ids = self._pending_ids | param_ids
+            state = self.auto_state(key, candidates)
+            state.add_call(device)
+            return state
 
     def keeps_every_row(self, config: GateConfig, key: str) -> bool:
         """Whether ``begin_call`` will return a ratio of 1.0 for this gate's next call whatever its
@@ -271,7 +277,7 @@ def auto_key(key: str, candidates: tuple) -> str:
     every candidate of ``'auto'`` (as 0.1.0 saved it), else the key and the candidates."""
     if candidates == CANDIDATES:
         return key
-    return key + "/" + ",".join(PLAIN if c == PLAIN else repr(float(c)) for c in candidates)
+    return key + "/" + ",".join(candidate_key(c) for c in candidates)
 
 
 def optimizer_holds(optimizer: torch.optim.Optimizer, param_ids: Iterable[int]) -> bool:

@@ -437,7 +437,9 @@ def test_cggrloss_plain_step_is_torchs_loss_and_gradient(reduction):
     assert crit.scheduler.auto_state("loss", auto.FULL_TOKENS).candidate() == PLAIN  # the plain loss first
     x = logits.detach().requires_grad_()
     loss = crit(x, targets)
-    assert crit.get_metrics()["auto_plain"] and crit.get_metrics()["selection"] == "plain"
+    m = crit.get_metrics()
+    assert m["auto_plain"] and m["selection"] == "plain"
+    assert m["tokens_selected"] == m["tokens_total"] == 9  # one of the ten targets is ignored
     y = logits.detach().requires_grad_()
     ref = F.cross_entropy(y.reshape(-1, 7), targets.reshape(-1), weight=w, reduction=reduction, label_smoothing=0.1)
     ref = ref.view(targets.shape) if reduction == "none" else ref
