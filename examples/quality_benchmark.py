@@ -939,6 +939,15 @@ def merge(paths: list[str], out: Path) -> int:
         )
         if differ:
             raise SystemExit(f"--merge: {path} was run with other settings ({', '.join(differ)}) than {paths[0]}")
+        corpus, corpus0 = r.get("corpus", {}), results[0].get("corpus", {})
+        if corpus.get("key") != corpus0.get("key"):
+            # the corpus is every Python source of the machine that ran it: another image, with
+            # other packages installed, makes another corpus (and another held-out set)
+            raise SystemExit(
+                f"--merge: {path} trained on another corpus ({corpus.get('key')}, {corpus.get('files_found')} "
+                f"files found) than {paths[0]} ({corpus0.get('key')}, {corpus0.get('files_found')} files): the "
+                "machines' Python sources differ, so their runs are not comparable; merge each corpus's files apart"
+            )
         if r.get("base") and results[0].get("base") and _base_id(r) != _base_id(results[0]):
             raise SystemExit(
                 f"--merge: {path} started from another base model ({_base_id(r)}) than {paths[0]} "
@@ -961,6 +970,9 @@ def merge(paths: list[str], out: Path) -> int:
         for arm in r["arm_order"]:
             if arm not in merged["arm_order"]:
                 merged["arm_order"].append(arm)
+    if "plain" in merged["arm_order"]:  # the baseline leads the table, whichever file had it
+        merged["arm_order"].remove("plain")
+        merged["arm_order"].insert(0, "plain")
     merged["timings"] = {i: r["timings"] for i, r in enumerate(results)}
     out.mkdir(parents=True, exist_ok=True)
     print(write_results(merged, out))

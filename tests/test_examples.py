@@ -303,6 +303,18 @@ def test_quality_benchmark_smoke_and_merge(tmp_path, cache_dir):
         cwd=ROOT,
     )
     assert proc.returncode != 0 and "batch_size" in proc.stderr
+    # runs on another corpus (another machine's Python sources) are not merged either
+    r = json.loads((out2 / "results.json").read_text())
+    r["corpus"]["key"] = "python-v512-0000000000000000"
+    (tmp_path / "other_corpus.json").write_text(json.dumps(r))
+    proc = subprocess.run(
+        [sys.executable, str(EXAMPLES / "quality_benchmark.py"), "--merge", str(out)]
+        + [str(tmp_path / "other_corpus.json"), "--out", str(tmp_path / "m5")],
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+    )
+    assert proc.returncode != 0 and "another corpus (python-v512-0000000000000000" in proc.stderr, proc.stderr
     # runs that started from different base models (the finetune regime) are not merged either:
     # their deltas would pair runs of different starting points
     for i, (src, base) in enumerate([(out / "results.json", 800), (out2 / "results.json", 805)]):
