@@ -18,7 +18,7 @@ from torch import Tensor
 
 from . import auto as auto_mod
 from . import kernels
-from .pipeline import BackwardPlan, GatedForward, LossSpec, NoiseProbe
+from .pipeline import BackwardPlan, GatedForward, LossSpec, NoiseProbe, dense_rows
 
 
 def _row_scale(plan: BackwardPlan, grad_output: Tensor, reduction: str) -> Tensor:
@@ -83,7 +83,13 @@ class GatedHeadCrossEntropy(torch.autograd.Function):
     """(hidden, W, b) of a tapped LM head -> gated loss; backward over the selected rows only.
 
     ``head_out`` (..., V) holds the head's logits (the tap's output); ``targets`` are in head-row
-    order with unmapped rows ignored; ``ce_rows`` maps the loss's rows to head rows (for 'none').
+    order with unmapped rows ignored; ``ce_rows`` maps the loss's rows to head rows (for 'none'),
+    None where they are the head rows in order.
+
+    Where the selection leaves out at most one head row in ``pipeline.DENSE_ROWS`` (every valid row
+    kept, a few ignored ones such as each sequence's last position), the backward runs over every
+    head row instead, the left-out rows' gradient rows exact zeros: two matrix products and one
+    kernel, without gathering and scattering the selected rows.
     """
 
     @staticmethod
@@ -110,7 +116,7 @@ class GatedHeadCrossEntropy(torch.autograd.Function):
         ctx.tapped_meta = None if tapped is None else (tapped.shape, tapped.dtype, tapped.device)
         ctx.save_for_backward(hidden, weight, bias, head_out, targets, ce_rows)
         if spec.reduction == "none":
-            return fwd.loss[ce_rows].view(ce_shape)
+            return (fwd.loss if ce_rows is None else fwd.loss[ce_rows]).view(ce_shape)
         return fwd.loss
 
     @staticmethod
@@ -124,37 +130,55 @@ class GatedHeadCrossEntropy(torch.autograd.Function):
         hidden, weight, bias, head_out, targets, ce_rows = ctx.saved_tensors
         plan: BackwardPlan = ctx.plan
         spec: LossSpec = ctx.spec
-        rows = cast(Tensor, plan.rows)  # the head route always asks for the selected rows (need_rows)
+        rows = plan.rows  # the head route asks for the selected rows (need_rows): None where dense
+        n_rows = targets.numel()
+        dense = rows is None or dense_rows(n_rows, rows.numel())
+        go = grad_output
         if spec.reduction == "none":
             # the loss's rows back to head rows
-            g = torch.zeros(targets.numel(), dtype=torch.float32, device=grad_output.device)
-            g[ce_rows] = grad_output.reshape(-1).float()
-            scale = g[rows] * plan.row_scale[rows]
-        else:
-            scale = _row_scale(plan, grad_output, spec.reduction)
+            if ce_rows is None:
+                go = grad_output.reshape(-1).float()
+            else:
+                go = torch.zeros(n_rows, dtype=torch.float32, device=grad_output.device)
+                go[ce_rows] = grad_output.reshape(-1).float()
         compute_dtype = head_out.dtype  # the dtype the head's matmul ran in (autocast included)
-        G = kernels.ce_grad_rows(
-            kernels.as_rows(head_out),
-            targets,
-            plan.lse,
-            rows,
-            scale,
-            spec.weight,
-            float(spec.label_smoothing),
-            compute_dtype,
-        )  # (K, V)
         D = hidden.shape[-1]
         h2 = hidden.reshape(-1, D)
+        rows_in = kernels.as_rows(head_out)
+        scale = None
+        if dense:
+            # every head row: (N, V), rows off the selection exact zeros (their row_scale is 0)
+            G3 = torch.empty(rows_in.shape, dtype=compute_dtype, device=rows_in.device)
+            kernels.ce_grad_dense_(
+                rows_in, targets, plan.lse, plan.row_scale, spec.weight, float(spec.label_smoothing), G3, go
+            )
+            G = G3.view(-1, rows_in.shape[-1])
+            h_rows = h2
+        else:
+            rows = cast(Tensor, rows)
+            if spec.reduction == "none":
+                scale = go[rows] * plan.row_scale[rows]
+            else:
+                scale = _row_scale(plan, grad_output, spec.reduction)
+            G = kernels.ce_grad_rows(
+                rows_in, targets, plan.lse, rows, scale, spec.weight, float(spec.label_smoothing), compute_dtype
+            )  # (K, V)
+            h_rows = h2[rows]
         grad_h = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:
-            grad_h = torch.zeros_like(h2)
-            if rows.numel():
-                grad_h[rows] = (G @ weight.to(compute_dtype)).to(h2.dtype)
+            if dense:
+                grad_h = (G @ weight.to(compute_dtype)).to(h2.dtype)
+            else:
+                grad_h = torch.zeros_like(h2)
+                if rows.numel():
+                    grad_h[rows] = (G @ weight.to(compute_dtype)).to(h2.dtype)
             grad_h = grad_h.view(hidden.shape)
         if ctx.needs_input_grad[1] or plan.noise is not None:
-            gw = G.t() @ h2[rows].to(compute_dtype)  # (V, D): the head weight's gradient
-            if plan.noise is not None:
-                _measure_head_noise(plan.noise, rows, gw, scale, h2)
+            gw = G.t() @ h_rows.to(compute_dtype)  # (V, D): the head weight's gradient
+            if plan.noise is not None:  # the forward lists the rows for a noise-measuring step
+                if scale is None:
+                    scale = _row_scale(plan, go, spec.reduction)
+                _measure_head_noise(plan.noise, cast(Tensor, rows), gw, scale, h2)
             if ctx.needs_input_grad[1]:
                 grad_w = gw.to(weight.dtype)
         if ctx.has_bias and ctx.needs_input_grad[2]:

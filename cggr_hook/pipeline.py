@@ -83,13 +83,27 @@ class NoiseProbe:
     candidates: tuple
 
 
+# a gradient over selected rows runs over every row instead where it leaves out at most one row
+# in DENSE_ROWS (their gradient rows are exact zeros): cheaper than gathering and scattering them
+DENSE_ROWS = 256
+
+
+def dense_rows(n_rows: int, n_selected: int) -> bool:
+    """Whether a gradient over ``n_selected`` of ``n_rows`` rows runs over every row (the rest
+    weighted zero): at most one row in ``DENSE_ROWS`` left out, as where every valid row is kept and
+    a few are ignored (each sequence's last position)."""
+    return n_rows - n_selected <= n_rows // DENSE_ROWS
+
+
 @dataclass
 class BackwardPlan:
     """What the forward decided that the backward replays the gradient from."""
 
     lse: Tensor  # (N,) fp32
     row_scale: Tensor  # (N,) fp32, d loss / d ce_r: 0 off the selection ('none': 1 on it)
-    rows: Tensor | None = None  # (K,) int64 ascending, the selected rows (when asked for)
+    # (K,) int64 ascending, the selected rows, when asked for; None where the selection covers all
+    # but a few rows (``dense_rows``) and nothing else needs them
+    rows: Tensor | None = None
     order: Tensor | None = None  # (N,) int64 whose first K rows are the selected ones, when known
     noise: NoiseProbe | None = None  # min_tokens_ratio='auto' on a step that measures the noise
 
@@ -204,7 +218,8 @@ def gated_forward(
     ``scheduler`` and ``key``: the step counter and the gate's name in it (its ratio, its running
     confidence); ``param_ids``: the gated model's parameters, whose optimizer's next step counts;
     ``seq``: the sequences of the rows for ``sequence_aware`` (``selection.rank_rows``);
-    ``need_rows``: also list the selected rows (a gradient over K rows needs them).
+    ``need_rows``: also list the selected rows (a gradient over K rows needs them), unless the
+    selection covers all but a few rows (``dense_rows``: the gradient then runs over every row).
 
     Work on the device, in order: the scoring pass over the logits (``kernels.row_stats``), the
     difficulty and the metric sums (``difficulty.score_rows``), the difficulty order
@@ -277,6 +292,8 @@ def gated_forward(
     draw = row_weight = None
     if ranking is None and k < n_valid:  # not expected (the ratio is 1.0): rank after all
         ranking = selection.rank_rows(diff, None, config, seq)
+    if need_rows and dense_rows(N, n_sel) and not probe:
+        need_rows = False  # the gradient runs over every row; the noise probe reads the rows
     if ranking is None:
         sel_key, threshold, rows = selection.every_valid_row(diff, n_valid, need_rows)
     elif strategy.weighted and 0 < k < n_valid:

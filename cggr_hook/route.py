@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import numbers
 import threading
-from typing import TYPE_CHECKING, Any, cast
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import Tensor
@@ -149,11 +149,14 @@ class Route:
             return None
 
         out = call.output
-        rows = cast(Tensor, tr.rows)  # the head row of every loss row (None only once consumed)
+        rows = tr.rows  # the head row of every loss row; None where they are the head rows in order
         if gate.through_logits or not call.narrow:
             # gated loss on the loss input itself; its gradient flows back through the logits' graph
             xr = x.movedim(class_dim, -1) if class_dim != x.dim() - 1 else x
-            seq = (rows // out.shape[-2], out.numel() // (out.shape[-2] * V)) if out.dim() >= 3 else None
+            seq = None
+            if out.dim() >= 3:
+                T = out.shape[-2]
+                seq = T if rows is None else (rows // T, out.numel() // (T * V))
             targets = target.to(device=x.device, dtype=torch.long)
             with torch.no_grad():
                 fwd = gated_forward(
@@ -169,9 +172,12 @@ class Route:
             loss = GatedCrossEntropy.apply(xr, targets, fwd, spec, False)
         else:
             # targets in head-row order, rows the loss does not read ignored
-            n_head_rows = out.numel() // max(V, 1)
-            t_head = torch.full((n_head_rows,), ignore_index, dtype=torch.long, device=out.device)
-            t_head[rows] = target.reshape(-1).to(device=out.device, dtype=torch.long)
+            t_head = target.reshape(-1).to(device=out.device, dtype=torch.long)
+            if rows is not None:
+                n_head_rows = out.numel() // max(V, 1)
+                t_head = torch.full((n_head_rows,), ignore_index, dtype=torch.long, device=out.device).index_put_(
+                    (rows,), t_head
+                )
             seq = out.shape[-2] if out.dim() >= 3 else None
             head_out = out.detach()
             with torch.no_grad():

@@ -29,10 +29,11 @@ Shape = tuple[int, ...]
 @dataclass
 class Trace:
     call: HeadCall
-    rows: (
-        Tensor | None
-    )  # (N_ce,) int64 (None once the call is consumed): the head-output row of every cross-entropy row, in the loss's order
+    # (N_ce,) int64: the head-output row of every cross-entropy row, in the loss's order; None once
+    # the call is consumed, or where the loss rows are the head rows in order (``identity``)
+    rows: Tensor | None
     exact: bool  # every dtype change on the way is exact (an upcast), so head rows hold the same values
+    identity: bool = False  # loss row i is head row i for every row: no row map is built
 
 
 def _signed(v: int) -> int:
@@ -57,6 +58,7 @@ class Op:
     replay: Replay  # (node, R, vdim, V, input shape, output shape) -> (R, vdim) or None
     any_inputs: bool = False  # its node may list more than one next function
     cast: bool = False  # a dtype change (exact only when it widens)
+    keeps_order: bool = False  # with the vocabulary dim last, rows keep their row-major order
 
 
 def _same_shape(node: Any, out: Shape) -> Shape:
@@ -154,14 +156,14 @@ def _replay_squeeze(node: Any, R: Tensor, vdim: int, V: int, inp: Shape, out: Sh
     return R, vdim - sum(1 for d in removed if d < vdim)
 
 
-_SAME = Op(_same_shape, _same_rows)
-_RESHAPE = Op(_saved_sizes, _replay_reshape)
+_SAME = Op(_same_shape, _same_rows, keeps_order=True)
+_RESHAPE = Op(_saved_sizes, _replay_reshape, keeps_order=True)
 _TRANSPOSE = Op(_transposed_shape, _replay_transpose)
-_SQUEEZE = Op(_saved_sizes, _replay_squeeze)
+_SQUEEZE = Op(_saved_sizes, _replay_squeeze, keeps_order=True)
 
 # the operations a loss input may be reached through from the head's logits, by autograd node name
 OPS: dict[str, Op] = {
-    "ToCopyBackward0": Op(_same_shape, _same_rows, cast=True),
+    "ToCopyBackward0": Op(_same_shape, _same_rows, cast=True, keeps_order=True),
     "CloneBackward0": _SAME,
     "AliasBackward0": _SAME,
     "ViewBackward0": _RESHAPE,
@@ -173,7 +175,7 @@ OPS: dict[str, Op] = {
     "TransposeBackward0": _TRANSPOSE,
     "TBackward0": _TRANSPOSE,
     "PermuteBackward0": Op(_permuted_shape, _replay_permute),
-    "UnsqueezeBackward0": Op(_unsqueezed_shape, _replay_unsqueeze),
+    "UnsqueezeBackward0": Op(_unsqueezed_shape, _replay_unsqueeze, keeps_order=True),
     "SqueezeBackward0": _SQUEEZE,
     "SqueezeBackward1": _SQUEEZE,
     "SqueezeBackward2": _SQUEEZE,
@@ -266,6 +268,12 @@ def trace(x: Tensor, class_dim: int) -> Trace | None:
         shapes.append(tuple(int(s) for s in op.input_shape(node, shapes[-1])))
     if shapes[-1] != tuple(head_out.shape):
         return None
+    n_casts = sum(1 for _, op in ops if op.cast)
+    exact = n_casts == 0 or (n_casts == 1 and _exact_cast(head_out.dtype, x.dtype))
+    if class_dim == x.dim() - 1 and all(op.keeps_order for _, op in ops) and all(s[-1] == V for s in shapes):
+        # casts, copies and reshapes that keep the vocabulary last (the usual `logits.float().view(-1,
+        # V)`): the loss rows are the head rows in order, and no row map needs building
+        return Trace(call, None, exact, identity=True)
 
     # replay on row indices, from the head forwards, keeping the vocabulary dim as a size-1 dim
     lead = head_out.shape[:-1]
@@ -284,8 +292,6 @@ def trace(x: Tensor, class_dim: int) -> Trace | None:
     if vdim != class_dim:
         return None
     rows = R.movedim(vdim, -1).reshape(-1)
-    n_casts = sum(1 for _, op in ops if op.cast)
-    exact = n_casts == 0 or (n_casts == 1 and _exact_cast(head_out.dtype, x.dtype))
     return Trace(call, rows, exact)
 
 

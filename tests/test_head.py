@@ -228,7 +228,6 @@ def test_trace_maps_rows_through_shifts_casts_and_transposes():
     logits, call = _tapped()
     rows = torch.arange(12).view(2, 6)
     cases = [
-        (logits.float().view(-1, 11), 1, rows.reshape(-1)),
         (logits[:, :-1].reshape(-1, 11), 1, rows[:, :-1].reshape(-1)),
         (logits[:, 1:].contiguous().view(-1, 11), 1, rows[:, 1:].reshape(-1)),
         (logits.transpose(1, 2), 1, rows.reshape(-1)),
@@ -240,7 +239,26 @@ def test_trace_maps_rows_through_shifts_casts_and_transposes():
         tr = trace_mod.trace(x, class_dim)
         assert tr is not None and tr.call is call
         assert torch.equal(tr.rows, expected), (x.shape, tr.rows, expected)
-        assert tr.exact
+        assert tr.exact and not tr.identity
+
+
+def test_trace_of_the_head_rows_in_order_builds_no_row_map():
+    """Casts, copies and reshapes that keep the vocabulary last leave loss row i at head row i: the
+    trace says so instead of building the map (one launch, and the route's targets scatter, fewer)."""
+    logits, call = _tapped()
+    for x in (
+        logits,
+        logits.float(),
+        logits.float().view(-1, 11),
+        logits.reshape(12, 11).clone(),
+        logits[None],
+        logits[None].squeeze(0),
+    ):
+        tr = trace_mod.trace(x, x.dim() - 1)
+        assert tr is not None and tr.call is call and tr.identity and tr.rows is None and tr.exact
+    # the same rows through a transpose (class dim 1 of (B, V, T)) or a slice are mapped row by row
+    assert trace_mod.trace(logits.transpose(1, 2), 1).rows is not None
+    assert trace_mod.trace(logits[:, 1:], 2).rows is not None
 
 
 def test_trace_rejects_what_is_not_the_heads_logits():
@@ -312,12 +330,15 @@ def test_trace_with_negative_dims_and_squeeze():
         (logits[:1].squeeze(0), 1, rows[0]),
         (logits[:, :1].squeeze(), 1, rows[:, 0]),
         (logits[:1, :, None].squeeze((0, 2)), 1, rows[0]),
-        (logits.unsqueeze(-2).squeeze(-2).reshape(-1, 11), 1, rows.reshape(-1)),
+        (logits.unsqueeze(-2).squeeze(-2)[:, 1:].reshape(-1, 11), 1, rows[:, 1:].reshape(-1)),
+        (logits[:, 1:].unsqueeze(-2).squeeze(-2).reshape(-1, 11), 1, rows[:, 1:].reshape(-1)),
     ]
     for x, class_dim, expected in cases:
         tr = trace_mod.trace(x, class_dim)
         assert tr is not None, x.grad_fn
         assert torch.equal(tr.rows, expected), (x.grad_fn, tr.rows, expected)
+    # without the slice, the same unsqueeze and squeeze keep the head rows in order
+    assert trace_mod.trace(logits.unsqueeze(-2).squeeze(-2).reshape(-1, 11), 1).identity
 
 
 # --------------------------------------------------------------------------------------------------
@@ -500,3 +521,94 @@ def test_gated_module_that_is_not_the_head_warns_that_it_is_not():
     with pytest.warns(RuntimeWarning, match="is not the one that produces the logits"):
         loss = F.cross_entropy(model(idx)[:, :-1].reshape(-1, 256), idx[:, 1:].reshape(-1))
     assert type(loss.grad_fn).__name__.startswith("Nll")
+
+
+# --------------------------------------------------------------------------------------------------
+# the head backward over every head row or over the selected rows
+# --------------------------------------------------------------------------------------------------
+class _BiasHead(nn.Module):
+    def __init__(self, D: int, V: int):
+        super().__init__()
+        self.lm_head = nn.Linear(D, V, bias=True)
+
+
+_SPECS = {
+    "mean": dict(),
+    "sum": dict(reduction="sum"),
+    "none": dict(reduction="none"),
+    "smoothing": dict(label_smoothing=0.1),
+    "weight": dict(weight=True),
+}
+# 512 or 514 head rows: dense up to 2 rows left out. Every case on the torch backend, the paths'
+# corners on Triton (its interpreter is slow on the CPU)
+_HEAD_BACKWARD_CASES = [
+    pytest.param(n, shifted, _SPECS[name], "torch", id=f"torch-{name}-{'shifted' if shifted else 'rows'}-{n}")
+    for n in (0, 2, 40)
+    for shifted in (False, True)
+    for name in _SPECS
+] + [
+    pytest.param(n, shifted, _SPECS[name], "triton", id=f"triton-{name}-{'shifted' if shifted else 'rows'}-{n}")
+    for n, shifted, name in [(0, False, "none"), (0, True, "smoothing"), (40, True, "weight"), (2, False, "sum")]
+]
+
+
+@pytest.mark.parametrize("n_ignored, shifted, spec, backend", _HEAD_BACKWARD_CASES)
+def test_head_backward_over_every_row_or_the_selected_rows_equals_the_plain_gradient(
+    monkeypatch, n_ignored, shifted, spec, backend
+):
+    """At a ratio of 1.0 the head's gradients (hidden, weight, bias) equal the plain loss's, whether
+    the backward runs over every head row (the selection leaves out at most one row in 256) or
+    gathers the selected rows; which one ran is checked. Both kernel backends (Triton under its
+    interpreter without a GPU)."""
+    from cggr_hook import functions, kernels
+
+    kernels.force_backend(backend)
+
+    B, T, D, V = 2, 256 + shifted, 8, 23
+    torch.manual_seed(n_ignored)
+    head = _BiasHead(D, V)
+    ref = copy.deepcopy(head)
+    h = torch.randn(B, T, D, requires_grad=True)
+    h_ref = h.detach().clone().requires_grad_()
+    ids = torch.randint(0, V, (B, T))
+    kw = dict(spec)
+    if kw.pop("weight", False):
+        kw["weight"] = torch.rand(V) + 0.5
+    cggr_hook.enable(head, min_tokens_ratio=1.0, warmup_steps=0, dynamic_threshold=False, plain_when_faster=False)
+    ran = []
+    for name in ("ce_grad_dense_", "ce_grad_rows"):
+        original = getattr(kernels, name)
+        monkeypatch.setattr(
+            functions.kernels, name, lambda *a, _f=original, _n=name, **k: ran.append(_n) or _f(*a, **k)
+        )
+
+    def loss_of(module, hidden, ce):
+        logits = module.lm_head(hidden)
+        if shifted:  # a causal LM's shift: the loss rows are a map of the head rows
+            x, t = logits[:, :-1].reshape(-1, V), ids[:, 1:].reshape(-1).clone()
+        else:
+            x, t = logits.reshape(-1, V), ids.reshape(-1).clone()
+        t[torch.randperm(t.numel(), generator=torch.Generator().manual_seed(1))[:n_ignored]] = -100
+        loss = ce(x, t, **kw)
+        return loss.sum() * 0.5 if loss.dim() else loss * 0.5  # a grad_output that is not 1
+
+    try:
+        gated = loss_of(head, h, F.cross_entropy)
+        node, names = gated.grad_fn, []
+        while node is not None and len(names) < 5:  # the scaling and the sum, then the gated loss
+            names.append(type(node).__name__)
+            node = node.next_functions[0][0] if node.next_functions else None
+        assert "GatedHeadCrossEntropyBackward" in names, names
+        gated.backward()
+    finally:
+        cggr_hook.disable(head)
+    expected = loss_of(ref, h_ref, ORIGINAL_CE)
+    expected.backward()
+    left_out = n_ignored + (B if shifted else 0)  # head rows no loss row reads: each sequence's last
+    assert ran == (["ce_grad_dense_"] if left_out <= B * T // 256 else ["ce_grad_rows"])
+    torch.testing.assert_close(gated, expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(h.grad, h_ref.grad, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(head.lm_head.weight.grad, ref.lm_head.weight.grad, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(head.lm_head.bias.grad, ref.lm_head.bias.grad, rtol=1e-5, atol=1e-6)
+    if n_ignored:  # the rows of ignored targets get exact zeros either way
+        assert (h.grad.reshape(-1, D)[h_ref.grad.reshape(-1, D).abs().sum(-1) == 0] == 0).all()
