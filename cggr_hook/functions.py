@@ -42,7 +42,9 @@ class GatedCrossEntropy(torch.autograd.Function):
         else:
             ctx.alias = None
             ctx.save_for_backward(targets, logits)
-        return fwd.loss if spec.reduction != "none" else fwd.loss.view(targets.shape)
+        # detached: a view returned from a Function could not be modified in place (`loss *= mask`),
+        # which the plain loss allows
+        return (fwd.loss if spec.reduction != "none" else fwd.loss.view(targets.shape)).detach()
 
     @staticmethod
     def backward(ctx, grad_output: Tensor):
@@ -115,9 +117,9 @@ class GatedHeadCrossEntropy(torch.autograd.Function):
         ctx.fsdp_owner, ctx.call = fsdp_owner, call
         ctx.tapped_meta = None if tapped is None else (tapped.shape, tapped.dtype, tapped.device)
         ctx.save_for_backward(hidden, weight, bias, head_out, targets, ce_rows)
-        if spec.reduction == "none":
-            return (fwd.loss if ce_rows is None else fwd.loss[ce_rows]).view(ce_shape)
-        return fwd.loss
+        if spec.reduction == "none":  # detached: see GatedCrossEntropy.forward
+            return (fwd.loss if ce_rows is None else fwd.loss[ce_rows]).view(ce_shape).detach()
+        return fwd.loss.detach()
 
     @staticmethod
     def backward(ctx, grad_output: Tensor):

@@ -270,7 +270,7 @@ def trace(x: Tensor, class_dim: int) -> Trace | None:
         return None
     n_casts = sum(1 for _, op in ops if op.cast)
     exact = n_casts == 0 or (n_casts == 1 and _exact_cast(head_out.dtype, x.dtype))
-    if class_dim == x.dim() - 1 and all(op.keeps_order for _, op in ops) and all(s[-1] == V for s in shapes):
+    if class_dim == x.dim() - 1 and all(op.keeps_order for _, op in ops) and all(s and s[-1] == V for s in shapes):
         # casts, copies and reshapes that keep the vocabulary last (the usual `logits.float().view(-1,
         # V)`): the loss rows are the head rows in order, and no row map needs building
         return Trace(call, None, exact, identity=True)

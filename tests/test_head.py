@@ -612,3 +612,51 @@ def test_head_backward_over_every_row_or_the_selected_rows_equals_the_plain_grad
     torch.testing.assert_close(head.lm_head.bias.grad, ref.lm_head.bias.grad, rtol=1e-5, atol=1e-6)
     if n_ignored:  # the rows of ignored targets get exact zeros either way
         assert (h.grad.reshape(-1, D)[h_ref.grad.reshape(-1, D).abs().sum(-1) == 0] == 0).all()
+
+
+@pytest.mark.parametrize("through_logits", [False, True])
+@pytest.mark.parametrize("reduction", ["none", "mean"])
+def test_gated_head_loss_can_be_modified_in_place_as_the_plain_one(through_logits, reduction):
+    """`loss *= mask` on the gated loss of a head works as on torch's loss (the Functions return no
+    view), on the selected-rows head route and through the logits."""
+    B, T, D, V = 2, 6, 8, 13
+    torch.manual_seed(0)
+    head = _BiasHead(D, V)
+    ref = copy.deepcopy(head)
+    h = torch.randn(B, T, D)
+    ids = torch.randint(0, V, (B * T,))
+    mask = torch.rand(B * T) if reduction == "none" else torch.tensor(0.5)
+    cggr_hook.enable(head, min_tokens_ratio=1.0, warmup_steps=0, dynamic_threshold=False, plain_when_faster=False)
+    # a global forward hook that rescales the logits runs before the tap: the output is not the plain
+    # affine map any more, and the call goes through the logits
+    hook = torch.nn.modules.module.register_module_forward_hook
+    handle = hook(lambda m, a, out: out * 2.0 if isinstance(m, nn.Linear) else None) if through_logits else None
+    try:
+        loss = F.cross_entropy(head.lm_head(h).view(-1, V), ids, reduction=reduction)
+        node = "GatedCrossEntropyBackward" if through_logits else "GatedHeadCrossEntropyBackward"
+        assert type(loss.grad_fn).__name__ == node
+        loss.mul_(mask)
+        loss.sum().backward()
+    finally:
+        cggr_hook.disable(head)
+        expected = ORIGINAL_CE(ref.lm_head(h).view(-1, V), ids, reduction=reduction)
+        if handle is not None:
+            handle.remove()
+    expected.mul_(mask)
+    expected.sum().backward()
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(head.lm_head.weight.grad, ref.lm_head.weight.grad, rtol=1e-5, atol=1e-6)
+
+
+def test_one_class_head_squeezed_and_unsqueezed_keeps_the_plain_loss():
+    """A shape of no dims between the head and the loss (V = 1, the class dim squeezed away and put
+    back) is not the head's rows in order: the loss is the plain one, with no error."""
+    head = _BiasHead(4, 1)
+    cggr_hook.enable(head, min_tokens_ratio=1.0, warmup_steps=0, dynamic_threshold=False, plain_when_faster=False)
+    logits = head.lm_head(torch.randn(1, 1, 4))
+    x = logits.squeeze().unsqueeze(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        loss = F.cross_entropy(x, torch.zeros((), dtype=torch.long))
+    assert type(loss.grad_fn).__name__ == "NllLossBackward0"
+    assert torch.equal(loss, ORIGINAL_CE(x, torch.zeros((), dtype=torch.long)))

@@ -286,3 +286,23 @@ def test_get_metrics_does_not_restore_an_older_call(monkeypatch):
     release.set()
     reader.join(5)
     assert crit.get_metrics()["tokens_total"] == 9
+
+
+@pytest.mark.parametrize("reduction", ["none", "mean", "sum"])
+def test_gated_loss_can_be_modified_in_place_as_the_plain_one(reduction):
+    """`loss *= mask` on a 'none' loss (or `loss.mul_` on a reduced one) works as on torch's loss,
+    and the gradient follows the modified loss."""
+    torch.manual_seed(0)
+    x = torch.randn(2, 5, 13, requires_grad=True)
+    x_ref = x.detach().clone().requires_grad_()
+    t = torch.randint(0, 13, (2, 5))
+    t[0, 1] = -100
+    crit = CGGRLoss(min_tokens_ratio=1.0, reduction=reduction, **FIXED)
+    loss, expected = crit(x, t), F.cross_entropy(x_ref.transpose(1, 2), t, reduction=reduction)
+    mask = torch.rand(expected.shape) if reduction == "none" else torch.tensor(0.5)
+    loss.mul_(mask)
+    expected.mul_(mask)
+    loss.sum().backward()
+    expected.sum().backward()
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(x.grad, x_ref.grad, rtol=1e-5, atol=1e-6)
