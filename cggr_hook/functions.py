@@ -18,7 +18,7 @@ from torch import Tensor
 
 from . import auto as auto_mod
 from . import kernels
-from .pipeline import BackwardPlan, GatedForward, LossSpec, NoiseProbe, dense_rows
+from .pipeline import BackwardPlan, GatedForward, LossSpec, NoiseProbe
 
 
 def _row_scale(plan: BackwardPlan, grad_output: Tensor, reduction: str) -> Tensor:
@@ -89,8 +89,8 @@ class GatedHeadCrossEntropy(torch.autograd.Function):
     None where they are the head rows in order.
 
     Where the selection leaves out at most one head row in ``pipeline.DENSE_ROWS`` (every valid row
-    kept, a few ignored ones such as each sequence's last position), the backward runs over every
-    head row instead, the left-out rows' gradient rows exact zeros: two matrix products and one
+    kept, a few ignored ones such as each sequence's last position) on Triton (``plan.dense``), the
+    backward runs over every head row instead, the left-out rows' gradient rows exact zeros: two matrix products and one
     kernel, without gathering and scattering the selected rows.
     """
 
@@ -134,7 +134,7 @@ class GatedHeadCrossEntropy(torch.autograd.Function):
         spec: LossSpec = ctx.spec
         rows = plan.rows  # the head route asks for the selected rows (need_rows): None where dense
         n_rows = targets.numel()
-        dense = rows is None or dense_rows(n_rows, rows.numel())
+        dense = plan.dense
         go = grad_output
         if spec.reduction == "none":
             # the loss's rows back to head rows

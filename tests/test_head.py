@@ -549,6 +549,7 @@ _HEAD_BACKWARD_CASES = [
 ] + [
     pytest.param(n, shifted, _SPECS[name], "triton", id=f"triton-{name}-{'shifted' if shifted else 'rows'}-{n}")
     for n, shifted, name in [(0, False, "none"), (0, True, "smoothing"), (40, True, "weight"), (2, False, "sum")]
+    + [(2, False, "weight")]
 ]
 
 
@@ -557,8 +558,8 @@ def test_head_backward_over_every_row_or_the_selected_rows_equals_the_plain_grad
     monkeypatch, n_ignored, shifted, spec, backend
 ):
     """At a ratio of 1.0 the head's gradients (hidden, weight, bias) equal the plain loss's, whether
-    the backward runs over every head row (the selection leaves out at most one row in 256) or
-    gathers the selected rows; which one ran is checked. Both kernel backends (Triton under its
+    the backward runs over every head row (the selection leaves out at most one row in 256, on
+    Triton) or gathers the selected rows; which one ran is checked. Both kernel backends (Triton under its
     interpreter without a GPU)."""
     from cggr_hook import functions, kernels
 
@@ -605,7 +606,9 @@ def test_head_backward_over_every_row_or_the_selected_rows_equals_the_plain_grad
     expected = loss_of(ref, h_ref, ORIGINAL_CE)
     expected.backward()
     left_out = n_ignored + (B if shifted else 0)  # head rows no loss row reads: each sequence's last
-    assert ran == (["ce_grad_dense_"] if left_out <= B * T // 256 else ["ce_grad_rows"])
+    # over every row on Triton only: the torch backend's dense gradient is slower than its rows
+    dense = backend == "triton" and left_out <= B * T // 256
+    assert ran == (["ce_grad_dense_"] if dense else ["ce_grad_rows"])
     torch.testing.assert_close(gated, expected, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(h.grad, h_ref.grad, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(head.lm_head.weight.grad, ref.lm_head.weight.grad, rtol=1e-5, atol=1e-6)
