@@ -147,7 +147,6 @@ class GatedHeadCrossEntropy(torch.autograd.Function):
         D = hidden.shape[-1]
         h2 = hidden.reshape(-1, D)
         rows_in = kernels.as_rows(head_out)
-        scale = None
         if dense:
             # every head row: (N, V), rows off the selection exact zeros (their row_scale is 0)
             G3 = torch.empty(rows_in.shape, dtype=compute_dtype, device=rows_in.device)
@@ -158,13 +157,18 @@ class GatedHeadCrossEntropy(torch.autograd.Function):
             h_rows = h2
         else:
             rows = cast(Tensor, rows)
-            if spec.reduction == "none":
-                scale = go[rows] * plan.row_scale[rows]
-            else:
-                scale = _row_scale(plan, grad_output, spec.reduction)
+            # (K, V): row k scaled by row_scale[rows[k]] * the upstream gradient, gathered in the kernel
             G = kernels.ce_grad_rows(
-                rows_in, targets, plan.lse, rows, scale, spec.weight, float(spec.label_smoothing), compute_dtype
-            )  # (K, V)
+                rows_in,
+                targets,
+                plan.lse,
+                rows,
+                plan.row_scale,
+                spec.weight,
+                float(spec.label_smoothing),
+                compute_dtype,
+                go,
+            )
             h_rows = h2[rows]
         grad_h = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:
@@ -178,9 +182,7 @@ class GatedHeadCrossEntropy(torch.autograd.Function):
         if ctx.needs_input_grad[1] or plan.noise is not None:
             gw = G.t() @ h_rows.to(compute_dtype)  # (V, D): the head weight's gradient
             if plan.noise is not None:  # the forward lists the rows for a noise-measuring step
-                if scale is None:
-                    scale = _row_scale(plan, go, spec.reduction)
-                _measure_head_noise(plan.noise, cast(Tensor, rows), gw, scale, h2)
+                _measure_head_noise(plan.noise, cast(Tensor, rows), gw, _row_scale(plan, go, spec.reduction), h2)
             if ctx.needs_input_grad[1]:
                 grad_w = gw.to(weight.dtype)
         if ctx.has_bias and ctx.needs_input_grad[2]:

@@ -262,13 +262,18 @@ def ce_grad_rows(
     targets: Tensor,
     lse: Tensor,
     rows: Tensor,
-    scale: Tensor,
+    row_scale: Tensor,
     weight: Tensor | None,
     label_smoothing: float,
     out_dtype: torch.dtype,
+    grad_output: Tensor | None = None,
 ) -> Tensor:
-    """(K, V) gradient of the selected rows ``rows`` (int64, K), row k scaled by ``scale[k]``."""
-    return _run("ce_grad_rows", logits, logits, targets, lse, rows, scale, weight, label_smoothing, out_dtype)
+    """(K, V) gradient of the selected rows ``rows`` (int64, K): row k scaled by
+    ``row_scale[rows[k]] * grad_output`` (``row_scale`` (N,), as ``ce_grad_dense_`` takes it;
+    ``grad_output`` one element or one per row (N,), read at ``rows[k]``; None = 1)."""
+    return _run(
+        "ce_grad_rows", logits, logits, targets, lse, rows, row_scale, weight, label_smoothing, out_dtype, grad_output
+    )
 
 
 def ce_grad_dense_(

@@ -156,6 +156,7 @@ def _ce_grad_rows_kernel(
     lse_ptr,
     rows_ptr,
     scale_ptr,
+    gout_ptr,
     w_ptr,
     wsum_ptr,
     out_ptr,
@@ -168,12 +169,14 @@ def _ce_grad_rows_kernel(
     stride_lse,
     stride_rows,
     stride_scale,
+    stride_gout,
     stride_out,
     c_main,
     c_smooth,
     eps,
     HAS_WEIGHT: tl.constexpr,
     HAS_SMOOTH: tl.constexpr,
+    HAS_GOUT: tl.constexpr,
     UNIT_STRIDE_V: tl.constexpr,
     BLOCK_V: tl.constexpr,
     CHUNK: tl.constexpr,
@@ -188,7 +191,9 @@ def _ce_grad_rows_kernel(
     t = row - b * T
     tgt = tl.load(tgt_ptr + row * stride_tgt).to(tl.int64)
     lse = tl.load(lse_ptr + row * stride_lse).to(tl.float32)
-    scale = tl.load(scale_ptr + k * stride_scale).to(tl.float32)
+    scale = tl.load(scale_ptr + row * stride_scale).to(tl.float32)
+    if HAS_GOUT:  # the upstream gradient: one element (stride 0) or one per row
+        scale = scale * tl.load(gout_ptr + row * stride_gout).to(tl.float32)
     _write_row(
         x_ptr + (b * stride_b + t * stride_t),
         out_ptr + k * stride_out,
@@ -310,19 +315,25 @@ def ce_grad_rows(
     targets: Tensor,
     lse: Tensor,
     rows: Tensor,
-    scale: Tensor,
+    row_scale: Tensor,
     weight: Tensor | None,
     label_smoothing: float,
     out_dtype: torch.dtype,
+    grad_output: Tensor | None = None,
 ) -> Tensor:
-    """Compact gradient (K, V) in ``out_dtype``: row k is ``scale[k]`` times the gradient of row
-    ``rows[k]``'s cross entropy (logits (B, T, V), any strides; rows int64 (K,)). A row whose
-    target is outside [0, V) gets zeros."""
+    """Compact gradient (K, V) in ``out_dtype``: row k is ``row_scale[rows[k]] * grad_output``
+    times the gradient of row ``rows[k]``'s cross entropy (logits (B, T, V), any strides; rows
+    int64 (K,); row_scale (N,); grad_output one element or one per row (N,), None = 1): the
+    scale's gather and product happen in the kernel, not in two more launches. A row whose target
+    is outside [0, V) gets zeros."""
     if logits.dim() != 3:
         raise ValueError(f"cggr_hook: ce_grad_rows needs (B, T, V) logits, got shape {tuple(logits.shape)}")
     B, T, V = logits.shape
     K = rows.numel()
     out = torch.empty(K, V, dtype=out_dtype, device=logits.device)
+    g_out = grad_output.reshape(-1) if grad_output is not None else None
+    if g_out is not None and g_out.numel() not in (1, B * T):
+        raise ValueError(f"cggr_hook: grad_output has {g_out.numel()} elements for {B * T} rows")
     if K == 0 or V == 0:
         return out
     w, wsum = _weight_args(weight, V, label_smoothing, logits)
@@ -335,7 +346,8 @@ def ce_grad_rows(
         targets,
         lse,
         rows,
-        scale,
+        row_scale,
+        g_out if g_out is not None else lse,
         w,
         wsum,
         out,
@@ -347,13 +359,15 @@ def ce_grad_rows(
         targets.stride(0),
         lse.stride(0),
         rows.stride(0),
-        scale.stride(0),
+        row_scale.stride(0),
+        0 if g_out is None or g_out.numel() == 1 else g_out.stride(0),
         out.stride(0),
         c_main,
         c_smooth,
         eps,
         HAS_WEIGHT=weight is not None,
         HAS_SMOOTH=bool(label_smoothing),
+        HAS_GOUT=g_out is not None,
         UNIT_STRIDE_V=(sv == 1),
         BLOCK_V=block_v,
         CHUNK=chunk,

@@ -310,25 +310,41 @@ def _row_grad(
     return g * scale[:, None]
 
 
+def _upstream(grad_output: Tensor | None, n_rows: int) -> Tensor | None:
+    """The upstream gradient as fp32 of one element or one per row; None = 1."""
+    if grad_output is None:
+        return None
+    g_out = grad_output.reshape(-1).float()
+    if g_out.numel() not in (1, n_rows):
+        raise ValueError(f"cggr_hook: grad_output has {g_out.numel()} elements for {n_rows} rows")
+    return g_out
+
+
 def ce_grad_rows(
     logits: Tensor,
     targets: Tensor,
     lse: Tensor,
     rows: Tensor,
-    scale: Tensor,
+    row_scale: Tensor,
     weight: Tensor | None,
     label_smoothing: float,
     out_dtype: torch.dtype,
+    grad_output: Tensor | None = None,
 ) -> Tensor:
-    """Compact gradient (K, V) in ``out_dtype``: row k is ``scale[k]`` times the gradient of
-    row ``rows[k]``'s cross entropy. Selected rows have valid targets."""
+    """Compact gradient (K, V) in ``out_dtype``: row k is ``row_scale[rows[k]] * grad_output``
+    times the gradient of row ``rows[k]``'s cross entropy (``row_scale`` fp32 (N,); ``grad_output``
+    one element or one per row (N,), None = 1). Selected rows have valid targets."""
     B, T, V = logits.shape
     K = rows.numel()
+    g_out = _upstream(grad_output, B * T)
     out = torch.empty(K, V, dtype=out_dtype, device=logits.device)
     for a, b in _row_chunks(K, V):
         r = rows[a:b]
         x = logits[r // T, r % T].float()
-        out[a:b] = _row_grad(x, lse[r], targets[r], scale[a:b].float(), weight, label_smoothing).to(out_dtype)
+        scale = row_scale[r].float()
+        if g_out is not None:
+            scale = scale * (g_out if g_out.numel() == 1 else g_out[r])
+        out[a:b] = _row_grad(x, lse[r], targets[r], scale, weight, label_smoothing).to(out_dtype)
     return out
 
 
@@ -350,11 +366,7 @@ def ce_grad_dense_(
     ``order``: the schedule of the Triton kernel's programs, which the reference has not."""
     B, T, V = logits.shape
     sel = torch.nonzero(row_scale != 0).flatten()
-    scale = row_scale[sel]
-    if grad_output is not None:
-        g_out = grad_output.reshape(-1).float()
-        scale = scale * (g_out if g_out.numel() == 1 else g_out[sel])
-    g = ce_grad_rows(logits, targets, lse, sel, scale, weight, label_smoothing, out.dtype)
+    g = ce_grad_rows(logits, targets, lse, sel, row_scale, weight, label_smoothing, out.dtype, grad_output)
     keep = torch.zeros(B * T, dtype=torch.bool, device=logits.device)
     keep[sel] = True
     # zero the unselected rows first, then place the gradient rows (in place is safe: g is a copy)

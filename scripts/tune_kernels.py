@@ -118,7 +118,7 @@ def sweep_vocab(N: int, V: int, log) -> dict:
     full = torch.full((N,), 1.0 / N, device=dev)
     none = torch.zeros(N, device=dev)
     rows = torch.sort(sel).values
-    rscale = torch.full((k,), 1.0 / k, device=dev)
+    rscale = torch.full((N,), 1.0 / k, device=dev)  # read at the selected rows
     lse = want.lse
     shipped = (gated_ce.MAX_BLOCK_V, gated_ce.NUM_WARPS)
     want_dense = gated_ce.ce_grad_dense_(x3, t, lse, scale, None, 0.0, torch.empty_like(x3))
@@ -192,7 +192,7 @@ def chunk_sweep(N: int, V: int, log) -> dict:
     scale = torch.zeros(N, device=dev).index_fill_(0, sel, 1.0 / k)
     full = torch.full((N,), 1.0 / N, device=dev)
     rows = torch.sort(sel).values
-    rscale = torch.full((k,), 1.0 / k, device=dev)
+    rscale = torch.full((N,), 1.0 / k, device=dev)  # read at the selected rows
     lse = torch.logsumexp(x.float(), -1).reshape(-1)
     y = torch.empty_like(x)
     shipped = gated_ce.CHUNK_BLOCKS

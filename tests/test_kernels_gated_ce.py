@@ -100,12 +100,13 @@ def test_ce_grad_rows_matches_reference(case, block, triton_backend):
     lse = lse_of(x)
     w, eps = loss_args(V, options, gen)
     rows = torch.tensor([4, 0, 5], device=DEVICE)
-    scale = torch.tensor([0.5, 2.0, -1.0], device=DEVICE)
+    row_scale = torch.tensor([2.0, 9.0, 9.0, 9.0, 0.5, -1.0], device=DEVICE)  # read at the rows only
     for out_dtype in {dtype, torch.float32}:
-        with nan_empty():
-            got = K.ce_grad_rows(x, tg, lse, rows, scale, w, eps, out_dtype)
-        want = reference.ce_grad_rows(x, tg, lse, rows, scale, w, eps, out_dtype)
-        assert_grad_close(got, want, out_dtype)
+        for grad_output in (None, torch.tensor(0.75, device=DEVICE), torch.linspace(-1, 1, 6, device=DEVICE)):
+            with nan_empty():
+                got = K.ce_grad_rows(x, tg, lse, rows, row_scale, w, eps, out_dtype, grad_output)
+            want = reference.ce_grad_rows(x, tg, lse, rows, row_scale, w, eps, out_dtype, grad_output)
+            assert_grad_close(got, want, out_dtype)
     assert triton_backend, "the Triton backend did not run"
 
 
@@ -119,7 +120,7 @@ def test_ce_grad_rows_vocab_32001(dtype, options):
     lse = lse_of(x)
     w, eps = loss_args(V, options, gen)
     rows = torch.tensor([2, 0], device=DEVICE)
-    scale = torch.tensor([0.25, 1.0], device=DEVICE)
+    scale = torch.tensor([1.0, 0.0, 0.25], device=DEVICE)
     with nan_empty():
         got = K.ce_grad_rows(x, tg, lse, rows, scale, w, eps, dtype)
     want = reference.ce_grad_rows(x, tg, lse, rows, scale, w, eps, dtype)
@@ -139,12 +140,20 @@ def test_ce_grad_rows_empty_launches_nothing(monkeypatch):
         torch.zeros(6, dtype=torch.long, device=DEVICE),
         lse_of(x),
         empty,
-        torch.zeros(0, device=DEVICE),
+        torch.zeros(6, device=DEVICE),
         None,
         0.0,
         torch.bfloat16,
     )
     assert got.shape == (0, 9) and got.dtype == torch.bfloat16
+
+
+def test_ce_grad_rows_upstream_gradient_of_another_size_is_an_error():
+    x = torch.randn(2, 3, 9, device=DEVICE)
+    args = (x, torch.zeros(6, dtype=torch.long, device=DEVICE), lse_of(x), torch.tensor([1, 4], device=DEVICE))
+    for kernels_module in (K, reference):
+        with pytest.raises(ValueError, match="grad_output has 5 elements for 6 rows"):
+            kernels_module.ce_grad_rows(*args, torch.ones(6, device=DEVICE), None, 0.0, torch.float32, torch.ones(5))
 
 
 def test_ce_grad_rows_negative_infinity_logits():
@@ -156,7 +165,7 @@ def test_ce_grad_rows_negative_infinity_logits():
     tg = torch.tensor([1, 0, 5], device=DEVICE)
     lse = lse_of(x)
     rows = torch.tensor([0, 1, 2], device=DEVICE)
-    scale = torch.ones(3, device=DEVICE)
+    scale = torch.ones(3, device=DEVICE)  # one per row of the logits
     got = K.ce_grad_rows(x, tg, lse, rows, scale, None, 0.0, torch.float32)
     want = reference.ce_grad_rows(x, tg, lse, rows, scale, None, 0.0, torch.float32)
     assert_grad_close(got, want, torch.float32)
@@ -317,7 +326,7 @@ def test_rows_with_invalid_targets_get_zeros(options, block):
     scale = torch.full((8,), 0.5, device=DEVICE)
     got = K.ce_grad_rows(x, tg, lse, rows, scale, w, eps, torch.float32)
     assert torch.equal(got[bad], torch.zeros(4, V, device=DEVICE))
-    want = reference.ce_grad_rows(x, tg, lse, good, scale[good], w, eps, torch.float32)
+    want = reference.ce_grad_rows(x, tg, lse, good, scale, w, eps, torch.float32)
     assert_grad_close(got[good], want, torch.float32)
 
     out = torch.full_like(x, float("nan"))
@@ -341,14 +350,13 @@ def test_gated_ce_full_size_gpu(options):
     eps, with_weight = options
     w = torch.rand(V, device="cuda") + 0.5 if with_weight else None
     rows = torch.randperm(N, device="cuda")[: N // 4]
-    scale = torch.rand(N // 4, device="cuda")
-    got = K.ce_grad_rows(x, tg, lse, rows, scale, w, eps, torch.bfloat16)
-    want = reference.ce_grad_rows(x, tg, lse, rows, scale, w, eps, torch.bfloat16)
+    row_scale = torch.zeros(N, device="cuda")
+    row_scale[rows] = torch.rand(N // 4, device="cuda")
+    got = K.ce_grad_rows(x, tg, lse, rows, row_scale, w, eps, torch.bfloat16)
+    want = reference.ce_grad_rows(x, tg, lse, rows, row_scale, w, eps, torch.bfloat16)
     # on the GPU both round fp32 -> bf16 to nearest; exp differs by a few fp32 ulps
     torch.testing.assert_close(got.float(), want.float(), rtol=2**-7, atol=1e-6)
     del got
-    row_scale = torch.zeros(N, device="cuda")
-    row_scale[rows] = scale
     want = reference.ce_grad_dense_(x, tg, lse, row_scale, w, eps, torch.empty_like(x))
     K.ce_grad_dense_(x, tg, lse, row_scale, w, eps, x)
     torch.testing.assert_close(x.float(), want.float(), rtol=2**-7, atol=1e-6)
