@@ -175,9 +175,10 @@ class GatedHeadCrossEntropy(torch.autograd.Function):
             if dense:
                 grad_h = (G @ weight.to(compute_dtype)).to(h2.dtype)
             else:
+                sel = cast(Tensor, rows)  # listed where the gradient is not dense
                 grad_h = torch.zeros_like(h2)
-                if rows.numel():
-                    grad_h[rows] = (G @ weight.to(compute_dtype)).to(h2.dtype)
+                if sel.numel():
+                    grad_h[sel] = (G @ weight.to(compute_dtype)).to(h2.dtype)
             grad_h = grad_h.view(hidden.shape)
         if ctx.needs_input_grad[1] or plan.noise is not None:
             gw = G.t() @ h_rows.to(compute_dtype)  # (V, D): the head weight's gradient
