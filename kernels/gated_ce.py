@@ -305,6 +305,14 @@ def _weight_args(weight: Tensor | None, V: int, label_smoothing: float, like: Te
     return weight, wsum
 
 
+def _check_row_scale(row_scale: Tensor, n_rows: int) -> None:
+    # the kernels read it at row indices: another size would be read out of bounds
+    if row_scale.dim() != 1 or row_scale.numel() != n_rows:
+        raise ValueError(
+            f"cggr_hook: row_scale of shape {tuple(row_scale.shape)} must have one scale per row of the logits ({n_rows},)"
+        )
+
+
 def _consts(label_smoothing: float, V: int):
     eps = float(label_smoothing)
     return 1.0 - eps, eps / V, eps
@@ -331,6 +339,7 @@ def ce_grad_rows(
     B, T, V = logits.shape
     K = rows.numel()
     out = torch.empty(K, V, dtype=out_dtype, device=logits.device)
+    _check_row_scale(row_scale, B * T)
     g_out = grad_output.reshape(-1) if grad_output is not None else None
     if g_out is not None and g_out.numel() not in (1, B * T):
         raise ValueError(f"cggr_hook: grad_output has {g_out.numel()} elements for {B * T} rows")
@@ -403,6 +412,7 @@ def ce_grad_dense_(
         raise ValueError(f"cggr_hook: out has shape {tuple(out.shape)}, logits {tuple(logits.shape)}")
     B, T, V = logits.shape
     N = B * T
+    _check_row_scale(row_scale, N)
     if N == 0 or V == 0:
         return out
     w, wsum = _weight_args(weight, V, label_smoothing, logits)

@@ -336,6 +336,10 @@ def ce_grad_rows(
     one element or one per row (N,), None = 1). Selected rows have valid targets."""
     B, T, V = logits.shape
     K = rows.numel()
+    if row_scale.dim() != 1 or row_scale.numel() != B * T:
+        raise ValueError(
+            f"cggr_hook: row_scale of shape {tuple(row_scale.shape)} must have one scale per row of the logits ({B * T},)"
+        )
     g_out = _upstream(grad_output, B * T)
     out = torch.empty(K, V, dtype=out_dtype, device=logits.device)
     for a, b in _row_chunks(K, V):

@@ -148,12 +148,17 @@ def test_ce_grad_rows_empty_launches_nothing(monkeypatch):
     assert got.shape == (0, 9) and got.dtype == torch.bfloat16
 
 
-def test_ce_grad_rows_upstream_gradient_of_another_size_is_an_error():
+def test_scales_and_upstream_gradients_of_another_size_are_errors():
     x = torch.randn(2, 3, 9, device=DEVICE)
     args = (x, torch.zeros(6, dtype=torch.long, device=DEVICE), lse_of(x), torch.tensor([1, 4], device=DEVICE))
     for kernels_module in (K, reference):
         with pytest.raises(ValueError, match="grad_output has 5 elements for 6 rows"):
             kernels_module.ce_grad_rows(*args, torch.ones(6, device=DEVICE), None, 0.0, torch.float32, torch.ones(5))
+        # a compact scale, one per selected row, is not a scale per row of the logits
+        with pytest.raises(ValueError, match=r"row_scale of shape \(2,\) must have one scale per row"):
+            kernels_module.ce_grad_rows(*args, torch.ones(2, device=DEVICE), None, 0.0, torch.float32)
+    with pytest.raises(ValueError, match=r"row_scale of shape \(5,\)"):
+        K.ce_grad_dense_(x, args[1], args[2], torch.ones(5, device=DEVICE), None, 0.0, torch.empty_like(x))
 
 
 def test_ce_grad_rows_negative_infinity_logits():
