@@ -88,10 +88,11 @@ class GatedHeadCrossEntropy(torch.autograd.Function):
     order with unmapped rows ignored; ``ce_rows`` maps the loss's rows to head rows (for 'none'),
     None where they are the head rows in order.
 
-    Where the selection leaves out at most one head row in ``pipeline.DENSE_ROWS`` (every valid row
-    kept, a few ignored ones such as each sequence's last position) on Triton (``plan.dense``), the
-    backward runs over every head row instead, the left-out rows' gradient rows exact zeros: two matrix products and one
-    kernel, without gathering and scattering the selected rows.
+    Where the selection leaves out at most one head row in ``pipeline.DENSE_ROWS`` (every valid
+    row kept, a few ignored ones such as each sequence's last position) on Triton
+    (``plan.dense``), the backward runs over every head row instead, the left-out rows' gradient
+    rows exact zeros: one kernel and two matrix products, without gathering and scattering the
+    selected rows.
     """
 
     @staticmethod
@@ -132,50 +133,36 @@ class GatedHeadCrossEntropy(torch.autograd.Function):
         hidden, weight, bias, head_out, targets, ce_rows = ctx.saved_tensors
         plan: BackwardPlan = ctx.plan
         spec: LossSpec = ctx.spec
-        rows = plan.rows  # the head route asks for the selected rows (need_rows): None where dense
-        n_rows = targets.numel()
-        dense = plan.dense
         go = grad_output
         if spec.reduction == "none":
             # the loss's rows back to head rows
             if ce_rows is None:
                 go = grad_output.reshape(-1).float()
             else:
-                go = torch.zeros(n_rows, dtype=torch.float32, device=grad_output.device)
+                go = torch.zeros(targets.numel(), dtype=torch.float32, device=grad_output.device)
                 go[ce_rows] = grad_output.reshape(-1).float()
         compute_dtype = head_out.dtype  # the dtype the head's matmul ran in (autocast included)
         D = hidden.shape[-1]
         h2 = hidden.reshape(-1, D)
         rows_in = kernels.as_rows(head_out)
-        if dense:
+        ls = float(spec.label_smoothing)
+        sel = None if plan.dense else cast(Tensor, plan.rows)  # the head route lists them (need_rows)
+        if sel is None:
             # every head row: (N, V), rows off the selection exact zeros (their row_scale is 0)
             G3 = torch.empty(rows_in.shape, dtype=compute_dtype, device=rows_in.device)
-            kernels.ce_grad_dense_(
-                rows_in, targets, plan.lse, plan.row_scale, spec.weight, float(spec.label_smoothing), G3, go
-            )
-            G = G3.view(-1, rows_in.shape[-1])
-            h_rows = h2
+            kernels.ce_grad_dense_(rows_in, targets, plan.lse, plan.row_scale, spec.weight, ls, G3, go)
+            G, h_rows = G3.view(-1, rows_in.shape[-1]), h2
         else:
-            rows = cast(Tensor, rows)
-            # (K, V): row k scaled by row_scale[rows[k]] * the upstream gradient, gathered in the kernel
+            # (K, V): row k scaled by row_scale[sel[k]] * the upstream gradient, gathered in the kernel
             G = kernels.ce_grad_rows(
-                rows_in,
-                targets,
-                plan.lse,
-                rows,
-                plan.row_scale,
-                spec.weight,
-                float(spec.label_smoothing),
-                compute_dtype,
-                go,
+                rows_in, targets, plan.lse, sel, plan.row_scale, spec.weight, ls, compute_dtype, go
             )
-            h_rows = h2[rows]
+            h_rows = h2[sel]
         grad_h = grad_w = grad_b = None
         if ctx.needs_input_grad[0]:
-            if dense:
+            if sel is None:
                 grad_h = (G @ weight.to(compute_dtype)).to(h2.dtype)
             else:
-                sel = cast(Tensor, rows)  # listed where the gradient is not dense
                 grad_h = torch.zeros_like(h2)
                 if sel.numel():
                     grad_h[sel] = (G @ weight.to(compute_dtype)).to(h2.dtype)
@@ -183,7 +170,7 @@ class GatedHeadCrossEntropy(torch.autograd.Function):
         if ctx.needs_input_grad[1] or plan.noise is not None:
             gw = G.t() @ h_rows.to(compute_dtype)  # (V, D): the head weight's gradient
             if plan.noise is not None:  # the forward lists the rows for a noise-measuring step
-                _measure_head_noise(plan.noise, cast(Tensor, rows), gw, _row_scale(plan, go, spec.reduction), h2)
+                _measure_head_noise(plan.noise, cast(Tensor, plan.rows), gw, _row_scale(plan, go, spec.reduction), h2)
             if ctx.needs_input_grad[1]:
                 grad_w = gw.to(weight.dtype)
         if ctx.has_bias and ctx.needs_input_grad[2]:

@@ -24,7 +24,7 @@ import triton.language as tl
 from torch import Tensor
 
 from . import launch
-from .spec import REDUCTIONS, check_reduction, check_weight
+from .spec import REDUCTIONS, check_reduction, check_row_scale, check_weight, flat_upstream
 
 __all__ = ["selected_loss", "ce_grad_rows", "ce_grad_dense_", "MAX_BLOCK_V", "NUM_WARPS"]
 
@@ -305,14 +305,6 @@ def _weight_args(weight: Tensor | None, V: int, label_smoothing: float, like: Te
     return weight, wsum
 
 
-def _check_row_scale(row_scale: Tensor, n_rows: int) -> None:
-    # the kernels read it at row indices: another size would be read out of bounds
-    if row_scale.dim() != 1 or row_scale.numel() != n_rows:
-        raise ValueError(
-            f"cggr_hook: row_scale of shape {tuple(row_scale.shape)} must have one scale per row of the logits ({n_rows},)"
-        )
-
-
 def _consts(label_smoothing: float, V: int):
     eps = float(label_smoothing)
     return 1.0 - eps, eps / V, eps
@@ -339,10 +331,8 @@ def ce_grad_rows(
     B, T, V = logits.shape
     K = rows.numel()
     out = torch.empty(K, V, dtype=out_dtype, device=logits.device)
-    _check_row_scale(row_scale, B * T)
-    g_out = grad_output.reshape(-1) if grad_output is not None else None
-    if g_out is not None and g_out.numel() not in (1, B * T):
-        raise ValueError(f"cggr_hook: grad_output has {g_out.numel()} elements for {B * T} rows")
+    check_row_scale(row_scale, B * T)
+    g_out = flat_upstream(grad_output, B * T)
     if K == 0 or V == 0:
         return out
     w, wsum = _weight_args(weight, V, label_smoothing, logits)
@@ -412,7 +402,8 @@ def ce_grad_dense_(
         raise ValueError(f"cggr_hook: out has shape {tuple(out.shape)}, logits {tuple(logits.shape)}")
     B, T, V = logits.shape
     N = B * T
-    _check_row_scale(row_scale, N)
+    check_row_scale(row_scale, N)
+    g_out = flat_upstream(grad_output, N)
     if N == 0 or V == 0:
         return out
     w, wsum = _weight_args(weight, V, label_smoothing, logits)
@@ -420,11 +411,8 @@ def ce_grad_dense_(
     block_v = _block_v(V)
     sb, st, sv = logits.stride()
     ob, ot, ov = out.stride()
-    if grad_output is None:
-        grad_output = torch.ones(1, dtype=torch.float32, device=logits.device)
-    g_out = grad_output.reshape(-1)
-    if g_out.numel() not in (1, N):
-        raise ValueError(f"cggr_hook: grad_output has {g_out.numel()} elements for {N} rows")
+    if g_out is None:
+        g_out = torch.ones(1, dtype=torch.float32, device=logits.device)
     chunk, n_chunks = _chunk(V, block_v)
     _ce_grad_dense_kernel[(N * n_chunks,)](
         logits,

@@ -13,7 +13,7 @@ import torch
 from torch import Tensor
 
 from . import spec
-from .spec import SUM_FIELDS, RowStats, check_reduction, target_masks
+from .spec import SUM_FIELDS, RowStats, check_reduction, check_row_scale, flat_upstream, target_masks
 
 __all__ = [
     "RowStats",
@@ -310,16 +310,6 @@ def _row_grad(
     return g * scale[:, None]
 
 
-def _upstream(grad_output: Tensor | None, n_rows: int) -> Tensor | None:
-    """The upstream gradient as fp32 of one element or one per row; None = 1."""
-    if grad_output is None:
-        return None
-    g_out = grad_output.reshape(-1).float()
-    if g_out.numel() not in (1, n_rows):
-        raise ValueError(f"cggr_hook: grad_output has {g_out.numel()} elements for {n_rows} rows")
-    return g_out
-
-
 def ce_grad_rows(
     logits: Tensor,
     targets: Tensor,
@@ -336,18 +326,15 @@ def ce_grad_rows(
     one element or one per row (N,), None = 1). Selected rows have valid targets."""
     B, T, V = logits.shape
     K = rows.numel()
-    if row_scale.dim() != 1 or row_scale.numel() != B * T:
-        raise ValueError(
-            f"cggr_hook: row_scale of shape {tuple(row_scale.shape)} must have one scale per row of the logits ({B * T},)"
-        )
-    g_out = _upstream(grad_output, B * T)
+    check_row_scale(row_scale, B * T)
+    g_out = flat_upstream(grad_output, B * T)
     out = torch.empty(K, V, dtype=out_dtype, device=logits.device)
     for a, b in _row_chunks(K, V):
         r = rows[a:b]
         x = logits[r // T, r % T].float()
         scale = row_scale[r].float()
         if g_out is not None:
-            scale = scale * (g_out if g_out.numel() == 1 else g_out[r])
+            scale = scale * (g_out if g_out.numel() == 1 else g_out[r]).float()
         out[a:b] = _row_grad(x, lse[r], targets[r], scale, weight, label_smoothing).to(out_dtype)
     return out
 

@@ -103,6 +103,26 @@ def check_weight(weight: Tensor, vocab: int) -> None:
         raise ValueError(f"cggr_hook: weight has {weight.numel()} entries for {vocab} classes")
 
 
+def check_row_scale(row_scale: Tensor, n_rows: int) -> None:
+    """One gradient scale per row of the logits (the gradient kernels read it at row indices:
+    another size would be read out of bounds)."""
+    if row_scale.dim() != 1 or row_scale.numel() != n_rows:
+        raise ValueError(
+            f"cggr_hook: row_scale of shape {tuple(row_scale.shape)} must have one scale per row of the logits ({n_rows},)"
+        )
+
+
+def flat_upstream(grad_output: Tensor | None, n_rows: int) -> Tensor | None:
+    """The gradient kernels' upstream gradient flattened: one element or one per row (else a
+    ValueError); None stays None (a gradient of 1)."""
+    if grad_output is None:
+        return None
+    g_out = grad_output.reshape(-1)
+    if g_out.numel() not in (1, n_rows):
+        raise ValueError(f"cggr_hook: grad_output has {g_out.numel()} elements for {n_rows} rows")
+    return g_out
+
+
 def target_masks(targets: Tensor, vocab: int, ignore_index: int) -> tuple[Tensor, Tensor]:
     """(valid, bad) masks of the targets: valid = in [0, V) and not ``ignore_index``; bad = neither.
     (The Triton kernels apply the same rule, ``scoring._target_masks``.)"""
