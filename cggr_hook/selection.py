@@ -305,6 +305,6 @@ def importance_draw(
     ``generator``."""
     dev = diff.device
     keys = torch.rand(n_valid, generator=generator, device=dev)
-    perm = torch.sort(keys, stable=True).indices
+    perm = kernels.ascending_order(keys)  # a stable sort's order, counted in one launch on Triton
     u = torch.rand(1, generator=generator, device=dev, dtype=torch.float64)
     return kernels.importance_draw(diff, ranking.order, ranking.rank, perm, u, n_valid, k, floor, uniform, norm)

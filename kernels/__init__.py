@@ -39,6 +39,7 @@ __all__ = [
     "row_stats",
     "row_difficulty",
     "difficulty_rank",
+    "ascending_order",
     "importance_draw",
     "selected_loss",
     "ce_grad_rows",
@@ -53,6 +54,7 @@ _TRITON_MODULES = {
     "row_stats": "scoring",
     "row_difficulty": "scoring",
     "difficulty_rank": "ranking",
+    "ascending_order": "ranking",
     "importance_draw": "importance",
     "selected_loss": "gated_ce",
     "ce_grad_rows": "gated_ce",
@@ -192,6 +194,15 @@ def difficulty_rank(diff: Tensor) -> tuple[Tensor, Tensor]:
     if backend_for(diff) == "triton" and diff.numel() > _triton("difficulty_rank").MAX_ROWS:
         return reference.difficulty_rank(diff)
     return _run("difficulty_rank", diff, diff)
+
+
+def ascending_order(keys: Tensor) -> Tensor:
+    """int64 (N,): the stable ascending order of ``keys`` (``reference.ascending_order``). Triton
+    counts it in one launch up to ``ranking.MAX_ROWS`` keys (a sort takes several launches and more
+    host time); past that the sort runs (the same order)."""
+    if backend_for(keys) == "triton" and keys.numel() > _triton("ascending_order").MAX_ROWS:
+        return reference.ascending_order(keys)
+    return _run("ascending_order", keys, keys)
 
 
 def importance_draw(

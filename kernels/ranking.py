@@ -26,7 +26,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-__all__ = ["difficulty_rank", "MAX_ROWS", "BLOCK_R", "BLOCK_J", "NUM_WARPS"]
+__all__ = ["difficulty_rank", "ascending_order", "MAX_ROWS", "BLOCK_R", "BLOCK_J", "NUM_WARPS"]
 
 # Rows ranked by one program, the block of other rows compared per loop iteration, and the warps
 # (the sweep: NOTES.md, "Constants of the code").
@@ -39,11 +39,20 @@ MAX_ROWS = 8192
 
 
 @triton.jit
-def _rank_kernel(d_ptr, rank_ptr, order_ptr, N, BLOCK_R: tl.constexpr, BLOCK_J: tl.constexpr):
+def _load_key(ptrs, mask, ASCENDING: tl.constexpr):
+    """Keys to rank descending: the values, or their negation for an ascending order (ties stay
+    ties, a +0 / -0 pair included); -inf where masked either way."""
+    if ASCENDING:
+        return -tl.load(ptrs, mask=mask, other=float("inf"))
+    return tl.load(ptrs, mask=mask, other=float("-inf"))
+
+
+@triton.jit
+def _rank_kernel(d_ptr, rank_ptr, order_ptr, N, BLOCK_R: tl.constexpr, BLOCK_J: tl.constexpr, ASCENDING: tl.constexpr):
     pid = tl.program_id(0)
     rows = pid * BLOCK_R + tl.arange(0, BLOCK_R)
     inside = rows < N
-    d_r = tl.load(d_ptr + rows, mask=inside, other=float("-inf"))
+    d_r = _load_key(d_ptr + rows, inside, ASCENDING)
     # NaN ranks as +inf (the difficulty never holds one; this keeps ``order`` a permutation)
     d_r = tl.where(d_r != d_r, float("inf"), d_r)[:, None]
     cols = tl.arange(0, BLOCK_J)
@@ -53,12 +62,12 @@ def _rank_kernel(d_ptr, rank_ptr, order_ptr, N, BLOCK_R: tl.constexpr, BLOCK_J: 
     hi = lo + BLOCK_R
     # padding lanes past N load -inf: never greater than d_r, and equal only to a -inf d_r whose
     # row index is below theirs, which neither the index test nor the "after" rule counts
-    d_next = tl.load(d_ptr + cols, mask=cols < N, other=float("-inf"))
+    d_next = _load_key(d_ptr + cols, cols < N, ASCENDING)
     for start in range(0, N, BLOCK_J):
         j = start + cols
         d_j = tl.where(d_next != d_next, float("inf"), d_next)[None, :]
         # the next block's load is issued before this one is compared
-        d_next = tl.load(d_ptr + j + BLOCK_J, mask=j + BLOCK_J < N, other=float("-inf"))
+        d_next = _load_key(d_ptr + j + BLOCK_J, j + BLOCK_J < N, ASCENDING)
         if start + BLOCK_J <= lo:  # every j before every row here: ties count
             hit = d_j >= d_r
         elif start >= hi:  # every j after: ties do not
@@ -71,18 +80,28 @@ def _rank_kernel(d_ptr, rank_ptr, order_ptr, N, BLOCK_R: tl.constexpr, BLOCK_J: 
     tl.store(order_ptr + rank, rows.to(tl.int64), mask=inside)
 
 
-def difficulty_rank(diff: Tensor) -> tuple[Tensor, Tensor]:
-    """(order, rank) int64 (N,) of fp32 difficulties ``diff`` (N,): see ``reference.difficulty_rank``."""
-    if diff.dim() != 1:
-        raise ValueError(f"cggr_hook: difficulty_rank needs a 1-D difficulty, got shape {tuple(diff.shape)}")
-    N = diff.numel()
+def _ranked(d: Tensor, ascending: bool, name: str) -> tuple[Tensor, Tensor]:
+    if d.dim() != 1:
+        raise ValueError(f"cggr_hook: {name} needs a 1-D tensor, got shape {tuple(d.shape)}")
+    N = d.numel()
     if N > 2**30:
-        raise ValueError(f"cggr_hook: difficulty_rank indexes in int32 and takes at most 2^30 rows, got {N}")
-    d = diff.contiguous()
+        raise ValueError(f"cggr_hook: {name} indexes in int32 and takes at most 2^30 rows, got {N}")
+    d = d.contiguous()
     rank = torch.empty(N, dtype=torch.int64, device=d.device)
     order = torch.empty(N, dtype=torch.int64, device=d.device)
     if N:
         _rank_kernel[(triton.cdiv(N, BLOCK_R),)](
-            d, rank, order, N, BLOCK_R=BLOCK_R, BLOCK_J=BLOCK_J, num_warps=NUM_WARPS
+            d, rank, order, N, BLOCK_R=BLOCK_R, BLOCK_J=BLOCK_J, ASCENDING=ascending, num_warps=NUM_WARPS
         )
     return order, rank
+
+
+def difficulty_rank(diff: Tensor) -> tuple[Tensor, Tensor]:
+    """(order, rank) int64 (N,) of fp32 difficulties ``diff`` (N,): see ``reference.difficulty_rank``."""
+    return _ranked(diff, False, "difficulty_rank")
+
+
+def ascending_order(keys: Tensor) -> Tensor:
+    """int64 (N,): the stable ascending order of fp32 ``keys`` (N,) without NaN, ties by lower index
+    (``reference.ascending_order``): the same count, each key negated."""
+    return _ranked(keys, True, "ascending_order")[0]

@@ -28,6 +28,7 @@ __all__ = [
     "row_difficulty",
     "target_counts",
     "difficulty_rank",
+    "ascending_order",
     "selected_rows",
     "selected_loss",
     "ce_grad_rows",
@@ -217,6 +218,12 @@ def difficulty_rank(diff: Tensor) -> tuple[Tensor, Tensor]:
     ).indices
     rank = torch.empty_like(order).scatter_(0, order, torch.arange(N, device=diff.device))
     return order, rank
+
+
+def ascending_order(keys: Tensor) -> Tensor:
+    """int64 (N,): the rows by ascending ``keys`` (fp32 (N,), no NaN), ties by lower row index (a
+    stable sort): the random order of the importance draw, from uniform keys."""
+    return torch.sort(keys, stable=True).indices
 
 
 def selected_rows(sel_key: Tensor, sel_k: int, n_selected: int) -> Tensor:

@@ -112,3 +112,41 @@ def test_rank_full_size_gpu(N, n_levels):
     order, rank = K.difficulty_rank(d)
     want_order, want_rank = reference.difficulty_rank(d)
     assert torch.equal(rank, want_rank) and torch.equal(order, want_order)
+
+
+def uniform_keys(N, seed, n_levels=None):
+    """fp32 (N,) keys as the importance draw makes them (uniform in [0, 1)), zeros included, and
+    with ``n_levels`` only that many distinct values (many ties)."""
+    gen = torch.Generator().manual_seed(seed)
+    u = torch.rand(N, generator=gen)
+    if n_levels:
+        u = torch.randint(0, n_levels, (N,), generator=gen).float() / n_levels
+    u[torch.rand(N, generator=gen) < 0.05] = 0.0
+    return u.to(DEVICE)
+
+
+@pytest.mark.parametrize("N", [1, 2, 3, 31, 33, 257])
+@pytest.mark.parametrize("n_levels", [None, 3])
+def test_ascending_order_matches_stable_sort(N, n_levels, blocks):
+    """The importance draw's random order: the count with the keys negated equals a stable
+    ascending sort, ties (zeros included) by lower index."""
+    u = uniform_keys(N, seed=N, n_levels=n_levels)
+    order = K.ascending_order(u)
+    assert order.dtype == torch.int64
+    assert torch.equal(order, reference.ascending_order(u))
+    assert torch.equal(order.cpu(), torch.tensor(sorted(range(N), key=lambda r: (u[r].item(), r))))
+
+
+def test_ascending_order_past_max_rows_sorts(monkeypatch):
+    u = uniform_keys(50, seed=3, n_levels=5)
+    want = K.ascending_order(u)
+    monkeypatch.setattr(ranking, "MAX_ROWS", 49)
+    monkeypatch.setattr(ranking, "ascending_order", lambda *a: pytest.fail("launched past MAX_ROWS"))
+    assert torch.equal(K.ascending_order(u), want)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("N", [8191, ranking.MAX_ROWS])
+def test_ascending_order_full_size_gpu(N):
+    u = uniform_keys(N, seed=N, n_levels=None)
+    assert torch.equal(K.ascending_order(u), reference.ascending_order(u))
