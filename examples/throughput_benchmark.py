@@ -30,6 +30,9 @@ Variants, each on a fresh model and optimizer (same seed, so the same initial we
 
 A step is forward, backward, ``AdamW(fused=True)`` step and ``zero_grad``, timed with CUDA events
 (perf_counter on the CPU); figures are the median over the timed steps after the warm-up steps.
+With ``--repeats R`` (3 in the small preset, where a step is host-bound and a variant's figure moves
+by 10% between fresh models) the list of variants runs R times in turn and a variant's figure is
+the median of its runs' medians, their range beside it.
 Peak memory is ``torch.cuda.max_memory_allocated()`` over all steps of the variant, reset once the
 model and optimizer exist (weights included, optimizer state created by the first step).
 
@@ -149,9 +152,9 @@ SHAPES = {
     ),
 }
 PRESETS = {
-    "full": dict(shapes=["llama1b", "gemma270m"], batch=4, seq=2048, steps=20, warmup=5),
-    "small": dict(shapes=["small"], batch=16, seq=256, steps=50, warmup=10),
-    "smoke": dict(shapes=["smoke_llama", "smoke_gemma"], batch=2, seq=64, steps=3, warmup=1),
+    "full": dict(shapes=["llama1b", "gemma270m"], batch=4, seq=2048, steps=20, warmup=5, repeats=1),
+    "small": dict(shapes=["small"], batch=16, seq=256, steps=50, warmup=10, repeats=3),
+    "smoke": dict(shapes=["smoke_llama", "smoke_gemma"], batch=2, seq=64, steps=3, warmup=1, repeats=2),
 }
 
 
@@ -220,6 +223,20 @@ def train_step(model, opt, ids, variant):
     opt.step()
     opt.zero_grad(set_to_none=True)
     return loss.detach()
+
+
+def profile_steps(model, opt, batches, variant, device, steps: int = 5) -> str:
+    """torch.profiler's table of ``steps`` more steps: operators by their own host time (and their
+    device time on CUDA), to see where a host-bound step goes."""
+    acts = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        acts.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=acts) as prof:
+        for i in range(steps):
+            train_step(model, opt, batches[i % len(batches)], variant)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+    return f"{steps} steps\n" + prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30)
 
 
 def k_of(ratio: float, n: int) -> int:
@@ -301,6 +318,8 @@ def run_variant(shape, variant, args, device, batches, hf_loss0):
         rec["step_ms"] = statistics.median(ms)
         rec["tokens_per_s"] = args.batch * args.seq / (rec["step_ms"] / 1e3)
         rec["last_loss"] = float(losses[-1])
+        if variant in args.profile:
+            rec["profile"] = profile_steps(model, opt, batches, variant, device)
         if variant in TIMED:
             m = cggr_hook.metrics()
             rec["auto"] = {k: v for k, v in m.items() if k.startswith(("auto_", "noise_scale", "step_ms_"))}
@@ -325,6 +344,27 @@ def run_variant(shape, variant, args, device, batches, hf_loss0):
     return rec
 
 
+def combine_runs(runs: list[dict], args) -> dict:
+    """One record of a variant's runs: the last run's record, with ``step_ms`` the median of the
+    runs' medians, ``step_ms_runs`` each run's, and the peak the largest."""
+    rec = dict(runs[-1])
+    ok = [r for r in runs if r["status"] == "ok" and r.get("step_ms") is not None]
+    if len(runs) > 1:
+        rec["step_ms_runs"] = [r.get("step_ms") for r in runs]
+        rec["step_ms_all"] = [r.get("step_ms_all") for r in runs]
+    if ok:
+        rec["step_ms"] = statistics.median(r["step_ms"] for r in ok)
+        rec["tokens_per_s"] = args.batch * args.seq / (rec["step_ms"] / 1e3)
+        peaks = [r["peak_gib"] for r in ok if r.get("peak_gib") is not None]
+        if peaks:
+            rec["peak_gib"] = max(peaks)
+        rec["first_loss"] = runs[0].get("first_loss")
+    choices = [r["auto_choice"] for r in runs if r.get("auto_choice") is not None]
+    if len(set(map(str, choices))) > 1:
+        rec["auto_choice"] = ", ".join(map(str, choices))  # the runs chose differently: every choice, in turn
+    return rec
+
+
 def render(meta, records) -> str:
     out = [
         "# cggr_hook end-to-end training throughput",
@@ -334,7 +374,13 @@ def render(meta, records) -> str:
         f"cggr_hook {meta['cggr_hook']}, python {meta['python']}",
         f"- date: {meta['date']}",
         f"- {meta['batch']} x {meta['seq']} tokens a step, bf16 weights, AdamW (fused on CUDA), random init, "
-        f"sdpa attention; median of {meta['steps']} steps after {meta['warmup']} warm-up steps",
+        f"sdpa attention; median of {meta['steps']} steps after {meta['warmup']} warm-up steps"
+        + (
+            f"; the list of variants run {meta['repeats']} times in turn, a fresh model each time: a variant's "
+            "step time is the median of its runs' medians (the range of the runs' medians beside it)"
+            if meta.get("repeats", 1) > 1
+            else ""
+        ),
         "- ratio: tokens/s of the variant / tokens/s of hf in the same run (> 1: faster); peak: "
         "max_memory_allocated over the variant's steps, weights included",
         "",
@@ -353,8 +399,8 @@ def render(meta, records) -> str:
         notes = {r.get("config_note") for r in recs if r.get("config_note")}
         out += [f"Note: {n}" for n in notes] + ([""] if notes else [])
         out += [
-            "| variant | step ms | tokens/s | vs hf | peak GiB | vs hf peak | first loss | status |",
-            "|---|---:|---:|---:|---:|---:|---:|---|",
+            "| variant | step ms | runs' range ms | tokens/s | vs hf | peak GiB | vs hf peak | first loss | status |",
+            "|---|---:|---:|---:|---:|---:|---:|---:|---|",
         ]
         for r in recs:
             tps = r.get("tokens_per_s")
@@ -368,8 +414,10 @@ def render(meta, records) -> str:
                 status += f": {r['error']}"
             if r.get("auto_choice") is not None:
                 status += f" (its choice: {r['auto_choice']})"
+            ms_runs = [x for x in r.get("step_ms_runs") or [] if x is not None]
+            spread = f"{min(ms_runs):.1f}-{max(ms_runs):.1f}" if len(ms_runs) > 1 else "-"
             out.append(
-                f"| {r['variant']} | {_f(r.get('step_ms'), '.1f')} | {_f(tps and tps / 1e3, '.1f')}k | "
+                f"| {r['variant']} | {_f(r.get('step_ms'), '.1f')} | {spread} | {_f(tps and tps / 1e3, '.1f')}k | "
                 f"{_f(ratio, '.3f')} | {_f(peak, '.2f')} | {_f(pratio, '.2f')} | {_f(r.get('first_loss'), '.4f')} | "
                 f"{status.replace('|', '/')} |"
             )
@@ -397,7 +445,22 @@ def main(argv=None) -> int:
     p.add_argument("--seq", type=int, default=None)
     p.add_argument("--steps", type=int, default=None, help="timed steps")
     p.add_argument("--warmup", type=int, default=None, help="untimed steps first")
+    p.add_argument(
+        "--repeats",
+        type=int,
+        default=None,
+        help="runs of the whole list of variants, in turn (a fresh model each); a variant's figure is the median "
+        "of its runs' medians (small preset: 3)",
+    )
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--profile",
+        nargs="+",
+        choices=VARIANTS,
+        default=[],
+        help="after these variants' timed steps, profile 5 more (torch.profiler: host time by operator), printed "
+        "after the table",
+    )
     p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     p.add_argument("--out", default="runs/throughput", help="a folder (throughput.json inside) or a .json path")
     p.add_argument("--force", action="store_true", help="time a gated variant whose first-step check failed")
@@ -407,6 +470,8 @@ def main(argv=None) -> int:
             setattr(args, k, v)
     if args.seq < 2:
         p.error("--seq must be at least 2 (the labels are shifted by one)")
+    if args.repeats < 1:
+        p.error("--repeats must be at least 1")
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     if device.type == "cuda":
         if device.index is None:  # set_device and friends want an index
@@ -431,6 +496,7 @@ def main(argv=None) -> int:
         "seq": args.seq,
         "steps": args.steps,
         "warmup": args.warmup,
+        "repeats": args.repeats,
         "seed": args.seed,
     }
 
@@ -440,21 +506,32 @@ def main(argv=None) -> int:
         V = SHAPES[shape]["vocab_size"]
         batches = [torch.randint(0, V, (args.batch, args.seq), device=device, generator=gen) for _ in range(4)]
         hf_loss0 = None
-        for variant in args.variants:
-            print(f"[throughput] {shape} {variant} ...", file=sys.stderr, flush=True)
-            rec = run_variant(shape, variant, args, device, batches, hf_loss0)
-            if variant == "hf" and rec["status"] == "ok":
-                hf_loss0 = rec.get("first_loss")
-            print(
-                f"[throughput] {shape} {variant}: {rec['status']} {_f(rec.get('step_ms'), '.1f')} ms/step "
-                f"{_f(rec.get('tokens_per_s'), '.0f')} tokens/s {rec.get('check') or rec.get('error') or ''}",
-                file=sys.stderr,
-                flush=True,
-            )
-            records.append(rec)
+        runs: dict[str, list[dict]] = {v: [] for v in args.variants}
+        # the whole list in turn, repeats times: a drift of the machine over the run (clocks, other
+        # load on the host) reaches every variant alike instead of whichever ran last
+        for rep in range(args.repeats):
+            for variant in args.variants:
+                if runs[variant] and runs[variant][-1]["status"] != "ok":
+                    continue  # a failed variant is not run again
+                tag = f" (run {rep + 1} of {args.repeats})" if args.repeats > 1 else ""
+                print(f"[throughput] {shape} {variant}{tag} ...", file=sys.stderr, flush=True)
+                rec = run_variant(shape, variant, args, device, batches, hf_loss0)
+                if variant == "hf" and rec["status"] == "ok" and hf_loss0 is None:
+                    hf_loss0 = rec.get("first_loss")
+                print(
+                    f"[throughput] {shape} {variant}: {rec['status']} {_f(rec.get('step_ms'), '.1f')} ms/step "
+                    f"{_f(rec.get('tokens_per_s'), '.0f')} tokens/s {rec.get('check') or rec.get('error') or ''}",
+                    file=sys.stderr,
+                    flush=True,
+                )
+                runs[variant].append(rec)
+        records += [combine_runs(rs, args) for rs in runs.values() if rs]
         del batches
 
     print(render(meta, records))
+    for r in records:
+        if r.get("profile"):
+            print(f"\n### torch.profiler, {r['shape']} {r['variant']}\n\n```\n{r['profile']}\n```")
     out = Path(args.out)
     path = out if out.suffix == ".json" else out / "throughput.json"
     path.parent.mkdir(parents=True, exist_ok=True)
