@@ -6,8 +6,9 @@ Each case runs ``--reps`` times; before each the device is drained (``synchroniz
 never waits on earlier work; the figure is the median perf_counter time from the call to the
 return of ``backward()`` (device work may still be running then). The device time of the same
 call (CUDA events, median) and the launches and host synchronisations one call makes (from the
-profiler's runtime and driver events) are listed beside it. ``--profile`` adds cProfile's top
-functions of the gated head call.
+profiler's runtime and driver events) are listed beside it. ``--profile`` adds, for the gated
+head calls, cProfile's top functions (by own and by cumulative time) and torch.profiler's host
+time by operator.
 
     python scripts/host_time.py --vocab 32000 --tokens 8192 --out runs/host   # CUDA
     python scripts/host_time.py --tokens 256 --vocab 512                      # CPU: Python cost alone
@@ -116,6 +117,38 @@ def _profile_counts(run, dev) -> tuple[int, int]:
     return sum(n in LAUNCH_EVENTS for n in names), sum(n in SYNC_EVENTS for n in names)
 
 
+def _python_profile(run, tensors, calls: int = 20) -> str:
+    """cProfile of ``calls`` calls: the top functions by own time, then by cumulative time."""
+    pr = cProfile.Profile()
+    pr.enable()
+    for _ in range(calls):
+        run()
+        _clear(tensors)
+    pr.disable()
+    s = io.StringIO()
+    stats = pstats.Stats(pr, stream=s)
+    s.write(f"{calls} calls, by own time\n")
+    stats.sort_stats("tottime").print_stats(30)
+    s.write(f"{calls} calls, by cumulative time\n")
+    stats.sort_stats("cumulative").print_stats(40)
+    return s.getvalue()
+
+
+def _op_profile(run, tensors, dev, calls: int = 20) -> str:
+    """torch.profiler's host-side table over ``calls`` calls: the operators (torch's and the
+    Python functions that launch Triton kernels, which it records as user functions) by their own
+    host time, with their counts: where a call's host time goes, op by op."""
+    acts = [torch.profiler.ProfilerActivity.CPU]
+    if dev.type == "cuda":
+        acts.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=acts) as prof:
+        for _ in range(calls):
+            run()
+            _clear(tensors)
+        _sync(dev)
+    return f"{calls} calls\n" + prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=40)
+
+
 def measure(args) -> dict:
     dev = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     cases, tensors = _cases(args, dev)
@@ -148,16 +181,9 @@ def measure(args) -> dict:
                 "launches": launches,
                 "syncs": syncs,
             }
-            if args.profile and name == "head/enable 25%":
-                pr = cProfile.Profile()
-                pr.enable()
-                for _ in range(20):
-                    run()
-                    _clear(tensors)
-                pr.disable()
-                s = io.StringIO()
-                pstats.Stats(pr, stream=s).sort_stats("tottime").print_stats(30)
-                row["profile"] = s.getvalue()
+            if args.profile and name.startswith("head/enable"):
+                row["profile"] = _python_profile(run, tensors)
+                row["ops"] = _op_profile(run, tensors, dev)
         out[name] = row
     return {"device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu", "cases": out}
 
@@ -187,7 +213,9 @@ def main(argv=None) -> int:
     print(text)
     for name, r in res["cases"].items():
         if "profile" in r:
-            print(f"\n### cProfile, {name} (20 calls)\n\n```\n{r['profile']}\n```")
+            print(f"\n### cProfile, {name}\n\n```\n{r['profile']}\n```")
+        if "ops" in r:
+            print(f"\n### torch.profiler, {name}: host time by operator\n\n```\n{r['ops']}\n```")
     if args.out:
         out = Path(args.out)
         out.mkdir(parents=True, exist_ok=True)
