@@ -239,6 +239,18 @@ def profile_steps(model, opt, batches, variant, device, steps: int = 5) -> str:
     return f"{steps} steps\n" + prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30)
 
 
+def probe_times(m: dict) -> str:
+    """The step times a timed choice measured in its last probe window (``metrics()``'s
+    ``step_ms_*``), as 'plain 20.1, 1.0 19.5': what its choice rested on."""
+    parts = []
+    for key, value in m.items():
+        if key.startswith("step_ms_") and isinstance(value, (int, float)) and math.isfinite(value):
+            name = key[len("step_ms_") :]
+            label = str(int(name) / 100) if name.isdigit() else name
+            parts.append(f"{label} {value:.1f}")
+    return ", ".join(parts)
+
+
 def k_of(ratio: float, n: int) -> int:
     return 0 if n == 0 else min(n, max(1, math.floor(ratio * n + 0.5)))
 
@@ -275,6 +287,10 @@ def run_variant(shape, variant, args, device, batches, hf_loss0):
         rec["attn_implementation"] = getattr(model.config, "_attn_implementation", None)
         rec["params_m"] = sum(p.numel() for p in model.parameters()) / 1e6
         gated = variant in GATED or variant in TIMED
+        # a fresh schedule: a timed choice keeps its state in the global scheduler, by the model's
+        # kind, across disable() and enable() (what a resumed run restores), so without this a
+        # repeat would reuse the first run's probe instead of probing its own model
+        cggr_hook.scheduler.reset()
         if variant in GATED:
             cggr_hook.enable(
                 model,
@@ -324,6 +340,7 @@ def run_variant(shape, variant, args, device, batches, hf_loss0):
             m = cggr_hook.metrics()
             rec["auto"] = {k: v for k, v in m.items() if k.startswith(("auto_", "noise_scale", "step_ms_"))}
             rec["auto_choice"] = "plain" if m.get("auto_choice_plain") else m.get("auto_choice")
+            rec["probe_ms"] = probe_times(m)
         if not all(math.isfinite(float(x)) for x in losses):
             rec["status"] = "check failed"
             rec["check"] = "non-finite loss during training"
@@ -359,6 +376,9 @@ def combine_runs(runs: list[dict], args) -> dict:
         if peaks:
             rec["peak_gib"] = max(peaks)
         rec["first_loss"] = runs[0].get("first_loss")
+    probes = [r["probe_ms"] for r in runs if r.get("probe_ms")]
+    if len(runs) > 1 and probes:
+        rec["probe_ms"] = "; ".join(probes)
     choices = [r["auto_choice"] for r in runs if r.get("auto_choice") is not None]
     if len(set(map(str, choices))) > 1:
         rec["auto_choice"] = ", ".join(map(str, choices))  # the runs chose differently: every choice, in turn
@@ -413,7 +433,8 @@ def render(meta, records) -> str:
             if r.get("error"):
                 status += f": {r['error']}"
             if r.get("auto_choice") is not None:
-                status += f" (its choice: {r['auto_choice']})"
+                probe = f"; its probe's step ms: {r['probe_ms']}" if r.get("probe_ms") else ""
+                status += f" (its choice: {r['auto_choice']}{probe})"
             ms_runs = [x for x in r.get("step_ms_runs") or [] if x is not None]
             spread = f"{min(ms_runs):.1f}-{max(ms_runs):.1f}" if len(ms_runs) > 1 else "-"
             out.append(

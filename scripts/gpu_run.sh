@@ -20,7 +20,8 @@
 #   COMMIT            the commit the files are at, for the log (the device's .git can be stale)
 #
 # Every section runs even when an earlier one failed; the exit codes are listed at the end.
-# Files written (6, one folder deep at most):
+# Files written (one folder deep at most; the JSON files end up in json.tar.gz, so that a call with
+# every step returns at most the device tool's 8 files):
 #   run.log               everything printed (versions, installs, progress, tracebacks, exit codes)
 #   gpu_tests.log         python -m pytest tests -q -x -m gpu (without tests/test_integrations.py)
 #   bench.json, bench.md  python -m cggr_hook.bench
@@ -121,6 +122,13 @@ for step in $STEPS; do
         ;;
     esac
 done
+
+# the device tool returns at most 8 files a call: the raw JSON files travel as one archive
+# (tar xzf json.tar.gz restores them, paths relative to $OUT)
+mapfile -t jsons < <(cd "$OUT" && find . -name '*.json' -type f | sort)
+if [ "${#jsons[@]}" -gt 0 ]; then
+    (cd "$OUT" && tar czf json.tar.gz "${jsons[@]}" && rm -f "${jsons[@]}") && echo "=== JSON files in $OUT/json.tar.gz: ${jsons[*]}"
+fi
 
 echo
 echo "=== exit codes: ${summary[*]}"
