@@ -43,6 +43,7 @@ B * (T - 1) labelled tokens and kept k = max(1, floor(r * n + 0.5)) of them
     python examples/throughput_benchmark.py --out runs/throughput            # both shapes
     python examples/throughput_benchmark.py --shapes gemma270m --steps 30
     python examples/throughput_benchmark.py --preset smoke --out /tmp/tp     # CPU, seconds
+    python examples/throughput_benchmark.py --preset small --profile hf cggr25   # where a step's host time goes
 
 Prints a markdown table (ratios against ``hf`` of the same run) and writes ``throughput.json``
 into ``--out`` (or to ``--out`` itself when it ends in ``.json``).
@@ -226,8 +227,14 @@ def train_step(model, opt, ids, variant):
 
 
 def profile_steps(model, opt, batches, variant, device, steps: int = 5) -> str:
-    """torch.profiler's table of ``steps`` more steps: operators by their own host time (and their
-    device time on CUDA), to see where a host-bound step goes."""
+    """``steps`` more steps under torch.profiler (operators by their own host time, and their
+    device time on CUDA), then ``steps`` more under cProfile (Python functions by own and by
+    cumulative time): the operator table misses the Python between operators, which is most of a
+    host-bound gated step."""
+    import cProfile
+    import io
+    import pstats
+
     acts = [torch.profiler.ProfilerActivity.CPU]
     if device.type == "cuda":
         acts.append(torch.profiler.ProfilerActivity.CUDA)
@@ -236,7 +243,21 @@ def profile_steps(model, opt, batches, variant, device, steps: int = 5) -> str:
             train_step(model, opt, batches[i % len(batches)], variant)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-    return f"{steps} steps\n" + prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30)
+    text = f"torch.profiler, {steps} steps\n" + prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30)
+    pr = cProfile.Profile()
+    pr.enable()
+    for i in range(steps):
+        train_step(model, opt, batches[i % len(batches)], variant)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    pr.disable()
+    out = io.StringIO()
+    stats = pstats.Stats(pr, stream=out)
+    out.write(f"\ncProfile, {steps} steps, by own time\n")
+    stats.sort_stats("tottime").print_stats(30)
+    out.write(f"cProfile, {steps} steps, by cumulative time\n")
+    stats.sort_stats("cumulative").print_stats(50)
+    return text + out.getvalue()
 
 
 def probe_times(m: dict) -> str:
@@ -479,8 +500,8 @@ def main(argv=None) -> int:
         nargs="+",
         choices=VARIANTS,
         default=[],
-        help="after these variants' timed steps, profile 5 more (torch.profiler: host time by operator), printed "
-        "after the table",
+        help="after these variants' timed steps, profile 5 more with torch.profiler (host time by operator) and 5 "
+        "with cProfile (Python functions), printed after the table",
     )
     p.add_argument("--device", default=None, help="default: cuda when available, else cpu")
     p.add_argument("--out", default="runs/throughput", help="a folder (throughput.json inside) or a .json path")
@@ -552,7 +573,7 @@ def main(argv=None) -> int:
     print(render(meta, records))
     for r in records:
         if r.get("profile"):
-            print(f"\n### torch.profiler, {r['shape']} {r['variant']}\n\n```\n{r['profile']}\n```")
+            print(f"\n### Profiles, {r['shape']} {r['variant']}\n\n```\n{r['profile']}\n```")
     out = Path(args.out)
     path = out if out.suffix == ".json" else out / "throughput.json"
     path.parent.mkdir(parents=True, exist_ok=True)
