@@ -11,7 +11,8 @@ Shapes (random init, bf16 weights, tied embeddings, ``attn_implementation='sdpa'
 * ``small`` (``--preset small``: 16 x 256 tokens a step): a 4-layer Llama with d = 256 and
   V = 32768, where a gated call's fixed host cost is a large part of a step.
 
-Variants, each on a fresh model and optimizer (same seed, so the same initial weights and data):
+Variants, each on a fresh model and optimizer (same seed, so the same initial weights and data) and
+a fresh schedule (``cggr_hook.scheduler.reset()``: a timed choice probes its own model):
 
 * ``hf``: ``model(input_ids, labels=input_ids).loss``, the library's own loss (fp32-upcast logits);
 * ``cggr25`` / ``cggr50`` / ``cggr100``: the same call after ``cggr_hook.enable(model,
@@ -155,7 +156,7 @@ SHAPES = {
 PRESETS = {
     "full": dict(shapes=["llama1b", "gemma270m"], batch=4, seq=2048, steps=20, warmup=5, repeats=1),
     "small": dict(shapes=["small"], batch=16, seq=256, steps=50, warmup=10, repeats=3),
-    "smoke": dict(shapes=["smoke_llama", "smoke_gemma"], batch=2, seq=64, steps=3, warmup=1, repeats=2),
+    "smoke": dict(shapes=["smoke_llama", "smoke_gemma"], batch=2, seq=64, steps=3, warmup=1, repeats=1),
 }
 
 
@@ -298,7 +299,7 @@ def check_gated(variant, loss0, batch, seq, hf_loss0):
     return problems
 
 
-def run_variant(shape, variant, args, device, batches, hf_loss0):
+def run_variant(shape, variant, args, device, batches, hf_loss0, profile: bool = False):
     rec = {"shape": shape, "variant": variant, "status": "ok"}
     model = opt = None
     try:
@@ -355,13 +356,13 @@ def run_variant(shape, variant, args, device, batches, hf_loss0):
         rec["step_ms"] = statistics.median(ms)
         rec["tokens_per_s"] = args.batch * args.seq / (rec["step_ms"] / 1e3)
         rec["last_loss"] = float(losses[-1])
-        if variant in args.profile:
-            rec["profile"] = profile_steps(model, opt, batches, variant, device)
         if variant in TIMED:
             m = cggr_hook.metrics()
             rec["auto"] = {k: v for k, v in m.items() if k.startswith(("auto_", "noise_scale", "step_ms_"))}
             rec["auto_choice"] = "plain" if m.get("auto_choice_plain") else m.get("auto_choice")
             rec["probe_ms"] = probe_times(m)
+        if profile:  # after the timed choice's figures were read: the profiled steps are not in them
+            rec["profile"] = profile_steps(model, opt, batches, variant, device)
         if not all(math.isfinite(float(x)) for x in losses):
             rec["status"] = "check failed"
             rec["check"] = "non-finite loss during training"
@@ -383,20 +384,27 @@ def run_variant(shape, variant, args, device, batches, hf_loss0):
 
 
 def combine_runs(runs: list[dict], args) -> dict:
-    """One record of a variant's runs: the last run's record, with ``step_ms`` the median of the
-    runs' medians, ``step_ms_runs`` each run's, and the peak the largest."""
-    rec = dict(runs[-1])
-    ok = [r for r in runs if r["status"] == "ok" and r.get("step_ms") is not None]
+    """One record of a variant's runs. Where every run passed: the last run's record, with
+    ``step_ms`` the median of the runs' medians, ``step_ms_runs`` each run's, ``step_ms_all``
+    every timed step of every run in order, and the peak the largest. Where one failed (the runs
+    after it are skipped): that run's record, its status and error, and no timing, as a variant
+    that fails in its only run."""
+    failed = next((r for r in runs if r["status"] != "ok"), None)
+    rec = dict(failed if failed is not None else runs[-1])
     if len(runs) > 1:
         rec["step_ms_runs"] = [r.get("step_ms") for r in runs]
-        rec["step_ms_all"] = [r.get("step_ms_all") for r in runs]
-    if ok:
-        rec["step_ms"] = statistics.median(r["step_ms"] for r in ok)
-        rec["tokens_per_s"] = args.batch * args.seq / (rec["step_ms"] / 1e3)
-        peaks = [r["peak_gib"] for r in ok if r.get("peak_gib") is not None]
-        if peaks:
-            rec["peak_gib"] = max(peaks)
-        rec["first_loss"] = runs[0].get("first_loss")
+    if failed is not None:
+        for k in ("step_ms", "tokens_per_s", "step_ms_all", "peak_gib"):
+            rec.pop(k, None)
+        return rec
+    rec["step_ms_all"] = [t for r in runs for t in r.get("step_ms_all") or []]
+    rec["step_ms"] = statistics.median(r["step_ms"] for r in runs)
+    rec["tokens_per_s"] = args.batch * args.seq / (rec["step_ms"] / 1e3)
+    peaks = [r["peak_gib"] for r in runs if r.get("peak_gib") is not None]
+    if peaks:
+        rec["peak_gib"] = max(peaks)
+    rec["first_loss"] = runs[0].get("first_loss")
+    rec["profile"] = next((r["profile"] for r in runs if r.get("profile")), None)
     probes = [r["probe_ms"] for r in runs if r.get("probe_ms")]
     if len(runs) > 1 and probes:
         rec["probe_ms"] = "; ".join(probes)
@@ -422,7 +430,8 @@ def render(meta, records) -> str:
             if meta.get("repeats", 1) > 1
             else ""
         ),
-        "- ratio: tokens/s of the variant / tokens/s of hf in the same run (> 1: faster); peak: "
+        "- ratio: tokens/s of the variant / tokens/s of hf in the same call (> 1: faster; with repeats, of the "
+        "medians over the runs); peak: "
         "max_memory_allocated over the variant's steps, weights included",
         "",
     ]
@@ -492,7 +501,7 @@ def main(argv=None) -> int:
         type=int,
         default=None,
         help="runs of the whole list of variants, in turn (a fresh model each); a variant's figure is the median "
-        "of its runs' medians (small preset: 3)",
+        "of its runs' medians (presets: small 3, full and smoke 1)",
     )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument(
@@ -557,7 +566,9 @@ def main(argv=None) -> int:
                     continue  # a failed variant is not run again
                 tag = f" (run {rep + 1} of {args.repeats})" if args.repeats > 1 else ""
                 print(f"[throughput] {shape} {variant}{tag} ...", file=sys.stderr, flush=True)
-                rec = run_variant(shape, variant, args, device, batches, hf_loss0)
+                # profiled once, in the last run
+                profile = variant in args.profile and rep == args.repeats - 1
+                rec = run_variant(shape, variant, args, device, batches, hf_loss0, profile)
                 if variant == "hf" and rec["status"] == "ok" and hf_loss0 is None:
                     hf_loss0 = rec.get("first_loss")
                 print(

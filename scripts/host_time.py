@@ -135,9 +135,11 @@ def _python_profile(run, tensors, calls: int = 20) -> str:
 
 
 def _op_profile(run, tensors, dev, calls: int = 20) -> str:
-    """torch.profiler's host-side table over ``calls`` calls: the operators (torch's and the
-    Python functions that launch Triton kernels, which it records as user functions) by their own
-    host time, with their counts: where a call's host time goes, op by op."""
+    """torch.profiler's host-side table over ``calls`` calls: torch's operators, the CUDA runtime
+    and driver calls (Triton's launches are ``cuLaunchKernelEx`` rows) and the autograd Functions,
+    by their own host time, with their counts. Python that is none of these (the gate's own code,
+    Triton's launcher) is not a row: it is in the own time of the Function or operator around it,
+    or in no row at all; cProfile (``_python_profile``) shows it."""
     acts = [torch.profiler.ProfilerActivity.CPU]
     if dev.type == "cuda":
         acts.append(torch.profiler.ProfilerActivity.CUDA)
@@ -196,7 +198,11 @@ def main(argv=None) -> int:
     p.add_argument("--reps", type=int, default=50)
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--device", default=None)
-    p.add_argument("--profile", action="store_true", help="cProfile the gated head call")
+    p.add_argument(
+        "--profile",
+        action="store_true",
+        help="for the gated head calls: cProfile (by own and cumulative time) and torch.profiler's operator table",
+    )
     p.add_argument("--out", default=None, help="a folder: host_time.json and host_time.md inside")
     args = p.parse_args(argv)
     res = measure(args)

@@ -169,3 +169,53 @@ def test_loss_check_allows_the_rounding_of_a_low_precision_loss():
     assert not bench._close(13.75, ref, bench.LOSS_RTOL_FP32)
     assert bench._close(ref * (1 + 0.5 * bench.LOSS_RTOL_FP32), ref, bench.LOSS_RTOL_FP32)
     assert not bench._close(math.nan, ref, bench.LOSS_RTOL_FP32, torch.bfloat16)
+
+
+def _throughput_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("throughput_benchmark", ROOT / "examples" / "throughput_benchmark.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_throughput_repeats_combine_medians_and_a_failed_run_has_no_timing():
+    """``--repeats``: a variant's step time is the median of its runs' medians, every timed step
+    kept; a variant with a failed run is reported as failed, without the other runs' timing, and
+    is then no baseline."""
+    tb = _throughput_module()
+    args = type("A", (), {"batch": 2, "seq": 8})()
+
+    def ok(variant, ms, choice=None):
+        return {
+            "shape": "s",
+            "variant": variant,
+            "status": "ok",
+            "step_ms": ms,
+            "step_ms_all": [ms, ms + 1],
+            "tokens_per_s": 16 / (ms / 1e3),
+            "first_loss": ms,
+            "auto_choice": choice,
+        }
+
+    rec = tb.combine_runs([ok("hf", 30.0), ok("hf", 10.0), ok("hf", 20.0)], args)
+    assert rec["status"] == "ok" and rec["step_ms"] == 20.0 and rec["step_ms_runs"] == [30.0, 10.0, 20.0]
+    assert rec["tokens_per_s"] == 16 / 0.02 and rec["first_loss"] == 30.0
+    assert rec["step_ms_all"] == [30.0, 31.0, 10.0, 11.0, 20.0, 21.0]
+    assert tb.combine_runs([ok("d", 5.0, 1.0), ok("d", 5.0, "plain")], args)["auto_choice"] == "1.0, plain"
+
+    failed = {"shape": "s", "variant": "hf", "status": "error", "error": "RuntimeError: boom"}
+    rec = tb.combine_runs([ok("hf", 20.0), failed], args)
+    assert rec["status"] == "error" and "boom" in rec["error"]
+    assert "step_ms" not in rec and "tokens_per_s" not in rec and rec["step_ms_runs"] == [20.0, None]
+    meta = {k: "x" for k in ("device_name", "torch", "triton", "transformers", "cggr_hook", "python", "date")}
+    meta.update(batch=2, seq=8, steps=3, warmup=1, repeats=2, shapes=["s"])
+    tb.SHAPES["s"] = {"vocab_size": 10}
+    try:
+        table = tb.render(meta, [rec, tb.combine_runs([ok("cggr25", 10.0), ok("cggr25", 12.0)], args)])
+    finally:
+        del tb.SHAPES["s"]
+    row = next(line for line in table.splitlines() if line.startswith("| cggr25 |"))
+    assert "| 11.0 | 10.0-12.0 |" in row and "| - |" in row  # no ratio: the failed hf is no baseline
+    assert "error: RuntimeError: boom" in table
