@@ -32,7 +32,10 @@ the wall clock. A fraction whose first two timed steps are both no faster than t
 full-token candidate is left after them: with a noisier gradient and no faster step it cannot
 promise more progress per second, so where dropping tokens does not pay the window costs few
 gated steps; likewise 1.0 after the plain loss, where its two timed steps are not ``MARGIN``
-faster. Then the choice runs until the next window, ``INTERVAL`` steps after the last one began.
+faster. Then the choice runs until the next window, ``INTERVAL`` steps after the last one began,
+or sooner where the batch changes: once the running average of the rows a step (every row of the
+gate's cross entropies, ignored ones included) is ``RESHAPE`` times more or fewer than where the
+last window decided.
 The choice follows measured time: a repeated or resumed run can choose otherwise (a resumed run's
 first step is not timed, so a probe can run a step longer there).
 
@@ -70,6 +73,11 @@ FULL_TOKENS: tuple[float | str, ...] = (PLAIN, 1.0)
 PROBE_STEPS = 5  # a candidate's time: the median of its last four steps
 LEAVE_AFTER = 2  # timed steps of a fraction (or of 1.0 after plain) before it may be left as not faster
 INTERVAL = 500
+# a new window as soon as the rows a step (its running average) are this many times more, or
+# fewer, than where the last window decided: the choice depends on the batch (a small batch's
+# fixed cost can make the plain loss the faster, a large one the gate's kernels)
+RESHAPE = 2.0
+ROWS_MOMENTUM = 0.9  # as the tokens: one outlying step (a short last batch) does not move it far
 MARGIN = 0.03
 NOISE_MOMENTUM = 0.5  # weight of the earlier windows' noise figures in the running average
 
@@ -140,6 +148,8 @@ class AutoState:
     step_seconds: dict = field(default_factory=dict)  # candidate -> median seconds a step (last measured)
     noise: list | None = None  # running [tr Sigma, |G|^2]
     tokens: float = 0.0  # running valid tokens a step
+    rows: float = 0.0  # running rows a step (every row of the calls, ignored ones included)
+    decided_rows: float = 0.0  # ``rows`` when the last window decided (0: not yet)
     decisions: int = 0
     _times: dict = field(default_factory=dict)  # candidate -> step times of the current window
     _last: float | None = None  # wall clock at the last counted step
@@ -148,6 +158,7 @@ class AutoState:
     _marked: list = field(default_factory=list)  # CUDA: (candidate, start, end) events not yet read
     _acc: Tensor | None = None  # device [tr Sigma sum, |G|^2 sum, calls] of the current window's 1.0 steps
     _step_tokens: int = 0  # valid tokens of the gated calls of the current step
+    _step_rows: int = 0  # rows of the calls (gated or plain) of the current step
     _ungated: int = 0  # optimizer steps in a row whose gated candidate gated no loss
 
     # --- which candidate the current step runs --------------------------------------------------
@@ -171,9 +182,11 @@ class AutoState:
     def add_tokens(self, n: int) -> None:
         self._step_tokens += n
 
-    def add_call(self, device: torch.device) -> None:
-        """A call of the gate ran on ``device`` (gated or plain): where its steps are timed."""
+    def add_call(self, device: torch.device, rows: int = 0) -> None:
+        """A call of the gate ran on ``device`` (gated or plain) over ``rows`` rows of logits:
+        where its steps are timed, and how large they are."""
         self.device = device
+        self._step_rows += rows
 
     def add_noise(self, parts: Tensor) -> None:
         """One call's (tr Sigma, |G|^2) (``noise_parts``), kept on the device until the decision."""
@@ -204,6 +217,10 @@ class AutoState:
         if self._step_tokens:
             self.tokens = self._step_tokens if not self.tokens else 0.9 * self.tokens + 0.1 * self._step_tokens
         self._step_tokens = 0
+        if self._step_rows:
+            r = self._step_rows
+            self.rows = r if not self.rows else ROWS_MOMENTUM * self.rows + (1 - ROWS_MOMENTUM) * r
+        self._step_rows = 0
         self._last = now
         self.steps += 1
         if in_window:
@@ -212,8 +229,14 @@ class AutoState:
                 self.probe, self.probe_steps = self.probe + 1, 0
                 if not self.in_window():
                     self._decide()
-        elif self.steps - self.window_start >= INTERVAL:
+        elif self.steps - self.window_start >= INTERVAL or self._reshaped():
             self.window_start, self.probe, self.probe_steps = self.steps, 0, 0
+
+    def _reshaped(self) -> bool:
+        """Whether the batch changed since the last decision: the running rows a step are
+        ``RESHAPE`` times more or fewer than then."""
+        d, r = self.decided_rows, self.rows
+        return d > 0 and r > 0 and (r >= RESHAPE * d or r * RESHAPE <= d)
 
     def no_gated_loss(self) -> None:
         """An optimizer step ran a gated candidate, but no loss of it was gated (the gate left its
@@ -288,6 +311,7 @@ class AutoState:
             self.choice = choose(self.step_seconds, self.noise_scale(), self.tokens)
         else:  # every token was never timed (its steps gated no loss): nothing to hold a fraction against
             self.choice = PLAIN if PLAIN in self.candidates else 1.0
+        self.decided_rows = self.rows
         self.decisions += 1
 
     def noise_scale(self) -> float | None:
@@ -322,6 +346,8 @@ class AutoState:
             step_seconds={candidate_key(c): t for c, t in self.step_seconds.items()},
             noise=self.noise,
             tokens=self.tokens,
+            rows=self.rows,
+            decided_rows=self.decided_rows,
             decisions=self.decisions,
             times={candidate_key(c): list(ts) for c, ts in self._times.items()},
             acc=acc,
@@ -344,6 +370,8 @@ class AutoState:
             step_seconds={_candidate(c): float(t) for c, t in state["step_seconds"].items()},
             noise=None if state["noise"] is None else [float(v) for v in state["noise"]],
             tokens=float(state["tokens"]),
+            rows=float(state.get("rows", 0.0)),  # states saved before the rows were kept: unknown
+            decided_rows=float(state.get("decided_rows", 0.0)),
             decisions=int(state["decisions"]),
         )
         s._times = {_candidate(c): [float(t) for t in ts] for c, ts in state.get("times", {}).items()}

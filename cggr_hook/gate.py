@@ -192,7 +192,7 @@ class Gate:
                 labels = kwargs.get("labels")
                 labels = labels if labels is not None else kwargs.get("shift_labels")
                 if isinstance(labels, Tensor):
-                    self.run_plain(labels.device)
+                    self.run_plain(labels.device, rows=labels.numel())
                 return None
             return self._unfuse(module, args, kwargs)
         return None
@@ -272,13 +272,14 @@ class Gate:
         watchdog counts it as gated."""
         self._gated_since_step += 1
 
-    def run_plain(self, device: torch.device, valid: Any = None) -> None:
+    def run_plain(self, device: torch.device, valid: Any = None, rows: int = 0) -> None:
         """Book a call that the timed choice (``GateConfig.auto_candidates``) runs as the plain loss:
         its optimizer step counts (and times the plain candidate), ``metrics()`` says so (``valid``:
-        a ``pipeline.HostRead`` of its valid targets' count, where known), and the watchdog sees
-        the gate's own choice."""
+        a ``pipeline.HostRead`` of its valid targets' count, where known; ``rows``: its rows of
+        logits, for the choice's check of the batch size), and the watchdog sees the gate's own
+        choice."""
         scheduler = self._registry.scheduler
-        state = scheduler.plain_call(self.key, cast(tuple, self.config.auto_candidates), device, self.param_ids)
+        state = scheduler.plain_call(self.key, cast(tuple, self.config.auto_candidates), device, self.param_ids, rows)
         self._registry.record(self, figures.plain_figures(scheduler.step_count + 1, self.config.scoring, state, valid))
         self.on_plain_choice()
 

@@ -153,7 +153,9 @@ class CGGRLoss(torch.nn.Module):
         ``inplace_backward`` does not apply to it (torch's own gradient)."""
         V = logits.shape[-1]
         n_valid = check_targets(targets.reshape(-1), V, spec.ignore_index)
-        state = self.scheduler.plain_call("loss", cast(tuple, self.config.auto_candidates), logits.device)
+        state = self.scheduler.plain_call(
+            "loss", cast(tuple, self.config.auto_candidates), logits.device, rows=targets.numel()
+        )
         self._metrics = figures_mod.plain_figures(self.scheduler.step_count + 1, self.config.scoring, state, n_valid)
         # in fp32, as the gated steps compute it (torch's loss of bf16 logits is bf16-accurate)
         x = logits if logits.dtype in (torch.float32, torch.float64) else logits.float()

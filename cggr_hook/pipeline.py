@@ -330,7 +330,7 @@ def gated_forward(
     if auto:
         state = scheduler.auto_state(key, cands)
         state.add_tokens(n_valid)
-        state.add_call(dev)
+        state.add_call(dev, N)
         # the estimate needs every row at one shared scale: the plain mean or sum, no class weights
         if probe and n_sel == n_valid >= 2 and spec.weight is None and spec.reduction != "none":
             noise = NoiseProbe(difficulty.gradnorm_sq(stats, V, float(spec.label_smoothing)), scheduler, key, cands)

@@ -106,7 +106,7 @@ class Route:
         if tr is None:
             plain = registry.claim_plain(x)  # the head's logits on a step run as the plain loss
             if plain is not None:
-                plain.run_plain(x.device, _valid_count(target, ignore_index))
+                plain.run_plain(x.device, _valid_count(target, ignore_index), _rows(target))
             else:
                 self._warn_not_traced(x)
             return None
@@ -145,7 +145,7 @@ class Route:
         if gate.runs_plain():
             # the timed choice (auto, plain_when_faster) runs this step as the plain loss (the head's forward hook
             # leaves such a step's logits untapped; these were tapped before the step's choice)
-            gate.run_plain(x.device, _valid_count(target, ignore_index))
+            gate.run_plain(x.device, _valid_count(target, ignore_index), _rows(target))
             return None
 
         out = call.output
@@ -267,6 +267,12 @@ def _valid_count(target: Any, ignore_index: Any) -> HostRead | None:
     if not isinstance(target, Tensor) or target.is_floating_point() or not isinstance(ignore_index, numbers.Integral):
         return None
     return HostRead((target != int(ignore_index)).sum().reshape(1), now=False)
+
+
+def _rows(target: Any) -> int:
+    """The rows of a plain step's cross entropy (its targets' count, ignored ones included): how
+    large the timed choice's steps are."""
+    return target.numel() if isinstance(target, Tensor) else 0
 
 
 def _consume(call: HeadCall, gate: Gate) -> None:

@@ -117,18 +117,23 @@ class Scheduler:
             return state
 
     def plain_call(
-        self, key: str, candidates: tuple, device: torch.device, param_ids: frozenset[int] = frozenset()
+        self,
+        key: str,
+        candidates: tuple,
+        device: torch.device,
+        param_ids: frozenset[int] = frozenset(),
+        rows: int = 0,
     ) -> AutoState:
-        """A call on ``device`` that the timed choice (``candidates``) runs as the plain loss: the
-        optimizer step after it still counts (and times the plain candidate there). Returns the
-        choice's state."""
+        """A call on ``device`` over ``rows`` rows of logits that the timed choice (``candidates``)
+        runs as the plain loss: the optimizer step after it still counts (and times the plain
+        candidate there). Returns the choice's state."""
         with self._lock:
             self._pending = True
             self._auto_in_step.add(auto_key(key, candidates))
             if param_ids is not self._pending_ids:
                 self._pending_ids = self._pending_ids | param_ids
             state = self.auto_state(key, candidates)
-            state.add_call(device)
+            state.add_call(device, rows)
             return state
 
     def keeps_every_row(self, config: GateConfig, key: str) -> bool:

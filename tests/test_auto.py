@@ -172,6 +172,82 @@ def test_windows_repeat_every_interval_steps():
     assert state.decisions == 3
 
 
+def drive_rows(state: AutoState, rows: list[int], times: dict, now: float = 0.0) -> tuple[list, float]:
+    """One optimizer step per entry of ``rows``, each step's calls that many rows of logits."""
+    seen = []
+    for r in rows:
+        c = state.candidate()
+        seen.append(c)
+        state.add_call(torch.device("cpu"), r)
+        now += times[c]
+        state.on_step(now)
+    return seen, now
+
+
+def test_a_change_of_batch_starts_a_new_window_before_the_interval():
+    """The choice depends on the batch: once the running rows a step are RESHAPE times more (or
+    fewer) than where the window decided, a new window starts at once instead of after INTERVAL
+    steps; batches that vary less, and one outlying step, do not start one."""
+    times = {1.0: 0.030, PLAIN: 0.022}
+    state = AutoState(candidates=auto.FULL_TOKENS)
+    n_window = 2 * auto.PROBE_STEPS
+    seen, now = drive_rows(state, [1000] * n_window, times)
+    assert state.decisions == 1 and state.choice == PLAIN and state.decided_rows == pytest.approx(1000)
+    # batches of 600..1500 rows and one step of 10000 (a long batch) leave the choice alone
+    varying = [600, 1500, 1000, 800, 1200, 10000] + [1000, 1400, 700] * 20
+    seen, now = drive_rows(state, varying, times, now)
+    assert not state.in_window() and state.decisions == 1 and seen == [PLAIN] * len(varying)
+    # four times the batch: a window within a few steps, long before INTERVAL
+    before = state.steps
+    seen, now = drive_rows(state, [4000] * 30, times, now)
+    assert before < state.window_start <= before + 6 and state.steps < auto.INTERVAL
+    assert 1.0 in seen and state.decisions == 2 and state.decided_rows > 2000
+    # a quarter of the batch: again
+    before = state.steps
+    seen, now = drive_rows(state, [1000] * 40, times, now)
+    assert state.window_start > before and 1.0 in seen and state.decisions == 3
+
+
+def test_the_rows_of_a_step_come_from_gated_and_plain_calls_and_survive_a_checkpoint():
+    """Both kinds of step feed the running rows: a CGGRLoss default (the plain loss first, then
+    the gate's kernels) sees each call's rows; the state dict keeps them, and a state saved before
+    they were kept loads as unknown (no new window from them)."""
+    # every token, plain_when_faster: the plain loss first, then the gate's kernels
+    crit = cggr_hook.CGGRLoss(min_tokens_ratio=1.0, warmup_steps=0, dynamic_threshold=False)
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(6, 11, 23, generator=g, requires_grad=True)
+    targets = torch.randint(0, 23, (6, 11), generator=g)
+    ran, rows = [], []
+    for _ in range(2 * auto.PROBE_STEPS):
+        crit(logits, targets).backward()
+        ran.append(crit.get_metrics().get("auto_plain"))
+        crit.step()
+        rows.append(crit.scheduler.auto_state("loss", auto.FULL_TOKENS).rows)
+    state = crit.scheduler.auto_state("loss", auto.FULL_TOKENS)
+    assert ran[0] is True and False in ran  # the plain loss first, then the gate's kernels
+    assert rows[0] == pytest.approx(66)  # from the plain step alone
+    assert state.rows == pytest.approx(66) and state.decided_rows == pytest.approx(66)
+    saved = state.state_dict()
+    assert AutoState.from_state(saved).decided_rows == pytest.approx(66)
+    old = {k: v for k, v in saved.items() if k not in ("rows", "decided_rows")}
+    loaded = AutoState.from_state(old)
+    assert loaded.rows == 0 and loaded.decided_rows == 0 and not loaded._reshaped()
+
+
+def test_the_head_routes_plain_steps_report_their_rows():
+    """Through enable(): the default's plain steps (the original cross entropy) report the rows of
+    their loss, as its gated steps do."""
+    model = TinyLM(vocab=37, dim=16)
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    key = cggr_hook.enable(model).key
+    idx = torch.randint(0, 37, (4, 12), generator=torch.Generator().manual_seed(2))
+    state = cggr_hook.scheduler.auto_state(key, auto.FULL_TOKENS)
+    assert state.candidate() == PLAIN
+    F.cross_entropy(model(idx)[:, :-1].reshape(-1, 37), idx[:, 1:].reshape(-1)).backward()
+    opt.step()
+    assert cggr_hook.metrics(model)["auto_plain"] and state.rows == pytest.approx(44)
+
+
 def test_auto_state_resumes_exactly_from_the_scheduler_state():
     from cggr_hook.schedule import Scheduler
 
