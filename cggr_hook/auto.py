@@ -33,9 +33,9 @@ full-token candidate is left after them: with a noisier gradient and no faster s
 promise more progress per second, so where dropping tokens does not pay the window costs few
 gated steps; likewise 1.0 after the plain loss, where its two timed steps are not ``MARGIN``
 faster. Then the choice runs until the next window, ``INTERVAL`` steps after the last one began,
-or sooner where the batch changes: once the running average of the rows a step (every row of the
-gate's cross entropies, ignored ones included) is ``RESHAPE`` times more or fewer than where the
-last window decided.
+or sooner where the batch changes: once the median rows of the last ``RECENT_STEPS`` steps (every
+row of the gate's cross entropies, ignored ones included) are ``RESHAPE`` times, or 1 / ``RESHAPE``
+of, those at the last decision.
 The choice follows measured time: a repeated or resumed run can choose otherwise (a resumed run's
 first step is not timed, so a probe can run a step longer there).
 
@@ -73,11 +73,13 @@ FULL_TOKENS: tuple[float | str, ...] = (PLAIN, 1.0)
 PROBE_STEPS = 5  # a candidate's time: the median of its last four steps
 LEAVE_AFTER = 2  # timed steps of a fraction (or of 1.0 after plain) before it may be left as not faster
 INTERVAL = 500
-# a new window as soon as the rows a step (its running average) are this many times more, or
-# fewer, than where the last window decided: the choice depends on the batch (a small batch's
-# fixed cost can make the plain loss the faster, a large one the gate's kernels)
+# a new window as soon as the rows a step (the median of the last RECENT_STEPS steps) are this many
+# times, or this fraction of, those at the last decision: the choice depends on the
+# batch (a small batch's fixed cost can make the plain loss the faster, a large one the gate's
+# kernels). A median: a sustained change shows after RECENT_STEPS // 2 + 1 steps, exactly, while an
+# outlying step (a short last batch) or batches that vary around one size move nothing.
 RESHAPE = 2.0
-ROWS_MOMENTUM = 0.9  # as the tokens: one outlying step (a short last batch) does not move it far
+RECENT_STEPS = 9
 MARGIN = 0.03
 NOISE_MOMENTUM = 0.5  # weight of the earlier windows' noise figures in the running average
 
@@ -148,8 +150,8 @@ class AutoState:
     step_seconds: dict = field(default_factory=dict)  # candidate -> median seconds a step (last measured)
     noise: list | None = None  # running [tr Sigma, |G|^2]
     tokens: float = 0.0  # running valid tokens a step
-    rows: float = 0.0  # running rows a step (every row of the calls, ignored ones included)
-    decided_rows: float = 0.0  # ``rows`` when the last window decided (0: not yet)
+    rows: float = 0.0  # rows a step: the median of the last RECENT_STEPS steps (every row of the calls)
+    decided_rows: float = 0.0  # ``rows`` at the last decision (0: not known)
     decisions: int = 0
     _times: dict = field(default_factory=dict)  # candidate -> step times of the current window
     _last: float | None = None  # wall clock at the last counted step
@@ -159,6 +161,7 @@ class AutoState:
     _acc: Tensor | None = None  # device [tr Sigma sum, |G|^2 sum, calls] of the current window's 1.0 steps
     _step_tokens: int = 0  # valid tokens of the gated calls of the current step
     _step_rows: int = 0  # rows of the calls (gated or plain) of the current step
+    _recent_rows: list = field(default_factory=list)  # rows of the last RECENT_STEPS steps
     _ungated: int = 0  # optimizer steps in a row whose gated candidate gated no loss
 
     # --- which candidate the current step runs --------------------------------------------------
@@ -219,7 +222,8 @@ class AutoState:
         self._step_tokens = 0
         if self._step_rows:
             r = self._step_rows
-            self.rows = r if not self.rows else ROWS_MOMENTUM * self.rows + (1 - ROWS_MOMENTUM) * r
+            self._recent_rows = (self._recent_rows + [r])[-RECENT_STEPS:]
+            self.rows = float(statistics.median(self._recent_rows))
         self._step_rows = 0
         self._last = now
         self.steps += 1
@@ -233,8 +237,8 @@ class AutoState:
             self.window_start, self.probe, self.probe_steps = self.steps, 0, 0
 
     def _reshaped(self) -> bool:
-        """Whether the batch changed since the last decision: the running rows a step are
-        ``RESHAPE`` times more or fewer than then."""
+        """Whether the batch changed since the last decision: the recent rows a step are
+        ``RESHAPE`` times, or 1 / ``RESHAPE`` of, those then."""
         d, r = self.decided_rows, self.rows
         return d > 0 and r > 0 and (r >= RESHAPE * d or r * RESHAPE <= d)
 
@@ -311,6 +315,8 @@ class AutoState:
             self.choice = choose(self.step_seconds, self.noise_scale(), self.tokens)
         else:  # every token was never timed (its steps gated no loss): nothing to hold a fraction against
             self.choice = PLAIN if PLAIN in self.candidates else 1.0
+        # a window runs at least PROBE_STEPS + LEAVE_AFTER + 1 steps, so a new batch that started
+        # it fills the recent steps by now: the old one cannot start a second window as it leaves
         self.decided_rows = self.rows
         self.decisions += 1
 
@@ -348,6 +354,7 @@ class AutoState:
             tokens=self.tokens,
             rows=self.rows,
             decided_rows=self.decided_rows,
+            recent_rows=list(self._recent_rows),
             decisions=self.decisions,
             times={candidate_key(c): list(ts) for c, ts in self._times.items()},
             acc=acc,
@@ -375,6 +382,7 @@ class AutoState:
             decisions=int(state["decisions"]),
         )
         s._times = {_candidate(c): [float(t) for t in ts] for c, ts in state.get("times", {}).items()}
+        s._recent_rows = [int(r) for r in state.get("recent_rows", [])]
         if state.get("acc") is not None:
             s._acc = torch.tensor(state["acc"], dtype=torch.float64)
         return s

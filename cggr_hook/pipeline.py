@@ -216,6 +216,7 @@ def gated_forward(
     seq: int | tuple[Tensor, int] | None = None,
     param_ids: frozenset[int] = frozenset(),
     need_rows: bool = False,
+    loss_rows: int | None = None,
 ) -> GatedForward:
     """Score, select and compute the loss of rows of ``logits`` (B, T, V) with ``targets`` (B*T,).
 
@@ -223,7 +224,9 @@ def gated_forward(
     confidence); ``param_ids``: the gated model's parameters, whose optimizer's next step counts;
     ``seq``: the sequences of the rows for ``sequence_aware`` (``selection.rank_rows``);
     ``need_rows``: a head gradient will follow: list the selected rows it runs over, unless it
-    runs over every row (``dense_rows``).
+    runs over every row (``dense_rows``); ``loss_rows``: the rows of the loss as its caller gave
+    them (default: every row of ``targets``), what an auto gate books as the size of its steps, as
+    its plain steps do (the head route's targets cover every head row, read by the loss or not).
 
     Work on the device, in order: the scoring pass over the logits (``kernels.row_stats``), the
     difficulty and the metric sums (``difficulty.score_rows``), the difficulty order
@@ -330,7 +333,7 @@ def gated_forward(
     if auto:
         state = scheduler.auto_state(key, cands)
         state.add_tokens(n_valid)
-        state.add_call(dev, N)
+        state.add_call(dev, N if loss_rows is None else loss_rows)
         # the estimate needs every row at one shared scale: the plain mean or sum, no class weights
         if probe and n_sel == n_valid >= 2 and spec.weight is None and spec.reduction != "none":
             noise = NoiseProbe(difficulty.gradnorm_sq(stats, V, float(spec.label_smoothing)), scheduler, key, cands)

@@ -191,6 +191,7 @@ class Route:
                     seq=seq,
                     param_ids=gate.param_ids,
                     need_rows=True,
+                    loss_rows=_rows(target),  # what a plain step books (_rows)
                 )
             tapped = call.tapped() if call.fsdp_owner is not None and call.tapped is not None else None
             loss = GatedHeadCrossEntropy.apply(
