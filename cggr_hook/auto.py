@@ -33,9 +33,9 @@ full-token candidate is left after them: with a noisier gradient and no faster s
 promise more progress per second, so where dropping tokens does not pay the window costs few
 gated steps; likewise 1.0 after the plain loss, where its two timed steps are not ``MARGIN``
 faster. Then the choice runs until the next window, ``INTERVAL`` steps after the last one began,
-or sooner where the batch changes: once the median rows of the last ``RECENT_STEPS`` steps (every
-row of the gate's cross entropies, ignored ones included) are ``RESHAPE`` times, or 1 / ``RESHAPE``
-of, those at the last decision.
+or sooner where the batch changes: once the rows a step (every row of the gate's cross entropies,
+ignored ones included; the mean of the last ``RECENT_STEPS`` steps without their smallest and
+largest) are ``RESHAPE`` times, or 1 / ``RESHAPE`` of, those at the last decision.
 The choice follows measured time: a repeated or resumed run can choose otherwise (a resumed run's
 first step is not timed, so a probe can run a step longer there).
 
@@ -73,11 +73,13 @@ FULL_TOKENS: tuple[float | str, ...] = (PLAIN, 1.0)
 PROBE_STEPS = 5  # a candidate's time: the median of its last four steps
 LEAVE_AFTER = 2  # timed steps of a fraction (or of 1.0 after plain) before it may be left as not faster
 INTERVAL = 500
-# a new window as soon as the rows a step (the median of the last RECENT_STEPS steps) are this many
-# times, or this fraction of, those at the last decision: the choice depends on the
-# batch (a small batch's fixed cost can make the plain loss the faster, a large one the gate's
-# kernels). A median: a sustained change shows after RECENT_STEPS // 2 + 1 steps, exactly, while an
-# outlying step (a short last batch) or batches that vary around one size move nothing.
+# a new window as soon as the rows a step (the mean of the last RECENT_STEPS steps without their
+# smallest and largest) are this many times, or this fraction of, those at the last decision: the
+# choice depends on the batch (a small batch's fixed cost can make the plain loss the faster, a
+# large one the gate's kernels). Trimmed, so that one outlying step (a short last batch) moves
+# nothing; a mean, so that two sizes taken in turn or at random (length buckets) hold it between
+# them, where a median would jump from one to the other; a sustained change reaches it exactly
+# after RECENT_STEPS - 1 steps.
 RESHAPE = 2.0
 RECENT_STEPS = 9
 MARGIN = 0.03
@@ -150,7 +152,7 @@ class AutoState:
     step_seconds: dict = field(default_factory=dict)  # candidate -> median seconds a step (last measured)
     noise: list | None = None  # running [tr Sigma, |G|^2]
     tokens: float = 0.0  # running valid tokens a step
-    rows: float = 0.0  # rows a step: the median of the last RECENT_STEPS steps (every row of the calls)
+    rows: float = 0.0  # rows a step: the last RECENT_STEPS steps' trimmed mean (``_recent``)
     decided_rows: float = 0.0  # ``rows`` at the last decision (0: not known)
     decisions: int = 0
     _times: dict = field(default_factory=dict)  # candidate -> step times of the current window
@@ -223,7 +225,7 @@ class AutoState:
         if self._step_rows:
             r = self._step_rows
             self._recent_rows = (self._recent_rows + [r])[-RECENT_STEPS:]
-            self.rows = float(statistics.median(self._recent_rows))
+            self.rows = _trimmed_mean(self._recent_rows)
         self._step_rows = 0
         self._last = now
         self.steps += 1
@@ -386,6 +388,14 @@ class AutoState:
         if state.get("acc") is not None:
             s._acc = torch.tensor(state["acc"], dtype=torch.float64)
         return s
+
+
+def _trimmed_mean(values: list) -> float:
+    """The mean of ``values`` without their smallest and largest (all of them, below three)."""
+    v = sorted(values)
+    if len(v) >= 3:
+        v = v[1:-1]
+    return float(sum(v)) / len(v)
 
 
 def _probe_of_0_1_0(k: int) -> tuple[int, int]:

@@ -189,10 +189,13 @@ class Gate:
             if self.runs_plain():
                 # the timed choice (auto, plain_when_faster) runs this step as the plain loss: TRL's own fused head, as
                 # without the gate (its head is not called, so the step is booked here)
-                labels = kwargs.get("labels")
-                labels = labels if labels is not None else kwargs.get("shift_labels")
-                if isinstance(labels, Tensor):
-                    self.run_plain(labels.device, rows=labels.numel())
+                labels, shift_labels = kwargs.get("labels"), kwargs.get("shift_labels")
+                if isinstance(shift_labels, Tensor):
+                    self.run_plain(shift_labels.device, rows=shift_labels.numel())
+                elif isinstance(labels, Tensor):
+                    # the rows of the loss a gated step would take (trl_fused.fused_output shifts
+                    # the labels as TRL does: one position fewer a sequence)
+                    self.run_plain(labels.device, rows=labels[..., 1:].numel())
                 return None
             return self._unfuse(module, args, kwargs)
         return None

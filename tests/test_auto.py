@@ -185,9 +185,9 @@ def drive_rows(state: AutoState, rows: list[int], times: dict, now: float = 0.0)
 
 
 def test_a_change_of_batch_starts_a_new_window_before_the_interval():
-    """The choice depends on the batch: once the recent rows a step (a median) are RESHAPE times,
-    or 1 / RESHAPE of, those of the window that decided, a new window starts at once instead of
-    after INTERVAL steps, exactly twofold included; batches that vary less, alternate, or hold one
+    """The choice depends on the batch: once the recent rows a step (a trimmed mean) are RESHAPE
+    times, or 1 / RESHAPE of, those at the decision, a new window starts at once instead of after
+    INTERVAL steps, exactly twofold included; batches that vary less, alternate, or hold one
     outlying step, do not start one; a large change starts one window, not two."""
     times = {1.0: 0.030, PLAIN: 0.022}
     state = AutoState(candidates=auto.FULL_TOKENS)
@@ -201,17 +201,57 @@ def test_a_change_of_batch_starts_a_new_window_before_the_interval():
     # twice the batch: a window once most of the recent steps hold it, long before INTERVAL
     before = state.steps
     seen, now = drive_rows(state, [2000] * 30, times, now)
-    assert state.window_start == before + auto.RECENT_STEPS // 2 + 1 and state.steps < auto.INTERVAL
+    assert state.window_start == before + auto.RECENT_STEPS - 1 and state.steps < auto.INTERVAL
     assert 1.0 in seen and state.decisions == 2 and state.decided_rows == 2000
     # half of it again: another
     before = state.steps
     seen, now = drive_rows(state, [1000] * 30, times, now)
-    assert state.window_start == before + auto.RECENT_STEPS // 2 + 1 and state.decisions == 3
+    assert state.window_start == before + auto.RECENT_STEPS - 1 and state.decisions == 3
     # sixteen times fewer rows: one window, not a second one once the old batch has left the median
     seen, now = drive_rows(state, [16000] * 40, times, now)
     assert state.decisions == 4 and state.decided_rows == 16000
     seen, now = drive_rows(state, [1000] * 100, times, now)
     assert state.decisions == 5 and state.decided_rows == 1000 and not state.in_window()
+
+
+@pytest.mark.parametrize("pattern", ["alternating", "random"])
+@pytest.mark.parametrize("cands", [auto.FULL_TOKENS, auto.CANDIDATES])
+def test_two_batch_sizes_twofold_apart_start_no_window_after_the_first(pattern, cands):
+    """Length buckets: batches of 2048 and 4096 rows in turn, or at random, from the start. The
+    recent rows stay between the two sizes (a median would jump from one to the other and start a
+    window every few steps)."""
+    gen = torch.Generator().manual_seed(5)
+    if pattern == "alternating":
+        rows = [2048, 4096] * 200
+    else:
+        rows = [2048 if b else 4096 for b in torch.randint(0, 2, (400,), generator=gen).tolist()]
+    times = {c: 0.03 for c in cands} | {PLAIN: 0.02}
+    state = AutoState(candidates=cands)
+    now = 0.0
+    for r in rows:
+        state.add_tokens(r)
+        if state.measures_noise():
+            state.add_noise(torch.tensor((4.0, 0.01), dtype=torch.float64))
+        state.add_call(torch.device("cpu"), r)
+        now += times[state.candidate()]
+        state.on_step(now)
+    assert state.decisions == 1 and state.window_start == 0
+
+
+def test_trls_fused_heads_plain_steps_book_the_shifted_rows():
+    """TRL's fused head: a plain step (the head is not called; the model's pre-hook books it)
+    books the rows a gated step's shifted loss takes, B (T - 1) from labels, B T' from
+    shift_labels, so that an exact halving of the batch is seen."""
+    model = TinyLM(vocab=37, dim=16)
+    gate = cggr_hook.enable(model)
+    model.train()
+    state = cggr_hook.scheduler.auto_state(gate.key, auto.FULL_TOKENS)
+    assert state.candidate() == PLAIN
+    gate._on_root_forward(model, (), {"fused_lm_head": True, "labels": torch.zeros(4, 12, dtype=torch.long)})
+    assert state._step_rows == 4 * 11
+    state._step_rows = 0
+    gate._on_root_forward(model, (), {"fused_lm_head": True, "shift_labels": torch.zeros(4, 11, dtype=torch.long)})
+    assert state._step_rows == 4 * 11
 
 
 def test_rows_booked_by_plain_and_gated_steps_agree_on_the_head_route():
