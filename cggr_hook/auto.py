@@ -33,9 +33,11 @@ full-token candidate is left after them: with a noisier gradient and no faster s
 promise more progress per second, so where dropping tokens does not pay the window costs few
 gated steps; likewise 1.0 after the plain loss, where its two timed steps are not ``MARGIN``
 faster. Then the choice runs until the next window, ``INTERVAL`` steps after the last one began,
-or sooner where the batch changes: once the rows a step (every row of the gate's cross entropies,
-ignored ones included; the mean of the last ``RECENT_STEPS`` steps without their smallest and
-largest) are ``RESHAPE`` times, or 1 / ``RESHAPE`` of, those at the last decision.
+or sooner where the batch changes: once all but one of the last ``RECENT_STEPS`` steps ran at least
+``RESHAPE`` times, or at most 1 / ``RESHAPE`` of, the rows a step of the last window (every row of
+the gate's cross entropies, ignored ones included; the mean over the window's steps), or at once
+where the batch changed that much during the window itself (its last three steps against its
+first three), which then timed its candidates on two batches.
 The choice follows measured time: a repeated or resumed run can choose otherwise (a resumed run's
 first step is not timed, so a probe can run a step longer there).
 
@@ -73,13 +75,13 @@ FULL_TOKENS: tuple[float | str, ...] = (PLAIN, 1.0)
 PROBE_STEPS = 5  # a candidate's time: the median of its last four steps
 LEAVE_AFTER = 2  # timed steps of a fraction (or of 1.0 after plain) before it may be left as not faster
 INTERVAL = 500
-# a new window as soon as the rows a step (the mean of the last RECENT_STEPS steps without their
-# smallest and largest) are this many times, or this fraction of, those at the last decision: the
-# choice depends on the batch (a small batch's fixed cost can make the plain loss the faster, a
-# large one the gate's kernels). Trimmed, so that one outlying step (a short last batch) moves
-# nothing; a mean, so that two sizes taken in turn or at random (length buckets) hold it between
-# them, where a median would jump from one to the other; a sustained change reaches it exactly
-# after RECENT_STEPS - 1 steps.
+# a new window as soon as all but one of the last RECENT_STEPS steps ran this many times, or this
+# fraction of, the rows a step of the last window (their mean over the window): the choice depends
+# on the batch (a small batch's fixed cost can make the plain loss the faster, a large one the
+# gate's kernels). A sustained change shows after RECENT_STEPS - 1 steps; one outlying step (a
+# short last batch) shows nothing; two sizes taken in turn or at random (length buckets) put the
+# window's mean between them, so neither is twice or half of it. Sizes four times apart at random
+# can, rarely, all but fill the last steps with one of them: a window more, no harm.
 RESHAPE = 2.0
 RECENT_STEPS = 9
 MARGIN = 0.03
@@ -152,8 +154,8 @@ class AutoState:
     step_seconds: dict = field(default_factory=dict)  # candidate -> median seconds a step (last measured)
     noise: list | None = None  # running [tr Sigma, |G|^2]
     tokens: float = 0.0  # running valid tokens a step
-    rows: float = 0.0  # rows a step: the last RECENT_STEPS steps' trimmed mean (``_recent``)
-    decided_rows: float = 0.0  # ``rows`` at the last decision (0: not known)
+    rows: float = 0.0  # rows a step: the last RECENT_STEPS steps' mean without their smallest and largest
+    decided_rows: float = 0.0  # the mean rows of the last window's steps (0: not known)
     decisions: int = 0
     _times: dict = field(default_factory=dict)  # candidate -> step times of the current window
     _last: float | None = None  # wall clock at the last counted step
@@ -164,6 +166,7 @@ class AutoState:
     _step_tokens: int = 0  # valid tokens of the gated calls of the current step
     _step_rows: int = 0  # rows of the calls (gated or plain) of the current step
     _recent_rows: list = field(default_factory=list)  # rows of the last RECENT_STEPS steps
+    _window_rows: list = field(default_factory=list)  # rows of the current window's steps
     _ungated: int = 0  # optimizer steps in a row whose gated candidate gated no loss
 
     # --- which candidate the current step runs --------------------------------------------------
@@ -226,6 +229,8 @@ class AutoState:
             r = self._step_rows
             self._recent_rows = (self._recent_rows + [r])[-RECENT_STEPS:]
             self.rows = _trimmed_mean(self._recent_rows)
+            if in_window:
+                self._window_rows.append(r)
         self._step_rows = 0
         self._last = now
         self.steps += 1
@@ -239,10 +244,14 @@ class AutoState:
             self.window_start, self.probe, self.probe_steps = self.steps, 0, 0
 
     def _reshaped(self) -> bool:
-        """Whether the batch changed since the last decision: the recent rows a step are
-        ``RESHAPE`` times, or 1 / ``RESHAPE`` of, those then."""
-        d, r = self.decided_rows, self.rows
-        return d > 0 and r > 0 and (r >= RESHAPE * d or r * RESHAPE <= d)
+        """Whether the batch changed since the last decision: all but one of the last
+        ``RECENT_STEPS`` steps ran ``RESHAPE`` times, or 1 / ``RESHAPE`` of, the last window's rows."""
+        d, recent = self.decided_rows, self._recent_rows
+        if d <= 0:
+            return False
+        up = sum(r >= RESHAPE * d for r in recent)
+        down = sum(r * RESHAPE <= d for r in recent)
+        return max(up, down) >= RECENT_STEPS - 1
 
     def no_gated_loss(self) -> None:
         """An optimizer step ran a gated candidate, but no loss of it was gated (the gate left its
@@ -317,10 +326,13 @@ class AutoState:
             self.choice = choose(self.step_seconds, self.noise_scale(), self.tokens)
         else:  # every token was never timed (its steps gated no loss): nothing to hold a fraction against
             self.choice = PLAIN if PLAIN in self.candidates else 1.0
-        # a window runs at least PROBE_STEPS + LEAVE_AFTER + 1 steps, so a new batch that started
-        # it fills the recent steps by now: the old one cannot start a second window as it leaves
-        self.decided_rows = self.rows
+        w, self._window_rows = self._window_rows, []
+        if w:
+            self.decided_rows = float(sum(w)) / len(w)
         self.decisions += 1
+        if len(w) >= 6 and (min(w[-3:]) >= RESHAPE * max(w[:3]) or max(w[-3:]) * RESHAPE <= min(w[:3])):
+            # the batch changed during the window: its candidates were timed on two batches
+            self.window_start, self.probe, self.probe_steps = self.steps, 0, 0
 
     def noise_scale(self) -> float | None:
         """B = tr Sigma / |G|^2 in tokens (None before any estimate; inf where |G|^2 <= 0)."""
@@ -357,6 +369,7 @@ class AutoState:
             rows=self.rows,
             decided_rows=self.decided_rows,
             recent_rows=list(self._recent_rows),
+            window_rows=list(self._window_rows),
             decisions=self.decisions,
             times={candidate_key(c): list(ts) for c, ts in self._times.items()},
             acc=acc,
@@ -385,6 +398,7 @@ class AutoState:
         )
         s._times = {_candidate(c): [float(t) for t in ts] for c, ts in state.get("times", {}).items()}
         s._recent_rows = [int(r) for r in state.get("recent_rows", [])]
+        s._window_rows = [int(r) for r in state.get("window_rows", [])]
         if state.get("acc") is not None:
             s._acc = torch.tensor(state["acc"], dtype=torch.float64)
         return s

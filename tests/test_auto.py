@@ -185,17 +185,18 @@ def drive_rows(state: AutoState, rows: list[int], times: dict, now: float = 0.0)
 
 
 def test_a_change_of_batch_starts_a_new_window_before_the_interval():
-    """The choice depends on the batch: once the recent rows a step (a trimmed mean) are RESHAPE
-    times, or 1 / RESHAPE of, those at the decision, a new window starts at once instead of after
-    INTERVAL steps, exactly twofold included; batches that vary less, alternate, or hold one
-    outlying step, do not start one; a large change starts one window, not two."""
+    """The choice depends on the batch: once all but one of the recent steps ran RESHAPE times, or
+    1 / RESHAPE of, the last window's rows, a new window starts at once instead of after INTERVAL
+    steps, exactly twofold included; batches that vary less, alternate, or hold one outlying step,
+    do not start one; a large change starts one window, not two."""
     times = {1.0: 0.030, PLAIN: 0.022}
     state = AutoState(candidates=auto.FULL_TOKENS)
     n_window = 2 * auto.PROBE_STEPS
     seen, now = drive_rows(state, [1000] * n_window, times)
     assert state.decisions == 1 and state.choice == PLAIN and state.decided_rows == 1000
-    # batches of 600..1500 rows, one step of 10000 (a long batch), 600 and 1400 in turn
-    varying = [600, 1500, 1000, 800, 1200, 10000] + [1000, 1400, 700] * 20 + [600, 1400] * 20
+    # batches of 600..1500 rows, a step of 10000 (a long batch) and two more close together, 600
+    # and 1400 in turn
+    varying = [600, 1500, 1000, 800, 1200, 10000] + [1000, 1400, 700] * 20 + [10000, 1000, 10000] + [600, 1400] * 20
     seen, now = drive_rows(state, varying, times, now)
     assert not state.in_window() and state.decisions == 1 and seen == [PLAIN] * len(varying)
     # twice the batch: a window once most of the recent steps hold it, long before INTERVAL
@@ -212,6 +213,26 @@ def test_a_change_of_batch_starts_a_new_window_before_the_interval():
     assert state.decisions == 4 and state.decided_rows == 16000
     seen, now = drive_rows(state, [1000] * 100, times, now)
     assert state.decisions == 5 and state.decided_rows == 1000 and not state.in_window()
+
+
+def test_a_change_of_batch_during_a_window_starts_another_at_once():
+    """A window whose last steps ran twice (or half) the rows of its first ones timed its
+    candidates on two batches: a new window starts right after it, on the new batch alone, and then
+    the choice holds."""
+    for cands, change_at in ((auto.FULL_TOKENS, 5), (auto.CANDIDATES, 15)):
+        for new in (2000, 500):
+            times = {c: 0.03 for c in cands} | {PLAIN: 0.02}
+            state = AutoState(candidates=cands)
+            now = 0.0
+            for i in range(300):
+                r = 1000 if i < change_at else new
+                state.add_tokens(r)
+                if state.measures_noise():
+                    state.add_noise(torch.tensor((4.0, 0.01), dtype=torch.float64))
+                state.add_call(torch.device("cpu"), r)
+                now += times[state.candidate()]
+                state.on_step(now)
+            assert state.decisions == 2 and state.decided_rows == new, (cands, new, state.decisions)
 
 
 @pytest.mark.parametrize("pattern", ["alternating", "random"])
