@@ -37,7 +37,8 @@ or sooner where the batch changes: once all but one of the last ``RECENT_STEPS``
 ``RESHAPE`` times, or at most 1 / ``RESHAPE`` of, the rows a step of the last window (every row of
 the gate's cross entropies, ignored ones included; the mean over the window's steps), or at once
 where the batch changed that much during the window itself (its last three steps against its
-first three), which then timed its candidates on two batches.
+first three), which then timed its candidates on two batches; at most one such window in
+``BATCH_GAP`` steps, and none right after another.
 The choice follows measured time: a repeated or resumed run can choose otherwise (a resumed run's
 first step is not timed, so a probe can run a step longer there).
 
@@ -84,6 +85,11 @@ INTERVAL = 500
 # can, rarely, all but fill the last steps with one of them: a window more, no harm.
 RESHAPE = 2.0
 RECENT_STEPS = 9
+# at least this many steps from the start of the last window to one that a batch change starts, and
+# no window started by a batch change starts another at its end: batches that mix sizes in ways the
+# check cannot tell from a change (a block pattern as long as a window, a rare large size) probe at
+# most once in BATCH_GAP steps, not on and on
+BATCH_GAP = 100
 MARGIN = 0.03
 NOISE_MOMENTUM = 0.5  # weight of the earlier windows' noise figures in the running average
 
@@ -167,6 +173,7 @@ class AutoState:
     _step_rows: int = 0  # rows of the calls (gated or plain) of the current step
     _recent_rows: list = field(default_factory=list)  # rows of the last RECENT_STEPS steps
     _window_rows: list = field(default_factory=list)  # rows of the current window's steps
+    batch_started: bool = False  # the current (or last) window was started by a change of batch
     _ungated: int = 0  # optimizer steps in a row whose gated candidate gated no loss
 
     # --- which candidate the current step runs --------------------------------------------------
@@ -240,8 +247,14 @@ class AutoState:
                 self.probe, self.probe_steps = self.probe + 1, 0
                 if not self.in_window():
                     self._decide()
-        elif self.steps - self.window_start >= INTERVAL or self._reshaped():
-            self.window_start, self.probe, self.probe_steps = self.steps, 0, 0
+        elif self.steps - self.window_start >= INTERVAL:
+            self._start_window(batch=False)
+        elif self.steps - self.window_start >= BATCH_GAP and self._reshaped():
+            self._start_window(batch=True)
+
+    def _start_window(self, batch: bool) -> None:
+        self.window_start, self.probe, self.probe_steps = self.steps, 0, 0
+        self.batch_started = batch
 
     def _reshaped(self) -> bool:
         """Whether the batch changed since the last decision: all but one of the last
@@ -330,9 +343,10 @@ class AutoState:
         if w:
             self.decided_rows = float(sum(w)) / len(w)
         self.decisions += 1
-        if len(w) >= 6 and (min(w[-3:]) >= RESHAPE * max(w[:3]) or max(w[-3:]) * RESHAPE <= min(w[:3])):
+        changed = len(w) >= 6 and (min(w[-3:]) >= RESHAPE * max(w[:3]) or max(w[-3:]) * RESHAPE <= min(w[:3]))
+        if changed and not self.batch_started:
             # the batch changed during the window: its candidates were timed on two batches
-            self.window_start, self.probe, self.probe_steps = self.steps, 0, 0
+            self._start_window(batch=True)
 
     def noise_scale(self) -> float | None:
         """B = tr Sigma / |G|^2 in tokens (None before any estimate; inf where |G|^2 <= 0)."""
@@ -370,6 +384,7 @@ class AutoState:
             decided_rows=self.decided_rows,
             recent_rows=list(self._recent_rows),
             window_rows=list(self._window_rows),
+            batch_started=self.batch_started,
             decisions=self.decisions,
             times={candidate_key(c): list(ts) for c, ts in self._times.items()},
             acc=acc,
@@ -399,6 +414,7 @@ class AutoState:
         s._times = {_candidate(c): [float(t) for t in ts] for c, ts in state.get("times", {}).items()}
         s._recent_rows = [int(r) for r in state.get("recent_rows", [])]
         s._window_rows = [int(r) for r in state.get("window_rows", [])]
+        s.batch_started = bool(state.get("batch_started", False))
         if state.get("acc") is not None:
             s._acc = torch.tensor(state["acc"], dtype=torch.float64)
         return s

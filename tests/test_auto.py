@@ -199,19 +199,20 @@ def test_a_change_of_batch_starts_a_new_window_before_the_interval():
     varying = [600, 1500, 1000, 800, 1200, 10000] + [1000, 1400, 700] * 20 + [10000, 1000, 10000] + [600, 1400] * 20
     seen, now = drive_rows(state, varying, times, now)
     assert not state.in_window() and state.decisions == 1 and seen == [PLAIN] * len(varying)
-    # twice the batch: a window once most of the recent steps hold it, long before INTERVAL
+    # twice the batch: a window once all but one of the recent steps hold it, long before INTERVAL
     before = state.steps
-    seen, now = drive_rows(state, [2000] * 30, times, now)
+    seen, now = drive_rows(state, [2000] * 120, times, now)
     assert state.window_start == before + auto.RECENT_STEPS - 1 and state.steps < auto.INTERVAL
     assert 1.0 in seen and state.decisions == 2 and state.decided_rows == 2000
     # half of it again: another
     before = state.steps
-    seen, now = drive_rows(state, [1000] * 30, times, now)
+    seen, now = drive_rows(state, [1000] * 120, times, now)
     assert state.window_start == before + auto.RECENT_STEPS - 1 and state.decisions == 3
-    # sixteen times fewer rows: one window, not a second one once the old batch has left the median
-    seen, now = drive_rows(state, [16000] * 40, times, now)
+    # sixteen times more, then fewer, rows: one window each, not a second one once the old batch
+    # has left the recent steps
+    seen, now = drive_rows(state, [16000] * 120, times, now)
     assert state.decisions == 4 and state.decided_rows == 16000
-    seen, now = drive_rows(state, [1000] * 100, times, now)
+    seen, now = drive_rows(state, [1000] * 150, times, now)
     assert state.decisions == 5 and state.decided_rows == 1000 and not state.in_window()
 
 
@@ -233,6 +234,36 @@ def test_a_change_of_batch_during_a_window_starts_another_at_once():
                 now += times[state.candidate()]
                 state.on_step(now)
             assert state.decisions == 2 and state.decided_rows == new, (cands, new, state.decisions)
+
+
+@pytest.mark.parametrize(
+    "rows_at",
+    [
+        lambda i: 100 if i % 8 < 4 else 1000,  # blocks as long as the default's window
+        lambda i: 1000 if i % 5 == 4 else 100,  # a large size one step in five
+        lambda i: 100 + 40 * (i % 25),  # a sawtooth as long as auto's window
+    ],
+)
+@pytest.mark.parametrize("cands", [auto.FULL_TOKENS, auto.CANDIDATES])
+def test_mixed_batch_sizes_probe_at_most_once_in_batch_gap_steps(rows_at, cands):
+    """Batches that mix sizes in ways the check cannot tell from a change start at most one
+    window in BATCH_GAP steps (and none right after one that a change started): the probing stays
+    a bounded share of the run instead of all of it."""
+    times = {c: 0.03 for c in cands} | {PLAIN: 0.02}
+    state = AutoState(candidates=cands)
+    now, in_window = 0.0, 0
+    for i in range(2000):
+        r = rows_at(i)
+        in_window += state.in_window()
+        state.add_tokens(r)
+        if state.measures_noise():
+            state.add_noise(torch.tensor((4.0, 0.01), dtype=torch.float64))
+        state.add_call(torch.device("cpu"), r)
+        now += times[state.candidate()]
+        state.on_step(now)
+    window = 2 * auto.PROBE_STEPS if cands == auto.FULL_TOKENS else auto.PROBE_STEPS * len(cands)
+    # about one window in BATCH_GAP steps at most (a steady batch: one in INTERVAL)
+    assert in_window / 2000 <= window / auto.BATCH_GAP + 0.01
 
 
 @pytest.mark.parametrize("pattern", ["alternating", "random"])
