@@ -160,7 +160,6 @@ class AutoState:
     step_seconds: dict = field(default_factory=dict)  # candidate -> median seconds a step (last measured)
     noise: list | None = None  # running [tr Sigma, |G|^2]
     tokens: float = 0.0  # running valid tokens a step
-    rows: float = 0.0  # rows a step: the last RECENT_STEPS steps' mean without their smallest and largest
     decided_rows: float = 0.0  # the mean rows of the last window's steps (0: not known)
     decisions: int = 0
     _times: dict = field(default_factory=dict)  # candidate -> step times of the current window
@@ -235,7 +234,6 @@ class AutoState:
         if self._step_rows:
             r = self._step_rows
             self._recent_rows = (self._recent_rows + [r])[-RECENT_STEPS:]
-            self.rows = _trimmed_mean(self._recent_rows)
             if in_window:
                 self._window_rows.append(r)
         self._step_rows = 0
@@ -380,7 +378,6 @@ class AutoState:
             step_seconds={candidate_key(c): t for c, t in self.step_seconds.items()},
             noise=self.noise,
             tokens=self.tokens,
-            rows=self.rows,
             decided_rows=self.decided_rows,
             recent_rows=list(self._recent_rows),
             window_rows=list(self._window_rows),
@@ -407,7 +404,6 @@ class AutoState:
             step_seconds={_candidate(c): float(t) for c, t in state["step_seconds"].items()},
             noise=None if state["noise"] is None else [float(v) for v in state["noise"]],
             tokens=float(state["tokens"]),
-            rows=float(state.get("rows", 0.0)),  # states saved before the rows were kept: unknown
             decided_rows=float(state.get("decided_rows", 0.0)),
             decisions=int(state["decisions"]),
         )
@@ -418,14 +414,6 @@ class AutoState:
         if state.get("acc") is not None:
             s._acc = torch.tensor(state["acc"], dtype=torch.float64)
         return s
-
-
-def _trimmed_mean(values: list) -> float:
-    """The mean of ``values`` without their smallest and largest (all of them, below three)."""
-    v = sorted(values)
-    if len(v) >= 3:
-        v = v[1:-1]
-    return float(sum(v)) / len(v)
 
 
 def _probe_of_0_1_0(k: int) -> tuple[int, int]:

@@ -158,6 +158,39 @@ def time_ms(fn, setup, grads, device, warmup_ms, rep_ms) -> tuple[float, str]:
     return _event_loop_median(fn, setup, warmup_ms, rep_ms, grads, device), "event_loop"
 
 
+def host_profiles(call: Callable[[int], Any], reps: int, device: torch.device) -> tuple[str, str]:
+    """Where the host's time goes in ``reps`` calls of ``call(i)``, profiled twice (each profiler
+    distorts the other): torch.profiler's table of operators, CUDA runtime and driver calls and
+    autograd Functions by their own host time (their device time on CUDA), then cProfile's Python
+    functions by own and by cumulative time, which holds what the table does not (the Python
+    between operators, Triton's launcher)."""
+    import cProfile
+    import io
+    import pstats
+
+    acts = [torch.profiler.ProfilerActivity.CPU]
+    if device.type == "cuda":
+        acts.append(torch.profiler.ProfilerActivity.CUDA)
+    with torch.profiler.profile(activities=acts) as prof:
+        for i in range(reps):
+            call(i)
+        _sync(device)
+    ops = prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=40)
+    pr = cProfile.Profile()
+    pr.enable()
+    for i in range(reps):
+        call(i)
+    _sync(device)
+    pr.disable()
+    out = io.StringIO()
+    stats = pstats.Stats(pr, stream=out)
+    out.write(f"{reps} calls, by own time\n")
+    stats.sort_stats("tottime").print_stats(30)
+    out.write(f"{reps} calls, by cumulative time\n")
+    stats.sort_stats("cumulative").print_stats(50)
+    return f"{reps} calls\n{ops}", out.getvalue()
+
+
 def extra_peak_mib(fn, setup, grads, device) -> float | None:
     """Peak memory of one ``fn()`` above what was allocated before it (inputs included there)."""
     if device.type != "cuda":

@@ -228,37 +228,13 @@ def train_step(model, opt, ids, variant):
 
 
 def profile_steps(model, opt, batches, variant, device, steps: int = 5) -> str:
-    """``steps`` more steps under torch.profiler (operators by their own host time, and their
-    device time on CUDA), then ``steps`` more under cProfile (Python functions by own and by
-    cumulative time): the operator table misses the Python between operators, which is most of a
-    host-bound gated step."""
-    import cProfile
-    import io
-    import pstats
+    """``steps`` more steps under torch.profiler, then ``steps`` more under cProfile
+    (``cggr_hook.bench.host_profiles``): the operator table misses the Python between operators,
+    which is most of a host-bound gated step."""
+    from cggr_hook.bench import host_profiles
 
-    acts = [torch.profiler.ProfilerActivity.CPU]
-    if device.type == "cuda":
-        acts.append(torch.profiler.ProfilerActivity.CUDA)
-    with torch.profiler.profile(activities=acts) as prof:
-        for i in range(steps):
-            train_step(model, opt, batches[i % len(batches)], variant)
-        if device.type == "cuda":
-            torch.cuda.synchronize(device)
-    text = f"torch.profiler, {steps} steps\n" + prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=30)
-    pr = cProfile.Profile()
-    pr.enable()
-    for i in range(steps):
-        train_step(model, opt, batches[i % len(batches)], variant)
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-    pr.disable()
-    out = io.StringIO()
-    stats = pstats.Stats(pr, stream=out)
-    out.write(f"\ncProfile, {steps} steps, by own time\n")
-    stats.sort_stats("tottime").print_stats(30)
-    out.write(f"cProfile, {steps} steps, by cumulative time\n")
-    stats.sort_stats("cumulative").print_stats(50)
-    return text + out.getvalue()
+    ops, python = host_profiles(lambda i: train_step(model, opt, batches[i % len(batches)], variant), steps, device)
+    return f"torch.profiler, {ops}\ncProfile, {python}"
 
 
 def probe_times(m: dict) -> str:

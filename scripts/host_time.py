@@ -18,10 +18,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import cProfile
-import io
 import json
-import pstats
 import statistics
 import sys
 import time
@@ -36,6 +33,7 @@ try:
 except ImportError:  # a checkout that was not pip-installed
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     import cggr_hook
+from cggr_hook import bench
 
 LAUNCH_EVENTS = ("cudaLaunchKernel", "cuLaunchKernel", "cuLaunchKernelEx", "cudaLaunchKernelExC")
 SYNC_EVENTS = ("cudaStreamSynchronize", "cudaEventSynchronize", "cudaDeviceSynchronize")
@@ -117,40 +115,6 @@ def _profile_counts(run, dev) -> tuple[int, int]:
     return sum(n in LAUNCH_EVENTS for n in names), sum(n in SYNC_EVENTS for n in names)
 
 
-def _python_profile(run, tensors, calls: int = 20) -> str:
-    """cProfile of ``calls`` calls: the top functions by own time, then by cumulative time."""
-    pr = cProfile.Profile()
-    pr.enable()
-    for _ in range(calls):
-        run()
-        _clear(tensors)
-    pr.disable()
-    s = io.StringIO()
-    stats = pstats.Stats(pr, stream=s)
-    s.write(f"{calls} calls, by own time\n")
-    stats.sort_stats("tottime").print_stats(30)
-    s.write(f"{calls} calls, by cumulative time\n")
-    stats.sort_stats("cumulative").print_stats(40)
-    return s.getvalue()
-
-
-def _op_profile(run, tensors, dev, calls: int = 20) -> str:
-    """torch.profiler's host-side table over ``calls`` calls: torch's operators, the CUDA runtime
-    and driver calls (Triton's launches are ``cuLaunchKernelEx`` rows) and the autograd Functions,
-    by their own host time, with their counts. Python that is none of these (the gate's own code,
-    Triton's launcher) is not a row: it is in the own time of the Function or operator around it,
-    or in no row at all; cProfile (``_python_profile``) shows it."""
-    acts = [torch.profiler.ProfilerActivity.CPU]
-    if dev.type == "cuda":
-        acts.append(torch.profiler.ProfilerActivity.CUDA)
-    with torch.profiler.profile(activities=acts) as prof:
-        for _ in range(calls):
-            run()
-            _clear(tensors)
-        _sync(dev)
-    return f"{calls} calls\n" + prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=40)
-
-
 def measure(args) -> dict:
     dev = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     cases, tensors = _cases(args, dev)
@@ -184,8 +148,8 @@ def measure(args) -> dict:
                 "syncs": syncs,
             }
             if args.profile and name.startswith("head/enable"):
-                row["profile"] = _python_profile(run, tensors)
-                row["ops"] = _op_profile(run, tensors, dev)
+                # torch.profiler's table, then cProfile's functions, of 20 calls each
+                row["ops"], row["profile"] = bench.host_profiles(lambda i: (run(), _clear(tensors)), 20, dev)
         out[name] = row
     return {"device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu", "cases": out}
 

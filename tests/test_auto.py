@@ -172,16 +172,26 @@ def test_windows_repeat_every_interval_steps():
     assert state.decisions == 3
 
 
-def drive_rows(state: AutoState, rows: list[int], times: dict, now: float = 0.0) -> tuple[list, float]:
-    """One optimizer step per entry of ``rows``, each step's calls that many rows of logits."""
+def drive_rows(state: AutoState, rows, times: dict, now: float = 0.0) -> tuple[list, float]:
+    """One optimizer step per entry of ``rows``, each step's calls that many rows of logits (and
+    tokens, and noise figures on the steps that measure it); returns the candidates run and the
+    clock."""
     seen = []
     for r in rows:
         c = state.candidate()
         seen.append(c)
+        state.add_tokens(r)
+        if state.measures_noise():
+            state.add_noise(torch.tensor((4.0, 0.01), dtype=torch.float64))
         state.add_call(torch.device("cpu"), r)
         now += times[c]
         state.on_step(now)
     return seen, now
+
+
+def full_tokens_faster(cands: tuple) -> dict:
+    """Step times where the plain loss is the fastest candidate."""
+    return {c: 0.03 for c in cands} | {PLAIN: 0.02}
 
 
 def test_a_change_of_batch_starts_a_new_window_before_the_interval():
@@ -222,17 +232,8 @@ def test_a_change_of_batch_during_a_window_starts_another_at_once():
     the choice holds."""
     for cands, change_at in ((auto.FULL_TOKENS, 5), (auto.CANDIDATES, 15)):
         for new in (2000, 500):
-            times = {c: 0.03 for c in cands} | {PLAIN: 0.02}
             state = AutoState(candidates=cands)
-            now = 0.0
-            for i in range(300):
-                r = 1000 if i < change_at else new
-                state.add_tokens(r)
-                if state.measures_noise():
-                    state.add_noise(torch.tensor((4.0, 0.01), dtype=torch.float64))
-                state.add_call(torch.device("cpu"), r)
-                now += times[state.candidate()]
-                state.on_step(now)
+            drive_rows(state, [1000] * change_at + [new] * (300 - change_at), full_tokens_faster(cands))
             assert state.decisions == 2 and state.decided_rows == new, (cands, new, state.decisions)
 
 
@@ -249,18 +250,10 @@ def test_mixed_batch_sizes_probe_at_most_once_in_batch_gap_steps(rows_at, cands)
     """Batches that mix sizes in ways the check cannot tell from a change start at most one
     window in BATCH_GAP steps (and none right after one that a change started): the probing stays
     a bounded share of the run instead of all of it."""
-    times = {c: 0.03 for c in cands} | {PLAIN: 0.02}
     state = AutoState(candidates=cands)
-    now, in_window = 0.0, 0
-    for i in range(2000):
-        r = rows_at(i)
-        in_window += state.in_window()
-        state.add_tokens(r)
-        if state.measures_noise():
-            state.add_noise(torch.tensor((4.0, 0.01), dtype=torch.float64))
-        state.add_call(torch.device("cpu"), r)
-        now += times[state.candidate()]
-        state.on_step(now)
+    seen, _ = drive_rows(state, map(rows_at, range(2000)), full_tokens_faster(cands))
+    # a plain step outside a window is the choice; every other step ran in a window
+    in_window = sum(c != PLAIN for c in seen) + auto.PROBE_STEPS * state.decisions
     window = 2 * auto.PROBE_STEPS if cands == auto.FULL_TOKENS else auto.PROBE_STEPS * len(cands)
     # about one window in BATCH_GAP steps at most (a steady batch: one in INTERVAL)
     assert in_window / 2000 <= window / auto.BATCH_GAP + 0.01
@@ -277,16 +270,8 @@ def test_two_batch_sizes_twofold_apart_start_no_window_after_the_first(pattern, 
         rows = [2048, 4096] * 200
     else:
         rows = [2048 if b else 4096 for b in torch.randint(0, 2, (400,), generator=gen).tolist()]
-    times = {c: 0.03 for c in cands} | {PLAIN: 0.02}
     state = AutoState(candidates=cands)
-    now = 0.0
-    for r in rows:
-        state.add_tokens(r)
-        if state.measures_noise():
-            state.add_noise(torch.tensor((4.0, 0.01), dtype=torch.float64))
-        state.add_call(torch.device("cpu"), r)
-        now += times[state.candidate()]
-        state.on_step(now)
+    drive_rows(state, rows, full_tokens_faster(cands))
     assert state.decisions == 1 and state.window_start == 0
 
 
@@ -340,17 +325,17 @@ def test_the_rows_of_a_step_come_from_gated_and_plain_calls_and_survive_a_checkp
         crit(logits, targets).backward()
         ran.append(crit.get_metrics().get("auto_plain"))
         crit.step()
-        rows.append(crit.scheduler.auto_state("loss", auto.FULL_TOKENS).rows)
+        rows.append(crit.scheduler.auto_state("loss", auto.FULL_TOKENS)._recent_rows[-1])
     state = crit.scheduler.auto_state("loss", auto.FULL_TOKENS)
     assert ran[0] is True and False in ran  # the plain loss first, then the gate's kernels
     assert rows[0] == 66  # from the plain step alone
-    assert state.rows == 66 and state.decided_rows == 66
+    assert set(state._recent_rows) == {66} and state.decided_rows == 66
     saved = state.state_dict()
     loaded = AutoState.from_state(saved)
     assert loaded.decided_rows == 66 and loaded._recent_rows == state._recent_rows
-    old = {k: v for k, v in saved.items() if k not in ("rows", "decided_rows", "recent_rows")}
+    old = {k: v for k, v in saved.items() if k not in ("decided_rows", "recent_rows", "window_rows", "batch_started")}
     loaded = AutoState.from_state(old)
-    assert loaded.rows == 0 and loaded.decided_rows == 0 and not loaded._reshaped()
+    assert loaded._recent_rows == [] and loaded.decided_rows == 0 and not loaded._reshaped()
 
 
 def test_the_head_routes_plain_steps_report_their_rows():
@@ -364,7 +349,7 @@ def test_the_head_routes_plain_steps_report_their_rows():
     assert state.candidate() == PLAIN
     F.cross_entropy(model(idx)[:, :-1].reshape(-1, 37), idx[:, 1:].reshape(-1)).backward()
     opt.step()
-    assert cggr_hook.metrics(model)["auto_plain"] and state.rows == 44
+    assert cggr_hook.metrics(model)["auto_plain"] and state._recent_rows == [44]
 
 
 def test_auto_state_resumes_exactly_from_the_scheduler_state():

@@ -219,3 +219,19 @@ def test_throughput_repeats_combine_medians_and_a_failed_run_has_no_timing():
     row = next(line for line in table.splitlines() if line.startswith("| cggr25 |"))
     assert "| 11.0 | 10.0-12.0 |" in row and "| - |" in row  # no ratio: the failed hf is no baseline
     assert "error: RuntimeError: boom" in table
+
+
+def test_host_profiles_show_the_operators_and_the_python_of_the_calls():
+    """``bench.host_profiles``: torch.profiler's operator table and cProfile's functions, each
+    over the given number of calls of the callable."""
+    x = torch.randn(8, 8)
+    calls = []
+
+    def a_python_step(i):
+        calls.append(i)
+        torch.mm(x, x)
+
+    ops, python = bench.host_profiles(a_python_step, 3, torch.device("cpu"))
+    assert calls == [0, 1, 2, 0, 1, 2]  # profiled twice, apart
+    assert "aten::mm" in ops and ops.startswith("3 calls")
+    assert "a_python_step" in python and "by cumulative time" in python
