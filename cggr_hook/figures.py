@@ -35,7 +35,7 @@ def draw_figures(values: list, n_valid: int) -> dict:
     of variation of the scores, m2 / m1^2 - 1 (m1, m2: the mean score and squared score over valid
     tokens), from which the variance gain over uniform sampling at kept fraction f is predicted:
     (1 - f) (1 + cv2) / (1 - f (1 + cv2)) while no token is capped."""
-    ess, max_w, n_certain, m1, m2 = values
+    ess, max_w, n_certain, m1, m2 = values[:5]
     return {
         "ess": ess,
         "max_weight": max_w,
@@ -63,13 +63,18 @@ def resolve(m: dict) -> dict:
     if "_sums" not in m and "_draw" not in m and "_valid" not in m:
         return m
     m = dict(m)
+    draw = m.pop("_draw").values() if "_draw" in m else None
+    if "_ratio" in m:  # n and k were counted on the device: the draw's figures bring them
+        m.pop("_ratio")
+        n, k = int(draw[-2]), int(draw[-1])  # pyright: ignore[reportOptionalSubscript]
+        m.update(token_ratio=k / n if n else 0.0, tokens_selected=k, tokens_total=n)
     if "_valid" in m:
         m["tokens_total"] = m["tokens_selected"] = int(m.pop("_valid").values()[0])
     if "_sums" in m:
         host = m.pop("_sums").values()
         m.update(averages(add_partials(host, len(host)), m["tokens_total"]))
-    if "_draw" in m:
-        m.update(draw_figures(m.pop("_draw").values(), m["tokens_total"]))
+    if draw is not None:
+        m.update(draw_figures(draw, m["tokens_total"]))
     return m
 
 

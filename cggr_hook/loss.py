@@ -18,7 +18,7 @@ from . import kernels, patch
 from .config import OPTION_NAMES, GateConfig
 from .functions import GatedCrossEntropy
 from .kernels.spec import check_reduction
-from .pipeline import LossSpec, check_targets, gated_forward
+from .pipeline import LossSpec, PendingTargetCheck, check_targets, gated_forward
 from .schedule import Scheduler
 
 __all__ = ["CGGRLoss", "LossSpec"]
@@ -102,6 +102,7 @@ class CGGRLoss(torch.nn.Module):
         """The last call's figures (same keys as ``cggr_hook.metrics()``)."""
         m = self._metrics
         resolved = figures_mod.resolve(m)
+        PendingTargetCheck.poll(wait=True)  # the counts are in by now: a bad target raises here
         if self._metrics is m:  # keep the resolved figures unless a newer call replaced them
             self._metrics = resolved
         return dict(resolved)

@@ -34,7 +34,7 @@ from torch import Tensor
 
 from . import difficulty, figures, kernels, selection
 from .config import GateConfig, check_zero_floor
-from .kernels.spec import SCORINGS, check_reduction, target_masks
+from .kernels.spec import SCORINGS, check_reduction, keep_count, target_masks
 from .schedule import Scheduler, tokens_to_keep
 
 
@@ -148,8 +148,12 @@ class HostRead:
                 stream = side
             self._event.record(stream)
 
+    def done(self) -> bool:
+        """Whether ``values()`` would return without waiting."""
+        return self._event is None or self._event.query()
+
     def values(self) -> list:
-        if self._event is not None:
+        if self._event is not None and not self._event.query():
             self._event.synchronize()
         return self._host.tolist()
 
@@ -252,7 +256,9 @@ def gated_forward(
     # the host's one read is of target counts queued before the scoring pass, when the ratio cannot
     # depend on what that pass finds
     counts_first = (auto or not config.dynamic_threshold) and not strategy.per_sequence
-    counts = HostRead(kernels.target_counts(targets, V, ignore_index).reshape(-1)) if counts_first else None
+    PendingTargetCheck.poll()  # an earlier call's bad targets, where its counts have arrived
+    counts_t = kernels.target_counts(targets, V, ignore_index) if counts_first else None
+    counts = HostRead(counts_t.reshape(-1)) if counts_t is not None else None
     # an auto gate's noise-measuring step needs every row's gradient norm, whatever the scoring
     probe = auto and scheduler.auto_state(key, cands).measures_noise()
     stats = kernels.row_stats(
@@ -275,6 +281,29 @@ def gated_forward(
         if strategy.per_sequence:
             valid, _ = target_masks(targets, V, ignore_index)
         ranking = selection.rank_rows(diff, valid, config, seq)
+
+    if at_ratio(config, strategy, auto, counts_first, every_row) and N > 0:
+        # importance at a ratio the host knows: n and k are counted on the device, nothing is read
+        assert ranking is not None and counts is not None and counts_t is not None
+        PendingTargetCheck.add(counts, V, ignore_index)
+        PendingTargetCheck.poll()  # raises here already where the counts are in (on a CPU, always)
+        return _draw_at_ratio(
+            logits,
+            targets,
+            stats,
+            ranking,
+            diff,
+            partial,
+            counts_t,
+            config,
+            scheduler,
+            key,
+            spec,
+            gen,
+            param_ids,
+            need_rows,
+            scoring.random,
+        )
 
     keep_ranks = None
     if counts is not None:
@@ -359,3 +388,105 @@ def gated_forward(
     # difficulty order: the dense gradient schedules its rows by it (zero rows first)
     order = ranking.order if ranking is not None and sel_key is ranking.rank else None
     return GatedForward(loss, values, BackwardPlan(stats.lse, row_scale, rows, order, noise, dense))
+
+
+def at_ratio(
+    config: GateConfig, strategy: selection.Selection, auto: bool, counts_first: bool, every_row: bool
+) -> bool:
+    """Whether a call draws by importance at a ratio the host knows before the scoring pass (a
+    fixed ratio or its curriculum: no dynamic threshold, not auto), so that n and k can be counted
+    on the device (``_draw_at_ratio``) and the call reads nothing on the host."""
+    return strategy.weighted and counts_first and not auto and not every_row
+
+
+def _draw_at_ratio(
+    logits: Tensor,
+    targets: Tensor,
+    stats: kernels.RowStats,
+    ranking: selection.Ranking,
+    diff: Tensor,
+    partial: Tensor,
+    counts: Tensor,
+    config: GateConfig,
+    scheduler: Scheduler,
+    key: str,
+    spec: LossSpec,
+    gen: torch.Generator | None,
+    param_ids: frozenset[int],
+    need_rows: bool,
+    uniform: bool,
+) -> GatedForward:
+    """``gated_forward``'s importance draw with n and k on the device: the draw lists K =
+    keep_count(ratio, N) rows (an upper bound of k the host knows; the rows past the k drawn carry
+    no weight, so a gradient over them adds exact zeros), the loss takes the mean's n from the
+    draw, and the call's figures (n, k, the averages) stay on the device until ``metrics()`` asks.
+    A bad target is reported by a later call (``PendingTargetCheck``); its row counts as ignored
+    here, as the scoring pass reads it."""
+    V = logits.shape[-1]
+    N = targets.numel()
+    ratio, step, call = scheduler.begin_call(config, key, math.nan, param_ids)
+    capacity = keep_count(ratio, N)
+    norm = None if spec.reduction == "mean" and spec.weight is None else _horvitz_thompson_norm(targets, 0, V, spec)
+    draw = selection.importance_draw_at_ratio(
+        ranking, diff, counts, ratio, capacity, config.importance_floor, gen, uniform=uniform, norm=norm
+    )
+    dense = need_rows and dense_rows(logits, N, capacity)
+    loss, row_scale = kernels.selected_loss(
+        stats,
+        targets,
+        V,
+        draw.key,
+        1,
+        capacity,
+        capacity,
+        spec.reduction,
+        float(spec.label_smoothing),
+        spec.weight,
+        draw.row_weight,
+        draw.figures[_N_VALID : _N_VALID + 1],
+    )
+    values = {
+        "step": step + 1,
+        "selection": config.selection,
+        "scoring": config.scoring,
+        "_sums": HostRead(partial.reshape(-1), now=False),
+        "_draw": HostRead(draw.figures, now=False),
+        "_ratio": ratio,
+    }
+    rows = None if dense or not need_rows else draw.rows
+    return GatedForward(loss, values, BackwardPlan(stats.lse, row_scale, rows, None, None, dense))
+
+
+_N_VALID = kernels.spec.DRAW_FIGURES.index("n_valid")
+
+
+class PendingTargetCheck:
+    """The target checks of calls that read nothing on the host (``_draw_at_ratio``): each holds
+    its call's target counts, copied to the host behind the kernels, and raises the ValueError of a
+    bad target at the first later gated call that finds the copy done (or at ``poll(wait=True)``:
+    ``disable()``, ``metrics()``). A call never waits for one."""
+
+    _pending: ClassVar[list[tuple[HostRead, int, int]]] = []
+
+    @classmethod
+    def clear(cls) -> None:
+        cls._pending.clear()
+
+    @classmethod
+    def add(cls, counts: HostRead, vocab: int, ignore_index: int) -> None:
+        cls._pending.append((counts, vocab, ignore_index))
+
+    @classmethod
+    def poll(cls, wait: bool = False) -> None:
+        """Check every pending call whose counts have arrived (every one with ``wait``), oldest
+        first; the first bad one raises, and the checks it left are dropped with it."""
+        while cls._pending and (wait or cls._pending[0][0].done()):
+            counts, vocab, ignore_index = cls._pending.pop(0)
+            n_bad = _valid_and_bad(counts.values())[1]
+            if n_bad:
+                cls._pending.clear()
+                raise ValueError(
+                    f"cggr_hook: an earlier gated call's target had {n_bad} value(s) outside [0, {vocab}) that are not "
+                    f"ignore_index={ignore_index} (that call counted them as ignored); targets must be class indices "
+                    f"below the vocabulary size {vocab} or ignore_index"
+                )

@@ -27,6 +27,7 @@ from . import patch
 from . import trace as trace_mod
 from .config import GateConfig, make_config
 from .gate import Gate
+from .pipeline import PendingTargetCheck
 from .route import Route
 from .schedule import Scheduler, optimizer_holds
 
@@ -147,8 +148,11 @@ class Registry:
 
     def disable(self, model: nn.Module | None = None) -> None:
         """Remove ``model``'s gate (every gate when None), and its figures from ``metrics()``. With no
-        gate left, ``torch.nn.functional.cross_entropy`` is the original object again."""
+        gate left, ``torch.nn.functional.cross_entropy`` is the original object again. Then the
+        target checks that gated calls left pending (``pipeline.PendingTargetCheck``) are done: a
+        bad target of the last calls raises its ValueError here, the gates already removed."""
         self._disable(model, keep_figures=False)
+        PendingTargetCheck.poll(wait=True)
 
     def remove(self, gate: Gate) -> None:
         """``gate.remove()``: disable its model."""
@@ -306,6 +310,7 @@ class Registry:
         # figures left on their way from the device are waited for outside the lock, so a reader
         # never holds up a gated call that wants to record its own figures
         resolved = figures_mod.resolve(values)
+        PendingTargetCheck.poll(wait=True)  # the counts are in by now: a bad target raises here
         if resolved is not values:
             with self.lock:
                 if record.values is values:  # keep them read; a newer call has a record of its own
@@ -330,6 +335,7 @@ class Registry:
         """Back to the state after import: every gate disabled (``F.cross_entropy`` the original
         object again), no figures, the scheduler at step 0, and every warning given once may be given
         again (a test's clean slate)."""
+        PendingTargetCheck.clear()
         self.disable()
         self.scheduler.reset()
         with self.lock:

@@ -33,6 +33,7 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from .auto import CANDIDATES, PLAIN, AutoState, candidate_key
 from .config import GateConfig
+from .kernels.spec import keep_count
 
 EMA_MOMENTUM = 0.9
 
@@ -58,12 +59,10 @@ def dynamic_ratio(r: float, confidence: float, average: float | None, sensitivit
 def tokens_to_keep(ratio: float, n_valid: int) -> int:
     """k = max(1, floor(ratio * n + 0.5)) for n > 0, else 0; never more than n.
 
-    ratio * n is rounded to 9 decimals first: r arrives through float arithmetic (0.45 may be
-    0.44999999999999996), and a product that is a half-integer up to that noise must round up.
-    """
-    if n_valid <= 0:
-        return 0
-    return min(n_valid, max(1, int(math.floor(round(ratio * n_valid, 9) + 0.5))))
+    A product that is a half-integer up to float noise rounds up (r arrives through float
+    arithmetic: 0.45 may be 0.44999999999999996): ``kernels.spec.keep_count``, the rule the
+    importance kernel also follows where it counts n on the device."""
+    return keep_count(ratio, n_valid)
 
 
 class Scheduler:

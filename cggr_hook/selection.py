@@ -281,6 +281,23 @@ def systematic_draw(
     return torch.sort((~drawn).to(torch.int8), stable=True).indices[:k]
 
 
+def random_keys(n_rows: int, device: torch.device, generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
+    """The importance draw's random numbers, both from ``generator``: the start u (float64 (1,)),
+    then one uniform key per row of the call (fp32 (N,)), the j-th valid row in row order taking
+    the j-th key (a row's key goes with the row, not with its place in the difficulty order: scores
+    equal up to rounding, as two backends give them, may swap places there without changing the
+    draw). The stable ascending order of the valid rows' keys is the draw's random order.
+
+    One key per row, not per valid row, so that their number is known before the valid rows are
+    counted (``importance_draw_at_ratio``) and both draws take the same numbers. On a CPU generator
+    the first n keys do not depend on N, so that the draw does not depend on how many rows are
+    ignored (the logits' route and the head's, which also lists each sequence's last position,
+    draw the same rows); a CUDA generator lays its numbers out by the tensor's size, so there it does."""
+    u = torch.rand(1, generator=generator, device=device, dtype=torch.float64)
+    keys = torch.rand(n_rows, generator=generator, device=device)
+    return keys, u
+
+
 def importance_draw(
     ranking: Ranking,
     diff: Tensor,
@@ -289,22 +306,36 @@ def importance_draw(
     floor: float,
     generator: torch.Generator | None,
     uniform: bool = False,
-    norm: int | Tensor = 1,
+    norm: int | Tensor | None = 1,
 ) -> Draw:
     """Draw k of the n valid rows with pi = ``inclusion_probabilities`` of their difficulty (the
     score s >= 0; ``uniform``: every s equal, pi = k / n), by systematic sampling over the rows in
-    a random order, each drawn row weighted (1 / pi) / ``norm`` (``kernels.importance_draw``, one
-    launch). ``ranking.order`` lists the valid rows first, by descending difficulty, which is the
-    order water-filling needs. 1 <= k < n.
-
-    The random numbers: a uniform key per valid row, fp32 (n,), the j-th valid row in row order
-    taking the j-th key, whose stable ascending sort is the random order (a row's key goes with the
-    row, not with its place in the difficulty order: scores equal up to rounding, as two backends
-    give them, may swap places there without changing the draw; ignored rows take none, so the draw
-    does not depend on how many there are), then the start u, float64 (1,), both from
-    ``generator``."""
-    dev = diff.device
-    keys = torch.rand(n_valid, generator=generator, device=dev)
-    perm = kernels.ascending_order(keys)  # a stable sort's order, counted in one launch on Triton
-    u = torch.rand(1, generator=generator, device=dev, dtype=torch.float64)
+    the random order of ``random_keys``, each drawn row weighted (1 / pi) / ``norm`` (None: n)
+    (``kernels.importance_draw``, one launch). ``ranking.order`` lists the valid rows first, by
+    descending difficulty, which is the order water-filling needs. 1 <= k < n."""
+    keys, u = random_keys(diff.numel(), diff.device, generator)
+    perm = kernels.ascending_order(keys[:n_valid])  # a stable sort's order, counted in one launch on Triton
     return kernels.importance_draw(diff, ranking.order, ranking.rank, perm, u, n_valid, k, floor, uniform, norm)
+
+
+def importance_draw_at_ratio(
+    ranking: Ranking,
+    diff: Tensor,
+    counts: Tensor,
+    ratio: float,
+    capacity: int,
+    floor: float,
+    generator: torch.Generator | None,
+    uniform: bool = False,
+    norm: int | Tensor | None = None,
+) -> Draw:
+    """``importance_draw`` with n (the valid targets of ``counts``, ``target_counts``' partials)
+    and k = ``kernels.spec.keep_count(ratio, n)`` counted on the device: the same rows, keys and
+    weights as ``importance_draw`` given n and k, with ``rows`` listed in ``capacity`` slots (the
+    drawn ones first; the rest carry no weight) and nothing read on the host
+    (``kernels.importance_draw_at_ratio``)."""
+    keys, u = random_keys(diff.numel(), diff.device, generator)
+    perm = kernels.ascending_order(keys)  # the valid rows' keys are the first n: their order is kept
+    return kernels.importance_draw_at_ratio(
+        diff, ranking.order, ranking.rank, perm, u, counts, ratio, capacity, floor, uniform, norm
+    )

@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from . import reference
+from . import reference, spec
 from .spec import ImportanceDraw, RowStats
 
 __all__ = [
@@ -41,6 +41,7 @@ __all__ = [
     "difficulty_rank",
     "ascending_order",
     "importance_draw",
+    "importance_draw_at_ratio",
     "selected_loss",
     "ce_grad_rows",
     "ce_grad_dense_",
@@ -56,6 +57,7 @@ _TRITON_MODULES = {
     "difficulty_rank": "ranking",
     "ascending_order": "ranking",
     "importance_draw": "importance",
+    "importance_draw_at_ratio": "importance",
     "selected_loss": "gated_ce",
     "ce_grad_rows": "gated_ce",
     "ce_grad_dense_": "gated_ce",
@@ -215,15 +217,15 @@ def importance_draw(
     k: int,
     floor: float,
     uniform: bool = False,
-    norm: int | Tensor = 1,
+    norm: int | Tensor | None = 1,
 ) -> ImportanceDraw:
     """Draw k of the ``n_valid`` valid rows with inclusion probabilities pi by water-filling over
     their difficulty ``diff`` (fp32 (N,)), systematic sampling over the random order ``perm`` (int64
     (n_valid,), a permutation of the valid rows' ordinals: the j-th valid row in row order is j) from u (float64 (1,), uniform in [0, 1)); ``order`` and
     ``rank`` are ``difficulty_rank``'s. Returns the rows ascending (k,), 1 / pi of each (k,),
     ``row_weight`` (1 / pi) / ``norm`` fp32 (N,) (an int, or a float64 0-d device tensor), the
-    selection key int64 (N,) (``key < 1``) and float64 (5,) ``spec.DRAW_FIGURES``
-    (``reference.importance_draw``). No host synchronisation."""
+    selection key int64 (N,) (``key < 1``) and float64 (7,) ``spec.DRAW_FIGURES``
+    (``reference.importance_draw``); ``norm`` None: n. No host synchronisation."""
     N = diff.numel()
     if not 1 <= k < n_valid <= N:
         raise ValueError(f"cggr_hook: importance_draw needs 1 <= k < n_valid <= N, got k={k}, n_valid={n_valid}, N={N}")
@@ -233,6 +235,59 @@ def importance_draw(
     if u.numel() != 1 or u.dtype != torch.float64:
         raise ValueError(f"cggr_hook: u must be one float64, got {u.dtype} of shape {tuple(u.shape)}")
     return _run("importance_draw", diff, diff, order, rank, perm, u, n_valid, k, float(floor), bool(uniform), norm)
+
+
+def importance_draw_at_ratio(
+    diff: Tensor,
+    order: Tensor,
+    rank: Tensor,
+    perm: Tensor,
+    u: Tensor,
+    counts: Tensor,
+    ratio: float,
+    capacity: int,
+    floor: float,
+    uniform: bool = False,
+    norm: int | Tensor | None = None,
+) -> ImportanceDraw:
+    """``importance_draw`` where the host knows neither n nor k: n is the valid targets of
+    ``counts`` (``target_counts``' int64 (P, 2)), k = ``spec.keep_count(ratio, n)``, both counted
+    on the device (``DRAW_FIGURES`` ends with them), and ``rows`` / ``inv_pi`` have ``capacity``
+    slots (at least ``keep_count(ratio, N)``), the drawn rows ascending and then undrawn rows that
+    carry no weight. ``perm`` (int64 (N,)): the random order of one key per row, whose ordinals
+    below n order the valid rows. Where k = n every valid row is kept with pi = 1
+    (``reference.importance_draw_at_ratio``). No host synchronisation on Triton."""
+    N = diff.numel()
+    for name, t, size in (("order", order, N), ("rank", rank, N), ("perm", perm, N)):
+        if t.dim() != 1 or t.numel() != size or t.dtype != torch.int64:
+            raise ValueError(f"cggr_hook: {name} must be int64 of {size} rows, got {t.dtype} of shape {tuple(t.shape)}")
+    if u.numel() != 1 or u.dtype != torch.float64:
+        raise ValueError(f"cggr_hook: u must be one float64, got {u.dtype} of shape {tuple(u.shape)}")
+    if counts.dim() != 2 or counts.shape[1] != 2 or counts.dtype != torch.int64:
+        raise ValueError(
+            f"cggr_hook: counts must be target_counts' int64 (P, 2) partials, got {counts.dtype} of shape {tuple(counts.shape)}"
+        )
+    ratio = float(ratio)
+    if not 0.0 <= ratio <= 1.0 or not spec.keep_count(ratio, N) <= capacity <= N:
+        raise ValueError(
+            f"cggr_hook: importance_draw_at_ratio needs a ratio in [0, 1] and keep_count(ratio, N) <= capacity <= N, "
+            f"got ratio={ratio}, capacity={capacity}, N={N}"
+        )
+    return _run(
+        "importance_draw_at_ratio",
+        diff,
+        diff,
+        order,
+        rank,
+        perm,
+        u,
+        counts,
+        ratio,
+        int(capacity),
+        float(floor),
+        bool(uniform),
+        norm,
+    )
 
 
 def selected_loss(
@@ -247,10 +302,12 @@ def selected_loss(
     label_smoothing: float,
     weight: Tensor | None,
     row_weight: Tensor | None = None,
+    count: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """(loss, row_scale): the gated loss of the rows with ``sel_key < sel_k`` and d loss / d ce_r
     of every row, fp32 (N,); ``row_weight`` (fp32 (N,)): each selected row's own factor in place
-    of the reduction's (``reference.selected_loss``)."""
+    of the reduction's; ``count``: with it, the valid rows' number as a float64 device scalar (the
+    mean is NaN where it is 0) (``reference.selected_loss``)."""
     return _run(
         "selected_loss",
         stats.lse,
@@ -265,6 +322,7 @@ def selected_loss(
         label_smoothing,
         weight,
         row_weight,
+        count,
     )
 
 

@@ -469,6 +469,7 @@ def _selected_loss_kernel(
     w_total_ptr,
     key_ptr,
     rw_ptr,
+    count_ptr,
     loss_ptr,
     scale_ptr,
     N,
@@ -483,6 +484,7 @@ def _selected_loss_kernel(
     HAS_WEIGHT: tl.constexpr,
     HAS_SMOOTH: tl.constexpr,
     HAS_ROW_WEIGHT: tl.constexpr,
+    HAS_COUNT: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     offs = tl.arange(0, BLOCK)
@@ -525,6 +527,8 @@ def _selected_loss_kernel(
             if REDUCTION == 1:
                 tl.store(scale_ptr + rows, tl.where(sel, factor, 0.0), mask=inside)
     if HAS_ROW_WEIGHT:
+        if REDUCTION == 0 and HAS_COUNT:  # the mean over no valid row: NaN, as torch gives
+            total = tl.where(tl.load(count_ptr) == 0, float("nan"), total)
         if REDUCTION != 2:
             tl.store(loss_ptr, total)
     elif REDUCTION == 0:
@@ -552,6 +556,7 @@ def selected_loss(
     label_smoothing: float,
     weight: Tensor | None,
     row_weight: Tensor | None = None,
+    count: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """The gated loss of the selected rows (``sel_key < sel_k``) and ``row_scale`` (N,), each
     selected row weighted by ``row_weight`` when given: see ``reference.selected_loss``. One
@@ -585,6 +590,7 @@ def selected_loss(
         w_total_t,
         sel_key.contiguous(),
         row_weight.contiguous() if row_weight is not None else stats.lse,
+        count if count is not None else stats.lse,
         loss,
         row_scale,
         N,
@@ -599,6 +605,7 @@ def selected_loss(
         HAS_WEIGHT=has_weight,
         HAS_SMOOTH=bool(ls),
         HAS_ROW_WEIGHT=row_weight is not None,
+        HAS_COUNT=count is not None,
         BLOCK=LOSS_BLOCK,
         num_warps=LOSS_WARPS,
         enable_fp_fusion=False,

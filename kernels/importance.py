@@ -38,9 +38,9 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .spec import ImportanceDraw
+from .spec import DRAW_FIGURES, KEEP_HALF, ImportanceDraw
 
-__all__ = ["importance_draw", "BLOCK", "NUM_WARPS"]
+__all__ = ["importance_draw", "importance_draw_at_ratio", "BLOCK", "NUM_WARPS"]
 
 # rows a loop iteration and the warps of the one program (not swept on a device yet)
 BLOCK = 1024
@@ -48,6 +48,8 @@ NUM_WARPS = 4
 
 _FLT_MAX: tl.constexpr = tl.constexpr(3.4028234663852886e38)  # an fp32 value: exact as a constant
 _NO_ROW: tl.constexpr = tl.constexpr(2147483647)
+# a float constant reaches a kernel as fp32 (0.5 + 5e-10 would be 0.5): the float64 bits instead
+_KEEP_HALF_BITS: tl.constexpr = tl.constexpr(struct.unpack("<q", struct.pack("<d", KEEP_HALF))[0])
 
 
 @triton.jit
@@ -82,6 +84,7 @@ def _importance_kernel(
     perm_ptr,
     u_ptr,
     norm_ptr,
+    counts_ptr,
     vrows_ptr,
     F_ptr,
     pos_ptr,
@@ -91,17 +94,37 @@ def _importance_kernel(
     key_ptr,
     fig_ptr,
     N,
-    n,
-    k,
+    n_arg,
+    k_arg,
     norm_int,
+    n_parts,
+    ratio_bits,
+    n_perm,
+    capacity,
     FLOOR_BITS: tl.constexpr,
     UNIFORM: tl.constexpr,
-    NORM_TENSOR: tl.constexpr,
+    NORM_MODE: tl.constexpr,
+    DEVICE_K: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     idx = tl.arange(0, BLOCK)
     zero = tl.zeros([], tl.float64)
     floor = tl.full([], FLOOR_BITS, tl.int64).to(tl.float64, bitcast=True)
+    if DEVICE_K:
+        # n from the target counts' partials, k = keep_count(ratio, n): nothing read on the host
+        n64 = tl.zeros([], tl.int64)
+        for p0 in range(0, n_parts, BLOCK):
+            p = p0 + idx
+            n64 += tl.sum(tl.load(counts_ptr + 2 * p, mask=p < n_parts, other=0).to(tl.int64))
+        ratio = ratio_bits.to(tl.int64).to(tl.float64, bitcast=True)
+        half = tl.full([], _KEEP_HALF_BITS, tl.int64).to(tl.float64, bitcast=True)
+        k64 = tl.floor(ratio * n64.to(tl.float64) + half).to(tl.int64)
+        k64 = tl.minimum(tl.maximum(k64, 1), n64)
+        n = n64.to(tl.int32)
+        k = k64.to(tl.int32)
+    else:
+        n = n_arg
+        k = k_arg
     nf = zero + n
     kf = zero + k
     one_minus_a = 1.0 - floor
@@ -150,6 +173,8 @@ def _importance_kernel(
         rest = tl.where(found, tl.sum(tl.where(j == jm, tail, 0.0)), rest)
         m = tl.where(found, jm, m)
 
+    # every valid row kept (k = n, only where k is counted here): all certain
+    m = tl.where(k >= n, n, m)
     left = (k - m).to(tl.float64)
     c = left / tl.where(rest > 0, rest, 1.0)
     spread = left / (n - m).to(tl.float64)
@@ -159,12 +184,16 @@ def _importance_kernel(
     u = tl.load(u_ptr)
     cum_carry = m.to(tl.float64)
     cnt_carry = tl.zeros([], tl.int32)
-    for start in range(0, n, BLOCK):
+    for start in range(0, n_perm, BLOCK):
         i = start + idx
-        inb = i < n
-        r = tl.load(vrows_ptr + tl.load(perm_ptr + i, mask=inb, other=0), mask=inb, other=0)
-        rk = tl.load(rank_ptr + r, mask=inb, other=N)
-        unc = inb & (rk >= m)
+        inb = i < n_perm
+        o = tl.load(perm_ptr + i, mask=inb, other=0)
+        # ordinals past n (``perm`` over one key per row of the call) are no valid row: they take
+        # no room on the line, and F runs on through them unchanged
+        live = inb & (o < n)
+        r = tl.load(vrows_ptr + o, mask=live, other=0)
+        rk = tl.load(rank_ptr + r, mask=live, other=N)
+        unc = live & (rk >= m)
         s = tl.where(unc, _score(tl.load(diff_ptr + r, mask=unc, other=0.0), UNIFORM), 0.0)
         q = _share(s, total, share_u, one_minus_a, a_over_n)
         pi = tl.where(rest > 0, tl.minimum(c * q, 1.0), spread)
@@ -176,12 +205,14 @@ def _importance_kernel(
         cum = tl.where(cnt == n_unc, kf, cum)
         F = tl.minimum(tl.ceil(cum - u), kf).to(tl.int32)
         tl.store(F_ptr + i, F, mask=inb)
-        tl.store(pos_ptr + r, i, mask=inb)
+        tl.store(pos_ptr + r, i, mask=live)
     tl.debug_barrier()
 
     # 4. row order: drawn rows, their keys and weights, compacted ascending
-    if NORM_TENSOR:
+    if NORM_MODE == 1:
         norm = tl.load(norm_ptr).to(tl.float64)
+    elif NORM_MODE == 2:  # the plain mean's n (1 where n = 0: then nothing is drawn)
+        norm = zero + tl.maximum(n, 1)
     else:
         norm = zero + norm_int
     n_drawn = tl.zeros([], tl.int32)
@@ -206,7 +237,7 @@ def _importance_kernel(
         tl.store(key_ptr + r, tl.where(drawn, 0, 1).to(tl.int64), mask=inb)
         d = drawn.to(tl.int32)
         slot = n_drawn + tl.cumsum(d, 0) - 1
-        keep = drawn & (slot < k)
+        keep = drawn & (slot < capacity)
         tl.store(rows_ptr + slot, r.to(tl.int64), mask=keep)
         tl.store(inv_pi_ptr + slot, w, mask=keep)
         n_drawn += tl.sum(d)
@@ -217,7 +248,8 @@ def _importance_kernel(
     # fewer than k drawn only where rounding let one row's span hold two points (|error| ~1e-16
     # of the line): the missing slots take the first undrawn rows (key 1: weight and gradient
     # zero), as the reference's compaction does, so that no slot is left unwritten
-    if n_drawn < k:
+    # (where k is counted here, the rows past it up to ``capacity`` are filled the same way)
+    if n_drawn < capacity:
         tl.debug_barrier()
         n_fill = tl.zeros([], tl.int32)
         for start in range(0, N, BLOCK):
@@ -225,7 +257,7 @@ def _importance_kernel(
             inb = r < N
             und = inb & (tl.load(key_ptr + r, mask=inb, other=0) == 1)
             slot = n_drawn + n_fill + tl.cumsum(und.to(tl.int32), 0) - 1
-            put = und & (slot < k)
+            put = und & (slot < capacity)
             tl.store(rows_ptr + slot, r.to(tl.int64), mask=put)
             tl.store(inv_pi_ptr + slot, tl.full([BLOCK], 1.0, tl.float64), mask=put)
             n_fill += tl.sum(und.to(tl.int32))
@@ -235,7 +267,9 @@ def _importance_kernel(
     fig = tl.where(f == 2, m.to(tl.float64), fig)
     fig = tl.where(f == 3, total / nf, fig)
     fig = tl.where(f == 4, sq / nf, fig)
-    tl.store(fig_ptr + f, fig, mask=f < 5)
+    fig = tl.where(f == 5, nf, fig)
+    fig = tl.where(f == 6, kf, fig)
+    tl.store(fig_ptr + f, fig, mask=f < 7)
 
 
 def importance_draw(
@@ -248,34 +282,76 @@ def importance_draw(
     k: int,
     floor: float,
     uniform: bool,
-    norm: int | Tensor,
+    norm: int | Tensor | None,
 ) -> ImportanceDraw:
     """k rows drawn from the ``n_valid`` valid ones, their weights, key and figures: see
     ``reference.importance_draw``. One program, one launch."""
+    return _launch(diff, order, rank, perm, u, floor, uniform, norm, n_valid=n_valid, k=k)
+
+
+def importance_draw_at_ratio(
+    diff: Tensor,
+    order: Tensor,
+    rank: Tensor,
+    perm: Tensor,
+    u: Tensor,
+    counts: Tensor,
+    ratio: float,
+    capacity: int,
+    floor: float,
+    uniform: bool,
+    norm: int | Tensor | None,
+) -> ImportanceDraw:
+    """The draw with n and k counted on the device from the target counts' partials ``counts``
+    and ``ratio``: see ``reference.importance_draw_at_ratio``. One program, one launch, and nothing
+    read on the host."""
+    return _launch(diff, order, rank, perm, u, floor, uniform, norm, counts=counts, ratio=ratio, capacity=capacity)
+
+
+def _launch(
+    diff: Tensor,
+    order: Tensor,
+    rank: Tensor,
+    perm: Tensor,
+    u: Tensor,
+    floor: float,
+    uniform: bool,
+    norm: int | Tensor | None,
+    n_valid: int = 0,
+    k: int = 0,
+    counts: Tensor | None = None,
+    ratio: float = 0.0,
+    capacity: int = 0,
+) -> ImportanceDraw:
     N = diff.numel()
     dev = diff.device
     if N >= 2**31:
         raise ValueError(f"cggr_hook: importance_draw indexes in int32 and takes fewer than 2^31 rows, got {N}")
+    device_k = counts is not None
+    n_rows = N if device_k else n_valid  # rows of the valid list and of the random order
+    slots = capacity if device_k else k
     # the valid rows ascending, F by position in ``perm``, each valid row's position there
-    work = torch.empty(N + 2 * n_valid, dtype=torch.int32, device=dev)
-    rows = torch.empty(k, dtype=torch.int64, device=dev)
-    inv_pi = torch.empty(k, dtype=torch.float64, device=dev)
+    work = torch.empty(2 * n_rows + N, dtype=torch.int32, device=dev)
+    rows = torch.empty(slots, dtype=torch.int64, device=dev)
+    inv_pi = torch.empty(slots, dtype=torch.float64, device=dev)
     row_weight = torch.empty(N, dtype=torch.float32, device=dev)
     key = torch.empty(N, dtype=torch.int64, device=dev)
-    figures = torch.empty(5, dtype=torch.float64, device=dev)
-    norm_tensor = isinstance(norm, Tensor)
-    # fp64 bits as a compile-time int: a float argument would reach the kernel as fp32
+    figures = torch.empty(len(DRAW_FIGURES), dtype=torch.float64, device=dev)
+    norm_mode = 2 if norm is None else 1 if isinstance(norm, Tensor) else 0
+    # fp64 bits as integers: a float argument would reach the kernel as fp32
     floor_bits = struct.unpack("<q", struct.pack("<d", float(floor)))[0]
+    ratio_bits = struct.unpack("<q", struct.pack("<d", float(ratio)))[0]
     _importance_kernel[(1,)](
         diff.contiguous(),
         order.contiguous(),
         rank.contiguous(),
         perm.contiguous(),
         u,
-        norm if norm_tensor else u,
-        work[:n_valid],
-        work[n_valid : 2 * n_valid],
-        work[2 * n_valid :],
+        norm if isinstance(norm, Tensor) else u,
+        counts.contiguous() if counts is not None else u,
+        work[:n_rows],
+        work[n_rows : 2 * n_rows],
+        work[2 * n_rows :],
         rows,
         inv_pi,
         row_weight,
@@ -284,11 +360,17 @@ def importance_draw(
         N,
         n_valid,
         k,
-        1 if norm_tensor else int(norm),
+        norm if isinstance(norm, int) else 1,
+        counts.shape[0] if counts is not None else 0,
+        ratio_bits,
+        perm.numel(),
+        slots,
         FLOOR_BITS=floor_bits,
         UNIFORM=bool(uniform),
-        NORM_TENSOR=norm_tensor,
+        NORM_MODE=norm_mode,
+        DEVICE_K=device_k,
         BLOCK=BLOCK,
         num_warps=NUM_WARPS,
+        enable_fp_fusion=False,
     )
     return ImportanceDraw(rows, inv_pi, row_weight, key, figures)

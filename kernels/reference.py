@@ -245,6 +245,7 @@ def selected_loss(
     label_smoothing: float,
     weight: Tensor | None,
     row_weight: Tensor | None = None,
+    count: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """The gated loss over the selected rows (``sel_key < sel_k``, ``n_selected`` of them) and
     ``row_scale``, d loss / d ce_r of every row (0 off the selection). Selected rows have valid
@@ -259,6 +260,8 @@ def selected_loss(
     With ``row_weight`` (fp32 (N,), read on S only; importance sampling's Horvitz-Thompson factors
     with the reduction's normaliser folded in) every selected row carries its own factor rho_r:
     mean and sum give sum_S rho_r ce_r, none gives rho_r ce_r on S; row_scale is rho_r on S.
+    ``count`` (a float64 device scalar, with ``row_weight``): the number of valid rows where the
+    host does not know it; the mean is NaN where it is 0, as torch's mean over no target.
     """
     N = targets.numel()
     dev = stats.lse.device
@@ -269,7 +272,7 @@ def selected_loss(
         w_sum = float(vocab)
     else:
         wf = weight.float()
-        w_t = wf[targets[rows]]
+        w_t = wf[targets[rows].clamp(0, vocab - 1)]  # (a padded row past the selection may be ignored)
         w_sum = wf.sum()
     row_loss = (1.0 - ls) * w_t * stats.nll[rows]
     if ls:
@@ -277,12 +280,17 @@ def selected_loss(
     row_scale = torch.zeros(N, dtype=torch.float32, device=dev)
     check_reduction(reduction)
     if row_weight is not None:
-        rho = row_weight.float()[rows]
-        weighted = row_loss * rho
+        # (``n_selected`` may be an upper bound here, the host not knowing the draw's k: the rows
+        # past the selection carry no weight and add exact zeros)
+        rho = torch.where(sel_key[rows] < sel_k, row_weight.float()[rows], 0.0)
+        weighted = torch.where(rho != 0, row_loss * rho, 0.0)
         row_scale[rows] = rho
         if reduction == "none":
             return torch.zeros(N, dtype=torch.float32, device=dev).index_put_((rows,), weighted), row_scale
-        return weighted.sum(), row_scale
+        total = weighted.sum()
+        if reduction == "mean" and count is not None:
+            total = torch.where(count.reshape(()) == 0, math.nan, total)
+        return total, row_scale
     if reduction == "mean":
         denom = w_t.sum()
         loss = row_loss.sum() / denom
@@ -330,7 +338,8 @@ def ce_grad_rows(
 ) -> Tensor:
     """Compact gradient (K, V) in ``out_dtype``: row k is ``row_scale[rows[k]] * grad_output``
     times the gradient of row ``rows[k]``'s cross entropy (``row_scale`` fp32 (N,); ``grad_output``
-    one element or one per row (N,), None = 1). Selected rows have valid targets."""
+    one element or one per row (N,), None = 1). A listed row whose target is not in [0, V) (a row
+    past an importance draw's k, listed to fill its slots) gets zeros."""
     B, T, V = logits.shape
     K = rows.numel()
     check_row_scale(row_scale, B * T)
@@ -342,7 +351,10 @@ def ce_grad_rows(
         scale = row_scale[r].float()
         if g_out is not None:
             scale = scale * (g_out if g_out.numel() == 1 else g_out[r]).float()
-        out[a:b] = _row_grad(x, lse[r], targets[r], scale, weight, label_smoothing).to(out_dtype)
+        t = targets[r]
+        ok = ((t >= 0) & (t < V))[:, None]  # a row whose target is ignored: zeros, as Triton writes
+        g = _row_grad(x, lse[r], torch.where(ok[:, 0], t, 0), scale, weight, label_smoothing)
+        out[a:b] = torch.where(ok, g, 0.0).to(out_dtype)
     return out
 
 
@@ -466,7 +478,7 @@ def importance_draw(
     k: int,
     floor: float,
     uniform: bool,
-    norm: int | Tensor,
+    norm: int | Tensor | None,
 ) -> spec.ImportanceDraw:
     """Draw k of the n = ``n_valid`` valid rows (the first n of ``order``, the difficulty order:
     ``rank[r] < n``) with inclusion probabilities pi by water-filling over their scores
@@ -480,10 +492,11 @@ def importance_draw(
     j) with the start u (float64 (1,), uniform in [0, 1)).
 
     Returns ``ImportanceDraw``: the rows ascending, 1 / pi of each, ``row_weight`` = (1 / pi_r) /
-    ``norm`` on the drawn rows (an int, or a float64 0-d device tensor), the key (0 on the drawn
-    rows, 1 elsewhere) and ``DRAW_FIGURES``. No host synchronisation; 1 <= k < n <= N.
+    ``norm`` on the drawn rows (an int, a float64 0-d device tensor, or None for n), the key (0 on
+    the drawn rows, 1 elsewhere) and ``DRAW_FIGURES``. No host synchronisation; 1 <= k < n <= N.
     """
     n = n_valid
+    norm = n if norm is None else norm
     s_sorted = importance_scores(diff[order[:n]], uniform)
     total, _, m, rest = water_level(s_sorted, k, floor)
     valid = rank < n
@@ -506,6 +519,66 @@ def importance_draw(
             m.double(),
             total / n,
             (s_sorted * s_sorted).sum() / n,
+            torch.tensor(float(n), dtype=torch.float64, device=diff.device),
+            torch.tensor(float(k), dtype=torch.float64, device=diff.device),
         ]
     )
     return spec.ImportanceDraw(rows, inv_pi, row_weight, key, figures)
+
+
+def importance_draw_at_ratio(
+    diff: Tensor,
+    order: Tensor,
+    rank: Tensor,
+    perm: Tensor,
+    u: Tensor,
+    counts: Tensor,
+    ratio: float,
+    capacity: int,
+    floor: float,
+    uniform: bool,
+    norm: int | Tensor | None,
+) -> spec.ImportanceDraw:
+    """``importance_draw`` with n and k taken on the device, where the host never learns them:
+    n = the valid targets of ``counts`` (``target_counts``' int64 (P, 2) partials), k =
+    ``spec.keep_count(ratio, n)``, and the rows listed in ``capacity`` slots (an upper bound of
+    k the host knows: ``keep_count(ratio, N)``), the drawn rows ascending and then the first undrawn
+    rows ascending, which carry no weight (their ``row_weight`` is 0, their ``inv_pi`` 1): a
+    gradient over the listed rows gives those rows exact zeros.
+
+    ``perm``: the random order of one key per row of the call (int64 (N,), a permutation of
+    0..N-1); the valid rows take the ordinals below n and the order of those is the draw's
+    (``importance_draw``'s ``perm``). Where k = n (a few valid rows, or none) every valid row is
+    kept with pi = 1. ``norm`` None: n. This reference reads n on the host (the CPU's reads cost
+    nothing); the Triton kernel does not."""
+    n = int(counts[:, 0].sum())
+    k = spec.keep_count(ratio, n)
+    dev = diff.device
+    if 0 < k < n:
+        d = importance_draw(diff, order, rank, perm[perm < n], u, n, k, floor, uniform, norm)
+        drawn = d.key == 0
+        rows = torch.sort((~drawn).to(torch.int8), stable=True).indices[:capacity]
+        inv_pi = torch.cat([d.inv_pi, torch.ones(capacity - k, dtype=torch.float64, device=dev)])
+        return spec.ImportanceDraw(rows, inv_pi, d.row_weight, d.key, d.figures)
+    # every valid row kept, each with pi = 1 (none where n = 0)
+    valid = rank < n
+    norm = max(n, 1) if norm is None else norm
+    rows = torch.sort((~valid).to(torch.int8), stable=True).indices[:capacity]
+    w = valid.double()
+    row_weight = (w / norm).float()
+    s = importance_scores(diff[order[:n]], uniform)
+    total = s.cumsum(0)[-1] if n else torch.zeros((), dtype=torch.float64, device=dev)
+    figures = torch.stack(
+        [
+            w.sum() ** 2 / w.sum(),
+            w.max(),
+            w.sum(),
+            total / n if n else total * math.nan,
+            (s * s).sum() / n if n else total * math.nan,
+            torch.tensor(float(n), dtype=torch.float64, device=dev),
+            torch.tensor(float(k), dtype=torch.float64, device=dev),
+        ]
+    )
+    return spec.ImportanceDraw(
+        rows, torch.ones(capacity, dtype=torch.float64, device=dev), row_weight, valid.logical_not().long(), figures
+    )

@@ -12,6 +12,7 @@ Triton launchers (``scoring.py``, ``gated_ce.py``) and the gate's options (``cgg
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -56,6 +57,22 @@ SCORINGS: dict[str, Scoring] = {
     )
 }
 
+# what keep_count adds to ratio * n before the floor: a half, and a little more, so that a product
+# that is a half-integer up to float noise (0.45 arrives as 0.44999999999999996) rounds up; one
+# float64 constant, so that the host and a kernel (without FMA contraction) round the same way
+KEEP_HALF = 0.5 + 5e-10
+
+
+def keep_count(ratio: float, n_valid: int) -> int:
+    """k = max(1, floor(ratio * n + 1/2)) of n > 0 valid rows, never more than n; 0 for n = 0.
+
+    Computed as floor(fl(ratio * n) + ``KEEP_HALF``) in float64, as the importance kernel computes
+    it on the device from a count it never sends to the host (``importance_draw_at_ratio``)."""
+    if n_valid <= 0:
+        return 0
+    return min(n_valid, max(1, int(math.floor(float(ratio) * float(n_valid) + KEEP_HALF))))
+
+
 # reduction -> REDUCTION of the Triton loss kernel
 REDUCTIONS: dict[str, int] = {"mean": 0, "sum": 1, "none": 2}
 
@@ -67,13 +84,14 @@ class ImportanceDraw(NamedTuple):
     inv_pi: Tensor  # (k,) float64, 1 / pi of each drawn row (the Horvitz-Thompson weight), rows' order
     row_weight: Tensor  # (N,) fp32, (1 / pi_r) / norm on drawn rows, 0 elsewhere
     key: Tensor  # (N,) int64, 0 on drawn rows and 1 elsewhere: the selection is ``key < 1``
-    figures: Tensor  # float64 (5,): ``DRAW_FIGURES``
+    figures: Tensor  # float64 (7,): ``DRAW_FIGURES``
 
 
 # what ``ImportanceDraw.figures`` holds: the effective sample size (sum w)^2 / sum w^2 and the
 # largest weight w = 1 / pi over the drawn rows, how many rows were certain (pi = 1), and over the
-# n valid rows the mean score and mean squared score (the variance gain the scores predict needs both)
-DRAW_FIGURES = ("ess", "max_weight", "n_certain", "score_mean", "score_sq_mean")
+# n valid rows the mean score and mean squared score (the variance gain the scores predict needs both),
+# then n and k themselves (where they were counted on the device, the host learns them from here)
+DRAW_FIGURES = ("ess", "max_weight", "n_certain", "score_mean", "score_sq_mean", "n_valid", "k")
 
 
 # columns of the per-row sums that travel to the host: valid rows, bad targets (neither ignored nor

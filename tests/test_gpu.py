@@ -101,11 +101,15 @@ def test_descriptor_path_with_small_blocks_on_cuda(monkeypatch):
         dict(selection="topk", dynamic_threshold=False),
         dict(selection="stratified", dynamic_threshold=False),
         dict(selection="importance", scoring="gradnorm", dynamic_threshold=False),
+        dict(selection="importance", scoring="gradnorm", dynamic_threshold=False, min_tokens_ratio=0.25),
+        dict(selection="importance", scoring="random", dynamic_threshold=False, min_tokens_ratio=0.5),
     ],
 )
 def test_one_host_sync_per_gated_step(monkeypatch, options):
-    """One host wait per gated call: a synchronising read (dynamic ratio, sequence_aware) or, where
-    the ratio does not depend on the logits, one wait for the target counts' event."""
+    """At most one host wait per gated call: a synchronising read (dynamic ratio, sequence_aware)
+    or, where the ratio does not depend on the logits, one wait for the target counts' event; none
+    at all where importance sampling draws at a fixed ratio below 1 (n and k counted on the
+    device), also with the previous step's copy of the counts still to be checked."""
     model = TinyLM(vocab=5000, dim=64).cuda()
     cggr_hook.enable(model, warmup_steps=0, plain_when_faster=False, **options)
     idx = torch.randint(0, 5000, (4, 256), device="cuda")
@@ -123,8 +127,9 @@ def test_one_host_sync_per_gated_step(monkeypatch, options):
         finally:
             torch.cuda.set_sync_debug_mode("default")
     syncs = [w for w in caught if "called a synchronizing" in str(w.message)]
-    assert len(syncs) + len(waits) == 1, ([f"{w.filename}:{w.lineno}" for w in syncs], len(waits))
-    assert len(waits) == (0 if options["selection"] == "sequence_aware" else 1)
+    none = options.get("min_tokens_ratio", 1.0) < 1.0
+    assert len(syncs) + len(waits) == (0 if none else 1), ([f"{w.filename}:{w.lineno}" for w in syncs], len(waits))
+    assert len(waits) == (0 if options["selection"] == "sequence_aware" or none else 1)
 
 
 def test_fixed_ratio_forward_does_not_wait_for_the_scoring_pass():
@@ -143,6 +148,30 @@ def test_fixed_ratio_forward_does_not_wait_for_the_scoring_pass():
     m = crit.get_metrics()  # the averages were left on the device and are read now
     assert m["tokens_selected"] == round(0.25 * 16384) and 0.0 < m["avg_confidence"] < 1.0
     assert "_sums" not in m
+
+
+def test_importance_at_a_fixed_ratio_waits_for_nothing_forward_or_backward():
+    """Importance sampling at a fixed ratio counts n and k on the device: the forward and the
+    backward are queued while the scoring pass over 4 GB of logits still runs, with the previous
+    call's target check still pending; the figures are read when asked for."""
+    g = torch.Generator(device="cuda").manual_seed(0)
+    x = torch.randn(16384, 128256, device="cuda", dtype=torch.bfloat16, generator=g).requires_grad_()
+    t = torch.randint(0, 128256, (16384,), device="cuda", generator=g)
+    t[::7] = -100
+    crit = CGGRLoss(scoring="gradnorm", selection="importance", min_tokens_ratio=0.25, **FIXED)
+    crit(x, t).backward()  # compiled and warm
+    torch.cuda.synchronize()
+    x.grad = None
+    crit(x, t).backward()
+    busy = not torch.cuda.current_stream().query()
+    torch.cuda.synchronize()
+    assert busy, "the forward or the backward waited for the device"
+    n = int((t >= 0).sum())
+    m = crit.get_metrics()
+    assert (m["tokens_total"], m["tokens_selected"]) == (n, cggr_hook.kernels.spec.keep_count(0.25, n))
+    assert m["ess"] > 1 and 0.0 < m["avg_confidence"] < 1.0
+    drawn = (x.grad.float().abs().sum(-1) > 0).sum()
+    assert int(drawn) == m["tokens_selected"]
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

@@ -430,3 +430,111 @@ def test_a_confidently_wrong_token_is_drawn_by_every_allowed_zero_floor_scoring(
         losses = torch.tensor([float(crit(logits, targets)) for _ in range(400)], dtype=torch.float64)
         se = float(losses.std()) / 20
         assert abs(float(losses.mean()) - plain) < 4 * se + 1e-4 * plain, (scoring, float(losses.mean()), plain, se)
+
+
+# --------------------------------------------------------------------------------------------------
+# at a fixed ratio: n and k counted on the device, nothing read on the host
+# --------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_a_fixed_ratio_reads_nothing_on_the_host_until_the_figures_are_asked_for(backend):
+    """The call's figures stay on the device (n and k among them) until ``get_metrics()``; that no
+    host synchronisation happens is checked on a GPU (tests/test_gpu.py)."""
+    force_backend(backend)
+    logits, targets = inputs(seed=11)
+    crit = CGGRLoss(scoring="gradnorm", selection="importance", min_tokens_ratio=0.3, **FIXED)
+    crit(logits, targets).backward()
+    assert "tokens_total" not in crit._metrics and "_ratio" in crit._metrics
+    n = int((targets >= 0).sum())
+    m = crit.get_metrics()
+    k = cggr_hook.kernels.spec.keep_count(0.3, n)
+    assert (m["tokens_total"], m["tokens_selected"]) == (n, k) and m["token_ratio"] == pytest.approx(k / n)
+    assert m["ess"] > 1 and math.isfinite(m["avg_confidence"])
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("reduction, weighted", [("mean", False), ("mean", True), ("sum", False), ("none", True)])
+def test_the_draw_at_a_ratio_is_the_draw_with_the_counts_read(backend, reduction, weighted, monkeypatch):
+    """The same rows, loss and gradient whether n and k are counted on the device (the rows listed
+    up to keep_count(ratio, N), the rest weighted zero) or read on the host first."""
+    from cggr_hook import pipeline
+
+    force_backend(backend)
+    logits, targets = inputs(seed=12)
+    V = logits.shape[-1]
+    weight = torch.rand(V, generator=torch.Generator().manual_seed(1)) + 0.5 if weighted else None
+    opts = dict(scoring="gradnorm", selection="importance", min_tokens_ratio=0.35, reduction=reduction, weight=weight)
+    out = []
+    for device_k in (True, False):
+        if not device_k:
+            monkeypatch.setattr(pipeline, "at_ratio", lambda *a: False)
+        crit = CGGRLoss(**opts, **FIXED)
+        logits.grad = None
+        loss = crit(logits, targets)
+        (loss * (torch.arange(loss.numel()).reshape(loss.shape) % 3 + 1)).sum().backward()
+        out.append((loss.detach(), logits.grad.clone(), crit.get_metrics()))
+    (l_dev, g_dev, m_dev), (l_host, g_host, m_host) = out
+    torch.testing.assert_close(l_dev, l_host, rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(g_dev, g_host, rtol=1e-6, atol=1e-7)
+    for key in ("tokens_total", "tokens_selected", "token_ratio", "ess", "max_weight", "avg_confidence"):
+        assert m_dev[key] == pytest.approx(m_host[key], rel=1e-9), key
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_no_valid_target_at_a_ratio_gives_torchs_loss_and_no_gradient(backend, reduction):
+    force_backend(backend)
+    logits = torch.randn(2, 5, 11, requires_grad=True)
+    targets = torch.full((2, 5), -100)
+    crit = CGGRLoss(scoring="gradnorm", selection="importance", min_tokens_ratio=0.25, reduction=reduction, **FIXED)
+    loss = crit(logits, targets)
+    want = F.cross_entropy(logits.detach().reshape(-1, 11), targets.reshape(-1), reduction=reduction)
+    torch.testing.assert_close(loss.reshape(want.shape), want, equal_nan=True)
+    loss.sum().backward()
+    assert bool((logits.grad == 0).all())
+    m = crit.get_metrics()
+    assert (m["tokens_total"], m["tokens_selected"], m["token_ratio"]) == (0, 0, 0.0)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_a_bad_target_at_a_ratio_raises_at_a_later_call_where_its_counts_were_not_in(backend, monkeypatch):
+    """Where the call's counts are still on their way (a busy GPU: here, ``done`` says no), the
+    call goes on, counting the bad target as ignored, and the next gated call, ``get_metrics()``
+    or ``disable()`` raises the ValueError that names it."""
+    from cggr_hook import pipeline
+
+    force_backend(backend)
+    logits, targets = inputs(seed=13)
+    bad = targets.clone()
+    bad[0, 0] = logits.shape[-1] + 4
+    crit = CGGRLoss(scoring="gradnorm", selection="importance", min_tokens_ratio=0.3, **FIXED)
+    monkeypatch.setattr(pipeline.HostRead, "done", lambda self: False)
+    crit(logits, bad)  # not checked yet
+    with pytest.raises(ValueError, match=r"earlier gated call's target had 1 value\(s\) outside \[0, 13\)"):
+        crit.get_metrics()
+    assert not pipeline.PendingTargetCheck._pending
+    crit(logits, bad)
+    monkeypatch.undo()
+    force_backend(backend)
+    with pytest.raises(ValueError, match="earlier gated call's target"):
+        crit(logits, targets)  # the next call finds the counts in
+    assert not pipeline.PendingTargetCheck._pending
+    crit(logits, targets)  # and goes on once reported
+
+
+def test_a_bad_target_left_pending_raises_at_disable_after_the_gates_are_removed(monkeypatch):
+    from cggr_hook import pipeline
+
+    from common import TinyLM
+
+    model = TinyLM(vocab=13, dim=8)
+    idx = torch.randint(0, 13, (2, 6))
+    bad = idx.clone()
+    bad[1, 3] = 40
+    original = F.cross_entropy
+    cggr_hook.enable(model, scoring="gradnorm", selection="importance", min_tokens_ratio=0.3, **FIXED)
+    monkeypatch.setattr(pipeline.HostRead, "done", lambda self: False)
+    F.cross_entropy(model(idx).reshape(-1, 13), bad.reshape(-1))
+    with pytest.raises(ValueError, match="earlier gated call's target"):
+        cggr_hook.disable(model)
+    assert F.cross_entropy is original and cggr_hook.registry.gate_of(model) is None
+    assert not pipeline.PendingTargetCheck._pending

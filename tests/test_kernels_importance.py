@@ -157,6 +157,107 @@ def test_row_weight_is_one_over_pi_over_the_normaliser(norm):
     check_draw(got, n, 20, rank, norm.cpu() if isinstance(norm, torch.Tensor) else norm)
 
 
+def draw_at_ratio_both(d, ratio, floor, uniform=False, norm=None, seed=0, parts=3):
+    """The Triton draw at a ratio and the reference's, from one key per row; the target counts as
+    ``parts`` partials (the valid count in the first, zeros in the rest, as several programs of
+    ``target_counts`` leave them)."""
+    N = d.numel()
+    n = int((d > -math.inf).sum())
+    order, rank = reference.difficulty_rank(d)
+    g = torch.Generator().manual_seed(seed)
+    perm = torch.sort(torch.rand(N, generator=g), stable=True).indices.to(DEVICE)
+    u = torch.rand(1, generator=g, dtype=torch.float64).to(DEVICE)
+    counts = torch.zeros(parts, 2, dtype=torch.int64, device=DEVICE)
+    counts[0, 0] = n
+    capacity = cggr_hook.kernels.spec.keep_count(ratio, N)
+    got = K.importance_draw_at_ratio(d, order, rank, perm, u, counts, ratio, capacity, floor, uniform, norm)
+    want = reference.importance_draw_at_ratio(d, order, rank, perm, u, counts, ratio, capacity, floor, uniform, norm)
+    return got, want, n, order, rank, perm, u
+
+
+@pytest.mark.parametrize(
+    "N, n_ignored, case, ratio",
+    [
+        (1, 0, "random", 0.25),
+        (2, 1, "random", 0.5),
+        (9, 2, "ties", 0.3),
+        (37, 5, "skewed", 0.25),
+        (64, 13, "zeros", 0.5),
+        (101, 7, "inf", 0.1),
+        (150, 30, "skewed", 0.9),
+        (257, 40, "ties", 0.25),
+        (1500, 200, "skewed", 0.25),
+    ],
+)
+def test_draw_at_ratio_is_the_draw_with_n_and_k_counted_on_the_device(N, n_ignored, case, ratio, blocks):
+    """n from the counts' partials and k = keep_count(ratio, n) on the device: the same rows,
+    weights and key as the draw given n and k, the rows listed in keep_count(ratio, N) slots, the
+    drawn ones first and then the first undrawn rows (no weight, 1 / pi 1), and n and k last in the
+    figures."""
+    if N > 1000 and blocks == "small_blocks":
+        pytest.skip("the interpreter's time: the small blocks cross their boundaries at fewer rows")
+    d = difficulties(N, n_ignored, case, seed=N)
+    for seed in range(2):
+        got, want, n, order, rank, perm, u = draw_at_ratio_both(d, ratio, 0.2, seed=seed)
+        assert_same_draw(got, want)
+        k = cggr_hook.kernels.spec.keep_count(ratio, n)
+        capacity = cggr_hook.kernels.spec.keep_count(ratio, N)
+        assert got.rows.numel() == got.inv_pi.numel() == capacity >= k
+        assert (float(got.figures[-2]), float(got.figures[-1])) == (n, k)
+        rows = got.rows.cpu()
+        assert rows.unique().numel() == capacity, "a row listed twice"
+        key = got.key.cpu()
+        assert int((key == 0).sum()) == k and bool((key[rows[:k]] == 0).all()) and bool((key[rows[k:]] == 1).all())
+        assert bool((got.inv_pi.cpu()[k:] == 1.0).all()) and bool((got.row_weight.cpu()[rows[k:]] == 0).all())
+        if k < n:
+            # the draw given n and k on the host, from the valid rows' part of the same order
+            host = K.importance_draw(d, order, rank, perm[perm < n], u, n, k, 0.2, False, n)
+            assert torch.equal(host.rows, got.rows[:k]) and torch.equal(host.key, got.key)
+            torch.testing.assert_close(host.row_weight, got.row_weight, rtol=0, atol=0)
+        else:  # every valid row kept, each with weight 1 / n
+            assert bool((got.inv_pi.cpu()[:k] == 1.0).all())
+            torch.testing.assert_close(got.row_weight.cpu()[rows[:k]], torch.full((k,), 1 / n), rtol=1e-7, atol=0)
+
+
+def test_draw_at_ratio_with_no_valid_row_draws_nothing():
+    d = torch.full((12,), -math.inf, device=DEVICE)
+    got, want, n, *_ = draw_at_ratio_both(d, 0.25, 0.1)
+    assert_nan_equal = lambda a, b: torch.testing.assert_close(a, b, rtol=1e-12, atol=0, equal_nan=True)
+    assert torch.equal(got.rows, want.rows) and torch.equal(got.key, want.key)
+    assert_nan_equal(got.figures, want.figures)
+    assert bool((got.key == 1).all()) and bool((got.row_weight == 0).all()) and got.rows.numel() == 3
+    assert (float(got.figures[-2]), float(got.figures[-1])) == (0.0, 0.0)
+
+
+@pytest.mark.parametrize("norm", [None, 1, "tensor"])
+def test_draw_at_ratio_weighs_by_the_normaliser(norm):
+    """None: the mean's n, counted on the device; an int or a device scalar as given."""
+    d = difficulties(90, 17, "random", seed=9)
+    if norm == "tensor":
+        norm = torch.tensor(31.5, dtype=torch.float64, device=DEVICE)
+    got, want, n, *_ = draw_at_ratio_both(d, 0.3, 0.2, norm=norm, seed=2)
+    assert_same_draw(got, want)
+    k = cggr_hook.kernels.spec.keep_count(0.3, n)
+    divisor = n if norm is None else norm.cpu() if isinstance(norm, torch.Tensor) else norm
+    rows = got.rows.cpu()[:k]
+    torch.testing.assert_close(got.row_weight.cpu()[rows], (got.inv_pi.cpu()[:k] / divisor).float(), rtol=0, atol=0)
+
+
+def test_draw_at_ratio_arguments_are_checked():
+    d = difficulties(10, 2, "random", seed=0)
+    order, rank = reference.difficulty_rank(d)
+    perm = torch.arange(10, device=DEVICE)
+    u = torch.zeros(1, dtype=torch.float64, device=DEVICE)
+    counts = torch.tensor([[8, 0]], device=DEVICE)
+    with pytest.raises(ValueError, match="perm must be int64 of 10 rows"):
+        K.importance_draw_at_ratio(d, order, rank, perm[:8], u, counts, 0.25, 3, 0.2)
+    with pytest.raises(ValueError, match="counts must be target_counts"):
+        K.importance_draw_at_ratio(d, order, rank, perm, u, counts.float(), 0.25, 3, 0.2)
+    for ratio, capacity in ((0.25, 2), (0.25, 11), (1.5, 10), (-0.1, 1)):
+        with pytest.raises(ValueError, match="keep_count"):
+            K.importance_draw_at_ratio(d, order, rank, perm, u, counts, ratio, capacity, 0.2)
+
+
 def test_figures_are_the_draw_figures():
     d = difficulties(120, 11, "skewed", seed=6)
     got, _, _, _ = draw_both(d, 30, 0.1, seed=8)
@@ -166,11 +267,27 @@ def test_figures_are_the_draw_figures():
     pi, m_ref = reference.inclusion_probabilities(torch.sort(valid, descending=True).values, 30, 0.1)
     assert m == int(m_ref) == int((pi == 1.0).sum())
     want = torch.tensor(
-        [float(w.sum() ** 2 / (w * w).sum()), float(w.max()), m, float(valid.mean()), float((valid * valid).mean())],
+        [
+            float(w.sum() ** 2 / (w * w).sum()),
+            float(w.max()),
+            m,
+            float(valid.mean()),
+            float((valid * valid).mean()),
+            valid.numel(),
+            30,
+        ],
         dtype=torch.float64,
     )
     torch.testing.assert_close(got.figures.cpu(), want, rtol=1e-12, atol=0)
-    assert selection.DRAW_FIGURES == ("ess", "max_weight", "n_certain", "score_mean", "score_sq_mean")
+    assert selection.DRAW_FIGURES == (
+        "ess",
+        "max_weight",
+        "n_certain",
+        "score_mean",
+        "score_sq_mean",
+        "n_valid",
+        "k",
+    )
 
 
 def test_arguments_are_checked():
