@@ -416,10 +416,10 @@ def baselines(group: str, dtype_name: str) -> tuple[str, ...]:
 
 
 def _fixed_ratio(loss_cls, r, **kw):
-    """A loss of the original configuration at a fixed ratio (combined scoring, top-k)."""
-    return loss_cls(
-        scoring="combined", selection="topk", min_tokens_ratio=r, warmup_steps=0, dynamic_threshold=False, **kw
-    )
+    """A loss at a fixed ratio, of the original configuration (combined scoring, top-k) unless
+    ``kw`` says otherwise."""
+    kw = dict(scoring="combined", selection="topk") | kw
+    return loss_cls(min_tokens_ratio=r, warmup_steps=0, dynamic_threshold=False, **kw)
 
 
 @dataclass
@@ -483,12 +483,17 @@ def _cggr_loss_rows(c: _Rows) -> list[Row]:
 
     I, t = c.I, c.I.targets
     rows = []
-    for r in RATIOS:
+    # the original configuration (combined, top-k) at every ratio; importance sampling (the
+    # selection of every fraction below 1 by default) at 25%, which counts n and k on the device
+    cases = [(r, "topk") for r in RATIOS] + [(0.25, "importance")]
+    for r, sel in cases:
         for inplace in (False, True):
             x = I.work if inplace else I.logits
-            what = f"cggr_hook CGGRLoss {_pct(r)}%" + (" (gradient in place)" if inplace else "")
+            what = f"cggr_hook CGGRLoss {_pct(r)}%" + (" importance" if sel == "importance" else "")
+            what += " (gradient in place)" if inplace else ""
 
-            def make(r=r, inplace=inplace, x=x):
+            def make(r=r, inplace=inplace, x=x, sel=sel):
+                kw = dict(scoring="gradnorm", selection="importance") if sel == "importance" else {}
                 crit = _fixed_ratio(
                     cggr_hook.CGGRLoss,
                     r,
@@ -496,6 +501,7 @@ def _cggr_loss_rows(c: _Rows) -> list[Row]:
                     reduction="mean",
                     inplace_backward=inplace,
                     plain_when_faster=False,  # every call through the gate's kernels, which is what is timed
+                    **kw,
                 )
                 return _fwd_bwd(lambda: crit(x, t))
 
@@ -506,7 +512,7 @@ def _cggr_loss_rows(c: _Rows) -> list[Row]:
 
             rows.append(
                 Row(
-                    f"loss/cggr_hook_{_pct(r)}" + ("_inplace" if inplace else ""),
+                    f"loss/cggr_hook_{'imp' if sel == 'importance' else ''}{_pct(r)}" + ("_inplace" if inplace else ""),
                     what,
                     "loss",
                     ours=True,
