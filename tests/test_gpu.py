@@ -106,10 +106,11 @@ def test_descriptor_path_with_small_blocks_on_cuda(monkeypatch):
     ],
 )
 def test_one_host_sync_per_gated_step(monkeypatch, options):
-    """At most one host wait per gated call: a synchronising read (dynamic ratio, sequence_aware)
-    or, where the ratio does not depend on the logits, one wait for the target counts' event; none
-    at all where importance sampling draws at a fixed ratio below 1 (n and k counted on the
-    device), also with the previous step's copy of the counts still to be checked."""
+    """At most one host wait per gated call, with the device busy when the step starts: a
+    synchronising read (dynamic ratio, sequence_aware) or, where the ratio does not depend on the
+    logits, one wait for the target counts' event; none at all where importance sampling draws at
+    a fixed ratio below 1 (n and k counted on the device; the previous step's target check still
+    pending), so the whole step is queued while the device still sleeps."""
     model = TinyLM(vocab=5000, dim=64).cuda()
     cggr_hook.enable(model, warmup_steps=0, plain_when_faster=False, **options)
     idx = torch.randint(0, 5000, (4, 256), device="cuda")
@@ -121,15 +122,20 @@ def test_one_host_sync_per_gated_step(monkeypatch, options):
     monkeypatch.setattr(torch.cuda.Event, "synchronize", lambda ev: (waits.append(1), real_wait(ev))[1])
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
+        torch.cuda._sleep(100_000_000)  # tens of ms: a read in this step has to wait for it
         torch.cuda.set_sync_debug_mode("warn")
         try:
             F_loss().backward()
+            busy = not torch.cuda.current_stream().query()
         finally:
             torch.cuda.set_sync_debug_mode("default")
+    torch.cuda.synchronize()
     syncs = [w for w in caught if "called a synchronizing" in str(w.message)]
     none = options.get("min_tokens_ratio", 1.0) < 1.0
     assert len(syncs) + len(waits) == (0 if none else 1), ([f"{w.filename}:{w.lineno}" for w in syncs], len(waits))
     assert len(waits) == (0 if options["selection"] == "sequence_aware" or none else 1)
+    if none:
+        assert busy, "the step waited for the device"
 
 
 def test_fixed_ratio_forward_does_not_wait_for_the_scoring_pass():
