@@ -24,7 +24,9 @@ the faster one, with no noise to measure.
 **Schedule**: a probe window runs up to ``PROBE_STEPS`` optimizer steps at each candidate, in the
 order of its candidates: for ``'auto'`` (``CANDIDATES``) 1.0 first (its steps measure the noise),
 the plain loss, then the fractions from the largest; for the default (``FULL_TOKENS``) the plain
-loss, then 1.0. A candidate's step time is the median time between optimizer steps of its run,
+loss, then 1.0 (on a CUDA device only: elsewhere the gate's kernels are its PyTorch reference,
+never the faster, and the default runs the plain loss with no probe of them). A candidate's step
+time is the median time between optimizer steps of its run,
 the first step of each run left out (it pays for compilation and the switch): on a CUDA device
 the time between events recorded on the device's stream at each step (read once, at the
 window's decision: the host can queue steps ahead of the device where nothing waits), elsewhere
@@ -91,6 +93,10 @@ RECENT_STEPS = 9
 # most once in BATCH_GAP steps, not on and on
 BATCH_GAP = 100
 MARGIN = 0.03
+# whether the default's window also times 1.0 off a CUDA device, where the gate's kernels are its
+# PyTorch reference (``AutoState._skip_the_reference``): off, as shipped; the CPU tests of the
+# probe's mechanics turn it on
+PROBE_THE_REFERENCE = False
 NOISE_MOMENTUM = 0.5  # weight of the earlier windows' noise figures in the running average
 
 Candidate = float | str
@@ -243,12 +249,27 @@ class AutoState:
             self.probe_steps += 1
             if self.probe_steps >= PROBE_STEPS or self._cannot_win(c):
                 self.probe, self.probe_steps = self.probe + 1, 0
+                self._skip_the_reference()
                 if not self.in_window():
                     self._decide()
         elif self.steps - self.window_start >= INTERVAL:
             self._start_window(batch=False)
         elif self.steps - self.window_start >= BATCH_GAP and self._reshaped():
             self._start_window(batch=True)
+
+    def _skip_the_reference(self) -> None:
+        """The default's window leaves 1.0 out where its calls run off a CUDA device: there the
+        gate's kernels are its PyTorch reference (``kernels.reference``), a score, a selection and
+        a loss of several torch operators each, which cannot be faster than torch's own fused
+        cross entropy over the same tokens, and a probe of it costs the run steps for nothing
+        (three of 205 in the CPU main job's 30 s, 0.067 nats). ``'auto'`` still times its
+        fractions there: dropping rows saves a share of the head's backward."""
+        if self.candidates != FULL_TOKENS or self.device is None or self.device.type == "cuda":
+            return
+        if PROBE_THE_REFERENCE:
+            return
+        while self.in_window() and self.candidates[self.probe] == 1.0:
+            self.probe += 1
 
     def _start_window(self, batch: bool) -> None:
         self.window_start, self.probe, self.probe_steps = self.steps, 0, 0

@@ -35,3 +35,12 @@ def pytest_collection_modifyitems(config, items):
     for item in items:
         if "gpu" in item.keywords and not HAS_CUDA:
             item.add_marker(skip_gpu)
+
+
+@pytest.fixture
+def probe_the_reference(monkeypatch):
+    """The default's probe also times its kernels on the CPU, where it ships without (they are the
+    PyTorch reference there, never the faster): for the tests of the probe's mechanics."""
+    from cggr_hook import auto
+
+    monkeypatch.setattr(auto, "PROBE_THE_REFERENCE", True)

@@ -194,6 +194,7 @@ def full_tokens_faster(cands: tuple) -> dict:
     return {c: 0.03 for c in cands} | {PLAIN: 0.02}
 
 
+@pytest.mark.usefixtures("probe_the_reference")
 def test_a_change_of_batch_starts_a_new_window_before_the_interval():
     """The choice depends on the batch: once all but one of the recent steps ran RESHAPE times, or
     1 / RESHAPE of, the last window's rows, a new window starts at once instead of after INTERVAL
@@ -291,6 +292,7 @@ def test_trls_fused_heads_plain_steps_book_the_shifted_rows():
     assert state._step_rows == 4 * 11
 
 
+@pytest.mark.usefixtures("probe_the_reference")
 def test_rows_booked_by_plain_and_gated_steps_agree_on_the_head_route():
     """A loss that reads some of the head's rows (the last position of each sequence): its plain
     steps and its gated steps book the loss's rows alike (the gated route's targets cover every
@@ -311,6 +313,7 @@ def test_rows_booked_by_plain_and_gated_steps_agree_on_the_head_route():
     assert state.decisions == 1 and state.decided_rows == 4
 
 
+@pytest.mark.usefixtures("probe_the_reference")
 def test_the_rows_of_a_step_come_from_gated_and_plain_calls_and_survive_a_checkpoint():
     """Both kinds of step feed the running rows: a CGGRLoss default (the plain loss first, then
     the gate's kernels) sees each call's rows; the state dict keeps them, and a state saved before
@@ -548,6 +551,7 @@ def test_a_gates_default_and_auto_states_are_kept_apart_and_survive_a_checkpoint
     assert t.auto_state("m", auto.FULL_TOKENS).probe_steps == 3 == t.auto_state("m", auto.CANDIDATES).probe_steps
 
 
+@pytest.mark.usefixtures("probe_the_reference")
 def test_the_default_gate_runs_the_plain_loss_then_the_kernels_and_keeps_the_loss():
     torch.manual_seed(0)
     model = TinyLM(vocab=37, dim=16)
@@ -584,6 +588,35 @@ def test_the_default_gate_runs_the_plain_loss_then_the_kernels_and_keeps_the_los
     assert ran[n_window:] == [state.choice] * (len(ran) - n_window)
     m = cggr_hook.metrics(model)
     assert "step_ms_plain" in m and "step_ms_100" in m
+
+
+def test_off_a_cuda_device_the_default_runs_the_plain_loss_without_probing_its_kernels():
+    """On a CPU the gate's kernels are the PyTorch reference, never faster than torch's own loss:
+    the default's windows time the plain loss alone and choose it, and 'auto' still probes."""
+    model = TinyLM(vocab=37, dim=16)
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)
+    key = cggr_hook.enable(model).key
+    idx = torch.randint(0, 37, (2, 9), generator=torch.Generator().manual_seed(4))
+    for _ in range(auto.INTERVAL + 3 * auto.PROBE_STEPS):  # the first window and the next
+        loss = F.cross_entropy(model(idx)[:, :-1].reshape(-1, 37), idx[:, 1:].reshape(-1))
+        assert cggr_hook.metrics(model)["auto_plain"] and type(loss.grad_fn).__name__ != "GatedHeadCrossEntropyBackward"
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    state = cggr_hook.scheduler.auto_state(key, auto.FULL_TOKENS)
+    assert state.decisions == 2 and state.choice == PLAIN and set(state.step_seconds) == {PLAIN}
+    cggr_hook.disable(model)
+    cggr_hook.scheduler.reset()
+    key = cggr_hook.enable(model, min_tokens_ratio="auto").key
+    ran = set()
+    for _ in range(3 * auto.PROBE_STEPS):
+        loss = F.cross_entropy(model(idx)[:, :-1].reshape(-1, 37), idx[:, 1:].reshape(-1))
+        m = cggr_hook.metrics(model)
+        ran.add(PLAIN if m["auto_plain"] else m["auto_fraction"])
+        loss.backward()
+        opt.step()
+        opt.zero_grad()
+    assert 1.0 in ran and PLAIN in ran
 
 
 def test_without_plain_when_faster_every_step_runs_the_gates_kernels():

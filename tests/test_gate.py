@@ -573,6 +573,7 @@ def test_two_default_models_stepped_in_turn_each_book_their_steps():
 
 
 @pytest.mark.parametrize("kind", ["lossy cast", "probability targets"])
+@pytest.mark.usefixtures("probe_the_reference")
 def test_a_loss_the_gate_leaves_plain_sends_the_default_back_to_the_plain_loss(kind):
     """Booked as plain steps (a cross entropy on the head's logits), but not gated at 1.0 (the
     gate leaves a lossy cast and probability targets to the plain loss): after the first such
@@ -598,6 +599,7 @@ def test_a_loss_the_gate_leaves_plain_sends_the_default_back_to_the_plain_loss(k
     assert cggr_hook.scheduler.step_count == auto.PROBE_STEPS + 4 - auto.LEAVE_AFTER
 
 
+@pytest.mark.usefixtures("probe_the_reference")
 def test_an_occasional_loss_the_gate_leaves_plain_does_not_end_the_probe():
     """An auxiliary loss on the logits now and then (here a KL term, every fourth step) is a step
     with no gated loss; alone it changes nothing: the window measures both candidates."""

@@ -199,6 +199,7 @@ def test_hf_module_names_the_extra_when_transformers_is_missing(monkeypatch):
         importlib.import_module("cggr_hook.hf")
 
 
+@pytest.mark.usefixtures("probe_the_reference")
 def test_default_gate_books_hugging_faces_plain_steps_and_gates_its_kernels_steps():
     """A Llama trained with ``labels=``: the default's plain steps are Hugging Face's own loss (its
     cross entropy books them), then the gate's kernels run, then the faster one; the loss is the

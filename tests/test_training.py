@@ -290,6 +290,7 @@ def test_compiled_hf_model_with_labels_is_gated():
             torch.testing.assert_close(p.grad, q.grad, msg=n)
 
 
+@pytest.mark.usefixtures("probe_the_reference")
 def test_compiled_hf_model_under_the_default_books_its_plain_steps():
     """The default's plain steps are booked by Hugging Face's cross entropy on the compiled model's
     logits: the probe advances to the gate's kernels."""
