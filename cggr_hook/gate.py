@@ -425,7 +425,9 @@ class Gate:
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        self.remove()
+        # leaving on an exception: an earlier call's pending target check must not replace it (it
+        # stays pending for the next gated call, metrics() or disable())
+        self._registry.remove(self, check_targets=exc[0] is None)
 
     def __repr__(self) -> str:
         state = "enabled" if self.enabled else "removed"

@@ -285,8 +285,10 @@ def gated_forward(
     if at_ratio(config, strategy, auto, counts_first, every_row) and N > 0:
         # importance at a ratio the host knows: n and k are counted on the device, nothing is read
         assert ranking is not None and counts is not None and counts_t is not None
-        PendingTargetCheck.add(counts, V, ignore_index)
-        PendingTargetCheck.poll()  # raises here already where the counts are in (on a CPU, always)
+        if counts.done():  # on a CPU always, on a GPU where the device is ahead: checked at once
+            _raise_if_bad(_valid_and_bad(counts.values())[1], V, ignore_index)
+        else:
+            PendingTargetCheck.add(counts, V, ignore_index)
         return _draw_at_ratio(
             logits,
             targets,
@@ -420,8 +422,9 @@ def _draw_at_ratio(
     keep_count(ratio, N) rows (an upper bound of k the host knows; the rows past the k drawn carry
     no weight, so a gradient over them adds exact zeros), the loss takes the mean's n from the
     draw, and the call's figures (n, k, the averages) stay on the device until ``metrics()`` asks.
-    A bad target is reported by a later call (``PendingTargetCheck``); its row counts as ignored
-    here, as the scoring pass reads it."""
+    A bad target raises here where the counts' copy is already done (on a CPU, always), else at a
+    later call (``PendingTargetCheck``); this call's loss then counts its row as ignored, as the
+    scoring pass reads it."""
     V = logits.shape[-1]
     N = targets.numel()
     ratio, step, call = scheduler.begin_call(config, key, math.nan, param_ids)
@@ -479,12 +482,11 @@ class PendingTargetCheck:
     @classmethod
     def poll(cls, wait: bool = False) -> None:
         """Check every pending call whose counts have arrived (every one with ``wait``), oldest
-        first; the first bad one raises, and the checks it left are dropped with it."""
+        first; the first bad one raises, and the checks after it stay pending for the next poll."""
         while cls._pending and (wait or cls._pending[0][0].done()):
             counts, vocab, ignore_index = cls._pending.pop(0)
             n_bad = _valid_and_bad(counts.values())[1]
             if n_bad:
-                cls._pending.clear()
                 raise ValueError(
                     f"cggr_hook: an earlier gated call's target had {n_bad} value(s) outside [0, {vocab}) that are not "
                     f"ignore_index={ignore_index} (that call counted them as ignored); targets must be class indices "

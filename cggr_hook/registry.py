@@ -154,13 +154,16 @@ class Registry:
         self._disable(model, keep_figures=False)
         PendingTargetCheck.poll(wait=True)
 
-    def remove(self, gate: Gate) -> None:
-        """``gate.remove()``: disable its model."""
+    def remove(self, gate: Gate, check_targets: bool = True) -> None:
+        """``gate.remove()``: disable its model (``check_targets=False``: without the pending
+        target checks, for a ``with`` block that an exception is leaving: theirs must not replace it)."""
         root = gate.root()
         if root is not None:
-            self.disable(root)
+            self._disable(root, keep_figures=False)
         else:
             gate.detach()
+        if check_targets:
+            PendingTargetCheck.poll(wait=True)
 
     def _disable(self, model: nn.Module | None, keep_figures: bool) -> None:
         with self.lock:

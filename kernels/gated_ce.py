@@ -191,13 +191,16 @@ def _ce_grad_rows_kernel(
     t = row - b * T
     tgt = tl.load(tgt_ptr + row * stride_tgt).to(tl.int64)
     lse = tl.load(lse_ptr + row * stride_lse).to(tl.float32)
-    scale = tl.load(scale_ptr + row * stride_scale).to(tl.float32)
+    row_scale = tl.load(scale_ptr + row * stride_scale).to(tl.float32)
+    scale = row_scale
     if HAS_GOUT:  # the upstream gradient: one element (stride 0) or one per row
         scale = scale * tl.load(gout_ptr + row * stride_gout).to(tl.float32)
+    # a listed row off the selection (scale 0: an importance draw's slots past k) is exact zeros,
+    # whatever the upstream gradient there, as in the dense kernel
     _write_row(
         x_ptr + (b * stride_b + t * stride_t),
         out_ptr + k * stride_out,
-        (tgt >= 0) & (tgt < V),
+        (row_scale != 0) & (tgt >= 0) & (tgt < V),
         col0,
         tl.minimum(col0 + CHUNK, V),
         V,

@@ -338,8 +338,8 @@ def ce_grad_rows(
 ) -> Tensor:
     """Compact gradient (K, V) in ``out_dtype``: row k is ``row_scale[rows[k]] * grad_output``
     times the gradient of row ``rows[k]``'s cross entropy (``row_scale`` fp32 (N,); ``grad_output``
-    one element or one per row (N,), None = 1). A listed row whose target is not in [0, V) (a row
-    past an importance draw's k, listed to fill its slots) gets zeros."""
+    one element or one per row (N,), None = 1). A listed row whose target is not in [0, V) or whose
+    ``row_scale`` is 0 (a row past an importance draw's k, listed to fill its slots) gets zeros."""
     B, T, V = logits.shape
     K = rows.numel()
     check_row_scale(row_scale, B * T)
@@ -352,7 +352,9 @@ def ce_grad_rows(
         if g_out is not None:
             scale = scale * (g_out if g_out.numel() == 1 else g_out[r]).float()
         t = targets[r]
-        ok = ((t >= 0) & (t < V))[:, None]  # a row whose target is ignored: zeros, as Triton writes
+        # a row whose target is ignored, or whose scale is 0 (off the selection: an importance
+        # draw's slots past k), is exact zeros whatever the upstream gradient, as Triton writes
+        ok = ((t >= 0) & (t < V) & (row_scale[r] != 0))[:, None]
         g = _row_grad(x, lse[r], torch.where(ok[:, 0], t, 0), scale, weight, label_smoothing)
         out[a:b] = torch.where(ok, g, 0.0).to(out_dtype)
     return out

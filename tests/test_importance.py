@@ -497,9 +497,10 @@ def test_no_valid_target_at_a_ratio_gives_torchs_loss_and_no_gradient(backend, r
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_a_bad_target_at_a_ratio_raises_at_a_later_call_where_its_counts_were_not_in(backend, monkeypatch):
-    """Where the call's counts are still on their way (a busy GPU: here, ``done`` says no), the
-    call goes on, counting the bad target as ignored, and the next gated call, ``get_metrics()``
-    or ``disable()`` raises the ValueError that names it."""
+    """Where the call's counts are already in (on a CPU, always), the call itself raises, as every
+    other gated call does; where they are still on their way (a busy GPU: here, ``done`` says no),
+    the call goes on, counting the bad target as ignored, and the next gated call,
+    ``get_metrics()`` or ``disable()`` raises the ValueError that names it, once for each such call."""
     from cggr_hook import pipeline
 
     force_backend(backend)
@@ -507,16 +508,22 @@ def test_a_bad_target_at_a_ratio_raises_at_a_later_call_where_its_counts_were_no
     bad = targets.clone()
     bad[0, 0] = logits.shape[-1] + 4
     crit = CGGRLoss(scoring="gradnorm", selection="importance", min_tokens_ratio=0.3, **FIXED)
+    with pytest.raises(ValueError, match=r"cggr_hook: target has 1 value\(s\) outside \[0, 13\)"):
+        crit(logits, bad)
     monkeypatch.setattr(pipeline.HostRead, "done", lambda self: False)
-    crit(logits, bad)  # not checked yet
+    loss = crit(logits, bad)  # not checked yet
+    loss.backward()
+    assert bool(logits.grad[0, 0].eq(0).all()), "the bad target's row has a gradient"
     with pytest.raises(ValueError, match=r"earlier gated call's target had 1 value\(s\) outside \[0, 13\)"):
         crit.get_metrics()
     assert not pipeline.PendingTargetCheck._pending
     crit(logits, bad)
+    crit(logits, bad)  # two bad calls in flight: two errors
     monkeypatch.undo()
     force_backend(backend)
-    with pytest.raises(ValueError, match="earlier gated call's target"):
-        crit(logits, targets)  # the next call finds the counts in
+    for _ in range(2):
+        with pytest.raises(ValueError, match="earlier gated call's target"):
+            crit(logits, targets)  # the next call finds the counts in
     assert not pipeline.PendingTargetCheck._pending
     crit(logits, targets)  # and goes on once reported
 
@@ -538,3 +545,45 @@ def test_a_bad_target_left_pending_raises_at_disable_after_the_gates_are_removed
         cggr_hook.disable(model)
     assert F.cross_entropy is original and cggr_hook.registry.gate_of(model) is None
     assert not pipeline.PendingTargetCheck._pending
+
+
+def test_an_exception_leaving_a_gates_block_is_not_replaced_by_a_pending_target_check(monkeypatch):
+    from cggr_hook import pipeline
+
+    from common import TinyLM
+
+    model = TinyLM(vocab=13, dim=8)
+    idx = torch.randint(0, 13, (2, 6))
+    bad = idx.clone()
+    bad[0, 2] = -7
+    original = F.cross_entropy
+    monkeypatch.setattr(pipeline.HostRead, "done", lambda self: False)
+    with pytest.raises(RuntimeError, match="the user's own error"):
+        with cggr_hook.enable(model, scoring="gradnorm", selection="importance", min_tokens_ratio=0.3, **FIXED):
+            F.cross_entropy(model(idx).reshape(-1, 13), bad.reshape(-1))
+            raise RuntimeError("the user's own error")
+    assert F.cross_entropy is original and cggr_hook.registry.gate_of(model) is None
+    with pytest.raises(ValueError, match="earlier gated call's target"):  # still reported, later
+        cggr_hook.disable()
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_rows_listed_past_the_draw_get_no_gradient_whatever_the_upstream_gradient(backend):
+    """The head route lists keep_count(ratio, N) rows, those past the k drawn weighted zero: an
+    infinite upstream gradient on them (their loss is an exact 0 under 'none') must not reach the
+    head's gradients, as it does not on the logits' route."""
+    from common import TinyLM
+
+    force_backend(backend)
+    torch.manual_seed(0)
+    model = TinyLM(vocab=13, dim=8)
+    idx = torch.randint(0, 13, (2, 40), generator=torch.Generator().manual_seed(1))
+    t = idx[:, 1:].reshape(-1).clone()
+    t[::2] = -100
+    cggr_hook.enable(model, scoring="gradnorm", selection="importance", min_tokens_ratio=0.3, **FIXED)
+    loss = F.cross_entropy(model(idx)[:, :-1].reshape(-1, 13), t, reduction="none")
+    go = torch.ones_like(loss)
+    go[loss == 0] = float("inf")
+    loss.backward(go)
+    for n, p in model.named_parameters():
+        assert p.grad is not None and bool(torch.isfinite(p.grad).all()), n
