@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import math
 import numbers
+import threading
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -470,22 +471,29 @@ class PendingTargetCheck:
     ``disable()``, ``metrics()``). A call never waits for one."""
 
     _pending: ClassVar[list[tuple[HostRead, int, int]]] = []
+    # gated calls and a metrics() reader in another thread may poll at once
+    _lock: ClassVar[threading.Lock] = threading.Lock()
 
     @classmethod
     def clear(cls) -> None:
-        cls._pending.clear()
+        with cls._lock:
+            cls._pending.clear()
 
     @classmethod
     def add(cls, counts: HostRead, vocab: int, ignore_index: int) -> None:
-        cls._pending.append((counts, vocab, ignore_index))
+        with cls._lock:
+            cls._pending.append((counts, vocab, ignore_index))
 
     @classmethod
     def poll(cls, wait: bool = False) -> None:
         """Check every pending call whose counts have arrived (every one with ``wait``), oldest
         first; the first bad one raises, and the checks after it stay pending for the next poll."""
-        while cls._pending and (wait or cls._pending[0][0].done()):
-            counts, vocab, ignore_index = cls._pending.pop(0)
-            n_bad = _valid_and_bad(counts.values())[1]
+        while True:
+            with cls._lock:
+                if not cls._pending or not (wait or cls._pending[0][0].done()):
+                    return
+                counts, vocab, ignore_index = cls._pending.pop(0)
+            n_bad = _valid_and_bad(counts.values())[1]  # outside the lock: with ``wait`` it may wait
             if n_bad:
                 raise ValueError(
                     f"cggr_hook: an earlier gated call's target had {n_bad} value(s) outside [0, {vocab}) that are not "
