@@ -264,9 +264,7 @@ class AutoState:
         cross entropy over the same tokens, and a probe of it costs the run steps for nothing
         (three of 205 in the CPU main job's 30 s, 0.067 nats). ``'auto'`` still times its
         fractions there: dropping rows saves a share of the head's backward."""
-        if self.candidates != FULL_TOKENS or self.device is None or self.device.type == "cuda":
-            return
-        if PROBE_THE_REFERENCE:
+        if PROBE_THE_REFERENCE or self.candidates != FULL_TOKENS or self.device is None or self.device.type == "cuda":
             return
         while self.in_window() and self.candidates[self.probe] == 1.0:
             self.probe += 1

@@ -64,9 +64,8 @@ def resolve(m: dict) -> dict:
         return m
     m = dict(m)
     draw = m.pop("_draw").values() if "_draw" in m else None
-    if "_ratio" in m:  # n and k were counted on the device: the draw's figures bring them
-        m.pop("_ratio")
-        n, k = int(draw[-2]), int(draw[-1])  # pyright: ignore[reportOptionalSubscript]
+    if draw is not None and "tokens_total" not in m:  # n and k were counted on the device
+        n, k = int(draw[-2]), int(draw[-1])
         m.update(token_ratio=k / n if n else 0.0, tokens_selected=k, tokens_total=n)
     if "_valid" in m:
         m["tokens_total"] = m["tokens_selected"] = int(m.pop("_valid").values()[0])

@@ -35,7 +35,7 @@ from torch import Tensor
 
 from . import difficulty, figures, kernels, selection
 from .config import GateConfig, check_zero_floor
-from .kernels.spec import SCORINGS, check_reduction, keep_count, target_masks
+from .kernels.spec import SCORINGS, check_reduction, target_masks
 from .schedule import Scheduler, tokens_to_keep
 
 
@@ -197,11 +197,12 @@ def _generator(device: torch.device, seed: int, step: int, call: int) -> torch.G
     return g
 
 
-def _horvitz_thompson_norm(targets: Tensor, n_valid: int, vocab: int, spec: LossSpec) -> int | Tensor:
+def _horvitz_thompson_norm(targets: Tensor, n_valid: int | None, vocab: int, spec: LossSpec) -> int | Tensor | None:
     """What a drawn row's 1 / pi_r is divided by in its ``row_weight``: the plain loss's normaliser
     for 'mean' (n, or the valid rows' summed class weight, a float64 device scalar), 1 for 'sum'
     and 'none', so that the weighted sum of the drawn rows' cross entropies is an unbiased estimate
-    of the plain loss."""
+    of the plain loss. ``n_valid`` None (counted on the device): n is None too, for the kernel to
+    take its own count."""
     if spec.reduction != "mean":
         return 1
     if spec.weight is None:
@@ -429,8 +430,8 @@ def _draw_at_ratio(
     V = logits.shape[-1]
     N = targets.numel()
     ratio, step, call = scheduler.begin_call(config, key, math.nan, param_ids)
-    capacity = keep_count(ratio, N)
-    norm = None if spec.reduction == "mean" and spec.weight is None else _horvitz_thompson_norm(targets, 0, V, spec)
+    capacity = tokens_to_keep(ratio, N)
+    norm = _horvitz_thompson_norm(targets, None, V, spec)
     draw = selection.importance_draw_at_ratio(
         ranking, diff, counts, ratio, capacity, config.importance_floor, gen, uniform=uniform, norm=norm
     )
@@ -454,8 +455,7 @@ def _draw_at_ratio(
         "selection": config.selection,
         "scoring": config.scoring,
         "_sums": HostRead(partial.reshape(-1), now=False),
-        "_draw": HostRead(draw.figures, now=False),
-        "_ratio": ratio,
+        "_draw": HostRead(draw.figures, now=False),  # n and k too: no tokens_total until read
     }
     rows = None if dense or not need_rows else draw.rows
     return GatedForward(loss, values, BackwardPlan(stats.lse, row_scale, rows, None, None, dense))
