@@ -149,6 +149,7 @@ def _write_row(
             tl.store(optrs, zeros, mask=cols < V)
 
 
+@launch.lean
 @triton.jit
 def _ce_grad_rows_kernel(
     x_ptr,
@@ -222,6 +223,7 @@ def _ce_grad_rows_kernel(
     )
 
 
+@launch.lean
 @triton.jit
 def _ce_grad_dense_kernel(
     x_ptr,
@@ -462,6 +464,7 @@ LOSS_BLOCK = 8192
 LOSS_WARPS = 16
 
 
+@launch.lean
 @triton.jit
 def _selected_loss_kernel(
     nll_ptr,
