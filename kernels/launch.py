@@ -87,8 +87,8 @@ def _read_mode() -> None:
         from triton.runtime.driver import driver
 
         runtime = knobs.runtime
-        device = driver.active.get_current_device
-        stream = driver.active.get_current_stream
+        device = driver.active.get_current_device  # pyright: ignore[reportAttributeAccessIssue]
+        stream = driver.active.get_current_stream  # pyright: ignore[reportAttributeAccessIssue]
     except (ImportError, AttributeError, RuntimeError):  # no knobs, or no GPU driver: its own path only
         lean = False
         runtime = device = stream = None
@@ -137,25 +137,26 @@ class LeanKernel:
         self.arg_names: tuple[str, ...] = tuple(fn.arg_names)
         self._cache: dict[Any, _Compiled] = {}
 
-    def __getitem__(self, grid: tuple[int, ...]):
+    def __getitem__(self, grid: tuple):
         return lambda *args, **kwargs: self._launch(grid, args, kwargs)
 
-    def _key(self, args: tuple, kwargs: dict) -> Any:
+    def _key(self, device: int, args: tuple, kwargs: dict) -> tuple:
         return (
-            _Mode.device(),
+            device,
             tuple(_arg_key(a) for a in args),
             tuple((k, v if type(v) is not torch.Tensor else _arg_key(v)) for k, v in kwargs.items()),
         )
 
-    def _launch(self, grid: tuple[int, ...], args: tuple, kwargs: dict) -> None:
+    def _launch(self, grid: tuple, args: tuple, kwargs: dict) -> None:
         if not _Mode.read:
             _read_mode()
         runtime = _Mode.runtime
         if not _Mode.lean or runtime.launch_enter_hook is not None or runtime.launch_exit_hook is not None:
             self.fn[grid](*args, **kwargs)
             return
+        device = _Mode.device()
         try:
-            key = self._key(args, kwargs)
+            key = self._key(device, args, kwargs)
             hash(key)
         except (_Unsupported, TypeError):
             self.fn[grid](*args, **kwargs)
@@ -176,7 +177,7 @@ class LeanKernel:
         values = args + tuple(kwargs[name] for name in hit.names)  # the key holds the names: all there
         g1 = grid[1] if len(grid) > 1 else 1
         g2 = grid[2] if len(grid) > 2 else 1
-        hit.run(grid[0], g1, g2, _Mode.stream(key[0]), hit.function, hit.metadata, None, None, None, *values)
+        hit.run(grid[0], g1, g2, _Mode.stream(device), hit.function, hit.metadata, None, None, None, *values)
 
 
 def lean(fn: Any) -> Any:
