@@ -175,9 +175,8 @@ class LeanKernel:
                     f"for key {key!r}; set CGGR_HOOK_LEAN_LAUNCH=0 and report this"
                 )
         values = args + tuple(kwargs[name] for name in hit.names)  # the key holds the names: all there
-        g1 = grid[1] if len(grid) > 1 else 1
-        g2 = grid[2] if len(grid) > 2 else 1
-        hit.run(grid[0], g1, g2, _Mode.stream(device), hit.function, hit.metadata, None, None, None, *values)
+        g0, g1, g2 = (*grid, 1, 1)[:3]
+        hit.run(g0, g1, g2, _Mode.stream(device), hit.function, hit.metadata, None, None, None, *values)
 
 
 def lean(fn: Any) -> Any:
