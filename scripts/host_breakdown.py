@@ -1,0 +1,264 @@
+"""Where a gated call's host time goes: inclusive host time of the gate's own functions and of
+the kernel wrappers, and the host cost of the primitives a call is built from.
+
+With the device idle before each call (``synchronize``), every named function of the gate is
+wrapped with a ``perf_counter`` pair (about 1 us a wrapper) and the median over ``--reps`` calls is
+reported for each, with the share of the whole call. A second table times the primitives alone in
+tight loops (a torch allocation, an elementwise launch, an event, the side-stream copy, a Triton
+launch through Triton's own path and through ``kernels.launch``'s lean path).
+
+    python scripts/host_breakdown.py --out runs/breakdown     # CUDA
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import statistics
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+try:
+    import cggr_hook
+except ImportError:  # a checkout that was not pip-installed
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+    import cggr_hook
+from cggr_hook import difficulty, functions, kernels, loss, pipeline, route, schedule, selection
+
+# (owner, attribute): inclusive host time of each call of it
+WRAPPED = [
+    (kernels, name)
+    for name in (
+        "target_counts",
+        "row_stats",
+        "row_difficulty",
+        "difficulty_rank",
+        "ascending_order",
+        "importance_draw_at_ratio",
+        "selected_loss",
+        "ce_grad_rows",
+        "ce_grad_dense_",
+    )
+] + [
+    (pipeline, "gated_forward"),
+    (pipeline, "_draw_at_ratio"),
+    (pipeline, "_generator"),
+    (pipeline, "_horvitz_thompson_norm"),
+    (pipeline.PendingTargetCheck, "poll"),
+    (pipeline.HostRead, "__init__"),
+    (selection, "rank_rows"),
+    (selection, "random_keys"),
+    (selection, "importance_draw_at_ratio"),
+    (difficulty, "score_rows"),
+    (schedule.Scheduler, "begin_call"),
+    (loss.CGGRLoss, "forward"),
+    (functions.GatedCrossEntropy, "forward"),
+    (functions.GatedCrossEntropy, "backward"),
+    (functions.GatedHeadCrossEntropy, "forward"),
+    (functions.GatedHeadCrossEntropy, "backward"),
+    (route.Route, "__call__"),
+    (route.Route, "_gated_loss"),
+]
+
+
+@contextlib.contextmanager
+def timing(totals: dict):
+    """Wrap every function of WRAPPED, in every cggr_hook module that holds it, adding its
+    inclusive time of the current call to ``totals[label]``."""
+    undo = []
+    for owner, name in WRAPPED:
+        raw = owner.__dict__.get(name) if isinstance(owner, type) else getattr(owner, name, None)
+        if raw is None:
+            continue
+        is_static = isinstance(raw, staticmethod)
+        fn = raw.__func__ if isinstance(raw, (staticmethod, classmethod)) else raw
+        label = f"{getattr(owner, '__name__', owner)}.{name}".replace("cggr_hook.", "")
+
+        def make(fn=fn, label=label):
+            def wrapper(*a, **kw):
+                t0 = time.perf_counter()
+                try:
+                    return fn(*a, **kw)
+                finally:
+                    totals[label] += time.perf_counter() - t0
+
+            return wrapper
+
+        new = make()
+        if is_static:
+            new = staticmethod(new)
+        elif isinstance(raw, classmethod):
+            new = classmethod(make(fn))
+        holders = [(owner, raw)]
+        if not isinstance(owner, type):  # names imported into other modules
+            for mod in list(sys.modules.values()):
+                if mod is not None and getattr(mod, "__name__", "").startswith("cggr_hook") and mod is not owner:
+                    if getattr(mod, name, None) is raw:
+                        holders.append((mod, raw))
+        for holder, old in holders:
+            setattr(holder, name, new)
+            undo.append((holder, name, old))
+    try:
+        yield
+    finally:
+        for holder, name, old in reversed(undo):
+            setattr(holder, name, old)
+
+
+def _sync(dev):
+    if dev.type == "cuda":
+        torch.cuda.synchronize(dev)
+
+
+def breakdown(run, clear, dev, reps: int, warmup: int) -> list[tuple[str, float, float]]:
+    for _ in range(warmup):
+        run()
+        clear()
+    per_call: dict[str, list[float]] = defaultdict(list)
+    whole = []
+    for _ in range(reps):
+        totals: dict[str, float] = defaultdict(float)
+        _sync(dev)
+        with timing(totals):
+            t0 = time.perf_counter()
+            run()
+            whole.append(time.perf_counter() - t0)
+        clear()
+        for k, v in totals.items():
+            per_call[k].append(v)
+    total = statistics.median(whole) * 1e6
+    rows = [("(whole call, instrumented)", total, 100.0)]
+    for k, v in sorted(per_call.items(), key=lambda kv: -statistics.median(kv[1])):
+        us = statistics.median(v) * 1e6
+        rows.append((k, us, 100 * us / total))
+    return rows
+
+
+def primitives(dev, reps: int) -> list[tuple[str, float]]:
+    from cggr_hook.kernels import launch, scoring
+
+    out = []
+
+    def loop(label, f, n=reps):
+        for _ in range(20):
+            f()
+        _sync(dev)
+        samples = []
+        for _ in range(n):
+            t0 = time.perf_counter()
+            f()
+            samples.append(time.perf_counter() - t0)
+            if len(samples) % 50 == 0:
+                _sync(dev)
+        out.append((label, statistics.median(samples) * 1e6))
+
+    x = torch.randn(8192, device=dev)
+    tg = torch.randint(0, 32000, (8192,), device=dev)
+    loop("torch.empty(8192)", lambda: torch.empty(8192, device=dev))
+    loop("x + 1 (one elementwise launch)", lambda: x + 1)
+    loop("x.contiguous() (no copy)", lambda: x.contiguous())
+    loop("x.reshape(-1)", lambda: x.reshape(-1))
+    loop("torch.Generator(dev).manual_seed", lambda: torch.Generator(device=dev).manual_seed(1))
+    part = torch.empty(8, 2, dtype=torch.int64, device=dev)
+    if dev.type == "cuda":
+        loop("torch.cuda.Event() + record", lambda: torch.cuda.Event().record())
+        loop("torch.cuda.current_device()", torch.cuda.current_device)
+        loop("HostRead(now=True) of 128 int64", lambda: pipeline.HostRead(tg[:128]))
+        loop("HostRead(now=False)", lambda: pipeline.HostRead(x, now=False))
+        for mode in ("0", "1"):
+            launch.set_lean(mode)
+            loop(f"kernels.target_counts, lean={mode}", lambda: kernels.target_counts(tg, 32000, -100))
+            loop(
+                f"scoring._target_counts_kernel[grid] only, lean={mode}",
+                lambda: scoring._target_counts_kernel[(8,)](
+                    tg, part, 8192, 32000, 1, -100, BLOCK=scoring.COUNT_BLOCK, num_warps=4
+                ),
+            )
+        launch.set_lean(None)
+    return out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--vocab", type=int, default=32000)
+    p.add_argument("--tokens", type=int, default=8192)
+    p.add_argument("--hidden", type=int, default=1024)
+    p.add_argument("--reps", type=int, default=50)
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--device", default=None)
+    p.add_argument("--out", default=None, help="a folder: host_breakdown.md inside")
+    args = p.parse_args(argv)
+    dev = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    g = torch.Generator(device="cpu").manual_seed(0)
+    N, V, D = args.tokens, args.vocab, args.hidden
+    logits = (torch.randn(N, V, generator=g) * 2).to(dev, torch.bfloat16).requires_grad_()
+    targets = torch.randint(0, V, (N,), generator=g).to(dev)
+    targets[torch.rand(N, generator=g).to(dev) < 0.05] = -100
+    h = (torch.randn(N, D, generator=g) * 0.5).to(dev, torch.bfloat16).requires_grad_()
+
+    class Model(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lm_head = nn.Linear(D, V, bias=False)
+
+    model = Model().to(dev, torch.bfloat16)
+
+    def clear():
+        logits.grad = None
+        h.grad = None
+        model.zero_grad(set_to_none=True)
+
+    name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
+    lines = [f"# Host time by function: {name}, N = {N}, V = {V}, D = {D}, bf16, device idle before each call", ""]
+    crit = cggr_hook.CGGRLoss(
+        warmup_steps=0,
+        dynamic_threshold=False,
+        plain_when_faster=False,
+        min_tokens_ratio=0.25,
+        scoring="gradnorm",
+        selection="importance",
+    )
+    cases = {"loss/cggr25 importance (CGGRLoss)": (lambda: crit(logits, targets).backward(), contextlib.nullcontext)}
+
+    @contextlib.contextmanager
+    def gated():
+        cggr_hook.enable(model, min_tokens_ratio=0.25, warmup_steps=0, dynamic_threshold=False, plain_when_faster=False)
+        model.train()
+        try:
+            yield
+        finally:
+            cggr_hook.disable(model)
+
+    cases["head/enable 25% importance"] = (
+        lambda: F.cross_entropy(model.lm_head(h).float(), targets).backward(),
+        gated,
+    )
+    cases["head/torch (no gate)"] = (
+        lambda: F.cross_entropy(model.lm_head(h).float(), targets).backward(),
+        contextlib.nullcontext,
+    )
+    for case, (run, ctx) in cases.items():
+        with ctx():
+            rows = breakdown(run, clear, dev, args.reps, args.warmup)
+        lines += [f"## {case}", "", "| function (inclusive) | host us | % of call |", "|---|---:|---:|"]
+        lines += [f"| {k} | {us:.0f} | {pct:.0f} |" for k, us, pct in rows]
+        lines.append("")
+    lines += ["## Primitives (median host us a call)", "", "| primitive | host us |", "|---|---:|"]
+    lines += [f"| {k} | {us:.1f} |" for k, us in primitives(dev, max(200, args.reps * 4))]
+    text = "\n".join(lines)
+    print(text)
+    if args.out:
+        out = Path(args.out)
+        out.mkdir(parents=True, exist_ok=True)
+        (out / "host_breakdown.md").write_text(text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
