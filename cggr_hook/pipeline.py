@@ -167,9 +167,11 @@ class HostRead:
         return stream
 
 
-def _valid_and_bad(host: list) -> tuple[int, int]:
-    """(valid, bad) target counts from ``kernels.target_counts``'s (P, 2) partials read row by row."""
-    return sum(host[0::2]), sum(host[1::2])
+def _valid_and_bad(host: list, width: int = 2) -> tuple[int, int]:
+    """(valid, bad) target counts from partials read row by row, ``width`` values a row whose first
+    two are those counts: ``kernels.target_counts``' (P, 2), or the scoring pass's (P, 5) partial
+    sums (``_N_SUMS``), whose float64 counts are whole numbers."""
+    return int(sum(host[0::width])), int(sum(host[1::width]))
 
 
 def _raise_if_bad(n_bad: int, vocab: int, ignore_index: int) -> None:
@@ -258,8 +260,14 @@ def gated_forward(
     # the host's one read is of target counts queued before the scoring pass, when the ratio cannot
     # depend on what that pass finds
     counts_first = (auto or not config.dynamic_threshold) and not strategy.per_sequence
+    # where this call keeps every valid row whatever the counts say, the selection needs no
+    # difficulty order
+    every_row = not strategy.per_sequence and scheduler.keeps_every_row(config, key)
+    # importance at a ratio the host knows reads nothing: its draw counts n from the scoring
+    # pass's partial sums, which also carry the bad targets, so it needs no counts of its own
+    draw_at_ratio = at_ratio(config, strategy, auto, counts_first, every_row) and N > 0
     PendingTargetCheck.poll()  # an earlier call's bad targets, where its counts have arrived
-    counts_t = kernels.target_counts(targets, V, ignore_index) if counts_first else None
+    counts_t = kernels.target_counts(targets, V, ignore_index) if counts_first and not draw_at_ratio else None
     counts = HostRead(counts_t.reshape(-1)) if counts_t is not None else None
     # an auto gate's noise-measuring step needs every row's gradient norm, whatever the scoring
     probe = auto and scheduler.auto_state(key, cands).measures_noise()
@@ -274,9 +282,6 @@ def gated_forward(
     step, call = scheduler.step_count, scheduler.calls_in_step
     gen = _generator(dev, config.seed, step, call) if scoring.random or strategy.draws else None
     diff, partial = difficulty.score_rows(stats, targets, V, ignore_index, config.scoring, gen, spec.label_smoothing)
-    # where this call keeps every valid row whatever the counts say, the selection needs no
-    # difficulty order
-    every_row = not strategy.per_sequence and scheduler.keeps_every_row(config, key)
     ranking = None
     if not every_row:
         valid = None
@@ -284,13 +289,15 @@ def gated_forward(
             valid, _ = target_masks(targets, V, ignore_index)
         ranking = selection.rank_rows(diff, valid, config, seq)
 
-    if at_ratio(config, strategy, auto, counts_first, every_row) and N > 0:
-        # importance at a ratio the host knows: n and k are counted on the device, nothing is read
-        assert ranking is not None and counts is not None and counts_t is not None
-        if counts.done():  # on a CPU always, on a GPU where the device is ahead: checked at once
-            _raise_if_bad(_valid_and_bad(counts.values())[1], V, ignore_index)
+    if draw_at_ratio:
+        # importance at a ratio the host knows: n and k are counted on the device, nothing is read;
+        # the partial sums (valid and bad targets, the metric sums) go to the host behind the kernels
+        assert ranking is not None
+        sums_read = HostRead(partial.reshape(-1))
+        if sums_read.done():  # on a CPU always: checked at once
+            _raise_if_bad(_valid_and_bad(sums_read.values(), _N_SUMS)[1], V, ignore_index)
         else:
-            PendingTargetCheck.add(counts, V, ignore_index)
+            PendingTargetCheck.add(sums_read, V, ignore_index, _N_SUMS)
         return _draw_at_ratio(
             logits,
             targets,
@@ -298,7 +305,7 @@ def gated_forward(
             ranking,
             diff,
             partial,
-            counts_t,
+            sums_read,
             config,
             scheduler,
             key,
@@ -410,7 +417,7 @@ def _draw_at_ratio(
     ranking: selection.Ranking,
     diff: Tensor,
     partial: Tensor,
-    counts: Tensor,
+    sums_read: HostRead,
     config: GateConfig,
     scheduler: Scheduler,
     key: str,
@@ -424,8 +431,10 @@ def _draw_at_ratio(
     keep_count(ratio, N) rows (an upper bound of k the host knows; the rows past the k drawn carry
     no weight, so a gradient over them adds exact zeros), the loss takes the mean's n from the
     draw, and the call's figures (n, k, the averages) stay on the device until ``metrics()`` asks.
-    A bad target raises here where the counts' copy is already done (on a CPU, always), else at a
-    later call (``PendingTargetCheck``); this call's loss then counts its row as ignored, as the
+    n comes from ``partial``, the scoring pass's partial sums, whose copy to the host
+    (``sums_read``) is also the target check's: a bad target raises in the caller where that copy
+    is already done (on a CPU, always), else at a later call (``PendingTargetCheck``); this call's
+    loss then counts its row as ignored, as the
     scoring pass reads it."""
     V = logits.shape[-1]
     N = targets.numel()
@@ -433,7 +442,7 @@ def _draw_at_ratio(
     capacity = tokens_to_keep(ratio, N)
     norm = _horvitz_thompson_norm(targets, None, V, spec)
     draw = selection.importance_draw_at_ratio(
-        ranking, diff, counts, ratio, capacity, config.importance_floor, gen, uniform=uniform, norm=norm
+        ranking, diff, partial, ratio, capacity, config.importance_floor, gen, uniform=uniform, norm=norm
     )
     dense = need_rows and dense_rows(logits, N, capacity)
     loss, row_scale = kernels.selected_loss(
@@ -454,7 +463,7 @@ def _draw_at_ratio(
         "step": step + 1,
         "selection": config.selection,
         "scoring": config.scoring,
-        "_sums": HostRead(partial.reshape(-1), now=False),
+        "_sums": sums_read,  # (the copy the target check reads too)
         "_draw": HostRead(draw.figures, now=False),  # n and k too: no tokens_total until read
     }
     rows = None if dense or not need_rows else draw.rows
@@ -462,6 +471,7 @@ def _draw_at_ratio(
 
 
 _N_VALID = kernels.spec.DRAW_FIGURES.index("n_valid")
+_N_SUMS = len(kernels.spec.SUM_FIELDS)  # values a row of the scoring pass's partial sums
 
 
 class PendingTargetCheck:
@@ -470,7 +480,7 @@ class PendingTargetCheck:
     bad target at the first later gated call that finds the copy done (or at ``poll(wait=True)``:
     ``disable()``, ``metrics()``). A call never waits for one."""
 
-    _pending: ClassVar[list[tuple[HostRead, int, int]]] = []
+    _pending: ClassVar[list[tuple[HostRead, int, int, int]]] = []
     # gated calls and a metrics() reader in another thread may poll at once
     _lock: ClassVar[threading.Lock] = threading.Lock()
 
@@ -480,9 +490,10 @@ class PendingTargetCheck:
             cls._pending.clear()
 
     @classmethod
-    def add(cls, counts: HostRead, vocab: int, ignore_index: int) -> None:
+    def add(cls, counts: HostRead, vocab: int, ignore_index: int, width: int = 2) -> None:
+        """``counts``: the partial counts' copy, ``width`` values a row (``_valid_and_bad``)."""
         with cls._lock:
-            cls._pending.append((counts, vocab, ignore_index))
+            cls._pending.append((counts, vocab, ignore_index, width))
 
     @classmethod
     def poll(cls, wait: bool = False) -> None:
@@ -492,8 +503,8 @@ class PendingTargetCheck:
             with cls._lock:
                 if not cls._pending or not (wait or cls._pending[0][0].done()):
                     return
-                counts, vocab, ignore_index = cls._pending.pop(0)
-            n_bad = _valid_and_bad(counts.values())[1]  # outside the lock: with ``wait`` it may wait
+                counts, vocab, ignore_index, width = cls._pending.pop(0)
+            n_bad = _valid_and_bad(counts.values(), width)[1]  # outside the lock: with ``wait`` it may wait
             if n_bad:
                 raise ValueError(
                     f"cggr_hook: an earlier gated call's target had {n_bad} value(s) outside [0, {vocab}) that are not "

@@ -329,8 +329,8 @@ def importance_draw_at_ratio(
     uniform: bool = False,
     norm: int | Tensor | None = None,
 ) -> Draw:
-    """``importance_draw`` with n (the valid targets of ``counts``, ``target_counts``' partials)
-    and k = ``kernels.spec.keep_count(ratio, n)`` counted on the device: the same rows, keys and
+    """``importance_draw`` with n (the sum of the first column of ``counts``: the valid targets of
+    ``target_counts``' or the scoring pass's partials) and k = ``kernels.spec.keep_count(ratio, n)`` counted on the device: the same rows, keys and
     weights as ``importance_draw`` given n and k, with ``rows`` listed in ``capacity`` slots (the
     drawn ones first; the rest carry no weight) and nothing read on the host
     (``kernels.importance_draw_at_ratio``)."""

@@ -250,8 +250,9 @@ def importance_draw_at_ratio(
     uniform: bool = False,
     norm: int | Tensor | None = None,
 ) -> ImportanceDraw:
-    """``importance_draw`` where the host knows neither n nor k: n is the valid targets of
-    ``counts`` (``target_counts``' int64 (P, 2)), k = ``spec.keep_count(ratio, n)``, both counted
+    """``importance_draw`` where the host knows neither n nor k: n is the sum of ``counts``' first
+    column (the valid targets of ``target_counts``' int64 (P, 2) or of ``row_difficulty``'s
+    float64 (P, 5) partial sums), k = ``spec.keep_count(ratio, n)``, both counted
     on the device (``DRAW_FIGURES`` ends with them), and ``rows`` / ``inv_pi`` have ``capacity``
     slots (at least ``keep_count(ratio, N)``), the drawn rows ascending and then undrawn rows that
     carry no weight. ``perm`` (int64 (N,)): the random order of one key per row, whose ordinals
@@ -263,9 +264,10 @@ def importance_draw_at_ratio(
             raise ValueError(f"cggr_hook: {name} must be int64 of {size} rows, got {t.dtype} of shape {tuple(t.shape)}")
     if u.numel() != 1 or u.dtype != torch.float64:
         raise ValueError(f"cggr_hook: u must be one float64, got {u.dtype} of shape {tuple(u.shape)}")
-    if counts.dim() != 2 or counts.shape[1] != 2 or counts.dtype != torch.int64:
+    if counts.dim() != 2 or counts.shape[1] < 1 or counts.dtype not in (torch.int64, torch.float64):
         raise ValueError(
-            f"cggr_hook: counts must be target_counts' int64 (P, 2) partials, got {counts.dtype} of shape {tuple(counts.shape)}"
+            "cggr_hook: counts must be partial counts whose first column counts valid targets (target_counts' "
+            f"int64 (P, 2) or row_difficulty's float64 (P, 5)), got {counts.dtype} of shape {tuple(counts.shape)}"
         )
     ratio = float(ratio)
     if not 0.0 <= ratio <= 1.0 or not spec.keep_count(ratio, N) <= capacity <= N:

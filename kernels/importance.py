@@ -100,6 +100,7 @@ def _importance_kernel(
     k_arg,
     norm_int,
     n_parts,
+    counts_stride,
     ratio_bits,
     n_perm,
     capacity,
@@ -113,11 +114,12 @@ def _importance_kernel(
     zero = tl.zeros([], tl.float64)
     floor = tl.full([], FLOOR_BITS, tl.int64).to(tl.float64, bitcast=True)
     if DEVICE_K:
-        # n from the target counts' partials, k = keep_count(ratio, n): nothing read on the host
+        # n from the partial counts' first column (int64, or float64 holding whole numbers), k =
+        # keep_count(ratio, n): nothing read on the host
         n64 = tl.zeros([], tl.int64)
         for p0 in range(0, n_parts, BLOCK):
             p = p0 + idx
-            n64 += tl.sum(tl.load(counts_ptr + 2 * p, mask=p < n_parts, other=0).to(tl.int64))
+            n64 += tl.sum(tl.load(counts_ptr + counts_stride * p, mask=p < n_parts, other=0).to(tl.int64))
         ratio = ratio_bits.to(tl.int64).to(tl.float64, bitcast=True)
         half = tl.full([], _KEEP_HALF_BITS, tl.int64).to(tl.float64, bitcast=True)
         k64 = tl.floor(ratio * n64.to(tl.float64) + half).to(tl.int64)
@@ -304,8 +306,8 @@ def importance_draw_at_ratio(
     uniform: bool,
     norm: int | Tensor | None,
 ) -> ImportanceDraw:
-    """The draw with n and k counted on the device from the target counts' partials ``counts``
-    and ``ratio``: see ``reference.importance_draw_at_ratio``. One program, one launch, and nothing
+    """The draw with n and k counted on the device from the partial counts ``counts`` (their first
+    column) and ``ratio``: see ``reference.importance_draw_at_ratio``. One program, one launch, and nothing
     read on the host."""
     return _launch(diff, order, rank, perm, u, floor, uniform, norm, counts=counts, ratio=ratio, capacity=capacity)
 
@@ -350,7 +352,7 @@ def _launch(
         perm.contiguous(),
         u,
         norm if isinstance(norm, Tensor) else u,
-        counts.contiguous() if counts is not None else u,
+        counts if counts is not None else u,
         work[:n_rows],
         work[n_rows : 2 * n_rows],
         work[2 * n_rows :],
@@ -364,6 +366,7 @@ def _launch(
         k,
         norm if isinstance(norm, int) else 1,
         counts.shape[0] if counts is not None else 0,
+        counts.stride(0) if counts is not None else 0,
         ratio_bits,
         perm.numel(),
         slots,

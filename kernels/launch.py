@@ -70,6 +70,7 @@ class _Mode:
     lean = True
     check = False
     runtime: Any = None  # Triton's knobs.runtime (launch hooks), None when lean is off
+    why_off = ""  # why the lean path is off, where it is
     device: Any = None
     stream: Any = None
 
@@ -82,6 +83,7 @@ def _read_mode() -> None:
             "launch path) or check (lean, checked against Triton at every launch)"
         )
     lean = value != "0"
+    why_off = "" if lean else "CGGR_HOOK_LEAN_LAUNCH=0"
     try:
         from triton import knobs
         from triton.runtime.driver import driver
@@ -89,12 +91,23 @@ def _read_mode() -> None:
         runtime = knobs.runtime
         device = driver.active.get_current_device  # pyright: ignore[reportAttributeAccessIssue]
         stream = driver.active.get_current_stream  # pyright: ignore[reportAttributeAccessIssue]
-    except (ImportError, AttributeError, RuntimeError):  # no knobs, or no GPU driver: its own path only
+    except (ImportError, AttributeError, RuntimeError) as e:  # no knobs, or no GPU driver: its own path only
         lean = False
+        why_off = f"{type(e).__name__}: {e}"
         runtime = device = stream = None
     _Mode.lean, _Mode.check = lean, value == "check" and lean
     _Mode.runtime, _Mode.device, _Mode.stream = runtime, device, stream
+    _Mode.why_off = why_off
     _Mode.read = True
+
+
+def status() -> str:
+    """'lean', 'lean, checked' or 'off (why)': how Triton kernels are launched now."""
+    if not _Mode.read:
+        _read_mode()
+    if _Mode.lean:
+        return "lean, checked" if _Mode.check else "lean"
+    return f"off ({_Mode.why_off})"
 
 
 def set_lean(mode: str | None) -> None:

@@ -542,7 +542,8 @@ def importance_draw_at_ratio(
     norm: int | Tensor | None,
 ) -> spec.ImportanceDraw:
     """``importance_draw`` with n and k taken on the device, where the host never learns them:
-    n = the valid targets of ``counts`` (``target_counts``' int64 (P, 2) partials), k =
+    n = the sum of ``counts``' first column (``target_counts``' int64 (P, 2) or ``row_difficulty``'s
+    float64 (P, 5) partials: the valid targets), k =
     ``spec.keep_count(ratio, n)``, and the rows listed in ``capacity`` slots (an upper bound of
     k the host knows: ``keep_count(ratio, N)``), the drawn rows ascending and then the first undrawn
     rows ascending, which carry no weight (their ``row_weight`` is 0, their ``inv_pi`` 1): a

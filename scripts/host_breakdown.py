@@ -215,7 +215,14 @@ def main(argv=None) -> int:
         model.zero_grad(set_to_none=True)
 
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
-    lines = [f"# Host time by function: {name}, N = {N}, V = {V}, D = {D}, bf16, device idle before each call", ""]
+    from cggr_hook.kernels import launch
+
+    lines = [
+        f"# Host time by function: {name}, N = {N}, V = {V}, D = {D}, bf16, device idle before each call",
+        "",
+        f"Triton launches: {launch.status()}",
+        "",
+    ]
     crit = cggr_hook.CGGRLoss(
         warmup_steps=0,
         dynamic_threshold=False,

@@ -452,6 +452,31 @@ def test_a_fixed_ratio_reads_nothing_on_the_host_until_the_figures_are_asked_for
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_a_fixed_ratio_counts_its_targets_in_the_scoring_pass_and_copies_one_tensor(backend, monkeypatch):
+    """No target count of its own (one launch fewer): n comes from the scoring pass's partial
+    sums, whose one copy to the host serves the bad-target check and the metric averages."""
+    from cggr_hook import pipeline
+
+    force_backend(backend)
+    logits, targets = inputs(seed=11)
+    monkeypatch.setattr(
+        cggr_hook.kernels, "target_counts", lambda *a: pytest.fail("target_counts launched at a fixed ratio")
+    )
+    copies = []
+    real_init = pipeline.HostRead.__init__
+
+    def counting_init(self, t, now=True):
+        copies.append(now)
+        real_init(self, t, now)
+
+    monkeypatch.setattr(pipeline.HostRead, "__init__", counting_init)
+    crit = CGGRLoss(scoring="gradnorm", selection="importance", min_tokens_ratio=0.3, **FIXED)
+    crit(logits, targets).backward()
+    assert copies == [True, False]  # the partial sums' copy; the draw's figures only marked
+    assert crit.get_metrics()["tokens_total"] == int((targets >= 0).sum())
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
 @pytest.mark.parametrize("reduction, weighted", [("mean", False), ("mean", True), ("sum", False), ("none", True)])
 def test_the_draw_at_a_ratio_is_the_draw_with_the_counts_read(backend, reduction, weighted, monkeypatch):
     """The same rows, loss and gradient whether n and k are counted on the device (the rows listed

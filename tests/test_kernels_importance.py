@@ -157,18 +157,25 @@ def test_row_weight_is_one_over_pi_over_the_normaliser(norm):
     check_draw(got, n, 20, rank, norm.cpu() if isinstance(norm, torch.Tensor) else norm)
 
 
-def draw_at_ratio_both(d, ratio, floor, uniform=False, norm=None, seed=0, parts=3):
-    """The Triton draw at a ratio and the reference's, from one key per row; the target counts as
-    ``parts`` partials (the valid count in the first, zeros in the rest, as several programs of
-    ``target_counts`` leave them)."""
+def draw_at_ratio_both(d, ratio, floor, uniform=False, norm=None, seed=0, parts=3, counts_kind="target_counts"):
+    """The Triton draw at a ratio and the reference's, from one key per row; the valid count as
+    ``parts`` partials: ``target_counts``' int64 (P, 2) (the count in the first row, zeros in the
+    rest, as several programs leave them) or ``row_difficulty``'s float64 (P, 5) (the count split
+    over the rows, the other columns other sums that must not be read as counts)."""
     N = d.numel()
     n = int((d > -math.inf).sum())
     order, rank = reference.difficulty_rank(d)
     g = torch.Generator().manual_seed(seed)
     perm = torch.sort(torch.rand(N, generator=g), stable=True).indices.to(DEVICE)
     u = torch.rand(1, generator=g, dtype=torch.float64).to(DEVICE)
-    counts = torch.zeros(parts, 2, dtype=torch.int64, device=DEVICE)
-    counts[0, 0] = n
+    if counts_kind == "target_counts":
+        counts = torch.zeros(parts, 2, dtype=torch.int64, device=DEVICE)
+        counts[0, 0] = n
+    else:
+        counts = torch.rand(parts, 5, generator=g, dtype=torch.float64).to(DEVICE) * 1000
+        counts[:, 0] = 0.0
+        counts[0, 0] = float(n - n // 2)
+        counts[-1, 0] += float(n // 2)
     capacity = cggr_hook.kernels.spec.keep_count(ratio, N)
     got = K.importance_draw_at_ratio(d, order, rank, perm, u, counts, ratio, capacity, floor, uniform, norm)
     want = reference.importance_draw_at_ratio(d, order, rank, perm, u, counts, ratio, capacity, floor, uniform, norm)
@@ -189,7 +196,8 @@ def draw_at_ratio_both(d, ratio, floor, uniform=False, norm=None, seed=0, parts=
         (1500, 200, "skewed", 0.25),
     ],
 )
-def test_draw_at_ratio_is_the_draw_with_n_and_k_counted_on_the_device(N, n_ignored, case, ratio, blocks):
+@pytest.mark.parametrize("counts_kind", ["target_counts", "difficulty_partials"])
+def test_draw_at_ratio_is_the_draw_with_n_and_k_counted_on_the_device(N, n_ignored, case, ratio, blocks, counts_kind):
     """n from the counts' partials and k = keep_count(ratio, n) on the device: the same rows,
     weights and key as the draw given n and k, the rows listed in keep_count(ratio, N) slots, the
     drawn ones first and then the first undrawn rows (no weight, 1 / pi 1), and n and k last in the
@@ -198,7 +206,7 @@ def test_draw_at_ratio_is_the_draw_with_n_and_k_counted_on_the_device(N, n_ignor
         pytest.skip("the interpreter's time: the small blocks cross their boundaries at fewer rows")
     d = difficulties(N, n_ignored, case, seed=N)
     for seed in range(2):
-        got, want, n, order, rank, perm, u = draw_at_ratio_both(d, ratio, 0.2, seed=seed)
+        got, want, n, order, rank, perm, u = draw_at_ratio_both(d, ratio, 0.2, seed=seed, counts_kind=counts_kind)
         assert_same_draw(got, want)
         k = cggr_hook.kernels.spec.keep_count(ratio, n)
         capacity = cggr_hook.kernels.spec.keep_count(ratio, N)
@@ -251,8 +259,9 @@ def test_draw_at_ratio_arguments_are_checked():
     counts = torch.tensor([[8, 0]], device=DEVICE)
     with pytest.raises(ValueError, match="perm must be int64 of 10 rows"):
         K.importance_draw_at_ratio(d, order, rank, perm[:8], u, counts, 0.25, 3, 0.2)
-    with pytest.raises(ValueError, match="counts must be target_counts"):
-        K.importance_draw_at_ratio(d, order, rank, perm, u, counts.float(), 0.25, 3, 0.2)
+    for bad in (counts.float(), counts[0], counts[:, :0]):  # fp32, one dim, no column
+        with pytest.raises(ValueError, match="counts must be partial counts"):
+            K.importance_draw_at_ratio(d, order, rank, perm, u, bad, 0.25, 3, 0.2)
     for ratio, capacity in ((0.25, 2), (0.25, 11), (1.5, 10), (-0.1, 1)):
         with pytest.raises(ValueError, match="keep_count"):
             K.importance_draw_at_ratio(d, order, rank, perm, u, counts, ratio, capacity, 0.2)

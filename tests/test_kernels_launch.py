@@ -198,6 +198,7 @@ def test_lean_launches_match_tritons_on_the_device(monkeypatch):
     direct = launch.LeanKernel.direct_launches
     for mode in ("0", "check"):
         launch.set_lean(mode)
+        assert launch.status() == ("lean, checked" if mode == "check" else "off (CGGR_HOOK_LEAN_LAUNCH=0)")
         try:
             out = []
             for N, V, offset in ((37, 1000, 0), (37, 1000, 1), (300, 4099, 3), (1, 17, 0)):
@@ -215,7 +216,8 @@ def test_lean_launches_match_tritons_on_the_device(monkeypatch):
             results[mode] = out
         finally:
             launch.set_lean(None)
-    assert launch.LeanKernel.direct_launches > direct  # the lean path ran (and Triton agreed each time)
+    # the lean path ran (and Triton agreed each time)
+    assert launch.LeanKernel.direct_launches > direct, launch.status()
     for (l0, g0), (l1, g1) in zip(results["0"], results["check"]):
         torch.testing.assert_close(l1, l0, rtol=0, atol=0, equal_nan=True)  # (1, 17): no valid row
         torch.testing.assert_close(g1, g0, rtol=0, atol=0)
