@@ -127,6 +127,15 @@ def set_lean(mode: str | None) -> None:
             os.environ["CGGR_HOOK_LEAN_LAUNCH"] = previous
 
 
+def _hook_set(hook: Any) -> bool:
+    """Whether a launch hook of Triton's knobs would run: Triton keeps a chain of hooks there
+    (never None, empty unless a profiler added one); older versions keep a callable or None."""
+    if hook is None:
+        return False
+    calls = getattr(hook, "calls", None)
+    return bool(calls) if calls is not None else True
+
+
 class _Compiled:
     """What one launch of a compiled kernel needs besides the grid, the stream and the arguments."""
 
@@ -166,8 +175,8 @@ class LeanKernel:
         if not _Mode.read:
             _read_mode()
         runtime = _Mode.runtime
-        if not _Mode.lean or runtime.launch_enter_hook is not None or runtime.launch_exit_hook is not None:
-            self.fn[grid](*args, **kwargs)
+        if not _Mode.lean or _hook_set(runtime.launch_enter_hook) or _hook_set(runtime.launch_exit_hook):
+            self.fn[grid](*args, **kwargs)  # a profiler's hooks see every launch
             return
         device = _Mode.device()
         try:

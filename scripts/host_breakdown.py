@@ -29,7 +29,7 @@ try:
 except ImportError:  # a checkout that was not pip-installed
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     import cggr_hook
-from cggr_hook import difficulty, functions, kernels, loss, pipeline, route, schedule, selection
+from cggr_hook import difficulty, functions, head, kernels, loss, pipeline, registry, route, schedule, selection, trace
 
 # (owner, attribute): inclusive host time of each call of it
 WRAPPED = [
@@ -64,6 +64,12 @@ WRAPPED = [
     (functions.GatedHeadCrossEntropy, "backward"),
     (route.Route, "__call__"),
     (route.Route, "_gated_loss"),
+    (route, "_consume"),
+    (trace, "trace"),
+    (registry.Registry, "record"),
+    (head, "tap_output"),
+    (head.HeadTap, "backward"),
+    (torch.autograd, "backward"),
 ]
 
 

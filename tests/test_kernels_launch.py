@@ -129,13 +129,32 @@ def test_an_argument_the_key_does_not_describe_takes_tritons_path(fake):
     assert paths(fn) == ["triton", "triton", "triton"]
 
 
-def test_a_launch_hook_sends_every_launch_through_triton(fake, monkeypatch):
+class HookChain:
+    """Triton's knobs keep a chain of launch hooks, never None; empty, it runs nothing."""
+
+    def __init__(self, calls):
+        self.calls = calls
+
+
+@pytest.mark.parametrize("hook", ["callable", "chain with a hook"])
+def test_a_launch_hook_sends_every_launch_through_triton(fake, monkeypatch, hook):
     fn, k = fake
     x = torch.zeros(64)
     k[(1,)](x, 7, 0.5, FLAG=True, num_warps=4)
-    monkeypatch.setattr(launch._Mode.runtime, "launch_enter_hook", lambda *a: None)
+    set_hook = (lambda *a: None) if hook == "callable" else HookChain([lambda *a: None])
+    monkeypatch.setattr(launch._Mode.runtime, "launch_exit_hook", set_hook)
     k[(1,)](x, 7, 0.5, FLAG=True, num_warps=4)
     assert paths(fn) == ["triton", "triton"]
+
+
+def test_empty_hook_chains_leave_launches_lean(fake, monkeypatch):
+    fn, k = fake
+    monkeypatch.setattr(launch._Mode.runtime, "launch_enter_hook", HookChain([]))
+    monkeypatch.setattr(launch._Mode.runtime, "launch_exit_hook", HookChain([]))
+    x = torch.zeros(64)
+    k[(1,)](x, 7, 0.5, FLAG=True, num_warps=4)
+    k[(1,)](x, 7, 0.5, FLAG=True, num_warps=4)
+    assert paths(fn) == ["triton", "lean"]
 
 
 def test_lean_off_sends_every_launch_through_triton(fake, monkeypatch):
