@@ -149,7 +149,6 @@ def _write_row(
             tl.store(optrs, zeros, mask=cols < V)
 
 
-@launch.lean
 @triton.jit
 def _ce_grad_rows_kernel(
     x_ptr,
@@ -223,7 +222,6 @@ def _ce_grad_rows_kernel(
     )
 
 
-@launch.lean
 @triton.jit
 def _ce_grad_dense_kernel(
     x_ptr,
@@ -464,7 +462,6 @@ LOSS_BLOCK = 8192
 LOSS_WARPS = 16
 
 
-@launch.lean
 @triton.jit
 def _selected_loss_kernel(
     nll_ptr,

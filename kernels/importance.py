@@ -38,7 +38,6 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from . import launch
 from .spec import DRAW_FIGURES, KEEP_HALF, ImportanceDraw
 
 __all__ = ["importance_draw", "importance_draw_at_ratio", "BLOCK", "NUM_WARPS"]
@@ -77,7 +76,6 @@ def _first(x, idx):
     return tl.sum(tl.where(idx == 0, x, 0))
 
 
-@launch.lean
 @triton.jit
 def _importance_kernel(
     diff_ptr,

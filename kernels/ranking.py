@@ -26,8 +26,6 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from . import launch
-
 __all__ = ["difficulty_rank", "ascending_order", "MAX_ROWS", "BLOCK_R", "BLOCK_J", "NUM_WARPS"]
 
 # Rows ranked by one program, the block of other rows compared per loop iteration, and the warps
@@ -49,7 +47,6 @@ def _load_key(ptrs, mask, ASCENDING: tl.constexpr):
     return tl.load(ptrs, mask=mask, other=float("-inf"))
 
 
-@launch.lean
 @triton.jit
 def _rank_kernel(d_ptr, rank_ptr, order_ptr, N, BLOCK_R: tl.constexpr, BLOCK_J: tl.constexpr, ASCENDING: tl.constexpr):
     pid = tl.program_id(0)

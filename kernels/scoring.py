@@ -218,7 +218,6 @@ def _stats_store(
         tl.store(o, tl.where(no_mass, float("nan"), s2 / (s * s)))
 
 
-@launch.lean
 @triton.jit
 def _row_stats_kernel(
     x_ptr,
@@ -281,7 +280,6 @@ def _row_stats_kernel(
     )
 
 
-@launch.lean
 @triton.jit
 def _row_stats_tma_kernel(
     x_desc,
@@ -485,7 +483,6 @@ def row_stats(
 DIFFICULTY_BLOCK = 1024
 
 
-@launch.lean
 @triton.jit
 def _row_difficulty_kernel(
     lse_ptr,
@@ -611,7 +608,6 @@ COUNT_BLOCK = 1024
 COUNT_PROGRAMS = 64
 
 
-@launch.lean
 @triton.jit(do_not_specialize=["N"])  # N = 1 would become a constant, which has no .to()
 def _target_counts_kernel(tgt_ptr, part_ptr, N, V, stride_tgt, ignore_index, BLOCK: tl.constexpr):
     pid = tl.program_id(0)

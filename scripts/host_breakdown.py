@@ -5,7 +5,9 @@ With the device idle before each call (``synchronize``), every named function of
 wrapped with a ``perf_counter`` pair (about 1 us a wrapper) and the median over ``--reps`` calls is
 reported for each, with the share of the whole call. A second table times the primitives alone in
 tight loops (a torch allocation, an elementwise launch, an event, the side-stream copy, a Triton
-launch through Triton's own path and through ``kernels.launch``'s lean path).
+launch through Triton's own path and the same compiled kernel launched directly, without Triton's
+dispatch, through Triton's internal launcher: a measurement only, of what a launch path of our own
+could save).
 
     python scripts/host_breakdown.py --out runs/breakdown     # CUDA
 """
@@ -147,7 +149,7 @@ def breakdown(run, clear, dev, reps: int, warmup: int) -> list[tuple[str, float,
 
 
 def primitives(dev, reps: int) -> list[tuple[str, float]]:
-    from cggr_hook.kernels import launch, scoring
+    from cggr_hook.kernels import scoring
 
     out = []
 
@@ -177,16 +179,40 @@ def primitives(dev, reps: int) -> list[tuple[str, float]]:
         loop("torch.cuda.current_device()", torch.cuda.current_device)
         loop("HostRead(now=True) of 128 int64", lambda: pipeline.HostRead(tg[:128]))
         loop("HostRead(now=False)", lambda: pipeline.HostRead(x, now=False))
-        for mode in ("0", "1"):
-            launch.set_lean(mode)
-            loop(f"kernels.target_counts, lean={mode}", lambda: kernels.target_counts(tg, 32000, -100))
-            loop(
-                f"scoring._target_counts_kernel[grid] only, lean={mode}",
-                lambda: scoring._target_counts_kernel[(8,)](
-                    tg, part, 8192, 32000, 1, -100, BLOCK=scoring.COUNT_BLOCK, num_warps=4
-                ),
-            )
-        launch.set_lean(None)
+        loop("kernels.target_counts (wrapper + Triton launch)", lambda: kernels.target_counts(tg, 32000, -100))
+        loop(
+            "scoring._target_counts_kernel[grid] (Triton's launch alone)",
+            lambda: scoring._target_counts_kernel[(8,)](
+                tg, part, 8192, 32000, 1, -100, BLOCK=scoring.COUNT_BLOCK, num_warps=4
+            ),
+        )
+        # the compiled kernel launched directly, without Triton's dispatch (argument binding,
+        # specialisation, cache key): what a launch path of our own could at best save
+        compiled = scoring._target_counts_kernel[(8,)](
+            tg, part, 8192, 32000, 1, -100, BLOCK=scoring.COUNT_BLOCK, num_warps=4
+        )
+        run = compiled.run
+        loop(
+            "the same compiled kernel launched directly (no dispatch)",
+            lambda: run(
+                8,
+                1,
+                1,
+                torch.cuda.current_stream(dev).cuda_stream,
+                compiled.function,
+                compiled.packed_metadata,
+                None,
+                None,
+                None,
+                tg,
+                part,
+                8192,
+                32000,
+                1,
+                -100,
+                scoring.COUNT_BLOCK,
+            ),
+        )
     return out
 
 
@@ -221,14 +247,7 @@ def main(argv=None) -> int:
         model.zero_grad(set_to_none=True)
 
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
-    from cggr_hook.kernels import launch
-
-    lines = [
-        f"# Host time by function: {name}, N = {N}, V = {V}, D = {D}, bf16, device idle before each call",
-        "",
-        f"Triton launches: {launch.status()}",
-        "",
-    ]
+    lines = [f"# Host time by function: {name}, N = {N}, V = {V}, D = {D}, bf16, device idle before each call", ""]
     crit = cggr_hook.CGGRLoss(
         warmup_steps=0,
         dynamic_threshold=False,
