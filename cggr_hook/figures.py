@@ -13,7 +13,7 @@ import numbers
 from typing import Any
 
 from . import auto as auto_mod
-from .kernels.spec import SUM_FIELDS
+from .kernels.spec import SUM_FIELDS, keep_count
 
 
 def add_partials(host: list, n_part: int) -> list:
@@ -61,7 +61,7 @@ def resolve(m: dict) -> dict:
     """A call's figures with those left on the device read (a new dict; ``m`` itself when it has
     none left there)."""
     if "_sums" not in m and "_draw" not in m and "_valid" not in m:
-        return m
+        return m  # (a "_keep_ratio" always comes with its "_sums")
     m = dict(m)
     draw = m.pop("_draw").values() if "_draw" in m else None
     if draw is not None and "tokens_total" not in m:  # n and k were counted on the device
@@ -71,7 +71,13 @@ def resolve(m: dict) -> dict:
         m["tokens_total"] = m["tokens_selected"] = int(m.pop("_valid").values()[0])
     if "_sums" in m:
         host = m.pop("_sums").values()
-        m.update(averages(add_partials(host, len(host)), m["tokens_total"]))
+        sums = add_partials(host, len(host))
+        ratio = m.pop("_keep_ratio", None)
+        if ratio is not None and "tokens_total" not in m:  # top-k at a ratio: n and k on the device
+            n = int(sums[0])
+            k = keep_count(ratio, n)
+            m.update(token_ratio=k / n if n else 0.0, tokens_selected=k, tokens_total=n)
+        m.update(averages(sums, m["tokens_total"]))
     if draw is not None:
         m.update(draw_figures(draw, m["tokens_total"]))
     return m

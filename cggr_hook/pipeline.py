@@ -105,8 +105,9 @@ class BackwardPlan:
 
     lse: Tensor  # (N,) fp32
     row_scale: Tensor  # (N,) fp32, d loss / d ce_r: 0 off the selection ('none': 1 on it)
-    # (K,) int64 ascending, the selected rows, when asked for; None where the gradient runs over
-    # every row (``dense``) and nothing else needs them
+    # (K,) int64, the selected rows, when asked for (ascending, except top-k at a ratio counted on
+    # the device: the difficulty order's first rows, some past the selection with a scale of 0);
+    # None where the gradient runs over every row (``dense``) and nothing else needs them
     rows: Tensor | None = None
     order: Tensor | None = None  # (N,) int64 whose first K rows are the selected ones, when known
     noise: NoiseProbe | None = None  # min_tokens_ratio='auto' on a step that measures the noise
@@ -266,8 +267,14 @@ def gated_forward(
     # importance at a ratio the host knows reads nothing: its draw counts n from the scoring
     # pass's partial sums, which also carry the bad targets, so it needs no counts of its own
     draw_at_ratio = at_ratio(config, strategy, auto, counts_first, every_row) and N > 0
+    # so does top-k at such a ratio: its loss kernel counts n and k from the same sums
+    top_at_ratio = topk_at_ratio(config, auto, counts_first, every_row) and N > 0
     PendingTargetCheck.poll()  # an earlier call's bad targets, where its counts have arrived
-    counts_t = kernels.target_counts(targets, V, ignore_index) if counts_first and not draw_at_ratio else None
+    counts_t = (
+        kernels.target_counts(targets, V, ignore_index)
+        if counts_first and not (draw_at_ratio or top_at_ratio)
+        else None
+    )
     counts = HostRead(counts_t.reshape(-1)) if counts_t is not None else None
     # an auto gate's noise-measuring step needs every row's gradient norm, whatever the scoring
     probe = auto and scheduler.auto_state(key, cands).measures_noise()
@@ -289,15 +296,20 @@ def gated_forward(
             valid, _ = target_masks(targets, V, ignore_index)
         ranking = selection.rank_rows(diff, valid, config, seq)
 
-    if draw_at_ratio:
-        # importance at a ratio the host knows: n and k are counted on the device, nothing is read;
-        # the partial sums (valid and bad targets, the metric sums) go to the host behind the kernels
+    if draw_at_ratio or top_at_ratio:
+        # a ratio the host knows (importance or top-k): n and k are counted on the device, nothing
+        # is read; the partial sums (valid and bad targets, the metric sums) go to the host behind
+        # the kernels
         assert ranking is not None
         sums_read = HostRead(partial.reshape(-1))
         if sums_read.done():  # on a CPU always: checked at once
             _raise_if_bad(_valid_and_bad(sums_read.values(), _N_SUMS)[1], V, ignore_index)
         else:
             PendingTargetCheck.add(sums_read, V, ignore_index, _N_SUMS)
+        if top_at_ratio:
+            return _topk_at_ratio(
+                logits, targets, stats, ranking, partial, sums_read, config, scheduler, key, spec, param_ids, need_rows
+            )
         return _draw_at_ratio(
             logits,
             targets,
@@ -408,6 +420,63 @@ def at_ratio(
     fixed ratio or its curriculum: no dynamic threshold, not auto), so that n and k can be counted
     on the device (``_draw_at_ratio``) and the call reads nothing on the host."""
     return strategy.weighted and counts_first and not auto and not every_row
+
+
+def topk_at_ratio(config: GateConfig, auto: bool, counts_first: bool, every_row: bool) -> bool:
+    """Whether a call selects top-k at a ratio the host knows before the scoring pass (a fixed
+    ratio or its curriculum: no dynamic threshold, not auto), so that n and k can be counted on
+    the device (``_topk_at_ratio``) and the call reads nothing on the host."""
+    return config.selection == "topk" and counts_first and not auto and not every_row
+
+
+def _topk_at_ratio(
+    logits: Tensor,
+    targets: Tensor,
+    stats: kernels.RowStats,
+    ranking: selection.Ranking,
+    partial: Tensor,
+    sums_read: HostRead,
+    config: GateConfig,
+    scheduler: Scheduler,
+    key: str,
+    spec: LossSpec,
+    param_ids: frozenset[int],
+    need_rows: bool,
+) -> GatedForward:
+    """``gated_forward``'s top-k with n and k on the device: the loss kernel takes n from the
+    scoring pass's partial sums ``partial`` and selects the rows of rank below k =
+    keep_count(ratio, n) (the 'sum' factor n / k there too). A head gradient runs over the
+    difficulty order's first keep_count(ratio, N) rows, an upper bound of k the host knows: the
+    rows past the k selected have a row scale of 0, so their gradient rows are exact zeros. The
+    figures (n, k, the averages) are read from ``sums_read`` when ``metrics()`` asks."""
+    V = logits.shape[-1]
+    N = targets.numel()
+    ratio, step, call = scheduler.begin_call(config, key, math.nan, param_ids)
+    capacity = tokens_to_keep(ratio, N)
+    dense = need_rows and dense_rows(logits, N, capacity)
+    loss, row_scale = kernels.selected_loss(
+        stats,
+        targets,
+        V,
+        ranking.rank,
+        0,
+        0,
+        0,
+        spec.reduction,
+        float(spec.label_smoothing),
+        spec.weight,
+        counts=partial,
+        ratio=ratio,
+    )
+    values = {
+        "step": step + 1,
+        "selection": config.selection,
+        "scoring": config.scoring,
+        "_sums": sums_read,  # n from its valid count, k = keep_count(_keep_ratio, n): read when asked
+        "_keep_ratio": ratio,
+    }
+    rows = None if dense or not need_rows else ranking.order[:capacity]
+    return GatedForward(loss, values, BackwardPlan(stats.lse, row_scale, rows, ranking.order, None, dense))
 
 
 def _draw_at_ratio(

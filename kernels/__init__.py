@@ -264,11 +264,7 @@ def importance_draw_at_ratio(
             raise ValueError(f"cggr_hook: {name} must be int64 of {size} rows, got {t.dtype} of shape {tuple(t.shape)}")
     if u.numel() != 1 or u.dtype != torch.float64:
         raise ValueError(f"cggr_hook: u must be one float64, got {u.dtype} of shape {tuple(u.shape)}")
-    if counts.dim() != 2 or counts.shape[1] < 1 or counts.dtype not in (torch.int64, torch.float64):
-        raise ValueError(
-            "cggr_hook: counts must be partial counts whose first column counts valid targets (target_counts' "
-            f"int64 (P, 2) or row_difficulty's float64 (P, 5)), got {counts.dtype} of shape {tuple(counts.shape)}"
-        )
+    _check_counts(counts)
     ratio = float(ratio)
     if not 0.0 <= ratio <= 1.0 or not spec.keep_count(ratio, N) <= capacity <= N:
         raise ValueError(
@@ -292,6 +288,14 @@ def importance_draw_at_ratio(
     )
 
 
+def _check_counts(counts: Tensor) -> None:
+    if counts.dim() != 2 or counts.shape[1] < 1 or counts.dtype not in (torch.int64, torch.float64):
+        raise ValueError(
+            "cggr_hook: counts must be partial counts whose first column counts valid targets (target_counts' "
+            f"int64 (P, 2) or row_difficulty's float64 (P, 5)), got {counts.dtype} of shape {tuple(counts.shape)}"
+        )
+
+
 def selected_loss(
     stats: RowStats,
     targets: Tensor,
@@ -305,11 +309,19 @@ def selected_loss(
     weight: Tensor | None,
     row_weight: Tensor | None = None,
     count: Tensor | None = None,
+    counts: Tensor | None = None,
+    ratio: float = 0.0,
 ) -> tuple[Tensor, Tensor]:
     """(loss, row_scale): the gated loss of the rows with ``sel_key < sel_k`` and d loss / d ce_r
     of every row, fp32 (N,); ``row_weight`` (fp32 (N,)): each selected row's own factor in place
     of the reduction's; ``count``: with it, the valid rows' number as a float64 device scalar (the
-    mean is NaN where it is 0) (``reference.selected_loss``)."""
+    mean is NaN where it is 0); ``counts`` and ``ratio``: n_valid, sel_k and n_selected counted
+    on the device from partial counts (their first column) as n and ``spec.keep_count(ratio, n)``
+    (``reference.selected_loss``)."""
+    if counts is not None:
+        _check_counts(counts)
+        if not 0.0 <= float(ratio) <= 1.0:
+            raise ValueError(f"cggr_hook: selected_loss needs a ratio in [0, 1] with counts, got {ratio}")
     return _run(
         "selected_loss",
         stats.lse,
@@ -325,6 +337,8 @@ def selected_loss(
         weight,
         row_weight,
         count,
+        counts,
+        float(ratio),
     )
 
 

@@ -18,13 +18,15 @@ neither its target, as an address, nor its logits are read.
 
 from __future__ import annotations
 
+import struct
+
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
 from . import launch
-from .spec import REDUCTIONS, check_reduction, check_row_scale, check_weight, flat_upstream
+from .spec import KEEP_HALF, REDUCTIONS, check_reduction, check_row_scale, check_weight, flat_upstream
 
 __all__ = ["selected_loss", "ce_grad_rows", "ce_grad_dense_", "MAX_BLOCK_V", "NUM_WARPS"]
 
@@ -52,6 +54,7 @@ def _chunk(V: int, block_v: int) -> tuple[int, int]:
 
 
 LOG2E = tl.constexpr(1.4426950408889634)  # exp(x) = exp2(x * LOG2E)
+_KEEP_HALF_BITS: tl.constexpr = tl.constexpr(struct.unpack("<q", struct.pack("<d", KEEP_HALF))[0])
 
 
 @triton.jit
@@ -473,26 +476,48 @@ def _selected_loss_kernel(
     key_ptr,
     rw_ptr,
     count_ptr,
+    counts_ptr,
     loss_ptr,
     scale_ptr,
     N,
     V,
     stride_tgt,
-    sel_k,
+    sel_k_arg,
     c_main,
     c_smooth,
     w_total,
-    factor,
+    factor_arg,
+    n_parts,
+    counts_stride,
+    ratio_bits,
     REDUCTION: tl.constexpr,
     HAS_WEIGHT: tl.constexpr,
     HAS_SMOOTH: tl.constexpr,
     HAS_ROW_WEIGHT: tl.constexpr,
     HAS_COUNT: tl.constexpr,
+    DEVICE_K: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     offs = tl.arange(0, BLOCK)
     total = tl.sum(tl.zeros([BLOCK], tl.float32), axis=0)
     denom = tl.sum(tl.zeros([BLOCK], tl.float32), axis=0)
+    if DEVICE_K:
+        # top-k at a ratio the host knows: n from the partial counts' first column, k =
+        # keep_count(ratio, n) in float64 as spec.keep_count computes it, the sum's factor n / k
+        # rounded once to fp32 as the host's float argument would be: nothing read on the host
+        n64 = tl.zeros([], tl.int64)
+        for p0 in range(0, n_parts, BLOCK):
+            p = p0 + offs
+            n64 += tl.sum(tl.load(counts_ptr + counts_stride * p, mask=p < n_parts, other=0).to(tl.int64))
+        ratio = ratio_bits.to(tl.int64).to(tl.float64, bitcast=True)
+        half = tl.full([], _KEEP_HALF_BITS, tl.int64).to(tl.float64, bitcast=True)
+        k64 = tl.floor(ratio * n64.to(tl.float64) + half).to(tl.int64)
+        k64 = tl.minimum(tl.maximum(k64, 1), n64)
+        sel_k = k64
+        factor = tl.where(k64 > 0, n64.to(tl.float64) / tl.maximum(k64, 1).to(tl.float64), 0.0).to(tl.float32)
+    else:
+        sel_k = sel_k_arg
+        factor = factor_arg
     if HAS_WEIGHT:
         if HAS_SMOOTH:
             w_total = tl.load(w_total_ptr)
@@ -560,10 +585,14 @@ def selected_loss(
     weight: Tensor | None,
     row_weight: Tensor | None = None,
     count: Tensor | None = None,
+    counts: Tensor | None = None,
+    ratio: float = 0.0,
 ) -> tuple[Tensor, Tensor]:
     """The gated loss of the selected rows (``sel_key < sel_k``) and ``row_scale`` (N,), each
-    selected row weighted by ``row_weight`` when given: see ``reference.selected_loss``. One
-    program, one launch; sums in a fixed order."""
+    selected row weighted by ``row_weight`` when given: see ``reference.selected_loss``. With
+    ``counts`` (partial counts whose first column counts the valid targets), n, k =
+    ``spec.keep_count(ratio, n)`` and the sum's factor n / k are taken on the device in place of
+    ``n_valid``, ``sel_k`` and ``n_selected``. One program, one launch; sums in a fixed order."""
     check_reduction(reduction)
     N = targets.numel()
     dev = stats.lse.device
@@ -580,6 +609,8 @@ def selected_loss(
     if ls and stats.wsum is None:
         raise ValueError("cggr_hook: label smoothing needs the statistics' wsum (row_stats(with_wsum=True))")
     factor = n_valid / n_selected if n_selected else 0.0
+    # fp64 bits as an integer: a float argument would reach the kernel as fp32
+    ratio_bits = struct.unpack("<q", struct.pack("<d", float(ratio)))[0]
     if row_weight is not None and (row_weight.numel() != N or row_weight.dtype != torch.float32):
         raise ValueError(
             f"cggr_hook: row_weight must be fp32 of {N} rows, got {row_weight.dtype} of shape {tuple(row_weight.shape)}"
@@ -594,6 +625,7 @@ def selected_loss(
         sel_key.contiguous(),
         row_weight.contiguous() if row_weight is not None else stats.lse,
         count if count is not None else stats.lse,
+        counts if counts is not None else stats.lse,
         loss,
         row_scale,
         N,
@@ -604,11 +636,15 @@ def selected_loss(
         ls / vocab,
         float(vocab),
         factor,
+        counts.shape[0] if counts is not None else 0,
+        counts.stride(0) if counts is not None else 0,
+        ratio_bits,
         REDUCTION=REDUCTIONS[reduction],
         HAS_WEIGHT=has_weight,
         HAS_SMOOTH=bool(ls),
         HAS_ROW_WEIGHT=row_weight is not None,
         HAS_COUNT=count is not None,
+        DEVICE_K=counts is not None,
         BLOCK=LOSS_BLOCK,
         num_warps=LOSS_WARPS,
         enable_fp_fusion=False,

@@ -246,6 +246,8 @@ def selected_loss(
     weight: Tensor | None,
     row_weight: Tensor | None = None,
     count: Tensor | None = None,
+    counts: Tensor | None = None,
+    ratio: float = 0.0,
 ) -> tuple[Tensor, Tensor]:
     """The gated loss over the selected rows (``sel_key < sel_k``, ``n_selected`` of them) and
     ``row_scale``, d loss / d ce_r of every row (0 off the selection). Selected rows have valid
@@ -262,7 +264,15 @@ def selected_loss(
     mean and sum give sum_S rho_r ce_r, none gives rho_r ce_r on S; row_scale is rho_r on S.
     ``count`` (a float64 device scalar, with ``row_weight``): the number of valid rows where the
     host does not know it; the mean is NaN where it is 0, as torch's mean over no target.
+
+    ``counts`` (partial counts whose first column counts the valid targets: ``target_counts``' or
+    ``row_difficulty``'s) with ``ratio``: a selection whose size the host does not know (top-k at
+    a fixed ratio): n_valid = n of the counts, sel_k = n_selected = ``keep_count(ratio, n)``, in
+    place of the arguments. This reference reads n on the host; the Triton kernel does not.
     """
+    if counts is not None:
+        n_valid = int(counts[:, 0].sum())
+        sel_k = n_selected = spec.keep_count(ratio, n_valid)
     N = targets.numel()
     dev = stats.lse.device
     rows = selected_rows(sel_key, sel_k, n_selected)

@@ -406,6 +406,59 @@ def test_selected_loss_matches_reference(reduction, options, N, V, k, monkeypatc
         assert torch.isnan(got[0])  # 0 / 0, as torch's mean over an all-ignored batch
 
 
+@pytest.mark.filterwarnings("ignore:divide by zero:RuntimeWarning")  # the interpreter's 0 / 0 of n = 0
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("options", [(0.0, False), (0.1, True)], ids=["plain", "smoothed_weighted"])
+@pytest.mark.parametrize("counts_kind", ["target_counts", "difficulty_partials"])
+@pytest.mark.parametrize(
+    "N, V, ratio, ignored",
+    [(1, 3, 0.25, False), (1, 3, 0.25, True), (13, 5, 0.3, False), (300, 37, 0.25, False), (300, 37, 0.45, True)],
+)
+def test_selected_loss_with_k_counted_on_the_device_is_the_loss_with_k_given(
+    reduction, options, counts_kind, N, V, ratio, ignored, monkeypatch
+):
+    """Top-k at a fixed ratio: n from partial counts' first column (int64 or float64, split over
+    several rows, other columns not counts), k = keep_count(ratio, n) and the sum's factor n / k on
+    the device give the loss and row scales of the same call with n and k given, bit for bit; the
+    reference agrees. ``ignored``: every target ignored (n = 0, nothing selected)."""
+    monkeypatch.setattr(gated_ce, "LOSS_BLOCK", 64)
+    eps, with_weight = options
+    stats, targets, gen = loss_inputs(N, V, seed=N * 3 + int(ignored), with_wsum=eps > 0)
+    if ignored:
+        targets = torch.full_like(targets, -100)
+    w = (torch.rand(V, generator=gen) + 0.5).to(DEVICE) if with_weight else None
+    valid = targets != -100
+    n_valid = int(valid.sum())
+    order = torch.argsort(torch.where(valid, torch.rand(N, generator=gen).to(DEVICE), 2.0))
+    rank = torch.empty_like(order).scatter_(0, order, torch.arange(N, device=DEVICE))
+    if counts_kind == "target_counts":
+        counts = torch.zeros(3, 2, dtype=torch.int64, device=DEVICE)
+        counts[0, 0], counts[2, 0] = n_valid - n_valid // 3, n_valid // 3
+    else:
+        counts = (torch.rand(4, 5, generator=gen, dtype=torch.float64) * 100).to(DEVICE)
+        counts[:, 0] = 0.0
+        counts[1, 0], counts[3, 0] = float(n_valid - n_valid // 2), float(n_valid // 2)
+    k = K.spec.keep_count(ratio, n_valid)
+    given = K.selected_loss(stats, targets, V, rank, k, k, n_valid, reduction, eps, w)
+    got = K.selected_loss(stats, targets, V, rank, 0, 0, 0, reduction, eps, w, counts=counts, ratio=ratio)
+    want = reference.selected_loss(stats, targets, V, rank, 0, 0, 0, reduction, eps, w, counts=counts, ratio=ratio)
+    for g, h, r, name in zip(got, given, want, ("loss", "row_scale")):
+        torch.testing.assert_close(g, h, rtol=0, atol=0, equal_nan=True, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(g, r, rtol=2e-6, atol=1e-6, equal_nan=True, msg=lambda m: f"{name}: {m}")
+    assert torch.equal(got[1] != 0, rank < k)
+
+
+def test_selected_loss_counts_are_checked():
+    stats, targets, _ = loss_inputs(6, 5, seed=0, with_wsum=False)
+    rank = torch.arange(6, device=DEVICE)
+    for bad in (torch.zeros(2, 2, dtype=torch.float32), torch.zeros(4, dtype=torch.int64)):
+        with pytest.raises(ValueError, match="counts must be partial counts"):
+            K.selected_loss(stats, targets, 5, rank, 0, 0, 0, "mean", 0.0, None, counts=bad.to(DEVICE), ratio=0.5)
+    with pytest.raises(ValueError, match="ratio in \\[0, 1\\]"):
+        counts = torch.zeros(1, 2, dtype=torch.int64, device=DEVICE)
+        K.selected_loss(stats, targets, 5, rank, 0, 0, 0, "mean", 0.0, None, counts=counts, ratio=1.5)
+
+
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
 @pytest.mark.parametrize("options", [(0.0, False), (0.1, True)], ids=["plain", "smoothed_weighted"])
 @pytest.mark.parametrize("N, V", [(1, 3), (13, 5), (300, 37)])

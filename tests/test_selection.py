@@ -418,3 +418,141 @@ def test_cggrloss_auto_plain_candidate_keeps_every_row_without_an_order(monkeypa
         crit.step()
     assert seen == [1.0] * auto.PROBE_STEPS + [auto.PLAIN] * auto.PROBE_STEPS
     assert calls == []
+
+
+# --------------------------------------------------------------------------------------------------
+# top-k at a fixed ratio: n and k counted on the device, nothing read on the host
+# --------------------------------------------------------------------------------------------------
+FIXED = dict(warmup_steps=0, dynamic_threshold=False, plain_when_faster=False)
+
+
+def _topk_inputs(seed, all_ignored=False):
+    g = torch.Generator().manual_seed(seed)
+    logits = (torch.randn(3, 11, 13, generator=g) * 2).requires_grad_()
+    targets = torch.randint(0, 13, (3, 11), generator=g)
+    targets[torch.rand(3, 11, generator=g) < 0.25] = -100
+    if all_ignored:
+        targets[:] = -100
+    return logits, targets
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize(
+    "reduction, weighted, smoothing",
+    [("mean", False, 0.0), ("mean", True, 0.1), ("sum", False, 0.0), ("none", True, 0.0)],
+)
+def test_topk_at_a_ratio_is_topk_with_the_counts_read(backend, reduction, weighted, smoothing, monkeypatch):
+    """The same loss, gradient and figures whether top-k's n and k are counted on the device or
+    read on the host first; on the device path no target count is launched and the one copy to
+    the host is the scoring pass's partial sums, read when the figures are asked for."""
+    import cggr_hook
+    from cggr_hook import kernels, pipeline
+
+    kernels.force_backend(backend)
+    logits, targets = _topk_inputs(seed=5)
+    V = logits.shape[-1]
+    weight = torch.rand(V, generator=torch.Generator().manual_seed(1)) + 0.5 if weighted else None
+    opts = dict(min_tokens_ratio=0.35, reduction=reduction, weight=weight, label_smoothing=smoothing, **FIXED)
+    out = []
+    real_counts = kernels.target_counts
+    counted = []
+    monkeypatch.setattr(kernels, "target_counts", lambda *a: counted.append(1) or real_counts(*a))
+    for device_k in (True, False):
+        counted.clear()
+        if not device_k:
+            monkeypatch.setattr(pipeline, "topk_at_ratio", lambda *a: False)
+        crit = cggr_hook.CGGRLoss(selection="topk", scoring="combined", **opts)
+        logits.grad = None
+        loss = crit(logits, targets)
+        (loss * (torch.arange(loss.numel()).reshape(loss.shape) % 3 + 1)).sum().backward()
+        if device_k:
+            assert counted == [] and "tokens_total" not in crit._metrics and "_sums" in crit._metrics
+        else:
+            assert counted == [1]
+        out.append((loss.detach(), logits.grad.clone(), crit.get_metrics()))
+    (l_dev, g_dev, m_dev), (l_host, g_host, m_host) = out
+    torch.testing.assert_close(l_dev, l_host, rtol=0, atol=0)
+    torch.testing.assert_close(g_dev, g_host, rtol=0, atol=0)
+    n = int((targets >= 0).sum())
+    k = cggr_hook.kernels.spec.keep_count(0.35, n)
+    assert (m_dev["tokens_total"], m_dev["tokens_selected"]) == (n, k) and m_dev["token_ratio"] == k / n
+    for key in ("tokens_total", "tokens_selected", "token_ratio", "avg_confidence", "avg_entropy", "avg_difficulty"):
+        assert m_dev[key] == pytest.approx(m_host[key], rel=1e-12), key
+    assert "_keep_ratio" not in m_dev
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_topk_at_a_ratio_with_no_valid_target_gives_torchs_loss_and_no_gradient(backend, reduction):
+    import torch.nn.functional as F
+
+    import cggr_hook
+    from cggr_hook import kernels
+
+    kernels.force_backend(backend)
+    logits, targets = _topk_inputs(seed=6, all_ignored=True)
+    crit = cggr_hook.CGGRLoss(selection="topk", min_tokens_ratio=0.25, reduction=reduction, **FIXED)
+    loss = crit(logits, targets)
+    want = F.cross_entropy(logits.detach().reshape(-1, 13), targets.reshape(-1), reduction=reduction)
+    torch.testing.assert_close(loss.reshape(want.shape), want, equal_nan=True)
+    loss.sum().backward()
+    assert bool((logits.grad == 0).all())
+    m = crit.get_metrics()
+    assert (m["tokens_total"], m["tokens_selected"], m["token_ratio"]) == (0, 0, 0.0)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_topk_at_a_ratio_checks_the_targets(backend, monkeypatch):
+    """On a CPU the copy is in at once: the call itself raises; where it is still on its way, the
+    next gated call raises the error that names the earlier call's bad target."""
+    import cggr_hook
+    from cggr_hook import kernels, pipeline
+
+    kernels.force_backend(backend)
+    logits, targets = _topk_inputs(seed=7)
+    bad = targets.clone()
+    bad[1, 2] = 13 + 3
+    crit = cggr_hook.CGGRLoss(selection="topk", min_tokens_ratio=0.3, **FIXED)
+    with pytest.raises(ValueError, match=r"cggr_hook: target has 1 value\(s\) outside \[0, 13\)"):
+        crit(logits, bad)
+    monkeypatch.setattr(pipeline.HostRead, "done", lambda self: False)
+    crit(logits, bad).backward()
+    assert bool(logits.grad[1, 2].eq(0).all()), "the bad target's row has a gradient"
+    monkeypatch.undo()
+    kernels.force_backend(backend)
+    with pytest.raises(ValueError, match=r"earlier gated call's target had 1 value\(s\) outside \[0, 13\)"):
+        crit(logits, targets)
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_topk_at_a_ratio_through_the_head_matches_the_host_count(backend, reduction, monkeypatch):
+    """The head's narrowed backward over the difficulty order's first keep_count(ratio, N) rows (an
+    upper bound of k; the rows past it scaled by 0) gives the gradients of the host-count path."""
+    import torch.nn.functional as F
+
+    import cggr_hook
+    from cggr_hook import kernels, pipeline
+
+    from common import TinyLM
+
+    kernels.force_backend(backend)
+    g = torch.Generator().manual_seed(3)
+    idx = torch.randint(0, 29, (3, 12), generator=g)
+    labels = idx[:, 1:].clone()
+    labels[0, :5] = -100
+    grads = []
+    for device_k in (True, False):
+        if not device_k:
+            monkeypatch.setattr(pipeline, "topk_at_ratio", lambda *a: False)
+        torch.manual_seed(0)
+        model = TinyLM(vocab=29, dim=8)
+        cggr_hook.enable(model, selection="topk", scoring="combined", min_tokens_ratio=0.3, **FIXED)
+        try:
+            loss = F.cross_entropy(model(idx)[:, :-1].reshape(-1, 29), labels.reshape(-1), reduction=reduction)
+            (loss.sum() if reduction == "none" else loss).backward()
+            grads.append([p.grad.clone() for p in model.parameters()])
+        finally:
+            cggr_hook.disable(model)
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
