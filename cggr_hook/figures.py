@@ -3,7 +3,8 @@
 The gated forward (``pipeline.py``) builds them. A call whose host read did not need them leaves its
 metric sums (``"_sums"``) and its importance draw's figures (``"_draw"``) on the device, as
 ``pipeline.HostRead``s whose events follow the kernels that wrote them; ``resolve`` reads them when
-somebody asks.
+somebody asks. Top-k at a fixed ratio leaves n and k there too: n in the sums, k =
+``keep_count("_keep_ratio", n)``.
 """
 
 from __future__ import annotations
