@@ -246,7 +246,10 @@ def gated_forward(
     the scoring pass and waits for nothing else, so the host stays ahead of the device; the metric
     averages then stay on the device until ``metrics()`` asks. Otherwise the read follows the
     scoring pass and brings the valid and bad-target counts, the confidence and the metric sums
-    (and sequence_aware's kept ranks) together.
+    (and sequence_aware's kept ranks) together. Importance and top-k at a ratio the host knows
+    read nothing: their kernels take n and k from the scoring pass's partial sums on the device
+    (``_draw_at_ratio``, ``_topk_at_ratio``), whose copy to the host, queued behind them, is read
+    by a later call's target check (``PendingTargetCheck``) and by ``metrics()``.
     """
     if spec.label_smoothing:
         check_zero_floor(config, float(spec.label_smoothing))  # before any work
@@ -269,7 +272,7 @@ def gated_forward(
     draw_at_ratio = at_ratio(config, strategy, auto, counts_first, every_row) and N > 0
     # so does top-k at such a ratio: its loss kernel counts n and k from the same sums
     top_at_ratio = topk_at_ratio(config, auto, counts_first, every_row) and N > 0
-    PendingTargetCheck.poll()  # an earlier call's bad targets, where its counts have arrived
+    PendingTargetCheck.poll()  # an earlier call's bad targets, where the copy of its counts is in
     counts_t = (
         kernels.target_counts(targets, V, ignore_index)
         if counts_first and not (draw_at_ratio or top_at_ratio)
@@ -544,8 +547,9 @@ _N_SUMS = len(kernels.spec.SUM_FIELDS)  # values a row of the scoring pass's par
 
 
 class PendingTargetCheck:
-    """The target checks of calls that read nothing on the host (``_draw_at_ratio``): each holds
-    its call's target counts, copied to the host behind the kernels, and raises the ValueError of a
+    """The target checks of calls that read nothing on the host (``_draw_at_ratio``,
+    ``_topk_at_ratio``): each holds its call's valid and bad target counts (the scoring pass's
+    partial sums), copied to the host behind the kernels, and raises the ValueError of a
     bad target at the first later gated call that finds the copy done (or at ``poll(wait=True)``:
     ``disable()``, ``metrics()``). A call never waits for one."""
 
