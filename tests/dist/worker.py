@@ -86,14 +86,16 @@ def run(wrapper: str, device: torch.device) -> None:
         idx = local_batch(rank, step).to(device)
         logits = wrapped(idx)
         loss = F.cross_entropy(logits[:, :-1].reshape(-1, V), idx[:, 1:].reshape(-1))
-        # both wrappers take the selected-rows head backward: its matmuls run over the k gated
-        # rows only (FSDP2 gathers the resharded head weight again for it)
+        # both wrappers take the selected-rows head backward: its matmuls run over K rows of the
+        # head's, K = keep_count(0.3, head rows), the upper bound of k that top-k at a fixed ratio
+        # knows on the host (FSDP2 gathers the resharded head weight again for it)
         assert type(loss.grad_fn).__name__ == "GatedHeadCrossEntropyBackward", type(loss.grad_fn).__name__
         with RecordMatmuls() as seen:
             loss.backward()
         k = cggr_hook.metrics()["tokens_selected"]
+        K = cggr_hook.kernels.spec.keep_count(0.3, idx.numel())
         head_mms = [s for s in seen.shapes if V in s]
-        assert head_mms and all(k in s for s in head_mms), (wrapper, k, head_mms)
+        assert k <= K < idx.numel() and head_mms and all(K in s for s in head_mms), (wrapper, k, K, head_mms)
         expected = reference_grads(ref, idx, 0.3)
         for name, p in model.named_parameters():
             got = full(p.grad)
