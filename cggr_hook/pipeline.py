@@ -269,9 +269,10 @@ def gated_forward(
     every_row = not strategy.per_sequence and scheduler.keeps_every_row(config, key)
     # importance at a ratio the host knows reads nothing: its draw counts n from the scoring
     # pass's partial sums, which also carry the bad targets, so it needs no counts of its own
-    draw_at_ratio = at_ratio(config, strategy, auto, counts_first, every_row) and N > 0
+    device_k = N > 0 and device_k_pays(key, need_rows)
+    draw_at_ratio = at_ratio(config, strategy, auto, counts_first, every_row) and device_k
     # so does top-k at such a ratio: its loss kernel counts n and k from the same sums
-    top_at_ratio = topk_at_ratio(config, auto, counts_first, every_row) and N > 0
+    top_at_ratio = topk_at_ratio(config, auto, counts_first, every_row) and device_k
     PendingTargetCheck.poll()  # an earlier call's bad targets, where the copy of its counts is in
     counts_t = (
         kernels.target_counts(targets, V, ignore_index)
@@ -306,9 +307,11 @@ def gated_forward(
         assert ranking is not None
         sums_read = HostRead(partial.reshape(-1))
         if sums_read.done():  # on a CPU always: checked at once
-            _raise_if_bad(_valid_and_bad(sums_read.values(), _N_SUMS)[1], V, ignore_index)
+            n_valid, n_bad = _valid_and_bad(sums_read.values(), _N_SUMS)
+            ValidShare.record(key, n_valid, N)
+            _raise_if_bad(n_bad, V, ignore_index)
         else:
-            PendingTargetCheck.add(sums_read, V, ignore_index, _N_SUMS)
+            PendingTargetCheck.add(sums_read, V, ignore_index, _N_SUMS, share=(key, N))
         if top_at_ratio:
             return _topk_at_ratio(
                 logits, targets, stats, ranking, partial, sums_read, config, scheduler, key, spec, param_ids, need_rows
@@ -345,6 +348,7 @@ def gated_forward(
         n_valid, n_bad = int(sums[0]), int(sums[1])
         if ranking is not None and ranking.keep_ranks is not None:
             keep_ranks = [int(r) for r in host[n_part:]]
+    ValidShare.record(key, n_valid, N)
     _raise_if_bad(n_bad, V, ignore_index)
     confidence = sums[2] / n_valid if sums is not None and n_valid else math.nan
 
@@ -546,6 +550,46 @@ _N_VALID = kernels.spec.DRAW_FIGURES.index("n_valid")
 _N_SUMS = len(kernels.spec.SUM_FIELDS)  # values a row of the scoring pass's partial sums
 
 
+class ValidShare:
+    """The share of valid targets among the rows of each gate's last call whose counts reached
+    the host, by gate key. A head gradient at a ratio counted on the device multiplies
+    keep_count(ratio, N) rows, N / n times the k selected where n of the N rows are valid: where
+    most targets are ignored (prompts masked in fine-tuning), that costs more than the one host
+    read it saves, and the call takes the read path instead (``device_k_pays``). Both paths give
+    the same loss; only the work differs."""
+
+    _shares: ClassVar[dict[str, float]] = {}
+
+    @classmethod
+    def record(cls, key: str, n_valid: int, n_rows: int) -> None:
+        if n_rows > 0:
+            cls._shares[key] = n_valid / n_rows
+
+    @classmethod
+    def get(cls, key: str) -> float | None:
+        return cls._shares.get(key)
+
+    @classmethod
+    def clear(cls) -> None:
+        cls._shares.clear()
+
+
+# a head gradient counted on the device runs over at most this many times the selected rows
+# (in expectation, from the last known share of valid targets) before the read path is taken
+DEVICE_K_MAX_ROWS_FACTOR = 2.0
+
+
+def device_k_pays(key: str, need_rows: bool) -> bool:
+    """Whether a call at a ratio the host knows counts n and k on the device: always without a
+    head gradient (the loss alone does no more work), else while the gate's last known share of
+    valid targets keeps the head gradient's rows within ``DEVICE_K_MAX_ROWS_FACTOR`` of k
+    (unknown: yes)."""
+    if not need_rows:
+        return True
+    share = ValidShare.get(key)
+    return share is None or share * DEVICE_K_MAX_ROWS_FACTOR >= 1.0
+
+
 class PendingTargetCheck:
     """The target checks of calls that read nothing on the host (``_draw_at_ratio``,
     ``_topk_at_ratio``): each holds its call's valid and bad target counts (the scoring pass's
@@ -553,7 +597,7 @@ class PendingTargetCheck:
     bad target at the first later gated call that finds the copy done (or at ``poll(wait=True)``:
     ``disable()``, ``metrics()``). A call never waits for one."""
 
-    _pending: ClassVar[list[tuple[HostRead, int, int, int]]] = []
+    _pending: ClassVar[list[tuple[HostRead, int, int, int, tuple[str, int] | None]]] = []
     # gated calls and a metrics() reader in another thread may poll at once
     _lock: ClassVar[threading.Lock] = threading.Lock()
 
@@ -563,10 +607,13 @@ class PendingTargetCheck:
             cls._pending.clear()
 
     @classmethod
-    def add(cls, counts: HostRead, vocab: int, ignore_index: int, width: int = 2) -> None:
-        """``counts``: the partial counts' copy, ``width`` values a row (``_valid_and_bad``)."""
+    def add(
+        cls, counts: HostRead, vocab: int, ignore_index: int, width: int = 2, share: tuple[str, int] | None = None
+    ) -> None:
+        """``counts``: the partial counts' copy, ``width`` values a row (``_valid_and_bad``);
+        ``share``: (gate key, rows of the call) whose ``ValidShare`` the counts update once read."""
         with cls._lock:
-            cls._pending.append((counts, vocab, ignore_index, width))
+            cls._pending.append((counts, vocab, ignore_index, width, share))
 
     @classmethod
     def poll(cls, wait: bool = False) -> None:
@@ -576,8 +623,10 @@ class PendingTargetCheck:
             with cls._lock:
                 if not cls._pending or not (wait or cls._pending[0][0].done()):
                     return
-                counts, vocab, ignore_index, width = cls._pending.pop(0)
-            n_bad = _valid_and_bad(counts.values(), width)[1]  # outside the lock: with ``wait`` it may wait
+                counts, vocab, ignore_index, width, share = cls._pending.pop(0)
+            n_valid, n_bad = _valid_and_bad(counts.values(), width)  # outside the lock: with ``wait`` it may wait
+            if share is not None:
+                ValidShare.record(share[0], n_valid, share[1])
             if n_bad:
                 raise ValueError(
                     f"cggr_hook: an earlier gated call's target had {n_bad} value(s) outside [0, {vocab}) that are not "

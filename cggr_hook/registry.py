@@ -27,7 +27,7 @@ from . import patch
 from . import trace as trace_mod
 from .config import GateConfig, make_config
 from .gate import Gate
-from .pipeline import PendingTargetCheck
+from .pipeline import PendingTargetCheck, ValidShare
 from .route import Route
 from .schedule import Scheduler, optimizer_holds
 
@@ -339,6 +339,7 @@ class Registry:
         object again), no figures, the scheduler at step 0, and every warning given once may be given
         again (a test's clean slate)."""
         PendingTargetCheck.clear()
+        ValidShare.clear()
         self.disable()
         self.scheduler.reset()
         with self.lock:

@@ -556,3 +556,61 @@ def test_topk_at_a_ratio_through_the_head_matches_the_host_count(backend, reduct
             cggr_hook.disable(model)
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+def test_device_k_pays_while_the_head_gradient_stays_within_twice_k():
+    from cggr_hook.pipeline import ValidShare, device_k_pays
+
+    assert device_k_pays("g", need_rows=True)  # nothing known yet
+    ValidShare.record("g", 40, 100)
+    assert not device_k_pays("g", need_rows=True)  # 2.5 x k rows: the read path
+    assert device_k_pays("g", need_rows=False)  # the loss alone does no more work
+    ValidShare.record("g", 50, 100)
+    assert device_k_pays("g", need_rows=True)
+    ValidShare.record("g", 7, 0)  # no rows: nothing learnt
+    assert ValidShare.get("g") == 0.5
+
+
+@pytest.mark.parametrize("selection_name", ["topk", "importance"])
+def test_a_head_call_with_most_targets_ignored_takes_the_read_path(selection_name, monkeypatch):
+    """Through the head, a ratio counted on the device multiplies keep_count(ratio, N) rows: with
+    most targets ignored (prompts masked) the next call reads the counts instead and multiplies k
+    rows; once most targets are valid again, it counts on the device again. Both paths give the
+    same gradients."""
+    import torch.nn.functional as F
+
+    import cggr_hook
+    from cggr_hook import kernels, pipeline
+
+    from common import TinyLM
+
+    counted = []
+    real = kernels.target_counts
+    monkeypatch.setattr(kernels, "target_counts", lambda *a: counted.append(1) or real(*a))
+    g = torch.Generator().manual_seed(4)
+    idx = torch.randint(0, 29, (4, 16), generator=g)
+    masked = idx[:, 1:].clone()
+    masked[:, :12] = -100  # 12 of 15 targets a row ignored
+    opts = dict(selection=selection_name, scoring="gradnorm", min_tokens_ratio=0.25, **FIXED)
+    torch.manual_seed(0)
+    model = TinyLM(vocab=29, dim=8)
+
+    def step(labels):
+        counted.clear()
+        model.zero_grad()
+        F.cross_entropy(model(idx)[:, :-1].reshape(-1, 29), labels.reshape(-1)).backward()
+        return "read" if counted else "device"
+
+    cggr_hook.enable(model, **opts)
+    try:
+        assert [step(x) for x in (masked, masked, idx[:, 1:], idx[:, 1:])] == ["device", "read", "read", "device"]
+        grads = {}
+        for path in ("device", "read"):
+            cggr_hook.scheduler.reset()  # the same (step, call): the same draw
+            monkeypatch.setattr(pipeline, "device_k_pays", lambda *a, p=path: p == "device")
+            assert step(masked) == path
+            grads[path] = [p.grad.clone() for p in model.parameters()]
+    finally:
+        cggr_hook.disable(model)
+    for a, b in zip(grads["device"], grads["read"]):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
