@@ -267,18 +267,11 @@ def gated_forward(
     # where this call keeps every valid row whatever the counts say, the selection needs no
     # difficulty order
     every_row = not strategy.per_sequence and scheduler.keeps_every_row(config, key)
-    # importance at a ratio the host knows reads nothing: its draw counts n from the scoring
-    # pass's partial sums, which also carry the bad targets, so it needs no counts of its own
-    device_k = N > 0 and device_k_pays(key, need_rows)
-    draw_at_ratio = at_ratio(config, strategy, auto, counts_first, every_row) and device_k
-    # so does top-k at such a ratio: its loss kernel counts n and k from the same sums
-    top_at_ratio = topk_at_ratio(config, auto, counts_first, every_row) and device_k
+    # importance or top-k at a ratio the host knows reads nothing: its kernels count n from the
+    # scoring pass's partial sums, which also carry the bad targets, so it needs no counts of its own
+    device_k = at_ratio(config, strategy, auto, counts_first, every_row) and N > 0 and device_k_pays(key, need_rows)
     PendingTargetCheck.poll()  # an earlier call's bad targets, where the copy of its counts is in
-    counts_t = (
-        kernels.target_counts(targets, V, ignore_index)
-        if counts_first and not (draw_at_ratio or top_at_ratio)
-        else None
-    )
+    counts_t = kernels.target_counts(targets, V, ignore_index) if counts_first and not device_k else None
     counts = HostRead(counts_t.reshape(-1)) if counts_t is not None else None
     # an auto gate's noise-measuring step needs every row's gradient norm, whatever the scoring
     probe = auto and scheduler.auto_state(key, cands).measures_noise()
@@ -300,7 +293,7 @@ def gated_forward(
             valid, _ = target_masks(targets, V, ignore_index)
         ranking = selection.rank_rows(diff, valid, config, seq)
 
-    if draw_at_ratio or top_at_ratio:
+    if device_k:
         # a ratio the host knows (importance or top-k): n and k are counted on the device, nothing
         # is read; the partial sums (valid and bad targets, the metric sums) go to the host behind
         # the kernels
@@ -312,7 +305,7 @@ def gated_forward(
             _raise_if_bad(n_bad, V, ignore_index)
         else:
             PendingTargetCheck.add(sums_read, V, ignore_index, _N_SUMS, share=(key, N))
-        if top_at_ratio:
+        if not strategy.weighted:
             return _topk_at_ratio(
                 logits, targets, stats, ranking, partial, sums_read, config, scheduler, key, spec, param_ids, need_rows
             )
@@ -423,17 +416,12 @@ def gated_forward(
 def at_ratio(
     config: GateConfig, strategy: selection.Selection, auto: bool, counts_first: bool, every_row: bool
 ) -> bool:
-    """Whether a call draws by importance at a ratio the host knows before the scoring pass (a
-    fixed ratio or its curriculum: no dynamic threshold, not auto), so that n and k can be counted
-    on the device (``_draw_at_ratio``) and the call reads nothing on the host."""
-    return strategy.weighted and counts_first and not auto and not every_row
-
-
-def topk_at_ratio(config: GateConfig, auto: bool, counts_first: bool, every_row: bool) -> bool:
-    """Whether a call selects top-k at a ratio the host knows before the scoring pass (a fixed
-    ratio or its curriculum: no dynamic threshold, not auto), so that n and k can be counted on
-    the device (``_topk_at_ratio``) and the call reads nothing on the host."""
-    return config.selection == "topk" and counts_first and not auto and not every_row
+    """Whether a call selects by importance or top-k at a ratio the host knows before the scoring
+    pass (a fixed ratio or its curriculum: no dynamic threshold, not auto), so that n and k can be
+    counted on the device (``_draw_at_ratio``, ``_topk_at_ratio``) and the call reads nothing on
+    the host."""
+    selects_at_k = strategy.weighted or config.selection == "topk"
+    return selects_at_k and counts_first and not auto and not every_row
 
 
 def _topk_at_ratio(

@@ -18,15 +18,14 @@ neither its target, as an address, nor its logits are read.
 
 from __future__ import annotations
 
-import struct
-
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
 from . import launch
-from .spec import KEEP_HALF, REDUCTIONS, check_reduction, check_row_scale, check_weight, flat_upstream
+from .counts import device_keep_count, float64_bits
+from .spec import REDUCTIONS, check_reduction, check_row_scale, check_weight, flat_upstream
 
 __all__ = ["selected_loss", "ce_grad_rows", "ce_grad_dense_", "MAX_BLOCK_V", "NUM_WARPS"]
 
@@ -54,7 +53,6 @@ def _chunk(V: int, block_v: int) -> tuple[int, int]:
 
 
 LOG2E = tl.constexpr(1.4426950408889634)  # exp(x) = exp2(x * LOG2E)
-_KEEP_HALF_BITS: tl.constexpr = tl.constexpr(struct.unpack("<q", struct.pack("<d", KEEP_HALF))[0])
 
 
 @triton.jit
@@ -505,14 +503,7 @@ def _selected_loss_kernel(
         # top-k at a ratio the host knows: n from the partial counts' first column, k =
         # keep_count(ratio, n) in float64 as spec.keep_count computes it, the sum's factor n / k
         # rounded once to fp32 as the host's float argument would be: nothing read on the host
-        n64 = tl.zeros([], tl.int64)
-        for p0 in range(0, n_parts, BLOCK):
-            p = p0 + offs
-            n64 += tl.sum(tl.load(counts_ptr + counts_stride * p, mask=p < n_parts, other=0).to(tl.int64))
-        ratio = ratio_bits.to(tl.int64).to(tl.float64, bitcast=True)
-        half = tl.full([], _KEEP_HALF_BITS, tl.int64).to(tl.float64, bitcast=True)
-        k64 = tl.floor(ratio * n64.to(tl.float64) + half).to(tl.int64)
-        k64 = tl.minimum(tl.maximum(k64, 1), n64)
+        n64, k64 = device_keep_count(counts_ptr, n_parts, counts_stride, ratio_bits, BLOCK)
         sel_k = k64
         factor = tl.where(k64 > 0, n64.to(tl.float64) / tl.maximum(k64, 1).to(tl.float64), 0.0).to(tl.float32)
     else:
@@ -609,8 +600,7 @@ def selected_loss(
     if ls and stats.wsum is None:
         raise ValueError("cggr_hook: label smoothing needs the statistics' wsum (row_stats(with_wsum=True))")
     factor = n_valid / n_selected if n_selected else 0.0
-    # fp64 bits as an integer: a float argument would reach the kernel as fp32
-    ratio_bits = struct.unpack("<q", struct.pack("<d", float(ratio)))[0]
+    ratio_bits = float64_bits(ratio)
     if row_weight is not None and (row_weight.numel() != N or row_weight.dtype != torch.float32):
         raise ValueError(
             f"cggr_hook: row_weight must be fp32 of {N} rows, got {row_weight.dtype} of shape {tuple(row_weight.shape)}"

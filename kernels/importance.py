@@ -31,14 +31,13 @@ O(N / BLOCK) iterations of a latency-bound walk; the point is one launch instead
 
 from __future__ import annotations
 
-import struct
-
 import torch
 import triton
 import triton.language as tl
 from torch import Tensor
 
-from .spec import DRAW_FIGURES, KEEP_HALF, ImportanceDraw
+from .counts import device_keep_count, float64_bits
+from .spec import DRAW_FIGURES, ImportanceDraw
 
 __all__ = ["importance_draw", "importance_draw_at_ratio", "BLOCK", "NUM_WARPS"]
 
@@ -49,7 +48,6 @@ NUM_WARPS = 4
 _FLT_MAX: tl.constexpr = tl.constexpr(3.4028234663852886e38)  # an fp32 value: exact as a constant
 _NO_ROW: tl.constexpr = tl.constexpr(2147483647)
 # a float constant reaches a kernel as fp32 (0.5 + 5e-10 would be 0.5): the float64 bits instead
-_KEEP_HALF_BITS: tl.constexpr = tl.constexpr(struct.unpack("<q", struct.pack("<d", KEEP_HALF))[0])
 
 
 @triton.jit
@@ -112,16 +110,8 @@ def _importance_kernel(
     zero = tl.zeros([], tl.float64)
     floor = tl.full([], FLOOR_BITS, tl.int64).to(tl.float64, bitcast=True)
     if DEVICE_K:
-        # n from the partial counts' first column (int64, or float64 holding whole numbers), k =
-        # keep_count(ratio, n): nothing read on the host
-        n64 = tl.zeros([], tl.int64)
-        for p0 in range(0, n_parts, BLOCK):
-            p = p0 + idx
-            n64 += tl.sum(tl.load(counts_ptr + counts_stride * p, mask=p < n_parts, other=0).to(tl.int64))
-        ratio = ratio_bits.to(tl.int64).to(tl.float64, bitcast=True)
-        half = tl.full([], _KEEP_HALF_BITS, tl.int64).to(tl.float64, bitcast=True)
-        k64 = tl.floor(ratio * n64.to(tl.float64) + half).to(tl.int64)
-        k64 = tl.minimum(tl.maximum(k64, 1), n64)
+        # n and k = keep_count(ratio, n) from the partial counts: nothing read on the host
+        n64, k64 = device_keep_count(counts_ptr, n_parts, counts_stride, ratio_bits, BLOCK)
         n = n64.to(tl.int32)
         k = k64.to(tl.int32)
     else:
@@ -340,9 +330,8 @@ def _launch(
     key = torch.empty(N, dtype=torch.int64, device=dev)
     figures = torch.empty(len(DRAW_FIGURES), dtype=torch.float64, device=dev)
     norm_mode = 2 if norm is None else 1 if isinstance(norm, Tensor) else 0
-    # fp64 bits as integers: a float argument would reach the kernel as fp32
-    floor_bits = struct.unpack("<q", struct.pack("<d", float(floor)))[0]
-    ratio_bits = struct.unpack("<q", struct.pack("<d", float(ratio)))[0]
+    floor_bits = float64_bits(floor)
+    ratio_bits = float64_bits(ratio)
     _importance_kernel[(1,)](
         diff.contiguous(),
         order.contiguous(),

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import importlib.util
 import statistics
 import sys
 import time
@@ -23,15 +24,13 @@ from collections import defaultdict
 from pathlib import Path
 
 import torch
-import torch.nn as nn
-import torch.nn.functional as F
 
-try:
-    import cggr_hook
-except ImportError:  # a checkout that was not pip-installed
+if importlib.util.find_spec("cggr_hook") is None:  # a checkout that was not pip-installed
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-    import cggr_hook
 from cggr_hook import difficulty, functions, head, kernels, loss, pipeline, registry, route, schedule, selection, trace
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # host_time.py beside this script
+import host_time  # noqa: E402
 
 # (owner, attribute): inclusive host time of each call of it
 WRAPPED = [
@@ -227,57 +226,18 @@ def main(argv=None) -> int:
     p.add_argument("--out", default=None, help="a folder: host_breakdown.md inside")
     args = p.parse_args(argv)
     dev = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    g = torch.Generator(device="cpu").manual_seed(0)
-    N, V, D = args.tokens, args.vocab, args.hidden
-    logits = (torch.randn(N, V, generator=g) * 2).to(dev, torch.bfloat16).requires_grad_()
-    targets = torch.randint(0, V, (N,), generator=g).to(dev)
-    targets[torch.rand(N, generator=g).to(dev) < 0.05] = -100
-    h = (torch.randn(N, D, generator=g) * 0.5).to(dev, torch.bfloat16).requires_grad_()
-
-    class Model(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.lm_head = nn.Linear(D, V, bias=False)
-
-    model = Model().to(dev, torch.bfloat16)
-
-    def clear():
-        logits.grad = None
-        h.grad = None
-        model.zero_grad(set_to_none=True)
-
+    # host_time.py's calls: the same inputs, gates and baselines
+    all_cases, tensors = host_time._cases(args, dev)
+    cases = {name: all_cases[name] for name in ("loss/cggr25 gradnorm importance", "head/enable 25%", "head/torch")}
     name = torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu"
-    lines = [f"# Host time by function: {name}, N = {N}, V = {V}, D = {D}, bf16, device idle before each call", ""]
-    crit = cggr_hook.CGGRLoss(
-        warmup_steps=0,
-        dynamic_threshold=False,
-        plain_when_faster=False,
-        min_tokens_ratio=0.25,
-        scoring="gradnorm",
-        selection="importance",
-    )
-    cases = {"loss/cggr25 importance (CGGRLoss)": (lambda: crit(logits, targets).backward(), contextlib.nullcontext)}
-
-    @contextlib.contextmanager
-    def gated():
-        cggr_hook.enable(model, min_tokens_ratio=0.25, warmup_steps=0, dynamic_threshold=False, plain_when_faster=False)
-        model.train()
-        try:
-            yield
-        finally:
-            cggr_hook.disable(model)
-
-    cases["head/enable 25% importance"] = (
-        lambda: F.cross_entropy(model.lm_head(h).float(), targets).backward(),
-        gated,
-    )
-    cases["head/torch (no gate)"] = (
-        lambda: F.cross_entropy(model.lm_head(h).float(), targets).backward(),
-        contextlib.nullcontext,
-    )
+    lines = [
+        f"# Host time by function: {name}, N = {args.tokens}, V = {args.vocab}, D = {args.hidden}, bf16, "
+        "device idle before each call",
+        "",
+    ]
     for case, (run, ctx) in cases.items():
         with ctx():
-            rows = breakdown(run, clear, dev, args.reps, args.warmup)
+            rows = breakdown(run, lambda: host_time._clear(tensors), dev, args.reps, args.warmup)
         lines += [f"## {case}", "", "| function (inclusive) | host us | % of call |", "|---|---:|---:|"]
         lines += [f"| {k} | {us:.0f} | {pct:.0f} |" for k, us, pct in rows]
         lines.append("")

@@ -31,7 +31,12 @@ def test_host_breakdown_times_the_draw_and_unwraps_everything(tmp_path):
         == 0
     )
     text = (tmp_path / "host_breakdown.md").read_text()
-    for row in ("| pipeline._draw_at_ratio |", "| GatedHeadCrossEntropy.backward |", "| torch.empty(8192) |"):
+    for row in (
+        "| pipeline._draw_at_ratio |",
+        "| GatedHeadCrossEntropy.backward |",
+        "| torch.empty(8192) |",
+        "## head/enable 25%",
+    ):
         assert row in text
     for owner, name, fn in before:
         now = owner.__dict__.get(name) if isinstance(owner, type) else getattr(owner, name, None)

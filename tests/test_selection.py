@@ -460,7 +460,7 @@ def test_topk_at_a_ratio_is_topk_with_the_counts_read(backend, reduction, weight
     for device_k in (True, False):
         counted.clear()
         if not device_k:
-            monkeypatch.setattr(pipeline, "topk_at_ratio", lambda *a: False)
+            monkeypatch.setattr(pipeline, "at_ratio", lambda *a: False)
         crit = cggr_hook.CGGRLoss(selection="topk", scoring="combined", **opts)
         logits.grad = None
         loss = crit(logits, targets)
@@ -544,7 +544,7 @@ def test_topk_at_a_ratio_through_the_head_matches_the_host_count(backend, reduct
     grads = []
     for device_k in (True, False):
         if not device_k:
-            monkeypatch.setattr(pipeline, "topk_at_ratio", lambda *a: False)
+            monkeypatch.setattr(pipeline, "at_ratio", lambda *a: False)
         torch.manual_seed(0)
         model = TinyLM(vocab=29, dim=8)
         cggr_hook.enable(model, selection="topk", scoring="combined", min_tokens_ratio=0.3, **FIXED)
