@@ -485,14 +485,17 @@ def _cggr_loss_rows(c: _Rows) -> list[Row]:
     rows = []
     # the original configuration (combined, top-k) at every ratio; importance sampling (the
     # selection of every fraction below 1 by default) at 25%, which counts n and k on the device
-    cases = [(r, "topk") for r in RATIOS] + [(0.25, "importance")]
-    for r, sel in cases:
-        for inplace in (False, True):
+    # the in-place rows at 25% once more with every launch from Python: what the CUDA graphs save
+    cases = [(r, "topk", True) for r in RATIOS] + [(0.25, "importance", True)]
+    cases += [(0.25, "topk", False), (0.25, "importance", False)]
+    for r, sel, graphs in cases:
+        for inplace in (False, True) if graphs else (True,):
             x = I.work if inplace else I.logits
             what = f"cggr_hook CGGRLoss {_pct(r)}%" + (" importance" if sel == "importance" else "")
             what += " (gradient in place)" if inplace else ""
+            what += "" if graphs else ", no CUDA graphs"
 
-            def make(r=r, inplace=inplace, x=x, sel=sel):
+            def make(r=r, inplace=inplace, x=x, sel=sel, graphs=graphs):
                 kw = dict(scoring="gradnorm", selection="importance") if sel == "importance" else {}
                 crit = _fixed_ratio(
                     cggr_hook.CGGRLoss,
@@ -501,6 +504,7 @@ def _cggr_loss_rows(c: _Rows) -> list[Row]:
                     reduction="mean",
                     inplace_backward=inplace,
                     plain_when_faster=False,  # every call through the gate's kernels, which is what is timed
+                    cuda_graphs=graphs,
                     **kw,
                 )
                 return _fwd_bwd(lambda: crit(x, t))
@@ -512,7 +516,9 @@ def _cggr_loss_rows(c: _Rows) -> list[Row]:
 
             rows.append(
                 Row(
-                    f"loss/cggr_hook_{'imp' if sel == 'importance' else ''}{_pct(r)}" + ("_inplace" if inplace else ""),
+                    f"loss/cggr_hook_{'imp' if sel == 'importance' else ''}{_pct(r)}"
+                    + ("_inplace" if inplace else "")
+                    + ("" if graphs else "_nographs"),
                     what,
                     "loss",
                     ours=True,

@@ -134,6 +134,11 @@ class GateConfig:
         ``min_tokens_ratio='auto'``, whether the plain loss is one of its candidates. False: every
         step through the gate's kernels (their memory saving every step: a plain step holds
         Hugging Face's fp32 copy of the logits).
+    cuda_graphs: on CUDA, where a call reads nothing on the host between its kernels (importance
+        and top-k at a fixed ratio or its curriculum), replay them as one CUDA graph once the same
+        logits' address, shapes and options have come twice (``capture.py``): the same loss and
+        gradient for a fraction of the host time. The graph keeps the call's per-row intermediates
+        (a few floats a row) until ``disable()``. False: every launch from Python.
     """
 
     scoring: str = "gradnorm"
@@ -147,6 +152,7 @@ class GateConfig:
     seed: int = 0
     importance_floor: float = 0.2
     plain_when_faster: bool = True
+    cuda_graphs: bool = True
 
     def __post_init__(self) -> None:
         # NumPy scalars and 0-d tensors are taken as the numbers they hold, as torch takes them, and
@@ -189,6 +195,7 @@ class GateConfig:
             _fail("importance_floor", self.importance_floor, fix)
         seed = _whole("seed", self.seed, "give an integer")
         pwf = _flag("plain_when_faster", self.plain_when_faster, "give True or False")
+        graphs = _flag("cuda_graphs", self.cuda_graphs, "give True or False")
         for name, value in (
             ("min_tokens_ratio", r),
             ("warmup_steps", w),
@@ -199,6 +206,7 @@ class GateConfig:
             ("importance_floor", a),
             ("seed", seed),
             ("plain_when_faster", pwf),
+            ("cuda_graphs", graphs),
         ):
             object.__setattr__(self, name, value)
         check_zero_floor(self)

@@ -27,10 +27,15 @@ from . import kernels
 from .kernels import RowStats, reference, spec
 
 
-def noise_for(scoring: str, n: int, device: torch.device, generator: torch.Generator | None) -> Tensor | None:
-    """The uniform draws of ``random`` scoring (None for every other mode)."""
+def noise_for(
+    scoring: str, n: int, device: torch.device, generator: torch.Generator | None, out: Tensor | None = None
+) -> Tensor | None:
+    """The uniform draws of ``random`` scoring (None for every other mode), into ``out`` if given
+    (fp32 (n,): a replayed graph's input)."""
     if not spec.scoring(scoring).random:
         return None
+    if out is not None:
+        return torch.rand(n, generator=generator, out=out)
     return torch.rand(n, generator=generator, device=device, dtype=torch.float32)
 
 
@@ -55,12 +60,15 @@ def score_rows(
     scoring: str,
     generator: torch.Generator | None = None,
     label_smoothing: float = 0.0,
+    noise: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """The difficulty of every row (valid = target in [0, V) and not ``ignore_index``) and the
     float64 (P, 5) partial sums the host reads: valid rows, bad targets, and over valid rows the
     top-1 probability, entropy and difficulty (``kernels.spec.SUM_FIELDS``). On CUDA one kernel
-    launch does both."""
-    noise = noise_for(scoring, targets.numel(), stats.lse.device, generator)
+    launch does both. ``noise``: random scoring's draws, where the caller drew them (else drawn
+    here from ``generator``)."""
+    if noise is None:
+        noise = noise_for(scoring, targets.numel(), stats.lse.device, generator)
     return kernels.row_difficulty(stats, targets, vocab, ignore_index, scoring, noise, label_smoothing)
 
 

@@ -54,6 +54,7 @@ class CGGRLoss(torch.nn.Module):
         importance_floor: float = GateConfig.importance_floor,
         *,
         plain_when_faster: bool = GateConfig.plain_when_faster,
+        cuda_graphs: bool = GateConfig.cuda_graphs,
         ignore_index: int = -100,
         reduction: str = "mean",
         label_smoothing: float = 0.0,
@@ -80,6 +81,7 @@ class CGGRLoss(torch.nn.Module):
             seed=seed,
             importance_floor=importance_floor,
             plain_when_faster=plain_when_faster,
+            cuda_graphs=cuda_graphs,
         )
         self.spec = LossSpec(
             ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing, weight=None

@@ -28,15 +28,15 @@ import math
 import numbers
 import threading
 from dataclasses import dataclass
-from typing import ClassVar
+from typing import ClassVar, cast
 
 import torch
 from torch import Tensor
 
-from . import difficulty, figures, kernels, selection
+from . import capture, difficulty, figures, kernels, selection
 from .config import GateConfig, check_zero_floor
 from .kernels.spec import SCORINGS, check_reduction, target_masks
-from .schedule import Scheduler, tokens_to_keep
+from .schedule import Scheduler, curriculum_ratio, tokens_to_keep
 
 
 @dataclass(frozen=True)
@@ -248,8 +248,9 @@ def gated_forward(
     scoring pass and brings the valid and bad-target counts, the confidence and the metric sums
     (and sequence_aware's kept ranks) together. Importance and top-k at a ratio the host knows
     read nothing: their kernels take n and k from the scoring pass's partial sums on the device
-    (``_draw_at_ratio``, ``_topk_at_ratio``), whose copy to the host, queued behind them, is read
-    by a later call's target check (``PendingTargetCheck``) and by ``metrics()``.
+    (``_at_ratio``, where they may run as one replayed CUDA graph), whose copy to the host, queued
+    behind them, is read by a later call's target check (``PendingTargetCheck``) and by
+    ``metrics()``.
     """
     if spec.label_smoothing:
         check_zero_floor(config, float(spec.label_smoothing))  # before any work
@@ -271,6 +272,10 @@ def gated_forward(
     # scoring pass's partial sums, which also carry the bad targets, so it needs no counts of its own
     device_k = at_ratio(config, strategy, auto, counts_first, every_row) and N > 0 and device_k_pays(key, need_rows)
     PendingTargetCheck.poll()  # an earlier call's bad targets, where the copy of its counts is in
+    if device_k:
+        # importance or top-k at a ratio the host knows: n and k are counted on the device, nothing
+        # is read, and the kernels may run as one replayed CUDA graph
+        return _at_ratio(logits, targets, config, scheduler, key, spec, param_ids, need_rows)
     counts_t = kernels.target_counts(targets, V, ignore_index) if counts_first and not device_k else None
     counts = HostRead(counts_t.reshape(-1)) if counts_t is not None else None
     # an auto gate's noise-measuring step needs every row's gradient norm, whatever the scoring
@@ -292,40 +297,6 @@ def gated_forward(
         if strategy.per_sequence:
             valid, _ = target_masks(targets, V, ignore_index)
         ranking = selection.rank_rows(diff, valid, config, seq)
-
-    if device_k:
-        # a ratio the host knows (importance or top-k): n and k are counted on the device, nothing
-        # is read; the partial sums (valid and bad targets, the metric sums) go to the host behind
-        # the kernels
-        assert ranking is not None
-        sums_read = HostRead(partial.reshape(-1))
-        if sums_read.done():  # on a CPU always: checked at once
-            n_valid, n_bad = _valid_and_bad(sums_read.values(), _N_SUMS)
-            ValidShare.record(key, n_valid, N)
-            _raise_if_bad(n_bad, V, ignore_index)
-        else:
-            PendingTargetCheck.add(sums_read, V, ignore_index, _N_SUMS, share=(key, N))
-        if not strategy.weighted:
-            return _topk_at_ratio(
-                logits, targets, stats, ranking, partial, sums_read, config, scheduler, key, spec, param_ids, need_rows
-            )
-        return _draw_at_ratio(
-            logits,
-            targets,
-            stats,
-            ranking,
-            diff,
-            partial,
-            sums_read,
-            config,
-            scheduler,
-            key,
-            spec,
-            gen,
-            param_ids,
-            need_rows,
-            scoring.random,
-        )
 
     keep_ranks = None
     if counts is not None:
@@ -418,19 +389,14 @@ def at_ratio(
 ) -> bool:
     """Whether a call selects by importance or top-k at a ratio the host knows before the scoring
     pass (a fixed ratio or its curriculum: no dynamic threshold, not auto), so that n and k can be
-    counted on the device (``_draw_at_ratio``, ``_topk_at_ratio``) and the call reads nothing on
-    the host."""
+    counted on the device (``_at_ratio``) and the call reads nothing on the host."""
     selects_at_k = strategy.weighted or config.selection == "topk"
     return selects_at_k and counts_first and not auto and not every_row
 
 
-def _topk_at_ratio(
+def _at_ratio(
     logits: Tensor,
     targets: Tensor,
-    stats: kernels.RowStats,
-    ranking: selection.Ranking,
-    partial: Tensor,
-    sums_read: HostRead,
     config: GateConfig,
     scheduler: Scheduler,
     key: str,
@@ -438,100 +404,201 @@ def _topk_at_ratio(
     param_ids: frozenset[int],
     need_rows: bool,
 ) -> GatedForward:
-    """``gated_forward``'s top-k with n and k on the device: the loss kernel takes n from the
-    scoring pass's partial sums ``partial`` and selects the rows of rank below k =
-    keep_count(ratio, n) (the 'sum' factor n / k there too). A head gradient runs over the
-    difficulty order's first keep_count(ratio, N) rows, an upper bound of k the host knows: the
-    rows past the k selected have a row scale of 0, so their gradient rows are exact zeros. The
-    figures (n, k, the averages) are read from ``sums_read`` when ``metrics()`` asks."""
+    """``gated_forward`` for importance or top-k at a ratio the host knows (``at_ratio``): nothing
+    is read on the host, so the kernels (``_at_ratio_kernels``) are a fixed sequence of launches,
+    replayed as one CUDA graph where ``config.cuda_graphs`` allows (``capture.replayed``).
+
+    n comes from the scoring pass's partial sums, k = keep_count(ratio, n), both on the device.
+    Importance lists its draw in K = keep_count(ratio, N) slots (an upper bound of k the host
+    knows; the rows past the k drawn carry no weight) and the loss takes the mean's n from the
+    draw; top-k's loss kernel selects the rows of rank below k (the 'sum' factor n / k there too)
+    and a head gradient runs over the difficulty order's first K rows, those past k scaled by 0.
+    The figures (n, k, the averages) stay on the device until ``metrics()`` asks. The partial
+    sums' copy to the host is the target check's too: a bad target raises here where that copy is
+    already done (on a CPU, always), else at a later call (``PendingTargetCheck``); this call's
+    loss then counts its row as ignored, as the scoring pass reads it."""
     V = logits.shape[-1]
     N = targets.numel()
-    ratio, step, call = scheduler.begin_call(config, key, math.nan, param_ids)
+    dev = logits.device
+    scoring = SCORINGS[config.scoring]
+    weighted = selection.SELECTIONS[config.selection].weighted
+    # no dynamic threshold and not auto: the ratio is the curriculum's, known before any work
+    # (begin_call below returns it)
+    ratio = curriculum_ratio(scheduler.step_count, config)
     capacity = tokens_to_keep(ratio, N)
     dense = need_rows and dense_rows(logits, N, capacity)
-    loss, row_scale = kernels.selected_loss(
-        stats,
-        targets,
-        V,
-        ranking.rank,
-        0,
-        0,
-        0,
-        spec.reduction,
-        float(spec.label_smoothing),
-        spec.weight,
-        counts=partial,
-        ratio=ratio,
-    )
-    values = {
-        "step": step + 1,
-        "selection": config.selection,
-        "scoring": config.scoring,
-        "_sums": sums_read,  # n from its valid count, k = keep_count(_keep_ratio, n): read when asked
-        "_keep_ratio": ratio,
-    }
-    rows = None if dense or not need_rows else ranking.order[:capacity]
-    return GatedForward(loss, values, BackwardPlan(stats.lse, row_scale, rows, ranking.order, None, dense))
+    step, call = scheduler.step_count, scheduler.calls_in_step
+    gen = _generator(dev, config.seed, step, call) if scoring.random or weighted else None
 
+    def draws(into: dict[str, Tensor] | None) -> dict[str, Tensor]:
+        # the call's random numbers in the order the kernels take them: random scoring's noise,
+        # then the draw's u and keys (into ``into``'s buffers where given)
+        drawn: dict[str, Tensor] = {}
+        if scoring.random:
+            noise = difficulty.noise_for(config.scoring, N, dev, gen, out=into["noise"] if into else None)
+            drawn["noise"] = cast(Tensor, noise)
+        if weighted:
+            keys, u = selection.random_keys(N, dev, gen, out=(into["keys"], into["u"]) if into else None)
+            drawn["keys"], drawn["u"] = keys, u
+        return drawn
 
-def _draw_at_ratio(
-    logits: Tensor,
-    targets: Tensor,
-    stats: kernels.RowStats,
-    ranking: selection.Ranking,
-    diff: Tensor,
-    partial: Tensor,
-    sums_read: HostRead,
-    config: GateConfig,
-    scheduler: Scheduler,
-    key: str,
-    spec: LossSpec,
-    gen: torch.Generator | None,
-    param_ids: frozenset[int],
-    need_rows: bool,
-    uniform: bool,
-) -> GatedForward:
-    """``gated_forward``'s importance draw with n and k on the device: the draw lists K =
-    keep_count(ratio, N) rows (an upper bound of k the host knows; the rows past the k drawn carry
-    no weight, so a gradient over them adds exact zeros), the loss takes the mean's n from the
-    draw, and the call's figures (n, k, the averages) stay on the device until ``metrics()`` asks.
-    n comes from ``partial``, the scoring pass's partial sums, whose copy to the host
-    (``sums_read``) is also the target check's: a bad target raises in the caller where that copy
-    is already done (on a CPU, always), else at a later call (``PendingTargetCheck``); this call's
-    loss then counts its row as ignored, as the
-    scoring pass reads it."""
-    V = logits.shape[-1]
-    N = targets.numel()
-    ratio, step, call = scheduler.begin_call(config, key, math.nan, param_ids)
-    capacity = tokens_to_keep(ratio, N)
-    norm = _horvitz_thompson_norm(targets, None, V, spec)
-    draw = selection.importance_draw_at_ratio(
-        ranking, diff, partial, ratio, capacity, config.importance_floor, gen, uniform=uniform, norm=norm
-    )
-    dense = need_rows and dense_rows(logits, N, capacity)
-    loss, row_scale = kernels.selected_loss(
-        stats,
-        targets,
-        V,
-        draw.key,
-        1,
-        capacity,
-        capacity,
-        spec.reduction,
-        float(spec.label_smoothing),
-        spec.weight,
-        draw.row_weight,
-        draw.figures[_N_VALID : _N_VALID + 1],
-    )
-    values = {
+    def eager() -> dict[str, Tensor]:
+        return {"targets": targets, **draws(None)}
+
+    def fill(into: dict[str, Tensor] | None) -> dict[str, Tensor]:
+        # a graph's inputs: the logits by their address (the logits themselves are never kept), a
+        # copy of the targets, the draws
+        if into is None:
+            into = {"address": torch.empty(1, dtype=torch.int64, device=dev), "targets": torch.empty_like(flat_t)}
+            first = True
+        else:
+            first = False
+        into["address"].fill_(logits.data_ptr())
+        into["targets"].copy_(flat_t)
+        into.update(draws(None if first else into))
+        return into
+
+    def compute(inputs: dict[str, Tensor]) -> dict[str, Tensor]:
+        # the logits' dtype, shape and strides are the key's: a graph's replays read theirs at
+        # ``address``
+        return _at_ratio_kernels(
+            logits,
+            inputs["targets"],
+            config,
+            spec,
+            ratio,
+            capacity,
+            weighted,
+            need_rows and not dense,
+            inputs.get("noise"),
+            (inputs["keys"], inputs["u"]) if weighted else None,
+            inputs.get("address"),
+        )
+
+    # a curriculum's warm-up gives every step its own ratio, hence its own graph: graphs from its end on
+    if (
+        config.cuda_graphs
+        and scheduler.step_count >= config.warmup_steps
+        and capture.capturable(logits)
+        and kernels.backend_for(logits) == "triton"
+        and not kernels.reads_by_descriptor(logits)
+    ):
+        flat_t = targets.reshape(-1)
+        graph_key = (
+            "at_ratio",
+            tuple(logits.shape),
+            logits.stride(),
+            logits.dtype,
+            logits.device,
+            logits.data_ptr() % 16 == 0,  # what Triton specialises its loads on
+            tuple(targets.shape),
+            targets.dtype,
+            capture.tensor_key(spec.weight),
+            spec.ignore_index,
+            spec.reduction,
+            float(spec.label_smoothing),
+            config.scoring,
+            config.selection,
+            config.importance_floor,
+            ratio,
+            need_rows and not dense,
+        )
+        out = capture.replayed(graph_key, dev, eager, fill, compute)
+    else:
+        out = compute(eager())
+
+    sums_read = HostRead(out["partial"].reshape(-1))
+    if sums_read.done():  # on a CPU always: checked at once
+        n_valid, n_bad = _valid_and_bad(sums_read.values(), _N_SUMS)
+        ValidShare.record(key, n_valid, N)
+        _raise_if_bad(n_bad, V, spec.ignore_index)
+    else:
+        PendingTargetCheck.add(sums_read, V, spec.ignore_index, _N_SUMS, share=(key, N))
+    begun, step, call = scheduler.begin_call(config, key, math.nan, param_ids)
+    assert begun == ratio, (begun, ratio)
+    values: dict = {
         "step": step + 1,
         "selection": config.selection,
         "scoring": config.scoring,
         "_sums": sums_read,  # (the copy the target check reads too)
-        "_draw": HostRead(draw.figures, now=False),  # n and k too: no tokens_total until read
     }
-    rows = None if dense or not need_rows else draw.rows
-    return GatedForward(loss, values, BackwardPlan(stats.lse, row_scale, rows, None, None, dense))
+    if weighted:
+        values["_draw"] = HostRead(out["figures"], now=False)  # n and k too: no tokens_total until read
+        plan = BackwardPlan(out["lse"], out["row_scale"], out.get("rows"), None, None, dense)
+    else:
+        values["_keep_ratio"] = ratio  # k = keep_count(_keep_ratio, n), n from _sums: read when asked
+        order = out["order"]
+        rows = None if dense or not need_rows else order[:capacity]
+        plan = BackwardPlan(out["lse"], out["row_scale"], rows, order, None, dense)
+    return GatedForward(out["loss"], values, plan)
+
+
+def _at_ratio_kernels(
+    logits: Tensor,
+    targets: Tensor,
+    config: GateConfig,
+    spec: LossSpec,
+    ratio: float,
+    capacity: int,
+    weighted: bool,
+    list_rows: bool,
+    noise: Tensor | None,
+    keys_u: tuple[Tensor, Tensor] | None,
+    address: Tensor | None = None,
+) -> dict[str, Tensor]:
+    """``_at_ratio``'s work on the device, no host read: the scoring pass, the difficulty and the
+    partial sums, the difficulty order, then importance's draw or top-k's rank, and the loss.
+    ``noise`` and ``keys_u``: the call's random numbers (random scoring's, the draw's);
+    ``address``: where the scoring pass reads the logits (a graph's input; None: ``logits``' own
+    address). Returns the loss, lse and row scale
+    (the backward's), the partial sums, and importance's figures (and its rows where
+    ``list_rows``) or top-k's difficulty order."""
+    V = logits.shape[-1]
+    ls = float(spec.label_smoothing)
+    scoring = SCORINGS[config.scoring]
+    stats = kernels.row_stats(
+        logits, targets, spec.ignore_index, spec.weight, ls > 0, scoring.needs_p2sum, address=address
+    )
+    diff, partial = difficulty.score_rows(stats, targets, V, spec.ignore_index, config.scoring, None, ls, noise)
+    order, rank = kernels.difficulty_rank(diff)
+    out = {"lse": stats.lse, "partial": partial}
+    if weighted:
+        norm = _horvitz_thompson_norm(targets, None, V, spec)
+        d = selection.importance_draw_at_ratio(
+            selection.Ranking(order, rank),
+            diff,
+            partial,
+            ratio,
+            capacity,
+            config.importance_floor,
+            cast(tuple, keys_u),
+            uniform=scoring.random,
+            norm=norm,
+        )
+        loss, row_scale = kernels.selected_loss(
+            stats,
+            targets,
+            V,
+            d.key,
+            1,
+            capacity,
+            capacity,
+            spec.reduction,
+            ls,
+            spec.weight,
+            d.row_weight,
+            d.figures[_N_VALID : _N_VALID + 1],
+        )
+        out["figures"] = d.figures
+        if list_rows:
+            out["rows"] = d.rows
+    else:
+        loss, row_scale = kernels.selected_loss(
+            stats, targets, V, rank, 0, 0, 0, spec.reduction, ls, spec.weight, counts=partial, ratio=ratio
+        )
+        out["order"] = order
+    out["loss"], out["row_scale"] = loss, row_scale
+    return out
 
 
 _N_VALID = kernels.spec.DRAW_FIGURES.index("n_valid")
@@ -579,8 +646,7 @@ def device_k_pays(key: str, need_rows: bool) -> bool:
 
 
 class PendingTargetCheck:
-    """The target checks of calls that read nothing on the host (``_draw_at_ratio``,
-    ``_topk_at_ratio``): each holds its call's valid and bad target counts (the scoring pass's
+    """The target checks of calls that read nothing on the host (``_at_ratio``): each holds its call's valid and bad target counts (the scoring pass's
     partial sums), copied to the host behind the kernels, and raises the ValueError of a
     bad target at the first later gated call that finds the copy done (or at ``poll(wait=True)``:
     ``disable()``, ``metrics()``). A call never waits for one."""

@@ -21,9 +21,9 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
+from . import capture, patch
 from . import figures as figures_mod
 from . import head as head_mod
-from . import patch
 from . import trace as trace_mod
 from .config import GateConfig, make_config
 from .gate import Gate
@@ -185,10 +185,11 @@ class Registry:
 
     def _uninstall_if_unused(self) -> None:
         """With no gate left: the original ``F.cross_entropy`` back, and the optimizer hook gone (after
-        the step a pending gated loss waits for)."""
+        the step a pending gated loss waits for), and the captured CUDA graphs dropped."""
         if not list(self._gates.values()):  # a collected model's entry may linger until its callback ran
             patch.uninstall()
             self.scheduler.detach()
+            capture.clear()
 
     def on_model_collected(self, gate: Gate) -> None:
         """A gated model was garbage-collected without ``disable``: what ``disable(model)`` would have

@@ -281,7 +281,9 @@ def systematic_draw(
     return torch.sort((~drawn).to(torch.int8), stable=True).indices[:k]
 
 
-def random_keys(n_rows: int, device: torch.device, generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
+def random_keys(
+    n_rows: int, device: torch.device, generator: torch.Generator | None, out: tuple[Tensor, Tensor] | None = None
+) -> tuple[Tensor, Tensor]:
     """The importance draw's random numbers, both from ``generator``: the start u (float64 (1,)),
     then one uniform key per row of the call (fp32 (N,)), the j-th valid row in row order taking
     the j-th key (a row's key goes with the row, not with its place in the difficulty order: scores
@@ -292,7 +294,15 @@ def random_keys(n_rows: int, device: torch.device, generator: torch.Generator | 
     counted (``importance_draw_at_ratio``) and both draws take the same numbers. On a CPU generator
     the first n keys do not depend on N, so that the draw does not depend on how many rows are
     ignored (the logits' route and the head's, which also lists each sequence's last position,
-    draw the same rows); a CUDA generator lays its numbers out by the tensor's size, so there it does."""
+    draw the same rows); a CUDA generator lays its numbers out by the tensor's size, so there it does.
+
+    ``out``: (keys, u) to draw into instead of new tensors (a replayed graph's inputs), the same
+    numbers."""
+    if out is not None:
+        keys, u = out
+        torch.rand(1, generator=generator, out=u)
+        torch.rand(n_rows, generator=generator, out=keys)
+        return keys, u
     u = torch.rand(1, generator=generator, device=device, dtype=torch.float64)
     keys = torch.rand(n_rows, generator=generator, device=device)
     return keys, u
@@ -325,7 +335,7 @@ def importance_draw_at_ratio(
     ratio: float,
     capacity: int,
     floor: float,
-    generator: torch.Generator | None,
+    keys_u: tuple[Tensor, Tensor],
     uniform: bool = False,
     norm: int | Tensor | None = None,
 ) -> Draw:
@@ -333,8 +343,9 @@ def importance_draw_at_ratio(
     ``target_counts``' or the scoring pass's partials) and k = ``kernels.spec.keep_count(ratio, n)`` counted on the device: the same rows, keys and
     weights as ``importance_draw`` given n and k, with ``rows`` listed in ``capacity`` slots (the
     drawn ones first; the rest carry no weight) and nothing read on the host
-    (``kernels.importance_draw_at_ratio``)."""
-    keys, u = random_keys(diff.numel(), diff.device, generator)
+    (``kernels.importance_draw_at_ratio``). ``keys_u``: ``random_keys`` of the call's generator,
+    drawn by the caller (before a replayed graph that reads them)."""
+    keys, u = keys_u
     perm = kernels.ascending_order(keys)  # the valid rows' keys are the first n: their order is kept
     return kernels.importance_draw_at_ratio(
         diff, ranking.order, ranking.rank, perm, u, counts, ratio, capacity, floor, uniform, norm

@@ -155,6 +155,12 @@ def as_rows(logits: Tensor) -> Tensor:
         return logits.reshape(1, -1, V)
 
 
+def reads_by_descriptor(logits: Tensor) -> bool:
+    """Whether the Triton scoring pass reads ``logits`` (any shape (..., V)) through a tensor
+    descriptor (``scoring.load_path``), which holds their address on the host."""
+    return _triton("row_stats").load_path(as_rows(logits)) == "tma"
+
+
 def target_counts(targets: Tensor, vocab: int, ignore_index: int) -> Tensor:
     """int64 (P, 2) partial counts of valid and bad targets (``reference.target_counts``)."""
     return _run("target_counts", targets, targets, vocab, ignore_index)
@@ -167,11 +173,19 @@ def row_stats(
     weight: Tensor | None = None,
     with_wsum: bool = False,
     with_p2: bool = False,
+    address: Tensor | None = None,
 ) -> RowStats:
     """Per-row lse, entropy, top-1/top-2 probabilities, target NLL (and sum_v w_v x_v, sum_v p_v^2).
 
     logits: (B, T, V) any float dtype, any strides; targets: (B*T,) int64. Outputs fp32 (B*T,).
+    ``address``: Triton only, the logits' address as an int64 (1,) device tensor, read by the
+    kernel in place of ``logits``' own (``scoring.row_stats``; a captured launch).
     """
+    if address is not None:
+        if backend_for(logits) != "triton":
+            raise ValueError("cggr_hook: row_stats reads its logits at an address on the Triton backend only")
+        with _on_device_of(logits):
+            return _triton("row_stats").row_stats(logits, targets, ignore_index, weight, with_wsum, with_p2, address)
     return _run("row_stats", logits, logits, targets, ignore_index, weight, with_wsum, with_p2)
 
 

@@ -221,6 +221,7 @@ def _stats_store(
 @triton.jit
 def _row_stats_kernel(
     x_ptr,
+    addr_ptr,
     tgt_ptr,
     w_ptr,
     out_ptr,
@@ -238,11 +239,21 @@ def _row_stats_kernel(
     HAS_TOP2: tl.constexpr,
     UNIT_STRIDE_V: tl.constexpr,
     BLOCK_V: tl.constexpr,
+    INDIRECT: tl.constexpr,
+    ALIGNED: tl.constexpr,
 ):
-    """Any layout: plain loads, the next block's in flight (in registers) while one is reduced."""
+    """Any layout: plain loads, the next block's in flight (in registers) while one is reduced.
+    ``INDIRECT``: the logits' address is read from ``addr_ptr`` (int64), ``x_ptr`` gives only
+    their dtype (a replayed graph reads whatever logits the call has); ``ALIGNED``: that address
+    is 16-byte aligned, as Triton would have found of ``x_ptr`` itself (the same loads, so the
+    same sums)."""
     row = tl.program_id(0).to(tl.int64)
     b = row // T
     t = row - b * T
+    if INDIRECT:
+        x_ptr = tl.load(addr_ptr).to(tl.pointer_type(x_ptr.dtype.element_ty))
+        if ALIGNED:
+            x_ptr = tl.multiple_of(x_ptr, 16)
     x_row = x_ptr + (b * stride_b + t * stride_t)
 
     offs = tl.arange(0, BLOCK_V)
@@ -401,11 +412,15 @@ def row_stats(
     weight: Tensor | None = None,
     with_wsum: bool = False,
     with_p2: bool = False,
+    address: Tensor | None = None,
 ) -> RowStats:
     """Per-row lse, entropy, top-1/top-2 probabilities, target NLL (and sum_v w_v x_v, sum_v p_v^2).
 
     logits: (B, T, V) fp32/bf16/fp16, any strides; targets: (B*T,) integer. Outputs fp32 (B*T,).
-    Same semantics as ``reference.row_stats``.
+    Same semantics as ``reference.row_stats``. ``address``: int64 (1,) on the logits' device, the
+    address the kernel reads the logits at instead of ``logits``' own (which then gives only the
+    dtype, shape, strides and alignment): a captured launch that reads the logits of each replay.
+    It takes the plain-load path (a tensor descriptor holds its address on the host).
     """
     if logits.dim() != 3:
         raise ValueError(f"cggr_hook: row_stats needs (B, T, V) logits, got shape {tuple(logits.shape)}")
@@ -424,7 +439,11 @@ def row_stats(
             weight = weight.contiguous()
         sb, st, sv = logits.stride()
         flags = dict(HAS_WEIGHT=has_weight, WITH_WSUM=with_wsum, WITH_P2=with_p2, HAS_TOP2=(V > 1))
-        if load_path(logits) == "tma":
+        if address is not None and (address.dtype != torch.int64 or address.numel() != 1):
+            raise ValueError(
+                f"cggr_hook: address must be one int64, got {address.dtype} of shape {tuple(address.shape)}"
+            )
+        if address is None and load_path(logits) == "tma":
             es = logits.element_size()
             # a block of at least 128 bytes: smaller boxes, multi-buffered, fault with a misaligned
             # address once the loop runs twice (NOTES.md)
@@ -456,6 +475,7 @@ def row_stats(
             block_v = _block_v(V)
             _row_stats_kernel[(N,)](
                 logits,
+                address if address is not None else targets,  # (not read without INDIRECT)
                 targets,
                 weight if has_weight else logits,
                 out,
@@ -470,6 +490,8 @@ def row_stats(
                 **flags,
                 UNIT_STRIDE_V=(sv == 1),
                 BLOCK_V=block_v,
+                INDIRECT=address is not None,
+                ALIGNED=address is not None and logits.data_ptr() % 16 == 0,
                 num_warps=_num_warps(block_v),
                 enable_fp_fusion=True,  # FMA contraction, as the shapes were chosen (NOTES.md)
             )

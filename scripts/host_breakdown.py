@@ -27,7 +27,20 @@ import torch
 
 if importlib.util.find_spec("cggr_hook") is None:  # a checkout that was not pip-installed
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from cggr_hook import difficulty, functions, head, kernels, loss, pipeline, registry, route, schedule, selection, trace
+from cggr_hook import (
+    capture,
+    difficulty,
+    functions,
+    head,
+    kernels,
+    loss,
+    pipeline,
+    registry,
+    route,
+    schedule,
+    selection,
+    trace,
+)
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # host_time.py beside this script
 import host_time  # noqa: E402
@@ -48,7 +61,9 @@ WRAPPED = [
     )
 ] + [
     (pipeline, "gated_forward"),
-    (pipeline, "_draw_at_ratio"),
+    (pipeline, "_at_ratio"),
+    (pipeline, "_at_ratio_kernels"),
+    (capture, "replayed"),
     (pipeline, "_generator"),
     (pipeline, "_horvitz_thompson_norm"),
     (pipeline.PendingTargetCheck, "poll"),

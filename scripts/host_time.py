@@ -70,11 +70,11 @@ def _cases(args, dev):
         crit = cggr_hook.CGGRLoss(warmup_steps=0, dynamic_threshold=False, plain_when_faster=False, **kw)
         return fwd_bwd(lambda: crit(logits, targets)), contextlib.nullcontext
 
-    def head_case(ratio):
+    def head_case(ratio, **kw):
         @contextlib.contextmanager
         def gated():
             cggr_hook.enable(
-                model, min_tokens_ratio=ratio, warmup_steps=0, dynamic_threshold=False, plain_when_faster=False
+                model, min_tokens_ratio=ratio, warmup_steps=0, dynamic_threshold=False, plain_when_faster=False, **kw
             )
             model.train()
             try:
@@ -89,10 +89,17 @@ def _cases(args, dev):
     return {
         "loss/torch_fp32": (plain_loss, contextlib.nullcontext),
         "loss/cggr25 combined topk": loss_case(scoring="combined", selection="topk", min_tokens_ratio=0.25),
+        "loss/cggr25 combined topk, no graphs": loss_case(
+            scoring="combined", selection="topk", min_tokens_ratio=0.25, cuda_graphs=False
+        ),
         "loss/cggr25 gradnorm importance": loss_case(scoring="gradnorm", selection="importance", min_tokens_ratio=0.25),
+        "loss/cggr25 gradnorm importance, no graphs": loss_case(
+            scoring="gradnorm", selection="importance", min_tokens_ratio=0.25, cuda_graphs=False
+        ),
         "loss/cggr100 gradnorm importance": loss_case(scoring="gradnorm", selection="importance", min_tokens_ratio=1.0),
         "head/torch": (plain_head, contextlib.nullcontext),
         "head/enable 25%": head_case(0.25),
+        "head/enable 25%, no graphs": head_case(0.25, cuda_graphs=False),
         "head/enable 100%": head_case(1.0),
     }, (logits, h, model)
 

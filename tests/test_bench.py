@@ -83,6 +83,8 @@ def test_bench_only_keeps_the_baselines():
         "loss/cggr_hook_50_inplace",
         "loss/cggr_hook_100_inplace",
         "loss/cggr_hook_imp25_inplace",
+        "loss/cggr_hook_25_inplace_nographs",
+        "loss/cggr_hook_imp25_inplace_nographs",
         "loss/liger_ce",
     ]
     keys = [r.key for r in bench.select_rows(rows, ["head/cggr_hook_25"], "bf16")]

@@ -141,14 +141,16 @@ def test_one_host_sync_per_gated_step(monkeypatch, options):
 
 
 def test_fixed_ratio_forward_does_not_wait_for_the_scoring_pass():
-    """With a ratio that does not depend on the logits, the host reads only the target counts: the
-    forward returns while the scoring pass over 4 GB of logits is still running on the device."""
+    """With a ratio that does not depend on the logits, the host reads nothing: the forward over 4 GB
+    of logits returns while the device is still busy with the work queued before it (a scoring pass
+    alone can finish within the call's host time, so the call is queued behind a sleep)."""
     g = torch.Generator(device="cuda").manual_seed(0)
     x = torch.randn(16384, 128256, device="cuda", dtype=torch.bfloat16, generator=g)
     t = torch.randint(0, 128256, (16384,), device="cuda", generator=g)
     crit = CGGRLoss(min_tokens_ratio=0.25, **FIXED)
     crit(x, t)  # compiled and warm
     torch.cuda.synchronize()
+    torch.cuda._sleep(100_000_000)  # tens of ms ahead of the call: a read in it would wait them out
     crit(x, t)
     busy = not torch.cuda.current_stream().query()
     torch.cuda.synchronize()
@@ -160,7 +162,7 @@ def test_fixed_ratio_forward_does_not_wait_for_the_scoring_pass():
 
 def test_importance_at_a_fixed_ratio_waits_for_nothing_forward_or_backward():
     """Importance sampling at a fixed ratio counts n and k on the device: the forward and the
-    backward are queued while the scoring pass over 4 GB of logits still runs, with the previous
+    backward are queued while the device still sleeps ahead of them, with the previous
     call's target check still pending; the figures are read when asked for."""
     g = torch.Generator(device="cuda").manual_seed(0)
     x = torch.randn(16384, 128256, device="cuda", dtype=torch.bfloat16, generator=g).requires_grad_()
@@ -170,6 +172,7 @@ def test_importance_at_a_fixed_ratio_waits_for_nothing_forward_or_backward():
     crit(x, t).backward()  # compiled and warm
     torch.cuda.synchronize()
     x.grad = None
+    torch.cuda._sleep(100_000_000)  # tens of ms ahead of the step: a read in it would wait them out
     crit(x, t).backward()
     busy = not torch.cuda.current_stream().query()
     torch.cuda.synchronize()

@@ -85,6 +85,35 @@ def test_row_stats_matches_reference(V, dtype, layout, block, triton_backend):
         torch.testing.assert_close(got.entropy, torch.zeros_like(got.entropy), atol=1e-6, rtol=0)
 
 
+@pytest.mark.parametrize("V", [1, 37, 127])
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_row_stats_at_an_address_reads_the_logits_there(V, dtype, layout, block):
+    """With ``address``, the kernel reads the logits at that address, ``logits`` giving only the
+    layout (a replayed graph's scoring pass): the statistics of the tensor there, bit for bit
+    those of the launch on it, and nothing of ``logits``' own values."""
+    gen = torch.Generator().manual_seed(V + len(layout))
+    there = make_logits(2, 3, V, dtype, layout, gen=gen)
+    layout_only = make_logits(2, 3, V, dtype, layout, gen=gen)
+    assert layout_only.stride() == there.stride()
+    tg = make_targets(6, V, gen=gen)
+    address = torch.tensor([there.data_ptr()], dtype=torch.int64, device=there.device)
+    with nan_empty():
+        got = K.row_stats(layout_only, tg, -100, None, True, True, address=address)
+        want = K.row_stats(there, tg, -100, None, True, True)
+    for name in FIELDS + ("wsum", "p2sum"):
+        assert torch.equal(getattr(got, name), getattr(want, name)), name
+    with pytest.raises(ValueError, match="address must be one int64"):
+        K.row_stats(layout_only, tg, -100, address=address.int())
+
+
+def test_row_stats_at_an_address_needs_triton():
+    force_backend("torch")
+    x = torch.randn(1, 2, 5)
+    with pytest.raises(ValueError, match="Triton backend only"):
+        K.row_stats(x, torch.zeros(2, dtype=torch.long), -100, address=torch.zeros(1, dtype=torch.long))
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
 @pytest.mark.parametrize("layout", ["contiguous", "shifted"])

@@ -32,7 +32,7 @@ def test_host_breakdown_times_the_draw_and_unwraps_everything(tmp_path):
     )
     text = (tmp_path / "host_breakdown.md").read_text()
     for row in (
-        "| pipeline._draw_at_ratio |",
+        "| pipeline._at_ratio |",
         "| GatedHeadCrossEntropy.backward |",
         "| torch.empty(8192) |",
         "## head/enable 25%",
