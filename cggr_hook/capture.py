@@ -18,8 +18,10 @@ once and from there on replays it:
   random numbers are drawn from the call's generator in the same order, so a replay draws what the
   eager call draws.
 - ``compute`` returns a dict of tensors. In the graph they are copied into one buffer, which each
-  replay copies once: the results a caller keeps (a loss logged later, a forward whose backward
-  comes after the next forward) are its own, never overwritten by the next replay.
+  replay copies once: the results a caller keeps (a forward whose backward comes after the next
+  forward) are its own, never overwritten by the next replay. The results named in ``alone`` get
+  a copy of their own instead (a loss a training loop may keep for its whole run must not hold
+  the call's other results alive).
 
 Only ``MAX_GRAPHS`` keys are kept (least recently used first out). ``clear()`` drops them (a gate's
 ``disable()``). Nothing is captured while the stream is already capturing (a caller's own graph).
@@ -89,6 +91,7 @@ def replayed(
     eager: Callable[[], dict[str, Tensor]],
     fill: Callable[[dict[str, Tensor] | None], dict[str, Tensor]],
     compute: Callable[[dict[str, Tensor]], dict[str, Tensor]],
+    alone: tuple[str, ...] = (),
 ) -> dict[str, Tensor]:
     """``compute(eager())``, or its graph replayed on ``fill``'s inputs (the module's docstring)."""
     with _lock:
@@ -105,7 +108,7 @@ def replayed(
     if graph is not None:
         fill(entry.inputs)
         graph.replay()
-        return _unpack(entry)
+        return _unpack(entry, alone)
     if not capture:
         return compute(eager())
     return _capture(entry, device, fill, compute)
@@ -162,10 +165,16 @@ def _view(flat: Tensor, start: int, nbytes: int, dtype: torch.dtype, shape: torc
     return flat[start : start + nbytes].view(dtype).view(shape)
 
 
-def _unpack(entry: _Entry) -> dict[str, Any]:
-    # one copy of every result: the caller's own, whatever later replays write
-    flat = entry.flat.clone()  # type: ignore[union-attr]
-    return {name: _view(flat, start, n, dtype, shape) for name, start, n, dtype, shape in entry.layout}
+def _unpack(entry: _Entry, alone: tuple[str, ...] = ()) -> dict[str, Any]:
+    # one copy of every result: the caller's own, whatever later replays write; those in ``alone``
+    # copied on their own, so that keeping them keeps nothing else
+    src = entry.flat
+    assert src is not None
+    flat = src.clone()
+    return {
+        name: _view(src, start, n, dtype, shape).clone() if name in alone else _view(flat, start, n, dtype, shape)
+        for name, start, n, dtype, shape in entry.layout
+    }
 
 
 def _side_stream(device: torch.device) -> torch.cuda.Stream:

@@ -82,7 +82,7 @@ def _counting_inputs(state):
 def test_a_key_is_captured_once_it_repeats_and_then_replayed(stand_in):
     state = {"calls": []}
     eager, fill, compute = _counting_inputs(state)
-    results = [capture.replayed(("k",), torch.device("cpu"), eager, fill, compute) for _ in range(5)]
+    results = [capture.replayed(("k",), torch.device("cpu"), eager, fill, compute, alone=("loss",)) for _ in range(5)]
     # two eager calls, the third captured (its inputs the graph's), the last two replays that
     # write their inputs into the graph's
     assert state["calls"] == ["eager", "eager", "fill", "refill", "refill"]
@@ -93,6 +93,10 @@ def test_a_key_is_captured_once_it_repeats_and_then_replayed(stand_in):
         assert torch.equal(r["rows"], torch.arange(4))
     # a result is a copy: the next replay does not write into what an earlier call returned
     assert results[3]["loss"].item() == 30.0 and results[4]["loss"].item() == 40.0
+    # a loss kept is its own storage; the other results share one copy of the graph's buffer
+    for r in results[3:]:
+        assert r["loss"].untyped_storage().nbytes() == 4
+        assert r["rows"].untyped_storage().data_ptr() == r["sums"].untyped_storage().data_ptr()
     assert capture.count() == 1
 
 
@@ -197,6 +201,8 @@ def test_results_kept_across_replays_are_each_calls_own():
         torch.stack(losses).sum().backward()
         runs[name] = (torch.stack([ls.detach() for ls in losses]), x.grad.clone())
     assert torch.equal(runs["graphed"][0], runs["launched"][0])
+    # each kept loss holds its own 4 bytes, not the call's other results
+    assert all(loss.untyped_storage().nbytes() == 4 for loss in losses)
     assert torch.equal(runs["graphed"][1], runs["launched"][1])
     assert len(set(runs["graphed"][0].tolist())) == 5
 
@@ -258,7 +264,7 @@ def test_graphs_are_asked_for_from_the_curriculums_end(monkeypatch, graphs):
     force_backend("triton")
     asked = []
 
-    def spy(key, device, eager, fill, compute):
+    def spy(key, device, eager, fill, compute, alone=()):
         asked.append(crit.step_count)
         return compute(eager())
 
