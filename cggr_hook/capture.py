@@ -23,8 +23,12 @@ once and from there on replays it:
   a copy of their own instead (a loss a training loop may keep for its whole run must not hold
   the call's other results alive).
 
-Only ``MAX_GRAPHS`` keys are kept (least recently used first out). ``clear()`` drops them (a gate's
-``disable()``). Nothing is captured while the stream is already capturing (a caller's own graph).
+Only ``MAX_GRAPHS`` graphs are kept (least recently used first out), and the counts of
+``MAX_KEYS`` keys not captured yet; a key whose capture raised runs eagerly from then on.
+``clear()`` drops them all (``cggr_hook.disable()`` with no gate left). One call at a time
+replays a graph; a call on another stream than the last first waits for the last one's results.
+Nothing is captured or replayed while the stream is already capturing (a caller's own graph) or
+in inference mode.
 """
 
 from __future__ import annotations
@@ -42,21 +46,46 @@ from torch import Tensor
 # shows the key repeats (a key seen once, as where every call's logits sit elsewhere, costs no capture)
 CAPTURE_AFTER = 2
 MAX_GRAPHS = 8  # graphs kept; each holds its intermediates (O(rows) floats) in its own memory pool
+MAX_KEYS = 64  # keys counted before their capture, and keys whose capture failed, each
 _ALIGN = 16  # bytes: every result starts at an offset any dtype can be viewed at
 
 
 @dataclass
 class _Entry:
-    seen: int = 0
-    graph: torch.cuda.CUDAGraph | None = None
-    inputs: dict[str, Tensor] = field(default_factory=dict)
-    flat: Tensor | None = None  # uint8: every result, at ``layout``'s offsets, in the graph's pool
-    layout: list[tuple[str, int, int, torch.dtype, torch.Size]] = field(default_factory=list)
-    failed: bool = False  # capture raised: this key runs eagerly
+    """A captured graph, its inputs and its results' buffer."""
+
+    graph: torch.cuda.CUDAGraph
+    inputs: dict[str, Tensor]
+    flat: Tensor  # uint8: every result, at ``layout``'s offsets, in the graph's pool
+    layout: list[tuple[str, int, int, torch.dtype, torch.Size]]
+    # one call at a time writes the inputs, replays and copies the results (threads); a call on
+    # another stream first waits for the last one's copy (``done``, recorded after it)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    done: torch.cuda.Event | None = None
+    stream: torch.cuda.Stream | None = None
+
+    def ordered(self) -> None:
+        """Before a call writes the inputs: where the last call ran on another stream, wait for its
+        results' copy there."""
+        if self.flat.is_cuda:
+            stream = torch.cuda.current_stream(self.flat.device)
+            if self.stream is not None and self.stream != stream and self.done is not None:
+                stream.wait_event(self.done)
+
+    def finished(self) -> None:
+        """After a call's copy of the results: mark it on the call's stream."""
+        if self.flat.is_cuda:
+            self.stream = torch.cuda.current_stream(self.flat.device)
+            if self.done is None:
+                self.done = torch.cuda.Event()
+            self.done.record(self.stream)
 
 
 _lock = threading.Lock()
-_entries: OrderedDict[tuple, _Entry] = OrderedDict()
+_graphs: OrderedDict[tuple, _Entry] = OrderedDict()  # least recently used first
+_seen: OrderedDict[tuple, int] = OrderedDict()  # calls of each key not captured yet
+_failed: OrderedDict[tuple, None] = OrderedDict()  # keys whose capture raised: eager from then on
+_capturing: set[tuple] = set()  # keys a thread is capturing now
 _streams: dict[int, torch.cuda.Stream] = {}
 
 
@@ -68,21 +97,31 @@ def tensor_key(t: Tensor | None) -> tuple | None:
 
 
 def capturable(t: Tensor) -> bool:
-    """Whether work on ``t``'s device can be captured now: a CUDA tensor, its stream not already
-    capturing (a caller's graph)."""
-    return t.is_cuda and not torch.cuda.is_current_stream_capturing()
+    """Whether work on ``t``'s device can be captured and replayed now: a CUDA tensor, its stream
+    not already capturing (a caller's graph), not in inference mode (whose tensors a later call
+    outside it could not write)."""
+    return t.is_cuda and not torch.is_inference_mode_enabled() and not torch.cuda.is_current_stream_capturing()
 
 
 def clear() -> None:
     """Drop every graph and count (their memory pools go with them)."""
     with _lock:
-        _entries.clear()
+        _graphs.clear()
+        _seen.clear()
+        _failed.clear()
 
 
 def count() -> int:
     """Graphs captured and kept."""
     with _lock:
-        return sum(1 for e in _entries.values() if e.graph is not None)
+        return len(_graphs)
+
+
+def _bounded_put(table: OrderedDict, key: tuple, value, limit: int) -> None:
+    table[key] = value
+    table.move_to_end(key)
+    while len(table) > limit:
+        table.popitem(last=False)
 
 
 def replayed(
@@ -95,27 +134,43 @@ def replayed(
 ) -> dict[str, Tensor]:
     """``compute(eager())``, or its graph replayed on ``fill``'s inputs (the module's docstring)."""
     with _lock:
-        entry = _entries.get(key)
-        if entry is None:
-            entry = _entries[key] = _Entry()
-            while len(_entries) > MAX_GRAPHS:
-                _entries.popitem(last=False)
-        else:
-            _entries.move_to_end(key)
-        entry.seen += 1
-        graph = entry.graph
-        capture = graph is None and not entry.failed and entry.seen > CAPTURE_AFTER
-    if graph is not None:
-        fill(entry.inputs)
-        graph.replay()
-        return _unpack(entry, alone)
+        entry = _graphs.get(key)
+        capture = False
+        if entry is not None:
+            _graphs.move_to_end(key)
+        elif key not in _failed and key not in _capturing:
+            seen = _seen.get(key, 0) + 1
+            capture = seen > CAPTURE_AFTER
+            if capture:
+                _seen.pop(key, None)
+                _capturing.add(key)
+            else:
+                _bounded_put(_seen, key, seen, MAX_KEYS)
+    if entry is not None:
+        return _replay(entry, fill, alone)
     if not capture:
         return compute(eager())
-    return _capture(entry, device, fill, compute)
+    try:
+        return _capture(key, device, fill, compute)
+    finally:
+        with _lock:
+            _capturing.discard(key)
+
+
+def _replay(
+    entry: _Entry, fill: Callable[[dict[str, Tensor] | None], dict[str, Tensor]], alone: tuple[str, ...]
+) -> dict[str, Tensor]:
+    with entry.lock:
+        entry.ordered()
+        fill(entry.inputs)
+        entry.graph.replay()
+        out = _unpack(entry, alone)
+        entry.finished()
+        return out
 
 
 def _capture(
-    entry: _Entry,
+    key: tuple,
     device: torch.device,
     fill: Callable[[dict[str, Tensor] | None], dict[str, Tensor]],
     compute: Callable[[dict[str, Tensor]], dict[str, Tensor]],
@@ -138,12 +193,15 @@ def _capture(
                 graph.capture_end()
     except Exception:
         # what cannot be captured runs as it did, eagerly: this key from now on
-        entry.failed = True
         stream.wait_stream(side)
+        with _lock:
+            _bounded_put(_failed, key, None, MAX_KEYS)
         return result
     stream.wait_stream(side)
+    entry = _Entry(graph, inputs, flat, layout)
+    entry.finished()  # after this call's own work on the graph's inputs
     with _lock:
-        entry.graph, entry.inputs, entry.flat, entry.layout = graph, inputs, flat, layout
+        _bounded_put(_graphs, key, entry, MAX_GRAPHS)
     return result
 
 
@@ -169,7 +227,6 @@ def _unpack(entry: _Entry, alone: tuple[str, ...] = ()) -> dict[str, Any]:
     # one copy of every result: the caller's own, whatever later replays write; those in ``alone``
     # copied on their own, so that keeping them keeps nothing else
     src = entry.flat
-    assert src is not None
     flat = src.clone()
     return {
         name: _view(src, start, n, dtype, shape).clone() if name in alone else _view(flat, start, n, dtype, shape)

@@ -135,10 +135,11 @@ class GateConfig:
         step through the gate's kernels (their memory saving every step: a plain step holds
         Hugging Face's fp32 copy of the logits).
     cuda_graphs: on CUDA, where a call reads nothing on the host between its kernels (importance
-        and top-k at a fixed ratio or its curriculum), replay them as one CUDA graph once the same
-        logits' address, shapes and options have come twice (``capture.py``): the same loss and
-        gradient for a fraction of the host time. The graph keeps the call's per-row intermediates
-        (a few floats a row) until ``disable()``. False: every launch from Python.
+        and top-k at a fixed ratio, from the end of its curriculum on), replay them as one CUDA
+        graph once calls of the same shapes and options have come twice (``capture.py``): the same
+        loss and gradient for less host time. The graph reads each call's logits where they are
+        and keeps a few floats a row of its own until ``cggr_hook.disable()``. False: every launch
+        from Python.
     """
 
     scoring: str = "gradnorm"

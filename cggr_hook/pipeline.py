@@ -515,8 +515,8 @@ def _at_ratio(
         _raise_if_bad(n_bad, V, spec.ignore_index)
     else:
         PendingTargetCheck.add(sums_read, V, spec.ignore_index, _N_SUMS, share=(key, N))
-    begun, step, call = scheduler.begin_call(config, key, math.nan, param_ids)
-    assert begun == ratio, (begun, ratio)
+    # (its ratio is ``ratio``: no dynamic threshold, not auto)
+    _, step, call = scheduler.begin_call(config, key, math.nan, param_ids)
     values: dict = {
         "step": step + 1,
         "selection": config.selection,

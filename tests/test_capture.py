@@ -5,6 +5,8 @@ stand-in graph; the replays themselves on the GPU."""
 
 from __future__ import annotations
 
+import time
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -28,8 +30,8 @@ def _no_graphs_left():
 class _StandInGraph:
     """A graph whose replay runs ``compute`` again into the captured buffer, as a replay writes it."""
 
-    def __init__(self, entry, compute):
-        self.entry, self.compute = entry, compute
+    def __init__(self, compute):
+        self.compute, self.entry = compute, None
         self.replays = 0
 
     def replay(self):
@@ -42,16 +44,18 @@ class _StandInGraph:
 @pytest.fixture
 def stand_in(monkeypatch):
     """capture._capture on a CPU: this call eagerly on the graph's inputs, then the results'
-    layout packed and a stand-in graph handed to the entry."""
+    layout packed and an entry with a stand-in graph kept, as a capture keeps it."""
     made = []
 
-    def fake_capture(entry, device, fill, compute):
+    def fake_capture(key, device, fill, compute):
         inputs = fill(None)
         result = compute(inputs)
-        entry.flat, entry.layout = capture._pack(compute(inputs), device)
-        entry.inputs = inputs
-        entry.graph = _StandInGraph(entry, compute)
-        made.append(entry.graph)
+        graph = _StandInGraph(compute)
+        flat, layout = capture._pack(compute(inputs), device)
+        graph.entry = capture._Entry(graph, inputs, flat, layout)  # pyright: ignore[reportArgumentType]
+        with capture._lock:
+            capture._bounded_put(capture._graphs, key, graph.entry, capture.MAX_GRAPHS)
+        made.append(graph)
         return result
 
     monkeypatch.setattr(capture, "_capture", fake_capture)
@@ -114,9 +118,10 @@ def test_at_most_max_graphs_keys_are_kept(stand_in):
 def test_a_key_whose_capture_fails_runs_eagerly(monkeypatch):
     calls = []
 
-    def failing(entry, device, fill, compute):
-        entry.failed = True
+    def failing(key, device, fill, compute):
         calls.append("capture")
+        with capture._lock:
+            capture._bounded_put(capture._failed, key, None, capture.MAX_KEYS)
         return compute(fill(None))
 
     monkeypatch.setattr(capture, "_capture", failing)
@@ -126,6 +131,62 @@ def test_a_key_whose_capture_fails_runs_eagerly(monkeypatch):
         capture.replayed(("k",), torch.device("cpu"), eager, fill, compute)
     assert calls == ["capture"] and capture.count() == 0
     assert state["calls"] == ["eager", "eager", "fill", "eager", "eager", "eager"]
+
+
+def test_keys_seen_once_do_not_evict_graphs(stand_in):
+    """Only captured keys count against MAX_GRAPHS: many one-off keys (every call's shape new)
+    leave a repeating key's graph in place."""
+    state = {"calls": []}
+    eager, fill, compute = _counting_inputs(state)
+    for _ in range(capture.CAPTURE_AFTER + 1):
+        capture.replayed(("main",), torch.device("cpu"), eager, fill, compute)
+    for k in range(3 * capture.MAX_KEYS):
+        capture.replayed(("once", k), torch.device("cpu"), eager, fill, compute)
+    assert len(capture._seen) == capture.MAX_KEYS
+    capture.replayed(("main",), torch.device("cpu"), eager, fill, compute)
+    assert capture.count() == 1 and stand_in[0].replays == 1
+
+
+def test_concurrent_calls_of_one_key_each_get_their_own_result(stand_in):
+    """Two threads replaying one graph: one at a time writes the inputs, replays and copies, so
+    each gets the result of its own inputs."""
+    import threading
+
+    x = torch.arange(5, dtype=torch.float32)
+
+    def compute(inputs):
+        return {"loss": (x * inputs["r"][0]).sum()}
+
+    def make(v):
+        def eager():
+            return {"r": torch.full((3,), v)}
+
+        def fill(into):
+            if into is None:
+                return {"r": torch.full((3,), v)}
+            into["r"].fill_(v)
+            time.sleep(0.002)  # widen the window between writing the inputs and replaying
+            return into
+
+        return eager, fill
+
+    for _ in range(capture.CAPTURE_AFTER + 1):
+        capture.replayed(("k",), torch.device("cpu"), *make(0.0), compute)
+    wrong = []
+
+    def worker(v):
+        eager, fill = make(v)
+        for _ in range(30):
+            got = capture.replayed(("k",), torch.device("cpu"), eager, fill, compute)["loss"].item()
+            if got != 10.0 * v:
+                wrong.append((v, got))
+
+    threads = [threading.Thread(target=worker, args=(float(v),)) for v in (1, 2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not wrong
 
 
 def test_cuda_graphs_is_a_validated_option():
@@ -233,7 +294,7 @@ def test_a_gated_model_trains_the_same_with_graphs(selection):
         params[graphs] = [p.detach().clone() for p in model.parameters()]
     for a, b in zip(params[True], params[False], strict=True):
         assert torch.equal(a, b)
-    assert captured >= 1, "the head's logits did not come back at one address: nothing was replayed"
+    assert captured >= 1, "nothing was captured: the head's calls did not repeat one key"
 
 
 @gpu
@@ -286,3 +347,26 @@ def test_graphs_are_asked_for_from_the_curriculums_end(monkeypatch, graphs):
         crit(x, t).backward()
         crit.step()
     assert asked == ([2, 3] if graphs else [])
+
+
+@gpu
+def test_calls_in_inference_mode_leave_later_training_calls_working():
+    """A validation loop under ``torch.inference_mode()`` neither captures nor replays (its
+    tensors could not be written by a later call outside it); training calls after it capture and
+    replay as usual, with the loss of the launches."""
+    V = 301
+    x = torch.randn(96, V, device="cuda")
+    t = torch.randint(0, V, (96,), device="cuda")
+    graphed, launched = _pair(dict(scoring="gradnorm", selection="importance"), V)
+    for _ in range(capture.CAPTURE_AFTER + 2):
+        with torch.inference_mode():
+            graphed(x, t)
+    assert capture.count() == 0
+    for _ in range(capture.CAPTURE_AFTER + 2):
+        for crit in (graphed, launched):
+            xi = x.clone().requires_grad_()
+            loss = crit(xi, t)
+            loss.backward()
+            crit.step()
+        assert torch.isfinite(loss)
+    assert capture.count() == 1
