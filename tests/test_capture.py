@@ -14,7 +14,7 @@ import torch.nn.functional as F
 import cggr_hook
 from cggr_hook import CGGRLoss, capture
 
-from common import TinyLM
+from common import DEVICE, TinyLM
 
 FIXED = dict(warmup_steps=0, dynamic_threshold=False, plain_when_faster=False)
 gpu = pytest.mark.gpu
@@ -319,7 +319,7 @@ def test_graphs_are_asked_for_from_the_curriculums_end(monkeypatch, graphs):
     """Which calls go to ``capture.replayed``: at a fixed ratio with ``cuda_graphs``, from the
     step the curriculum ends (each warm-up step has its own ratio, so its own graph); never
     without ``cuda_graphs``. The rest of a call is the same either way (here on the CPU, with the
-    Triton interpreter standing in for the device)."""
+    Triton interpreter standing in for the device without one)."""
     from cggr_hook.kernels import force_backend
 
     force_backend("triton")
@@ -341,8 +341,8 @@ def test_graphs_are_asked_for_from_the_curriculums_end(monkeypatch, graphs):
         cuda_graphs=graphs,
     )
     g = torch.Generator().manual_seed(0)
-    x = torch.randn(24, 13, generator=g).requires_grad_()
-    t = torch.randint(0, 13, (24,), generator=g)
+    x = torch.randn(24, 13, generator=g).to(DEVICE).requires_grad_()
+    t = torch.randint(0, 13, (24,), generator=g).to(DEVICE)
     for _ in range(4):
         crit(x, t).backward()
         crit.step()
