@@ -23,8 +23,9 @@ once and from there on replays it:
   a copy of their own instead (a loss a training loop may keep for its whole run must not hold
   the call's other results alive).
 
-Only ``MAX_GRAPHS`` graphs are kept (least recently used first out), and the counts of
-``MAX_KEYS`` keys not captured yet; a key whose capture raised runs eagerly from then on.
+Only ``MAX_GRAPHS`` graphs are kept (least recently used first out; a key evicted counts again
+from zero), and the counts of ``MAX_KEYS`` keys not captured yet; a key whose capture raised runs
+eagerly from then on, as does every new key after ``MAX_CAPTURES`` captures.
 ``clear()`` drops them all (``cggr_hook.disable()`` with no gate left). One call at a time
 replays a graph; a call on another stream than the last first waits for the last one's results.
 Nothing is captured or replayed while the stream is already capturing (a caller's own graph) or
@@ -47,6 +48,9 @@ from torch import Tensor
 CAPTURE_AFTER = 2
 MAX_GRAPHS = 8  # graphs kept; each holds its intermediates (O(rows) floats) in its own memory pool
 MAX_KEYS = 64  # keys counted before their capture, and keys whose capture failed, each
+# captures between two clear()s: past them new keys run eagerly (more keys in turn than MAX_GRAPHS
+# would otherwise capture again and again, each capture costing two calls' work)
+MAX_CAPTURES = 64
 _ALIGN = 16  # bytes: every result starts at an offset any dtype can be viewed at
 
 
@@ -63,6 +67,7 @@ class _Entry:
     lock: threading.Lock = field(default_factory=threading.Lock)
     done: torch.cuda.Event | None = None
     stream: torch.cuda.Stream | None = None
+    home: torch.cuda.Stream | None = None  # the stream the inputs were allocated on
 
     def ordered(self) -> None:
         """Before a call writes the inputs: where the last call ran on another stream, wait for its
@@ -73,9 +78,17 @@ class _Entry:
                 stream.wait_event(self.done)
 
     def finished(self) -> None:
-        """After a call's copy of the results: mark it on the call's stream."""
+        """After a call's copy of the results: mark it on the call's stream. On a stream other
+        than the one the buffers were allocated on, the allocator is told they are in use there,
+        so that dropping the graph (``clear()``, eviction) cannot hand them out while that
+        stream's replay is still queued."""
         if self.flat.is_cuda:
             self.stream = torch.cuda.current_stream(self.flat.device)
+            if self.home is None:
+                self.home = self.stream
+            elif self.stream != self.home:
+                for t in (self.flat, *self.inputs.values()):
+                    t.record_stream(self.stream)
             if self.done is None:
                 self.done = torch.cuda.Event()
             self.done.record(self.stream)
@@ -86,6 +99,11 @@ _graphs: OrderedDict[tuple, _Entry] = OrderedDict()  # least recently used first
 _seen: OrderedDict[tuple, int] = OrderedDict()  # calls of each key not captured yet
 _failed: OrderedDict[tuple, None] = OrderedDict()  # keys whose capture raised: eager from then on
 _capturing: set[tuple] = set()  # keys a thread is capturing now
+_captures = 0  # since the last clear()
+_generation = 0  # clear()s so far: a capture that began before one keeps nothing
+# one capture at a time: they share each device's side stream, and a capture on a stream another
+# thread's capture is using would spoil both
+_capture_lock = threading.Lock()
 _streams: dict[int, torch.cuda.Stream] = {}
 
 
@@ -105,10 +123,13 @@ def capturable(t: Tensor) -> bool:
 
 def clear() -> None:
     """Drop every graph and count (their memory pools go with them)."""
+    global _captures, _generation
     with _lock:
         _graphs.clear()
         _seen.clear()
         _failed.clear()
+        _captures = 0
+        _generation += 1
 
 
 def count() -> int:
@@ -138,7 +159,7 @@ def replayed(
         capture = False
         if entry is not None:
             _graphs.move_to_end(key)
-        elif key not in _failed and key not in _capturing:
+        elif key not in _failed and key not in _capturing and _captures < MAX_CAPTURES:
             seen = _seen.get(key, 0) + 1
             capture = seen > CAPTURE_AFTER
             if capture:
@@ -146,12 +167,13 @@ def replayed(
                 _capturing.add(key)
             else:
                 _bounded_put(_seen, key, seen, MAX_KEYS)
+        generation = _generation
     if entry is not None:
         return _replay(entry, fill, alone)
     if not capture:
         return compute(eager())
     try:
-        return _capture(key, device, fill, compute)
+        return _capture(key, device, fill, compute, generation)
     finally:
         with _lock:
             _capturing.discard(key)
@@ -174,6 +196,7 @@ def _capture(
     device: torch.device,
     fill: Callable[[dict[str, Tensor] | None], dict[str, Tensor]],
     compute: Callable[[dict[str, Tensor]], dict[str, Tensor]],
+    generation: int,
 ) -> dict[str, Tensor]:
     inputs = fill(None)  # this call's inputs, in the buffers the graph will read
     # this call's results, computed as the graph will (its kernels compiled and warm outside the
@@ -182,9 +205,9 @@ def _capture(
     graph = torch.cuda.CUDAGraph()
     stream = torch.cuda.current_stream(device)
     side = _side_stream(device)
-    side.wait_stream(stream)
     try:
-        with torch.cuda.stream(side), torch.no_grad():
+        with _capture_lock, torch.cuda.stream(side), torch.no_grad():
+            side.wait_stream(stream)
             # thread-local: work other threads queue meanwhile is not part of the capture
             graph.capture_begin(capture_error_mode="thread_local")
             try:
@@ -200,9 +223,17 @@ def _capture(
     stream.wait_stream(side)
     entry = _Entry(graph, inputs, flat, layout)
     entry.finished()  # after this call's own work on the graph's inputs
-    with _lock:
-        _bounded_put(_graphs, key, entry, MAX_GRAPHS)
+    _keep(key, entry, generation)
     return result
+
+
+def _keep(key: tuple, entry: _Entry, generation: int) -> None:
+    """Keep a captured graph, unless ``clear()`` ran since its call began (``generation``)."""
+    global _captures
+    with _lock:
+        if generation == _generation:
+            _bounded_put(_graphs, key, entry, MAX_GRAPHS)
+            _captures += 1
 
 
 def _pack(out: dict[str, Tensor], device: torch.device) -> tuple[Tensor, list]:

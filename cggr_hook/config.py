@@ -136,7 +136,7 @@ class GateConfig:
         Hugging Face's fp32 copy of the logits).
     cuda_graphs: on CUDA, where a call reads nothing on the host between its kernels (importance
         and top-k at a fixed ratio, from the end of its curriculum on), replay them as one CUDA
-        graph once calls of the same shapes and options have come twice (``capture.py``): the same
+        graph from the fourth call of the same shapes and options (``capture.py``): the same
         loss and gradient for less host time. The graph reads each call's logits where they are
         and keeps a few floats a row of its own until ``cggr_hook.disable()``. False: every launch
         from Python.

@@ -41,22 +41,31 @@ class _StandInGraph:
             capture._view(self.entry.flat, start, n, dtype, shape).copy_(t)
 
 
+class _Made(list):
+    """The stand-in graphs made so far; ``.capture`` the stand-in itself."""
+
+    capture: object = None
+
+
 @pytest.fixture
 def stand_in(monkeypatch):
     """capture._capture on a CPU: this call eagerly on the graph's inputs, then the results'
     layout packed and an entry with a stand-in graph kept, as a capture keeps it."""
-    made = []
+    made = _Made()
 
-    def fake_capture(key, device, fill, compute):
+    def fake_capture(key, device, fill, compute, generation):
         inputs = fill(None)
         result = compute(inputs)
         graph = _StandInGraph(compute)
         flat, layout = capture._pack(compute(inputs), device)
         graph.entry = capture._Entry(graph, inputs, flat, layout)  # pyright: ignore[reportArgumentType]
-        with capture._lock:
-            capture._bounded_put(capture._graphs, key, graph.entry, capture.MAX_GRAPHS)
+        if hasattr(fake_capture, "during"):
+            fake_capture.during()  # what another thread does meanwhile
+        capture._keep(key, graph.entry, generation)
         made.append(graph)
         return result
+
+    made.capture = fake_capture
 
     monkeypatch.setattr(capture, "_capture", fake_capture)
     return made
@@ -118,7 +127,7 @@ def test_at_most_max_graphs_keys_are_kept(stand_in):
 def test_a_key_whose_capture_fails_runs_eagerly(monkeypatch):
     calls = []
 
-    def failing(key, device, fill, compute):
+    def failing(key, device, fill, compute, generation):
         calls.append("capture")
         with capture._lock:
             capture._bounded_put(capture._failed, key, None, capture.MAX_KEYS)
@@ -145,6 +154,54 @@ def test_keys_seen_once_do_not_evict_graphs(stand_in):
     assert len(capture._seen) == capture.MAX_KEYS
     capture.replayed(("main",), torch.device("cpu"), eager, fill, compute)
     assert capture.count() == 1 and stand_in[0].replays == 1
+
+
+def test_two_threads_never_capture_one_key_at_once(stand_in):
+    import threading
+
+    state = {"calls": []}
+    eager, fill, compute = _counting_inputs(state)
+    for _ in range(capture.CAPTURE_AFTER):
+        capture.replayed(("k",), torch.device("cpu"), eager, fill, compute)
+    inside, release = threading.Event(), threading.Event()
+
+    def during():
+        inside.set()
+        release.wait(10)
+
+    stand_in.capture.during = during
+    first = threading.Thread(target=capture.replayed, args=(("k",), torch.device("cpu"), eager, fill, compute))
+    first.start()
+    assert inside.wait(10)
+    del stand_in.capture.during
+    for _ in range(capture.CAPTURE_AFTER + 1):  # meanwhile: eager, no second capture
+        capture.replayed(("k",), torch.device("cpu"), eager, fill, compute)
+    release.set()
+    first.join()
+    assert len(stand_in) == 1 and capture.count() == 1
+
+
+def test_a_capture_that_a_clear_overtakes_is_not_kept(stand_in):
+    state = {"calls": []}
+    eager, fill, compute = _counting_inputs(state)
+    stand_in.capture.during = capture.clear  # disable() in another thread during the capture
+    for _ in range(capture.CAPTURE_AFTER + 1):
+        capture.replayed(("k",), torch.device("cpu"), eager, fill, compute)
+    assert len(stand_in) == 1 and capture.count() == 0
+
+
+def test_new_keys_run_eagerly_after_max_captures(stand_in, monkeypatch):
+    monkeypatch.setattr(capture, "MAX_CAPTURES", 3)
+    state = {"calls": []}
+    eager, fill, compute = _counting_inputs(state)
+    for k in range(5):
+        for _ in range(capture.CAPTURE_AFTER + 2):
+            capture.replayed((k,), torch.device("cpu"), eager, fill, compute)
+    assert len(stand_in) == 3 and capture.count() == 3
+    capture.clear()  # a fresh start captures again
+    for _ in range(capture.CAPTURE_AFTER + 1):
+        capture.replayed(("after",), torch.device("cpu"), eager, fill, compute)
+    assert capture.count() == 1
 
 
 def test_concurrent_calls_of_one_key_each_get_their_own_result(stand_in):
@@ -258,12 +315,14 @@ def test_results_kept_across_replays_are_each_calls_own():
     for name, crit in (("graphed", graphed), ("launched", launched)):
         x.grad = None
         losses = [crit(x, t) for _ in range(5)]
+        if name == "graphed":
+            # each kept loss holds its own 4 bytes, not the call's other results (calls 4 and 5
+            # are replays)
+            assert all(loss.untyped_storage().nbytes() == 4 for loss in losses)
         # every loss so far, backward once: their plans were not overwritten by later replays
         torch.stack(losses).sum().backward()
         runs[name] = (torch.stack([ls.detach() for ls in losses]), x.grad.clone())
     assert torch.equal(runs["graphed"][0], runs["launched"][0])
-    # each kept loss holds its own 4 bytes, not the call's other results
-    assert all(loss.untyped_storage().nbytes() == 4 for loss in losses)
     assert torch.equal(runs["graphed"][1], runs["launched"][1])
     assert len(set(runs["graphed"][0].tolist())) == 5
 
