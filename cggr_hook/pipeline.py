@@ -448,14 +448,13 @@ def _at_ratio(
     def fill(into: dict[str, Tensor] | None) -> dict[str, Tensor]:
         # a graph's inputs: the logits by their address (the logits themselves are never kept), a
         # copy of the targets, the draws
-        if into is None:
+        if into is None:  # new buffers, the draws among them
             into = {"address": torch.empty(1, dtype=torch.int64, device=dev), "targets": torch.empty_like(flat_t)}
-            first = True
+            into.update(draws(None))
         else:
-            first = False
+            draws(into)
         into["address"].fill_(logits.data_ptr())
         into["targets"].copy_(flat_t)
-        into.update(draws(None if first else into))
         return into
 
     def compute(inputs: dict[str, Tensor]) -> dict[str, Tensor]:

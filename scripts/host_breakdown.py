@@ -232,12 +232,7 @@ def primitives(dev, reps: int) -> list[tuple[str, float]]:
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--vocab", type=int, default=32000)
-    p.add_argument("--tokens", type=int, default=8192)
-    p.add_argument("--hidden", type=int, default=1024)
-    p.add_argument("--reps", type=int, default=50)
-    p.add_argument("--warmup", type=int, default=5)
-    p.add_argument("--device", default=None)
+    host_time.add_call_arguments(p)  # the same calls as host_time.py's
     p.add_argument("--out", default=None, help="a folder: host_breakdown.md inside")
     args = p.parse_args(argv)
     dev = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))

@@ -161,14 +161,19 @@ def measure(args) -> dict:
     return {"device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else "cpu", "cases": out}
 
 
-def main(argv=None) -> int:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def add_call_arguments(p: argparse.ArgumentParser) -> None:
+    """The flags that shape the measured calls (``_cases``) and their repetitions."""
     p.add_argument("--vocab", type=int, default=32000)
     p.add_argument("--tokens", type=int, default=8192)
     p.add_argument("--hidden", type=int, default=1024)
     p.add_argument("--reps", type=int, default=50)
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--device", default=None)
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_call_arguments(p)
     p.add_argument(
         "--profile",
         action="store_true",
