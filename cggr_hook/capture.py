@@ -6,17 +6,21 @@ fixed sequence of launches for given shapes and options. Their Python and launch
 gated call's host time (``kernels/NOTES.md``, "Host time of a call"); replaying them as one CUDA
 graph costs one launch.
 
-``replayed(key, device, eager, fill, compute)`` runs ``compute(eager())`` the first
-``CAPTURE_AFTER`` times it sees ``key`` (the first compiles Triton's kernels), then captures it
-once and from there on replays it:
+``replayed(key, device, eager, fill, compute, seed=seed)`` runs ``compute(eager(), generator)``
+the first ``CAPTURE_AFTER`` times it sees ``key`` (the first compiles Triton's kernels), then
+captures it once and from there on replays it:
 
 - ``key`` names everything the launches depend on that is not an input: shapes, strides, dtypes,
   alignments, options, and the address of anything read in place (class weights).
 - ``eager()`` returns the call's inputs (a dict of tensors) as they are; ``fill(None)`` returns
   new buffers holding them and ``fill(bufs)`` writes them into ``bufs``: the graph's inputs. The
-  logits, too large to copy, are an input by their address (``kernels.row_stats``' ``address``);
-  random numbers are drawn from the call's generator in the same order, so a replay draws what the
-  eager call draws.
+  logits, too large to copy, are an input by their address (``kernels.row_stats``' ``address``).
+- ``seed`` (None: the call draws nothing): ``compute`` draws its random numbers from the generator
+  it is given, a new one seeded with ``seed`` on an eager call. A graph draws inside the replay
+  from a generator of its own, registered with it (``CUDAGraph.register_generator_state``) and
+  seeded with the call's ``seed`` before each replay: the replay's draws start where a new
+  generator's do, as the eager call's, at the cost of no launch from Python. Where torch cannot
+  register a generator with a graph (``GRAPH_SAFE_RNG``), a caller that draws runs eagerly.
 - ``compute`` returns a dict of tensors. In the graph they are copied into one buffer, which each
   replay copies once: the results a caller keeps (a forward whose backward comes after the next
   forward) are its own, never overwritten by the next replay. The results named in ``alone`` get
@@ -38,7 +42,7 @@ import threading
 from collections import OrderedDict
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import Tensor
@@ -52,6 +56,8 @@ MAX_KEYS = 64  # keys counted before their capture, and keys whose capture faile
 # would otherwise capture again and again, each capture costing two calls' work)
 MAX_CAPTURES = 64
 _ALIGN = 16  # bytes: every result starts at an offset any dtype can be viewed at
+# whether a graph can draw from a generator of its own (registered with it; torch's graph-safe RNG)
+GRAPH_SAFE_RNG = hasattr(torch.cuda.CUDAGraph, "register_generator_state")
 
 
 @dataclass
@@ -68,6 +74,7 @@ class _Entry:
     done: torch.cuda.Event | None = None
     stream: torch.cuda.Stream | None = None
     home: torch.cuda.Stream | None = None  # the stream the inputs were allocated on
+    generator: torch.Generator | None = None  # the graph's draws' own, seeded before each replay
 
     def ordered(self) -> None:
         """Before a call writes the inputs: where the last call ran on another stream, wait for its
@@ -114,6 +121,13 @@ def tensor_key(t: Tensor | None) -> tuple | None:
     return (t.data_ptr(), tuple(t.shape), t.stride(), t.dtype, t.device)
 
 
+def seeded(device: torch.device, seed: int) -> torch.Generator:
+    """A new generator on ``device`` seeded with ``seed``."""
+    g = torch.Generator(device=device)
+    g.manual_seed(seed)
+    return g
+
+
 def capturable(t: Tensor) -> bool:
     """Whether work on ``t``'s device can be captured and replayed now: a CUDA tensor, its stream
     not already capturing (a caller's graph), not in inference mode (whose tensors a later call
@@ -150,10 +164,12 @@ def replayed(
     device: torch.device,
     eager: Callable[[], dict[str, Tensor]],
     fill: Callable[[dict[str, Tensor] | None], dict[str, Tensor]],
-    compute: Callable[[dict[str, Tensor]], dict[str, Tensor]],
+    compute: Callable[[dict[str, Tensor], torch.Generator | None], dict[str, Tensor]],
     alone: tuple[str, ...] = (),
+    seed: int | None = None,
 ) -> dict[str, Tensor]:
-    """``compute(eager())``, or its graph replayed on ``fill``'s inputs (the module's docstring)."""
+    """``compute(eager(), generator)``, or its graph replayed on ``fill``'s inputs (the module's
+    docstring)."""
     with _lock:
         entry = _graphs.get(key)
         capture = False
@@ -169,22 +185,28 @@ def replayed(
                 _bounded_put(_seen, key, seen, MAX_KEYS)
         generation = _generation
     if entry is not None:
-        return _replay(entry, fill, alone)
+        return _replay(entry, fill, alone, seed)
     if not capture:
-        return compute(eager())
+        return compute(eager(), None if seed is None else seeded(device, seed))
     try:
-        return _capture(key, device, fill, compute, generation)
+        return _capture(key, device, fill, compute, generation, seed)
     finally:
         with _lock:
             _capturing.discard(key)
 
 
 def _replay(
-    entry: _Entry, fill: Callable[[dict[str, Tensor] | None], dict[str, Tensor]], alone: tuple[str, ...]
+    entry: _Entry,
+    fill: Callable[[dict[str, Tensor] | None], dict[str, Tensor]],
+    alone: tuple[str, ...],
+    seed: int | None,
 ) -> dict[str, Tensor]:
     with entry.lock:
         entry.ordered()
         fill(entry.inputs)
+        if entry.generator is not None:
+            # the replay's draws from offset 0 of this seed (its prologue reads the two on the host)
+            entry.generator.manual_seed(cast(int, seed))
         entry.graph.replay()
         out = _unpack(entry, alone)
         entry.finished()
@@ -195,23 +217,27 @@ def _capture(
     key: tuple,
     device: torch.device,
     fill: Callable[[dict[str, Tensor] | None], dict[str, Tensor]],
-    compute: Callable[[dict[str, Tensor]], dict[str, Tensor]],
+    compute: Callable[[dict[str, Tensor], torch.Generator | None], dict[str, Tensor]],
     generation: int,
+    seed: int | None,
 ) -> dict[str, Tensor]:
     inputs = fill(None)  # this call's inputs, in the buffers the graph will read
     # this call's results, computed as the graph will (its kernels compiled and warm outside the
-    # capture)
-    result = compute(inputs)
+    # capture), its draws from the generator the graph will draw from
+    generator = None if seed is None else seeded(device, seed)
+    result = compute(inputs, generator)
     graph = torch.cuda.CUDAGraph()
     stream = torch.cuda.current_stream(device)
     side = _side_stream(device)
     try:
+        if generator is not None:
+            graph.register_generator_state(generator)
         with _capture_lock, torch.cuda.stream(side), torch.no_grad():
             side.wait_stream(stream)
             # thread-local: work other threads queue meanwhile is not part of the capture
             graph.capture_begin(capture_error_mode="thread_local")
             try:
-                flat, layout = _pack(compute(inputs), device)
+                flat, layout = _pack(compute(inputs, generator), device)
             finally:
                 graph.capture_end()
     except Exception:
@@ -221,7 +247,7 @@ def _capture(
             _bounded_put(_failed, key, None, MAX_KEYS)
         return result
     stream.wait_stream(side)
-    entry = _Entry(graph, inputs, flat, layout)
+    entry = _Entry(graph, inputs, flat, layout, generator=generator)
     entry.finished()  # after this call's own work on the graph's inputs
     _keep(key, entry, generation)
     return result

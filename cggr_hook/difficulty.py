@@ -27,15 +27,10 @@ from . import kernels
 from .kernels import RowStats, reference, spec
 
 
-def noise_for(
-    scoring: str, n: int, device: torch.device, generator: torch.Generator | None, out: Tensor | None = None
-) -> Tensor | None:
-    """The uniform draws of ``random`` scoring (None for every other mode), into ``out`` if given
-    (fp32 (n,): a replayed graph's input)."""
+def noise_for(scoring: str, n: int, device: torch.device, generator: torch.Generator | None) -> Tensor | None:
+    """The uniform draws of ``random`` scoring (fp32 (n,); None for every other mode)."""
     if not spec.scoring(scoring).random:
         return None
-    if out is not None:
-        return torch.rand(n, generator=generator, out=out)
     return torch.rand(n, generator=generator, device=device, dtype=torch.float32)
 
 

@@ -192,12 +192,14 @@ def check_targets(targets: Tensor, vocab: int, ignore_index: int) -> int:
     return n_valid
 
 
+def call_seed(seed: int, step: int, call: int) -> int:
+    """The seed of a call's draws: a function of (seed, step, call) alone (the hash of a tuple of
+    ints is not salted), so that a resumed run draws what the uninterrupted one drew."""
+    return hash((seed, step, call)) & ((1 << 63) - 1)
+
+
 def _generator(device: torch.device, seed: int, step: int, call: int) -> torch.Generator:
-    g = torch.Generator(device=device)
-    # a function of (seed, step, call) alone (the hash of a tuple of ints is not salted): a
-    # resumed run draws what the uninterrupted one drew
-    g.manual_seed(hash((seed, step, call)) & ((1 << 63) - 1))
-    return g
+    return capture.seeded(device, call_seed(seed, step, call))
 
 
 def _horvitz_thompson_norm(targets: Tensor, n_valid: int | None, vocab: int, spec: LossSpec) -> int | Tensor | None:
@@ -268,13 +270,13 @@ def gated_forward(
     # where this call keeps every valid row whatever the counts say, the selection needs no
     # difficulty order
     every_row = not strategy.per_sequence and scheduler.keeps_every_row(config, key)
-    # importance or top-k at a ratio the host knows reads nothing: its kernels count n from the
-    # scoring pass's partial sums, which also carry the bad targets, so it needs no counts of its own
+    # importance, top-k or stratified at a ratio the host knows reads nothing: its kernels count n
+    # from the scoring pass's partial sums, which also carry the bad targets, so it needs no counts of its own
     device_k = at_ratio(config, strategy, auto, counts_first, every_row) and N > 0 and device_k_pays(key, need_rows)
     PendingTargetCheck.poll()  # an earlier call's bad targets, where the copy of its counts is in
     if device_k:
-        # importance or top-k at a ratio the host knows: n and k are counted on the device, nothing
-        # is read, and the kernels may run as one replayed CUDA graph
+        # importance, top-k or stratified at a ratio the host knows: n and k are counted on the
+        # device, nothing is read, and the kernels may run as one replayed CUDA graph
         return _at_ratio(logits, targets, config, scheduler, key, spec, param_ids, need_rows)
     counts_t = kernels.target_counts(targets, V, ignore_index) if counts_first and not device_k else None
     counts = HostRead(counts_t.reshape(-1)) if counts_t is not None else None
@@ -387,10 +389,15 @@ def gated_forward(
 def at_ratio(
     config: GateConfig, strategy: selection.Selection, auto: bool, counts_first: bool, every_row: bool
 ) -> bool:
-    """Whether a call selects by importance or top-k at a ratio the host knows before the scoring
-    pass (a fixed ratio or its curriculum: no dynamic threshold, not auto), so that n and k can be
-    counted on the device (``_at_ratio``) and the call reads nothing on the host."""
-    selects_at_k = strategy.weighted or config.selection == "topk"
+    """Whether a call selects by importance, top-k or stratified (up to ``spec.MAX_STRATA``
+    buckets) at a ratio the host knows before the scoring pass (a fixed ratio or its curriculum: no
+    dynamic threshold, not auto), so that n and k can be counted on the device (``_at_ratio``) and
+    the call reads nothing on the host."""
+    selects_at_k = (
+        strategy.weighted
+        or config.selection == "topk"
+        or (config.selection == "stratified" and config.num_strata <= kernels.spec.MAX_STRATA)
+    )
     return selects_at_k and counts_first and not auto and not every_row
 
 
@@ -404,7 +411,7 @@ def _at_ratio(
     param_ids: frozenset[int],
     need_rows: bool,
 ) -> GatedForward:
-    """``gated_forward`` for importance or top-k at a ratio the host knows (``at_ratio``): nothing
+    """``gated_forward`` for importance, top-k or stratified at a ratio the host knows (``at_ratio``): nothing
     is read on the host, so the kernels (``_at_ratio_kernels``) are a fixed sequence of launches,
     replayed as one CUDA graph where ``config.cuda_graphs`` allows (``capture.replayed``).
 
@@ -413,6 +420,8 @@ def _at_ratio(
     knows; the rows past the k drawn carry no weight) and the loss takes the mean's n from the
     draw; top-k's loss kernel selects the rows of rank below k (the 'sum' factor n / k there too)
     and a head gradient runs over the difficulty order's first K rows, those past k scaled by 0.
+    Stratified computes its buckets' quotas on the device (``kernels.strata_at_ratio``) and puts
+    its drawn rows first in a permutation of the rows that then stands in for top-k's order.
     The figures (n, k, the averages) stay on the device until ``metrics()`` asks. The partial
     sums' copy to the host is the target check's too: a bad target raises here where that copy is
     already done (on a CPU, always), else at a later call (``PendingTargetCheck``); this call's
@@ -422,44 +431,36 @@ def _at_ratio(
     dev = logits.device
     scoring = SCORINGS[config.scoring]
     weighted = selection.SELECTIONS[config.selection].weighted
+    stratified = config.selection == "stratified"
     # no dynamic threshold and not auto: the ratio is the curriculum's, known before any work
     # (begin_call below returns it)
     ratio = curriculum_ratio(scheduler.step_count, config)
     capacity = tokens_to_keep(ratio, N)
     dense = need_rows and dense_rows(logits, N, capacity)
     step, call = scheduler.step_count, scheduler.calls_in_step
-    gen = _generator(dev, config.seed, step, call) if scoring.random or weighted else None
-
-    def draws(into: dict[str, Tensor] | None) -> dict[str, Tensor]:
-        # the call's random numbers in the order the kernels take them: random scoring's noise,
-        # then the draw's u and keys (into ``into``'s buffers where given)
-        drawn: dict[str, Tensor] = {}
-        if scoring.random:
-            noise = difficulty.noise_for(config.scoring, N, dev, gen, out=into["noise"] if into else None)
-            drawn["noise"] = cast(Tensor, noise)
-        if weighted:
-            keys, u = selection.random_keys(N, dev, gen, out=(into["keys"], into["u"]) if into else None)
-            drawn["keys"], drawn["u"] = keys, u
-        return drawn
+    # the call's random numbers come from a generator seeded by (seed, step, call); drawn inside the
+    # graph, so that a replay draws them with no launch of its own
+    seed = call_seed(config.seed, step, call) if scoring.random or weighted or stratified else None
 
     def eager() -> dict[str, Tensor]:
-        return {"targets": targets, **draws(None)}
+        return {"targets": targets}
 
     def fill(into: dict[str, Tensor] | None) -> dict[str, Tensor]:
-        # a graph's inputs: the logits by their address (the logits themselves are never kept), a
-        # copy of the targets, the draws
-        if into is None:  # new buffers, the draws among them
+        # a graph's inputs: the logits by their address (the logits themselves are never kept) and a
+        # copy of the targets
+        if into is None:
             into = {"address": torch.empty(1, dtype=torch.int64, device=dev), "targets": torch.empty_like(flat_t)}
-            into.update(draws(None))
-        else:
-            draws(into)
         into["address"].fill_(logits.data_ptr())
         into["targets"].copy_(flat_t)
         return into
 
-    def compute(inputs: dict[str, Tensor]) -> dict[str, Tensor]:
+    def compute(inputs: dict[str, Tensor], gen: torch.Generator | None) -> dict[str, Tensor]:
         # the logits' dtype, shape and strides are the key's: a graph's replays read theirs at
-        # ``address``
+        # ``address``. The draws in the order the kernels take them: random scoring's noise, then
+        # importance's u and keys, or stratified's keys
+        noise = difficulty.noise_for(config.scoring, N, dev, gen)
+        keys_u = selection.random_keys(N, dev, gen) if weighted else None
+        strata_keys = selection.stratified_keys(N, dev, gen) if stratified else None
         return _at_ratio_kernels(
             logits,
             inputs["targets"],
@@ -469,9 +470,10 @@ def _at_ratio(
             capacity,
             weighted,
             need_rows and not dense,
-            inputs.get("noise"),
-            (inputs["keys"], inputs["u"]) if weighted else None,
+            noise,
+            keys_u,
             inputs.get("address"),
+            strata_keys,
         )
 
     # a curriculum's warm-up gives every step its own ratio, hence its own graph: graphs from its end on
@@ -481,6 +483,7 @@ def _at_ratio(
         and capture.capturable(logits)
         and kernels.backend_for(logits) == "triton"
         and not kernels.reads_by_descriptor(logits)
+        and (seed is None or capture.GRAPH_SAFE_RNG)
     ):
         flat_t = targets.reshape(-1)
         graph_key = (
@@ -499,13 +502,14 @@ def _at_ratio(
             config.scoring,
             config.selection,
             config.importance_floor,
+            config.num_strata,
             ratio,
             need_rows and not dense,
         )
         # the loss apart from the rest: a loop that keeps every step's loss keeps nothing else
-        out = capture.replayed(graph_key, dev, eager, fill, compute, alone=("loss",))
+        out = capture.replayed(graph_key, dev, eager, fill, compute, alone=("loss",), seed=seed)
     else:
-        out = compute(eager())
+        out = compute(eager(), None if seed is None else capture.seeded(dev, seed))
 
     sums_read = HostRead(out["partial"].reshape(-1))
     if sums_read.done():  # on a CPU always: checked at once
@@ -545,10 +549,12 @@ def _at_ratio_kernels(
     noise: Tensor | None,
     keys_u: tuple[Tensor, Tensor] | None,
     address: Tensor | None = None,
+    strata_keys: Tensor | None = None,
 ) -> dict[str, Tensor]:
     """``_at_ratio``'s work on the device, no host read: the scoring pass, the difficulty and the
     partial sums, the difficulty order, then importance's draw or top-k's rank, and the loss.
-    ``noise`` and ``keys_u``: the call's random numbers (random scoring's, the draw's);
+    ``noise``, ``keys_u`` and ``strata_keys``: the call's random numbers (random scoring's, the
+    importance draw's, stratified's);
     ``address``: where the scoring pass reads the logits (a graph's input; None: ``logits``' own
     address). Returns the loss, lse and row scale
     (the backward's), the partial sums, and importance's figures (and its rows where
@@ -593,6 +599,12 @@ def _at_ratio_kernels(
         if list_rows:
             out["rows"] = d.rows
     else:
+        if config.selection == "stratified":
+            # the drawn rows first: the loss and the head gradient then take them as top-k's
+            strata = kernels.strata_at_ratio(partial, ratio, config.num_strata)
+            order, rank = selection.stratified_at_ratio(
+                selection.Ranking(order, rank), strata, cast(Tensor, strata_keys), config.num_strata
+            )
         loss, row_scale = kernels.selected_loss(
             stats, targets, V, rank, 0, 0, 0, spec.reduction, ls, spec.weight, counts=partial, ratio=ratio
         )

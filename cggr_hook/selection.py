@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 
 from . import kernels
+from .kernels.spec import strata_quotas, strata_sizes  # noqa: F401  (the strategies' public names)
 
 if TYPE_CHECKING:
     from .config import GateConfig
@@ -107,48 +108,55 @@ def count_selected(config: GateConfig, k: int, n_rows: int, keep_ranks: list[int
     return k + sum(1 for r in keep_ranks if k <= r < n_rows)
 
 
-def strata_sizes(n_valid: int, num_strata: int) -> list[int]:
-    """Sizes of the equal-count buckets: n_valid // S or one more, the larger ones first."""
-    S = max(1, min(num_strata, n_valid))
-    return [n_valid // S + (1 if b < n_valid % S else 0) for b in range(S)]
-
-
-def strata_quotas(n_valid: int, k: int, num_strata: int) -> list[int]:
-    """How many rows each of ``num_strata`` equal-count difficulty buckets gives (hardest first).
-
-    Bucket b (0 = hardest) weighs (S - b) per row, so harder buckets give more: the shares are
-    k * w_b n_b / sum(w n). A bucket whose share reaches its size gives all its rows and the rest is
-    shared again among the others; then each bucket gives the floor of its share and the remaining
-    rows go one each to the largest fractional parts (ties: the harder bucket). Sums to exactly k.
-    """
-    sizes = strata_sizes(n_valid, num_strata)
-    S = len(sizes)
-    quotas = [0] * S
-    remaining = min(k, n_valid)
-    open_b = [b for b in range(S) if sizes[b] > 0]
-    while remaining > 0 and open_b:
-        total = sum((S - b) * sizes[b] for b in open_b)
-        shares = {b: remaining * (S - b) * sizes[b] / total for b in open_b}
-        full = [b for b in open_b if shares[b] >= sizes[b]]
-        if full:
-            for b in full:
-                quotas[b] = sizes[b]
-                remaining -= sizes[b]
-            open_b = [b for b in open_b if b not in full]
-            continue
-        for b in open_b:
-            quotas[b] = int(shares[b])
-        left = remaining - sum(quotas[b] for b in open_b)
-        for b in sorted(open_b, key=lambda b: (-(shares[b] - int(shares[b])), b))[:left]:
-            quotas[b] += 1
-        break
-    return quotas
-
-
 def _topk(
     ranking: Ranking, n_valid: int, k: int, n_selected: int, config: GateConfig, generator: torch.Generator | None
 ) -> Tensor:
     return ranking.order[:k]
+
+
+def _strata_take(n: int | Tensor, num_strata: int, keys: Tensor, quota_of: Tensor) -> tuple[Tensor, Tensor]:
+    """``stratified``'s draw over the positions of the difficulty order: (grouped, take), ``grouped``
+    the N positions by bucket and, inside a bucket, by their uniform ``keys`` (fp32 (N,), position p
+    taking key p; ties by position), ``take`` whether each of them is drawn: the first
+    ``quota_of[b]`` of bucket b. The n valid positions (the order's first n; ``n`` an int or an
+    int64 device scalar) fall into S = min(num_strata, n) equal-count buckets, larger first; the
+    ignored ones into bucket ``num_strata``, which gives none. ``quota_of``: int64 (num_strata + 1,)
+    or more, indexed by bucket. No host synchronisation."""
+    N = keys.numel()
+    dev = keys.device
+    pos = torch.arange(N, device=dev)
+    # host numbers stay Python numbers and device ones stay there: a host number made a device
+    # tensor would be copied from pageable memory, which waits for the stream (a hidden sync)
+    if isinstance(n, Tensor):
+        s_eff = torch.clamp(torch.clamp(n, max=num_strata), min=1)
+        q = torch.div(n, s_eff, rounding_mode="floor")
+        r = n - q * s_eff
+        q_div = torch.clamp(q, min=1)
+    else:
+        s_eff = max(1, min(num_strata, n))
+        q, r = divmod(n, s_eff)
+        q_div = max(q, 1)
+    big = r * (q + 1)
+    bucket = torch.where(
+        pos < big,
+        torch.div(pos, q + 1, rounding_mode="floor"),
+        r + torch.div(pos - big, q_div, rounding_mode="floor"),
+    )
+    bucket = torch.where(pos < n, bucket, num_strata)
+    by_key = torch.sort(keys, stable=True).indices
+    grouped = by_key[torch.sort(bucket[by_key], stable=True).indices]
+    b = bucket[grouped]
+    start = torch.where(b < r, b * (q + 1), big + (b - r) * q)
+    take = (b < num_strata) & (pos - start < quota_of[b])
+    return grouped, take
+
+
+def stratified_keys(n_rows: int, device: torch.device, generator: torch.Generator | None) -> Tensor:
+    """``stratified``'s random numbers: one uniform key per row of the call (fp32 (N,)), position p
+    of the difficulty order taking key p. One per row, not per valid row, so that their number is
+    known before the valid rows are counted and both paths (``_stratified``,
+    ``stratified_at_ratio``) take the same numbers."""
+    return torch.rand(n_rows, generator=generator, device=device)
 
 
 def _stratified(
@@ -156,28 +164,31 @@ def _stratified(
 ) -> Tensor:
     order = ranking.order
     dev = order.device
-    sizes = strata_sizes(n_valid, config.num_strata)
-    quotas = strata_quotas(n_valid, k, config.num_strata)
-    S = len(sizes)
-    # bucket of each valid row by its position in the difficulty order: the first n % S
-    # buckets hold one row more. Host numbers enter as scalars (a small host-to-device copy
-    # from pageable memory would wait for the stream: a hidden sync).
-    q, r = divmod(n_valid, S)
-    big = r * (q + 1)
-    pos = torch.arange(n_valid, device=dev)
-    bucket = torch.where(pos < big, pos // (q + 1), r + (pos - big) // max(q, 1))
-    # sample inside each bucket: order by a uniform key, then stably by bucket
-    u = torch.rand(n_valid, generator=generator, device=dev)
-    by_u = torch.sort(u).indices
-    grouped = by_u[torch.sort(bucket[by_u], stable=True).indices]
-    b = bucket[grouped]
-    start = torch.where(b < r, b * (q + 1), big + (b - r) * q)
-    rank_in_bucket = pos - start
-    quota = torch.zeros_like(b)
+    S = config.num_strata
+    quotas = kernels.spec.strata_quotas(n_valid, k, S)
+    keys = stratified_keys(order.numel(), dev, generator)
+    # the quotas by bucket, from host numbers as scalars (no copy from pageable memory)
+    quota_of = torch.zeros(S + 1, dtype=torch.long, device=dev)
     for i, qi in enumerate(quotas):
-        quota.masked_fill_(b == i, qi)
-    take = rank_in_bucket < quota
-    return _first_marked(order[:n_valid][grouped], take, k)
+        quota_of[i] = qi
+    grouped, take = _strata_take(n_valid, S, keys, quota_of)
+    return _first_marked(order[grouped], take, k)
+
+
+def stratified_at_ratio(ranking: Ranking, strata: Tensor, keys: Tensor, num_strata: int) -> tuple[Tensor, Tensor]:
+    """``stratified`` where the host knows neither n nor k: (order, rank) of a permutation of the
+    rows whose first k are the drawn ones (the rows ``_stratified`` chooses with the same keys), so
+    that the loss kernel and the head gradient take them as top-k's (``rank < k``, the order's
+    first rows). ``strata``: ``kernels.strata_at_ratio``'s quotas and n; ``keys``:
+    ``stratified_keys``'. No host synchronisation."""
+    n = strata[num_strata]
+    grouped, take = _strata_take(n, num_strata, keys, strata)
+    # the drawn positions first, in their grouped order, then the rest
+    first = grouped[torch.sort((~take).to(torch.int8), stable=True).indices]
+    order = ranking.order[first]
+    rank = torch.empty_like(order)
+    rank[order] = torch.arange(order.numel(), device=order.device)
+    return order, rank
 
 
 def _sequence_aware(
@@ -281,9 +292,7 @@ def systematic_draw(
     return torch.sort((~drawn).to(torch.int8), stable=True).indices[:k]
 
 
-def random_keys(
-    n_rows: int, device: torch.device, generator: torch.Generator | None, out: tuple[Tensor, Tensor] | None = None
-) -> tuple[Tensor, Tensor]:
+def random_keys(n_rows: int, device: torch.device, generator: torch.Generator | None) -> tuple[Tensor, Tensor]:
     """The importance draw's random numbers, both from ``generator``: the start u (float64 (1,)),
     then one uniform key per row of the call (fp32 (N,)), the j-th valid row in row order taking
     the j-th key (a row's key goes with the row, not with its place in the difficulty order: scores
@@ -294,15 +303,7 @@ def random_keys(
     counted (``importance_draw_at_ratio``) and both draws take the same numbers. On a CPU generator
     the first n keys do not depend on N, so that the draw does not depend on how many rows are
     ignored (the logits' route and the head's, which also lists each sequence's last position,
-    draw the same rows); a CUDA generator lays its numbers out by the tensor's size, so there it does.
-
-    ``out``: (keys, u) to draw into instead of new tensors (a replayed graph's inputs), the same
-    numbers."""
-    if out is not None:
-        keys, u = out
-        torch.rand(1, generator=generator, out=u)
-        torch.rand(n_rows, generator=generator, out=keys)
-        return keys, u
+    draw the same rows); a CUDA generator lays its numbers out by the tensor's size, so there it does."""
     u = torch.rand(1, generator=generator, device=device, dtype=torch.float64)
     keys = torch.rand(n_rows, generator=generator, device=device)
     return keys, u

@@ -42,6 +42,7 @@ __all__ = [
     "ascending_order",
     "importance_draw",
     "importance_draw_at_ratio",
+    "strata_at_ratio",
     "selected_loss",
     "ce_grad_rows",
     "ce_grad_dense_",
@@ -58,6 +59,7 @@ _TRITON_MODULES = {
     "ascending_order": "ranking",
     "importance_draw": "importance",
     "importance_draw_at_ratio": "importance",
+    "strata_at_ratio": "strata",
     "selected_loss": "gated_ce",
     "ce_grad_rows": "gated_ce",
     "ce_grad_dense_": "gated_ce",
@@ -300,6 +302,21 @@ def importance_draw_at_ratio(
         bool(uniform),
         norm,
     )
+
+
+def strata_at_ratio(counts: Tensor, ratio: float, num_strata: int) -> Tensor:
+    """``stratified`` selection's quotas at a ratio the host knows, n counted on the device:
+    int64 (num_strata + 1,), the buckets' quotas (``spec.strata_quotas(n, keep_count(ratio, n),
+    num_strata)``, hardest first, zeros past min(num_strata, n)) and then n, the sum of
+    ``counts``' first column (``target_counts``' or ``row_difficulty``'s partials). No host
+    synchronisation on Triton (up to ``strata.MAX_STRATA`` buckets)."""
+    _check_counts(counts)
+    ratio = float(ratio)
+    if not 0.0 <= ratio <= 1.0:
+        raise ValueError(f"cggr_hook: strata_at_ratio needs a ratio in [0, 1], got {ratio}")
+    if not isinstance(num_strata, int) or num_strata < 1:
+        raise ValueError(f"cggr_hook: num_strata must be a whole number >= 1, got {num_strata!r}")
+    return _run("strata_at_ratio", counts, counts, ratio, num_strata)
 
 
 def _check_counts(counts: Tensor) -> None:

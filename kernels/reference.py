@@ -595,3 +595,14 @@ def importance_draw_at_ratio(
     return spec.ImportanceDraw(
         rows, torch.ones(capacity, dtype=torch.float64, device=dev), row_weight, valid.logical_not().long(), figures
     )
+
+
+def strata_at_ratio(counts: Tensor, ratio: float, num_strata: int) -> Tensor:
+    """``stratified`` selection's quotas where the host does not know n: int64 (num_strata + 1,),
+    the quotas of the buckets (``spec.strata_quotas(n, keep_count(ratio, n), num_strata)``, hardest
+    first, 0 past min(num_strata, n)) and then n, the sum of ``counts``' first column. This reference
+    reads n on the host; the Triton kernel does not."""
+    n = int(counts[:, 0].sum())
+    quotas = spec.strata_quotas(n, spec.keep_count(ratio, n), num_strata) if n > 0 else []
+    quotas = quotas + [0] * (num_strata - len(quotas))
+    return torch.tensor(quotas + [n], dtype=torch.int64, device=counts.device)

@@ -7,7 +7,8 @@ Triton launchers (``scoring.py``, ``gated_ce.py``) and the gate's options (``cgg
 - ``REDUCTIONS``: the loss reductions;
 - ``SUM_FIELDS``: the per-row sums that travel to the host;
 - ``target_masks``: which targets are valid (in [0, V) and not ``ignore_index``) and which are bad;
-- ``ImportanceDraw`` and ``DRAW_FIGURES``: what an importance draw returns.
+- ``ImportanceDraw`` and ``DRAW_FIGURES``: what an importance draw returns;
+- ``strata_sizes`` and ``strata_quotas``: ``stratified`` selection's buckets and what each gives.
 """
 
 from __future__ import annotations
@@ -71,6 +72,51 @@ def keep_count(ratio: float, n_valid: int) -> int:
     if n_valid <= 0:
         return 0
     return min(n_valid, max(1, int(math.floor(float(ratio) * float(n_valid) + KEEP_HALF))))
+
+
+# buckets whose quotas a kernel computes on the device (``strata.strata_at_ratio``: one program, its
+# rounds and picks loop over the buckets); a larger num_strata has n read on the host
+MAX_STRATA = 64
+
+
+def strata_sizes(n_valid: int, num_strata: int) -> list[int]:
+    """Sizes of the equal-count buckets: n_valid // S or one more, the larger ones first."""
+    S = max(1, min(num_strata, n_valid))
+    return [n_valid // S + (1 if b < n_valid % S else 0) for b in range(S)]
+
+
+def strata_quotas(n_valid: int, k: int, num_strata: int) -> list[int]:
+    """How many rows each of ``num_strata`` equal-count difficulty buckets gives (hardest first):
+    ``stratified`` selection's quotas (the Triton kernel ``strata.strata_at_ratio`` computes the
+    same on the device, in the same float64 operations).
+
+    Bucket b (0 = hardest) weighs (S - b) per row, so harder buckets give more: the shares are
+    k * w_b n_b / sum(w n). A bucket whose share reaches its size gives all its rows and the rest is
+    shared again among the others; then each bucket gives the floor of its share and the remaining
+    rows go one each to the largest fractional parts (ties: the harder bucket). Sums to exactly k.
+    """
+    sizes = strata_sizes(n_valid, num_strata)
+    S = len(sizes)
+    quotas = [0] * S
+    remaining = min(k, n_valid)
+    open_b = [b for b in range(S) if sizes[b] > 0]
+    while remaining > 0 and open_b:
+        total = sum((S - b) * sizes[b] for b in open_b)
+        shares = {b: remaining * (S - b) * sizes[b] / total for b in open_b}
+        full = [b for b in open_b if shares[b] >= sizes[b]]
+        if full:
+            for b in full:
+                quotas[b] = sizes[b]
+                remaining -= sizes[b]
+            open_b = [b for b in open_b if b not in full]
+            continue
+        for b in open_b:
+            quotas[b] = int(shares[b])
+        left = remaining - sum(quotas[b] for b in open_b)
+        for b in sorted(open_b, key=lambda b: (-(shares[b] - int(shares[b])), b))[:left]:
+            quotas[b] += 1
+        break
+    return quotas
 
 
 # reduction -> REDUCTION of the Triton loss kernel

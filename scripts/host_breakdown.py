@@ -227,6 +227,14 @@ def primitives(dev, reps: int) -> list[tuple[str, float]]:
                 scoring.COUNT_BLOCK,
             ),
         )
+        # the backward's kernel alone, as the head's backward launches it (K = N / 4 rows)
+        rows_in = torch.randn(1, 8192, 32000, device=dev, dtype=torch.bfloat16)
+        lse, scale = torch.randn(8192, device=dev), torch.ones(8192, device=dev)
+        sel = torch.arange(0, 8192, 4, device=dev)
+        loop(
+            "kernels.ce_grad_rows alone (K = 2048 of 8192 rows, V = 32000)",
+            lambda: kernels.ce_grad_rows(rows_in, tg, lse, sel, scale, None, 0.0, torch.bfloat16),
+        )
     return out
 
 

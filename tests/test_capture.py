@@ -36,7 +36,7 @@ class _StandInGraph:
 
     def replay(self):
         self.replays += 1
-        out = self.compute(self.entry.inputs)
+        out = self.compute(self.entry.inputs, None)
         for (_, start, n, dtype, shape), t in zip(self.entry.layout, out.values(), strict=True):
             capture._view(self.entry.flat, start, n, dtype, shape).copy_(t)
 
@@ -53,11 +53,11 @@ def stand_in(monkeypatch):
     layout packed and an entry with a stand-in graph kept, as a capture keeps it."""
     made = _Made()
 
-    def fake_capture(key, device, fill, compute, generation):
+    def fake_capture(key, device, fill, compute, generation, seed):
         inputs = fill(None)
-        result = compute(inputs)
+        result = compute(inputs, None)
         graph = _StandInGraph(compute)
-        flat, layout = capture._pack(compute(inputs), device)
+        flat, layout = capture._pack(compute(inputs, None), device)
         graph.entry = capture._Entry(graph, inputs, flat, layout)  # pyright: ignore[reportArgumentType]
         if hasattr(fake_capture, "during"):
             fake_capture.during()  # what another thread does meanwhile
@@ -86,7 +86,7 @@ def _counting_inputs(state):
         into["r"].copy_(r)
         return into
 
-    def compute(inputs):
+    def compute(inputs, gen):
         return {"loss": (x * inputs["r"][0]).sum(), "rows": torch.arange(4), "sums": x.double()[:3]}
 
     return eager, fill, compute
@@ -127,11 +127,11 @@ def test_at_most_max_graphs_keys_are_kept(stand_in):
 def test_a_key_whose_capture_fails_runs_eagerly(monkeypatch):
     calls = []
 
-    def failing(key, device, fill, compute, generation):
+    def failing(key, device, fill, compute, generation, seed):
         calls.append("capture")
         with capture._lock:
             capture._bounded_put(capture._failed, key, None, capture.MAX_KEYS)
-        return compute(fill(None))
+        return compute(fill(None), None)
 
     monkeypatch.setattr(capture, "_capture", failing)
     state = {"calls": []}
@@ -211,7 +211,7 @@ def test_concurrent_calls_of_one_key_each_get_their_own_result(stand_in):
 
     x = torch.arange(5, dtype=torch.float32)
 
-    def compute(inputs):
+    def compute(inputs, gen):
         return {"loss": (x * inputs["r"][0]).sum()}
 
     def make(v):
@@ -262,6 +262,8 @@ CASES = [
     dict(scoring="gradnorm", selection="importance", reduction="sum", label_smoothing=0.1),
     dict(scoring="entropy", selection="topk", reduction="none"),
     dict(scoring="gradnorm", selection="importance", weight=True),
+    dict(scoring="combined", selection="stratified"),
+    dict(scoring="random", selection="stratified", num_strata=5, reduction="sum"),
 ]
 
 
@@ -328,7 +330,7 @@ def test_results_kept_across_replays_are_each_calls_own():
 
 
 @gpu
-@pytest.mark.parametrize("selection", ["importance", "topk"])
+@pytest.mark.parametrize("selection", ["importance", "topk", "stratified"])
 def test_a_gated_model_trains_the_same_with_graphs(selection):
     torch.manual_seed(0)
     base = TinyLM(vocab=1003, dim=64).cuda()
@@ -373,22 +375,24 @@ def test_a_replayed_call_waits_for_nothing():
     assert crit.get_metrics()["tokens_selected"] == round(0.25 * 4096)
 
 
-@pytest.mark.parametrize("graphs", [True, False])
-def test_graphs_are_asked_for_from_the_curriculums_end(monkeypatch, graphs):
+@pytest.mark.parametrize("graphs, graph_safe_rng", [(True, True), (False, True), (True, False)])
+def test_graphs_are_asked_for_from_the_curriculums_end(monkeypatch, graphs, graph_safe_rng):
     """Which calls go to ``capture.replayed``: at a fixed ratio with ``cuda_graphs``, from the
     step the curriculum ends (each warm-up step has its own ratio, so its own graph); never
-    without ``cuda_graphs``. The rest of a call is the same either way (here on the CPU, with the
+    without ``cuda_graphs``, nor for a call that draws where torch cannot register a generator
+    with a graph. The rest of a call is the same either way (here on the CPU, with the
     Triton interpreter standing in for the device without one)."""
     from cggr_hook.kernels import force_backend
 
     force_backend("triton")
     asked = []
 
-    def spy(key, device, eager, fill, compute, alone=()):
+    def spy(key, device, eager, fill, compute, alone=(), seed=None):
         asked.append(crit.step_count)
-        return compute(eager())
+        return compute(eager(), None if seed is None else capture.seeded(device, seed))
 
     monkeypatch.setattr(capture, "capturable", lambda t: True)
+    monkeypatch.setattr(capture, "GRAPH_SAFE_RNG", graph_safe_rng)
     monkeypatch.setattr(capture, "replayed", spy)
     crit = CGGRLoss(
         min_tokens_ratio=0.25,
@@ -405,7 +409,7 @@ def test_graphs_are_asked_for_from_the_curriculums_end(monkeypatch, graphs):
     for _ in range(4):
         crit(x, t).backward()
         crit.step()
-    assert asked == ([2, 3] if graphs else [])
+    assert asked == ([2, 3] if graphs and graph_safe_rng else [])
 
 
 @gpu

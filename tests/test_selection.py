@@ -436,15 +436,21 @@ def _topk_inputs(seed, all_ignored=False):
     return logits, targets
 
 
+AT_RATIO = [dict(selection="topk"), dict(selection="stratified"), dict(selection="stratified", num_strata=7)]
+
+
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 @pytest.mark.parametrize(
     "reduction, weighted, smoothing",
     [("mean", False, 0.0), ("mean", True, 0.1), ("sum", False, 0.0), ("none", True, 0.0)],
 )
-def test_topk_at_a_ratio_is_topk_with_the_counts_read(backend, reduction, weighted, smoothing, monkeypatch):
-    """The same loss, gradient and figures whether top-k's n and k are counted on the device or
-    read on the host first; on the device path no target count is launched and the one copy to
-    the host is the scoring pass's partial sums, read when the figures are asked for."""
+@pytest.mark.parametrize("chosen", AT_RATIO, ids=lambda o: "-".join(str(v) for v in o.values()))
+def test_selection_at_a_ratio_is_the_selection_with_the_counts_read(
+    backend, reduction, weighted, smoothing, chosen, monkeypatch
+):
+    """The same loss, gradient and figures whether top-k's or stratified's n and k are counted on
+    the device or read on the host first; on the device path no target count is launched and the
+    one copy to the host is the scoring pass's partial sums, read when the figures are asked for."""
     import cggr_hook
     from cggr_hook import kernels, pipeline
 
@@ -461,7 +467,7 @@ def test_topk_at_a_ratio_is_topk_with_the_counts_read(backend, reduction, weight
         counted.clear()
         if not device_k:
             monkeypatch.setattr(pipeline, "at_ratio", lambda *a: False)
-        crit = cggr_hook.CGGRLoss(selection="topk", scoring="combined", **opts)
+        crit = cggr_hook.CGGRLoss(scoring="combined", **chosen, **opts)
         logits.grad = None
         loss = crit(logits, targets)
         (loss * (torch.arange(loss.numel()).reshape(loss.shape) % 3 + 1)).sum().backward()
@@ -483,7 +489,8 @@ def test_topk_at_a_ratio_is_topk_with_the_counts_read(backend, reduction, weight
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
-def test_topk_at_a_ratio_with_no_valid_target_gives_torchs_loss_and_no_gradient(backend, reduction):
+@pytest.mark.parametrize("selection", ["topk", "stratified"])
+def test_selection_at_a_ratio_with_no_valid_target_gives_torchs_loss_and_no_gradient(backend, reduction, selection):
     import torch.nn.functional as F
 
     import cggr_hook
@@ -491,7 +498,7 @@ def test_topk_at_a_ratio_with_no_valid_target_gives_torchs_loss_and_no_gradient(
 
     kernels.force_backend(backend)
     logits, targets = _topk_inputs(seed=6, all_ignored=True)
-    crit = cggr_hook.CGGRLoss(selection="topk", min_tokens_ratio=0.25, reduction=reduction, **FIXED)
+    crit = cggr_hook.CGGRLoss(selection=selection, min_tokens_ratio=0.25, reduction=reduction, **FIXED)
     loss = crit(logits, targets)
     want = F.cross_entropy(logits.detach().reshape(-1, 13), targets.reshape(-1), reduction=reduction)
     torch.testing.assert_close(loss.reshape(want.shape), want, equal_nan=True)
@@ -526,9 +533,11 @@ def test_topk_at_a_ratio_checks_the_targets(backend, monkeypatch):
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 @pytest.mark.parametrize("reduction", ["mean", "none"])
-def test_topk_at_a_ratio_through_the_head_matches_the_host_count(backend, reduction, monkeypatch):
-    """The head's narrowed backward over the difficulty order's first keep_count(ratio, N) rows (an
-    upper bound of k; the rows past it scaled by 0) gives the gradients of the host-count path."""
+@pytest.mark.parametrize("selection", ["topk", "stratified"])
+def test_selection_at_a_ratio_through_the_head_matches_the_host_count(backend, reduction, selection, monkeypatch):
+    """The head's narrowed backward over the first keep_count(ratio, N) rows of the order (an upper
+    bound of k; the rows past it scaled by 0; stratified's drawn rows first) gives the gradients of
+    the host-count path."""
     import torch.nn.functional as F
 
     import cggr_hook
@@ -547,7 +556,8 @@ def test_topk_at_a_ratio_through_the_head_matches_the_host_count(backend, reduct
             monkeypatch.setattr(pipeline, "at_ratio", lambda *a: False)
         torch.manual_seed(0)
         model = TinyLM(vocab=29, dim=8)
-        cggr_hook.enable(model, selection="topk", scoring="combined", min_tokens_ratio=0.3, **FIXED)
+        cggr_hook.scheduler.reset()  # both runs at step 0, call 0: stratified's draws are a function of them
+        cggr_hook.enable(model, selection=selection, scoring="combined", min_tokens_ratio=0.3, **FIXED)
         try:
             loss = F.cross_entropy(model(idx)[:, :-1].reshape(-1, 29), labels.reshape(-1), reduction=reduction)
             (loss.sum() if reduction == "none" else loss).backward()
