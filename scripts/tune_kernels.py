@@ -25,7 +25,7 @@ import triton.language as tl
 from triton.testing import do_bench
 
 import cggr_hook
-from cggr_hook.kernels import gated_ce, ranking, reference, scoring
+from cggr_hook.kernels import gated_ce, importance, ranking, reference, scoring
 
 ROW_STATS_SHAPES = [(512, 1), (1024, 1), (2048, 1), (1024, 2), (2048, 2), (2048, 4), (4096, 4)]
 TMA_SHAPES = [(2048, 4), (4096, 3), (4096, 4), (8192, 2), (8192, 3)]
@@ -339,6 +339,55 @@ def loss_sweep(log) -> dict:
     return res
 
 
+DRAW_SHAPES = [(256, 4), (512, 4), (1024, 4), (1024, 8), (2048, 8), (2048, 16), (4096, 16)]
+
+
+def draw_sweep(log) -> dict:
+    """The importance draw at a ratio (one program, five passes over the rows) by block and warps,
+    25% of 7/8 valid rows, each shape checked against the shipped one bit for bit."""
+    res: dict = {}
+    shipped = (importance.BLOCK, importance.NUM_WARPS)
+    log("")
+    log("| N | " + " | ".join(f"draw {b}x{w} us" for b, w in DRAW_SHAPES) + " |")
+    log("|---|" + "---|" * len(DRAW_SHAPES))
+    for N in (8192, 65536):
+        gen = torch.Generator(device="cuda").manual_seed(N)
+        d = torch.rand(N, device="cuda", generator=gen)
+        d[::8] = float("-inf")
+        order, rank = reference.difficulty_rank(d)
+        perm = torch.sort(torch.rand(N, device="cuda", generator=gen), stable=True).indices
+        u = torch.rand(1, device="cuda", generator=gen, dtype=torch.float64)
+        counts = torch.zeros(1, 2, dtype=torch.int64, device="cuda")
+        counts[0, 0] = N - (N + 7) // 8
+        capacity = N // 4
+
+        def draw():
+            return importance.importance_draw_at_ratio(
+                d, order, rank, perm, u, counts, 0.25, capacity, 0.1, False, None
+            )
+
+        want = draw()
+        cells = []
+        for b, w in DRAW_SHAPES:
+            importance.BLOCK, importance.NUM_WARPS = b, w
+            try:
+                got = draw()
+                same = all(
+                    torch.equal(getattr(got, f), getattr(want, f)) for f in ("rows", "inv_pi", "row_weight", "key")
+                )
+                if not same:
+                    cells.append("MISMATCH")
+                    continue
+                t_us = 1000 * ms(draw)
+                res[f"{N} {b}x{w}"] = t_us
+                cells.append(f"{t_us:.1f}")
+            except Exception as e:  # reported, not fatal
+                cells.append(f"failed: {type(e).__name__}")
+        importance.BLOCK, importance.NUM_WARPS = shipped
+        log(f"| {N} | " + " | ".join(cells) + " |")
+    return res
+
+
 def timeline(N: int, V: int, path: str, log, iters: int = 40) -> None:
     """Back-to-back ``CGGRLoss`` 25% calls as ``do_bench`` runs them (an L2 flush, the call):
     from the profiler's trace, the cycle per call, the kernels' share of it, and for the median
@@ -504,6 +553,7 @@ def main(argv=None) -> int:
     p.add_argument("--tokens", type=int, default=8192)
     p.add_argument("--host", action="store_true", help="only the host-time profile")
     p.add_argument("--quick", action="store_true", help="no launch-shape sweep: host, rank, timeline")
+    p.add_argument("--draw", action="store_true", help="only the importance draw's sweep and the timelines")
     a = p.parse_args(argv)
     if not torch.cuda.is_available():
         print("tune_kernels.py needs a CUDA device", file=sys.stderr)
@@ -517,6 +567,17 @@ def main(argv=None) -> int:
 
     log(f"# Kernel sweep: {torch.cuda.get_device_name()}, torch {torch.__version__}, triton {triton.__version__}")
     log("")
+    if a.draw:
+        draws = draw_sweep(log)
+        log("")
+        open(os.path.join(a.out, "timeline.txt"), "w").close()
+        for V in a.vocab:
+            timeline(a.tokens, V, os.path.join(a.out, "timeline.txt"), log)
+        with open(os.path.join(a.out, "tune.json"), "w") as f:
+            json.dump({"device": torch.cuda.get_device_name(), "importance_draw": draws}, f, indent=1)
+        with open(os.path.join(a.out, "tune.md"), "w") as f:
+            f.write("\n".join(lines) + "\n")
+        return 0
     host_profile(a.tokens, os.path.join(a.out, "host_profile.txt"), log)
     if a.host:
         with open(os.path.join(a.out, "tune.md"), "w") as f:
