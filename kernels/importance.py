@@ -41,9 +41,9 @@ from .spec import DRAW_FIGURES, ImportanceDraw
 
 __all__ = ["importance_draw", "importance_draw_at_ratio", "BLOCK", "NUM_WARPS"]
 
-# rows a loop iteration and the warps of the one program (not swept on a device yet)
+# rows a loop iteration and the warps of the one program (the sweep: NOTES.md, "Host time of a call")
 BLOCK = 1024
-NUM_WARPS = 4
+NUM_WARPS = 8
 
 _FLT_MAX: tl.constexpr = tl.constexpr(3.4028234663852886e38)  # an fp32 value: exact as a constant
 _NO_ROW: tl.constexpr = tl.constexpr(2147483647)

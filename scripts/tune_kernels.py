@@ -344,41 +344,46 @@ DRAW_SHAPES = [(256, 4), (512, 4), (1024, 4), (1024, 8), (2048, 8), (2048, 16), 
 
 def draw_sweep(log) -> dict:
     """The importance draw at a ratio (one program, five passes over the rows) by block and warps,
-    25% of 7/8 valid rows, each shape checked against the shipped one bit for bit."""
+    25% of 7/8 valid rows: each shape checked against the shipped one bit for bit on 20 inputs
+    (half of them with tied scores), then timed on the first."""
     res: dict = {}
     shipped = (importance.BLOCK, importance.NUM_WARPS)
     log("")
     log("| N | " + " | ".join(f"draw {b}x{w} us" for b, w in DRAW_SHAPES) + " |")
     log("|---|" + "---|" * len(DRAW_SHAPES))
     for N in (8192, 65536):
-        gen = torch.Generator(device="cuda").manual_seed(N)
-        d = torch.rand(N, device="cuda", generator=gen)
-        d[::8] = float("-inf")
-        order, rank = reference.difficulty_rank(d)
-        perm = torch.sort(torch.rand(N, device="cuda", generator=gen), stable=True).indices
-        u = torch.rand(1, device="cuda", generator=gen, dtype=torch.float64)
-        counts = torch.zeros(1, 2, dtype=torch.int64, device="cuda")
-        counts[0, 0] = N - (N + 7) // 8
-        capacity = N // 4
+        cases = []  # 20 inputs: uniform scores, and ties (scores on a coarse grid)
+        for seed in range(20):
+            gen = torch.Generator(device="cuda").manual_seed(N + seed)
+            d = torch.rand(N, device="cuda", generator=gen)
+            if seed % 2:
+                d = (d * 8).floor()
+            d[seed % 8 :: 8] = float("-inf")
+            order, rank = reference.difficulty_rank(d)
+            perm = torch.sort(torch.rand(N, device="cuda", generator=gen), stable=True).indices
+            u = torch.rand(1, device="cuda", generator=gen, dtype=torch.float64)
+            counts = torch.zeros(1, 2, dtype=torch.int64, device="cuda")
+            counts[0, 0] = int((d > float("-inf")).sum())
+            cases.append((d, order, rank, perm, u, counts))
 
-        def draw():
-            return importance.importance_draw_at_ratio(
-                d, order, rank, perm, u, counts, 0.25, capacity, 0.1, False, None
-            )
+        def draw(case):
+            d, order, rank, perm, u, counts = case
+            return importance.importance_draw_at_ratio(d, order, rank, perm, u, counts, 0.25, N // 4, 0.1, False, None)
 
-        want = draw()
+        wants = [draw(c) for c in cases]
         cells = []
         for b, w in DRAW_SHAPES:
             importance.BLOCK, importance.NUM_WARPS = b, w
             try:
-                got = draw()
                 same = all(
-                    torch.equal(getattr(got, f), getattr(want, f)) for f in ("rows", "inv_pi", "row_weight", "key")
+                    torch.equal(getattr(got, f), getattr(want, f))
+                    for want, got in zip(wants, (draw(c) for c in cases), strict=True)
+                    for f in ("rows", "inv_pi", "row_weight", "key", "figures")
                 )
                 if not same:
                     cells.append("MISMATCH")
                     continue
-                t_us = 1000 * ms(draw)
+                t_us = 1000 * ms(lambda: draw(cases[0]))
                 res[f"{N} {b}x{w}"] = t_us
                 cells.append(f"{t_us:.1f}")
             except Exception as e:  # reported, not fatal
@@ -388,7 +393,7 @@ def draw_sweep(log) -> dict:
     return res
 
 
-def timeline(N: int, V: int, path: str, log, iters: int = 40) -> None:
+def timeline(N: int, V: int, path: str, log, iters: int = 40, **options) -> None:
     """Back-to-back ``CGGRLoss`` 25% calls as ``do_bench`` runs them (an L2 flush, the call):
     from the profiler's trace, the cycle per call, the kernels' share of it, and for the median
     call every kernel with the GPU's idle time before it and its start minus its launch (small:
@@ -402,7 +407,8 @@ def timeline(N: int, V: int, path: str, log, iters: int = 40) -> None:
     x = torch.randn(N, V, device="cuda", dtype=torch.bfloat16, generator=gen).mul_(2.0).requires_grad_(True)
     t = torch.randint(0, V, (N,), device="cuda", generator=gen)
     t[::20] = -100
-    crit = cggr_hook.CGGRLoss(min_tokens_ratio=0.25, warmup_steps=0, dynamic_threshold=False)
+    crit = cggr_hook.CGGRLoss(min_tokens_ratio=0.25, warmup_steps=0, dynamic_threshold=False, **options)
+    what = ", ".join(f"{k}={v}" for k, v in options.items()) or "CGGRLoss's defaults"
     flush = torch.empty(256 * 2**20 // 4, dtype=torch.int, device="cuda")
 
     def one():
@@ -442,17 +448,19 @@ def timeline(N: int, V: int, path: str, log, iters: int = 40) -> None:
         rows.append((kern[b]["ts"] - prev_end, 0.0, 0.0, "(next call's flush)"))
         cycles.append((kern[b]["ts"] - ks[0]["ts"], sum(e["dur"] for e in ks), rows))
     if not cycles:
-        log(f"timeline V={V}: no calls found in the trace")
+        log(f"timeline V={V} ({what}): no calls found in the trace")
         return
     cyc = statistics.median(c[0] for c in cycles)
     busy = statistics.median(c[1] for c in cycles)
     mid = sorted(cycles, key=lambda c: c[0])[len(cycles) // 2]
     log(
-        f"timeline V={V}: {cyc:.0f} us a call (flush included), kernels {busy:.0f} us, idle {cyc - busy:.0f} us, "
+        f"timeline V={V} ({what}): {cyc:.0f} us a call (flush included), kernels {busy:.0f} us, idle {cyc - busy:.0f} us, "
         f"{len(mid[2]) - 1} kernels a call"
     )
     with open(path, "a") as f:
-        f.write(f"V = {V}, N = {N}: median cycle {cyc:.0f} us, kernels {busy:.0f} us over {len(cycles)} calls\n")
+        f.write(
+            f"V = {V}, N = {N} ({what}): median cycle {cyc:.0f} us, kernels {busy:.0f} us over {len(cycles)} calls\n"
+        )
         f.write("  idle_us   dur_us  start-launch_us  kernel\n")
         for gap, dur, lag, name in mid[2]:
             f.write(f"  {gap:7.1f} {dur:8.1f} {lag:12.1f}     {name}\n")
@@ -573,6 +581,7 @@ def main(argv=None) -> int:
         open(os.path.join(a.out, "timeline.txt"), "w").close()
         for V in a.vocab:
             timeline(a.tokens, V, os.path.join(a.out, "timeline.txt"), log)
+            timeline(a.tokens, V, os.path.join(a.out, "timeline.txt"), log, scoring="gradnorm", selection="importance")
         with open(os.path.join(a.out, "tune.json"), "w") as f:
             json.dump({"device": torch.cuda.get_device_name(), "importance_draw": draws}, f, indent=1)
         with open(os.path.join(a.out, "tune.md"), "w") as f:
