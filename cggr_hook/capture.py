@@ -1,6 +1,6 @@
 """CUDA-graph replay of a call's kernels, where which kernels run does not depend on what they find.
 
-Importance and top-k at a fixed ratio read nothing on the host between their launches
+Importance, top-k and stratified at a fixed ratio read nothing on the host between their launches
 (``pipeline._at_ratio``): the scoring pass, the difficulty, its order, the draw and the loss are a
 fixed sequence of launches for given shapes and options. Their Python and launch cost is most of a
 gated call's host time (``kernels/NOTES.md``, "Host time of a call"); replaying them as one CUDA
@@ -31,8 +31,9 @@ Only ``MAX_GRAPHS`` graphs are kept (least recently used first out; a key evicte
 from zero), and the counts of ``MAX_KEYS`` keys not captured yet; a key whose capture raised runs
 eagerly from then on, as does every new key after ``MAX_CAPTURES`` captures.
 ``clear()`` drops them all (``cggr_hook.disable()`` with no gate left). One call at a time
-replays a graph; a call on another stream than the last first waits for the last one's results.
-Nothing is captured or replayed while the stream is already capturing (a caller's own graph) or
+replays a graph; a call on another stream than the last first waits for the last one's results,
+and a graph dropped after a replay on another stream than its home one waits for that replay on
+the host (``_retire``). Nothing is captured or replayed while the stream is already capturing (a caller's own graph) or
 in inference mode.
 """
 
@@ -139,11 +140,25 @@ def clear() -> None:
     """Drop every graph and count (their memory pools go with them)."""
     global _captures, _generation
     with _lock:
+        dropped = list(_graphs.values())
         _graphs.clear()
         _seen.clear()
         _failed.clear()
         _captures = 0
         _generation += 1
+    _retire(dropped)
+
+
+def _retire(dropped: list[_Entry]) -> None:
+    """Before the memory of dropped graphs can be handed out again: where a graph's last replay
+    ran on another stream than its home one, wait on the host for that replay. On the home stream
+    the allocator orders a reuse after it by itself; the graph's own pool and its generator's seed
+    and offset know nothing of another stream (its inputs and results are marked there too:
+    ``_Entry.finished``). Only a program that replays on several streams ever waits here."""
+    for entry in dropped:
+        with entry.lock:  # after a replay under way in another thread
+            if entry.done is not None and entry.stream is not None and entry.stream != entry.home:
+                entry.done.synchronize()
 
 
 def count() -> int:
@@ -152,11 +167,14 @@ def count() -> int:
         return len(_graphs)
 
 
-def _bounded_put(table: OrderedDict, key: tuple, value, limit: int) -> None:
+def _bounded_put(table: OrderedDict, key: tuple, value, limit: int) -> list:
+    """Put, evicting the least recently used past ``limit``; returns the evicted values."""
     table[key] = value
     table.move_to_end(key)
+    evicted = []
     while len(table) > limit:
-        table.popitem(last=False)
+        evicted.append(table.popitem(last=False)[1])
+    return evicted
 
 
 def replayed(
@@ -256,10 +274,12 @@ def _capture(
 def _keep(key: tuple, entry: _Entry, generation: int) -> None:
     """Keep a captured graph, unless ``clear()`` ran since its call began (``generation``)."""
     global _captures
+    evicted = []
     with _lock:
         if generation == _generation:
-            _bounded_put(_graphs, key, entry, MAX_GRAPHS)
+            evicted = _bounded_put(_graphs, key, entry, MAX_GRAPHS)
             _captures += 1
+    _retire(evicted)
 
 
 def _pack(out: dict[str, Tensor], device: torch.device) -> tuple[Tensor, list]:

@@ -248,8 +248,8 @@ def gated_forward(
     the scoring pass and waits for nothing else, so the host stays ahead of the device; the metric
     averages then stay on the device until ``metrics()`` asks. Otherwise the read follows the
     scoring pass and brings the valid and bad-target counts, the confidence and the metric sums
-    (and sequence_aware's kept ranks) together. Importance and top-k at a ratio the host knows
-    read nothing: their kernels take n and k from the scoring pass's partial sums on the device
+    (and sequence_aware's kept ranks) together. Importance, top-k and stratified at a ratio the
+    host knows read nothing: their kernels take n and k from the scoring pass's partial sums on the device
     (``_at_ratio``, where they may run as one replayed CUDA graph), whose copy to the host, queued
     behind them, is read by a later call's target check (``PendingTargetCheck``) and by
     ``metrics()``.
@@ -552,13 +552,14 @@ def _at_ratio_kernels(
     strata_keys: Tensor | None = None,
 ) -> dict[str, Tensor]:
     """``_at_ratio``'s work on the device, no host read: the scoring pass, the difficulty and the
-    partial sums, the difficulty order, then importance's draw or top-k's rank, and the loss.
+    partial sums, the difficulty order, then importance's draw, top-k's rank or stratified's
+    permutation with its drawn rows first (standing in for top-k's order and rank), and the loss.
     ``noise``, ``keys_u`` and ``strata_keys``: the call's random numbers (random scoring's, the
     importance draw's, stratified's);
     ``address``: where the scoring pass reads the logits (a graph's input; None: ``logits``' own
     address). Returns the loss, lse and row scale
     (the backward's), the partial sums, and importance's figures (and its rows where
-    ``list_rows``) or top-k's difficulty order."""
+    ``list_rows``) or top-k's difficulty order (stratified's permutation)."""
     V = logits.shape[-1]
     ls = float(spec.label_smoothing)
     scoring = SCORINGS[config.scoring]

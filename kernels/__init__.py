@@ -314,8 +314,11 @@ def strata_at_ratio(counts: Tensor, ratio: float, num_strata: int) -> Tensor:
     ratio = float(ratio)
     if not 0.0 <= ratio <= 1.0:
         raise ValueError(f"cggr_hook: strata_at_ratio needs a ratio in [0, 1], got {ratio}")
-    if not isinstance(num_strata, int) or num_strata < 1:
-        raise ValueError(f"cggr_hook: num_strata must be a whole number >= 1, got {num_strata!r}")
+    if not isinstance(num_strata, int) or not 1 <= num_strata <= spec.MAX_STRATA:
+        raise ValueError(
+            f"cggr_hook: strata_at_ratio handles num_strata from 1 to {spec.MAX_STRATA}, got {num_strata!r}; "
+            "a selection with more buckets reads n on the host (selection.choose_rows)"
+        )
     return _run("strata_at_ratio", counts, counts, ratio, num_strata)
 
 

@@ -74,8 +74,8 @@ def keep_count(ratio: float, n_valid: int) -> int:
     return min(n_valid, max(1, int(math.floor(float(ratio) * float(n_valid) + KEEP_HALF))))
 
 
-# buckets whose quotas a kernel computes on the device (``strata.strata_at_ratio``: one program, its
-# rounds and picks loop over the buckets); a larger num_strata has n read on the host
+# buckets whose quotas a kernel computes on the device (``strata.strata_at_ratio``: one program, a
+# round a bucket at most and the buckets compared pairwise); a larger num_strata has n read on the host
 MAX_STRATA = 64
 
 

@@ -36,7 +36,7 @@ class _StandInGraph:
 
     def replay(self):
         self.replays += 1
-        out = self.compute(self.entry.inputs, None)
+        out = self.compute(self.entry.inputs, self.entry.generator)
         for (_, start, n, dtype, shape), t in zip(self.entry.layout, out.values(), strict=True):
             capture._view(self.entry.flat, start, n, dtype, shape).copy_(t)
 
@@ -55,10 +55,11 @@ def stand_in(monkeypatch):
 
     def fake_capture(key, device, fill, compute, generation, seed):
         inputs = fill(None)
-        result = compute(inputs, None)
+        generator = None if seed is None else capture.seeded(device, seed)
+        result = compute(inputs, generator)
         graph = _StandInGraph(compute)
-        flat, layout = capture._pack(compute(inputs, None), device)
-        graph.entry = capture._Entry(graph, inputs, flat, layout)  # pyright: ignore[reportArgumentType]
+        flat, layout = capture._pack(compute(inputs, generator), device)
+        graph.entry = capture._Entry(graph, inputs, flat, layout, generator=generator)  # pyright: ignore[reportArgumentType]
         if hasattr(fake_capture, "during"):
             fake_capture.during()  # what another thread does meanwhile
         capture._keep(key, graph.entry, generation)
@@ -111,6 +112,63 @@ def test_a_key_is_captured_once_it_repeats_and_then_replayed(stand_in):
         assert r["loss"].untyped_storage().nbytes() == 4
         assert r["rows"].untyped_storage().data_ptr() == r["sums"].untyped_storage().data_ptr()
     assert capture.count() == 1
+
+
+def test_a_replay_draws_what_an_eager_call_of_its_seed_draws(stand_in):
+    """Each call draws from a generator seeded with its own seed: the eager calls from a new one,
+    the replays from the graph's, seeded again before each replay (without that, a replay would
+    go on from where the last one stopped)."""
+    cpu = torch.device("cpu")
+
+    def eager():
+        return {"r": torch.zeros(1)}
+
+    def fill(into):
+        return into if into is not None else {"r": torch.zeros(1)}
+
+    def compute(inputs, gen):
+        return {"loss": torch.rand(3, generator=gen).sum() + inputs["r"][0], "draw": torch.rand(4, generator=gen)}
+
+    for seed in (11, 12, 13, 14, 15, 16):
+        got = capture.replayed(("k",), cpu, eager, fill, compute, alone=("loss",), seed=seed)
+        g = capture.seeded(cpu, seed)
+        assert torch.equal(got["loss"], torch.rand(3, generator=g).sum()), seed
+        assert torch.equal(got["draw"], torch.rand(4, generator=g)), seed
+    assert len(stand_in) == 1 and stand_in[0].replays == 3
+
+
+class _Event:
+    def __init__(self):
+        self.waits = 0
+
+    def synchronize(self):
+        self.waits += 1
+
+
+def _entry_last_replayed_on(stream, home="home"):
+    entry = capture._Entry(None, {}, torch.empty(1, dtype=torch.uint8), [])  # pyright: ignore[reportArgumentType]
+    entry.done, entry.stream, entry.home = _Event(), stream, home  # pyright: ignore[reportAttributeAccessIssue]
+    return entry
+
+
+def test_a_graph_dropped_after_a_replay_on_another_stream_waits_for_it(monkeypatch):
+    """Dropping a graph (clear(), or eviction past MAX_GRAPHS) whose last replay ran on another
+    stream than its home one waits for that replay on the host before its memory (its pool, its
+    generator's seed and offset) can be handed out; one last replayed on its home stream does not
+    wait (the allocator orders a reuse there by itself)."""
+    foreign, home = _entry_last_replayed_on("other"), _entry_last_replayed_on("home")
+    with capture._lock:
+        capture._graphs[("foreign",)], capture._graphs[("home",)] = foreign, home
+    capture.clear()
+    assert (foreign.done.waits, home.done.waits) == (1, 0)  # pyright: ignore[reportOptionalMemberAccess, reportAttributeAccessIssue]
+
+    monkeypatch.setattr(capture, "MAX_GRAPHS", 2)
+    oldest, middle = _entry_last_replayed_on("other"), _entry_last_replayed_on("other")
+    capture._keep(("a",), oldest, capture._generation)
+    capture._keep(("b",), middle, capture._generation)
+    capture._keep(("c",), _entry_last_replayed_on("home"), capture._generation)  # evicts ("a",)
+    assert (oldest.done.waits, middle.done.waits) == (1, 0)  # pyright: ignore[reportOptionalMemberAccess, reportAttributeAccessIssue]
+    capture.clear()
 
 
 def test_at_most_max_graphs_keys_are_kept(stand_in):

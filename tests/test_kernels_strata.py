@@ -76,8 +76,12 @@ def test_quota_arguments_are_checked():
     counts = partial_counts(10, parts=2, kind="target_counts", seed=0)
     with pytest.raises(ValueError, match="ratio in \\[0, 1\\]"):
         K.strata_at_ratio(counts, 1.5, 4)
-    with pytest.raises(ValueError, match="num_strata must be a whole number >= 1"):
-        K.strata_at_ratio(counts, 0.5, 0)
+    for backend in ("torch", "triton"):  # the same limit on both backends
+        force_backend(backend)
+        for bad in (0, spec.MAX_STRATA + 1):
+            with pytest.raises(ValueError, match=f"num_strata from 1 to {spec.MAX_STRATA}, got {bad}"):
+                K.strata_at_ratio(counts, 0.5, bad)
+    force_backend("triton")
     with pytest.raises(ValueError, match=f"1 to {spec.MAX_STRATA} buckets"):
         strata.strata_at_ratio(counts, 0.5, spec.MAX_STRATA + 1)
     with pytest.raises(ValueError, match="cggr_hook: counts"):
