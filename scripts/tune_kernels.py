@@ -310,6 +310,13 @@ def rank_sweep(log) -> dict:
     return res
 
 
+def _shape_table_head(log, what: str, shapes) -> None:
+    """The head of a table of one kernel's times by (block, warps), a row per N."""
+    log("")
+    log("| N | " + " | ".join(f"{what} {b}x{w} us" for b, w in shapes) + " |")
+    log("|---|" + "---|" * len(shapes))
+
+
 LOSS_SHAPES = [(1024, 4), (2048, 8), (4096, 8), (4096, 16), (8192, 16)]
 
 
@@ -317,9 +324,7 @@ def loss_sweep(log) -> dict:
     """``selected_loss`` (one program; 'mean' walks the rows twice) by block and warps, 25% selected."""
     res: dict = {}
     shipped = (gated_ce.LOSS_BLOCK, gated_ce.LOSS_WARPS)
-    log("")
-    log("| N | " + " | ".join(f"selected_loss {b}x{w} us" for b, w in LOSS_SHAPES) + " |")
-    log("|---|" + "---|" * len(LOSS_SHAPES))
+    _shape_table_head(log, "selected_loss", LOSS_SHAPES)
     for N in (8192, 65536):
         gen = torch.Generator(device="cuda").manual_seed(N)
         stats = reference.RowStats(*(torch.rand(N, device="cuda", generator=gen) for _ in range(5)))
@@ -348,9 +353,7 @@ def draw_sweep(log) -> dict:
     (half of them with tied scores), then timed on the first."""
     res: dict = {}
     shipped = (importance.BLOCK, importance.NUM_WARPS)
-    log("")
-    log("| N | " + " | ".join(f"draw {b}x{w} us" for b, w in DRAW_SHAPES) + " |")
-    log("|---|" + "---|" * len(DRAW_SHAPES))
+    _shape_table_head(log, "draw", DRAW_SHAPES)
     for N in (8192, 65536):
         cases = []  # 20 inputs: uniform scores, and ties (scores on a coarse grid)
         for seed in range(20):

@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from cggr_hook import GateConfig, selection
+from cggr_hook.kernels import spec as kernels_spec
 
 NEG_INF = -math.inf
 
@@ -485,6 +486,25 @@ def test_selection_at_a_ratio_is_the_selection_with_the_counts_read(
     for key in ("tokens_total", "tokens_selected", "token_ratio", "avg_confidence", "avg_entropy", "avg_difficulty"):
         assert m_dev[key] == pytest.approx(m_host[key], rel=1e-12), key
     assert "_keep_ratio" not in m_dev
+
+
+@pytest.mark.parametrize("num_strata, reads", [(kernels_spec.MAX_STRATA, False), (kernels_spec.MAX_STRATA + 1, True)])
+def test_stratified_past_max_strata_reads_the_counts(num_strata, reads, monkeypatch):
+    """Up to ``spec.MAX_STRATA`` buckets the quotas are computed on the device (no target count
+    launched, nothing read); past it the call reads n on the host, and gives the same loss."""
+    import cggr_hook
+    from cggr_hook import kernels, pipeline
+
+    kernels.force_backend("torch")
+    logits, targets = _topk_inputs(seed=8)
+    real_counts = kernels.target_counts
+    counted = []
+    monkeypatch.setattr(kernels, "target_counts", lambda *a: counted.append(1) or real_counts(*a))
+    opts = dict(selection="stratified", num_strata=num_strata, min_tokens_ratio=0.4, **FIXED)
+    loss = cggr_hook.CGGRLoss(**opts)(logits, targets)
+    assert counted == ([1] if reads else [])
+    monkeypatch.setattr(pipeline, "at_ratio", lambda *a: False)
+    torch.testing.assert_close(loss, cggr_hook.CGGRLoss(**opts)(logits, targets), rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
