@@ -345,7 +345,7 @@ def importance_draw_at_ratio(
     weights as ``importance_draw`` given n and k, with ``rows`` listed in ``capacity`` slots (the
     drawn ones first; the rest carry no weight) and nothing read on the host
     (``kernels.importance_draw_at_ratio``). ``keys_u``: ``random_keys`` of the call's generator,
-    drawn by the caller (before a replayed graph that reads them)."""
+    drawn by the caller (inside a replayed graph, from the graph's generator)."""
     keys, u = keys_u
     perm = kernels.ascending_order(keys)  # the valid rows' keys are the first n: their order is kept
     return kernels.importance_draw_at_ratio(

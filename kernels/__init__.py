@@ -308,8 +308,8 @@ def strata_at_ratio(counts: Tensor, ratio: float, num_strata: int) -> Tensor:
     """``stratified`` selection's quotas at a ratio the host knows, n counted on the device:
     int64 (num_strata + 1,), the buckets' quotas (``spec.strata_quotas(n, keep_count(ratio, n),
     num_strata)``, hardest first, zeros past min(num_strata, n)) and then n, the sum of
-    ``counts``' first column (``target_counts``' or ``row_difficulty``'s partials). No host
-    synchronisation on Triton (up to ``strata.MAX_STRATA`` buckets)."""
+    ``counts``' first column (``target_counts``' or ``row_difficulty``'s partials). Up to
+    ``spec.MAX_STRATA`` buckets on either backend; no host synchronisation on Triton."""
     _check_counts(counts)
     ratio = float(ratio)
     if not 0.0 <= ratio <= 1.0:
