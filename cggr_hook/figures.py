@@ -3,8 +3,8 @@
 The gated forward (``pipeline.py``) builds them. A call whose host read did not need them leaves its
 metric sums (``"_sums"``) and its importance draw's figures (``"_draw"``) on the device, as
 ``pipeline.HostRead``s whose events follow the kernels that wrote them; ``resolve`` reads them when
-somebody asks. Top-k at a fixed ratio leaves n and k there too: n in the sums, k =
-``keep_count("_keep_ratio", n)``.
+somebody asks. A selection at a fixed ratio leaves n and k there too: n in the sums, k =
+``keep_count("_keep_ratio", n)``, or sequence_aware's own count (``"_selected"``).
 """
 
 from __future__ import annotations
@@ -74,9 +74,11 @@ def resolve(m: dict) -> dict:
         host = m.pop("_sums").values()
         sums = add_partials(host, len(host))
         ratio = m.pop("_keep_ratio", None)
-        if ratio is not None and "tokens_total" not in m:  # top-k at a ratio: n and k on the device
+        selected = m.pop("_selected", None)
+        if ratio is not None and "tokens_total" not in m:  # a selection at a ratio: n and k on the device
             n = int(sums[0])
-            k = keep_count(ratio, n)
+            # (sequence_aware's kernel counted its selection, the top k and the rows every sequence keeps)
+            k = int(selected.values()[0]) if selected is not None else keep_count(ratio, n)
             m.update(token_ratio=k / n if n else 0.0, tokens_selected=k, tokens_total=n)
         m.update(averages(sums, m["tokens_total"]))
     if draw is not None:

@@ -266,18 +266,18 @@ def gated_forward(
     auto = cands is not None  # the fraction is chosen by measured step time (auto.py)
     # the host's one read is of target counts queued before the scoring pass, when the ratio cannot
     # depend on what that pass finds
-    counts_first = (auto or not config.dynamic_threshold) and not strategy.per_sequence
     # where this call keeps every valid row whatever the counts say, the selection needs no
-    # difficulty order
-    every_row = not strategy.per_sequence and scheduler.keeps_every_row(config, key)
-    # importance, top-k or stratified at a ratio the host knows reads nothing: its kernels count n
-    # from the scoring pass's partial sums, which also carry the bad targets, so it needs no counts of its own
-    device_k = at_ratio(config, strategy, auto, counts_first, every_row) and N > 0 and device_k_pays(key, need_rows)
+    # difficulty order (nor sequence_aware's kept rows: the top n holds them)
+    every_row = scheduler.keeps_every_row(config, key)
+    counts_first = (auto or not config.dynamic_threshold) and (every_row or not strategy.per_sequence)
+    # a selection at a ratio the host knows reads nothing: its kernels count n from the scoring
+    # pass's partial sums, which also carry the bad targets, so it needs no counts of its own
+    device_k = at_ratio(config, strategy, auto, every_row) and N > 0 and device_k_pays(key, need_rows)
     PendingTargetCheck.poll()  # an earlier call's bad targets, where the copy of its counts is in
     if device_k:
-        # importance, top-k or stratified at a ratio the host knows: n and k are counted on the
-        # device, nothing is read, and the kernels may run as one replayed CUDA graph
-        return _at_ratio(logits, targets, config, scheduler, key, spec, param_ids, need_rows)
+        # n and k are counted on the device, nothing is read, and the kernels may run as one
+        # replayed CUDA graph
+        return _at_ratio(logits, targets, config, scheduler, key, spec, param_ids, need_rows, seq)
     counts_t = kernels.target_counts(targets, V, ignore_index) if counts_first and not device_k else None
     counts = HostRead(counts_t.reshape(-1)) if counts_t is not None else None
     # an auto gate's noise-measuring step needs every row's gradient norm, whatever the scoring
@@ -323,7 +323,8 @@ def gated_forward(
     n_sel = selection.count_selected(config, k, N, keep_ranks)
     draw = row_weight = None
     if ranking is None and k < n_valid:  # not expected (the ratio is 1.0): rank after all
-        ranking = selection.rank_rows(diff, None, config, seq)
+        valid = target_masks(targets, V, ignore_index)[0] if strategy.per_sequence else None
+        ranking = selection.rank_rows(diff, valid, config, seq)
     dense = need_rows and dense_rows(logits, N, n_sel)
     if dense and not probe:
         need_rows = False  # the gradient runs over every row; the noise probe reads the rows
@@ -386,19 +387,17 @@ def gated_forward(
     return GatedForward(loss, values, BackwardPlan(stats.lse, row_scale, rows, order, noise, dense))
 
 
-def at_ratio(
-    config: GateConfig, strategy: selection.Selection, auto: bool, counts_first: bool, every_row: bool
-) -> bool:
-    """Whether a call selects by importance, top-k or stratified (up to ``spec.MAX_STRATA``
-    buckets) at a ratio the host knows before the scoring pass (a fixed ratio or its curriculum: no
-    dynamic threshold, not auto), so that n and k can be counted on the device (``_at_ratio``) and
-    the call reads nothing on the host."""
+def at_ratio(config: GateConfig, strategy: selection.Selection, auto: bool, every_row: bool) -> bool:
+    """Whether a call selects by importance, top-k, sequence_aware or stratified (up to
+    ``spec.MAX_STRATA`` buckets) below every row at a ratio the host knows before the scoring pass
+    (a fixed ratio or its curriculum: no dynamic threshold, not auto), so that n and k can be
+    counted on the device (``_at_ratio``) and the call reads nothing on the host."""
     selects_at_k = (
         strategy.weighted
-        or config.selection == "topk"
+        or config.selection in ("topk", "sequence_aware")
         or (config.selection == "stratified" and config.num_strata <= kernels.spec.MAX_STRATA)
     )
-    return selects_at_k and counts_first and not auto and not every_row
+    return selects_at_k and not config.dynamic_threshold and not auto and not every_row
 
 
 def _at_ratio(
@@ -410,8 +409,9 @@ def _at_ratio(
     spec: LossSpec,
     param_ids: frozenset[int],
     need_rows: bool,
+    seq: int | tuple[Tensor, int] | None = None,
 ) -> GatedForward:
-    """``gated_forward`` for importance, top-k or stratified at a ratio the host knows (``at_ratio``): nothing
+    """``gated_forward`` for importance, top-k, sequence_aware or stratified at a ratio the host knows (``at_ratio``): nothing
     is read on the host, so the kernels (``_at_ratio_kernels``) are a fixed sequence of launches,
     replayed as one CUDA graph where ``config.cuda_graphs`` allows (``capture.replayed``).
 
@@ -422,6 +422,9 @@ def _at_ratio(
     and a head gradient runs over the difficulty order's first K rows, those past k scaled by 0.
     Stratified computes its buckets' quotas on the device (``kernels.strata_at_ratio``) and puts
     its drawn rows first in a permutation of the rows that then stands in for top-k's order.
+    sequence_aware hands the loss kernel the rows every sequence keeps (``selection.sequence_keep``)
+    to select besides rank < k, and the kernel writes the union's size; a head gradient runs over
+    K + sequences x min_tokens_per_sequence rows of an order with the kept rows first.
     The figures (n, k, the averages) stay on the device until ``metrics()`` asks. The partial
     sums' copy to the host is the target check's too: a bad target raises here where that copy is
     already done (on a CPU, always), else at a later call (``PendingTargetCheck``); this call's
@@ -436,6 +439,9 @@ def _at_ratio(
     # (begin_call below returns it)
     ratio = curriculum_ratio(scheduler.step_count, config)
     capacity = tokens_to_keep(ratio, N)
+    per_sequence = config.selection == "sequence_aware"
+    if per_sequence:  # the kept rows past the top K, at most min_tokens_per_sequence a sequence
+        capacity = min(N, capacity + selection.sequences(seq, N) * config.min_tokens_per_sequence)
     dense = need_rows and dense_rows(logits, N, capacity)
     step, call = scheduler.step_count, scheduler.calls_in_step
     # the call's random numbers come from a generator seeded by (seed, step, call); drawn inside the
@@ -474,6 +480,7 @@ def _at_ratio(
             keys_u,
             inputs.get("address"),
             strata_keys,
+            seq,
         )
 
     # a curriculum's warm-up gives every step its own ratio, hence its own graph: graphs from its end on
@@ -484,6 +491,7 @@ def _at_ratio(
         and kernels.backend_for(logits) == "triton"
         and not kernels.reads_by_descriptor(logits)
         and (seed is None or capture.GRAPH_SAFE_RNG)
+        and not isinstance(seq, tuple)  # (per-row sequence ids: a call's own tensor)
     ):
         flat_t = targets.reshape(-1)
         graph_key = (
@@ -503,6 +511,7 @@ def _at_ratio(
             config.selection,
             config.importance_floor,
             config.num_strata,
+            (config.min_tokens_per_sequence, seq) if per_sequence else None,
             ratio,
             need_rows and not dense,
         )
@@ -531,6 +540,8 @@ def _at_ratio(
         plan = BackwardPlan(out["lse"], out["row_scale"], out.get("rows"), None, None, dense)
     else:
         values["_keep_ratio"] = ratio  # k = keep_count(_keep_ratio, n), n from _sums: read when asked
+        if per_sequence:  # the selection's size, which the kernel counted
+            values["_selected"] = HostRead(out["selected"], now=False)
         order = out["order"]
         rows = None if dense or not need_rows else order[:capacity]
         plan = BackwardPlan(out["lse"], out["row_scale"], rows, order, None, dense)
@@ -550,6 +561,7 @@ def _at_ratio_kernels(
     keys_u: tuple[Tensor, Tensor] | None,
     address: Tensor | None = None,
     strata_keys: Tensor | None = None,
+    seq: int | tuple[Tensor, int] | None = None,
 ) -> dict[str, Tensor]:
     """``_at_ratio``'s work on the device, no host read: the scoring pass, the difficulty and the
     partial sums, the difficulty order, then importance's draw, top-k's rank or stratified's
@@ -557,7 +569,7 @@ def _at_ratio_kernels(
     ``noise``, ``keys_u`` and ``strata_keys``: the call's random numbers (random scoring's, the
     importance draw's, stratified's);
     ``address``: where the scoring pass reads the logits (a graph's input; None: ``logits``' own
-    address). Returns the loss, lse and row scale
+    address); ``seq``: the rows' sequences (sequence_aware). Returns the loss, lse and row scale
     (the backward's), the partial sums, and importance's figures (and its rows where
     ``list_rows``) or top-k's difficulty order (stratified's permutation)."""
     V = logits.shape[-1]
@@ -606,8 +618,30 @@ def _at_ratio_kernels(
             order, rank = selection.stratified_at_ratio(
                 selection.Ranking(order, rank), strata, cast(Tensor, strata_keys), config.num_strata
             )
+        keep = selected = None
+        if config.selection == "sequence_aware":
+            valid = target_masks(targets, V, spec.ignore_index)[0]
+            keep = selection.sequence_keep(order, valid, config.min_tokens_per_sequence, seq)
+            selected = out["selected"] = torch.empty(1, dtype=torch.int64, device=targets.device)
+            if list_rows:
+                # the kept rows first, then the rest by rank: the first K + (kept rows) of this order
+                # hold the union of the top k and the kept rows
+                order = torch.sort(rank + targets.numel() * (~keep).long()).indices
         loss, row_scale = kernels.selected_loss(
-            stats, targets, V, rank, 0, 0, 0, spec.reduction, ls, spec.weight, counts=partial, ratio=ratio
+            stats,
+            targets,
+            V,
+            rank,
+            0,
+            0,
+            0,
+            spec.reduction,
+            ls,
+            spec.weight,
+            counts=partial,
+            ratio=ratio,
+            keep=keep,
+            selected=selected,
         )
         out["order"] = order
     out["loss"], out["row_scale"] = loss, row_scale

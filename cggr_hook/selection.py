@@ -69,13 +69,44 @@ def rank_rows(diff: Tensor, valid: Tensor | None, config: GateConfig, seq: int |
     ``seq`` says which sequence each row belongs to, for ``sequence_aware``: an int (rows per
     sequence, rows in order), a pair (int64 per-row sequence ids, number of sequences), or None
     (one sequence)."""
-    N = diff.numel()
-    dev = diff.device
     # the order and each row's rank in it: top-k is then ``rank < k``, with k known only after the sync
     order, rank = kernels.difficulty_rank(diff)
     if not SELECTIONS[config.selection].per_sequence:
         return Ranking(order, rank)
+    N = order.numel()
     m = config.min_tokens_per_sequence
+    seq_id, pos_in_seq, n_seq = _sequence_places(order, seq)
+    keep = cast(Tensor, valid) & (pos_in_seq < m)
+    # a fixed-size vector (n_seq * m) of the kept rows' global ranks, padded with N, for the host
+    # to count the selection; rows not kept scatter into one spare slot past the end (no boolean
+    # indexing: that would sync)
+    spare = n_seq * m
+    slot = torch.where(keep, seq_id * m + pos_in_seq, torch.full_like(seq_id, spare))
+    keep_ranks = torch.full((spare + 1,), N, dtype=torch.long, device=order.device)
+    keep_ranks.scatter_(0, slot, torch.where(keep, rank, torch.full_like(rank, N)))
+    return Ranking(order, rank, keep, keep_ranks[:spare])
+
+
+def sequences(seq: int | tuple[Tensor, int] | None, n_rows: int) -> int:
+    """The number of sequences ``seq`` (``rank_rows``) splits ``n_rows`` rows into."""
+    if isinstance(seq, tuple):
+        return int(seq[1])
+    L = seq if seq else max(n_rows, 1)
+    return (n_rows + L - 1) // L
+
+
+def sequence_keep(order: Tensor, valid: Tensor, m: int, seq: int | tuple[Tensor, int] | None) -> Tensor:
+    """``sequence_aware``'s rows that every sequence keeps whatever k is, the ``m`` hardest valid
+    rows of each (``order``: the difficulty order; ``seq`` as ``rank_rows`` takes it), bool (N,);
+    device operations of fixed sizes only, nothing read on the host."""
+    return valid & (_sequence_places(order, seq)[1] < m)
+
+
+def _sequence_places(order: Tensor, seq: int | tuple[Tensor, int] | None) -> tuple[Tensor, Tensor, int]:
+    """(seq_id, pos_in_seq, n_seq): each row's sequence, its place in its sequence's difficulty
+    order (0 the hardest), and the number of sequences."""
+    N = order.numel()
+    dev = order.device
     if isinstance(seq, tuple):
         seq_id, n_seq = seq[0].to(device=dev, dtype=torch.long), int(seq[1])
     else:
@@ -89,15 +120,7 @@ def rank_rows(diff: Tensor, valid: Tensor | None, config: GateConfig, seq: int |
     starts = torch.cumsum(counts, 0) - counts
     pos_in_seq = torch.empty_like(order)
     pos_in_seq[by_seq] = torch.arange(N, device=dev) - starts[seq_id[by_seq]]
-    keep = cast(Tensor, valid) & (pos_in_seq < m)
-    # a fixed-size vector (n_seq * m) of the kept rows' global ranks, padded with N; rows not kept
-    # scatter into one spare slot past the end (no boolean indexing: that would sync)
-    spare = n_seq * m
-    slot = torch.where(keep, seq_id * m + pos_in_seq, torch.full_like(seq_id, spare))
-    keep_ranks = torch.full((spare + 1,), N, dtype=torch.long, device=dev)
-    keep_ranks.scatter_(0, slot, torch.where(keep, rank, torch.full_like(rank, N)))
-    keep_ranks = keep_ranks[:spare]
-    return Ranking(order, rank, keep, keep_ranks)
+    return seq_id, pos_in_seq, n_seq
 
 
 def count_selected(config: GateConfig, k: int, n_rows: int, keep_ranks: list[int] | None) -> int:

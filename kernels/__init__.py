@@ -345,17 +345,29 @@ def selected_loss(
     count: Tensor | None = None,
     counts: Tensor | None = None,
     ratio: float = 0.0,
+    keep: Tensor | None = None,
+    selected: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """(loss, row_scale): the gated loss of the rows with ``sel_key < sel_k`` and d loss / d ce_r
     of every row, fp32 (N,); ``row_weight`` (fp32 (N,)): each selected row's own factor in place
     of the reduction's; ``count``: with it, the valid rows' number as a float64 device scalar (the
     mean is NaN where it is 0); ``counts`` and ``ratio``: n_valid, sel_k and n_selected counted
-    on the device from partial counts (their first column) as n and ``spec.keep_count(ratio, n)``
-    (``reference.selected_loss``)."""
+    on the device from partial counts (their first column) as n and ``spec.keep_count(ratio, n)``;
+    ``keep`` (bool (N,), with ``counts``, without ``row_weight``): rows selected besides those,
+    the union's size written into ``selected`` (int64 (1,)) (``reference.selected_loss``)."""
     if counts is not None:
         _check_counts(counts)
         if not 0.0 <= float(ratio) <= 1.0:
             raise ValueError(f"cggr_hook: selected_loss needs a ratio in [0, 1] with counts, got {ratio}")
+    if keep is not None:
+        N = targets.numel()
+        if keep.dtype != torch.bool or keep.shape != (N,) or keep.device != sel_key.device:
+            raise ValueError(
+                f"cggr_hook: keep must be a bool tensor of shape ({N},) on {sel_key.device}, got {keep.dtype} of "
+                f"shape {tuple(keep.shape)} on {keep.device}"
+            )
+        if selected is None or selected.dtype != torch.int64 or selected.numel() != 1:
+            raise ValueError("cggr_hook: selected_loss with keep needs selected, an int64 tensor of one element")
     return _run(
         "selected_loss",
         stats.lse,
@@ -373,6 +385,8 @@ def selected_loss(
         count,
         counts,
         float(ratio),
+        keep,
+        selected,
     )
 
 

@@ -475,6 +475,8 @@ def _selected_loss_kernel(
     rw_ptr,
     count_ptr,
     counts_ptr,
+    keep_ptr,
+    selected_ptr,
     loss_ptr,
     scale_ptr,
     N,
@@ -494,11 +496,13 @@ def _selected_loss_kernel(
     HAS_ROW_WEIGHT: tl.constexpr,
     HAS_COUNT: tl.constexpr,
     DEVICE_K: tl.constexpr,
+    HAS_KEEP: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     offs = tl.arange(0, BLOCK)
     total = tl.sum(tl.zeros([BLOCK], tl.float32), axis=0)
     denom = tl.sum(tl.zeros([BLOCK], tl.float32), axis=0)
+    n_sel = tl.sum(tl.zeros([BLOCK], tl.int64), axis=0)
     if DEVICE_K:
         # top-k at a ratio the host knows: n from the partial counts' first column, k =
         # keep_count(ratio, n) in float64 as spec.keep_count computes it, the sum's factor n / k
@@ -507,6 +511,7 @@ def _selected_loss_kernel(
         sel_k = k64
         factor = tl.where(k64 > 0, n64.to(tl.float64) / tl.maximum(k64, 1).to(tl.float64), 0.0).to(tl.float32)
     else:
+        n64 = tl.zeros([], tl.int64)
         sel_k = sel_k_arg
         factor = factor_arg
     if HAS_WEIGHT:
@@ -516,6 +521,9 @@ def _selected_loss_kernel(
         rows = start + offs
         inside = rows < N
         sel = inside & (tl.load(key_ptr + rows, mask=inside, other=0) < sel_k)
+        if HAS_KEEP:
+            sel = sel | (inside & (tl.load(keep_ptr + rows, mask=inside, other=0) != 0))
+            n_sel += tl.sum(sel.to(tl.int64), axis=0)
         if HAS_WEIGHT:
             tgt = tl.load(tgt_ptr + rows.to(tl.int64) * stride_tgt, mask=sel, other=0).to(tl.int64)
             w_t = tl.load(w_ptr + tgt, mask=sel, other=0.0).to(tl.float32)
@@ -543,21 +551,33 @@ def _selected_loss_kernel(
         else:
             total += tl.sum(ce, axis=0)
             denom += tl.sum(w_t, axis=0)
-            if REDUCTION == 1:
+            if REDUCTION == 1 and not HAS_KEEP:
                 tl.store(scale_ptr + rows, tl.where(sel, factor, 0.0), mask=inside)
+    if HAS_KEEP:
+        # sequence_aware: the rows every sequence keeps joined the top k; the sum's factor is n over
+        # the union's size, known only now
+        tl.store(selected_ptr, n_sel)
+        if REDUCTION == 1:
+            factor = tl.where(n_sel > 0, n64.to(tl.float64) / tl.maximum(n_sel, 1).to(tl.float64), 0.0).to(tl.float32)
     if HAS_ROW_WEIGHT:
         if REDUCTION == 0 and HAS_COUNT:  # the mean over no valid row: NaN, as torch gives
             total = tl.where(tl.load(count_ptr) == 0, float("nan"), total)
         if REDUCTION != 2:
             tl.store(loss_ptr, total)
-    elif REDUCTION == 0:
-        tl.store(loss_ptr, total / denom)
-        inv = 1.0 / denom
-        # a second walk writes the scale now that the denominator is known
+    elif REDUCTION == 0 or (REDUCTION == 1 and HAS_KEEP):
+        if REDUCTION == 0:
+            tl.store(loss_ptr, total / denom)
+            inv = 1.0 / denom
+        else:
+            tl.store(loss_ptr, total * factor)
+            inv = factor
+        # a second walk writes the scale now that the denominator (the factor) is known
         for start in range(0, N, BLOCK):
             rows = start + offs
             inside = rows < N
             sel = inside & (tl.load(key_ptr + rows, mask=inside, other=0) < sel_k)
+            if HAS_KEEP:
+                sel = sel | (inside & (tl.load(keep_ptr + rows, mask=inside, other=0) != 0))
             tl.store(scale_ptr + rows, tl.where(sel, inv, 0.0), mask=inside)
     elif REDUCTION == 1:
         tl.store(loss_ptr, total * factor)
@@ -578,12 +598,20 @@ def selected_loss(
     count: Tensor | None = None,
     counts: Tensor | None = None,
     ratio: float = 0.0,
+    keep: Tensor | None = None,
+    selected: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """The gated loss of the selected rows (``sel_key < sel_k``) and ``row_scale`` (N,), each
     selected row weighted by ``row_weight`` when given: see ``reference.selected_loss``. With
     ``counts`` (partial counts whose first column counts the valid targets), n, k =
     ``spec.keep_count(ratio, n)`` and the sum's factor n / k are taken on the device in place of
-    ``n_valid``, ``sel_k`` and ``n_selected``. One program, one launch; sums in a fixed order."""
+    ``n_valid``, ``sel_k`` and ``n_selected``; ``keep`` (bool (N,)) adds its rows to those, the
+    union's size written to ``selected`` (int64 (1,)). One program, one launch; sums in a fixed
+    order."""
+    if keep is not None and (counts is None or selected is None or row_weight is not None):
+        raise ValueError(
+            "cggr_hook: selected_loss takes keep only with counts and a selected buffer, and without row_weight"
+        )
     check_reduction(reduction)
     N = targets.numel()
     dev = stats.lse.device
@@ -616,6 +644,8 @@ def selected_loss(
         row_weight.contiguous() if row_weight is not None else stats.lse,
         count if count is not None else stats.lse,
         counts if counts is not None else stats.lse,
+        keep.contiguous().view(torch.uint8) if keep is not None else stats.lse,
+        selected if selected is not None else stats.lse,
         loss,
         row_scale,
         N,
@@ -635,6 +665,7 @@ def selected_loss(
         HAS_ROW_WEIGHT=row_weight is not None,
         HAS_COUNT=count is not None,
         DEVICE_K=counts is not None,
+        HAS_KEEP=keep is not None,
         BLOCK=LOSS_BLOCK,
         num_warps=LOSS_WARPS,
         enable_fp_fusion=False,

@@ -8,6 +8,7 @@ chunks so the fp32 temporaries stay small.
 from __future__ import annotations
 
 import math
+from typing import cast
 
 import torch
 from torch import Tensor
@@ -248,6 +249,8 @@ def selected_loss(
     count: Tensor | None = None,
     counts: Tensor | None = None,
     ratio: float = 0.0,
+    keep: Tensor | None = None,
+    selected: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
     """The gated loss over the selected rows (``sel_key < sel_k``, ``n_selected`` of them) and
     ``row_scale``, d loss / d ce_r of every row (0 off the selection). Selected rows have valid
@@ -269,13 +272,27 @@ def selected_loss(
     ``row_difficulty``'s) with ``ratio``: a selection whose size the host does not know (top-k at
     a fixed ratio): n_valid = n of the counts, sel_k = n_selected = ``keep_count(ratio, n)``, in
     place of the arguments. This reference reads n on the host; the Triton kernel does not.
+
+    ``keep`` (bool (N,), with ``counts``): rows selected besides those of ``sel_key < sel_k``
+    (``sequence_aware``'s rows every sequence keeps, valid ones only); ``n_selected`` is then the
+    size of the union, written into ``selected`` (int64 (1,)), and the sum's factor is n / it.
     """
+    if keep is not None and (counts is None or selected is None or row_weight is not None):
+        raise ValueError(
+            "cggr_hook: selected_loss takes keep only with counts and a selected buffer, and without row_weight"
+        )
     if counts is not None:
         n_valid = int(counts[:, 0].sum())
         sel_k = n_selected = spec.keep_count(ratio, n_valid)
     N = targets.numel()
     dev = stats.lse.device
-    rows = selected_rows(sel_key, sel_k, n_selected)
+    if keep is not None:
+        mark = (sel_key < sel_k) | keep
+        n_selected = int(mark.sum())
+        cast(Tensor, selected).fill_(n_selected)
+        rows = selected_rows((~mark).to(torch.int8), 1, n_selected)
+    else:
+        rows = selected_rows(sel_key, sel_k, n_selected)
     ls = float(label_smoothing)
     if weight is None:
         w_t = torch.ones(n_selected, dtype=torch.float32, device=dev)

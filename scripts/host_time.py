@@ -93,6 +93,9 @@ def _cases(args, dev):
             scoring="combined", selection="topk", min_tokens_ratio=0.25, cuda_graphs=False
         ),
         "loss/cggr25 combined stratified": loss_case(scoring="combined", selection="stratified", min_tokens_ratio=0.25),
+        "loss/cggr25 combined sequence_aware": loss_case(
+            scoring="combined", selection="sequence_aware", min_tokens_ratio=0.25
+        ),
         "loss/cggr25 gradnorm importance": loss_case(scoring="gradnorm", selection="importance", min_tokens_ratio=0.25),
         "loss/cggr25 gradnorm importance, no graphs": loss_case(
             scoring="gradnorm", selection="importance", min_tokens_ratio=0.25, cuda_graphs=False

@@ -322,6 +322,8 @@ CASES = [
     dict(scoring="gradnorm", selection="importance", weight=True),
     dict(scoring="combined", selection="stratified"),
     dict(scoring="random", selection="stratified", num_strata=5, reduction="sum"),
+    dict(scoring="combined", selection="sequence_aware", min_tokens_per_sequence=3),
+    dict(scoring="gradnorm", selection="sequence_aware", reduction="sum", label_smoothing=0.1),
 ]
 
 
@@ -388,7 +390,7 @@ def test_results_kept_across_replays_are_each_calls_own():
 
 
 @gpu
-@pytest.mark.parametrize("selection", ["importance", "topk", "stratified"])
+@pytest.mark.parametrize("selection", ["importance", "topk", "stratified", "sequence_aware"])
 def test_a_gated_model_trains_the_same_with_graphs(selection):
     torch.manual_seed(0)
     base = TinyLM(vocab=1003, dim=64).cuda()

@@ -448,6 +448,67 @@ def test_selected_loss_with_k_counted_on_the_device_is_the_loss_with_k_given(
     assert torch.equal(got[1] != 0, rank < k)
 
 
+@pytest.mark.filterwarnings("ignore:divide by zero:RuntimeWarning")  # the interpreter's 0 / 0 of n = 0
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("options", [(0.0, False), (0.1, True)], ids=["plain", "smoothed_weighted"])
+@pytest.mark.parametrize(
+    "N, V, ratio, n_keep",
+    [(1, 3, 0.25, 1), (13, 5, 0.3, 0), (13, 5, 0.3, 4), (300, 37, 0.25, 40), (300, 37, 0.45, 300)],
+)
+def test_selected_loss_with_kept_rows_is_the_loss_of_the_union(reduction, options, N, V, ratio, n_keep, monkeypatch):
+    """sequence_aware at a fixed ratio: the rows of rank below k = keep_count(ratio, n) (n counted
+    on the device) joined by the rows of ``keep`` give the loss and row scales of that union given
+    as a key, bit for bit, with its size written to ``selected`` (the sum's factor n over it); the
+    reference agrees."""
+    monkeypatch.setattr(gated_ce, "LOSS_BLOCK", 64)
+    eps, with_weight = options
+    stats, targets, gen = loss_inputs(N, V, seed=N * 5 + n_keep, with_wsum=eps > 0)
+    w = (torch.rand(V, generator=gen) + 0.5).to(DEVICE) if with_weight else None
+    valid = targets != -100
+    n_valid = int(valid.sum())
+    order = torch.argsort(torch.where(valid, torch.rand(N, generator=gen).to(DEVICE), 2.0))
+    rank = torch.empty_like(order).scatter_(0, order, torch.arange(N, device=DEVICE))
+    keep = torch.zeros(N, dtype=torch.bool)
+    keep[torch.randperm(N, generator=gen)[:n_keep]] = True
+    keep = keep.to(DEVICE) & valid  # (kept rows are valid ones)
+    counts = torch.zeros(2, 2, dtype=torch.int64, device=DEVICE)
+    counts[0, 0], counts[1, 0] = n_valid // 2, n_valid - n_valid // 2
+    k = K.spec.keep_count(ratio, n_valid)
+    union = (rank < k) | keep
+    n_sel = int(union.sum())
+    key = (~union).to(torch.int64)
+    given = K.selected_loss(stats, targets, V, key, 1, n_sel, n_valid, reduction, eps, w)
+    sel_got = torch.full((1,), -1, dtype=torch.int64, device=DEVICE)
+    sel_want = torch.full((1,), -1, dtype=torch.int64, device=DEVICE)
+    got = K.selected_loss(
+        stats, targets, V, rank, 0, 0, 0, reduction, eps, w, counts=counts, ratio=ratio, keep=keep, selected=sel_got
+    )
+    want = reference.selected_loss(
+        stats, targets, V, rank, 0, 0, 0, reduction, eps, w, counts=counts, ratio=ratio, keep=keep, selected=sel_want
+    )
+    for g, h, r, name in zip(got, given, want, ("loss", "row_scale")):
+        torch.testing.assert_close(g, h, rtol=0, atol=0, equal_nan=True, msg=lambda m: f"{name}: {m}")
+        torch.testing.assert_close(g, r, rtol=2e-6, atol=1e-6, equal_nan=True, msg=lambda m: f"{name}: {m}")
+    assert torch.equal(got[1] != 0, union)
+    assert int(sel_got) == int(sel_want) == n_sel
+
+
+def test_selected_loss_keep_is_checked():
+    stats, targets, _ = loss_inputs(6, 5, seed=0, with_wsum=False)
+    rank = torch.arange(6, device=DEVICE)
+    counts = torch.zeros(1, 2, dtype=torch.int64, device=DEVICE)
+    keep = torch.zeros(6, dtype=torch.bool, device=DEVICE)
+    sel = torch.zeros(1, dtype=torch.int64, device=DEVICE)
+    with pytest.raises(ValueError, match="keep only with counts"):
+        K.selected_loss(stats, targets, 5, rank, 1, 1, 1, "mean", 0.0, None, keep=keep, selected=sel)
+    with pytest.raises(ValueError, match="selected, an int64"):
+        K.selected_loss(stats, targets, 5, rank, 0, 0, 0, "mean", 0.0, None, counts=counts, ratio=0.5, keep=keep)
+    with pytest.raises(ValueError, match="keep must be a bool tensor of shape \\(6,\\)"):
+        K.selected_loss(
+            stats, targets, 5, rank, 0, 0, 0, "mean", 0.0, None, counts=counts, ratio=0.5, keep=keep[:5], selected=sel
+        )
+
+
 def test_selected_loss_counts_are_checked():
     stats, targets, _ = loss_inputs(6, 5, seed=0, with_wsum=False)
     rank = torch.arange(6, device=DEVICE)

@@ -437,7 +437,12 @@ def _topk_inputs(seed, all_ignored=False):
     return logits, targets
 
 
-AT_RATIO = [dict(selection="topk"), dict(selection="stratified"), dict(selection="stratified", num_strata=7)]
+AT_RATIO = [
+    dict(selection="topk"),
+    dict(selection="stratified"),
+    dict(selection="stratified", num_strata=7),
+    dict(selection="sequence_aware", min_tokens_per_sequence=4),  # (more than the top k holds)
+]
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
@@ -449,9 +454,10 @@ AT_RATIO = [dict(selection="topk"), dict(selection="stratified"), dict(selection
 def test_selection_at_a_ratio_is_the_selection_with_the_counts_read(
     backend, reduction, weighted, smoothing, chosen, monkeypatch
 ):
-    """The same loss, gradient and figures whether top-k's or stratified's n and k are counted on
-    the device or read on the host first; on the device path no target count is launched and the
-    one copy to the host is the scoring pass's partial sums, read when the figures are asked for."""
+    """The same loss, gradient and figures whether top-k's, stratified's or sequence_aware's n and
+    k are counted on the device or read on the host first; on the device path no target count is
+    launched and nothing is read until the figures are asked for (the scoring pass's partial sums,
+    and sequence_aware's count of its selection)."""
     import cggr_hook
     from cggr_hook import kernels, pipeline
 
@@ -474,18 +480,21 @@ def test_selection_at_a_ratio_is_the_selection_with_the_counts_read(
         (loss * (torch.arange(loss.numel()).reshape(loss.shape) % 3 + 1)).sum().backward()
         if device_k:
             assert counted == [] and "tokens_total" not in crit._metrics and "_sums" in crit._metrics
-        else:
-            assert counted == [1]
+        else:  # (sequence_aware's read path reads the scoring pass's sums with its kept ranks instead)
+            assert counted == ([] if chosen["selection"] == "sequence_aware" else [1])
         out.append((loss.detach(), logits.grad.clone(), crit.get_metrics()))
     (l_dev, g_dev, m_dev), (l_host, g_host, m_host) = out
     torch.testing.assert_close(l_dev, l_host, rtol=0, atol=0)
     torch.testing.assert_close(g_dev, g_host, rtol=0, atol=0)
     n = int((targets >= 0).sum())
     k = cggr_hook.kernels.spec.keep_count(0.35, n)
+    if chosen["selection"] == "sequence_aware":  # the top k and the 4 hardest rows of each of 3 sequences
+        k_top, k = k, int((g_dev.reshape(-1, V) != 0).any(-1).sum())
+        assert k_top < k <= k_top + 3 * 4
     assert (m_dev["tokens_total"], m_dev["tokens_selected"]) == (n, k) and m_dev["token_ratio"] == k / n
     for key in ("tokens_total", "tokens_selected", "token_ratio", "avg_confidence", "avg_entropy", "avg_difficulty"):
         assert m_dev[key] == pytest.approx(m_host[key], rel=1e-12), key
-    assert "_keep_ratio" not in m_dev
+    assert "_keep_ratio" not in m_dev and "_selected" not in m_dev
 
 
 @pytest.mark.parametrize("num_strata, reads", [(kernels_spec.MAX_STRATA, False), (kernels_spec.MAX_STRATA + 1, True)])
@@ -509,7 +518,7 @@ def test_stratified_past_max_strata_reads_the_counts(num_strata, reads, monkeypa
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
-@pytest.mark.parametrize("selection", ["topk", "stratified"])
+@pytest.mark.parametrize("selection", ["topk", "stratified", "sequence_aware"])
 def test_selection_at_a_ratio_with_no_valid_target_gives_torchs_loss_and_no_gradient(backend, reduction, selection):
     import torch.nn.functional as F
 
@@ -553,11 +562,12 @@ def test_topk_at_a_ratio_checks_the_targets(backend, monkeypatch):
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 @pytest.mark.parametrize("reduction", ["mean", "none"])
-@pytest.mark.parametrize("selection", ["topk", "stratified"])
+@pytest.mark.parametrize("selection", ["topk", "stratified", "sequence_aware"])
 def test_selection_at_a_ratio_through_the_head_matches_the_host_count(backend, reduction, selection, monkeypatch):
     """The head's narrowed backward over the first keep_count(ratio, N) rows of the order (an upper
-    bound of k; the rows past it scaled by 0; stratified's drawn rows first) gives the gradients of
-    the host-count path."""
+    bound of k; the rows past it scaled by 0; stratified's drawn rows first; sequence_aware's
+    kept rows first, over min_tokens_per_sequence more rows a sequence) gives the gradients of the
+    host-count path."""
     import torch.nn.functional as F
 
     import cggr_hook
