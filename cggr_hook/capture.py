@@ -1,6 +1,6 @@
 """CUDA-graph replay of a call's kernels, where which kernels run does not depend on what they find.
 
-Importance, top-k and stratified at a fixed ratio read nothing on the host between their launches
+Importance, top-k, sequence_aware and stratified at a fixed ratio read nothing on the host between their launches
 (``pipeline._at_ratio``): the scoring pass, the difficulty, its order, the draw and the loss are a
 fixed sequence of launches for given shapes and options. Their Python and launch cost is most of a
 gated call's host time (``kernels/NOTES.md``, "Host time of a call"); replaying them as one CUDA

@@ -244,12 +244,12 @@ def gated_forward(
     (``selection.rank_rows``), then one launch for the loss of the selected rows and every row's
     gradient scale (``kernels.selected_loss``). The host needs k, hence the number of valid tokens,
     and reads it once (the call's one host synchronisation). Where the ratio cannot depend on the
-    logits (no dynamic threshold, not sequence_aware), that read is of target counts taken before
+    logits (no dynamic threshold; sequence_aware only where it keeps every row), that read is of target counts taken before
     the scoring pass and waits for nothing else, so the host stays ahead of the device; the metric
     averages then stay on the device until ``metrics()`` asks. Otherwise the read follows the
     scoring pass and brings the valid and bad-target counts, the confidence and the metric sums
-    (and sequence_aware's kept ranks) together. Importance, top-k and stratified at a ratio the
-    host knows read nothing: their kernels take n and k from the scoring pass's partial sums on the device
+    (and sequence_aware's kept ranks) together. Importance, top-k, sequence_aware and stratified at
+    a ratio the host knows read nothing: their kernels take n and k from the scoring pass's partial sums on the device
     (``_at_ratio``, where they may run as one replayed CUDA graph), whose copy to the host, queued
     behind them, is read by a later call's target check (``PendingTargetCheck``) and by
     ``metrics()``.
@@ -564,14 +564,16 @@ def _at_ratio_kernels(
     seq: int | tuple[Tensor, int] | None = None,
 ) -> dict[str, Tensor]:
     """``_at_ratio``'s work on the device, no host read: the scoring pass, the difficulty and the
-    partial sums, the difficulty order, then importance's draw, top-k's rank or stratified's
+    partial sums, the difficulty order, then importance's draw, top-k's rank (with sequence_aware's
+    kept rows, the selection's size in ``selected``) or stratified's
     permutation with its drawn rows first (standing in for top-k's order and rank), and the loss.
     ``noise``, ``keys_u`` and ``strata_keys``: the call's random numbers (random scoring's, the
     importance draw's, stratified's);
     ``address``: where the scoring pass reads the logits (a graph's input; None: ``logits``' own
     address); ``seq``: the rows' sequences (sequence_aware). Returns the loss, lse and row scale
     (the backward's), the partial sums, and importance's figures (and its rows where
-    ``list_rows``) or top-k's difficulty order (stratified's permutation)."""
+    ``list_rows``) or top-k's difficulty order (stratified's permutation; sequence_aware's with its
+    kept rows first where ``list_rows``)."""
     V = logits.shape[-1]
     ls = float(spec.label_smoothing)
     scoring = SCORINGS[config.scoring]

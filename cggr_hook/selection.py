@@ -37,7 +37,8 @@ class Selection:
 
     name: str
     draws: bool = False  # draws random numbers, seeded by (seed, step, call)
-    per_sequence: bool = False  # needs the rows' sequences and its kept ranks on the host with the counts
+    # needs the rows' sequences, and its kept ranks on the host with the counts where k is read there
+    per_sequence: bool = False
     weighted: bool = False  # each drawn row carries its own weight (Horvitz-Thompson)
 
 
