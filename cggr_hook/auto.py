@@ -61,7 +61,7 @@ import math
 import statistics
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor
@@ -150,6 +150,15 @@ def noise_parts(per_token_sq: Tensor, mean_grad_sq: Tensor, n: int) -> Tensor:
     return torch.stack([trace, mean_grad_sq.double() - trace / n])
 
 
+class PendingCount(Protocol):
+    """A count still on its way from the device: ``done()`` says whether ``count()`` would return
+    without waiting."""
+
+    def done(self) -> bool: ...
+
+    def count(self) -> int: ...
+
+
 @dataclass
 class AutoState:
     """One gate's timed-choice state (``Scheduler.auto_state``): its candidates, the probe
@@ -175,6 +184,9 @@ class AutoState:
     _marked: list = field(default_factory=list)  # CUDA: (candidate, start, end) events not yet read
     _acc: Tensor | None = None  # device [tr Sigma sum, |G|^2 sum, calls] of the current window's 1.0 steps
     _step_tokens: int = 0  # valid tokens of the gated calls of the current step
+    _step_pending: list = field(default_factory=list)  # the current step's counts still on the device
+    # steps whose valid tokens are not all read yet, in order: (known tokens, pending counts)
+    _unfolded: list = field(default_factory=list)
     _step_rows: int = 0  # rows of the calls (gated or plain) of the current step
     _recent_rows: list = field(default_factory=list)  # rows of the last RECENT_STEPS steps
     _window_rows: list = field(default_factory=list)  # rows of the current window's steps
@@ -199,8 +211,14 @@ class AutoState:
         return any(c != PLAIN and c < 1.0 for c in self.candidates)
 
     # --- what the calls of a step report -------------------------------------------------------------
-    def add_tokens(self, n: int) -> None:
-        self._step_tokens += n
+    def add_tokens(self, n: int | PendingCount) -> None:
+        """A gated call's valid tokens: a number, or a count still on its way from the device (a
+        call that reads nothing on the host), folded into ``tokens`` once it has arrived, and at
+        the latest when a decision or ``state_dict`` needs it."""
+        if isinstance(n, int):
+            self._step_tokens += n
+        else:
+            self._step_pending.append(n)
 
     def add_call(self, device: torch.device, rows: int = 0) -> None:
         """A call of the gate ran on ``device`` (gated or plain) over ``rows`` rows of logits:
@@ -234,9 +252,9 @@ class AutoState:
         elif timed and self._last is not None:
             self._times.setdefault(c, []).append(now - self._last)
         self._mark = mark
-        if self._step_tokens:
-            self.tokens = self._step_tokens if not self.tokens else 0.9 * self.tokens + 0.1 * self._step_tokens
-        self._step_tokens = 0
+        self._unfolded.append((self._step_tokens, self._step_pending))
+        self._step_tokens, self._step_pending = 0, []
+        self._fold_tokens(wait=False)
         if self._step_rows:
             r = self._step_rows
             self._recent_rows = (self._recent_rows + [r])[-RECENT_STEPS:]
@@ -256,6 +274,18 @@ class AutoState:
             self._start_window(batch=False)
         elif self.steps - self.window_start >= BATCH_GAP and self._reshaped():
             self._start_window(batch=True)
+
+    def _fold_tokens(self, wait: bool) -> None:
+        """Fold the counted steps' valid tokens into the running ``tokens``, oldest first, as far as
+        their counts have reached the host (all of them with ``wait``)."""
+        while self._unfolded:
+            known, pending = self._unfolded[0]
+            if not wait and not all(p.done() for p in pending):
+                return
+            n = known + sum(p.count() for p in pending)
+            if n:
+                self.tokens = n if not self.tokens else 0.9 * self.tokens + 0.1 * n
+            self._unfolded.pop(0)
 
     def _skip_the_reference(self) -> None:
         """The default's window leaves 1.0 out where its calls run off a CUDA device: there the
@@ -338,6 +368,7 @@ class AutoState:
 
     def _decide(self) -> None:
         self._read_marks(wait=True)
+        self._fold_tokens(wait=True)
         self._mark = None
         for c, ts in self._times.items():
             self.step_seconds[c] = statistics.median(ts)
@@ -386,6 +417,7 @@ class AutoState:
 
     def state_dict(self) -> dict:
         self._read_marks(wait=True)
+        self._fold_tokens(wait=True)
         acc = None if self._acc is None else self._acc.tolist()
         return dict(
             candidates=[candidate_key(c) for c in self.candidates],

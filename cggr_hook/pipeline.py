@@ -36,7 +36,7 @@ from torch import Tensor
 from . import capture, difficulty, figures, kernels, selection
 from .config import GateConfig, check_zero_floor
 from .kernels.spec import SCORINGS, check_reduction, target_masks
-from .schedule import Scheduler, curriculum_ratio, tokens_to_keep
+from .schedule import Scheduler, tokens_to_keep
 
 
 @dataclass(frozen=True)
@@ -277,7 +277,7 @@ def gated_forward(
     if device_k:
         # n and k are counted on the device, nothing is read, and the kernels may run as one
         # replayed CUDA graph
-        return _at_ratio(logits, targets, config, scheduler, key, spec, param_ids, need_rows, seq)
+        return _at_ratio(logits, targets, config, scheduler, key, spec, param_ids, need_rows, seq, loss_rows)
     counts_t = kernels.target_counts(targets, V, ignore_index) if counts_first and not device_k else None
     counts = HostRead(counts_t.reshape(-1)) if counts_t is not None else None
     # an auto gate's noise-measuring step needs every row's gradient norm, whatever the scoring
@@ -390,14 +390,16 @@ def gated_forward(
 def at_ratio(config: GateConfig, strategy: selection.Selection, auto: bool, every_row: bool) -> bool:
     """Whether a call selects by importance, top-k, sequence_aware or stratified (up to
     ``spec.MAX_STRATA`` buckets) below every row at a ratio the host knows before the scoring pass
-    (a fixed ratio or its curriculum: no dynamic threshold, not auto), so that n and k can be
-    counted on the device (``_at_ratio``) and the call reads nothing on the host."""
+    (a fixed ratio or its curriculum without the dynamic threshold, or the fraction that
+    ``'auto'``'s timed choice runs this step), so that n and k can be counted on the device
+    (``_at_ratio``) and the call reads nothing on the host. (An auto step that measures the noise
+    keeps every row: ``every_row``.)"""
     selects_at_k = (
         strategy.weighted
         or config.selection in ("topk", "sequence_aware")
         or (config.selection == "stratified" and config.num_strata <= kernels.spec.MAX_STRATA)
     )
-    return selects_at_k and not config.dynamic_threshold and not auto and not every_row
+    return selects_at_k and (auto or not config.dynamic_threshold) and not every_row
 
 
 def _at_ratio(
@@ -410,6 +412,7 @@ def _at_ratio(
     param_ids: frozenset[int],
     need_rows: bool,
     seq: int | tuple[Tensor, int] | None = None,
+    loss_rows: int | None = None,
 ) -> GatedForward:
     """``gated_forward`` for importance, top-k, sequence_aware or stratified at a ratio the host knows (``at_ratio``): nothing
     is read on the host, so the kernels (``_at_ratio_kernels``) are a fixed sequence of launches,
@@ -435,9 +438,10 @@ def _at_ratio(
     scoring = SCORINGS[config.scoring]
     weighted = selection.SELECTIONS[config.selection].weighted
     stratified = config.selection == "stratified"
-    # no dynamic threshold and not auto: the ratio is the curriculum's, known before any work
-    # (begin_call below returns it)
-    ratio = curriculum_ratio(scheduler.step_count, config)
+    # the curriculum's ratio (no dynamic threshold) or auto's fraction for this step, known before
+    # any work (begin_call below returns it)
+    cands = config.auto_candidates
+    ratio = scheduler.known_ratio(config, key)
     capacity = tokens_to_keep(ratio, N)
     per_sequence = config.selection == "sequence_aware"
     if per_sequence:  # the kept rows past the top K, at most min_tokens_per_sequence a sequence
@@ -484,9 +488,10 @@ def _at_ratio(
         )
 
     # a curriculum's warm-up gives every step its own ratio, hence its own graph: graphs from its end on
+    # (auto's fractions are fixed)
     if (
         config.cuda_graphs
-        and scheduler.step_count >= config.warmup_steps
+        and (cands is not None or scheduler.step_count >= config.warmup_steps)
         and capture.capturable(logits)
         and kernels.backend_for(logits) == "triton"
         and not kernels.reads_by_descriptor(logits)
@@ -527,7 +532,7 @@ def _at_ratio(
         _raise_if_bad(n_bad, V, spec.ignore_index)
     else:
         PendingTargetCheck.add(sums_read, V, spec.ignore_index, _N_SUMS, share=(key, N))
-    # (its ratio is ``ratio``: no dynamic threshold, not auto)
+    # (its ratio is ``ratio``: no dynamic threshold, or auto's fraction)
     _, step, call = scheduler.begin_call(config, key, math.nan, param_ids)
     values: dict = {
         "step": step + 1,
@@ -535,6 +540,12 @@ def _at_ratio(
         "scoring": config.scoring,
         "_sums": sums_read,  # (the copy the target check reads too)
     }
+    if cands is not None:
+        # the step's valid tokens reach the auto state once the sums' copy is in
+        state = scheduler.auto_state(key, cands)
+        state.add_tokens(_ValidCount(sums_read))
+        state.add_call(dev, N if loss_rows is None else loss_rows)
+        values.update(figures.auto_figures(state, ratio))
     if weighted:
         values["_draw"] = HostRead(out["figures"], now=False)  # n and k too: no tokens_total until read
         plan = BackwardPlan(out["lse"], out["row_scale"], out.get("rows"), None, None, dense)
@@ -648,6 +659,20 @@ def _at_ratio_kernels(
         out["order"] = order
     out["loss"], out["row_scale"] = loss, row_scale
     return out
+
+
+class _ValidCount:
+    """The valid targets of a call that read nothing, from its partial sums' copy
+    (``auto.PendingCount``)."""
+
+    def __init__(self, sums: HostRead) -> None:
+        self._sums = sums
+
+    def done(self) -> bool:
+        return self._sums.done()
+
+    def count(self) -> int:
+        return _valid_and_bad(self._sums.values(), _N_SUMS)[0]
 
 
 _N_VALID = kernels.spec.DRAW_FIGURES.index("n_valid")

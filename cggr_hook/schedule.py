@@ -144,6 +144,16 @@ class Scheduler:
             return self.auto_state(key, cands).candidate() in (1.0, PLAIN)
         return cast(float, config.min_tokens_ratio) >= 1.0 and not config.dynamic_threshold
 
+    def known_ratio(self, config: GateConfig, key: str) -> float:
+        """The ratio ``begin_call`` will return for the gate's next call where that does not depend
+        on the batch (no dynamic threshold, or ``'auto'``): the timed choice's candidate, else the
+        curriculum's."""
+        cands = config.auto_candidates
+        if cands is not None:
+            c = self.auto_state(key, cands).candidate()
+            return 1.0 if c == PLAIN else float(c)
+        return curriculum_ratio(self.step_count, config)
+
     def begin_call(
         self, config: GateConfig, key: str, confidence: float, param_ids: frozenset[int] = frozenset()
     ) -> tuple[float, int, int]:

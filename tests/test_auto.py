@@ -760,3 +760,104 @@ def test_a_window_whose_full_token_candidates_were_never_timed_decides_without_r
         now += 0.05
         state.on_step(now)
     assert state.choice == PLAIN
+
+
+# --------------------------------------------------------------------------------------------------
+# a fraction's calls read nothing on the host
+# --------------------------------------------------------------------------------------------------
+class _Arriving:
+    """A count that reaches the host when told to."""
+
+    def __init__(self, n: int) -> None:
+        self.n, self.arrived, self.reads = n, False, 0
+
+    def done(self) -> bool:
+        return self.arrived
+
+    def count(self) -> int:
+        self.reads += 1
+        return self.n
+
+
+def test_tokens_still_on_the_device_are_folded_in_step_order_once_they_arrive():
+    """A step's valid tokens counted on the device join the running figure once their copy is in,
+    oldest step first, as the host's own counts would have; a decision or state_dict folds the
+    rest at once."""
+    reference, state = AutoState(), AutoState()
+    late = [_Arriving(n) for n in (100, 300, 50)]
+    for n, pending in zip((100, 300, 50), late):
+        reference.add_tokens(n)
+        reference.on_step(now=0.0)
+        state.add_tokens(pending)
+        state.on_step(now=0.0)
+    assert state.tokens == 0.0  # nothing in yet
+    late[1].arrived = True
+    state.on_step(now=0.0)  # (a step of no gated call)
+    assert state.tokens == 0.0  # the second step waits for the first
+    late[0].arrived = True
+    state.on_step(now=0.0)
+    assert state.tokens == pytest.approx(0.9 * 100 + 0.1 * 300)
+    assert state.state_dict()["tokens"] == reference.tokens  # the third folded now, not yet arrived
+    assert [p.reads for p in late] == [1, 1, 1]
+
+
+def test_a_steps_host_and_device_counts_add_up():
+    state = AutoState()
+    state.add_tokens(7)
+    state.add_tokens(_Arriving(5))
+    state.on_step(now=0.0)
+    assert state.state_dict()["tokens"] == 12
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("selection", ["importance", "topk", "sequence_aware"])
+def test_an_auto_fraction_reads_nothing_and_matches_the_read_path(backend, selection, monkeypatch):
+    """A step that ``'auto'`` runs at a fraction below 1.0 counts n and k on the device like a
+    fixed ratio (no target count launched, the figures left on the device): the same loss,
+    gradients (to the last bits through the head), figures and auto state as the call that reads
+    the counts first."""
+    from cggr_hook import figures, kernels, pipeline
+
+    kernels.force_backend(backend)
+    idx = torch.randint(0, 37, (3, 10), generator=torch.Generator().manual_seed(4))
+    real_resolve = figures.resolve
+    counted_on_host = []  # whether the call's figures came with n, known on the host
+    monkeypatch.setattr(figures, "resolve", lambda m: counted_on_host.append("tokens_total" in m) or real_resolve(m))
+    real_counts = kernels.target_counts
+    counted = []
+    monkeypatch.setattr(kernels, "target_counts", lambda *a: counted.append(1) or real_counts(*a))
+    runs = []
+    for device_k in (True, False):
+        if not device_k:
+            monkeypatch.setattr(pipeline, "at_ratio", lambda *a: False)
+        torch.manual_seed(0)
+        model = TinyLM(vocab=37, dim=16)
+        cggr_hook.scheduler.reset()
+        key = cggr_hook.enable(model, min_tokens_ratio="auto", selection=selection).key
+        state = cggr_hook.scheduler.auto_state(key)
+        state.probe = state.candidates.index(0.25)  # the window's 25% steps
+        try:
+            counted.clear()
+            counted_on_host.clear()
+            loss = F.cross_entropy(model(idx)[:, :-1].reshape(-1, 37), idx[:, 1:].reshape(-1))
+            loss.backward()
+            m = cggr_hook.metrics(model)
+            reads = (list(counted), counted_on_host[0])
+            cggr_hook.scheduler.step()
+            runs.append((loss.detach(), [p.grad.clone() for p in model.parameters()], m, reads, state.tokens))
+        finally:
+            cggr_hook.disable(model)
+    (l_dev, g_dev, m_dev, r_dev, t_dev), (l_host, g_host, m_host, r_host, t_host) = runs
+    # (sequence_aware's read path reads the scoring pass's sums with its kept ranks instead)
+    assert r_dev[0] == [] and r_host[0] == ([] if selection == "sequence_aware" else [1])
+    assert r_dev[1] is False and r_host[1] is True
+    torch.testing.assert_close(l_dev, l_host, rtol=1e-6, atol=0)  # (importance: its sum in another order)
+    for a, b in zip(g_dev, g_host):
+        torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+    assert (
+        m_dev["auto_fraction"] == 0.25
+        and math.isnan(m_dev.pop("noise_scale"))
+        and math.isnan(m_host.pop("noise_scale"))
+    )
+    assert m_dev == pytest.approx(m_host, rel=1e-12)
+    assert t_dev == t_host == m_host["tokens_total"]

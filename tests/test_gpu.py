@@ -107,6 +107,8 @@ def test_descriptor_path_with_small_blocks_on_cuda(monkeypatch):
         dict(selection="importance", scoring="gradnorm", dynamic_threshold=False),
         dict(selection="importance", scoring="gradnorm", dynamic_threshold=False, min_tokens_ratio=0.25),
         dict(selection="importance", scoring="random", dynamic_threshold=False, min_tokens_ratio=0.5),
+        dict(selection="importance", scoring="gradnorm", min_tokens_ratio="auto", auto_at=0.25),
+        dict(selection="topk", min_tokens_ratio="auto", auto_at=0.5),
     ],
 )
 def test_one_host_sync_per_gated_step(monkeypatch, options):
@@ -115,9 +117,15 @@ def test_one_host_sync_per_gated_step(monkeypatch, options):
     ratio of 1.0), one wait for the target counts' event; none at all where importance
     sampling, top-k, stratified or sequence_aware selects at a fixed ratio below 1 (n and k
     counted on the device; the previous step's target check still pending), so the whole step is
-    queued while the device still sleeps."""
+    queued while the device still sleeps; so too a step that ``'auto'`` runs at a fraction
+    (``auto_at``)."""
+    options = dict(options)
+    auto_at = options.pop("auto_at", None)
     model = TinyLM(vocab=5000, dim=64).cuda()
-    cggr_hook.enable(model, warmup_steps=0, plain_when_faster=False, **options)
+    gate = cggr_hook.enable(model, warmup_steps=0, plain_when_faster=False, **options)
+    if auto_at is not None:  # the window's steps of that fraction (no optimizer here: no step counts)
+        state = cggr_hook.scheduler.auto_state(gate.key)
+        state.probe = state.candidates.index(auto_at)
     idx = torch.randint(0, 5000, (4, 256), device="cuda")
     F_loss = lambda: F.cross_entropy(model(idx)[:, :-1].reshape(-1, 5000), idx[:, 1:].reshape(-1))
     F_loss().backward()  # warm-up: kernels compiled, caches filled
@@ -136,7 +144,9 @@ def test_one_host_sync_per_gated_step(monkeypatch, options):
             torch.cuda.set_sync_debug_mode("default")
     torch.cuda.synchronize()
     syncs = [w for w in caught if "called a synchronizing" in str(w.message)]
-    none = options.get("min_tokens_ratio", 1.0) < 1.0 and not options.get("dynamic_threshold", True)
+    none = auto_at is not None or (
+        options.get("min_tokens_ratio", 1.0) < 1.0 and not options.get("dynamic_threshold", True)
+    )
     assert len(syncs) + len(waits) == (0 if none else 1), ([f"{w.filename}:{w.lineno}" for w in syncs], len(waits))
     assert len(waits) == (0 if options.get("dynamic_threshold") or none else 1)
     if none:
