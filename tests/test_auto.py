@@ -833,8 +833,8 @@ def test_an_auto_fraction_reads_nothing_and_matches_the_read_path(backend, selec
         torch.manual_seed(0)
         model = TinyLM(vocab=37, dim=16)
         cggr_hook.scheduler.reset()
-        key = cggr_hook.enable(model, min_tokens_ratio="auto", selection=selection).key
-        state = cggr_hook.scheduler.auto_state(key)
+        gate = cggr_hook.enable(model, min_tokens_ratio="auto", selection=selection)
+        state = cggr_hook.scheduler.auto_state(gate.key, gate.config.auto_candidates)
         state.probe = state.candidates.index(0.25)  # the window's 25% steps
         try:
             counted.clear()

@@ -124,7 +124,7 @@ def test_one_host_sync_per_gated_step(monkeypatch, options):
     model = TinyLM(vocab=5000, dim=64).cuda()
     gate = cggr_hook.enable(model, warmup_steps=0, plain_when_faster=False, **options)
     if auto_at is not None:  # the window's steps of that fraction (no optimizer here: no step counts)
-        state = cggr_hook.scheduler.auto_state(gate.key)
+        state = cggr_hook.scheduler.auto_state(gate.key, gate.config.auto_candidates)
         state.probe = state.candidates.index(auto_at)
     idx = torch.randint(0, 5000, (4, 256), device="cuda")
     F_loss = lambda: F.cross_entropy(model(idx)[:, :-1].reshape(-1, 5000), idx[:, 1:].reshape(-1))
