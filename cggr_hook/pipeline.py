@@ -322,9 +322,13 @@ def gated_forward(
     k = tokens_to_keep(ratio, n_valid)
     n_sel = selection.count_selected(config, k, N, keep_ranks)
     draw = row_weight = None
-    if ranking is None and k < n_valid:  # not expected (the ratio is 1.0): rank after all
+    if ranking is None and k < n_valid:
+        # not expected (every row was: the ratio moved since, as where another thread counted a
+        # step between the two): rank after all
         valid = target_masks(targets, V, ignore_index)[0] if strategy.per_sequence else None
         ranking = selection.rank_rows(diff, valid, config, seq)
+        if ranking.keep_ranks is not None:  # sequence_aware's size: a second read, on this path alone
+            n_sel = selection.count_selected(config, k, N, [int(r) for r in ranking.keep_ranks.tolist()])
     dense = need_rows and dense_rows(logits, N, n_sel)
     if dense and not probe:
         need_rows = False  # the gradient runs over every row; the noise probe reads the rows

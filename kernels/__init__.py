@@ -354,7 +354,8 @@ def selected_loss(
     mean is NaN where it is 0); ``counts`` and ``ratio``: n_valid, sel_k and n_selected counted
     on the device from partial counts (their first column) as n and ``spec.keep_count(ratio, n)``;
     ``keep`` (bool (N,), with ``counts``, without ``row_weight``): rows selected besides those,
-    the union's size written into ``selected`` (int64 (1,)) (``reference.selected_loss``)."""
+    rows with valid targets only, the union's size written into ``selected`` (int64 (1,))
+    (``reference.selected_loss``)."""
     if counts is not None:
         _check_counts(counts)
         if not 0.0 <= float(ratio) <= 1.0:
@@ -366,8 +367,15 @@ def selected_loss(
                 f"cggr_hook: keep must be a bool tensor of shape ({N},) on {sel_key.device}, got {keep.dtype} of "
                 f"shape {tuple(keep.shape)} on {keep.device}"
             )
-        if selected is None or selected.dtype != torch.int64 or selected.numel() != 1:
-            raise ValueError("cggr_hook: selected_loss with keep needs selected, an int64 tensor of one element")
+        if (
+            selected is None
+            or selected.dtype != torch.int64
+            or selected.numel() != 1
+            or selected.device != sel_key.device
+        ):
+            raise ValueError(
+                f"cggr_hook: selected_loss with keep needs selected, an int64 tensor of one element on {sel_key.device}"
+            )
     return _run(
         "selected_loss",
         stats.lse,

@@ -475,7 +475,6 @@ def _selected_loss_kernel(
     rw_ptr,
     count_ptr,
     counts_ptr,
-    keep_ptr,
     selected_ptr,
     loss_ptr,
     scale_ptr,
@@ -496,13 +495,12 @@ def _selected_loss_kernel(
     HAS_ROW_WEIGHT: tl.constexpr,
     HAS_COUNT: tl.constexpr,
     DEVICE_K: tl.constexpr,
-    HAS_KEEP: tl.constexpr,
+    COUNT_SELECTED: tl.constexpr,
     BLOCK: tl.constexpr,
 ):
     offs = tl.arange(0, BLOCK)
     total = tl.sum(tl.zeros([BLOCK], tl.float32), axis=0)
     denom = tl.sum(tl.zeros([BLOCK], tl.float32), axis=0)
-    n_sel = tl.sum(tl.zeros([BLOCK], tl.int64), axis=0)
     if DEVICE_K:
         # top-k at a ratio the host knows: n from the partial counts' first column, k =
         # keep_count(ratio, n) in float64 as spec.keep_count computes it, the sum's factor n / k
@@ -521,9 +519,6 @@ def _selected_loss_kernel(
         rows = start + offs
         inside = rows < N
         sel = inside & (tl.load(key_ptr + rows, mask=inside, other=0) < sel_k)
-        if HAS_KEEP:
-            sel = sel | (inside & (tl.load(keep_ptr + rows, mask=inside, other=0) != 0))
-            n_sel += tl.sum(sel.to(tl.int64), axis=0)
         if HAS_WEIGHT:
             tgt = tl.load(tgt_ptr + rows.to(tl.int64) * stride_tgt, mask=sel, other=0).to(tl.int64)
             w_t = tl.load(w_ptr + tgt, mask=sel, other=0.0).to(tl.float32)
@@ -551,11 +546,18 @@ def _selected_loss_kernel(
         else:
             total += tl.sum(ce, axis=0)
             denom += tl.sum(w_t, axis=0)
-            if REDUCTION == 1 and not HAS_KEEP:
+            if REDUCTION == 1:  # (with COUNT_SELECTED, written again below: this walk stays as it is)
                 tl.store(scale_ptr + rows, tl.where(sel, factor, 0.0), mask=inside)
-    if HAS_KEEP:
-        # sequence_aware: the rows every sequence keeps joined the top k; the sum's factor is n over
-        # the union's size, known only now
+    if COUNT_SELECTED:
+        # sequence_aware: the rows every sequence keeps joined the top k (their key below any k),
+        # a selection whose size the host does not know: counted in a walk of its own, which
+        # leaves the loss's walk (and its sums' order) that of a selection by key alone; the
+        # sum's factor is n over that size
+        n_sel = tl.sum(tl.zeros([BLOCK], tl.int64), axis=0)
+        for start in range(0, N, BLOCK):
+            rows = start + offs
+            inside = rows < N
+            n_sel += tl.sum((inside & (tl.load(key_ptr + rows, mask=inside, other=0) < sel_k)).to(tl.int64), axis=0)
         tl.store(selected_ptr, n_sel)
         if REDUCTION == 1:
             factor = tl.where(n_sel > 0, n64.to(tl.float64) / tl.maximum(n_sel, 1).to(tl.float64), 0.0).to(tl.float32)
@@ -564,7 +566,7 @@ def _selected_loss_kernel(
             total = tl.where(tl.load(count_ptr) == 0, float("nan"), total)
         if REDUCTION != 2:
             tl.store(loss_ptr, total)
-    elif REDUCTION == 0 or (REDUCTION == 1 and HAS_KEEP):
+    elif REDUCTION == 0 or (REDUCTION == 1 and COUNT_SELECTED):
         if REDUCTION == 0:
             tl.store(loss_ptr, total / denom)
             inv = 1.0 / denom
@@ -576,8 +578,6 @@ def _selected_loss_kernel(
             rows = start + offs
             inside = rows < N
             sel = inside & (tl.load(key_ptr + rows, mask=inside, other=0) < sel_k)
-            if HAS_KEEP:
-                sel = sel | (inside & (tl.load(keep_ptr + rows, mask=inside, other=0) != 0))
             tl.store(scale_ptr + rows, tl.where(sel, inv, 0.0), mask=inside)
     elif REDUCTION == 1:
         tl.store(loss_ptr, total * factor)
@@ -640,11 +640,11 @@ def selected_loss(
         targets,
         weight if has_weight else stats.lse,
         w_total_t,
-        sel_key.contiguous(),
+        # the kept rows' key below any k: selected whatever the top k is
+        (sel_key if keep is None else torch.where(keep, -1, sel_key)).contiguous(),
         row_weight.contiguous() if row_weight is not None else stats.lse,
         count if count is not None else stats.lse,
         counts if counts is not None else stats.lse,
-        keep.contiguous().view(torch.uint8) if keep is not None else stats.lse,
         selected if selected is not None else stats.lse,
         loss,
         row_scale,
@@ -665,7 +665,7 @@ def selected_loss(
         HAS_ROW_WEIGHT=row_weight is not None,
         HAS_COUNT=count is not None,
         DEVICE_K=counts is not None,
-        HAS_KEEP=keep is not None,
+        COUNT_SELECTED=keep is not None,
         BLOCK=LOSS_BLOCK,
         num_warps=LOSS_WARPS,
         enable_fp_fusion=False,

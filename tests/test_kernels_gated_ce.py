@@ -448,21 +448,12 @@ def test_selected_loss_with_k_counted_on_the_device_is_the_loss_with_k_given(
     assert torch.equal(got[1] != 0, rank < k)
 
 
-@pytest.mark.filterwarnings("ignore:divide by zero:RuntimeWarning")  # the interpreter's 0 / 0 of n = 0
-@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
-@pytest.mark.parametrize("options", [(0.0, False), (0.1, True)], ids=["plain", "smoothed_weighted"])
-@pytest.mark.parametrize(
-    "N, V, ratio, n_keep",
-    [(1, 3, 0.25, 1), (13, 5, 0.3, 0), (13, 5, 0.3, 4), (300, 37, 0.25, 40), (300, 37, 0.45, 300)],
-)
-def test_selected_loss_with_kept_rows_is_the_loss_of_the_union(reduction, options, N, V, ratio, n_keep, monkeypatch):
-    """sequence_aware at a fixed ratio: the rows of rank below k = keep_count(ratio, n) (n counted
-    on the device) joined by the rows of ``keep`` give the loss and row scales of that union given
-    as a key, bit for bit, with its size written to ``selected`` (the sum's factor n over it); the
-    reference agrees."""
-    monkeypatch.setattr(gated_ce, "LOSS_BLOCK", 64)
+def _check_kept_rows(reduction, options, N, V, ratio, n_keep, seed):
+    """The rows of rank below k = keep_count(ratio, n) (n counted on the device) joined by the rows
+    of ``keep``: the loss and row scales of that union given as a key, bit for bit, with its size
+    written to ``selected`` (the sum's factor n over it); the reference agrees."""
     eps, with_weight = options
-    stats, targets, gen = loss_inputs(N, V, seed=N * 5 + n_keep, with_wsum=eps > 0)
+    stats, targets, gen = loss_inputs(N, V, seed=seed, with_wsum=eps > 0)
     w = (torch.rand(V, generator=gen) + 0.5).to(DEVICE) if with_weight else None
     valid = targets != -100
     n_valid = int(valid.sum())
@@ -491,6 +482,31 @@ def test_selected_loss_with_kept_rows_is_the_loss_of_the_union(reduction, option
         torch.testing.assert_close(g, r, rtol=2e-6, atol=1e-6, equal_nan=True, msg=lambda m: f"{name}: {m}")
     assert torch.equal(got[1] != 0, union)
     assert int(sel_got) == int(sel_want) == n_sel
+
+
+@pytest.mark.filterwarnings("ignore:divide by zero:RuntimeWarning")  # the interpreter's 0 / 0 of n = 0
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("options", [(0.0, False), (0.1, True)], ids=["plain", "smoothed_weighted"])
+@pytest.mark.parametrize(
+    "N, V, ratio, n_keep",
+    [(1, 3, 0.25, 1), (13, 5, 0.3, 0), (13, 5, 0.3, 4), (300, 37, 0.25, 40), (300, 37, 0.45, 300)],
+)
+def test_selected_loss_with_kept_rows_is_the_loss_of_the_union(reduction, options, N, V, ratio, n_keep, monkeypatch):
+    """sequence_aware at a fixed ratio (``_check_kept_rows``), in 64-row blocks."""
+    monkeypatch.setattr(gated_ce, "LOSS_BLOCK", 64)
+    _check_kept_rows(reduction, options, N, V, ratio, n_keep, seed=N * 5 + n_keep)
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize(
+    "options", [(0.0, False), (0.0, True), (0.1, True)], ids=["plain", "weighted", "smoothed_weighted"]
+)
+def test_selected_loss_with_kept_rows_at_full_size_gpu(reduction, options):
+    """The same at the shipped block size on the device, where the compiled walk fixes the sums'
+    order: the kept rows must not change the order of the loss's sums."""
+    for i, N in enumerate((300, 517, 1003, 8191, 20000)):
+        _check_kept_rows(reduction, options, N, 64, 0.3, N // 7, seed=100 + i)
 
 
 def test_selected_loss_keep_is_checked():

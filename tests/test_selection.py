@@ -598,6 +598,34 @@ def test_selection_at_a_ratio_through_the_head_matches_the_host_count(backend, r
         torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
 
 
+@pytest.mark.parametrize("selection", ["topk", "sequence_aware", "importance"])
+def test_a_ratio_moved_after_every_row_was_expected_selects_as_the_ratio_says(selection, monkeypatch):
+    """Where a call expected to keep every row (``keeps_every_row``) but its ratio came out lower
+    (another thread counted a step in between), it ranks after all and selects what a call that
+    knew the ratio selects: the same loss, gradient and figures (sequence_aware's kept rows
+    counted too)."""
+    import cggr_hook
+    from cggr_hook import kernels
+    from cggr_hook.schedule import Scheduler
+
+    kernels.force_backend("torch")
+    logits, targets = _topk_inputs(seed=9)
+    opts = dict(selection=selection, min_tokens_ratio=0.1, min_tokens_per_sequence=2, reduction="sum", **FIXED)
+    runs = []
+    for moved in (False, True):
+        if moved:
+            monkeypatch.setattr(Scheduler, "keeps_every_row", lambda self, config, key: True)
+        crit = cggr_hook.CGGRLoss(**opts)
+        logits.grad = None
+        loss = crit(logits, targets)
+        loss.backward()
+        runs.append((loss.detach(), logits.grad.clone(), crit.get_metrics()))
+    (l0, g0, m0), (l1, g1, m1) = runs
+    torch.testing.assert_close(l1, l0, rtol=0, atol=0)
+    torch.testing.assert_close(g1, g0, rtol=0, atol=0)
+    assert m1["tokens_selected"] == m0["tokens_selected"] and m1["token_ratio"] == m0["token_ratio"]
+
+
 def test_device_k_pays_while_the_head_gradient_stays_within_twice_k():
     from cggr_hook.pipeline import ValidShare, device_k_pays
 
