@@ -217,6 +217,8 @@ class AutoState:
         the latest when a decision or ``state_dict`` needs it."""
         if isinstance(n, int):
             self._step_tokens += n
+        elif n.done():  # (calls with no step between them, an evaluation loop's, hold nothing)
+            self._step_tokens += n.count()
         else:
             self._step_pending.append(n)
 
@@ -408,11 +410,15 @@ class AutoState:
     # --- checkpoints --------------------------------------------------------------------------------------
     def __getstate__(self) -> dict:
         """A copy or pickle (``CGGRLoss`` in ``torch.save(model)``, a deep copy of a model) takes the
-        step times read so far; the CUDA events of the window belong to this process (the next
-        step of the copy is not timed, as after a resume)."""
+        step times read so far, and the valid tokens counted so far, read now; the CUDA events of
+        the window and of the counts belong to this process (the next step of the copy is not
+        timed, as after a resume)."""
         self._read_marks(wait=True)
+        self._fold_tokens(wait=True)
         state = dict(self.__dict__)
         state["_mark"], state["_marked"] = None, []
+        state["_step_tokens"] = self._step_tokens + sum(p.count() for p in self._step_pending)
+        state["_step_pending"], state["_unfolded"] = [], []
         return state
 
     def state_dict(self) -> dict:

@@ -866,3 +866,36 @@ def test_an_auto_fraction_reads_nothing_and_matches_the_read_path(backend, selec
         else:
             assert m_dev[key] == value, key
     assert t_dev == t_host == m_host["tokens_total"]
+
+
+def test_an_auto_state_with_counts_on_their_way_copies_with_them_read():
+    """A copy or pickle of a state (``torch.save`` of a model holding ``CGGRLoss('auto')``) reads
+    the counts still on their way, and the copy holds none of them (their events belong to this
+    process); the original folds them as before."""
+    state, reference = AutoState(), AutoState()
+    for n in (100, 300):
+        reference.add_tokens(n)
+        reference.on_step(now=0.0)
+    reference.add_tokens(40)
+    first, second, third = _Arriving(100), _Arriving(300), _Arriving(40)
+    state.add_tokens(first)
+    state.on_step(now=0.0)
+    state.add_tokens(second)
+    state.on_step(now=0.0)
+    state.add_tokens(third)  # in the step under way
+    copy = pickle.loads(pickle.dumps(state))
+    assert copy._unfolded == [] and copy._step_pending == []
+    assert copy.tokens == reference.tokens and copy._step_tokens == 40
+    copy.on_step(now=0.0)
+    reference.on_step(now=0.0)
+    assert copy.tokens == reference.tokens
+
+
+def test_a_count_already_in_is_added_at_once():
+    """Calls with no step between them (an evaluation loop's) keep no count of theirs waiting."""
+    state = AutoState()
+    arrived = _Arriving(5)
+    arrived.arrived = True
+    for _ in range(1000):
+        state.add_tokens(arrived)
+    assert state._step_pending == [] and state._step_tokens == 5000
