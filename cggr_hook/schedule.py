@@ -148,11 +148,12 @@ class Scheduler:
         """The ratio ``begin_call`` will return for the gate's next call where that does not depend
         on the batch (no dynamic threshold, or ``'auto'``): the timed choice's candidate, else the
         curriculum's."""
-        cands = config.auto_candidates
-        if cands is not None:
-            c = self.auto_state(key, cands).candidate()
-            return 1.0 if c == PLAIN else float(c)
-        return curriculum_ratio(self.step_count, config)
+        with self._lock:
+            cands = config.auto_candidates
+            if cands is not None:
+                c = self.auto_state(key, cands).candidate()
+                return 1.0 if c == PLAIN else float(c)
+            return curriculum_ratio(self.step_count, config)
 
     def begin_call(
         self, config: GateConfig, key: str, confidence: float, param_ids: frozenset[int] = frozenset()
@@ -164,12 +165,9 @@ class Scheduler:
         """
         with self._lock:
             cands = config.auto_candidates
+            r = self.known_ratio(config, key)
             if cands is not None:
-                c = self.auto_state(key, cands).candidate()
-                r = 1.0 if c == PLAIN else float(c)
                 self._auto_in_step.add(auto_key(key, cands))
-            else:
-                r = curriculum_ratio(self.step_count, config)
             if config.dynamic_threshold and cands is None:
                 average = self.confidence_avg.get(key)
                 r = dynamic_ratio(r, confidence, average, config.threshold_sensitivity)

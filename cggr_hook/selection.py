@@ -108,12 +108,11 @@ def _sequence_places(order: Tensor, seq: int | tuple[Tensor, int] | None) -> tup
     order (0 the hardest), and the number of sequences."""
     N = order.numel()
     dev = order.device
+    n_seq = sequences(seq, N)
     if isinstance(seq, tuple):
-        seq_id, n_seq = seq[0].to(device=dev, dtype=torch.long), int(seq[1])
+        seq_id = seq[0].to(device=dev, dtype=torch.long)
     else:
-        L = seq if seq else max(N, 1)
-        seq_id = torch.arange(N, device=dev) // L
-        n_seq = (N + L - 1) // L
+        seq_id = torch.arange(N, device=dev) // (seq if seq else max(N, 1))
     # within each sequence, rows by difficulty: a stable sort by sequence of the difficulty order
     by_seq = order[torch.sort(seq_id[order], stable=True).indices]
     # rows per sequence without bincount, which would read its maximum back to the host
