@@ -4,7 +4,8 @@ The gated forward (``pipeline.py``) builds them. A call whose host read did not 
 metric sums (``"_sums"``) and its importance draw's figures (``"_draw"``) on the device, as
 ``pipeline.HostRead``s whose events follow the kernels that wrote them; ``resolve`` reads them when
 somebody asks. A selection at a fixed ratio leaves n and k there too: n in the sums, k =
-``keep_count("_keep_ratio", n)``, or sequence_aware's own count (``"_selected"``).
+``keep_count("_keep_ratio", n)`` (the dynamic threshold's ratio itself a ``HostRead``: it was
+computed on the device), or sequence_aware's own count (``"_selected"``).
 """
 
 from __future__ import annotations
@@ -14,13 +15,14 @@ import numbers
 from typing import Any
 
 from . import auto as auto_mod
-from .kernels.spec import SUM_FIELDS, keep_count
+from .kernels.spec import SUM_FIELDS, keep_count, sum_in_order
 
 
 def add_partials(host: list, n_part: int) -> list:
-    """The (P, 5) partial sums (``kernels.spec.SUM_FIELDS``), read row by row, added in a fixed order."""
+    """The (P, 5) partial sums (``kernels.spec.SUM_FIELDS``), read row by row, each column added
+    row after row (``sum_in_order``: the dynamic threshold's kernel adds them so too)."""
     n_fields = len(SUM_FIELDS)
-    return [sum(host[j:n_part:n_fields]) for j in range(n_fields)]
+    return [sum_in_order(host[j:n_part:n_fields]) for j in range(n_fields)]
 
 
 def averages(sums: list, n_valid: int) -> dict:
@@ -74,11 +76,13 @@ def resolve(m: dict) -> dict:
         host = m.pop("_sums").values()
         sums = add_partials(host, len(host))
         ratio = m.pop("_keep_ratio", None)
+        if ratio is not None and not isinstance(ratio, numbers.Real):  # computed on the device
+            ratio = ratio.values()[0]
         selected = m.pop("_selected", None)
         if ratio is not None and "tokens_total" not in m:  # a selection at a ratio: n and k on the device
             n = int(sums[0])
             # (sequence_aware's kernel counted its selection, the top k and the rows every sequence keeps)
-            k = int(selected.values()[0]) if selected is not None else keep_count(ratio, n)
+            k = int(selected.values()[0]) if selected is not None else keep_count(float(ratio), n)
             m.update(token_ratio=k / n if n else 0.0, tokens_selected=k, tokens_total=n)
         m.update(averages(sums, m["tokens_total"]))
     if draw is not None:

@@ -242,17 +242,18 @@ def gated_forward(
     Work on the device, in order: the scoring pass over the logits (``kernels.row_stats``), the
     difficulty and the metric sums (``difficulty.score_rows``), the difficulty order
     (``selection.rank_rows``), then one launch for the loss of the selected rows and every row's
-    gradient scale (``kernels.selected_loss``). The host needs k, hence the number of valid tokens,
-    and reads it once (the call's one host synchronisation). Where the ratio cannot depend on the
-    logits (no dynamic threshold; sequence_aware only where it keeps every row), that read is of target counts taken before
-    the scoring pass and waits for nothing else, so the host stays ahead of the device; the metric
-    averages then stay on the device until ``metrics()`` asks. Otherwise the read follows the
-    scoring pass and brings the valid and bad-target counts, the confidence and the metric sums
-    (and sequence_aware's kept ranks) together. Importance, top-k, sequence_aware and stratified at
-    a ratio the host knows read nothing: their kernels take n and k from the scoring pass's partial sums on the device
+    gradient scale (``kernels.selected_loss``). Importance, top-k, sequence_aware and stratified at
+    a ratio the host knows, or that the dynamic threshold moves on the device, read nothing: their
+    kernels take n, k (and the dynamic ratio) from the scoring pass's partial sums on the device
     (``_at_ratio``, where they may run as one replayed CUDA graph), whose copy to the host, queued
     behind them, is read by a later call's target check (``PendingTargetCheck``) and by
-    ``metrics()``.
+    ``metrics()``. Every other call needs k, hence the number of valid tokens, on the host and
+    reads it once (the call's one host synchronisation). Where the ratio cannot depend on the
+    logits (no dynamic threshold; sequence_aware only where it keeps every row), that read is of
+    target counts taken before the scoring pass and waits for nothing else, so the host stays
+    ahead of the device; the metric averages then stay on the device until ``metrics()`` asks.
+    Otherwise the read follows the scoring pass and brings the valid and bad-target counts, the
+    confidence and the metric sums (and sequence_aware's kept ranks) together.
     """
     if spec.label_smoothing:
         check_zero_floor(config, float(spec.label_smoothing))  # before any work
@@ -394,16 +395,16 @@ def gated_forward(
 def at_ratio(config: GateConfig, strategy: selection.Selection, auto: bool, every_row: bool) -> bool:
     """Whether a call selects by importance, top-k, sequence_aware or stratified (up to
     ``spec.MAX_STRATA`` buckets) below every row at a ratio the host knows before the scoring pass
-    (a fixed ratio or its curriculum without the dynamic threshold, or the fraction that
-    ``'auto'``'s timed choice runs this step), so that n and k can be counted on the device
-    (``_at_ratio``) and the call reads nothing on the host. (An auto step that measures the noise
-    keeps every row: ``every_row``.)"""
+    (a fixed ratio or its curriculum, or the fraction that ``'auto'``'s timed choice runs this
+    step) or computes on the device from it (the dynamic threshold: ``kernels.dynamic_ratio``), so
+    that n and k can be counted on the device (``_at_ratio``) and the call reads nothing on the
+    host. (An auto step that measures the noise keeps every row: ``every_row``.)"""
     selects_at_k = (
         strategy.weighted
         or config.selection in ("topk", "sequence_aware")
         or (config.selection == "stratified" and config.num_strata <= kernels.spec.MAX_STRATA)
     )
-    return selects_at_k and (auto or not config.dynamic_threshold) and not every_row
+    return selects_at_k and not every_row
 
 
 def _at_ratio(
@@ -418,11 +419,14 @@ def _at_ratio(
     seq: int | tuple[Tensor, int] | None = None,
     loss_rows: int | None = None,
 ) -> GatedForward:
-    """``gated_forward`` for importance, top-k, sequence_aware or stratified at a ratio the host knows (``at_ratio``): nothing
-    is read on the host, so the kernels (``_at_ratio_kernels``) are a fixed sequence of launches,
+    """``gated_forward`` for importance, top-k, sequence_aware or stratified at a ratio the host knows
+    or the dynamic threshold moves on the device (``at_ratio``): nothing is read on the host, so the kernels (``_at_ratio_kernels``) are a fixed sequence of launches,
     replayed as one CUDA graph where ``config.cuda_graphs`` allows (``capture.replayed``).
 
-    n comes from the scoring pass's partial sums, k = keep_count(ratio, n), both on the device.
+    n comes from the scoring pass's partial sums, k = keep_count(ratio, n), both on the device; the
+    dynamic threshold's ratio too (``kernels.dynamic_ratio``, from the batch's confidence and the
+    gate's running average on the device, ``Scheduler.confidence_on``), and K below is then
+    keep_count(min(1, r (1 + s)), N), for the largest ratio it can give.
     Importance lists its draw in K = keep_count(ratio, N) slots (an upper bound of k the host
     knows; the rows past the k drawn carry no weight) and the loss takes the mean's n from the
     draw; top-k's loss kernel selects the rows of rank below k (the 'sum' factor n / k there too)
@@ -442,11 +446,15 @@ def _at_ratio(
     scoring = SCORINGS[config.scoring]
     weighted = selection.SELECTIONS[config.selection].weighted
     stratified = config.selection == "stratified"
-    # the curriculum's ratio (no dynamic threshold) or auto's fraction for this step, known before
-    # any work (begin_call below returns it)
+    # the curriculum's ratio or auto's fraction for this step, known before any work; the dynamic
+    # threshold moves the curriculum's on the device, at most to ``bound``
     cands = config.auto_candidates
     ratio = scheduler.known_ratio(config, key)
-    capacity = tokens_to_keep(ratio, N)
+    dynamic = cands is None and config.dynamic_threshold
+    sensitivity = float(config.threshold_sensitivity)
+    bound = kernels.spec.dynamic_ratio_bound(ratio, sensitivity) if dynamic else ratio
+    average = scheduler.confidence_on(key, dev) if dynamic else None
+    capacity = tokens_to_keep(bound, N)
     per_sequence = config.selection == "sequence_aware"
     if per_sequence:  # the kept rows past the top K, at most min_tokens_per_sequence a sequence
         capacity = min(N, capacity + selection.sequences(seq, N) * config.min_tokens_per_sequence)
@@ -489,6 +497,8 @@ def _at_ratio(
             inputs.get("address"),
             strata_keys,
             seq,
+            average,
+            sensitivity,
         )
 
     # a curriculum's warm-up gives every step its own ratio, hence its own graph: graphs from its end on
@@ -522,6 +532,8 @@ def _at_ratio(
             config.num_strata,
             (config.min_tokens_per_sequence, seq) if per_sequence else None,
             ratio,
+            # the running confidence the graph reads and updates, by its address
+            (sensitivity, capture.tensor_key(average)) if dynamic else None,
             need_rows and not dense,
         )
         # the loss apart from the rest: a loop that keeps every step's loss keeps nothing else
@@ -536,7 +548,7 @@ def _at_ratio(
         _raise_if_bad(n_bad, V, spec.ignore_index)
     else:
         PendingTargetCheck.add(sums_read, V, spec.ignore_index, _N_SUMS, share=(key, N))
-    # (its ratio is ``ratio``: no dynamic threshold, or auto's fraction)
+    # (its ratio: ``ratio``, or the one the dynamic threshold computed on the device from it)
     _, step, call = scheduler.begin_call(config, key, math.nan, param_ids)
     values: dict = {
         "step": step + 1,
@@ -554,7 +566,8 @@ def _at_ratio(
         values["_draw"] = HostRead(out["figures"], now=False)  # n and k too: no tokens_total until read
         plan = BackwardPlan(out["lse"], out["row_scale"], out.get("rows"), None, None, dense)
     else:
-        values["_keep_ratio"] = ratio  # k = keep_count(_keep_ratio, n), n from _sums: read when asked
+        # k = keep_count(_keep_ratio, n), n from _sums: read when asked
+        values["_keep_ratio"] = HostRead(out["ratio"], now=False) if dynamic else ratio
         if per_sequence:  # the selection's size, which the kernel counted
             values["_selected"] = HostRead(out["selected"], now=False)
         order = out["order"]
@@ -577,6 +590,8 @@ def _at_ratio_kernels(
     address: Tensor | None = None,
     strata_keys: Tensor | None = None,
     seq: int | tuple[Tensor, int] | None = None,
+    average: Tensor | None = None,
+    sensitivity: float = 0.0,
 ) -> dict[str, Tensor]:
     """``_at_ratio``'s work on the device, no host read: the scoring pass, the difficulty and the
     partial sums, the difficulty order, then importance's draw, top-k's rank (with sequence_aware's
@@ -585,7 +600,10 @@ def _at_ratio_kernels(
     ``noise``, ``keys_u`` and ``strata_keys``: the call's random numbers (random scoring's, the
     importance draw's, stratified's);
     ``address``: where the scoring pass reads the logits (a graph's input; None: ``logits``' own
-    address); ``seq``: the rows' sequences (sequence_aware). Returns the loss, lse and row scale
+    address); ``seq``: the rows' sequences (sequence_aware); ``average``: the gate's running
+    confidence (``Scheduler.confidence_on``) where the dynamic threshold moves ``ratio`` (by
+    ``sensitivity``): the ratio is then computed from the partial sums on the device
+    (``kernels.dynamic_ratio``, returned as ``ratio``) and the selection takes it from there. Returns the loss, lse and row scale
     (the backward's), the partial sums, and importance's figures (and its rows where
     ``list_rows``) or top-k's difficulty order (stratified's permutation; sequence_aware's with its
     kept rows first where ``list_rows``)."""
@@ -596,15 +614,18 @@ def _at_ratio_kernels(
         logits, targets, spec.ignore_index, spec.weight, ls > 0, scoring.needs_p2sum, address=address
     )
     diff, partial = difficulty.score_rows(stats, targets, V, spec.ignore_index, config.scoring, None, ls, noise)
-    order, rank = kernels.difficulty_rank(diff)
     out = {"lse": stats.lse, "partial": partial}
+    r: float | Tensor = ratio
+    if average is not None:
+        r = out["ratio"] = kernels.dynamic_ratio(partial, ratio, sensitivity, average)
+    order, rank = kernels.difficulty_rank(diff)
     if weighted:
         norm = _horvitz_thompson_norm(targets, None, V, spec)
         d = selection.importance_draw_at_ratio(
             selection.Ranking(order, rank),
             diff,
             partial,
-            ratio,
+            r,
             capacity,
             config.importance_floor,
             cast(tuple, keys_u),
@@ -631,7 +652,7 @@ def _at_ratio_kernels(
     else:
         if config.selection == "stratified":
             # the drawn rows first: the loss and the head gradient then take them as top-k's
-            strata = kernels.strata_at_ratio(partial, ratio, config.num_strata)
+            strata = kernels.strata_at_ratio(partial, r, config.num_strata)
             order, rank = selection.stratified_at_ratio(
                 selection.Ranking(order, rank), strata, cast(Tensor, strata_keys), config.num_strata
             )
@@ -656,7 +677,7 @@ def _at_ratio_kernels(
             ls,
             spec.weight,
             counts=partial,
-            ratio=ratio,
+            ratio=r,
             keep=keep,
             selected=selected,
         )

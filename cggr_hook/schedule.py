@@ -11,6 +11,9 @@ and c_avg the running average of earlier batches (exponential, momentum 0.9),
 
 so a batch less confident than usual keeps more tokens. The number of tokens kept out of n valid ones
 is k = max(1, floor(r' * n + 0.5)) (k = 0 when n = 0), computed in float64 so noise in r never moves k.
+A call that reads nothing on the host computes r' and the running average on the device
+(``kernels.dynamic_ratio``, the same float64 operations); the average then lives there
+(``Scheduler.confidence_on``) until a call reads it back or a checkpoint asks for it.
 
 The global scheduler counts steps through PyTorch's global optimizer post-step hook: a step of any
 optimizer that holds the parameters of a model whose loss was gated since the last counted step
@@ -33,9 +36,17 @@ from torch.optim.optimizer import register_optimizer_step_post_hook
 
 from .auto import CANDIDATES, PLAIN, AutoState, candidate_key
 from .config import GateConfig
-from .kernels.spec import keep_count
+from .kernels.spec import EMA_MOMENTUM, dynamic_ratio, keep_count, running_confidence
 
-EMA_MOMENTUM = 0.9
+__all__ = [
+    "EMA_MOMENTUM",
+    "Scheduler",
+    "auto_key",
+    "curriculum_ratio",
+    "dynamic_ratio",
+    "optimizer_holds",
+    "tokens_to_keep",
+]
 
 
 def curriculum_ratio(step: int, config: GateConfig) -> float:
@@ -45,15 +56,6 @@ def curriculum_ratio(step: int, config: GateConfig) -> float:
     else:
         progress = min(1.0, step / config.warmup_steps)
     return 1.0 - progress * (1.0 - cast(float, config.min_tokens_ratio))
-
-
-def dynamic_ratio(r: float, confidence: float, average: float | None, sensitivity: float) -> float:
-    """r adjusted by how the batch's confidence compares with the running average."""
-    if average is None or not math.isfinite(confidence) or average <= 0.0:
-        return r
-    deviation = max(-1.0, min(1.0, (average - confidence) / average))
-    adjusted = r * (1.0 + sensitivity * deviation)
-    return max(r * (1.0 - sensitivity), min(adjusted, min(1.0, r * (1.0 + sensitivity))))
 
 
 def tokens_to_keep(ratio: float, n_valid: int) -> int:
@@ -76,7 +78,11 @@ class Scheduler:
         self._lock = threading.RLock()
         self.step_count = 0
         self.calls_in_step = 0  # gated calls since the last counted step: seeds random draws
-        self.confidence_avg: dict[str, float] = {}
+        # the dynamic threshold's running confidence by gate key (``confidence_avg``): a float here, or, once a call
+        # computed its ratio on the device (``confidence_on``), a float64 (2,) tensor there
+        # ([average, 1 where there is one]) that the calls update in place; a key is in one of the two
+        self._confidence_host: dict[str, float] = {}
+        self._confidence_dev: dict[str, torch.Tensor] = {}
         self._pending = False  # a gated call happened since the last counted step
         self._pending_ids: frozenset[int] = frozenset()  # ids of the parameters behind those calls
         self._hook_handle = None
@@ -168,19 +174,62 @@ class Scheduler:
             r = self.known_ratio(config, key)
             if cands is not None:
                 self._auto_in_step.add(auto_key(key, cands))
-            if config.dynamic_threshold and cands is None:
-                average = self.confidence_avg.get(key)
+            if config.dynamic_threshold and cands is None and not math.isnan(confidence):
+                average = self._host_confidence(key)
                 r = dynamic_ratio(r, confidence, average, config.threshold_sensitivity)
-                if math.isfinite(confidence):
-                    self.confidence_avg[key] = (
-                        confidence if average is None else EMA_MOMENTUM * average + (1 - EMA_MOMENTUM) * confidence
-                    )
+                new = running_confidence(average, confidence)
+                if new is not None:
+                    self._confidence_host[key] = new
             step, call = self.step_count, self.calls_in_step
             self.calls_in_step += 1
             self._pending = True
             if param_ids is not self._pending_ids:
                 self._pending_ids = self._pending_ids | param_ids
             return r, step, call
+
+    def confidence_on(self, key: str, device: torch.device) -> torch.Tensor:
+        """The running confidence of gate ``key`` as a float64 (2,) tensor on ``device`` ([average,
+        1 where there is one, else 0]), for a call that computes its dynamic ratio there
+        (``kernels.dynamic_ratio`` updates it in place). The same tensor call after call, the
+        key's one record from then on; made from the host's figure (no read, two fills)."""
+        with self._lock:
+            t = self._confidence_dev.get(key)
+            if t is not None and t.device == device:
+                return t
+            average = self._host_confidence(key)  # (a tensor on another device: read back)
+            t = torch.zeros(2, dtype=torch.float64, device=device)
+            if average is not None:
+                t[0].fill_(average)
+                t[1].fill_(1.0)
+            self._confidence_host.pop(key, None)
+            self._confidence_dev[key] = t
+            return t
+
+    def _host_confidence(self, key: str) -> float | None:
+        """The running confidence of ``key`` as a float, kept on the host from now on: a tensor on
+        a device is read back (a call that reads its sums on the host after calls that did not)."""
+        t = self._confidence_dev.pop(key, None)
+        if t is not None:
+            value, present = t.tolist()
+            if present:
+                self._confidence_host[key] = value
+        return self._confidence_host.get(key)
+
+    @property
+    def confidence_avg(self) -> dict[str, float]:
+        """The dynamic threshold's running confidence of each gate key, as floats (a copy; those
+        kept on a device are read)."""
+        with self._lock:
+            return self._confidence_figures()
+
+    def _confidence_figures(self) -> dict[str, float]:
+        """Every key's running confidence as a float (those on a device read, and left there)."""
+        out = dict(self._confidence_host)
+        for key, t in self._confidence_dev.items():
+            value, present = t.tolist()
+            if present:
+                out[key] = value
+        return out
 
     # --- stepping ---------------------------------------------------------------------------------
     def step(self) -> None:
@@ -233,7 +282,7 @@ class Scheduler:
             return {
                 "step_count": self.step_count,
                 "calls_in_step": self.calls_in_step,
-                "confidence_avg": dict(self.confidence_avg),
+                "confidence_avg": self._confidence_figures(),
                 "pending": self._pending,
                 "auto": {key: state.state_dict() for key, state in self.auto.items()},
             }
@@ -247,7 +296,8 @@ class Scheduler:
         with self._lock:
             self.step_count = int(state["step_count"])
             self.calls_in_step = int(state["calls_in_step"])
-            self.confidence_avg = {str(k): float(v) for k, v in state["confidence_avg"].items()}
+            self._confidence_host = {str(k): float(v) for k, v in state["confidence_avg"].items()}
+            self._confidence_dev = {}
             self._pending = bool(state.get("pending", False))
             self.auto = {str(k): AutoState.from_state(v) for k, v in state.get("auto", {}).items()}
             self._auto_in_step = set()
@@ -258,7 +308,8 @@ class Scheduler:
         with self._lock:
             self.step_count = 0
             self.calls_in_step = 0
-            self.confidence_avg = {}
+            self._confidence_host = {}
+            self._confidence_dev = {}
             self._pending = False
             self._pending_ids = frozenset()
             self.auto = {}
@@ -272,11 +323,18 @@ class Scheduler:
     def __getstate__(self) -> dict:
         state = dict(self.__dict__)
         del state["_lock"]
+        with self._lock:  # the running confidences on a device travel as floats
+            state["_confidence_host"] = self._confidence_figures()
+        state["_confidence_dev"] = {}
         state["_hook_handle"] = None
         state["_release_after_step"] = False
         return state
 
     def __setstate__(self, state: dict) -> None:
+        state = dict(state)
+        if "confidence_avg" in state:  # (a copy saved when the floats were the only record)
+            state["_confidence_host"] = state.pop("confidence_avg")
+        state.setdefault("_confidence_dev", {})
         self.__dict__.update(state)
         self._lock = threading.RLock()
 

@@ -356,7 +356,7 @@ def importance_draw_at_ratio(
     ranking: Ranking,
     diff: Tensor,
     counts: Tensor,
-    ratio: float,
+    ratio: float | Tensor,
     capacity: int,
     floor: float,
     keys_u: tuple[Tensor, Tensor],

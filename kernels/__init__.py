@@ -1,14 +1,14 @@
 """Row kernels of the gated loss, behind one dispatch point (installed as ``cggr_hook.kernels``).
 
 Every caller goes through the functions here, in the order of the data flow (target_counts ->
-row_stats -> row_difficulty -> difficulty_rank -> [importance_draw] -> selected_loss -> a gradient
+row_stats -> row_difficulty -> [dynamic_ratio] -> difficulty_rank -> [importance_draw] -> selected_loss -> a gradient
 kernel). Each runs
 the function of the same name in the backend ``backend_for`` picks for its tensors:
 
 - ``CGGR_HOOK_BACKEND=torch`` or ``=triton`` forces one; the variable is read once, at the first
   kernel call, and ``force_backend`` changes the choice later (Triton on a CPU tensor needs
   ``TRITON_INTERPRET=1``, Triton's interpreter, which is how CI tests the kernels);
-- otherwise CUDA tensors take Triton (``scoring``, ``ranking``, ``importance``, ``gated_ce``) and every other
+- otherwise CUDA tensors take Triton (``scoring``, ``dynamic``, ``ranking``, ``importance``, ``strata``, ``gated_ce``) and every other
   device the PyTorch reference (``reference``).
 
 What every backend computes, by name (scoring modes, reductions, the per-row statistics), is in
@@ -43,6 +43,7 @@ __all__ = [
     "importance_draw",
     "importance_draw_at_ratio",
     "strata_at_ratio",
+    "dynamic_ratio",
     "selected_loss",
     "ce_grad_rows",
     "ce_grad_dense_",
@@ -60,6 +61,7 @@ _TRITON_MODULES = {
     "importance_draw": "importance",
     "importance_draw_at_ratio": "importance",
     "strata_at_ratio": "strata",
+    "dynamic_ratio": "dynamic",
     "selected_loss": "gated_ce",
     "ce_grad_rows": "gated_ce",
     "ce_grad_dense_": "gated_ce",
@@ -260,7 +262,7 @@ def importance_draw_at_ratio(
     perm: Tensor,
     u: Tensor,
     counts: Tensor,
-    ratio: float,
+    ratio: float | Tensor,
     capacity: int,
     floor: float,
     uniform: bool = False,
@@ -273,7 +275,9 @@ def importance_draw_at_ratio(
     slots (at least ``keep_count(ratio, N)``), the drawn rows ascending and then undrawn rows that
     carry no weight. ``perm`` (int64 (N,)): the random order of one key per row, whose ordinals
     below n order the valid rows. Where k = n every valid row is kept with pi = 1
-    (``reference.importance_draw_at_ratio``). No host synchronisation on Triton."""
+    (``reference.importance_draw_at_ratio``). ``ratio`` may be a float64 device scalar (the dynamic
+    threshold's, ``dynamic_ratio``); ``capacity`` must then hold keep_count(ratio, N) for any value
+    it can take (the rows past ``capacity`` are not listed). No host synchronisation on Triton."""
     N = diff.numel()
     for name, t, size in (("order", order, N), ("rank", rank, N), ("perm", perm, N)):
         if t.dim() != 1 or t.numel() != size or t.dtype != torch.int64:
@@ -281,10 +285,12 @@ def importance_draw_at_ratio(
     if u.numel() != 1 or u.dtype != torch.float64:
         raise ValueError(f"cggr_hook: u must be one float64, got {u.dtype} of shape {tuple(u.shape)}")
     _check_counts(counts)
-    ratio = float(ratio)
-    if not 0.0 <= ratio <= 1.0 or not spec.keep_count(ratio, N) <= capacity <= N:
+    ratio = _check_ratio("importance_draw_at_ratio", ratio, counts)
+    # (a ratio on the device: its bound is the caller's, the host cannot check it)
+    least = 0 if isinstance(ratio, Tensor) else spec.keep_count(ratio, N)
+    if not least <= capacity <= N:
         raise ValueError(
-            f"cggr_hook: importance_draw_at_ratio needs a ratio in [0, 1] and keep_count(ratio, N) <= capacity <= N, "
+            f"cggr_hook: importance_draw_at_ratio needs keep_count(ratio, N) <= capacity <= N, "
             f"got ratio={ratio}, capacity={capacity}, N={N}"
         )
     return _run(
@@ -304,22 +310,63 @@ def importance_draw_at_ratio(
     )
 
 
-def strata_at_ratio(counts: Tensor, ratio: float, num_strata: int) -> Tensor:
+def strata_at_ratio(counts: Tensor, ratio: float | Tensor, num_strata: int) -> Tensor:
     """``stratified`` selection's quotas at a ratio the host knows, n counted on the device:
     int64 (num_strata + 1,), the buckets' quotas (``spec.strata_quotas(n, keep_count(ratio, n),
     num_strata)``, hardest first, zeros past min(num_strata, n)) and then n, the sum of
     ``counts``' first column (``target_counts``' or ``row_difficulty``'s partials). Up to
-    ``spec.MAX_STRATA`` buckets on either backend; no host synchronisation on Triton."""
+    ``spec.MAX_STRATA`` buckets on either backend; ``ratio`` a float or a float64 device scalar;
+    no host synchronisation on Triton."""
     _check_counts(counts)
-    ratio = float(ratio)
-    if not 0.0 <= ratio <= 1.0:
-        raise ValueError(f"cggr_hook: strata_at_ratio needs a ratio in [0, 1], got {ratio}")
+    ratio = _check_ratio("strata_at_ratio", ratio, counts)
     if not isinstance(num_strata, int) or not 1 <= num_strata <= spec.MAX_STRATA:
         raise ValueError(
             f"cggr_hook: strata_at_ratio handles num_strata from 1 to {spec.MAX_STRATA}, got {num_strata!r}; "
             "a selection with more buckets reads n on the host (selection.choose_rows)"
         )
     return _run("strata_at_ratio", counts, counts, ratio, num_strata)
+
+
+def dynamic_ratio(sums: Tensor, ratio: float, sensitivity: float, average: Tensor) -> Tensor:
+    """The dynamic threshold's ratio of one batch on the device, float64 (1,): ``spec.dynamic_ratio``
+    of the curriculum's ``ratio`` and ``sensitivity`` at the batch's mean confidence, from the
+    scoring pass's partial sums ``sums`` (``row_difficulty``'s float64 (P, 5)), and the running
+    average in ``average`` (float64 (2,) on the same device: the average, and 1 where there is one,
+    else 0), which is updated in place (``spec.running_confidence``). The selection kernels take
+    the result as their ratio (``selected_loss``, ``importance_draw_at_ratio``,
+    ``strata_at_ratio``). No host synchronisation on Triton."""
+    if sums.dim() != 2 or sums.shape[1] != len(spec.SUM_FIELDS) or sums.dtype != torch.float64:
+        raise ValueError(
+            f"cggr_hook: dynamic_ratio needs row_difficulty's float64 (P, {len(spec.SUM_FIELDS)}) partial sums, got "
+            f"{sums.dtype} of shape {tuple(sums.shape)}"
+        )
+    if average.dtype != torch.float64 or average.shape != (2,) or average.device != sums.device:
+        raise ValueError(
+            f"cggr_hook: dynamic_ratio's average must be float64 of shape (2,) on {sums.device}, got "
+            f"{average.dtype} of shape {tuple(average.shape)} on {average.device}"
+        )
+    r, s = float(ratio), float(sensitivity)
+    if not 0.0 <= r <= 1.0 or not 0.0 <= s <= 1.0:
+        raise ValueError(
+            f"cggr_hook: dynamic_ratio needs a ratio and a sensitivity in [0, 1], got {ratio}, {sensitivity}"
+        )
+    return _run("dynamic_ratio", sums, sums, r, s, average)
+
+
+def _check_ratio(name: str, ratio: float | Tensor, counts: Tensor) -> float | Tensor:
+    """A kernel's ratio at which n is counted on the device: a float in [0, 1], or one float64 on
+    ``counts``' device (computed there: ``dynamic_ratio``), passed on as it is."""
+    if isinstance(ratio, Tensor):
+        if ratio.dtype != torch.float64 or ratio.numel() != 1 or ratio.device != counts.device:
+            raise ValueError(
+                f"cggr_hook: {name} takes a ratio on the device as one float64 on {counts.device}, got "
+                f"{ratio.dtype} of shape {tuple(ratio.shape)} on {ratio.device}"
+            )
+        return ratio
+    r = float(ratio)
+    if not 0.0 <= r <= 1.0:
+        raise ValueError(f"cggr_hook: {name} needs a ratio in [0, 1], got {ratio}")
+    return r
 
 
 def _check_counts(counts: Tensor) -> None:
@@ -344,7 +391,7 @@ def selected_loss(
     row_weight: Tensor | None = None,
     count: Tensor | None = None,
     counts: Tensor | None = None,
-    ratio: float = 0.0,
+    ratio: float | Tensor = 0.0,
     keep: Tensor | None = None,
     selected: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
@@ -352,14 +399,14 @@ def selected_loss(
     of every row, fp32 (N,); ``row_weight`` (fp32 (N,)): each selected row's own factor in place
     of the reduction's; ``count``: with it, the valid rows' number as a float64 device scalar (the
     mean is NaN where it is 0); ``counts`` and ``ratio``: n_valid, sel_k and n_selected counted
-    on the device from partial counts (their first column) as n and ``spec.keep_count(ratio, n)``;
+    on the device from partial counts (their first column) as n and ``spec.keep_count(ratio, n)``
+    (``ratio`` a float, or a float64 device scalar);
     ``keep`` (bool (N,), with ``counts``, without ``row_weight``): rows selected besides those,
     rows with valid targets only, the union's size written into ``selected`` (int64 (1,))
     (``reference.selected_loss``)."""
     if counts is not None:
         _check_counts(counts)
-        if not 0.0 <= float(ratio) <= 1.0:
-            raise ValueError(f"cggr_hook: selected_loss needs a ratio in [0, 1] with counts, got {ratio}")
+        ratio = _check_ratio("selected_loss", ratio, counts)
     if keep is not None:
         N = targets.numel()
         if keep.dtype != torch.bool or keep.shape != (N,) or keep.device != sel_key.device:
@@ -392,7 +439,7 @@ def selected_loss(
         row_weight,
         count,
         counts,
-        float(ratio),
+        ratio if isinstance(ratio, Tensor) else float(ratio),
         keep,
         selected,
     )

@@ -24,7 +24,7 @@ import triton.language as tl
 from torch import Tensor
 
 from . import launch
-from .counts import device_keep_count, float64_bits
+from .counts import device_keep_count, ratio_argument
 from .spec import REDUCTIONS, check_reduction, check_row_scale, check_weight, flat_upstream
 
 __all__ = ["selected_loss", "ce_grad_rows", "ce_grad_dense_", "MAX_BLOCK_V", "NUM_WARPS"]
@@ -497,6 +497,7 @@ def _selected_loss_kernel(
     DEVICE_K: tl.constexpr,
     COUNT_SELECTED: tl.constexpr,
     BLOCK: tl.constexpr,
+    RATIO_PTR: tl.constexpr = False,
 ):
     offs = tl.arange(0, BLOCK)
     total = tl.sum(tl.zeros([BLOCK], tl.float32), axis=0)
@@ -505,7 +506,7 @@ def _selected_loss_kernel(
         # top-k at a ratio the host knows: n from the partial counts' first column, k =
         # keep_count(ratio, n) in float64 as spec.keep_count computes it, the sum's factor n / k
         # rounded once to fp32 as the host's float argument would be: nothing read on the host
-        n64, k64 = device_keep_count(counts_ptr, n_parts, counts_stride, ratio_bits, BLOCK)
+        n64, k64 = device_keep_count(counts_ptr, n_parts, counts_stride, ratio_bits, BLOCK, RATIO_PTR)
         sel_k = k64
         factor = tl.where(k64 > 0, n64.to(tl.float64) / tl.maximum(k64, 1).to(tl.float64), 0.0).to(tl.float32)
     else:
@@ -597,7 +598,7 @@ def selected_loss(
     row_weight: Tensor | None = None,
     count: Tensor | None = None,
     counts: Tensor | None = None,
-    ratio: float = 0.0,
+    ratio: float | Tensor = 0.0,
     keep: Tensor | None = None,
     selected: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
@@ -628,7 +629,7 @@ def selected_loss(
     if ls and stats.wsum is None:
         raise ValueError("cggr_hook: label smoothing needs the statistics' wsum (row_stats(with_wsum=True))")
     factor = n_valid / n_selected if n_selected else 0.0
-    ratio_bits = float64_bits(ratio)
+    ratio_arg, ratio_ptr = ratio_argument(ratio)
     if row_weight is not None and (row_weight.numel() != N or row_weight.dtype != torch.float32):
         raise ValueError(
             f"cggr_hook: row_weight must be fp32 of {N} rows, got {row_weight.dtype} of shape {tuple(row_weight.shape)}"
@@ -658,7 +659,7 @@ def selected_loss(
         factor,
         counts.shape[0] if counts is not None else 0,
         counts.stride(0) if counts is not None else 0,
-        ratio_bits,
+        ratio_arg,
         REDUCTION=REDUCTIONS[reduction],
         HAS_WEIGHT=has_weight,
         HAS_SMOOTH=bool(ls),
@@ -667,6 +668,7 @@ def selected_loss(
         DEVICE_K=counts is not None,
         COUNT_SELECTED=keep is not None,
         BLOCK=LOSS_BLOCK,
+        RATIO_PTR=ratio_ptr,
         num_warps=LOSS_WARPS,
         enable_fp_fusion=False,
     )

@@ -36,7 +36,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .counts import device_keep_count, float64_bits
+from .counts import device_keep_count, float64_bits, ratio_argument
 from .spec import DRAW_FIGURES, ImportanceDraw
 
 __all__ = ["importance_draw", "importance_draw_at_ratio", "BLOCK", "NUM_WARPS"]
@@ -105,13 +105,14 @@ def _importance_kernel(
     NORM_MODE: tl.constexpr,
     DEVICE_K: tl.constexpr,
     BLOCK: tl.constexpr,
+    RATIO_PTR: tl.constexpr = False,
 ):
     idx = tl.arange(0, BLOCK)
     zero = tl.zeros([], tl.float64)
     floor = tl.full([], FLOOR_BITS, tl.int64).to(tl.float64, bitcast=True)
     if DEVICE_K:
         # n and k = keep_count(ratio, n) from the partial counts: nothing read on the host
-        n64, k64 = device_keep_count(counts_ptr, n_parts, counts_stride, ratio_bits, BLOCK)
+        n64, k64 = device_keep_count(counts_ptr, n_parts, counts_stride, ratio_bits, BLOCK, RATIO_PTR)
         n = n64.to(tl.int32)
         k = k64.to(tl.int32)
     else:
@@ -288,7 +289,7 @@ def importance_draw_at_ratio(
     perm: Tensor,
     u: Tensor,
     counts: Tensor,
-    ratio: float,
+    ratio: float | Tensor,
     capacity: int,
     floor: float,
     uniform: bool,
@@ -312,7 +313,7 @@ def _launch(
     n_valid: int = 0,
     k: int = 0,
     counts: Tensor | None = None,
-    ratio: float = 0.0,
+    ratio: float | Tensor = 0.0,
     capacity: int = 0,
 ) -> ImportanceDraw:
     N = diff.numel()
@@ -331,7 +332,7 @@ def _launch(
     figures = torch.empty(len(DRAW_FIGURES), dtype=torch.float64, device=dev)
     norm_mode = 2 if norm is None else 1 if isinstance(norm, Tensor) else 0
     floor_bits = float64_bits(floor)
-    ratio_bits = float64_bits(ratio)
+    ratio_arg, ratio_ptr = ratio_argument(ratio)
     _importance_kernel[(1,)](
         diff.contiguous(),
         order.contiguous(),
@@ -354,7 +355,7 @@ def _launch(
         norm if isinstance(norm, int) else 1,
         counts.shape[0] if counts is not None else 0,
         counts.stride(0) if counts is not None else 0,
-        ratio_bits,
+        ratio_arg,
         perm.numel(),
         slots,
         FLOOR_BITS=floor_bits,
@@ -362,6 +363,7 @@ def _launch(
         NORM_MODE=norm_mode,
         DEVICE_K=device_k,
         BLOCK=BLOCK,
+        RATIO_PTR=ratio_ptr,
         num_warps=NUM_WARPS,
         enable_fp_fusion=False,
     )

@@ -248,7 +248,7 @@ def selected_loss(
     row_weight: Tensor | None = None,
     count: Tensor | None = None,
     counts: Tensor | None = None,
-    ratio: float = 0.0,
+    ratio: float | Tensor = 0.0,
     keep: Tensor | None = None,
     selected: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
@@ -283,7 +283,7 @@ def selected_loss(
         )
     if counts is not None:
         n_valid = int(counts[:, 0].sum())
-        sel_k = n_selected = spec.keep_count(ratio, n_valid)
+        sel_k = n_selected = spec.keep_count(float(ratio), n_valid)
     N = targets.numel()
     dev = stats.lse.device
     if keep is not None:
@@ -562,7 +562,7 @@ def importance_draw_at_ratio(
     perm: Tensor,
     u: Tensor,
     counts: Tensor,
-    ratio: float,
+    ratio: float | Tensor,
     capacity: int,
     floor: float,
     uniform: bool,
@@ -582,7 +582,7 @@ def importance_draw_at_ratio(
     kept with pi = 1. ``norm`` None: n. This reference reads n on the host (the CPU's reads cost
     nothing); the Triton kernel does not."""
     n = int(counts[:, 0].sum())
-    k = spec.keep_count(ratio, n)
+    k = spec.keep_count(float(ratio), n)
     dev = diff.device
     if 0 < k < n:
         d = importance_draw(diff, order, rank, perm[perm < n], u, n, k, floor, uniform, norm)
@@ -614,12 +614,32 @@ def importance_draw_at_ratio(
     )
 
 
-def strata_at_ratio(counts: Tensor, ratio: float, num_strata: int) -> Tensor:
+def strata_at_ratio(counts: Tensor, ratio: float | Tensor, num_strata: int) -> Tensor:
     """``stratified`` selection's quotas where the host does not know n: int64 (num_strata + 1,),
     the quotas of the buckets (``spec.strata_quotas(n, keep_count(ratio, n), num_strata)``, hardest
     first, 0 past min(num_strata, n)) and then n, the sum of ``counts``' first column. This reference
     reads n on the host; the Triton kernel does not."""
     n = int(counts[:, 0].sum())
-    quotas = spec.strata_quotas(n, spec.keep_count(ratio, n), num_strata) if n > 0 else []
+    quotas = spec.strata_quotas(n, spec.keep_count(float(ratio), n), num_strata) if n > 0 else []
     quotas = quotas + [0] * (num_strata - len(quotas))
     return torch.tensor(quotas + [n], dtype=torch.int64, device=counts.device)
+
+
+def dynamic_ratio(sums: Tensor, ratio: float, sensitivity: float, average: Tensor) -> Tensor:
+    """The dynamic threshold's ratio of a batch, float64 (1,): ``spec.dynamic_ratio`` of the
+    curriculum's ``ratio`` and ``sensitivity`` at the batch's mean confidence (the partial sums'
+    confidence over their count, each column added row after row: ``spec.sum_in_order``) and the
+    running average held in ``average`` (float64 (2,): the average and whether there is one), which
+    is then updated in place (``spec.running_confidence``). This reference reads the sums on the
+    host; the Triton kernel does not."""
+    rows = sums.tolist()
+    n = spec.sum_in_order(row[0] for row in rows)
+    c_sum = spec.sum_in_order(row[SUM_FIELDS.index("p_top1")] for row in rows)
+    confidence = c_sum / n if n else math.nan
+    value, present = average.tolist()
+    avg = value if present else None
+    out = spec.dynamic_ratio(float(ratio), confidence, avg, float(sensitivity))
+    new = spec.running_confidence(avg, confidence)
+    if new is not None:
+        average.copy_(torch.tensor([new, 1.0], dtype=torch.float64))
+    return torch.tensor([out], dtype=torch.float64, device=sums.device)

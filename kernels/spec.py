@@ -8,7 +8,9 @@ Triton launchers (``scoring.py``, ``gated_ce.py``) and the gate's options (``cgg
 - ``SUM_FIELDS``: the per-row sums that travel to the host;
 - ``target_masks``: which targets are valid (in [0, V) and not ``ignore_index``) and which are bad;
 - ``ImportanceDraw`` and ``DRAW_FIGURES``: what an importance draw returns;
-- ``strata_sizes`` and ``strata_quotas``: ``stratified`` selection's buckets and what each gives.
+- ``strata_sizes`` and ``strata_quotas``: ``stratified`` selection's buckets and what each gives;
+- ``dynamic_ratio``, ``running_confidence`` and ``sum_in_order``: the dynamic threshold's ratio and
+  running average, as the host and the ``dynamic`` kernel compute them.
 """
 
 from __future__ import annotations
@@ -72,6 +74,48 @@ def keep_count(ratio: float, n_valid: int) -> int:
     if n_valid <= 0:
         return 0
     return min(n_valid, max(1, int(math.floor(float(ratio) * float(n_valid) + KEEP_HALF))))
+
+
+# the dynamic threshold's running confidence: an exponential average with this momentum
+EMA_MOMENTUM = 0.9
+
+
+def sum_in_order(values) -> float:
+    """The float64 sum of ``values`` added one by one from the first (the order the ``dynamic``
+    kernel adds the partial sums in; Python's ``sum`` of floats compensates from 3.12 on)."""
+    total = 0.0
+    for v in values:
+        total += v
+    return total
+
+
+def dynamic_ratio(r: float, confidence: float, average: float | None, sensitivity: float) -> float:
+    """r adjusted by how the batch's confidence c compares with the running average a:
+
+        r' = r (1 + s clamp((a - c) / a, -1, 1)),  clamped to [r (1 - s), min(1, r (1 + s))]
+
+    r where there is no average yet (None, or not above 0) or c is not finite (no valid target).
+    Float64, in this order, without FMA contraction on the device."""
+    if average is None or not math.isfinite(confidence) or average <= 0.0:
+        return r
+    deviation = max(-1.0, min(1.0, (average - confidence) / average))
+    adjusted = r * (1.0 + sensitivity * deviation)
+    return max(r * (1.0 - sensitivity), min(adjusted, dynamic_ratio_bound(r, sensitivity)))
+
+
+def dynamic_ratio_bound(r: float, sensitivity: float) -> float:
+    """The largest ratio ``dynamic_ratio`` gives from ``r``: min(1, r (1 + s))."""
+    return min(1.0, r * (1.0 + sensitivity))
+
+
+def running_confidence(average: float | None, confidence: float) -> float | None:
+    """The running average after a batch of confidence c: c for the first, else 0.9 a + (1 - 0.9) c
+    (each product rounded, then the sum); unchanged where c is not finite."""
+    if not math.isfinite(confidence):
+        return average
+    if average is None:
+        return confidence
+    return EMA_MOMENTUM * average + (1 - EMA_MOMENTUM) * confidence
 
 
 # buckets whose quotas a kernel computes on the device (``strata.strata_at_ratio``: one program, a

@@ -23,7 +23,7 @@ import triton
 import triton.language as tl
 from torch import Tensor
 
-from .counts import device_keep_count, float64_bits
+from .counts import device_keep_count, ratio_argument
 from .spec import MAX_STRATA
 
 __all__ = ["strata_at_ratio", "MAX_STRATA"]
@@ -33,9 +33,17 @@ COUNT_BLOCK = 128  # partial-count rows summed per loop iteration
 
 @triton.jit
 def _strata_kernel(
-    counts_ptr, n_parts, counts_stride, ratio_bits, out_ptr, S, BLOCK: tl.constexpr, BLOCK_S: tl.constexpr
+    counts_ptr,
+    n_parts,
+    counts_stride,
+    ratio_bits,
+    out_ptr,
+    S,
+    BLOCK: tl.constexpr,
+    BLOCK_S: tl.constexpr,
+    RATIO_PTR: tl.constexpr = False,
 ):
-    n, k = device_keep_count(counts_ptr, n_parts, counts_stride, ratio_bits, BLOCK)
+    n, k = device_keep_count(counts_ptr, n_parts, counts_stride, ratio_bits, BLOCK, RATIO_PTR)
     b = tl.arange(0, BLOCK_S).to(tl.int64)
     s_eff = tl.maximum(tl.minimum(n, S), 1)
     q = n // s_eff
@@ -77,21 +85,24 @@ def _strata_kernel(
     tl.store(out_ptr + S, n)
 
 
-def strata_at_ratio(counts: Tensor, ratio: float, num_strata: int) -> Tensor:
+def strata_at_ratio(counts: Tensor, ratio: float | Tensor, num_strata: int) -> Tensor:
     """int64 (num_strata + 1,): the quotas of the buckets (hardest first; 0 past min(num_strata, n))
-    and then n, the sum of ``counts``' first column, with k = keep_count(ratio, n). No host read."""
+    and then n, the sum of ``counts``' first column, with k = keep_count(ratio, n) (``ratio`` a
+    float, or a float64 device scalar). No host read."""
     if not 1 <= num_strata <= MAX_STRATA:
         raise ValueError(f"cggr_hook: strata_at_ratio handles 1 to {MAX_STRATA} buckets, got num_strata={num_strata}")
     out = torch.empty(num_strata + 1, dtype=torch.int64, device=counts.device)
+    ratio_arg, ratio_ptr = ratio_argument(ratio)
     _strata_kernel[(1,)](
         counts,
         counts.shape[0],
         counts.stride(0),
-        float64_bits(ratio),
+        ratio_arg,
         out,
         num_strata,
         BLOCK=COUNT_BLOCK,
         BLOCK_S=max(2, triton.next_power_of_2(num_strata)),
+        RATIO_PTR=ratio_ptr,
         num_warps=1,
         enable_fp_fusion=False,  # keep_count's product and sum rounded as the host rounds them
     )

@@ -262,9 +262,17 @@ def test_draw_at_ratio_arguments_are_checked():
     for bad in (counts.float(), counts[0], counts[:, :0]):  # fp32, one dim, no column
         with pytest.raises(ValueError, match="counts must be partial counts"):
             K.importance_draw_at_ratio(d, order, rank, perm, u, bad, 0.25, 3, 0.2)
-    for ratio, capacity in ((0.25, 2), (0.25, 11), (1.5, 10), (-0.1, 1)):
-        with pytest.raises(ValueError, match="keep_count"):
+    for ratio, capacity in ((0.25, 2), (0.25, 11)):
+        with pytest.raises(ValueError, match=r"keep_count\(ratio, N\) <= capacity <= N"):
             K.importance_draw_at_ratio(d, order, rank, perm, u, counts, ratio, capacity, 0.2)
+    for ratio in (1.5, -0.1):
+        with pytest.raises(ValueError, match=r"importance_draw_at_ratio needs a ratio in \[0, 1\]"):
+            K.importance_draw_at_ratio(d, order, rank, perm, u, counts, ratio, 10, 0.2)
+    on_device = torch.full((1,), 0.25, dtype=torch.float64, device=DEVICE)
+    with pytest.raises(ValueError, match=r"capacity <= N"):  # (a ratio on the device: the caller's bound)
+        K.importance_draw_at_ratio(d, order, rank, perm, u, counts, on_device, 11, 0.2)
+    with pytest.raises(ValueError, match=r"takes a ratio on the device as one float64"):
+        K.importance_draw_at_ratio(d, order, rank, perm, u, counts, on_device.float(), 3, 0.2)
 
 
 def test_figures_are_the_draw_figures():

@@ -259,6 +259,36 @@ def test_begin_call_with_nan_confidence_leaves_the_average():
     assert s.confidence_avg["a"] == pytest.approx(0.7)
 
 
+def test_a_running_confidence_kept_on_a_device_is_one_record_with_the_hosts():
+    """``confidence_on`` moves a key's running confidence into a tensor (made from the host's
+    float; the same tensor call after call); ``confidence_avg`` and ``state_dict`` read it there; a
+    call that reads its sums on the host (``begin_call`` with a confidence) takes it back and goes
+    on from it; an old pickle that saved the floats alone loads."""
+    import pickle
+
+    cpu = torch.device("cpu")
+    s = Scheduler()
+    c = GateConfig(min_tokens_ratio=0.5, warmup_steps=0, dynamic_threshold=True)
+    s.begin_call(c, "a", 0.8)
+    t = s.confidence_on("a", cpu)
+    assert t.dtype == torch.float64 and t.tolist() == [0.8, 1.0] and s.confidence_on("a", cpu) is t
+    assert s.confidence_on("b", cpu).tolist() == [0.0, 0.0]  # no average yet
+    t[0] = 0.6  # as a call on the device updates it
+    assert s.confidence_avg == {"a": 0.6} and s.state_dict()["confidence_avg"] == {"a": 0.6}
+    r, _, _ = s.begin_call(c, "a", 0.3)
+    assert r == dynamic_ratio(0.5, 0.3, 0.6, 0.5)
+    assert "a" not in s._confidence_dev and s.confidence_avg == {"a": 0.9 * 0.6 + (1 - 0.9) * 0.3}
+    old = Scheduler()
+    state = old.__getstate__()
+    state["confidence_avg"] = state.pop("_confidence_host")
+    state.pop("_confidence_dev")
+    state["confidence_avg"]["k"] = 0.25
+    restored = Scheduler.__new__(Scheduler)
+    restored.__setstate__(state)
+    assert restored.confidence_avg == {"k": 0.25}
+    assert pickle.loads(pickle.dumps(s)).confidence_avg == s.confidence_avg
+
+
 # --------------------------------------------------------------------------------------------------
 # checkpoints
 # --------------------------------------------------------------------------------------------------

@@ -497,6 +497,116 @@ def test_selection_at_a_ratio_is_the_selection_with_the_counts_read(
     assert "_keep_ratio" not in m_dev and "_selected" not in m_dev
 
 
+DYNAMIC = dict(warmup_steps=0, dynamic_threshold=True, threshold_sensitivity=0.5, plain_when_faster=False)
+
+
+def _dynamic_batches(calls: int):
+    """Batches of varying confidence (the logits' scale grows), a quarter of the targets ignored,
+    the last but one with none valid: the dynamic ratio moves from call to call."""
+    out = []
+    for i in range(calls):
+        g = torch.Generator().manual_seed(40 + i)
+        logits = (torch.randn(3, 11, 13, generator=g) * (0.5 + i)).requires_grad_()
+        targets = torch.randint(0, 13, (3, 11), generator=g)
+        targets[torch.rand(3, 11, generator=g) < 0.25] = -100
+        if i == calls - 2:
+            targets[:] = -100
+        out.append((logits, targets))
+    return out
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize(
+    "chosen", [*AT_RATIO, dict(selection="importance")], ids=lambda o: "-".join(str(v) for v in o.values())
+)
+def test_the_dynamic_threshold_on_the_device_is_the_read_path(backend, reduction, chosen, monkeypatch):
+    """With the dynamic threshold, a selection at a ratio computes the batch's ratio from its
+    confidence on the device (``kernels.dynamic_ratio``): no target count launched, nothing read
+    until the figures are asked for, and call after call the same ratio, loss, gradient, figures
+    and running confidence as the path that reads the scoring pass's sums first."""
+    import cggr_hook
+    from cggr_hook import kernels, pipeline
+
+    kernels.force_backend(backend)
+    real_counts = kernels.target_counts
+    counted = []
+    monkeypatch.setattr(kernels, "target_counts", lambda *a: counted.append(1) or real_counts(*a))
+    runs = []
+    for device_k in (True, False):
+        if not device_k:
+            monkeypatch.setattr(pipeline, "at_ratio", lambda *a: False)
+        crit = cggr_hook.CGGRLoss(scoring="combined", min_tokens_ratio=0.3, reduction=reduction, **chosen, **DYNAMIC)
+        calls = []
+        for logits, targets in _dynamic_batches(6):
+            logits.grad = None
+            loss = crit(logits, targets)
+            if device_k:
+                assert "tokens_total" not in crit._metrics and ("_sums" in crit._metrics or "_draw" in crit._metrics)
+            loss.sum().backward()
+            calls.append((loss.detach(), logits.grad.clone(), crit.get_metrics()))
+        runs.append((calls, crit.scheduler.state_dict()["confidence_avg"]))
+    assert counted == []  # (the read path reads the scoring pass's sums, no counts of its own)
+    (dev, avg_dev), (host, avg_host) = runs
+    assert avg_dev == avg_host and len(avg_dev) == 1
+    ratios = set()
+    for (l_d, g_d, m_d), (l_h, g_h, m_h) in zip(dev, host):
+        exact = chosen["selection"] != "importance"  # (importance's mean: the same sum in another order)
+        torch.testing.assert_close(l_d, l_h, rtol=0 if exact else 1e-6, atol=0, equal_nan=True)
+        torch.testing.assert_close(g_d, g_h, rtol=0 if exact else 1e-6, atol=0 if exact else 1e-7)
+        for key in ("tokens_total", "tokens_selected", "token_ratio", "avg_confidence"):
+            assert m_d[key] == pytest.approx(m_h[key], rel=1e-12, nan_ok=True), key
+        ratios.add(m_h["token_ratio"])
+    assert len(ratios) >= 3, "the batches did not move the ratio"
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_the_running_confidence_moves_between_the_paths_and_into_checkpoints(backend, monkeypatch):
+    """A gate whose calls take the device path, then the read path (the ratio read on the host),
+    then the device path again keeps one running confidence: every call's selection and the
+    final average are those of a run that read every call; ``state_dict`` and a pickled copy
+    carry the device's average as a float, and a loaded state starts the device path from it."""
+    import pickle
+
+    import cggr_hook
+    from cggr_hook import kernels, pipeline
+
+    kernels.force_backend(backend)
+    batches = _dynamic_batches(7)
+    real_at_ratio = pipeline.at_ratio
+
+    def run(paths):
+        crit = cggr_hook.CGGRLoss(selection="topk", min_tokens_ratio=0.3, **DYNAMIC)
+        out = []
+        for (logits, targets), path in zip(batches, paths):
+            monkeypatch.setattr(pipeline, "at_ratio", real_at_ratio if path == "d" else (lambda *a: False))
+            crit(logits, targets)
+            out.append(crit.get_metrics()["tokens_selected"])
+        return crit, out
+
+    mixed, sel_mixed = run("ddrrddd")
+    read, sel_read = run("rrrrrrr")
+    assert sel_mixed == sel_read
+    assert mixed.scheduler._confidence_dev  # the last calls' average is on the device
+    state = mixed.scheduler.state_dict()
+    assert state["confidence_avg"] == read.scheduler.state_dict()["confidence_avg"]
+    copy = pickle.loads(pickle.dumps(mixed.scheduler))
+    assert copy.confidence_avg == state["confidence_avg"] and copy._confidence_dev == {}
+    # resumed from the checkpoint, the device path goes on from the same average
+    monkeypatch.setattr(pipeline, "at_ratio", real_at_ratio)
+    resumed = cggr_hook.CGGRLoss(selection="topk", min_tokens_ratio=0.3, **DYNAMIC)
+    resumed.scheduler.load_state_dict(state)
+    monkeypatch.setattr(pipeline, "at_ratio", lambda *a: False)
+    read.scheduler.load_state_dict(state)
+    logits, targets = batches[2]
+    monkeypatch.setattr(pipeline, "at_ratio", real_at_ratio)
+    resumed(logits, targets)
+    monkeypatch.setattr(pipeline, "at_ratio", lambda *a: False)
+    read(logits, targets)
+    assert resumed.get_metrics()["tokens_selected"] == read.get_metrics()["tokens_selected"]
+    assert resumed.scheduler.state_dict()["confidence_avg"] == read.scheduler.state_dict()["confidence_avg"]
+
+
 @pytest.mark.parametrize("num_strata, reads", [(kernels_spec.MAX_STRATA, False), (kernels_spec.MAX_STRATA + 1, True)])
 def test_stratified_past_max_strata_reads_the_counts(num_strata, reads, monkeypatch):
     """Up to ``spec.MAX_STRATA`` buckets the quotas are computed on the device (no target count
