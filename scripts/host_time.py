@@ -67,7 +67,8 @@ def _cases(args, dev):
 
     def loss_case(**kw):
         # plain_when_faster=False: every call through the gate's kernels, which is what is measured
-        crit = cggr_hook.CGGRLoss(warmup_steps=0, dynamic_threshold=False, plain_when_faster=False, **kw)
+        kw = {"dynamic_threshold": False, **kw}
+        crit = cggr_hook.CGGRLoss(warmup_steps=0, plain_when_faster=False, **kw)
         return fwd_bwd(lambda: crit(logits, targets)), contextlib.nullcontext
 
     def head_case(ratio, **kw):
@@ -91,6 +92,9 @@ def _cases(args, dev):
         "loss/cggr25 combined topk": loss_case(scoring="combined", selection="topk", min_tokens_ratio=0.25),
         "loss/cggr25 combined topk, no graphs": loss_case(
             scoring="combined", selection="topk", min_tokens_ratio=0.25, cuda_graphs=False
+        ),
+        "loss/cggr25 combined topk, dynamic threshold": loss_case(
+            scoring="combined", selection="topk", min_tokens_ratio=0.25, dynamic_threshold=True
         ),
         "loss/cggr25 combined stratified": loss_case(scoring="combined", selection="stratified", min_tokens_ratio=0.25),
         "loss/cggr25 combined sequence_aware": loss_case(
