@@ -92,6 +92,13 @@ class CGGRLoss(torch.nn.Module):
         self.scheduler = Scheduler()
         self._metrics: dict = {}
 
+    def __getstate__(self) -> dict:
+        # the last call's figures as numbers: those left on the device hold CUDA events, which
+        # neither pickle nor copy
+        state = super().__getstate__()
+        state["_metrics"] = figures_mod.resolve(self._metrics)
+        return state
+
     @property
     def step_count(self) -> int:
         return self.scheduler.step_count

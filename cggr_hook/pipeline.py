@@ -273,7 +273,11 @@ def gated_forward(
     counts_first = (auto or not config.dynamic_threshold) and (every_row or not strategy.per_sequence)
     # a selection at a ratio the host knows reads nothing: its kernels count n from the scoring
     # pass's partial sums, which also carry the bad targets, so it needs no counts of its own
-    device_k = at_ratio(config, strategy, auto, every_row) and N > 0 and device_k_pays(key, need_rows)
+    device_k = (
+        at_ratio(config, strategy, auto, every_row)
+        and N > 0
+        and device_k_pays(key, need_rows, _spread(config, scheduler, key))
+    )
     PendingTargetCheck.poll()  # an earlier call's bad targets, where the copy of its counts is in
     if device_k:
         # n and k are counted on the device, nothing is read, and the kernels may run as one
@@ -390,6 +394,15 @@ def gated_forward(
     # difficulty order: the dense gradient schedules its rows by it (zero rows first)
     order = ranking.order if ranking is not None and sel_key is ranking.rank else None
     return GatedForward(loss, values, BackwardPlan(stats.lse, row_scale, rows, order, noise, dense))
+
+
+def _spread(config: GateConfig, scheduler: Scheduler, key: str) -> float:
+    """The ratio a head gradient counted on the device is sized for over the call's ratio before
+    the dynamic threshold moves it (1 without it): ``device_k_pays``' ``spread``."""
+    if config.auto_candidates is not None or not config.dynamic_threshold:
+        return 1.0
+    r = scheduler.known_ratio(config, key)
+    return kernels.spec.dynamic_ratio_bound(r, float(config.threshold_sensitivity)) / r if r > 0 else 1.0
 
 
 def at_ratio(config: GateConfig, strategy: selection.Selection, auto: bool, every_row: bool) -> bool:
@@ -733,15 +746,16 @@ class ValidShare:
 DEVICE_K_MAX_ROWS_FACTOR = 2.0
 
 
-def device_k_pays(key: str, need_rows: bool) -> bool:
+def device_k_pays(key: str, need_rows: bool, spread: float = 1.0) -> bool:
     """Whether a call at a ratio the host knows counts n and k on the device: always without a
     head gradient (the loss alone does no more work), else while the gate's last known share of
     valid targets keeps the head gradient's rows within ``DEVICE_K_MAX_ROWS_FACTOR`` of k
-    (unknown: yes)."""
+    (unknown: yes). ``spread``: the rows' ratio over the one the call selects at in expectation
+    (the dynamic threshold sizes the rows for min(1, r (1 + s)), its ratio moves about r)."""
     if not need_rows:
         return True
     share = ValidShare.get(key)
-    return share is None or share * DEVICE_K_MAX_ROWS_FACTOR >= 1.0
+    return share is None or share * DEVICE_K_MAX_ROWS_FACTOR >= spread
 
 
 class PendingTargetCheck:

@@ -83,6 +83,9 @@ class Scheduler:
         # ([average, 1 where there is one]) that the calls update in place; a key is in one of the two
         self._confidence_host: dict[str, float] = {}
         self._confidence_dev: dict[str, torch.Tensor] = {}
+        # the CUDA stream of each key's last update on the device: a call on another stream first
+        # waits for it, so that no update is lost between two streams
+        self._confidence_stream: dict[str, Any] = {}
         self._pending = False  # a gated call happened since the last counted step
         self._pending_ids: frozenset[int] = frozenset()  # ids of the parameters behind those calls
         self._hook_handle = None
@@ -191,10 +194,17 @@ class Scheduler:
         """The running confidence of gate ``key`` as a float64 (2,) tensor on ``device`` ([average,
         1 where there is one, else 0]), for a call that computes its dynamic ratio there
         (``kernels.dynamic_ratio`` updates it in place). The same tensor call after call, the
-        key's one record from then on; made from the host's figure (no read, two fills)."""
+        key's one record from then on; made from the host's figure (no read, two fills). On CUDA,
+        a call on another stream than the last update's first waits for that stream."""
         with self._lock:
             t = self._confidence_dev.get(key)
             if t is not None and t.device == device:
+                if t.is_cuda:
+                    stream = torch.cuda.current_stream(device)
+                    last = self._confidence_stream.get(key)
+                    if last is not None and last != stream:
+                        stream.wait_stream(last)
+                    self._confidence_stream[key] = stream
                 return t
             average = self._host_confidence(key)  # (a tensor on another device: read back)
             t = torch.zeros(2, dtype=torch.float64, device=device)
@@ -203,12 +213,15 @@ class Scheduler:
                 t[1].fill_(1.0)
             self._confidence_host.pop(key, None)
             self._confidence_dev[key] = t
+            if t.is_cuda:
+                self._confidence_stream[key] = torch.cuda.current_stream(device)
             return t
 
     def _host_confidence(self, key: str) -> float | None:
         """The running confidence of ``key`` as a float, kept on the host from now on: a tensor on
         a device is read back (a call that reads its sums on the host after calls that did not)."""
         t = self._confidence_dev.pop(key, None)
+        self._confidence_stream.pop(key, None)
         if t is not None:
             value, present = t.tolist()
             if present:
@@ -296,8 +309,16 @@ class Scheduler:
         with self._lock:
             self.step_count = int(state["step_count"])
             self.calls_in_step = int(state["calls_in_step"])
-            self._confidence_host = {str(k): float(v) for k, v in state["confidence_avg"].items()}
+            averages = {str(k): float(v) for k, v in state["confidence_avg"].items()}
+            bad = sorted(k for k, v in averages.items() if not math.isfinite(v))
+            if bad:
+                raise ValueError(
+                    f"cggr_hook: scheduler state's confidence_avg of {bad} is not a finite number; pass a dict from "
+                    "scheduler.state_dict() (a running average of confidences is a probability)"
+                )
+            self._confidence_host = averages
             self._confidence_dev = {}
+            self._confidence_stream = {}
             self._pending = bool(state.get("pending", False))
             self.auto = {str(k): AutoState.from_state(v) for k, v in state.get("auto", {}).items()}
             self._auto_in_step = set()
@@ -310,6 +331,7 @@ class Scheduler:
             self.calls_in_step = 0
             self._confidence_host = {}
             self._confidence_dev = {}
+            self._confidence_stream = {}
             self._pending = False
             self._pending_ids = frozenset()
             self.auto = {}
@@ -326,6 +348,7 @@ class Scheduler:
         with self._lock:  # the running confidences on a device travel as floats
             state["_confidence_host"] = self._confidence_figures()
         state["_confidence_dev"] = {}
+        state["_confidence_stream"] = {}
         state["_hook_handle"] = None
         state["_release_after_step"] = False
         return state
@@ -335,6 +358,7 @@ class Scheduler:
         if "confidence_avg" in state:  # (a copy saved when the floats were the only record)
             state["_confidence_host"] = state.pop("confidence_avg")
         state.setdefault("_confidence_dev", {})
+        state.setdefault("_confidence_stream", {})
         self.__dict__.update(state)
         self._lock = threading.RLock()
 

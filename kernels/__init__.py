@@ -332,7 +332,8 @@ def dynamic_ratio(sums: Tensor, ratio: float, sensitivity: float, average: Tenso
     of the curriculum's ``ratio`` and ``sensitivity`` at the batch's mean confidence, from the
     scoring pass's partial sums ``sums`` (``row_difficulty``'s float64 (P, 5)), and the running
     average in ``average`` (float64 (2,) on the same device: the average, and 1 where there is one,
-    else 0), which is updated in place (``spec.running_confidence``). The selection kernels take
+    else 0), which is updated in place (``spec.running_confidence``) unless the sums count a bad
+    target (the call raises where its counts are read: it moves nothing). The selection kernels take
     the result as their ratio (``selected_loss``, ``importance_draw_at_ratio``,
     ``strata_at_ratio``). No host synchronisation on Triton."""
     if sums.dim() != 2 or sums.shape[1] != len(spec.SUM_FIELDS) or sums.dtype != torch.float64:
@@ -340,10 +341,15 @@ def dynamic_ratio(sums: Tensor, ratio: float, sensitivity: float, average: Tenso
             f"cggr_hook: dynamic_ratio needs row_difficulty's float64 (P, {len(spec.SUM_FIELDS)}) partial sums, got "
             f"{sums.dtype} of shape {tuple(sums.shape)}"
         )
-    if average.dtype != torch.float64 or average.shape != (2,) or average.device != sums.device:
+    if (
+        average.dtype != torch.float64
+        or average.shape != (2,)
+        or average.device != sums.device
+        or not average.is_contiguous()
+    ):
         raise ValueError(
-            f"cggr_hook: dynamic_ratio's average must be float64 of shape (2,) on {sums.device}, got "
-            f"{average.dtype} of shape {tuple(average.shape)} on {average.device}"
+            f"cggr_hook: dynamic_ratio's average must be a contiguous float64 tensor of shape (2,) on {sums.device} "
+            f"(it is updated in place), got {average.dtype} of shape {tuple(average.shape)} on {average.device}"
         )
     r, s = float(ratio), float(sensitivity)
     if not 0.0 <= r <= 1.0 or not 0.0 <= s <= 1.0:

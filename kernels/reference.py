@@ -8,6 +8,7 @@ chunks so the fp32 temporaries stay small.
 from __future__ import annotations
 
 import math
+import threading
 from typing import cast
 
 import torch
@@ -630,16 +631,21 @@ def dynamic_ratio(sums: Tensor, ratio: float, sensitivity: float, average: Tenso
     curriculum's ``ratio`` and ``sensitivity`` at the batch's mean confidence (the partial sums'
     confidence over their count, each column added row after row: ``spec.sum_in_order``) and the
     running average held in ``average`` (float64 (2,): the average and whether there is one), which
-    is then updated in place (``spec.running_confidence``). This reference reads the sums on the
-    host; the Triton kernel does not."""
+    is then updated in place (``spec.running_confidence``), unless the sums count a bad target
+    (the call raises). This reference reads the sums on the host; the Triton kernel does not."""
     rows = sums.tolist()
     n = spec.sum_in_order(row[0] for row in rows)
+    n_bad = spec.sum_in_order(row[SUM_FIELDS.index("n_bad")] for row in rows)
     c_sum = spec.sum_in_order(row[SUM_FIELDS.index("p_top1")] for row in rows)
     confidence = c_sum / n if n else math.nan
-    value, present = average.tolist()
-    avg = value if present else None
-    out = spec.dynamic_ratio(float(ratio), confidence, avg, float(sensitivity))
-    new = spec.running_confidence(avg, confidence)
-    if new is not None:
-        average.copy_(torch.tensor([new, 1.0], dtype=torch.float64))
+    with _DYNAMIC_LOCK:  # one read and write of the average at a time (threads sharing a gate)
+        value, present = average.tolist()
+        avg = value if present else None
+        out = spec.dynamic_ratio(float(ratio), confidence, avg, float(sensitivity))
+        new = spec.running_confidence(avg, confidence)
+        if new is not None and not n_bad:  # (a batch with a bad target raises: it moves nothing)
+            average.copy_(torch.tensor([new, 1.0], dtype=torch.float64))
     return torch.tensor([out], dtype=torch.float64, device=sums.device)
+
+
+_DYNAMIC_LOCK = threading.Lock()

@@ -210,6 +210,41 @@ def test_the_dynamic_threshold_on_the_device_is_the_read_path_on_cuda(options, r
     assert capture.count() >= 1  # the device path replayed a graph
 
 
+def test_the_dynamic_threshold_across_streams_and_a_pickled_loss_on_cuda():
+    """Calls of one gate alternating between two CUDA streams (each behind a sleep) keep the
+    running confidence that calls on one stream keep: each waits for the other stream's update.
+    A CGGRLoss whose last figures are still on the device pickles and copies, with those figures
+    read."""
+    import pickle
+
+    V = 3001
+    batches = []
+    for i, scale in enumerate([2.0, 2.5, 1.5, 3.0, 1.8, 2.2]):
+        g = torch.Generator(device="cuda").manual_seed(i)
+        x = (torch.randn(2048, V, device="cuda", generator=g) * scale).to(torch.bfloat16)
+        batches.append((x, torch.randint(0, V, (2048,), device="cuda", generator=g)))
+    options = dict(selection="topk", min_tokens_ratio=0.3, warmup_steps=0, dynamic_threshold=True)
+    one = CGGRLoss(**options)
+    for x, t in batches:
+        one(x, t)
+    streams = [torch.cuda.Stream(), torch.cuda.Stream()]
+    two = CGGRLoss(**options)
+    for i, (x, t) in enumerate(batches):
+        s = streams[i % 2]
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            torch.cuda._sleep(20_000_000 if i % 2 == 0 else 1)  # the first stream's update comes late
+            two(x, t)
+    torch.cuda.synchronize()
+    assert two.scheduler.confidence_avg == one.scheduler.confidence_avg
+    crit = CGGRLoss(**options)
+    crit(*batches[0])
+    assert any(k.startswith("_") for k in crit._metrics)  # figures still on the device
+    copy_ = pickle.loads(pickle.dumps(crit))
+    assert copy_.get_metrics() == crit.get_metrics()
+    assert copy.deepcopy(crit).get_metrics() == crit.get_metrics()
+
+
 def test_fixed_ratio_forward_does_not_wait_for_the_scoring_pass():
     """With a ratio that does not depend on the logits, the host reads nothing: the forward over 4 GB
     of logits returns while the device is still busy with the work queued before it (a scoring pass

@@ -20,14 +20,15 @@ CONF = spec.SUM_FIELDS.index("p_top1")
 
 
 def scoring_sums(parts: int, seed: int, empty: bool = False) -> torch.Tensor:
-    """Partial sums shaped as the scoring pass's float64 (P, 5): whole counts of valid rows and
-    their summed top-1 probabilities (the confidence's numerator), odd values elsewhere."""
+    """Partial sums shaped as the scoring pass's float64 (P, 5): whole counts of valid rows, no bad
+    target, their summed top-1 probabilities (the confidence's numerator), odd values elsewhere."""
     g = torch.Generator().manual_seed(seed)
     sums = torch.rand(parts, len(spec.SUM_FIELDS), dtype=torch.float64, generator=g) * 50
     counts = torch.randint(0, 700, (parts,), generator=g).double()
     if empty:
         counts.zero_()
     sums[:, 0] = counts
+    sums[:, spec.SUM_FIELDS.index("n_bad")] = 0.0
     sums[:, CONF] = counts * torch.rand(parts, dtype=torch.float64, generator=g)
     return sums.to(DEVICE)
 
@@ -95,6 +96,30 @@ def test_dynamic_ratio_over_a_run_follows_the_hosts_scheduler(backend):
     assert avg_t.tolist() == [avg, 1.0]
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_a_batch_with_a_bad_target_leaves_the_average_and_sums_read_at_any_stride(backend):
+    """A batch whose sums count a bad target (its call raises where the counts are read) gives
+    its ratio but leaves the running confidence as it was, as the host's read path, which raises
+    first; sums laid out column-major give what the contiguous ones give."""
+    force_backend(backend)
+    sums = scoring_sums(5, seed=2)
+    avg = average_tensor(0.3)
+    want = K.dynamic_ratio(sums, 0.25, 0.5, avg.clone())
+    bad = sums.clone()
+    bad[3, spec.SUM_FIELDS.index("n_bad")] = 1.0
+    kept = average_tensor(0.3)
+    torch.testing.assert_close(K.dynamic_ratio(bad, 0.25, 0.5, kept), want, rtol=0, atol=0)
+    assert kept.tolist() == [0.3, 1.0]
+    fresh = average_tensor(None)
+    K.dynamic_ratio(bad, 0.25, 0.5, fresh)
+    assert fresh.tolist() == [0.0, 0.0]
+    column_major = sums.t().contiguous().t()
+    assert column_major.stride() != sums.stride()
+    a, b = average_tensor(0.3), average_tensor(0.3)
+    torch.testing.assert_close(K.dynamic_ratio(column_major, 0.25, 0.5, a), K.dynamic_ratio(sums, 0.25, 0.5, b))
+    assert a.tolist() == b.tolist()
+
+
 def test_dynamic_ratio_rejects_what_it_cannot_read():
     sums = scoring_sums(3, seed=0)
     avg = average_tensor(0.5)
@@ -102,10 +127,15 @@ def test_dynamic_ratio_rejects_what_it_cannot_read():
         K.dynamic_ratio(sums[:, :2], 0.25, 0.5, avg)
     with pytest.raises(ValueError, match=r"dynamic_ratio needs row_difficulty's float64"):
         K.dynamic_ratio(sums.float(), 0.25, 0.5, avg)
-    with pytest.raises(ValueError, match=r"dynamic_ratio's average must be float64 of shape \(2,\)"):
+    with pytest.raises(
+        ValueError, match=r"dynamic_ratio's average must be a contiguous float64 tensor of shape \(2,\)"
+    ):
         K.dynamic_ratio(sums, 0.25, 0.5, avg[:1])
-    with pytest.raises(ValueError, match=r"dynamic_ratio's average must be float64"):
+    with pytest.raises(ValueError, match=r"dynamic_ratio's average must be a contiguous float64"):
         K.dynamic_ratio(sums, 0.25, 0.5, avg.float())
+    strided = torch.zeros(4, dtype=torch.float64, device=DEVICE)[::2]
+    with pytest.raises(ValueError, match=r"must be a contiguous float64 tensor .*updated in place"):
+        K.dynamic_ratio(sums, 0.25, 0.5, strided)
     with pytest.raises(ValueError, match=r"a ratio and a sensitivity in \[0, 1\], got 1.5, 0.5"):
         K.dynamic_ratio(sums, 1.5, 0.5, avg)
     with pytest.raises(ValueError, match=r"a ratio and a sensitivity in \[0, 1\], got 0.25, -0.1"):

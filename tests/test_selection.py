@@ -561,6 +561,32 @@ def test_the_dynamic_threshold_on_the_device_is_the_read_path(backend, reduction
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_a_call_with_a_bad_target_leaves_the_running_confidence_on_either_path(backend, monkeypatch):
+    """A call whose targets hold a value outside the vocabulary raises and moves nothing: the
+    next call selects as it would have, on the device path as on the read path."""
+    import cggr_hook
+    from cggr_hook import kernels, pipeline
+
+    kernels.force_backend(backend)
+    (l0, t0), (l1, t1), (l2, t2) = _dynamic_batches(3)
+    bad = t1.clone()
+    bad[0, 0] = 13 + 2
+    out = []
+    for device_k in (True, False):
+        if not device_k:
+            monkeypatch.setattr(pipeline, "at_ratio", lambda *a: False)
+        crit = cggr_hook.CGGRLoss(selection="topk", min_tokens_ratio=0.3, **DYNAMIC)
+        crit(l0, t0)
+        before = crit.scheduler.confidence_avg
+        with pytest.raises(ValueError, match="outside"):
+            crit(l1, bad)
+        assert crit.scheduler.confidence_avg == before
+        crit(l2, t2)
+        out.append((crit.get_metrics()["tokens_selected"], crit.scheduler.confidence_avg))
+    assert out[0] == out[1]
+
+
+@pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_the_running_confidence_moves_between_the_paths_and_into_checkpoints(backend, monkeypatch):
     """A gate whose calls take the device path, then the read path (the ratio read on the host),
     then the device path again keeps one running confidence: every call's selection and the
@@ -747,6 +773,23 @@ def test_device_k_pays_while_the_head_gradient_stays_within_twice_k():
     assert device_k_pays("g", need_rows=True)
     ValidShare.record("g", 7, 0)  # no rows: nothing learnt
     assert ValidShare.get("g") == 0.5
+    # the dynamic threshold sizes the rows for min(1, r (1 + s)): a spread of 1.5 at s = 0.5
+    ValidShare.record("g", 70, 100)
+    assert device_k_pays("g", need_rows=True) and not device_k_pays("g", need_rows=True, spread=1.5)
+    ValidShare.record("g", 80, 100)
+    assert device_k_pays("g", need_rows=True, spread=1.5)
+
+
+def test_the_spread_of_a_dynamic_threshold_is_its_largest_ratio_over_the_curriculums():
+    from cggr_hook import GateConfig
+    from cggr_hook.pipeline import _spread
+    from cggr_hook.schedule import Scheduler
+
+    s = Scheduler()
+    dyn = dict(warmup_steps=0, dynamic_threshold=True, threshold_sensitivity=0.5)
+    assert _spread(GateConfig(min_tokens_ratio=0.25, **dyn), s, "k") == 1.5
+    assert _spread(GateConfig(min_tokens_ratio=0.8, **dyn), s, "k") == pytest.approx(1.25)  # at most every row
+    assert _spread(GateConfig(min_tokens_ratio=0.25, **FIXED), s, "k") == 1.0
 
 
 @pytest.mark.parametrize("selection_name", ["topk", "importance"])
