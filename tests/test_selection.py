@@ -790,6 +790,12 @@ def test_the_spread_of_a_dynamic_threshold_is_its_largest_ratio_over_the_curricu
     assert _spread(GateConfig(min_tokens_ratio=0.25, **dyn), s, "k") == 1.5
     assert _spread(GateConfig(min_tokens_ratio=0.8, **dyn), s, "k") == pytest.approx(1.25)  # at most every row
     assert _spread(GateConfig(min_tokens_ratio=0.25, **FIXED), s, "k") == 1.0
+    # sequence_aware: min_tokens_per_sequence rows a sequence past keep_count(r, N): 100 rows in
+    # 4 sequences of 25, r = 0.25, 2 rows each: (25 + 8) / 25
+    seq_aware = GateConfig(min_tokens_ratio=0.25, selection="sequence_aware", min_tokens_per_sequence=2, **FIXED)
+    assert _spread(seq_aware, s, "k", 100, 25) == pytest.approx(33 / 25)
+    seq_dyn = GateConfig(min_tokens_ratio=0.25, selection="sequence_aware", min_tokens_per_sequence=2, **dyn)
+    assert _spread(seq_dyn, s, "k", 100, 25) == pytest.approx(1.5 * (38 + 8) / 38)
 
 
 @pytest.mark.parametrize("selection_name", ["topk", "importance"])
