@@ -276,7 +276,7 @@ def gated_forward(
     device_k = (
         at_ratio(config, strategy, auto, every_row)
         and N > 0
-        and device_k_pays(key, need_rows, _spread(config, scheduler, key, N, seq))
+        and (not need_rows or device_k_pays(key, need_rows, _spread(config, scheduler, key, N, seq)))
     )
     PendingTargetCheck.poll()  # an earlier call's bad targets, where the copy of its counts is in
     if device_k:
@@ -399,23 +399,25 @@ def gated_forward(
 def _spread(
     config: GateConfig, scheduler: Scheduler, key: str, n_rows: int = 0, seq: int | tuple[Tensor, int] | None = None
 ) -> float:
-    """The rows a head gradient counted on the device runs over (``_at_ratio``'s capacity) over
-    keep_count(r, n_rows), r the call's ratio before the dynamic threshold moves it:
-    ``device_k_pays``' ``spread``. The dynamic threshold sizes the rows for min(1, r (1 + s));
-    ``sequence_aware`` adds ``min_tokens_per_sequence`` rows a sequence (of ``n_rows`` rows split
-    by ``seq``)."""
+    """The rows a head gradient counted on the device runs over (``_at_ratio``'s capacity) over the
+    rows it selects where every target is valid, at r, the call's ratio before the dynamic
+    threshold moves it: ``device_k_pays``' ``spread``. The dynamic threshold sizes the rows for
+    min(1, r (1 + s)); ``sequence_aware`` adds ``min_tokens_per_sequence`` rows a sequence (of
+    ``n_rows`` rows split by ``seq``), and selects at least those. ``n_rows`` 0: the ratios'
+    quotient alone."""
     r = scheduler.known_ratio(config, key)
     if r <= 0:
         return 1.0
     bound = r
     if config.auto_candidates is None and config.dynamic_threshold:
         bound = kernels.spec.dynamic_ratio_bound(r, float(config.threshold_sensitivity))
-    spread = bound / r
-    if config.selection == "sequence_aware" and n_rows > 0:
-        k_rows = max(1, tokens_to_keep(bound, n_rows))
-        rows = min(n_rows, k_rows + selection.sequences(seq, n_rows) * config.min_tokens_per_sequence)
-        spread *= rows / k_rows
-    return spread
+    if n_rows <= 0:
+        return bound / r
+    rows, selected = tokens_to_keep(bound, n_rows), tokens_to_keep(r, n_rows)
+    if config.selection == "sequence_aware":  # (its selection holds every sequence's kept rows too)
+        kept = min(n_rows, selection.sequences(seq, n_rows) * config.min_tokens_per_sequence)
+        rows, selected = min(n_rows, rows + kept), max(selected, kept)
+    return rows / max(1, selected)
 
 
 def at_ratio(config: GateConfig, strategy: selection.Selection, auto: bool, every_row: bool) -> bool:

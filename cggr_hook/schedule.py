@@ -199,11 +199,12 @@ class Scheduler:
         with self._lock:
             t = self._confidence_dev.get(key)
             if t is not None and t.device == device:
-                if t.is_cuda:
+                if t.is_cuda and not torch.cuda.is_current_stream_capturing():
                     stream = torch.cuda.current_stream(device)
                     last = self._confidence_stream.get(key)
                     if last is not None and last != stream:
                         stream.wait_stream(last)
+                        t.record_stream(stream)  # (its memory stays until this stream's update is done)
                     self._confidence_stream[key] = stream
                 return t
             average = self._host_confidence(key)  # (a tensor on another device: read back)
@@ -221,8 +222,10 @@ class Scheduler:
         """The running confidence of ``key`` as a float, kept on the host from now on: a tensor on
         a device is read back (a call that reads its sums on the host after calls that did not)."""
         t = self._confidence_dev.pop(key, None)
-        self._confidence_stream.pop(key, None)
+        stream = self._confidence_stream.pop(key, None)
         if t is not None:
+            if stream is not None:
+                stream.synchronize()  # the last update, whichever stream it is on
             value, present = t.tolist()
             if present:
                 self._confidence_host[key] = value
@@ -239,6 +242,9 @@ class Scheduler:
         """Every key's running confidence as a float (those on a device read, and left there)."""
         out = dict(self._confidence_host)
         for key, t in self._confidence_dev.items():
+            stream = self._confidence_stream.get(key)
+            if stream is not None:
+                stream.synchronize()  # the last update, whichever stream it is on
             value, present = t.tolist()
             if present:
                 out[key] = value
@@ -306,16 +312,16 @@ class Scheduler:
             raise ValueError(
                 f"cggr_hook: scheduler state lacks {sorted(missing)}; pass a dict from scheduler.state_dict()"
             )
+        averages = {str(k): float(v) for k, v in state["confidence_avg"].items()}
+        bad = sorted(k for k, v in averages.items() if not math.isfinite(v))
+        if bad:  # (checked before anything is loaded: a refused state changes nothing)
+            raise ValueError(
+                f"cggr_hook: scheduler state's confidence_avg of {bad} is not a finite number; pass a dict from "
+                "scheduler.state_dict() (a running average of confidences is a probability)"
+            )
         with self._lock:
             self.step_count = int(state["step_count"])
             self.calls_in_step = int(state["calls_in_step"])
-            averages = {str(k): float(v) for k, v in state["confidence_avg"].items()}
-            bad = sorted(k for k, v in averages.items() if not math.isfinite(v))
-            if bad:
-                raise ValueError(
-                    f"cggr_hook: scheduler state's confidence_avg of {bad} is not a finite number; pass a dict from "
-                    "scheduler.state_dict() (a running average of confidences is a probability)"
-                )
             self._confidence_host = averages
             self._confidence_dev = {}
             self._confidence_stream = {}

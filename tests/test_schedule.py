@@ -287,9 +287,11 @@ def test_a_running_confidence_kept_on_a_device_is_one_record_with_the_hosts():
     restored.__setstate__(state)
     assert restored.confidence_avg == {"k": 0.25}
     assert pickle.loads(pickle.dumps(s)).confidence_avg == s.confidence_avg
+    before = s.state_dict()
     for bad in (math.nan, math.inf):
         with pytest.raises(ValueError, match=r"confidence_avg of \['a'\] is not a finite number"):
-            s.load_state_dict({"step_count": 0, "calls_in_step": 0, "confidence_avg": {"a": bad}})
+            s.load_state_dict({"step_count": 99, "calls_in_step": 7, "confidence_avg": {"a": bad}})
+        assert s.state_dict() == before  # a refused state changes nothing
 
 
 # --------------------------------------------------------------------------------------------------

@@ -790,12 +790,17 @@ def test_the_spread_of_a_dynamic_threshold_is_its_largest_ratio_over_the_curricu
     assert _spread(GateConfig(min_tokens_ratio=0.25, **dyn), s, "k") == 1.5
     assert _spread(GateConfig(min_tokens_ratio=0.8, **dyn), s, "k") == pytest.approx(1.25)  # at most every row
     assert _spread(GateConfig(min_tokens_ratio=0.25, **FIXED), s, "k") == 1.0
-    # sequence_aware: min_tokens_per_sequence rows a sequence past keep_count(r, N): 100 rows in
-    # 4 sequences of 25, r = 0.25, 2 rows each: (25 + 8) / 25
+    assert _spread(GateConfig(min_tokens_ratio=0.25, **dyn), s, "k", 100) == 38 / 25  # keep_count(0.375, 100)
+    # sequence_aware: min_tokens_per_sequence rows a sequence past keep_count(r, N), over a
+    # selection of at least those rows: 100 rows in 4 sequences of 25, r = 0.25, 2 rows each:
+    # (25 + 8) / 25; with the dynamic threshold (38 + 8) / 25
     seq_aware = GateConfig(min_tokens_ratio=0.25, selection="sequence_aware", min_tokens_per_sequence=2, **FIXED)
     assert _spread(seq_aware, s, "k", 100, 25) == pytest.approx(33 / 25)
     seq_dyn = GateConfig(min_tokens_ratio=0.25, selection="sequence_aware", min_tokens_per_sequence=2, **dyn)
-    assert _spread(seq_dyn, s, "k", 100, 25) == pytest.approx(1.5 * (38 + 8) / 38)
+    assert _spread(seq_dyn, s, "k", 100, 25) == pytest.approx(46 / 25)
+    # 4 sequences of 16, 5 rows each: 36 rows over a selection of at least 20 (not k = 16)
+    many = GateConfig(min_tokens_ratio=0.25, selection="sequence_aware", min_tokens_per_sequence=5, **FIXED)
+    assert _spread(many, s, "k", 64, 16) == pytest.approx(36 / 20)
 
 
 @pytest.mark.parametrize("selection_name", ["topk", "importance"])
