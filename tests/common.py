@@ -128,6 +128,17 @@ def make_logits(B, T, V, dtype, layout, scale=3.0, gen=None):
     return x
 
 
+def count_target_counts(monkeypatch) -> list:
+    """Count the launches of ``kernels.target_counts`` (the read path's separate count of the
+    targets): the returned list gains an entry a call."""
+    from cggr_hook import kernels
+
+    real = kernels.target_counts
+    counted: list = []
+    monkeypatch.setattr(kernels, "target_counts", lambda *a: counted.append(1) or real(*a))
+    return counted
+
+
 def start_held_reader(monkeypatch, module, name: str, reader, hold_s: float = 20.0):
     """Run ``reader`` in a thread with ``module.name`` held at its entry until the returned
     ``release`` event is set (or ``hold_s`` passes): a window in which another call can run.

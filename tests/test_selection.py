@@ -10,6 +10,8 @@ import torch
 from cggr_hook import GateConfig, selection
 from cggr_hook.kernels import spec as kernels_spec
 
+from common import count_target_counts
+
 NEG_INF = -math.inf
 
 
@@ -467,9 +469,7 @@ def test_selection_at_a_ratio_is_the_selection_with_the_counts_read(
     weight = torch.rand(V, generator=torch.Generator().manual_seed(1)) + 0.5 if weighted else None
     opts = dict(min_tokens_ratio=0.35, reduction=reduction, weight=weight, label_smoothing=smoothing, **FIXED)
     out = []
-    real_counts = kernels.target_counts
-    counted = []
-    monkeypatch.setattr(kernels, "target_counts", lambda *a: counted.append(1) or real_counts(*a))
+    counted = count_target_counts(monkeypatch)
     for device_k in (True, False):
         counted.clear()
         if not device_k:
@@ -529,9 +529,7 @@ def test_the_dynamic_threshold_on_the_device_is_the_read_path(backend, reduction
     from cggr_hook import kernels, pipeline
 
     kernels.force_backend(backend)
-    real_counts = kernels.target_counts
-    counted = []
-    monkeypatch.setattr(kernels, "target_counts", lambda *a: counted.append(1) or real_counts(*a))
+    counted = count_target_counts(monkeypatch)
     runs = []
     for device_k in (True, False):
         if not device_k:
@@ -642,9 +640,7 @@ def test_stratified_past_max_strata_reads_the_counts(num_strata, reads, monkeypa
 
     kernels.force_backend("torch")
     logits, targets = _topk_inputs(seed=8)
-    real_counts = kernels.target_counts
-    counted = []
-    monkeypatch.setattr(kernels, "target_counts", lambda *a: counted.append(1) or real_counts(*a))
+    counted = count_target_counts(monkeypatch)
     opts = dict(selection="stratified", num_strata=num_strata, min_tokens_ratio=0.4, **FIXED)
     loss = cggr_hook.CGGRLoss(**opts)(logits, targets)
     assert counted == ([1] if reads else [])
@@ -812,13 +808,11 @@ def test_a_head_call_with_most_targets_ignored_takes_the_read_path(selection_nam
     import torch.nn.functional as F
 
     import cggr_hook
-    from cggr_hook import kernels, pipeline
+    from cggr_hook import pipeline
 
     from common import TinyLM
 
-    counted = []
-    real = kernels.target_counts
-    monkeypatch.setattr(kernels, "target_counts", lambda *a: counted.append(1) or real(*a))
+    counted = count_target_counts(monkeypatch)
     g = torch.Generator().manual_seed(4)
     idx = torch.randint(0, 29, (4, 16), generator=g)
     masked = idx[:, 1:].clone()
