@@ -396,28 +396,37 @@ def gated_forward(
     return GatedForward(loss, values, BackwardPlan(stats.lse, row_scale, rows, order, noise, dense))
 
 
-def _spread(
-    config: GateConfig, scheduler: Scheduler, key: str, n_rows: int = 0, seq: int | tuple[Tensor, int] | None = None
-) -> float:
-    """The rows a head gradient counted on the device runs over (``_at_ratio``'s capacity) over the
-    rows it selects where every target is valid, at r, the call's ratio before the dynamic
-    threshold moves it: ``device_k_pays``' ``spread``. The dynamic threshold sizes the rows for
-    min(1, r (1 + s)); ``sequence_aware`` adds ``min_tokens_per_sequence`` rows a sequence (of
-    ``n_rows`` rows split by ``seq``), and selects at least those. ``n_rows`` 0: the ratios'
-    quotient alone."""
-    r = scheduler.known_ratio(config, key)
-    if r <= 0:
-        return 1.0
-    bound = r
+def _head_rows(config: GateConfig, ratio: float, n_rows: int, seq: int | tuple[Tensor, int] | None) -> int:
+    """The rows a head gradient counted on the device runs over (``_at_ratio``'s capacity) at the
+    curriculum's or auto's ``ratio``: keep_count(bound, n_rows), bound the largest ratio the call
+    can select at (min(1, r (1 + s)) under the dynamic threshold, else r), plus sequence_aware's
+    ``min_tokens_per_sequence`` rows a sequence (of ``n_rows`` rows split by ``seq``), at most
+    ``n_rows``."""
+    bound = ratio
     if config.auto_candidates is None and config.dynamic_threshold:
-        bound = kernels.spec.dynamic_ratio_bound(r, float(config.threshold_sensitivity))
-    if n_rows <= 0:
-        return bound / r
-    rows, selected = tokens_to_keep(bound, n_rows), tokens_to_keep(r, n_rows)
-    if config.selection == "sequence_aware":  # (its selection holds every sequence's kept rows too)
-        kept = min(n_rows, selection.sequences(seq, n_rows) * config.min_tokens_per_sequence)
-        rows, selected = min(n_rows, rows + kept), max(selected, kept)
-    return rows / max(1, selected)
+        bound = kernels.spec.dynamic_ratio_bound(ratio, float(config.threshold_sensitivity))
+    rows = tokens_to_keep(bound, n_rows)
+    if config.selection == "sequence_aware":  # the kept rows past the top K
+        rows = min(n_rows, rows + _kept_rows(config, n_rows, seq))
+    return rows
+
+
+def _kept_rows(config: GateConfig, n_rows: int, seq: int | tuple[Tensor, int] | None) -> int:
+    """sequence_aware's rows kept whatever the ratio: ``min_tokens_per_sequence`` a sequence."""
+    return min(n_rows, selection.sequences(seq, n_rows) * config.min_tokens_per_sequence)
+
+
+def _spread(
+    config: GateConfig, scheduler: Scheduler, key: str, n_rows: int, seq: int | tuple[Tensor, int] | None = None
+) -> float:
+    """``device_k_pays``' ``spread``: the rows a head gradient counted on the device runs over
+    (``_head_rows``) over those it selects where every target is valid, keep_count(r, n_rows) at
+    the ratio before the dynamic threshold moves it (sequence_aware: at least its kept rows)."""
+    r = scheduler.known_ratio(config, key)
+    selected = tokens_to_keep(r, n_rows)
+    if config.selection == "sequence_aware":
+        selected = max(selected, _kept_rows(config, n_rows, seq))
+    return _head_rows(config, r, n_rows, seq) / max(1, selected)
 
 
 def at_ratio(config: GateConfig, strategy: selection.Selection, auto: bool, every_row: bool) -> bool:
@@ -480,12 +489,9 @@ def _at_ratio(
     ratio = scheduler.known_ratio(config, key)
     dynamic = cands is None and config.dynamic_threshold
     sensitivity = float(config.threshold_sensitivity)
-    bound = kernels.spec.dynamic_ratio_bound(ratio, sensitivity) if dynamic else ratio
     average = scheduler.confidence_on(key, dev) if dynamic else None
-    capacity = tokens_to_keep(bound, N)
+    capacity = _head_rows(config, ratio, N, seq)
     per_sequence = config.selection == "sequence_aware"
-    if per_sequence:  # the kept rows past the top K, at most min_tokens_per_sequence a sequence
-        capacity = min(N, capacity + selection.sequences(seq, N) * config.min_tokens_per_sequence)
     dense = need_rows and dense_rows(logits, N, capacity)
     step, call = scheduler.step_count, scheduler.calls_in_step
     # the call's random numbers come from a generator seeded by (seed, step, call); drawn inside the

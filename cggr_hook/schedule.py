@@ -221,15 +221,22 @@ class Scheduler:
     def _host_confidence(self, key: str) -> float | None:
         """The running confidence of ``key`` as a float, kept on the host from now on: a tensor on
         a device is read back (a call that reads its sums on the host after calls that did not)."""
-        t = self._confidence_dev.pop(key, None)
-        stream = self._confidence_stream.pop(key, None)
-        if t is not None:
-            if stream is not None:
-                stream.synchronize()  # the last update, whichever stream it is on
-            value, present = t.tolist()
-            if present:
+        if key in self._confidence_dev:
+            value = self._read_device_confidence(key)
+            del self._confidence_dev[key]
+            self._confidence_stream.pop(key, None)
+            if value is not None:
                 self._confidence_host[key] = value
         return self._confidence_host.get(key)
+
+    def _read_device_confidence(self, key: str) -> float | None:
+        """The running confidence of ``key`` kept on a device, read once its last update, on
+        whichever stream, is done (None: no average yet)."""
+        stream = self._confidence_stream.get(key)
+        if stream is not None:
+            stream.synchronize()
+        value, present = self._confidence_dev[key].tolist()
+        return value if present else None
 
     @property
     def confidence_avg(self) -> dict[str, float]:
@@ -241,12 +248,9 @@ class Scheduler:
     def _confidence_figures(self) -> dict[str, float]:
         """Every key's running confidence as a float (those on a device read, and left there)."""
         out = dict(self._confidence_host)
-        for key, t in self._confidence_dev.items():
-            stream = self._confidence_stream.get(key)
-            if stream is not None:
-                stream.synchronize()  # the last update, whichever stream it is on
-            value, present = t.tolist()
-            if present:
+        for key in self._confidence_dev:
+            value = self._read_device_confidence(key)
+            if value is not None:
                 out[key] = value
         return out
 

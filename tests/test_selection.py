@@ -783,10 +783,9 @@ def test_the_spread_of_a_dynamic_threshold_is_its_largest_ratio_over_the_curricu
 
     s = Scheduler()
     dyn = dict(warmup_steps=0, dynamic_threshold=True, threshold_sensitivity=0.5)
-    assert _spread(GateConfig(min_tokens_ratio=0.25, **dyn), s, "k") == 1.5
-    assert _spread(GateConfig(min_tokens_ratio=0.8, **dyn), s, "k") == pytest.approx(1.25)  # at most every row
-    assert _spread(GateConfig(min_tokens_ratio=0.25, **FIXED), s, "k") == 1.0
     assert _spread(GateConfig(min_tokens_ratio=0.25, **dyn), s, "k", 100) == 38 / 25  # keep_count(0.375, 100)
+    assert _spread(GateConfig(min_tokens_ratio=0.8, **dyn), s, "k", 100) == 100 / 80  # at most every row
+    assert _spread(GateConfig(min_tokens_ratio=0.25, **FIXED), s, "k", 100) == 1.0
     # sequence_aware: min_tokens_per_sequence rows a sequence past keep_count(r, N), over a
     # selection of at least those rows: 100 rows in 4 sequences of 25, r = 0.25, 2 rows each:
     # (25 + 8) / 25; with the dynamic threshold (38 + 8) / 25
